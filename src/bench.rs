@@ -1,0 +1,471 @@
+//! The reference layer set of DESIGN.md (layers A–E × variants std, dw, pw, ds, sp), ready to
+//! run forward or as a training step, plus the timing harness and the FMA-peak measurement
+//! shared by `sepconv bench` and the criterion benches.
+
+use std::fmt;
+use std::str::FromStr;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use crate::cost::ConvCost;
+use crate::error::{Error, Result, alloc_zeros};
+use crate::geometry::{Conv2dParams, ConvGeometry, Padding};
+use crate::kernels::simd::SimdF32;
+use crate::kernels::{self, Exec, Workspace};
+use crate::separable::{ConvPair, PairGrads};
+
+/// One layer of the reference set.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct ReferenceLayer {
+    /// A–E.
+    pub id: char,
+    /// Batch size.
+    pub batch: usize,
+    /// Input channels M.
+    pub in_channels: usize,
+    /// Output channels N.
+    pub out_channels: usize,
+    /// Input height = width.
+    pub size: usize,
+    /// Stride of the 3×3 ops.
+    pub stride: usize,
+    /// Whether padding is `valid` (layer A) rather than `same`.
+    pub valid: bool,
+}
+
+/// The reference layer set A–E.
+pub const REFERENCE_LAYERS: [ReferenceLayer; 5] = [
+    ReferenceLayer {
+        id: 'A',
+        batch: 1,
+        in_channels: 3,
+        out_channels: 10,
+        size: 15,
+        stride: 1,
+        valid: true,
+    },
+    ReferenceLayer {
+        id: 'B',
+        batch: 8,
+        in_channels: 32,
+        out_channels: 64,
+        size: 112,
+        stride: 1,
+        valid: false,
+    },
+    ReferenceLayer {
+        id: 'C',
+        batch: 8,
+        in_channels: 128,
+        out_channels: 128,
+        size: 56,
+        stride: 1,
+        valid: false,
+    },
+    ReferenceLayer {
+        id: 'D',
+        batch: 8,
+        in_channels: 512,
+        out_channels: 512,
+        size: 14,
+        stride: 1,
+        valid: false,
+    },
+    ReferenceLayer {
+        id: 'E',
+        batch: 8,
+        in_channels: 128,
+        out_channels: 256,
+        size: 56,
+        stride: 2,
+        valid: false,
+    },
+];
+
+impl ReferenceLayer {
+    /// The layer with this id (case-insensitive).
+    pub fn by_id(id: &str) -> Result<Self> {
+        REFERENCE_LAYERS
+            .iter()
+            .find(|l| l.id.to_string().eq_ignore_ascii_case(id.trim()))
+            .copied()
+            .ok_or_else(|| {
+                Error::invalid(format!("unknown reference layer '{id}' (A, B, C, D or E)"))
+            })
+    }
+
+    fn params(&self) -> Conv2dParams {
+        let pad = if self.valid {
+            Padding::Valid
+        } else {
+            Padding::Same
+        };
+        Conv2dParams::with_padding(pad).stride(self.stride, self.stride)
+    }
+
+    fn input(&self) -> [usize; 4] {
+        [self.batch, self.in_channels, self.size, self.size]
+    }
+}
+
+/// A variant of a reference layer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Variant {
+    /// Standard 3×3 conv M → N (with bias).
+    Std,
+    /// Depthwise 3×3 on M (no bias).
+    Dw,
+    /// Pointwise 1×1 M → N on the depthwise output size (with bias).
+    Pw,
+    /// Depthwise then pointwise (bias on the pointwise).
+    Ds,
+    /// 3×1 M → R then 1×3 R → N, R = min(M, N) (bias on the second).
+    Sp,
+}
+
+/// All variants, in report order.
+pub const VARIANTS: [Variant; 5] = [
+    Variant::Std,
+    Variant::Dw,
+    Variant::Pw,
+    Variant::Ds,
+    Variant::Sp,
+];
+
+impl fmt::Display for Variant {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Variant::Std => "std",
+            Variant::Dw => "dw",
+            Variant::Pw => "pw",
+            Variant::Ds => "ds",
+            Variant::Sp => "sp",
+        })
+    }
+}
+
+impl FromStr for Variant {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        VARIANTS
+            .iter()
+            .find(|v| v.to_string() == s.trim().to_ascii_lowercase())
+            .copied()
+            .ok_or_else(|| Error::invalid(format!("unknown variant '{s}' (std, dw, pw, ds or sp)")))
+    }
+}
+
+/// Forward only, or a training step (forward + grad-input + grad-weight + grad-bias).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Pass {
+    /// Inference.
+    Forward,
+    /// Forward and backward.
+    Train,
+}
+
+impl fmt::Display for Pass {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Pass::Forward => "forward",
+            Pass::Train => "train",
+        })
+    }
+}
+
+impl FromStr for Pass {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "forward" | "fwd" => Ok(Pass::Forward),
+            "train" => Ok(Pass::Train),
+            _ => Err(Error::invalid(format!(
+                "unknown pass '{s}' (forward or train)"
+            ))),
+        }
+    }
+}
+
+/// The ops of one variant: one convolution, or a pair.
+#[derive(Clone, Copy, Debug)]
+enum Ops {
+    Single(ConvGeometry),
+    Pair(ConvPair),
+}
+
+/// A reference layer variant with its buffers allocated, ready to run repeatedly.
+pub struct Workload {
+    ops: Ops,
+    has_bias: bool,
+    x: Vec<f32>,
+    w1: Vec<f32>,
+    w2: Vec<f32>,
+    bias: Vec<f32>,
+    mid: Vec<f32>,
+    y: Vec<f32>,
+    gy: Vec<f32>,
+    gx: Vec<f32>,
+    gw1: Vec<f32>,
+    gw2: Vec<f32>,
+    gb: Vec<f32>,
+    gmid: Vec<f32>,
+    ws: Workspace,
+}
+
+fn filled(len: usize, seed: u32) -> Result<Vec<f32>> {
+    let mut v = alloc_zeros(len, "benchmark buffer")?;
+    // A cheap deterministic pattern in [-1, 1): the values do not affect the timing.
+    let mut s = seed.wrapping_mul(2_654_435_761).wrapping_add(1);
+    for x in &mut v {
+        s ^= s << 13;
+        s ^= s >> 17;
+        s ^= s << 5;
+        *x = (s >> 8) as f32 / (1u32 << 23) as f32 - 1.0;
+    }
+    Ok(v)
+}
+
+impl Workload {
+    /// Builds `variant` of `layer` with deterministic pseudo-random data.
+    pub fn new(layer: &ReferenceLayer, variant: Variant) -> Result<Self> {
+        let p = layer.params();
+        let (m, n) = (layer.in_channels, layer.out_channels);
+        let input = layer.input();
+        let (ops, has_bias) = match variant {
+            Variant::Std => (
+                Ops::Single(ConvGeometry::new(input, [n, m, 3, 3], &p)?),
+                true,
+            ),
+            Variant::Dw => (
+                Ops::Single(ConvGeometry::new(input, [m, 1, 3, 3], &p.groups(m))?),
+                false,
+            ),
+            Variant::Pw => {
+                let dw = ConvGeometry::new(input, [m, 1, 3, 3], &p.groups(m))?;
+                let pw_in = [layer.batch, m, dw.out_h, dw.out_w];
+                (
+                    Ops::Single(ConvGeometry::new(
+                        pw_in,
+                        [n, m, 1, 1],
+                        &Conv2dParams::default(),
+                    )?),
+                    true,
+                )
+            }
+            Variant::Ds => (
+                Ops::Pair(ConvPair::depthwise_separable(input, 1, n, (3, 3), &p)?),
+                true,
+            ),
+            Variant::Sp => (
+                Ops::Pair(ConvPair::spatially_separable(
+                    input,
+                    m.min(n),
+                    n,
+                    (3, 3),
+                    &p,
+                )?),
+                true,
+            ),
+        };
+        let (first, second) = match ops {
+            Ops::Single(g) => (g, None),
+            Ops::Pair(pair) => (pair.first, Some(pair.second)),
+        };
+        let last = second.unwrap_or(first);
+        let mid_len = second.map_or(0, |_| first.output_len());
+        Ok(Workload {
+            ops,
+            has_bias,
+            x: filled(first.input_len(), 1)?,
+            w1: filled(first.weight_len(), 2)?,
+            w2: filled(second.map_or(0, |g| g.weight_len()), 3)?,
+            bias: filled(last.out_channels, 4)?,
+            mid: alloc_zeros(mid_len, "benchmark buffer")?,
+            y: alloc_zeros(last.output_len(), "benchmark buffer")?,
+            gy: filled(last.output_len(), 5)?,
+            gx: alloc_zeros(first.input_len(), "benchmark buffer")?,
+            gw1: alloc_zeros(first.weight_len(), "benchmark buffer")?,
+            gw2: alloc_zeros(second.map_or(0, |g| g.weight_len()), "benchmark buffer")?,
+            gb: alloc_zeros(last.out_channels, "benchmark buffer")?,
+            gmid: alloc_zeros(mid_len, "benchmark buffer")?,
+            ws: Workspace::new(),
+        })
+    }
+
+    /// The workload's cost.
+    pub fn cost(&self) -> ConvCost {
+        match self.ops {
+            Ops::Single(g) => ConvCost::of(&g, self.has_bias),
+            Ops::Pair(p) => p.cost(self.has_bias),
+        }
+    }
+
+    /// Runs one pass.
+    pub fn run(&mut self, exec: Exec, pass: Pass) -> Result<()> {
+        let bias = self.has_bias.then_some(&self.bias[..]);
+        match self.ops {
+            Ops::Single(g) => {
+                kernels::conv2d_forward(
+                    exec,
+                    &g,
+                    &self.x,
+                    &self.w1,
+                    bias,
+                    &mut self.y,
+                    &mut self.ws,
+                )?;
+                if pass == Pass::Train {
+                    kernels::conv2d_grad_input(
+                        exec,
+                        &g,
+                        &self.gy,
+                        &self.w1,
+                        &mut self.gx,
+                        &mut self.ws,
+                    )?;
+                    kernels::conv2d_grad_weight(
+                        exec,
+                        &g,
+                        &self.x,
+                        &self.gy,
+                        &mut self.gw1,
+                        &mut self.ws,
+                    )?;
+                    if self.has_bias {
+                        kernels::conv2d_grad_bias(exec, &g, &self.gy, &mut self.gb);
+                    }
+                }
+            }
+            Ops::Pair(pair) => {
+                pair.forward(
+                    exec,
+                    &self.x,
+                    &self.w1,
+                    &self.w2,
+                    bias,
+                    &mut self.mid,
+                    &mut self.y,
+                    &mut self.ws,
+                )?;
+                if pass == Pass::Train {
+                    let grads = PairGrads {
+                        input: Some(&mut self.gx),
+                        first_weight: &mut self.gw1,
+                        second_weight: &mut self.gw2,
+                        bias: self.has_bias.then_some(&mut self.gb[..]),
+                    };
+                    pair.backward(
+                        exec,
+                        &self.x,
+                        &self.w1,
+                        &self.w2,
+                        &self.mid,
+                        &self.gy,
+                        grads,
+                        &mut self.gmid,
+                        &mut self.ws,
+                    )?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Timing summary of repeated runs.
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct Timing {
+    /// Median in milliseconds.
+    pub median_ms: f64,
+    /// Minimum in milliseconds (the headline on a shared machine: least disturbed).
+    pub min_ms: f64,
+    /// Timed repetitions.
+    pub reps: usize,
+}
+
+/// Times `f`: `warmup` untimed runs, then at least `min_reps` timed runs, more for fast cases
+/// so each case gets about `target` of samples (at most 200 runs).
+pub fn time_runs(
+    warmup: usize,
+    min_reps: usize,
+    target: Duration,
+    mut f: impl FnMut() -> Result<()>,
+) -> Result<Timing> {
+    for _ in 0..warmup {
+        f()?;
+    }
+    let t0 = Instant::now();
+    f()?;
+    let probe = t0.elapsed().as_secs_f64().max(1e-9);
+    let reps = min_reps.max(((target.as_secs_f64() / probe).ceil() as usize).min(200));
+    let mut samples = Vec::with_capacity(reps);
+    for _ in 0..reps {
+        let t = Instant::now();
+        f()?;
+        samples.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    samples.sort_by(f64::total_cmp);
+    let median = if reps % 2 == 1 {
+        samples[reps / 2]
+    } else {
+        0.5 * (samples[reps / 2 - 1] + samples[reps / 2])
+    };
+    Ok(Timing {
+        median_ms: median,
+        min_ms: samples[0],
+        reps,
+    })
+}
+
+/// Measures this machine's FMA throughput in GMAC/s on `exec.threads()` threads of the current
+/// rayon pool: independent vector FMA chains, enough to cover the FMA latency.
+pub fn fma_peak_gmacs(exec: Exec) -> f64 {
+    const ITERS: usize = 20_000_000;
+    let run = || {
+        let mut sink = 0.0f32;
+        fma_loop(exec.isa(), ITERS / exec.isa().lanes() * 4, &mut sink);
+        std::hint::black_box(sink);
+    };
+    // Warm up (clock ramp), then take the best of three.
+    let threads = exec.threads();
+    let once = || {
+        let t = Instant::now();
+        rayon::scope(|s| {
+            for _ in 0..threads {
+                s.spawn(|_| run());
+            }
+        });
+        t.elapsed().as_secs_f64()
+    };
+    once();
+    let best = (0..3).map(|_| once()).fold(f64::INFINITY, f64::min);
+    let macs_per_thread = (ITERS / exec.isa().lanes() * 4) * CHAINS * exec.isa().lanes();
+    (threads * macs_per_thread) as f64 / best / 1e9
+}
+
+/// Independent accumulators in the FMA loop: latency 4 × 2 pipes needs at least 8 in flight.
+const CHAINS: usize = 12;
+
+crate::simd_dispatch!(fn fma_loop => fma_loop_kernel(iters: usize, sink: &mut f32));
+
+#[inline(always)]
+unsafe fn fma_loop_kernel<S: SimdF32>(iters: usize, sink: &mut f32) {
+    unsafe {
+        let mut acc = [S::splat(0.5); CHAINS];
+        let a = S::splat(std::hint::black_box(0.999_999));
+        let b = S::splat(std::hint::black_box(1e-7));
+        for _ in 0..iters {
+            for x in acc.iter_mut() {
+                *x = S::mul_add(*x, a, b);
+            }
+        }
+        let mut total = S::zero();
+        for x in acc {
+            total = total.add(x);
+        }
+        *sink = total.reduce_sum();
+    }
+}

@@ -1,0 +1,84 @@
+//! The `sepconv` command line: one file per subcommand.
+
+mod bench;
+mod conv;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Separable convolutions for CNNs: compute them, count what they cost, benchmark them.
+#[derive(Parser)]
+#[command(name = "sepconv", version, about, long_about = None)]
+struct Cli {
+    /// Worker threads (default: all cores).
+    #[arg(long, global = true, value_name = "N")]
+    threads: Option<usize>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Apply one convolution to .npy arrays (and its backward pass), for cross-checking other
+    /// frameworks from the shell.
+    Conv(conv::Args),
+    /// Time the reference layer set A–E (std, dw, pw, ds, sp; forward and train).
+    Bench(bench::Args),
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return usage_error(e),
+    };
+    let threads = match cli.threads {
+        Some(0) => return fail(&sepconv::Error::invalid("--threads must be at least 1")),
+        Some(n) => n,
+        None => std::thread::available_parallelism().map_or(1, |n| n.get()),
+    };
+    let pool = match rayon::ThreadPoolBuilder::new().num_threads(threads).build() {
+        Ok(p) => p,
+        Err(e) => {
+            return fail(&sepconv::Error::Runtime(format!(
+                "cannot start {threads} threads: {e}"
+            )));
+        }
+    };
+    let exec = sepconv::Exec::new(threads);
+    let result = pool.install(|| match cli.command {
+        Command::Conv(a) => conv::run(exec, a),
+        Command::Bench(a) => bench::run(exec, a),
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(&e),
+    }
+}
+
+/// Help and version go to stdout as clap renders them; usage errors become one line on stderr
+/// with exit code 2.
+fn usage_error(e: clap::Error) -> ExitCode {
+    use clap::error::ErrorKind;
+    if matches!(
+        e.kind(),
+        ErrorKind::DisplayHelp | ErrorKind::DisplayVersion | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+    ) {
+        let _ = e.print();
+        return ExitCode::from(if e.use_stderr() { 2 } else { 0 });
+    }
+    let text = e.render().to_string();
+    let line: Vec<&str> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with("Usage:") && !l.starts_with("For more information"))
+        .collect();
+    eprintln!("sepconv: {}", line.join(" "));
+    ExitCode::from(2)
+}
+
+/// Prints one line to stderr; exit code 2 for bad input or usage, 1 for a failure while running.
+fn fail(e: &sepconv::Error) -> ExitCode {
+    eprintln!("sepconv: error: {e}");
+    ExitCode::from(if e.is_user_error() { 2 } else { 1 })
+}

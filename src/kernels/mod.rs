@@ -1,0 +1,307 @@
+//! The compute: convolution kernels over plain slices, and the one place that picks which
+//! kernel runs for a given geometry.
+//!
+//! - [`reference`]: plain loops with f64 accumulation; the ground truth every fast kernel is
+//!   tested against.
+//! - [`conv`]: standard and grouped convolution as im2col + GEMM, tiled over output pixels so
+//!   the column buffer stays in cache; a 1×1 stride-1 unpadded kernel (pointwise) skips im2col
+//!   and is a plain GEMM on the input.
+//! - [`depthwise`]: a direct SIMD kernel for groups = in-channels (any depth multiplier).
+//! - [`gemm`]: the wrapper over faer's matrix product.
+//! - [`simd`]: instruction-set dispatch (AVX-512, AVX2, portable).
+//!
+//! Every entry point takes an [`Exec`] (threads and instruction set: parallelism is an
+//! argument, not global state) and a [`Workspace`] (scratch reused across calls, so hot loops
+//! do not allocate).
+
+pub mod conv;
+pub mod depthwise;
+pub mod gemm;
+pub mod reference;
+pub mod simd;
+
+use std::ops::Range;
+
+use rayon::prelude::*;
+
+use crate::error::{Error, Result};
+use crate::geometry::ConvGeometry;
+pub use simd::Isa;
+
+/// How a kernel may run: how many threads (of the current rayon pool) and which instruction set.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Exec {
+    threads: usize,
+    isa: Isa,
+}
+
+impl Exec {
+    /// `threads` threads (at least 1) with the best instruction set of this CPU.
+    pub fn new(threads: usize) -> Self {
+        Exec {
+            threads: threads.max(1),
+            isa: Isa::detect(),
+        }
+    }
+
+    /// One thread, best instruction set.
+    pub fn sequential() -> Self {
+        Self::new(1)
+    }
+
+    /// The same with another instruction set; fails if this CPU cannot run it.
+    pub fn with_isa(self, isa: Isa) -> Result<Self> {
+        if !isa.is_supported() {
+            return Err(Error::invalid(format!("this CPU does not support {isa}")));
+        }
+        Ok(Exec { isa, ..self })
+    }
+
+    /// Threads the kernels split work into.
+    pub fn threads(&self) -> usize {
+        self.threads
+    }
+
+    /// Instruction set of the SIMD kernels.
+    pub fn isa(&self) -> Isa {
+        self.isa
+    }
+}
+
+impl Default for Exec {
+    /// As many threads as the current rayon pool has.
+    fn default() -> Self {
+        Self::new(rayon::current_num_threads())
+    }
+}
+
+/// Scratch memory reused across kernel calls. Grows to the largest request and stays there.
+#[derive(Debug, Default)]
+pub struct Workspace {
+    buf: Vec<f32>,
+}
+
+impl Workspace {
+    /// An empty workspace.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// A scratch slice of at least `len` elements with unspecified contents.
+    pub fn take(&mut self, len: usize) -> Result<&mut [f32]> {
+        if self.buf.len() < len {
+            self.buf
+                .try_reserve_exact(len - self.buf.len())
+                .map_err(|_| Error::TooLarge {
+                    what: "kernel scratch".into(),
+                    bytes: len as u128 * 4,
+                })?;
+            self.buf.resize(len, 0.0);
+        }
+        Ok(&mut self.buf[..len])
+    }
+
+    /// Bytes currently held.
+    pub fn bytes(&self) -> usize {
+        self.buf.len() * 4
+    }
+}
+
+/// How `items` independent work items are spread over `threads`: item-parallel when the items
+/// divide evenly (or are many), otherwise one task whose inner GEMM uses all the threads.
+pub(crate) fn task_count(threads: usize, items: usize) -> usize {
+    if threads <= 1 || items <= 1 {
+        1
+    } else if items.is_multiple_of(threads) || items >= 4 * threads {
+        threads.min(items)
+    } else {
+        1
+    }
+}
+
+/// Splits `out` into chunks of whole items (`item_len` elements each) over `tasks` tasks, each
+/// with its own `scratch_len` slice of `scratch`, and runs `f(items, out_chunk, scratch_chunk)`
+/// on the current rayon pool.
+pub(crate) fn for_each_task<F>(
+    tasks: usize,
+    out: &mut [f32],
+    item_len: usize,
+    scratch: &mut [f32],
+    scratch_len: usize,
+    f: F,
+) where
+    F: Fn(Range<usize>, &mut [f32], &mut [f32]) + Sync + Send,
+{
+    let items = out.len().checked_div(item_len).unwrap_or(0);
+    if items == 0 {
+        return;
+    }
+    let per_task = items.div_ceil(tasks.max(1));
+    if tasks <= 1 || per_task >= items {
+        f(0..items, out, &mut scratch[..scratch_len]);
+        return;
+    }
+    let run = |t: usize, o: &mut [f32], s: &mut [f32]| {
+        let start = t * per_task;
+        f(start..start + o.len() / item_len, o, s)
+    };
+    let chunks = out.par_chunks_mut(per_task * item_len).enumerate();
+    if scratch_len == 0 {
+        // Zipping with zero-length scratch chunks would yield no tasks at all.
+        chunks.for_each(|(t, o)| run(t, o, &mut []));
+    } else {
+        chunks
+            .zip(scratch.par_chunks_mut(scratch_len))
+            .for_each(|((t, o), s)| run(t, o, s));
+    }
+}
+
+/// Which algorithm computes a convolution of this geometry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConvAlgorithm {
+    /// Direct SIMD depthwise kernel (groups = in-channels).
+    Depthwise,
+    /// A plain GEMM on the input (1×1, stride 1, no padding).
+    Pointwise,
+    /// im2col (tiled) + GEMM.
+    Im2colGemm,
+}
+
+impl ConvAlgorithm {
+    /// The algorithm used for `g`: chosen here and only here.
+    pub fn for_geometry(g: &ConvGeometry) -> Self {
+        if g.is_depthwise() && !g.is_pointwise() {
+            ConvAlgorithm::Depthwise
+        } else if g.is_pointwise() {
+            ConvAlgorithm::Pointwise
+        } else {
+            ConvAlgorithm::Im2colGemm
+        }
+    }
+}
+
+fn check_lengths(g: &ConvGeometry, x: usize, w: usize, y: usize) {
+    assert_eq!(x, g.input_len(), "input length does not match the geometry");
+    assert_eq!(
+        w,
+        g.weight_len(),
+        "weight length does not match the geometry"
+    );
+    assert_eq!(
+        y,
+        g.output_len(),
+        "output length does not match the geometry"
+    );
+}
+
+/// `y = conv(x, w) + bias` with the fastest kernel for `g`.
+///
+/// Slices must have the lengths `g` implies (checked; a mismatch is a programming error and
+/// panics — user-facing callers validate shapes through [`ConvGeometry::new`] first).
+pub fn conv2d_forward(
+    exec: Exec,
+    g: &ConvGeometry,
+    x: &[f32],
+    w: &[f32],
+    bias: Option<&[f32]>,
+    y: &mut [f32],
+    ws: &mut Workspace,
+) -> Result<()> {
+    check_lengths(g, x.len(), w.len(), y.len());
+    if let Some(b) = bias {
+        assert_eq!(b.len(), g.out_channels, "bias length");
+    }
+    match ConvAlgorithm::for_geometry(g) {
+        ConvAlgorithm::Depthwise => depthwise::forward(exec, g, x, w, bias, y, ws),
+        ConvAlgorithm::Pointwise | ConvAlgorithm::Im2colGemm => {
+            conv::forward(exec, g, x, w, bias, y, ws)
+        }
+    }
+}
+
+/// `gx = ∂L/∂x` from `gy = ∂L/∂y` (overwrites `gx`).
+pub fn conv2d_grad_input(
+    exec: Exec,
+    g: &ConvGeometry,
+    gy: &[f32],
+    w: &[f32],
+    gx: &mut [f32],
+    ws: &mut Workspace,
+) -> Result<()> {
+    check_lengths(g, gx.len(), w.len(), gy.len());
+    match ConvAlgorithm::for_geometry(g) {
+        ConvAlgorithm::Depthwise => depthwise::grad_input(exec, g, gy, w, gx, ws),
+        ConvAlgorithm::Pointwise | ConvAlgorithm::Im2colGemm => {
+            conv::grad_input(exec, g, gy, w, gx, ws)
+        }
+    }
+}
+
+/// `gw = ∂L/∂w` from `x` and `gy` (overwrites `gw`).
+pub fn conv2d_grad_weight(
+    exec: Exec,
+    g: &ConvGeometry,
+    x: &[f32],
+    gy: &[f32],
+    gw: &mut [f32],
+    ws: &mut Workspace,
+) -> Result<()> {
+    check_lengths(g, x.len(), gw.len(), gy.len());
+    match ConvAlgorithm::for_geometry(g) {
+        ConvAlgorithm::Depthwise => depthwise::grad_weight(exec, g, x, gy, gw, ws),
+        ConvAlgorithm::Pointwise | ConvAlgorithm::Im2colGemm => {
+            conv::grad_weight(exec, g, x, gy, gw, ws)
+        }
+    }
+}
+
+/// `gb[c] = Σ gy[·, c, ·, ·]` (overwrites `gb`).
+pub fn conv2d_grad_bias(exec: Exec, g: &ConvGeometry, gy: &[f32], gb: &mut [f32]) {
+    assert_eq!(gy.len(), g.output_len(), "grad-output length");
+    assert_eq!(gb.len(), g.out_channels, "grad-bias length");
+    let plane = g.out_pixels();
+    let channels = g.out_channels;
+    let sum_channel = |c: usize| -> f32 {
+        // Sum per image in f32 lanes, then across images in f64: fast and accurate enough for
+        // millions of terms.
+        (0..g.batch)
+            .map(|n| {
+                let base = (n * channels + c) * plane;
+                simd_sum(exec.isa, &gy[base..base + plane]) as f64
+            })
+            .sum::<f64>() as f32
+    };
+    if exec.threads > 1 && channels >= 2 * exec.threads {
+        gb.par_iter_mut()
+            .enumerate()
+            .for_each(|(c, o)| *o = sum_channel(c));
+    } else {
+        for (c, o) in gb.iter_mut().enumerate() {
+            *o = sum_channel(c);
+        }
+    }
+}
+
+/// Sum of a slice with SIMD (several independent accumulators for throughput).
+pub(crate) fn simd_sum(isa: Isa, v: &[f32]) -> f32 {
+    let mut out = 0.0f32;
+    sum_dispatch(isa, v, &mut out);
+    out
+}
+
+crate::simd_dispatch!(fn sum_dispatch => sum_kernel(v: &[f32], out: &mut f32));
+
+#[inline(always)]
+unsafe fn sum_kernel<S: simd::SimdF32>(v: &[f32], out: &mut f32) {
+    let l = S::LANES;
+    let mut acc = [unsafe { S::zero() }; 4];
+    let mut chunks = v.chunks_exact(4 * l);
+    for c in &mut chunks {
+        for (q, a) in acc.iter_mut().enumerate() {
+            *a = unsafe { a.add(S::load(c.as_ptr().add(q * l))) };
+        }
+    }
+    let mut total = unsafe { acc[0].add(acc[1]).add(acc[2].add(acc[3])).reduce_sum() };
+    total += chunks.remainder().iter().sum::<f32>();
+    *out = total;
+}

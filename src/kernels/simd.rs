@@ -1,0 +1,371 @@
+//! Runtime-dispatched SIMD: one generic kernel source, instantiated per instruction set.
+//!
+//! A kernel is written once as an `#[inline(always)]` function generic over [`SimdF32`]; the
+//! [`simd_dispatch!`](crate::simd_dispatch) macro stamps out one copy per instruction set inside a
+//! `#[target_feature]` function and picks the copy for the [`Isa`] it is given. The binary is
+//! built for baseline x86-64 (no `-C target-cpu=native` needed) and uses AVX-512 or AVX2 when
+//! the CPU it runs on has them. Tests run every available [`Isa`] against the reference.
+
+use std::fmt;
+
+/// An instruction set a kernel variant is compiled for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Isa {
+    /// AVX-512F: 16 f32 lanes with FMA and masked loads/stores.
+    Avx512,
+    /// AVX2 with FMA: 8 f32 lanes.
+    Avx2,
+    /// The portable fallback: SSE2 (4 lanes) on x86-64, scalar elsewhere.
+    Portable,
+}
+
+impl Isa {
+    /// The best instruction set this CPU supports.
+    pub fn detect() -> Isa {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                return Isa::Avx512;
+            }
+            if std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+            {
+                return Isa::Avx2;
+            }
+        }
+        Isa::Portable
+    }
+
+    /// Every instruction set this CPU can run, best first.
+    pub fn available() -> Vec<Isa> {
+        [Isa::Avx512, Isa::Avx2, Isa::Portable]
+            .into_iter()
+            .filter(|isa| isa.is_supported())
+            .collect()
+    }
+
+    /// Whether this CPU can run kernels compiled for `self`.
+    pub fn is_supported(self) -> bool {
+        match self {
+            Isa::Portable => true,
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => std::arch::is_x86_feature_detected!("avx512f"),
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => {
+                std::arch::is_x86_feature_detected!("avx2")
+                    && std::arch::is_x86_feature_detected!("fma")
+            }
+            #[cfg(not(target_arch = "x86_64"))]
+            _ => false,
+        }
+    }
+
+    /// f32 lanes per vector.
+    pub fn lanes(self) -> usize {
+        match self {
+            Isa::Avx512 => 16,
+            Isa::Avx2 => 8,
+            Isa::Portable => Portable::LANES,
+        }
+    }
+}
+
+impl fmt::Display for Isa {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Isa::Avx512 => "avx512",
+            Isa::Avx2 => "avx2",
+            Isa::Portable => "portable",
+        })
+    }
+}
+
+/// A vector of f32 lanes.
+///
+/// # Safety
+/// Every method is `unsafe` for the same two reasons, stated once here: the caller guarantees
+/// that the CPU supports the instruction set of the implementing type, and that every pointer is
+/// valid for the lanes it touches (`LANES` for full loads/stores, `n` for partial ones).
+#[allow(clippy::missing_safety_doc)]
+pub trait SimdF32: Copy {
+    /// Lanes per vector.
+    const LANES: usize;
+    /// All lanes zero.
+    unsafe fn zero() -> Self;
+    /// All lanes `v`.
+    unsafe fn splat(v: f32) -> Self;
+    /// Loads `LANES` values (unaligned).
+    unsafe fn load(p: *const f32) -> Self;
+    /// Stores `LANES` values (unaligned).
+    unsafe fn store(self, p: *mut f32);
+    /// Loads the first `n < LANES` values, the rest zero.
+    unsafe fn load_partial(p: *const f32, n: usize) -> Self;
+    /// Stores the first `n < LANES` lanes.
+    unsafe fn store_partial(self, p: *mut f32, n: usize);
+    /// `a * b + c`.
+    unsafe fn mul_add(a: Self, b: Self, c: Self) -> Self;
+    /// `self + o`.
+    unsafe fn add(self, o: Self) -> Self;
+    /// `self * o`.
+    unsafe fn mul(self, o: Self) -> Self;
+    /// Sum of all lanes.
+    unsafe fn reduce_sum(self) -> f32;
+}
+
+/// Generic fallbacks for partial loads/stores through a stack buffer.
+macro_rules! partial_via_buffer {
+    () => {
+        #[inline(always)]
+        unsafe fn load_partial(p: *const f32, n: usize) -> Self {
+            let mut buf = [0f32; Self::LANES];
+            unsafe {
+                std::ptr::copy_nonoverlapping(p, buf.as_mut_ptr(), n);
+                Self::load(buf.as_ptr())
+            }
+        }
+        #[inline(always)]
+        unsafe fn store_partial(self, p: *mut f32, n: usize) {
+            let mut buf = [0f32; Self::LANES];
+            unsafe {
+                self.store(buf.as_mut_ptr());
+                std::ptr::copy_nonoverlapping(buf.as_ptr(), p, n);
+            }
+        }
+    };
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::SimdF32;
+    use std::arch::x86_64::*;
+
+    /// AVX-512F vector.
+    #[derive(Clone, Copy)]
+    pub struct Avx512(pub __m512);
+
+    impl SimdF32 for Avx512 {
+        const LANES: usize = 16;
+        #[inline(always)]
+        unsafe fn zero() -> Self {
+            unsafe { Avx512(_mm512_setzero_ps()) }
+        }
+        #[inline(always)]
+        unsafe fn splat(v: f32) -> Self {
+            unsafe { Avx512(_mm512_set1_ps(v)) }
+        }
+        #[inline(always)]
+        unsafe fn load(p: *const f32) -> Self {
+            unsafe { Avx512(_mm512_loadu_ps(p)) }
+        }
+        #[inline(always)]
+        unsafe fn store(self, p: *mut f32) {
+            unsafe { _mm512_storeu_ps(p, self.0) }
+        }
+        #[inline(always)]
+        unsafe fn load_partial(p: *const f32, n: usize) -> Self {
+            unsafe { Avx512(_mm512_maskz_loadu_ps(((1u32 << n) - 1) as u16, p)) }
+        }
+        #[inline(always)]
+        unsafe fn store_partial(self, p: *mut f32, n: usize) {
+            unsafe { _mm512_mask_storeu_ps(p, ((1u32 << n) - 1) as u16, self.0) }
+        }
+        #[inline(always)]
+        unsafe fn mul_add(a: Self, b: Self, c: Self) -> Self {
+            unsafe { Avx512(_mm512_fmadd_ps(a.0, b.0, c.0)) }
+        }
+        #[inline(always)]
+        unsafe fn add(self, o: Self) -> Self {
+            unsafe { Avx512(_mm512_add_ps(self.0, o.0)) }
+        }
+        #[inline(always)]
+        unsafe fn mul(self, o: Self) -> Self {
+            unsafe { Avx512(_mm512_mul_ps(self.0, o.0)) }
+        }
+        #[inline(always)]
+        unsafe fn reduce_sum(self) -> f32 {
+            unsafe { _mm512_reduce_add_ps(self.0) }
+        }
+    }
+
+    /// AVX2 + FMA vector.
+    #[derive(Clone, Copy)]
+    pub struct Avx2(pub __m256);
+
+    impl SimdF32 for Avx2 {
+        const LANES: usize = 8;
+        #[inline(always)]
+        unsafe fn zero() -> Self {
+            unsafe { Avx2(_mm256_setzero_ps()) }
+        }
+        #[inline(always)]
+        unsafe fn splat(v: f32) -> Self {
+            unsafe { Avx2(_mm256_set1_ps(v)) }
+        }
+        #[inline(always)]
+        unsafe fn load(p: *const f32) -> Self {
+            unsafe { Avx2(_mm256_loadu_ps(p)) }
+        }
+        #[inline(always)]
+        unsafe fn store(self, p: *mut f32) {
+            unsafe { _mm256_storeu_ps(p, self.0) }
+        }
+        partial_via_buffer!();
+        #[inline(always)]
+        unsafe fn mul_add(a: Self, b: Self, c: Self) -> Self {
+            unsafe { Avx2(_mm256_fmadd_ps(a.0, b.0, c.0)) }
+        }
+        #[inline(always)]
+        unsafe fn add(self, o: Self) -> Self {
+            unsafe { Avx2(_mm256_add_ps(self.0, o.0)) }
+        }
+        #[inline(always)]
+        unsafe fn mul(self, o: Self) -> Self {
+            unsafe { Avx2(_mm256_mul_ps(self.0, o.0)) }
+        }
+        #[inline(always)]
+        unsafe fn reduce_sum(self) -> f32 {
+            let mut buf = [0f32; 8];
+            unsafe { self.store(buf.as_mut_ptr()) };
+            buf.iter().sum()
+        }
+    }
+
+    /// SSE2 vector: baseline x86-64, no FMA.
+    #[derive(Clone, Copy)]
+    pub struct Sse2(pub __m128);
+
+    impl SimdF32 for Sse2 {
+        const LANES: usize = 4;
+        #[inline(always)]
+        unsafe fn zero() -> Self {
+            unsafe { Sse2(_mm_setzero_ps()) }
+        }
+        #[inline(always)]
+        unsafe fn splat(v: f32) -> Self {
+            unsafe { Sse2(_mm_set1_ps(v)) }
+        }
+        #[inline(always)]
+        unsafe fn load(p: *const f32) -> Self {
+            unsafe { Sse2(_mm_loadu_ps(p)) }
+        }
+        #[inline(always)]
+        unsafe fn store(self, p: *mut f32) {
+            unsafe { _mm_storeu_ps(p, self.0) }
+        }
+        partial_via_buffer!();
+        #[inline(always)]
+        unsafe fn mul_add(a: Self, b: Self, c: Self) -> Self {
+            unsafe { Sse2(_mm_add_ps(_mm_mul_ps(a.0, b.0), c.0)) }
+        }
+        #[inline(always)]
+        unsafe fn add(self, o: Self) -> Self {
+            unsafe { Sse2(_mm_add_ps(self.0, o.0)) }
+        }
+        #[inline(always)]
+        unsafe fn mul(self, o: Self) -> Self {
+            unsafe { Sse2(_mm_mul_ps(self.0, o.0)) }
+        }
+        #[inline(always)]
+        unsafe fn reduce_sum(self) -> f32 {
+            let mut buf = [0f32; 4];
+            unsafe { self.store(buf.as_mut_ptr()) };
+            buf.iter().sum()
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+pub use x86::{Avx2, Avx512, Sse2};
+
+/// One f32 lane: the fallback on targets without a SIMD implementation here.
+#[derive(Clone, Copy)]
+pub struct Scalar(pub f32);
+
+impl SimdF32 for Scalar {
+    const LANES: usize = 1;
+    #[inline(always)]
+    unsafe fn zero() -> Self {
+        Scalar(0.0)
+    }
+    #[inline(always)]
+    unsafe fn splat(v: f32) -> Self {
+        Scalar(v)
+    }
+    #[inline(always)]
+    unsafe fn load(p: *const f32) -> Self {
+        unsafe { Scalar(*p) }
+    }
+    #[inline(always)]
+    unsafe fn store(self, p: *mut f32) {
+        unsafe { *p = self.0 }
+    }
+    #[inline(always)]
+    unsafe fn load_partial(_p: *const f32, _n: usize) -> Self {
+        Scalar(0.0)
+    }
+    #[inline(always)]
+    unsafe fn store_partial(self, _p: *mut f32, _n: usize) {}
+    #[inline(always)]
+    unsafe fn mul_add(a: Self, b: Self, c: Self) -> Self {
+        Scalar(a.0 * b.0 + c.0)
+    }
+    #[inline(always)]
+    unsafe fn add(self, o: Self) -> Self {
+        Scalar(self.0 + o.0)
+    }
+    #[inline(always)]
+    unsafe fn mul(self, o: Self) -> Self {
+        Scalar(self.0 * o.0)
+    }
+    #[inline(always)]
+    unsafe fn reduce_sum(self) -> f32 {
+        self.0
+    }
+}
+
+/// The vector type of the portable fallback on this target.
+#[cfg(target_arch = "x86_64")]
+pub type Portable = Sse2;
+/// The vector type of the portable fallback on this target.
+#[cfg(not(target_arch = "x86_64"))]
+pub type Portable = Scalar;
+
+/// Defines `$name(isa, args...)` that runs the generic `$kernel::<S>(args...)` compiled for the
+/// instruction set `isa`. `$kernel` must be `#[inline(always)] unsafe fn` generic over
+/// [`SimdF32`] as its only type parameter.
+///
+/// The caller of `$name` must pass an `isa` the CPU supports ([`Isa::is_supported`]); `Exec`
+/// guarantees this for the public entry points.
+#[macro_export]
+#[doc(hidden)]
+macro_rules! simd_dispatch {
+    ($(#[$m:meta])* $vis:vis fn $name:ident => $kernel:ident ( $($arg:ident : $ty:ty),* $(,)? )) => {
+        $(#[$m])*
+        $vis fn $name(isa: $crate::kernels::simd::Isa, $($arg: $ty),*) {
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f")]
+                unsafe fn avx512($($arg: $ty),*) {
+                    unsafe { $kernel::<$crate::kernels::simd::Avx512>($($arg),*) }
+                }
+                #[target_feature(enable = "avx2,fma")]
+                unsafe fn avx2($($arg: $ty),*) {
+                    unsafe { $kernel::<$crate::kernels::simd::Avx2>($($arg),*) }
+                }
+                match isa {
+                    // SAFETY: `isa` was checked to be supported by this CPU (see `Exec`).
+                    $crate::kernels::simd::Isa::Avx512 => unsafe { avx512($($arg),*) },
+                    $crate::kernels::simd::Isa::Avx2 => unsafe { avx2($($arg),*) },
+                    $crate::kernels::simd::Isa::Portable => unsafe {
+                        $kernel::<$crate::kernels::simd::Portable>($($arg),*)
+                    },
+                }
+            }
+            #[cfg(not(target_arch = "x86_64"))]
+            {
+                let _ = isa;
+                unsafe { $kernel::<$crate::kernels::simd::Portable>($($arg),*) }
+            }
+        }
+    };
+}

@@ -1,0 +1,184 @@
+//! The two separable layers of DESIGN.md, each a pair of convolutions run in sequence:
+//!
+//! - depthwise-separable (Keras `SeparableConv2D`): depthwise kh×kw with depth multiplier K over
+//!   M channels (stride, dilation and padding apply here, no bias), then pointwise 1×1 from M·K
+//!   to N channels carrying the layer's bias;
+//! - spatially separable: kh×1 from M to R channels, then 1×kw from R to N. Padding is resolved
+//!   as for the full kh×kw kernel; [top, bottom] go to the first conv and [left, right] to the
+//!   second; stride (sh, sw) becomes (sh, 1) then (1, sw). The pair then equals the standard
+//!   convolution with kernel `column · rowᵀ` exactly.
+//!
+//! Both run through the same [`ConvPair`] forward and backward.
+
+use crate::cost::ConvCost;
+use crate::error::{Error, Result};
+use crate::geometry::{Conv2dParams, ConvGeometry, Padding};
+use crate::kernels::{self, Exec, Workspace};
+
+/// Two convolutions in sequence; the second's input is the first's output.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConvPair {
+    /// The first convolution (depthwise, or kh×1).
+    pub first: ConvGeometry,
+    /// The second convolution (pointwise, or 1×kw).
+    pub second: ConvGeometry,
+}
+
+/// Gradient outputs of [`ConvPair::backward`]; `None` skips a gradient.
+pub struct PairGrads<'a> {
+    /// ∂L/∂x.
+    pub input: Option<&'a mut [f32]>,
+    /// ∂L/∂(first weight).
+    pub first_weight: &'a mut [f32],
+    /// ∂L/∂(second weight).
+    pub second_weight: &'a mut [f32],
+    /// ∂L/∂bias (of the second conv).
+    pub bias: Option<&'a mut [f32]>,
+}
+
+impl ConvPair {
+    /// A depthwise-separable layer over `input` (`[batch, M, H, W]`) with depth `multiplier`
+    /// K, `out_channels` N and a `kernel` of (kh, kw). `params.groups` must be 1 (the depthwise
+    /// grouping is implied).
+    pub fn depthwise_separable(
+        input: [usize; 4],
+        multiplier: usize,
+        out_channels: usize,
+        kernel: (usize, usize),
+        params: &Conv2dParams,
+    ) -> Result<Self> {
+        if params.groups != 1 {
+            return Err(Error::geometry(
+                "a depthwise-separable layer sets its own groups; pass groups = 1",
+            ));
+        }
+        if multiplier == 0 {
+            return Err(Error::geometry(
+                "depth multiplier must be at least 1, got 0",
+            ));
+        }
+        let m = input[1];
+        let mk = m
+            .checked_mul(multiplier)
+            .ok_or_else(|| Error::geometry("channels × multiplier overflows"))?;
+        let first = ConvGeometry::new(
+            input,
+            [mk, 1, kernel.0, kernel.1],
+            &Conv2dParams {
+                groups: m.max(1),
+                ..*params
+            },
+        )?;
+        let second = ConvGeometry::new(
+            first.output_shape(),
+            [out_channels, mk, 1, 1],
+            &Conv2dParams::default(),
+        )?;
+        Ok(ConvPair { first, second })
+    }
+
+    /// A spatially separable layer over `input` (`[batch, M, H, W]`): kh×1 from M to `mid`
+    /// channels R, then 1×kw from R to `out_channels` N.
+    pub fn spatially_separable(
+        input: [usize; 4],
+        mid: usize,
+        out_channels: usize,
+        kernel: (usize, usize),
+        params: &Conv2dParams,
+    ) -> Result<Self> {
+        if params.groups != 1 {
+            return Err(Error::geometry(
+                "a spatially separable layer supports groups = 1 only",
+            ));
+        }
+        // Resolve the padding of the full kh×kw kernel, then split it by axis.
+        let full = ConvGeometry::new(input, [out_channels, input[1], kernel.0, kernel.1], params)?;
+        let first = ConvGeometry::new(
+            input,
+            [mid, input[1], kernel.0, 1],
+            &Conv2dParams {
+                stride: (params.stride.0, 1),
+                dilation: (params.dilation.0, 1),
+                padding: Padding::Explicit {
+                    top: full.pad_top,
+                    bottom: full.pad_bottom,
+                    left: 0,
+                    right: 0,
+                },
+                groups: 1,
+            },
+        )?;
+        let second = ConvGeometry::new(
+            first.output_shape(),
+            [out_channels, mid, 1, kernel.1],
+            &Conv2dParams {
+                stride: (1, params.stride.1),
+                dilation: (1, params.dilation.1),
+                padding: Padding::Explicit {
+                    top: 0,
+                    bottom: 0,
+                    left: full.pad_left,
+                    right: full.pad_right,
+                },
+                groups: 1,
+            },
+        )?;
+        Ok(ConvPair { first, second })
+    }
+
+    /// Shape of the intermediate activation.
+    pub fn mid_shape(&self) -> [usize; 4] {
+        self.first.output_shape()
+    }
+
+    /// Shape of the output.
+    pub fn output_shape(&self) -> [usize; 4] {
+        self.second.output_shape()
+    }
+
+    /// The pair's cost; the bias (if any) belongs to the second conv.
+    pub fn cost(&self, has_bias: bool) -> ConvCost {
+        ConvCost::of(&self.first, false).then(ConvCost::of(&self.second, has_bias))
+    }
+
+    /// Forward: `mid = first(x, w1)`, `y = second(mid, w2) + bias`. `mid` is kept for backward.
+    pub fn forward(
+        &self,
+        exec: Exec,
+        x: &[f32],
+        w1: &[f32],
+        w2: &[f32],
+        bias: Option<&[f32]>,
+        mid: &mut [f32],
+        y: &mut [f32],
+        ws: &mut Workspace,
+    ) -> Result<()> {
+        kernels::conv2d_forward(exec, &self.first, x, w1, None, mid, ws)?;
+        kernels::conv2d_forward(exec, &self.second, mid, w2, bias, y, ws)
+    }
+
+    /// Backward from `gy`, given the forward's `x` and `mid`; `gmid` is scratch of `mid`'s size.
+    pub fn backward(
+        &self,
+        exec: Exec,
+        x: &[f32],
+        w1: &[f32],
+        w2: &[f32],
+        mid: &[f32],
+        gy: &[f32],
+        grads: PairGrads<'_>,
+        gmid: &mut [f32],
+        ws: &mut Workspace,
+    ) -> Result<()> {
+        if let Some(gb) = grads.bias {
+            kernels::conv2d_grad_bias(exec, &self.second, gy, gb);
+        }
+        kernels::conv2d_grad_weight(exec, &self.second, mid, gy, grads.second_weight, ws)?;
+        kernels::conv2d_grad_input(exec, &self.second, gy, w2, gmid, ws)?;
+        kernels::conv2d_grad_weight(exec, &self.first, x, gmid, grads.first_weight, ws)?;
+        if let Some(gx) = grads.input {
+            kernels::conv2d_grad_input(exec, &self.first, gmid, w1, gx, ws)?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,176 @@
+//! Property tests over random geometries: every fast kernel variant equals the reference
+//! (forward and all backward outputs), and the reference's counted multiplications equal the
+//! analytic executed MACs of the cost model.
+
+mod common;
+
+use common::{Rng, assert_close, execs};
+use proptest::prelude::*;
+use sepconv::kernels::{self, ConvAlgorithm, Workspace, reference};
+use sepconv::{Conv2dParams, ConvCost, ConvGeometry, Padding};
+
+/// Random valid geometries: standard, grouped (2 groups) and depthwise with multiplier 1–3;
+/// kernels 1–5 per axis, stride 1–3, dilation 1–2, all padding kinds, batch 1–3.
+fn geometry() -> impl Strategy<Value = ConvGeometry> {
+    let padding = prop_oneof![
+        Just(Padding::Valid),
+        Just(Padding::Same),
+        Just(Padding::SameLower),
+        (0..3usize, 0..3usize, 0..3usize, 0..3usize).prop_map(|(top, bottom, left, right)| {
+            Padding::Explicit {
+                top,
+                bottom,
+                left,
+                right,
+            }
+        }),
+    ];
+    (
+        1..=3usize,
+        0..3usize,
+        1..=4usize,
+        1..=3usize,
+        (1..=5usize, 1..=5usize),
+        (1..=3usize, 1..=3usize),
+        (1..=2usize, 1..=2usize),
+        padding,
+        (1..=13usize, 1..=13usize),
+        prop::bool::weighted(0.2),
+    )
+        .prop_filter_map(
+            "kernel larger than padded input",
+            |(batch, kind, c, o, (kh, kw), (sh, sw), (dh, dw), padding, (h, w), pointwise)| {
+                // A fifth of the cases are exactly pointwise (1×1, stride 1, no padding): the
+                // direct-GEMM path.
+                let ((kh, kw), (sh, sw), padding) = if pointwise {
+                    ((1, 1), (1, 1), Padding::Valid)
+                } else {
+                    ((kh, kw), (sh, sw), padding)
+                };
+                let (cin, cout, groups) = match kind {
+                    0 => (c, o, 1),
+                    1 => (2 * c, 2 * o, 2),
+                    _ => (c, c * o, c), // depthwise, multiplier o
+                };
+                let p = Conv2dParams {
+                    stride: (sh, sw),
+                    dilation: (dh, dw),
+                    padding,
+                    groups,
+                };
+                ConvGeometry::new([batch, cin, h, w], [cout, cin / groups, kh, kw], &p).ok()
+            },
+        )
+}
+
+struct Data {
+    x: Vec<f32>,
+    w: Vec<f32>,
+    b: Vec<f32>,
+    gy: Vec<f32>,
+}
+
+fn data(g: &ConvGeometry, seed: u64) -> Data {
+    let mut r = Rng::new(seed);
+    Data {
+        x: r.vec(g.input_len()),
+        w: r.vec(g.weight_len()),
+        b: r.vec(g.out_channels),
+        gy: r.vec(g.output_len()),
+    }
+}
+
+fn check_fast_against_reference(g: &ConvGeometry, seed: u64) {
+    let d = data(g, seed);
+    let mut y_ref = vec![0.0; g.output_len()];
+    let mut gx_ref = vec![0.0; g.input_len()];
+    let mut gw_ref = vec![0.0; g.weight_len()];
+    let mut gb_ref = vec![0.0; g.out_channels];
+    reference::conv2d_forward(g, &d.x, &d.w, Some(&d.b), &mut y_ref);
+    reference::conv2d_grad_input(g, &d.gy, &d.w, &mut gx_ref);
+    reference::conv2d_grad_weight(g, &d.x, &d.gy, &mut gw_ref);
+    reference::conv2d_grad_bias(g, &d.gy, &mut gb_ref);
+    let what = format!("{g:?} ({:?})", ConvAlgorithm::for_geometry(g));
+    for exec in execs() {
+        let mut ws = Workspace::new();
+        // Outputs start as NaN so a kernel that forgets to write an element fails.
+        let mut y = vec![f32::NAN; g.output_len()];
+        let mut gx = vec![f32::NAN; g.input_len()];
+        let mut gw = vec![f32::NAN; g.weight_len()];
+        let mut gb = vec![f32::NAN; g.out_channels];
+        kernels::conv2d_forward(exec, g, &d.x, &d.w, Some(&d.b), &mut y, &mut ws).unwrap();
+        kernels::conv2d_grad_input(exec, g, &d.gy, &d.w, &mut gx, &mut ws).unwrap();
+        kernels::conv2d_grad_weight(exec, g, &d.x, &d.gy, &mut gw, &mut ws).unwrap();
+        kernels::conv2d_grad_bias(exec, g, &d.gy, &mut gb);
+        assert_close(&y, &y_ref, 1e-4, &format!("forward {exec:?} {what}"));
+        assert_close(&gx, &gx_ref, 1e-4, &format!("grad-input {exec:?} {what}"));
+        assert_close(&gw, &gw_ref, 1e-4, &format!("grad-weight {exec:?} {what}"));
+        assert_close(&gb, &gb_ref, 1e-4, &format!("grad-bias {exec:?} {what}"));
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 300, ..ProptestConfig::default() })]
+
+    #[test]
+    fn fast_equals_reference(g in geometry(), seed in any::<u64>()) {
+        check_fast_against_reference(&g, seed);
+    }
+
+    #[test]
+    fn reference_counts_equal_executed_macs(g in geometry()) {
+        let d = data(&g, 1);
+        let cost = ConvCost::of(&g, false);
+        let mut y = vec![0.0; g.output_len()];
+        let mut gx = vec![0.0; g.input_len()];
+        let mut gw = vec![0.0; g.weight_len()];
+        prop_assert_eq!(reference::conv2d_forward(&g, &d.x, &d.w, None, &mut y), cost.forward_macs_executed);
+        prop_assert_eq!(reference::conv2d_grad_input(&g, &d.gy, &d.w, &mut gx), cost.grad_input_macs_executed);
+        prop_assert_eq!(reference::conv2d_grad_weight(&g, &d.x, &d.gy, &mut gw), cost.grad_weight_macs_executed);
+        prop_assert!(cost.forward_macs_executed <= cost.forward_macs_nominal);
+    }
+
+    #[test]
+    fn nominal_is_textbook_formula_for_valid_padding(
+        batch in 1..=3usize, cin in 1..=4usize, cout in 1..=4usize,
+        kh in 1..=5usize, kw in 1..=5usize, h in 5..=15usize, w in 5..=15usize,
+        s in 1..=3usize,
+    ) {
+        let g = ConvGeometry::new(
+            [batch, cin, h, w], [cout, cin, kh, kw], &Conv2dParams::default().stride(s, s),
+        ).unwrap();
+        let (oh, ow) = ((h - kh) / s + 1, (w - kw) / s + 1);
+        let textbook = (batch * oh * ow * kh * kw * cin * cout) as u64;
+        let cost = ConvCost::of(&g, false);
+        prop_assert_eq!(cost.forward_macs_nominal, textbook);
+        prop_assert_eq!(cost.forward_macs_executed, textbook);
+    }
+}
+
+/// Shapes like the reference layers, scaled down: larger planes and channel counts than the
+/// property test reaches, so tiling, vector tails and the thread split are exercised.
+#[test]
+fn fast_equals_reference_on_larger_shapes() {
+    let same = Conv2dParams::with_padding(Padding::Same);
+    let cases = [
+        ([2, 8, 37, 29], [16, 8, 3, 3], same),
+        ([3, 16, 20, 20], [16, 1, 3, 3], same.groups(16)),
+        ([2, 8, 23, 23], [24, 1, 3, 3], same.groups(8).stride(2, 2)),
+        ([2, 16, 17, 17], [32, 16, 1, 1], Conv2dParams::default()),
+        (
+            [2, 12, 21, 19],
+            [12, 12, 3, 1],
+            Conv2dParams::with_padding(Padding::symmetric(1, 0)),
+        ),
+        (
+            [1, 4, 40, 40],
+            [6, 4, 5, 5],
+            same.stride(2, 2).dilation(2, 1),
+        ),
+        ([4, 6, 9, 33], [6, 1, 5, 3], same.groups(6).dilation(2, 2)),
+    ];
+    for (i, (input, weight, p)) in cases.into_iter().enumerate() {
+        let g = ConvGeometry::new(input, weight, &p).unwrap();
+        check_fast_against_reference(&g, i as u64);
+    }
+}
