@@ -7,7 +7,10 @@ use sepconv::Exec;
 use sepconv::bench::{Pass, REFERENCE_LAYERS, VARIANTS, Workload};
 
 fn layers(c: &mut Criterion) {
-    let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().expect("thread pool");
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(2)
+        .build()
+        .expect("thread pool");
     let exec = Exec::new(2);
     for layer in &REFERENCE_LAYERS {
         let mut group = c.benchmark_group(layer.id.to_string());

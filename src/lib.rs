@@ -34,8 +34,11 @@ pub mod error;
 pub mod geometry;
 pub mod io;
 pub mod kernels;
+pub mod nn;
+pub mod rng;
 pub mod separable;
 pub mod tensor;
+pub mod train;
 
 pub use cost::ConvCost;
 pub use error::{Error, Result};

@@ -56,17 +56,49 @@ fn conv_with_gradients_matches_reference() {
     let g = ConvGeometry::new([2, 4, 9, 8], [6, 2, 3, 2], &params).unwrap();
     assert_eq!(g.output_shape(), [2, 6, 5, 4]);
     let p = |n: &str, t: &Tensor| write(&dir, n, t).to_string_lossy().into_owned();
-    let (xp, wp, bp, gyp) = (p("x.npy", &x), p("w.npy", &w), p("b.npy", &b), p("gy.npy", &gy));
+    let (xp, wp, bp, gyp) = (
+        p("x.npy", &x),
+        p("w.npy", &w),
+        p("b.npy", &b),
+        p("gy.npy", &gy),
+    );
     let out = |n: &str| dir.join(n).to_string_lossy().into_owned();
     let o = run(&[
-        "--threads", "2", "conv", "--input", &xp, "--weight", &wp, "--bias", &bp, "--stride", "2",
-        "--dilation", "1,2", "--padding", "same-lower", "--groups", "2", "--output", &out("y.npy"),
-        "--grad-output", &gyp, "--grad-input", &out("gx.npy"), "--grad-weight", &out("gw.npy"),
-        "--grad-bias", &out("gb.npy"), "--stats",
+        "--threads",
+        "2",
+        "conv",
+        "--input",
+        &xp,
+        "--weight",
+        &wp,
+        "--bias",
+        &bp,
+        "--stride",
+        "2",
+        "--dilation",
+        "1,2",
+        "--padding",
+        "same-lower",
+        "--groups",
+        "2",
+        "--output",
+        &out("y.npy"),
+        "--grad-output",
+        &gyp,
+        "--grad-input",
+        &out("gx.npy"),
+        "--grad-weight",
+        &out("gw.npy"),
+        "--grad-bias",
+        &out("gb.npy"),
+        "--stats",
     ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let stdout = String::from_utf8_lossy(&o.stdout);
-    assert!(stdout.contains("MACs nominal") && stdout.contains("MACs executed"), "{stdout}");
+    assert!(
+        stdout.contains("MACs nominal") && stdout.contains("MACs executed"),
+        "{stdout}"
+    );
 
     let mut y = vec![0.0; g.output_len()];
     let mut gx = vec![0.0; g.input_len()];
@@ -103,39 +135,145 @@ fn bad_inputs_are_refused_cleanly() {
     let b_bad = write(&dir, "b_bad.npy", &random(&[4], &mut rng));
     let gy_bad = write(&dir, "gy_bad.npy", &random(&[1, 3, 5, 5], &mut rng));
     let f64_file = dir.join("f64.npy");
-    std::fs::write(&f64_file, raw_npy("{'descr': '<f8', 'fortran_order': False, 'shape': (1, 2, 5, 5), }", &[0; 400])).unwrap();
+    std::fs::write(
+        &f64_file,
+        raw_npy(
+            "{'descr': '<f8', 'fortran_order': False, 'shape': (1, 2, 5, 5), }",
+            &[0; 400],
+        ),
+    )
+    .unwrap();
     let fortran = dir.join("fortran.npy");
-    std::fs::write(&fortran, raw_npy("{'descr': '<f4', 'fortran_order': True, 'shape': (1, 2, 5, 5), }", &[0; 200])).unwrap();
+    std::fs::write(
+        &fortran,
+        raw_npy(
+            "{'descr': '<f4', 'fortran_order': True, 'shape': (1, 2, 5, 5), }",
+            &[0; 200],
+        ),
+    )
+    .unwrap();
     let truncated = dir.join("truncated.npy");
-    std::fs::write(&truncated, raw_npy("{'descr': '<f4', 'fortran_order': False, 'shape': (1, 2, 5, 5), }", &[0; 100])).unwrap();
+    std::fs::write(
+        &truncated,
+        raw_npy(
+            "{'descr': '<f4', 'fortran_order': False, 'shape': (1, 2, 5, 5), }",
+            &[0; 100],
+        ),
+    )
+    .unwrap();
     let header = dir.join("header.npy");
-    let mut hb = raw_npy("{'descr': '<f4', 'fortran_order': False, 'shape': (1, 2, 5, 5), }", &[]);
+    let mut hb = raw_npy(
+        "{'descr': '<f4', 'fortran_order': False, 'shape': (1, 2, 5, 5), }",
+        &[],
+    );
     hb.truncate(30);
     std::fs::write(&header, hb).unwrap();
     let malformed = dir.join("malformed.npy");
-    std::fs::write(&malformed, raw_npy("{'descr': '<f4', 'fortran_order': Maybe, 'shape': (1, 2, 5, 5), }", &[0; 200])).unwrap();
+    std::fs::write(
+        &malformed,
+        raw_npy(
+            "{'descr': '<f4', 'fortran_order': Maybe, 'shape': (1, 2, 5, 5), }",
+            &[0; 200],
+        ),
+    )
+    .unwrap();
     let missing = dir.join("missing.npy");
 
     let s = |p: &Path| p.to_string_lossy().into_owned();
     let y = dir.join("y.npy");
     let cases: Vec<(Vec<String>, &str)> = vec![
-        (vec!["--input".into(), s(&f64_file), "--weight".into(), s(&w)], "float64"),
-        (vec!["--input".into(), s(&fortran), "--weight".into(), s(&w)], "Fortran"),
-        (vec!["--input".into(), s(&truncated), "--weight".into(), s(&w)], "truncated"),
-        (vec!["--input".into(), s(&header), "--weight".into(), s(&w)], "header"),
-        (vec!["--input".into(), s(&malformed), "--weight".into(), s(&w)], "malformed"),
-        (vec!["--input".into(), s(&missing), "--weight".into(), s(&w)], "no such file"),
-        (vec!["--input".into(), s(&x3d), "--weight".into(), s(&w)], "4-D"),
-        (vec!["--input".into(), s(&x), "--weight".into(), s(&w_bad_ch)], "in-channels"),
-        (vec!["--input".into(), s(&x), "--weight".into(), s(&w_big)], "larger than the padded input"),
-        (vec!["--input".into(), s(&x), "--weight".into(), s(&w), "--groups".into(), "3".into()], "divisible"),
-        (vec!["--input".into(), s(&x), "--weight".into(), s(&w), "--bias".into(), s(&b_bad)], "bias"),
-        (vec!["--input".into(), s(&x), "--weight".into(), s(&w), "--stride".into(), "0".into()], "--stride"),
-        (vec!["--input".into(), s(&x), "--weight".into(), s(&w), "--padding".into(), "1,2,3".into()], "padding"),
+        (
+            vec!["--input".into(), s(&f64_file), "--weight".into(), s(&w)],
+            "float64",
+        ),
+        (
+            vec!["--input".into(), s(&fortran), "--weight".into(), s(&w)],
+            "Fortran",
+        ),
+        (
+            vec!["--input".into(), s(&truncated), "--weight".into(), s(&w)],
+            "truncated",
+        ),
+        (
+            vec!["--input".into(), s(&header), "--weight".into(), s(&w)],
+            "header",
+        ),
+        (
+            vec!["--input".into(), s(&malformed), "--weight".into(), s(&w)],
+            "malformed",
+        ),
+        (
+            vec!["--input".into(), s(&missing), "--weight".into(), s(&w)],
+            "no such file",
+        ),
+        (
+            vec!["--input".into(), s(&x3d), "--weight".into(), s(&w)],
+            "4-D",
+        ),
+        (
+            vec!["--input".into(), s(&x), "--weight".into(), s(&w_bad_ch)],
+            "in-channels",
+        ),
+        (
+            vec!["--input".into(), s(&x), "--weight".into(), s(&w_big)],
+            "larger than the padded input",
+        ),
         (
             vec![
-                "--input".into(), s(&x), "--weight".into(), s(&w), "--grad-output".into(), s(&gy_bad),
-                "--grad-input".into(), s(&dir.join("gx.npy")), "--grad-weight".into(), s(&dir.join("gw.npy")),
+                "--input".into(),
+                s(&x),
+                "--weight".into(),
+                s(&w),
+                "--groups".into(),
+                "3".into(),
+            ],
+            "divisible",
+        ),
+        (
+            vec![
+                "--input".into(),
+                s(&x),
+                "--weight".into(),
+                s(&w),
+                "--bias".into(),
+                s(&b_bad),
+            ],
+            "bias",
+        ),
+        (
+            vec![
+                "--input".into(),
+                s(&x),
+                "--weight".into(),
+                s(&w),
+                "--stride".into(),
+                "0".into(),
+            ],
+            "--stride",
+        ),
+        (
+            vec![
+                "--input".into(),
+                s(&x),
+                "--weight".into(),
+                s(&w),
+                "--padding".into(),
+                "1,2,3".into(),
+            ],
+            "padding",
+        ),
+        (
+            vec![
+                "--input".into(),
+                s(&x),
+                "--weight".into(),
+                s(&w),
+                "--grad-output".into(),
+                s(&gy_bad),
+                "--grad-input".into(),
+                s(&dir.join("gx.npy")),
+                "--grad-weight".into(),
+                s(&dir.join("gw.npy")),
             ],
             "grad-output",
         ),
@@ -146,17 +284,34 @@ fn bad_inputs_are_refused_cleanly() {
         let o = bin().args(&args).output().unwrap();
         let stderr = String::from_utf8_lossy(&o.stderr);
         assert_eq!(o.status.code(), Some(2), "{args:?}: {stderr}");
-        assert!(stderr.contains(want), "{args:?}: stderr {stderr:?} should mention {want:?}");
+        assert!(
+            stderr.contains(want),
+            "{args:?}: stderr {stderr:?} should mention {want:?}"
+        );
         assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
-        assert!(!y.exists() && !dir.join("gx.npy").exists(), "{args:?} left an output file");
-        let names: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert!(
+            !y.exists() && !dir.join("gx.npy").exists(),
+            "{args:?} left an output file"
+        );
+        let names: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
         assert!(
             names.iter().all(|n| !n.to_string_lossy().contains(".tmp-")),
             "{args:?} left a temporary file"
         );
     }
     // A file error names the file.
-    let o = run(&["conv", "--input", &s(&fortran), "--weight", &s(&w), "--output", &s(&y)]);
+    let o = run(&[
+        "conv",
+        "--input",
+        &s(&fortran),
+        "--weight",
+        &s(&w),
+        "--output",
+        &s(&y),
+    ]);
     let stderr = String::from_utf8_lossy(&o.stderr);
     assert!(stderr.contains("fortran.npy"), "{stderr}");
     assert_eq!(stderr.trim_end().lines().count(), 1, "one line: {stderr}");
@@ -169,7 +324,15 @@ fn output_into_missing_folder_is_refused() {
     let x = write(&dir, "x.npy", &random(&[1, 1, 4, 4], &mut rng));
     let w = write(&dir, "w.npy", &random(&[1, 1, 3, 3], &mut rng));
     let y = dir.join("nope/y.npy");
-    let o = run(&["conv", "--input", &x.to_string_lossy(), "--weight", &w.to_string_lossy(), "--output", &y.to_string_lossy()]);
+    let o = run(&[
+        "conv",
+        "--input",
+        &x.to_string_lossy(),
+        "--weight",
+        &w.to_string_lossy(),
+        "--output",
+        &y.to_string_lossy(),
+    ]);
     assert_eq!(o.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&o.stderr).contains("does not exist"));
 }

@@ -4,7 +4,9 @@
 //! the destination folder and renamed into place only when all of a command's outputs are
 //! complete, so an interrupted or failed run leaves no half-written file.
 
+pub mod idx;
 pub mod npy;
+pub mod safetensors;
 
 use std::path::{Path, PathBuf};
 

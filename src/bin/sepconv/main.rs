@@ -1,7 +1,12 @@
 //! The `sepconv` command line: one file per subcommand.
 
 mod bench;
+mod compare;
 mod conv;
+mod eval;
+mod plot;
+mod progress;
+mod train;
 
 use std::process::ExitCode;
 
@@ -20,6 +25,13 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Train the three mnist-ref variants (standard, depthwise-separable, spatially separable)
+    /// side by side and compare accuracy, time and multiplications: the main job.
+    Compare(compare::Args),
+    /// Train a network (preset or TOML spec) on an MNIST-format dataset.
+    Train(train::Args),
+    /// Evaluate a checkpoint: accuracy, loss, confusion matrix, images/s.
+    Eval(eval::Args),
     /// Apply one convolution to .npy arrays (and its backward pass), for cross-checking other
     /// frameworks from the shell.
     Conv(conv::Args),
@@ -47,6 +59,9 @@ fn main() -> ExitCode {
     };
     let exec = sepconv::Exec::new(threads);
     let result = pool.install(|| match cli.command {
+        Command::Compare(a) => compare::run(exec, a),
+        Command::Train(a) => train::run(exec, a),
+        Command::Eval(a) => eval::run(exec, a),
         Command::Conv(a) => conv::run(exec, a),
         Command::Bench(a) => bench::run(exec, a),
     });
@@ -62,7 +77,9 @@ fn usage_error(e: clap::Error) -> ExitCode {
     use clap::error::ErrorKind;
     if matches!(
         e.kind(),
-        ErrorKind::DisplayHelp | ErrorKind::DisplayVersion | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+        ErrorKind::DisplayHelp
+            | ErrorKind::DisplayVersion
+            | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
     ) {
         let _ = e.print();
         return ExitCode::from(if e.use_stderr() { 2 } else { 0 });
@@ -71,7 +88,9 @@ fn usage_error(e: clap::Error) -> ExitCode {
     let line: Vec<&str> = text
         .lines()
         .map(str::trim)
-        .filter(|l| !l.is_empty() && !l.starts_with("Usage:") && !l.starts_with("For more information"))
+        .filter(|l| {
+            !l.is_empty() && !l.starts_with("Usage:") && !l.starts_with("For more information")
+        })
         .collect();
     eprintln!("sepconv: {}", line.join(" "));
     ExitCode::from(2)

@@ -1,0 +1,137 @@
+//! Element-wise layers: ReLU and Dropout.
+
+use rayon::prelude::*;
+
+use super::{Ctx, Module};
+use crate::error::{Error, Result};
+
+/// Chunk of elements per parallel task.
+const CHUNK: usize = 16 * 1024;
+
+/// max(x, 0).
+pub struct Relu {
+    shape: Vec<usize>,
+}
+
+impl Relu {
+    /// A ReLU over activations of `shape`.
+    pub fn new(shape: &[usize]) -> Self {
+        Relu {
+            shape: shape.to_vec(),
+        }
+    }
+}
+
+impl Module for Relu {
+    fn kind(&self) -> &'static str {
+        "relu"
+    }
+    fn out_shape(&self) -> &[usize] {
+        &self.shape
+    }
+    fn forward(&mut self, _ctx: &mut Ctx, _batch: usize, x: &[f32], y: &mut [f32]) -> Result<()> {
+        y.par_chunks_mut(CHUNK)
+            .zip(x.par_chunks(CHUNK))
+            .for_each(|(y, x)| {
+                for (o, &v) in y.iter_mut().zip(x) {
+                    // Not `v.max(0.0)`, which maps NaN to 0: a diverging run must stay visible.
+                    *o = if v < 0.0 { 0.0 } else { v };
+                }
+            });
+        Ok(())
+    }
+    fn backward(
+        &mut self,
+        _ctx: &mut Ctx,
+        _batch: usize,
+        _x: &[f32],
+        y: &[f32],
+        gy: &[f32],
+        gx: Option<&mut [f32]>,
+    ) -> Result<()> {
+        if let Some(gx) = gx {
+            gx.par_chunks_mut(CHUNK)
+                .zip(gy.par_chunks(CHUNK).zip(y.par_chunks(CHUNK)))
+                .for_each(|(gx, (gy, y))| {
+                    for ((o, &g), &v) in gx.iter_mut().zip(gy).zip(y) {
+                        *o = if v > 0.0 { g } else { 0.0 };
+                    }
+                });
+        }
+        Ok(())
+    }
+}
+
+/// Zeroes each element with probability p in training and scales the rest by 1/(1 − p)
+/// (inverted dropout, as PyTorch); the identity in evaluation.
+pub struct Dropout {
+    shape: Vec<usize>,
+    p: f32,
+    /// The factor each element was multiplied by in the last training forward (0 or 1/(1−p)).
+    mask: Vec<f32>,
+}
+
+impl Dropout {
+    /// Dropout with probability `p` in [0, 1).
+    pub fn new(shape: &[usize], p: f32) -> Result<Self> {
+        if !(0.0..1.0).contains(&p) {
+            return Err(Error::invalid(format!(
+                "dropout p must be in [0, 1), got {p}"
+            )));
+        }
+        Ok(Dropout {
+            shape: shape.to_vec(),
+            p,
+            mask: Vec::new(),
+        })
+    }
+}
+
+impl Module for Dropout {
+    fn kind(&self) -> &'static str {
+        "dropout"
+    }
+    fn out_shape(&self) -> &[usize] {
+        &self.shape
+    }
+    fn forward(&mut self, ctx: &mut Ctx, _batch: usize, x: &[f32], y: &mut [f32]) -> Result<()> {
+        if !ctx.train || self.p == 0.0 {
+            y.copy_from_slice(x);
+            self.mask.clear();
+            return Ok(());
+        }
+        let keep = 1.0 - self.p;
+        super::resize(&mut self.mask, x.len())?;
+        for m in self.mask.iter_mut() {
+            *m = if ctx.rng.next_f32() < keep {
+                1.0 / keep
+            } else {
+                0.0
+            };
+        }
+        for ((o, &v), &m) in y.iter_mut().zip(x).zip(&self.mask) {
+            *o = v * m;
+        }
+        Ok(())
+    }
+    fn backward(
+        &mut self,
+        _ctx: &mut Ctx,
+        _batch: usize,
+        _x: &[f32],
+        _y: &[f32],
+        gy: &[f32],
+        gx: Option<&mut [f32]>,
+    ) -> Result<()> {
+        if let Some(gx) = gx {
+            if self.mask.is_empty() {
+                gx.copy_from_slice(gy);
+            } else {
+                for ((o, &g), &m) in gx.iter_mut().zip(gy).zip(&self.mask) {
+                    *o = g * m;
+                }
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,359 @@
+//! Layers with forward, backward, parameters and gradients, built on the engine's kernels, and
+//! the sequential [`Network`] that runs them.
+//!
+//! Activations are NCHW (or `[batch, features]` after Flatten). The network owns one buffer per
+//! activation and per activation gradient and reuses them from step to step, so a training step
+//! allocates nothing once the first batch has run.
+
+mod conv;
+mod elementwise;
+mod linear;
+mod norm;
+mod pool;
+pub mod spec;
+
+use rayon::prelude::*;
+
+pub use conv::{Conv2d, SeparableConv2d};
+pub use elementwise::{Dropout, Relu};
+pub use linear::{Flatten, Linear};
+pub use norm::BatchNorm2d;
+pub use pool::{GlobalAvgPool, MaxPool2d};
+pub use spec::{LayerSpec, ModelSpec};
+
+use crate::error::{Error, Result};
+use crate::kernels::{Exec, Workspace};
+use crate::rng::Rng;
+
+/// A trainable tensor and its gradient.
+#[derive(Clone, Debug)]
+pub struct Param {
+    /// Name within its layer (`weight`, `bias`, …).
+    pub name: &'static str,
+    /// Shape.
+    pub shape: Vec<usize>,
+    /// Values.
+    pub value: Vec<f32>,
+    /// ∂L/∂value of the last backward pass.
+    pub grad: Vec<f32>,
+}
+
+impl Param {
+    /// A parameter of `shape` filled by `init`.
+    pub fn new(name: &'static str, shape: &[usize], mut init: impl FnMut() -> f32) -> Self {
+        let n = shape.iter().product();
+        Param {
+            name,
+            shape: shape.to_vec(),
+            value: (0..n).map(|_| init()).collect(),
+            grad: vec![0.0; n],
+        }
+    }
+}
+
+/// A non-trainable tensor a layer keeps (BatchNorm running statistics).
+#[derive(Clone, Debug)]
+pub struct Buffer {
+    /// Name within its layer.
+    pub name: &'static str,
+    /// Shape.
+    pub shape: Vec<usize>,
+    /// Values.
+    pub value: Vec<f32>,
+}
+
+/// What a layer's forward and backward may use.
+pub struct Ctx<'a> {
+    /// Threads and instruction set.
+    pub exec: Exec,
+    /// Kernel scratch.
+    pub ws: &'a mut Workspace,
+    /// Training mode (batch statistics, dropout) or evaluation.
+    pub train: bool,
+    /// Randomness (dropout masks).
+    pub rng: &'a mut Rng,
+}
+
+/// Multiply-accumulates of one layer per image (conv and linear; others count 0, as fvcore does).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct LayerMacs {
+    /// Forward MACs per image (nominal).
+    pub forward: u64,
+    /// Grad-input MACs per image (0 when the layer is first and needs no input gradient).
+    pub grad_input: u64,
+    /// Grad-weight MACs per image.
+    pub grad_weight: u64,
+}
+
+impl LayerMacs {
+    /// MACs of a training step (forward + both backward products).
+    pub fn train(&self) -> u64 {
+        self.forward + self.grad_input + self.grad_weight
+    }
+}
+
+/// One layer of a network.
+pub trait Module: Send {
+    /// The spec type name (`conv2d`, `relu`, …).
+    fn kind(&self) -> &'static str;
+    /// Per-image output shape.
+    fn out_shape(&self) -> &[usize];
+    /// `y = layer(x)` for a batch of `batch` images.
+    fn forward(&mut self, ctx: &mut Ctx, batch: usize, x: &[f32], y: &mut [f32]) -> Result<()>;
+    /// Sets parameter gradients from `gy` and, if `gx` is given, writes ∂L/∂x into it.
+    fn backward(
+        &mut self,
+        ctx: &mut Ctx,
+        batch: usize,
+        x: &[f32],
+        y: &[f32],
+        gy: &[f32],
+        gx: Option<&mut [f32]>,
+    ) -> Result<()>;
+    /// Trainable parameters.
+    fn params(&mut self) -> Vec<&mut Param> {
+        Vec::new()
+    }
+    /// Non-trainable state saved in checkpoints.
+    fn buffers(&mut self) -> Vec<&mut Buffer> {
+        Vec::new()
+    }
+    /// MACs per image.
+    fn macs(&self) -> LayerMacs {
+        LayerMacs::default()
+    }
+}
+
+/// PyTorch's default initialization of conv and linear layers: weights
+/// kaiming-uniform(a = √5), i.e. U(−1/√fan_in, 1/√fan_in), and the same bound for the bias.
+pub(crate) fn default_init(rng: &mut Rng, fan_in: usize) -> impl FnMut() -> f32 + '_ {
+    let bound = 1.0 / (fan_in.max(1) as f32).sqrt();
+    move || rng.uniform(-bound, bound)
+}
+
+/// The per-image shape as [C, H, W], or an error for a flat input.
+pub(crate) fn chw(in_shape: &[usize]) -> Result<[usize; 3]> {
+    match in_shape {
+        [c, h, w] => Ok([*c, *h, *w]),
+        _ => Err(Error::geometry(format!(
+            "expects a [channels, height, width] input, got {in_shape:?} (is there a flatten before it?)"
+        ))),
+    }
+}
+
+/// Runs `f(plane_index, plane)` over the `len`-element planes of `data` in parallel, grouping
+/// small planes so each task has a few thousand elements.
+pub(crate) fn par_planes(
+    data: &mut [f32],
+    len: usize,
+    f: impl Fn(usize, &mut [f32]) + Sync + Send,
+) {
+    if len == 0 {
+        return;
+    }
+    let min = (4096 / len).max(1);
+    data.par_chunks_mut(len)
+        .with_min_len(min)
+        .enumerate()
+        .for_each(|(i, p)| f(i, p));
+}
+
+/// A layer with its name (from the spec, or `layer{i}`).
+pub struct NamedLayer {
+    /// Unique name, used for checkpoint tensor names and `--layer`.
+    pub name: String,
+    /// The layer.
+    pub module: Box<dyn Module>,
+}
+
+/// A sequential network.
+pub struct Network {
+    spec: ModelSpec,
+    layers: Vec<NamedLayer>,
+    /// Per-image shapes: `shapes[0]` is the input, `shapes[i + 1]` layer i's output.
+    shapes: Vec<Vec<usize>>,
+    acts: Vec<Vec<f32>>,
+    grads: Vec<Vec<f32>>,
+    ws: Workspace,
+    param_count: usize,
+}
+
+impl Network {
+    /// Builds a network from its spec, initializing parameters from `seed`.
+    pub fn new(spec: &ModelSpec, seed: u64) -> Result<Self> {
+        let mut rng = Rng::new(seed);
+        let mut shape = spec.input.clone();
+        let mut shapes = vec![shape.clone()];
+        let mut layers = Vec::new();
+        for (i, entry) in spec.layers.iter().enumerate() {
+            let name = entry.name.clone().unwrap_or_else(|| format!("layer{i}"));
+            let module = entry.layer.build(&shape, i == 0, &mut rng).map_err(|e| {
+                Error::invalid(format!(
+                    "{}: layer {i} '{name}' ({}): {e}",
+                    spec.origin,
+                    entry.layer.kind()
+                ))
+            })?;
+            shape = module.out_shape().to_vec();
+            shapes.push(shape.clone());
+            layers.push(NamedLayer { name, module });
+        }
+        let n = layers.len();
+        let param_count = layers
+            .iter_mut()
+            .flat_map(|l| l.module.params())
+            .map(|p| p.value.len())
+            .sum();
+        Ok(Network {
+            spec: spec.clone(),
+            layers,
+            shapes,
+            acts: vec![Vec::new(); n + 1],
+            grads: vec![Vec::new(); n + 1],
+            ws: Workspace::new(),
+            param_count,
+        })
+    }
+
+    /// The spec the network was built from.
+    pub fn spec(&self) -> &ModelSpec {
+        &self.spec
+    }
+
+    /// The layers.
+    pub fn layers(&self) -> &[NamedLayer] {
+        &self.layers
+    }
+
+    /// The layers, mutable (for loading state).
+    pub fn layers_mut(&mut self) -> &mut [NamedLayer] {
+        &mut self.layers
+    }
+
+    /// Per-image shapes: input, then each layer's output.
+    pub fn shapes(&self) -> &[Vec<usize>] {
+        &self.shapes
+    }
+
+    /// Elements of one input image.
+    pub fn input_len(&self) -> usize {
+        self.shapes[0].iter().product()
+    }
+
+    /// Elements of one output (number of classes for a classifier).
+    pub fn output_len(&self) -> usize {
+        self.shapes[self.layers.len()].iter().product()
+    }
+
+    /// Trainable parameter count.
+    pub fn param_count(&self) -> usize {
+        self.param_count
+    }
+
+    /// MACs per image: forward and training step (forward + grad-input + grad-weight).
+    pub fn macs(&self) -> LayerMacs {
+        self.layers.iter().fold(LayerMacs::default(), |acc, l| {
+            let m = l.module.macs();
+            LayerMacs {
+                forward: acc.forward + m.forward,
+                grad_input: acc.grad_input + m.grad_input,
+                grad_weight: acc.grad_weight + m.grad_weight,
+            }
+        })
+    }
+
+    /// Runs the network on `batch` images (`x` holds `batch × input_len` values) and returns
+    /// the outputs (`batch × output_len`).
+    pub fn forward(
+        &mut self,
+        exec: Exec,
+        x: &[f32],
+        batch: usize,
+        train: bool,
+        rng: &mut Rng,
+    ) -> Result<&[f32]> {
+        assert_eq!(x.len(), batch * self.input_len(), "input batch length");
+        resize(&mut self.acts[0], x.len())?;
+        self.acts[0].copy_from_slice(x);
+        let mut ctx = Ctx {
+            exec,
+            ws: &mut self.ws,
+            train,
+            rng,
+        };
+        for (i, layer) in self.layers.iter_mut().enumerate() {
+            let (done, rest) = self.acts.split_at_mut(i + 1);
+            let out = &mut rest[0];
+            resize(out, batch * self.shapes[i + 1].iter().product::<usize>())?;
+            layer.module.forward(&mut ctx, batch, &done[i], out)?;
+        }
+        Ok(&self.acts[self.layers.len()])
+    }
+
+    /// Back-propagates `grad_out` (∂L/∂output of the last forward) through every layer, setting
+    /// all parameter gradients. The input gradient is not computed.
+    pub fn backward(
+        &mut self,
+        exec: Exec,
+        grad_out: &[f32],
+        batch: usize,
+        rng: &mut Rng,
+    ) -> Result<()> {
+        let n = self.layers.len();
+        resize(&mut self.grads[n], grad_out.len())?;
+        self.grads[n].copy_from_slice(grad_out);
+        let mut ctx = Ctx {
+            exec,
+            ws: &mut self.ws,
+            train: true,
+            rng,
+        };
+        for i in (0..n).rev() {
+            let (lower, upper) = self.grads.split_at_mut(i + 1);
+            let gx = if i > 0 {
+                resize(
+                    &mut lower[i],
+                    batch * self.shapes[i].iter().product::<usize>(),
+                )?;
+                Some(&mut lower[i][..])
+            } else {
+                None
+            };
+            self.layers[i].module.backward(
+                &mut ctx,
+                batch,
+                &self.acts[i],
+                &self.acts[i + 1],
+                &upper[0],
+                gx,
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Every parameter, in a fixed order (layer order, then each layer's own order).
+    pub fn params_mut(&mut self) -> Vec<(&str, &mut Param)> {
+        self.layers
+            .iter_mut()
+            .flat_map(|l| {
+                let name = l.name.as_str();
+                l.module.params().into_iter().map(move |p| (name, p))
+            })
+            .collect()
+    }
+}
+
+/// Resizes an activation buffer, reporting allocation failure as an error.
+fn resize(v: &mut Vec<f32>, len: usize) -> Result<()> {
+    if v.len() != len {
+        if len > v.capacity() {
+            v.try_reserve_exact(len - v.len())
+                .map_err(|_| Error::TooLarge {
+                    what: "an activation buffer".into(),
+                    bytes: len as u128 * 4,
+                })?;
+        }
+        v.resize(len, 0.0);
+    }
+    Ok(())
+}
