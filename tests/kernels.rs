@@ -168,6 +168,17 @@ fn fast_equals_reference_on_larger_shapes() {
             same.stride(2, 2).dilation(2, 1),
         ),
         ([4, 6, 9, 33], [6, 1, 5, 3], same.groups(6).dilation(2, 2)),
+        // Small images in batches: several images share one GEMM, split over tasks.
+        ([8, 6, 7, 7], [10, 6, 3, 3], same),
+        (
+            [6, 4, 9, 5],
+            [6, 2, 3, 2],
+            Conv2dParams::with_padding(Padding::SameLower)
+                .groups(2)
+                .stride(2, 1),
+        ),
+        ([7, 12, 5, 6], [9, 12, 1, 1], Conv2dParams::default()),
+        ([64, 3, 14, 14], [8, 3, 3, 3], same),
     ];
     for (i, (input, weight, p)) in cases.into_iter().enumerate() {
         let g = ConvGeometry::new(input, weight, &p).unwrap();

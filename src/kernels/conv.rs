@@ -1,14 +1,23 @@
 //! Standard and grouped convolution as im2col + GEMM.
 //!
 //! For each image and group the convolution is `Y (cout × P) = W (cout × K) · col (K × P)`, where
-//! `K = cin·kh·kw` and `P` the output pixels. The im2col matrix is built in tiles of output
-//! pixels sized to stay in cache (a full one is 14 MB per image on reference layer C, which would
-//! spend a third of the time streaming through memory). A 1×1 stride-1 unpadded kernel
-//! (pointwise) needs no im2col at all: the input *is* the column matrix.
+//! `K = cin·kh·kw` and `P` the output pixels. How the work is cut into GEMMs is decided once per
+//! call by a [`Plan`]:
 //!
-//! Backward: grad-input is `colᵀ-grad = Wᵀ · gY` followed by col2im (scatter-add); grad-weight is
+//! - large images: the im2col matrix is built in tiles of output pixels sized to stay in cache
+//!   (a full one is 14 MB per image on reference layer C, which would spend a third of the time
+//!   streaming through memory), and the GEMM writes straight into the output;
+//! - small images (fewer than [`MIN_GEMM_COLS`] output pixels, as in the later layers of a CNN):
+//!   several whole images share one GEMM, so it has enough columns to run near peak; the output
+//!   goes through a small tile that is scattered back to NCHW;
+//! - pointwise (1×1, stride 1, no padding) on large images: no im2col at all, the input *is* the
+//!   column matrix.
+//!
+//! Backward: grad-input is `col-grad = Wᵀ · gY` followed by col2im (scatter-add); grad-weight is
 //! `gW += gY · colᵀ`. Work is split over images (each thread runs sequential GEMMs) when the
 //! batch divides evenly over the threads, and otherwise given to a multithreaded GEMM.
+
+use std::ops::Range;
 
 use rayon::prelude::*;
 
@@ -17,17 +26,106 @@ use super::{Exec, Workspace, for_each_task, task_count};
 use crate::error::Result;
 use crate::geometry::ConvGeometry;
 
-/// Floats of im2col tile per thread: 4 MiB keeps a tile in L2+L3 while leaving the GEMM a wide
-/// enough panel (hundreds of pixels) to run at full speed.
+/// Floats of im2col tile per thread when one large image is tiled: 4 MiB keeps a tile in L3
+/// while leaving the GEMM a wide panel (hundreds of pixels). Measured on layers B–E: better
+/// than 512 KiB tiles by 5–10%.
 const COL_TILE_FLOATS: usize = 1 << 20;
 
-/// Output pixels per im2col tile.
-fn tile_pixels(g: &ConvGeometry) -> usize {
-    let p = g.out_pixels();
-    if g.is_pointwise() {
-        return p;
+/// Floats of im2col tile per thread when several small images share a GEMM: 512 KiB, about
+/// half of L2, measured best for the MNIST network's layers (14×14 and 7×7 images).
+const SMALL_TILE_FLOATS: usize = 1 << 17;
+
+/// Output pixels per image below which several images share one GEMM.
+pub const MIN_GEMM_COLS: usize = 512;
+
+/// How a convolution's work is cut into GEMMs and spread over threads.
+#[derive(Clone, Copy, Debug)]
+struct Plan {
+    /// Parallel tasks, each over a contiguous range of images.
+    tasks: usize,
+    /// Threads inside each GEMM (all of them when there is a single task).
+    gemm_threads: usize,
+    /// Whole images per GEMM (more than 1 for small images).
+    images_per_tile: usize,
+    /// Output pixels per GEMM when one image is tiled.
+    pixels_per_tile: usize,
+    /// Pointwise on whole images: GEMM straight on the input and output, no scratch.
+    direct: bool,
+}
+
+/// One GEMM's worth of work: `images` images from `n0`, output pixels `p0 .. p0 + len` of each.
+#[derive(Clone, Copy, Debug)]
+struct Tile {
+    n0: usize,
+    images: usize,
+    p0: usize,
+    len: usize,
+}
+
+impl Tile {
+    fn cols(&self) -> usize {
+        self.images * self.len
     }
-    (COL_TILE_FLOATS / g.col_rows()).max(64).min(p)
+}
+
+impl Plan {
+    fn new(g: &ConvGeometry, threads: usize) -> Self {
+        let (p, k) = (g.out_pixels(), g.col_rows());
+        let tasks = task_count(threads, g.batch);
+        let gemm_threads = if tasks == 1 { threads } else { 1 };
+        let cap = (COL_TILE_FLOATS / k).max(64);
+        // Pointwise needs no im2col: one GEMM per image on the input itself beats batching
+        // images through copies, even for small images.
+        if p >= MIN_GEMM_COLS || g.batch == 1 || g.is_pointwise() {
+            let direct = g.is_pointwise();
+            let pixels_per_tile = if direct { p } else { cap.min(p) };
+            return Plan {
+                tasks,
+                gemm_threads,
+                images_per_tile: 1,
+                pixels_per_tile,
+                direct,
+            };
+        }
+        let per_task = g.batch.div_ceil(tasks);
+        let tiles = per_task.div_ceil((SMALL_TILE_FLOATS / k / p).max(1));
+        Plan {
+            tasks,
+            gemm_threads,
+            images_per_tile: per_task.div_ceil(tiles),
+            pixels_per_tile: p,
+            direct: false,
+        }
+    }
+
+    /// Scratch per task: the column tile, then (several images per tile) an output-side tile.
+    fn scratch(&self, g: &ConvGeometry) -> (usize, usize) {
+        if self.direct {
+            return (0, 0);
+        }
+        let cols = self.images_per_tile * self.pixels_per_tile;
+        let tmp = if self.images_per_tile > 1 {
+            g.out_channels_per_group() * cols
+        } else {
+            0
+        };
+        (g.col_rows() * cols, tmp)
+    }
+
+    /// The tiles covering `images`.
+    fn tiles(&self, images: Range<usize>, p: usize) -> impl Iterator<Item = Tile> + '_ {
+        let (nb, pt) = (self.images_per_tile, self.pixels_per_tile);
+        let end = images.end;
+        images.step_by(nb).flat_map(move |n0| {
+            let count = nb.min(end - n0);
+            (0..p).step_by(pt).map(move |p0| Tile {
+                n0,
+                images: count,
+                p0,
+                len: pt.min(p - p0),
+            })
+        })
+    }
 }
 
 /// Calls `f(row, pixel0, segment_len, oh, ow0)` for each output-row segment of pixels
@@ -50,15 +148,22 @@ fn for_each_row_segment(
 }
 
 /// Writes the im2col rows for output pixels `[p0, p0 + len)` of one group's input `xg`
-/// (`cin_per_group × H × W`) into `col` (`K × len`, row-major).
-pub(crate) fn im2col_tile(g: &ConvGeometry, xg: &[f32], p0: usize, len: usize, col: &mut [f32]) {
+/// (`cin_per_group × H × W`) into `col` (`K × len` at row stride `ld`).
+pub(crate) fn im2col_tile(
+    g: &ConvGeometry,
+    xg: &[f32],
+    p0: usize,
+    len: usize,
+    col: &mut [f32],
+    ld: usize,
+) {
     let (kh, kw, hw) = (g.kernel_h, g.kernel_w, g.in_pixels());
     for c in 0..g.in_channels_per_group() {
         let xc = &xg[c * hw..(c + 1) * hw];
         for i in 0..kh {
             for j in 0..kw {
                 let r = (c * kh + i) * kw + j;
-                let dst = &mut col[r * len..(r + 1) * len];
+                let dst = &mut col[r * ld..r * ld + len];
                 let valid = g.valid_out_cols(j);
                 for_each_row_segment(g.out_w, p0, len, |at, seg_len, oh, ow0| {
                     let seg = &mut dst[at..at + seg_len];
@@ -90,14 +195,21 @@ pub(crate) fn im2col_tile(g: &ConvGeometry, xg: &[f32], p0: usize, len: usize, c
 }
 
 /// The adjoint of [`im2col_tile`]: adds the column tile back into the image `gxg`.
-pub(crate) fn col2im_tile(g: &ConvGeometry, col: &[f32], p0: usize, len: usize, gxg: &mut [f32]) {
+pub(crate) fn col2im_tile(
+    g: &ConvGeometry,
+    col: &[f32],
+    ld: usize,
+    p0: usize,
+    len: usize,
+    gxg: &mut [f32],
+) {
     let (kh, kw, hw) = (g.kernel_h, g.kernel_w, g.in_pixels());
     for c in 0..g.in_channels_per_group() {
         let gxc = &mut gxg[c * hw..(c + 1) * hw];
         for i in 0..kh {
             for j in 0..kw {
                 let r = (c * kh + i) * kw + j;
-                let src = &col[r * len..(r + 1) * len];
+                let src = &col[r * ld..r * ld + len];
                 let valid = g.valid_out_cols(j);
                 for_each_row_segment(g.out_w, p0, len, |at, seg_len, oh, ow0| {
                     let Some(ih) = g.input_row(oh, i) else { return };
@@ -124,7 +236,7 @@ pub(crate) fn col2im_tile(g: &ConvGeometry, col: &[f32], p0: usize, len: usize, 
     }
 }
 
-/// Per-image slices of one group.
+/// Sizes of one group within an image.
 struct GroupSlices {
     cig: usize,
     cog: usize,
@@ -132,6 +244,8 @@ struct GroupSlices {
     p: usize,
     in_group: usize,
     out_group: usize,
+    img_in: usize,
+    img_out: usize,
 }
 
 impl GroupSlices {
@@ -144,6 +258,54 @@ impl GroupSlices {
             p: g.out_pixels(),
             in_group: cig * g.in_pixels(),
             out_group: cog * g.out_pixels(),
+            img_in: g.in_channels * g.in_pixels(),
+            img_out: g.out_channels * g.out_pixels(),
+        }
+    }
+
+    /// Group `grp` of image `n` of an input-shaped buffer starting at image `base`.
+    fn input<'a>(&self, buf: &'a [f32], base: usize, n: usize, grp: usize) -> &'a [f32] {
+        let at = (n - base) * self.img_in + grp * self.in_group;
+        &buf[at..at + self.in_group]
+    }
+
+    /// Group `grp` of image `n` of an output-shaped buffer starting at image `base`.
+    fn output<'a>(&self, buf: &'a [f32], base: usize, n: usize, grp: usize) -> &'a [f32] {
+        let at = (n - base) * self.img_out + grp * self.out_group;
+        &buf[at..at + self.out_group]
+    }
+
+    fn weight<'a>(&self, w: &'a [f32], grp: usize) -> MatView<'a> {
+        MatView::dense(
+            &w[grp * self.cog * self.k..(grp + 1) * self.cog * self.k],
+            self.cog,
+            self.k,
+        )
+    }
+
+    /// im2col of every image of `t` (group `grp` of `x`) into `col` (`K × t.cols()`).
+    fn im2col(&self, g: &ConvGeometry, x: &[f32], t: Tile, grp: usize, col: &mut [f32]) {
+        for j in 0..t.images {
+            im2col_tile(
+                g,
+                self.input(x, 0, t.n0 + j, grp),
+                t.p0,
+                t.len,
+                &mut col[j * t.len..],
+                t.cols(),
+            );
+        }
+    }
+
+    /// Copies the output-gradient columns of `t` (group `grp`) into `tmp` (`cog × t.cols()`).
+    fn gather_output(&self, gy: &[f32], t: Tile, grp: usize, tmp: &mut [f32]) {
+        let cols = t.cols();
+        for j in 0..t.images {
+            let src = self.output(gy, 0, t.n0 + j, grp);
+            for oc in 0..self.cog {
+                tmp[oc * cols + j * t.len..oc * cols + (j + 1) * t.len]
+                    .copy_from_slice(&src[oc * self.p + t.p0..oc * self.p + t.p0 + t.len]);
+            }
         }
     }
 }
@@ -158,58 +320,82 @@ pub fn forward(
     y: &mut [f32],
     ws: &mut Workspace,
 ) -> Result<()> {
-    let tasks = task_count(exec.threads(), g.batch);
-    let gemm_threads = if tasks == 1 { exec.threads() } else { 1 };
-    let pt = tile_pixels(g);
-    let col_len = if g.is_pointwise() {
-        0
-    } else {
-        g.col_rows() * pt
-    };
-    let scratch = ws.take(col_len * tasks)?;
+    let plan = Plan::new(g, exec.threads());
+    let (col_len, tmp_len) = plan.scratch(g);
+    let scratch = ws.take((col_len + tmp_len) * plan.tasks)?;
     let s = GroupSlices::new(g);
-    let (img_in, img_out) = (g.in_channels * g.in_pixels(), g.out_channels * s.p);
-    for_each_task(tasks, y, img_out, scratch, col_len, |images, yc, col| {
-        for (local, n) in images.enumerate() {
-            let xn = &x[n * img_in..(n + 1) * img_in];
-            let yn = &mut yc[local * img_out..(local + 1) * img_out];
-            for grp in 0..g.groups {
-                let xg = &xn[grp * s.in_group..(grp + 1) * s.in_group];
-                let wg = MatView::dense(&w[grp * s.cog * s.k..(grp + 1) * s.cog * s.k], s.cog, s.k);
-                let yg = &mut yn[grp * s.out_group..(grp + 1) * s.out_group];
-                if let Some(b) = bias {
-                    for (row, &bv) in yg.chunks_exact_mut(s.p).zip(&b[grp * s.cog..]) {
-                        row.fill(bv);
+    for_each_task(
+        plan.tasks,
+        y,
+        s.img_out,
+        scratch,
+        col_len + tmp_len,
+        |images, yc, scratch| {
+            let base = images.start;
+            let (col, tmp) = scratch.split_at_mut(col_len);
+            for t in plan.tiles(images, s.p) {
+                for grp in 0..g.groups {
+                    let wg = s.weight(w, grp);
+                    let bias_g = bias.map(|b| &b[grp * s.cog..(grp + 1) * s.cog]);
+                    if plan.direct {
+                        let at = (t.n0 - base) * s.img_out + grp * s.out_group;
+                        let yg = &mut yc[at..at + s.out_group];
+                        if let Some(b) = bias_g {
+                            for (row, &bv) in yg.chunks_exact_mut(s.p).zip(b) {
+                                row.fill(bv);
+                            }
+                        }
+                        let xg = MatView::dense(s.input(x, 0, t.n0, grp), s.cig, s.p);
+                        gemm(yg, s.p, wg, xg, bias.is_some(), plan.gemm_threads);
+                        continue;
+                    }
+                    let cols = t.cols();
+                    s.im2col(g, x, t, grp, col);
+                    let colv = MatView::dense(&col[..s.k * cols], s.k, cols);
+                    if t.images == 1 {
+                        // Straight into the output rows, columns p0 .. p0 + len.
+                        let at = (t.n0 - base) * s.img_out + grp * s.out_group;
+                        let yg = &mut yc[at..at + s.out_group];
+                        if let Some(b) = bias_g {
+                            for (oc, &bv) in b.iter().enumerate() {
+                                yg[oc * s.p + t.p0..oc * s.p + t.p0 + t.len].fill(bv);
+                            }
+                        }
+                        gemm(
+                            &mut yg[t.p0..],
+                            s.p,
+                            wg,
+                            colv,
+                            bias.is_some(),
+                            plan.gemm_threads,
+                        );
+                    } else {
+                        gemm(
+                            &mut tmp[..s.cog * cols],
+                            cols,
+                            wg,
+                            colv,
+                            false,
+                            plan.gemm_threads,
+                        );
+                        for j in 0..t.images {
+                            let at = (t.n0 + j - base) * s.img_out + grp * s.out_group;
+                            for oc in 0..s.cog {
+                                let dst = &mut yc[at + oc * s.p..at + (oc + 1) * s.p];
+                                let src = &tmp[oc * cols + j * s.p..oc * cols + (j + 1) * s.p];
+                                match bias_g {
+                                    Some(b) => {
+                                        dst.iter_mut().zip(src).for_each(|(d, &v)| *d = v + b[oc])
+                                    }
+                                    None => dst.copy_from_slice(src),
+                                }
+                            }
+                        }
                     }
                 }
-                let acc = bias.is_some();
-                if g.is_pointwise() {
-                    gemm(
-                        yg,
-                        s.p,
-                        wg,
-                        MatView::dense(xg, s.cig, s.p),
-                        acc,
-                        gemm_threads,
-                    );
-                    continue;
-                }
-                for p0 in (0..s.p).step_by(pt) {
-                    let len = pt.min(s.p - p0);
-                    let colt = &mut col[..s.k * len];
-                    im2col_tile(g, xg, p0, len, colt);
-                    gemm(
-                        &mut yg[p0..],
-                        s.p,
-                        wg,
-                        MatView::dense(colt, s.k, len),
-                        acc,
-                        gemm_threads,
-                    );
-                }
             }
-        }
-    });
+        },
+    );
     Ok(())
 }
 
@@ -222,50 +408,68 @@ pub fn grad_input(
     gx: &mut [f32],
     ws: &mut Workspace,
 ) -> Result<()> {
-    let tasks = task_count(exec.threads(), g.batch);
-    let gemm_threads = if tasks == 1 { exec.threads() } else { 1 };
-    let pt = tile_pixels(g);
-    let col_len = if g.is_pointwise() {
-        0
-    } else {
-        g.col_rows() * pt
-    };
-    let scratch = ws.take(col_len * tasks)?;
+    let plan = Plan::new(g, exec.threads());
+    let (col_len, tmp_len) = plan.scratch(g);
+    let scratch = ws.take((col_len + tmp_len) * plan.tasks)?;
     let s = GroupSlices::new(g);
-    let (img_in, img_out) = (g.in_channels * g.in_pixels(), g.out_channels * s.p);
-    for_each_task(tasks, gx, img_in, scratch, col_len, |images, gxc, col| {
-        for (local, n) in images.enumerate() {
-            let gyn = &gy[n * img_out..(n + 1) * img_out];
-            let gxn = &mut gxc[local * img_in..(local + 1) * img_in];
-            if !g.is_pointwise() {
-                gxn.fill(0.0);
+    for_each_task(
+        plan.tasks,
+        gx,
+        s.img_in,
+        scratch,
+        col_len + tmp_len,
+        |images, gxc, scratch| {
+            let base = images.start;
+            let (col, tmp) = scratch.split_at_mut(col_len);
+            if !plan.direct {
+                gxc.fill(0.0);
             }
-            for grp in 0..g.groups {
-                let wg =
-                    MatView::dense(&w[grp * s.cog * s.k..(grp + 1) * s.cog * s.k], s.cog, s.k).t();
-                let gyg = &gyn[grp * s.out_group..(grp + 1) * s.out_group];
-                let gxg = &mut gxn[grp * s.in_group..(grp + 1) * s.in_group];
-                if g.is_pointwise() {
+            for t in plan.tiles(images, s.p) {
+                for grp in 0..g.groups {
+                    let wt = s.weight(w, grp).t();
+                    let at = |n: usize| (n - base) * s.img_in + grp * s.in_group;
+                    if plan.direct {
+                        let gyg = MatView::dense(s.output(gy, 0, t.n0, grp), s.cog, s.p);
+                        gemm(
+                            &mut gxc[at(t.n0)..at(t.n0) + s.in_group],
+                            s.p,
+                            wt,
+                            gyg,
+                            false,
+                            plan.gemm_threads,
+                        );
+                        continue;
+                    }
+                    let cols = t.cols();
+                    let gy_tile = if t.images == 1 {
+                        MatView::row_major(&s.output(gy, 0, t.n0, grp)[t.p0..], s.cog, t.len, s.p)
+                    } else {
+                        s.gather_output(gy, t, grp, tmp);
+                        MatView::dense(&tmp[..s.cog * cols], s.cog, cols)
+                    };
                     gemm(
-                        gxg,
-                        s.p,
-                        wg,
-                        MatView::dense(gyg, s.cog, s.p),
+                        &mut col[..s.k * cols],
+                        cols,
+                        wt,
+                        gy_tile,
                         false,
-                        gemm_threads,
+                        plan.gemm_threads,
                     );
-                    continue;
-                }
-                for p0 in (0..s.p).step_by(pt) {
-                    let len = pt.min(s.p - p0);
-                    let colt = &mut col[..s.k * len];
-                    let gy_tile = MatView::row_major(&gyg[p0..], s.cog, len, s.p);
-                    gemm(colt, len, wg, gy_tile, false, gemm_threads);
-                    col2im_tile(g, colt, p0, len, gxg);
+                    for j in 0..t.images {
+                        let a = at(t.n0 + j);
+                        col2im_tile(
+                            g,
+                            &col[j * t.len..],
+                            cols,
+                            t.p0,
+                            t.len,
+                            &mut gxc[a..a + s.in_group],
+                        );
+                    }
                 }
             }
-        }
-    });
+        },
+    );
     Ok(())
 }
 
@@ -279,70 +483,50 @@ pub fn grad_weight(
     gw: &mut [f32],
     ws: &mut Workspace,
 ) -> Result<()> {
-    let tasks = task_count(exec.threads(), g.batch);
-    let gemm_threads = if tasks == 1 { exec.threads() } else { 1 };
-    let pt = tile_pixels(g);
-    let col_len = if g.is_pointwise() {
-        0
-    } else {
-        g.col_rows() * pt
-    };
+    let plan = Plan::new(g, exec.threads());
+    let (col_len, tmp_len) = plan.scratch(g);
     let s = GroupSlices::new(g);
-    let (img_in, img_out) = (g.in_channels * g.in_pixels(), g.out_channels * s.p);
-    let accumulate_images = |images: std::ops::Range<usize>, gw: &mut [f32], col: &mut [f32]| {
+    let accumulate = |images: Range<usize>, gw: &mut [f32], scratch: &mut [f32]| {
         gw.fill(0.0);
-        for n in images {
-            let xn = &x[n * img_in..(n + 1) * img_in];
-            let gyn = &gy[n * img_out..(n + 1) * img_out];
+        let (col, tmp) = scratch.split_at_mut(col_len);
+        for t in plan.tiles(images, s.p) {
             for grp in 0..g.groups {
-                let xg = &xn[grp * s.in_group..(grp + 1) * s.in_group];
-                let gyg = &gyn[grp * s.out_group..(grp + 1) * s.out_group];
                 let gwg = &mut gw[grp * s.cog * s.k..(grp + 1) * s.cog * s.k];
-                if g.is_pointwise() {
-                    let xt = MatView::dense(xg, s.cig, s.p).t();
-                    gemm(
-                        gwg,
-                        s.k,
-                        MatView::dense(gyg, s.cog, s.p),
-                        xt,
-                        true,
-                        gemm_threads,
-                    );
+                if plan.direct {
+                    let xt = MatView::dense(s.input(x, 0, t.n0, grp), s.cig, s.p).t();
+                    let gyg = MatView::dense(s.output(gy, 0, t.n0, grp), s.cog, s.p);
+                    gemm(gwg, s.k, gyg, xt, true, plan.gemm_threads);
                     continue;
                 }
-                for p0 in (0..s.p).step_by(pt) {
-                    let len = pt.min(s.p - p0);
-                    let colt = &mut col[..s.k * len];
-                    im2col_tile(g, xg, p0, len, colt);
-                    let gy_tile = MatView::row_major(&gyg[p0..], s.cog, len, s.p);
-                    gemm(
-                        gwg,
-                        s.k,
-                        gy_tile,
-                        MatView::dense(colt, s.k, len).t(),
-                        true,
-                        gemm_threads,
-                    );
-                }
+                let cols = t.cols();
+                s.im2col(g, x, t, grp, col);
+                let gy_tile = if t.images == 1 {
+                    MatView::row_major(&s.output(gy, 0, t.n0, grp)[t.p0..], s.cog, t.len, s.p)
+                } else {
+                    s.gather_output(gy, t, grp, tmp);
+                    MatView::dense(&tmp[..s.cog * cols], s.cog, cols)
+                };
+                let colt = MatView::dense(&col[..s.k * cols], s.k, cols).t();
+                gemm(gwg, s.k, gy_tile, colt, true, plan.gemm_threads);
             }
         }
     };
-    if tasks == 1 {
-        let col = ws.take(col_len)?;
-        accumulate_images(0..g.batch, gw, col);
+    if plan.tasks == 1 {
+        let scratch = ws.take(col_len + tmp_len)?;
+        accumulate(0..g.batch, gw, scratch);
         return Ok(());
     }
     let wlen = gw.len();
-    let per_task = wlen + col_len;
-    let scratch = ws.take(per_task * tasks)?;
-    let per_images = g.batch.div_ceil(tasks);
+    let per_task = wlen + col_len + tmp_len;
+    let scratch = ws.take(per_task * plan.tasks)?;
+    let per_images = g.batch.div_ceil(plan.tasks);
     scratch
         .par_chunks_mut(per_task)
         .enumerate()
         .for_each(|(t, s)| {
-            let (part, col) = s.split_at_mut(wlen);
+            let (part, rest) = s.split_at_mut(wlen);
             let start = (t * per_images).min(g.batch);
-            accumulate_images(start..(start + per_images).min(g.batch), part, col);
+            accumulate(start..(start + per_images).min(g.batch), part, rest);
         });
     // Sum the private copies, in parallel over the weight.
     let chunk = wlen.div_ceil(exec.threads()).max(1);
@@ -350,7 +534,7 @@ pub fn grad_weight(
     gw.par_chunks_mut(chunk).enumerate().for_each(|(ci, out)| {
         let base = ci * chunk;
         out.copy_from_slice(&scratch[base..base + out.len()]);
-        for t in 1..tasks {
+        for t in 1..plan.tasks {
             let part = &scratch[t * per_task + base..t * per_task + base + out.len()];
             for (o, &v) in out.iter_mut().zip(part) {
                 *o += v;

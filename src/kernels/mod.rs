@@ -16,6 +16,7 @@
 
 pub mod conv;
 pub mod depthwise;
+pub mod elementwise;
 pub mod gemm;
 pub mod reference;
 pub mod simd;
@@ -267,7 +268,7 @@ pub fn conv2d_grad_bias(exec: Exec, g: &ConvGeometry, gy: &[f32], gb: &mut [f32]
         (0..g.batch)
             .map(|n| {
                 let base = (n * channels + c) * plane;
-                simd_sum(exec.isa, &gy[base..base + plane]) as f64
+                elementwise::sum(exec.isa, &gy[base..base + plane]) as f64
             })
             .sum::<f64>() as f32
     };
@@ -280,28 +281,4 @@ pub fn conv2d_grad_bias(exec: Exec, g: &ConvGeometry, gy: &[f32], gb: &mut [f32]
             *o = sum_channel(c);
         }
     }
-}
-
-/// Sum of a slice with SIMD (several independent accumulators for throughput).
-pub(crate) fn simd_sum(isa: Isa, v: &[f32]) -> f32 {
-    let mut out = 0.0f32;
-    sum_dispatch(isa, v, &mut out);
-    out
-}
-
-crate::simd_dispatch!(fn sum_dispatch => sum_kernel(v: &[f32], out: &mut f32));
-
-#[inline(always)]
-unsafe fn sum_kernel<S: simd::SimdF32>(v: &[f32], out: &mut f32) {
-    let l = S::LANES;
-    let mut acc = [unsafe { S::zero() }; 4];
-    let mut chunks = v.chunks_exact(4 * l);
-    for c in &mut chunks {
-        for (q, a) in acc.iter_mut().enumerate() {
-            *a = unsafe { a.add(S::load(c.as_ptr().add(q * l))) };
-        }
-    }
-    let mut total = unsafe { acc[0].add(acc[1]).add(acc[2].add(acc[3])).reduce_sum() };
-    total += chunks.remainder().iter().sum::<f32>();
-    *out = total;
 }

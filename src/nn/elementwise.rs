@@ -4,6 +4,7 @@ use rayon::prelude::*;
 
 use super::{Ctx, Module};
 use crate::error::{Error, Result};
+use crate::kernels::elementwise;
 
 /// Chunk of elements per parallel task.
 const CHUNK: usize = 16 * 1024;
@@ -29,20 +30,16 @@ impl Module for Relu {
     fn out_shape(&self) -> &[usize] {
         &self.shape
     }
-    fn forward(&mut self, _ctx: &mut Ctx, _batch: usize, x: &[f32], y: &mut [f32]) -> Result<()> {
+    fn forward(&mut self, ctx: &mut Ctx, _batch: usize, x: &[f32], y: &mut [f32]) -> Result<()> {
+        let isa = ctx.exec.isa();
         y.par_chunks_mut(CHUNK)
             .zip(x.par_chunks(CHUNK))
-            .for_each(|(y, x)| {
-                for (o, &v) in y.iter_mut().zip(x) {
-                    // Not `v.max(0.0)`, which maps NaN to 0: a diverging run must stay visible.
-                    *o = if v < 0.0 { 0.0 } else { v };
-                }
-            });
+            .for_each(|(y, x)| elementwise::relu(isa, x, y));
         Ok(())
     }
     fn backward(
         &mut self,
-        _ctx: &mut Ctx,
+        ctx: &mut Ctx,
         _batch: usize,
         _x: &[f32],
         y: &[f32],
@@ -50,13 +47,10 @@ impl Module for Relu {
         gx: Option<&mut [f32]>,
     ) -> Result<()> {
         if let Some(gx) = gx {
+            let isa = ctx.exec.isa();
             gx.par_chunks_mut(CHUNK)
                 .zip(gy.par_chunks(CHUNK).zip(y.par_chunks(CHUNK)))
-                .for_each(|(gx, (gy, y))| {
-                    for ((o, &g), &v) in gx.iter_mut().zip(gy).zip(y) {
-                        *o = if v > 0.0 { g } else { 0.0 };
-                    }
-                });
+                .for_each(|(gx, (gy, y))| elementwise::relu_backward(isa, y, gy, gx));
         }
         Ok(())
     }

@@ -176,6 +176,8 @@ pub struct Network {
     grads: Vec<Vec<f32>>,
     ws: Workspace,
     param_count: usize,
+    /// Seconds spent per layer in forward and backward since the last [`Network::take_timings`].
+    timings: Vec<(f64, f64)>,
 }
 
 impl Network {
@@ -212,6 +214,7 @@ impl Network {
             grads: vec![Vec::new(); n + 1],
             ws: Workspace::new(),
             param_count,
+            timings: vec![(0.0, 0.0); n],
         })
     }
 
@@ -285,7 +288,9 @@ impl Network {
             let (done, rest) = self.acts.split_at_mut(i + 1);
             let out = &mut rest[0];
             resize(out, batch * self.shapes[i + 1].iter().product::<usize>())?;
+            let t = std::time::Instant::now();
             layer.module.forward(&mut ctx, batch, &done[i], out)?;
+            self.timings[i].0 += t.elapsed().as_secs_f64();
         }
         Ok(&self.acts[self.layers.len()])
     }
@@ -319,6 +324,7 @@ impl Network {
             } else {
                 None
             };
+            let t = std::time::Instant::now();
             self.layers[i].module.backward(
                 &mut ctx,
                 batch,
@@ -327,8 +333,15 @@ impl Network {
                 &upper[0],
                 gx,
             )?;
+            self.timings[i].1 += t.elapsed().as_secs_f64();
         }
         Ok(())
+    }
+
+    /// Seconds spent in each layer's forward and backward since the last call (then reset).
+    pub fn take_timings(&mut self) -> Vec<(f64, f64)> {
+        let n = self.timings.len();
+        std::mem::replace(&mut self.timings, vec![(0.0, 0.0); n])
     }
 
     /// Every parameter, in a fixed order (layer order, then each layer's own order).

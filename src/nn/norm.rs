@@ -6,6 +6,7 @@ use rayon::prelude::*;
 
 use super::{Buffer, Ctx, Module, Param, chw, par_planes};
 use crate::error::{Error, Result};
+use crate::kernels::elementwise;
 
 /// Batch normalization over the channels of an NCHW activation.
 pub struct BatchNorm2d {
@@ -62,19 +63,18 @@ impl BatchNorm2d {
     }
 }
 
-/// Σ over images of f(plane of channel c), in f64.
+/// Σ over images of f(plane of channel c), each plane reduced in f32 lanes, summed in f64.
 fn channel_sum(
-    x: &[f32],
     batch: usize,
     c: usize,
     channels: usize,
     plane: usize,
-    f: impl Fn(&[f32]) -> f64,
+    f: impl Fn(std::ops::Range<usize>) -> f32,
 ) -> f64 {
     (0..batch)
         .map(|n| {
             let base = (n * channels + c) * plane;
-            f(&x[base..base + plane])
+            f(base..base + plane) as f64
         })
         .sum()
 }
@@ -91,14 +91,15 @@ impl Module for BatchNorm2d {
         if ctx.train {
             let count = (batch * plane) as f64;
             // Two passes per channel (mean, then squared deviations) for accuracy.
+            let isa = ctx.exec.isa();
+            // Two passes per channel (mean, then squared deviations) for accuracy.
             let stats: Vec<(f64, f64)> = (0..ch)
                 .into_par_iter()
                 .map(|c| {
-                    let mean = channel_sum(x, batch, c, ch, plane, |p| {
-                        p.iter().map(|&v| v as f64).sum()
-                    }) / count;
-                    let var = channel_sum(x, batch, c, ch, plane, |p| {
-                        p.iter().map(|&v| (v as f64 - mean).powi(2)).sum()
+                    let mean =
+                        channel_sum(batch, c, ch, plane, |r| elementwise::sum(isa, &x[r])) / count;
+                    let var = channel_sum(batch, c, ch, plane, |r| {
+                        elementwise::sum_sq_dev(isa, &x[r], mean as f32)
                     }) / count;
                     (mean, var)
                 })
@@ -127,19 +128,22 @@ impl Module for BatchNorm2d {
             self.scale[c] = self.gamma.value[c] * self.inv_std[c];
             self.shift[c] = self.beta.value[c] - self.mean[c] * self.scale[c];
         }
-        y.copy_from_slice(x);
-        let (scale, shift) = (&self.scale, &self.shift);
+        let (scale, shift, isa) = (&self.scale, &self.shift, ctx.exec.isa());
         par_planes(y, plane, |i, p| {
-            let (a, b) = (scale[i % ch], shift[i % ch]);
-            for v in p {
-                *v = *v * a + b;
-            }
+            elementwise::scale_shift(
+                isa,
+                &x[i * plane..(i + 1) * plane],
+                scale[i % ch],
+                shift[i % ch],
+                false,
+                p,
+            );
         });
         Ok(())
     }
     fn backward(
         &mut self,
-        _ctx: &mut Ctx,
+        ctx: &mut Ctx,
         batch: usize,
         x: &[f32],
         _y: &[f32],
@@ -148,22 +152,16 @@ impl Module for BatchNorm2d {
     ) -> Result<()> {
         let (ch, plane) = (self.channels(), self.plane());
         let count = (batch * plane) as f64;
-        let (mean, inv_std) = (&self.mean, &self.inv_std);
+        let (mean, inv_std, isa) = (&self.mean, &self.inv_std, ctx.exec.isa());
         // Per channel: Σ gy and Σ gy·x̂.
         let sums: Vec<(f64, f64)> = (0..ch)
             .into_par_iter()
             .map(|c| {
-                let (mu, is) = (mean[c], inv_std[c]);
-                (0..batch).fold((0.0, 0.0), |(s, sx), n| {
-                    let base = (n * ch + c) * plane;
-                    let (a, b) = gy[base..base + plane]
-                        .iter()
-                        .zip(&x[base..base + plane])
-                        .fold((0.0f32, 0.0f32), |(s, sx), (&g, &v)| {
-                            (s + g, sx + g * (v - mu) * is)
-                        });
-                    (s + a as f64, sx + b as f64)
-                })
+                let s = channel_sum(batch, c, ch, plane, |r| elementwise::sum(isa, &gy[r]));
+                let sx = channel_sum(batch, c, ch, plane, |r| {
+                    elementwise::dot_centered(isa, &gy[r.clone()], &x[r], mean[c])
+                });
+                (s, sx * inv_std[c] as f64)
             })
             .collect();
         for (c, &(s, sx)) in sums.iter().enumerate() {
@@ -173,25 +171,21 @@ impl Module for BatchNorm2d {
         if let Some(gx) = gx {
             let gamma = &self.gamma.value;
             // gx = γ/σ · (gy − Σgy/N − x̂ · Σ(gy·x̂)/N)
-            let coef: Vec<(f32, f32, f32)> = (0..ch)
+            let coef: Vec<[f32; 5]> = (0..ch)
                 .map(|c| {
                     let (s, sx) = sums[c];
-                    (
+                    [
                         gamma[c] * inv_std[c],
                         (s / count) as f32,
+                        mean[c],
+                        inv_std[c],
                         (sx / count) as f32,
-                    )
+                    ]
                 })
                 .collect();
-            gx.copy_from_slice(gy);
             par_planes(gx, plane, |i, p| {
-                let c = i % ch;
-                let (k, mg, mgx) = coef[c];
-                let (mu, is) = (mean[c], inv_std[c]);
-                let xs = &x[i * plane..(i + 1) * plane];
-                for (g, &v) in p.iter_mut().zip(xs) {
-                    *g = k * (*g - mg - (v - mu) * is * mgx);
-                }
+                let r = i * plane..(i + 1) * plane;
+                elementwise::batchnorm_grad_input(isa, &gy[r.clone()], &x[r], coef[i % ch], p);
             });
         }
         Ok(())

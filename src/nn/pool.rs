@@ -5,6 +5,7 @@ use rayon::prelude::*;
 
 use super::{Ctx, Module, chw, par_planes};
 use crate::error::{Error, Result};
+use crate::kernels::elementwise;
 
 /// Max pooling over k×k windows.
 pub struct MaxPool2d {
@@ -13,17 +14,17 @@ pub struct MaxPool2d {
     kernel: usize,
     stride: usize,
     padding: usize,
-    /// For each output element, the index within its input plane of the maximum.
-    argmax: Vec<u32>,
+    /// For each output element, the position of the maximum within its window (row-major).
+    argmax: Vec<u8>,
 }
 
 impl MaxPool2d {
-    /// Max pooling of `in_shape` ([C, H, W]) with a `kernel`×`kernel` window.
+    /// Max pooling of `in_shape` ([C, H, W]) with a `kernel`×`kernel` window (at most 16).
     pub fn new(in_shape: &[usize], kernel: usize, stride: usize, padding: usize) -> Result<Self> {
         let [c, h, w] = chw(in_shape)?;
-        if kernel == 0 || stride == 0 {
+        if kernel == 0 || stride == 0 || kernel > 16 {
             return Err(Error::invalid(
-                "max pool kernel and stride must be at least 1",
+                "max pool kernel must be 1 to 16 and stride at least 1",
             ));
         }
         if padding * 2 > kernel {
@@ -35,9 +36,6 @@ impl MaxPool2d {
             return Err(Error::geometry(format!(
                 "max pool kernel {kernel} is larger than the input {h}×{w}"
             )));
-        }
-        if h * w > u32::MAX as usize {
-            return Err(Error::geometry("max pool input plane too large"));
         }
         let (oh, ow) = (
             (h + 2 * padding - kernel) / stride + 1,
@@ -52,6 +50,56 @@ impl MaxPool2d {
             argmax: Vec::new(),
         })
     }
+
+    /// The common 2×2, stride 2, unpadded case has its own vectorized kernel.
+    fn is_2x2(&self) -> bool {
+        self.kernel == 2 && self.stride == 2 && self.padding == 0
+    }
+
+    /// Any window: scalar, skipping taps on padding (padding never wins).
+    fn forward_plane(&self, xp: &[f32], yp: &mut [f32], ap: &mut [u8]) {
+        let [_, h, w] = self.in_shape;
+        let (oh, ow) = (self.out_shape[1], self.out_shape[2]);
+        let (k, s, p) = (self.kernel, self.stride, self.padding);
+        for r in 0..oh {
+            for c in 0..ow {
+                let (mut best, mut at, mut found) = (f32::NEG_INFINITY, 0u8, false);
+                'window: for di in 0..k {
+                    let Some(ih) = (r * s + di).checked_sub(p).filter(|&v| v < h) else {
+                        continue;
+                    };
+                    for dj in 0..k {
+                        let Some(iw) = (c * s + dj).checked_sub(p).filter(|&v| v < w) else {
+                            continue;
+                        };
+                        let v = xp[ih * w + iw];
+                        // Strictly greater: the first maximum wins ties. NaN propagates.
+                        if v > best || v.is_nan() || !found {
+                            (best, at, found) = (v, (di * k + dj) as u8, true);
+                            if v.is_nan() {
+                                break 'window;
+                            }
+                        }
+                    }
+                }
+                yp[r * ow + c] = best;
+                ap[r * ow + c] = at;
+            }
+        }
+    }
+
+    fn backward_plane(&self, gyp: &[f32], ap: &[u8], gp: &mut [f32]) {
+        let w = self.in_shape[2];
+        let ow = self.out_shape[2];
+        let (k, s, p) = (self.kernel, self.stride, self.padding);
+        gp.fill(0.0);
+        for (o, (&g, &a)) in gyp.iter().zip(ap).enumerate() {
+            let (r, c) = (o / ow, o % ow);
+            let (di, dj) = (a as usize / k, a as usize % k);
+            // The recorded tap was inside the input, so these do not underflow.
+            gp[(r * s + di - p) * w + (c * s + dj - p)] += g;
+        }
+    }
 }
 
 impl Module for MaxPool2d {
@@ -61,54 +109,35 @@ impl Module for MaxPool2d {
     fn out_shape(&self) -> &[usize] {
         &self.out_shape
     }
-    fn forward(&mut self, _ctx: &mut Ctx, _batch: usize, x: &[f32], y: &mut [f32]) -> Result<()> {
+    fn forward(&mut self, ctx: &mut Ctx, _batch: usize, x: &[f32], y: &mut [f32]) -> Result<()> {
         let [_, h, w] = self.in_shape;
-        let (oh, ow) = (self.out_shape[1], self.out_shape[2]);
-        let (k, s, p) = (self.kernel, self.stride, self.padding);
+        let plane_out = self.out_shape[1] * self.out_shape[2];
         if self.argmax.len() != y.len() {
             self.argmax.resize(y.len(), 0);
         }
-        let plane_out = oh * ow;
         let min = (4096 / plane_out.max(1)).max(1);
+        let mut argmax = std::mem::take(&mut self.argmax);
+        let isa = ctx.exec.isa();
+        let this = &*self;
         y.par_chunks_mut(plane_out)
-            .zip(self.argmax.par_chunks_mut(plane_out))
+            .zip(argmax.par_chunks_mut(plane_out))
             .with_min_len(min)
             .enumerate()
             .for_each(|(i, (yp, ap))| {
                 let xp = &x[i * h * w..(i + 1) * h * w];
-                for r in 0..oh {
-                    for c in 0..ow {
-                        let (mut best, mut at) = (f32::NEG_INFINITY, u32::MAX);
-                        'window: for di in 0..k {
-                            let Some(ih) = (r * s + di).checked_sub(p).filter(|&v| v < h) else {
-                                continue;
-                            };
-                            for dj in 0..k {
-                                let Some(iw) = (c * s + dj).checked_sub(p).filter(|&v| v < w)
-                                else {
-                                    continue;
-                                };
-                                let v = xp[ih * w + iw];
-                                // Strictly greater: the first maximum wins ties. NaN propagates.
-                                if v > best || v.is_nan() || at == u32::MAX {
-                                    best = v;
-                                    at = (ih * w + iw) as u32;
-                                    if v.is_nan() {
-                                        break 'window;
-                                    }
-                                }
-                            }
-                        }
-                        yp[r * ow + c] = best;
-                        ap[r * ow + c] = at;
-                    }
+                if this.is_2x2() {
+                    let rows = this.out_shape[1] * 2;
+                    elementwise::maxpool2x2(isa, &xp[..rows * w], w, yp, ap);
+                } else {
+                    this.forward_plane(xp, yp, ap);
                 }
             });
+        self.argmax = argmax;
         Ok(())
     }
     fn backward(
         &mut self,
-        _ctx: &mut Ctx,
+        ctx: &mut Ctx,
         _batch: usize,
         _x: &[f32],
         _y: &[f32],
@@ -118,12 +147,13 @@ impl Module for MaxPool2d {
         let Some(gx) = gx else { return Ok(()) };
         let [_, h, w] = self.in_shape;
         let plane_out = self.out_shape[1] * self.out_shape[2];
-        let argmax = &self.argmax;
+        let (argmax, isa) = (&self.argmax, ctx.exec.isa());
         par_planes(gx, h * w, |i, gp| {
-            gp.fill(0.0);
-            let range = i * plane_out..(i + 1) * plane_out;
-            for (&g, &a) in gy[range.clone()].iter().zip(&argmax[range]) {
-                gp[a as usize] += g;
+            let r = i * plane_out..(i + 1) * plane_out;
+            if self.is_2x2() {
+                elementwise::maxpool2x2_backward(isa, &gy[r.clone()], &argmax[r], w, gp);
+            } else {
+                self.backward_plane(&gy[r.clone()], &argmax[r], gp);
             }
         });
         Ok(())

@@ -90,3 +90,30 @@ pub fn interrupt_flag() -> std::sync::Arc<std::sync::atomic::AtomicBool> {
     });
     flag
 }
+
+/// Prints the per-layer time accumulated by the network (forward, backward, share of total).
+pub fn print_profile(net: &mut sepconv::nn::Network) {
+    let t = net.take_timings();
+    let total: f64 = t.iter().map(|(f, b)| f + b).sum::<f64>().max(1e-12);
+    println!(
+        "{:<12} {:<28} {:>10} {:>10} {:>7}",
+        "layer", "type", "fwd s", "bwd s", "share"
+    );
+    for (l, (f, b)) in net.layers().iter().zip(&t) {
+        println!(
+            "{:<12} {:<28} {:>10.3} {:>10.3} {:>6.1}%",
+            l.name,
+            l.module.kind(),
+            f,
+            b,
+            100.0 * (f + b) / total
+        );
+    }
+    println!(
+        "{:<12} {:<28} {:>10.3} {:>10.3}",
+        "total",
+        "",
+        t.iter().map(|x| x.0).sum::<f64>(),
+        t.iter().map(|x| x.1).sum::<f64>()
+    );
+}

@@ -68,6 +68,9 @@ pub struct Args {
         conflicts_with = "resume"
     )]
     out: Option<PathBuf>,
+    /// Print where the time went per layer (forward and backward seconds) at the end.
+    #[arg(long)]
+    profile: bool,
     /// Continue the run in RUN_DIR from its last completed epoch.
     #[arg(long, value_name = "RUN_DIR", conflicts_with = "model")]
     resume: Option<PathBuf>,
@@ -152,6 +155,9 @@ pub fn run(exec: Exec, a: Args) -> Result<()> {
             run.dir.display()
         );
         std::process::exit(130);
+    }
+    if a.profile {
+        crate::progress::print_profile(&mut trainer.net);
     }
     if let Some(last) = records.last() {
         println!(

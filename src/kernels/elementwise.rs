@@ -1,0 +1,317 @@
+//! Memory-bound kernels of the network layers (BatchNorm statistics and application, ReLU, max
+//! pooling), dispatched per instruction set like the convolution kernels.
+//!
+//! The crate is compiled for baseline x86-64, where the compiler may only auto-vectorize with
+//! SSE2. These bodies are plain loops written to vectorize; compiled inside the dispatcher's
+//! `#[target_feature]` functions they become AVX-512 or AVX2 code. Sums keep several
+//! independent vector accumulators (so they vectorize and stay accurate over a plane) and are
+//! combined across planes in f64 by the callers.
+
+// Loop kernels take the vector type only to be instantiated once per instruction set by
+// `simd_dispatch!`; their bodies are auto-vectorized inside the `#[target_feature]` wrapper.
+#![allow(clippy::extra_unused_type_parameters)]
+
+use super::simd::{Isa, SimdF32};
+
+/// Σ v.
+pub fn sum(isa: Isa, v: &[f32]) -> f32 {
+    let mut out = 0.0;
+    sum_dispatch(isa, v, 0.0, &mut out);
+    out
+}
+
+/// Σ (v − center)².
+pub fn sum_sq_dev(isa: Isa, v: &[f32], center: f32) -> f32 {
+    let mut out = 0.0;
+    sum_sq_dispatch(isa, v, center, &mut out);
+    out
+}
+
+/// Σ a·(b − center).
+pub fn dot_centered(isa: Isa, a: &[f32], b: &[f32], center: f32) -> f32 {
+    let mut out = 0.0;
+    dot_dispatch(isa, a, b, center, &mut out);
+    out
+}
+
+crate::simd_dispatch!(fn sum_dispatch => sum_kernel(v: &[f32], center: f32, out: &mut f32));
+crate::simd_dispatch!(fn sum_sq_dispatch => sum_sq_kernel(v: &[f32], center: f32, out: &mut f32));
+crate::simd_dispatch!(fn dot_dispatch => dot_kernel(a: &[f32], b: &[f32], center: f32, out: &mut f32));
+
+/// Accumulator blocks per reduction: 4 vectors in flight hide the add latency.
+const ACC: usize = 4;
+
+#[inline(always)]
+unsafe fn reduce<S: SimdF32>(
+    n: usize,
+    out: &mut f32,
+    mut term: impl FnMut(usize) -> S,
+    scalar: impl Fn(usize) -> f32,
+) {
+    let l = S::LANES;
+    let mut acc = [unsafe { S::zero() }; ACC];
+    let mut i = 0;
+    while i + ACC * l <= n {
+        for (q, a) in acc.iter_mut().enumerate() {
+            *a = unsafe { a.add(term(i + q * l)) };
+        }
+        i += ACC * l;
+    }
+    let mut total = unsafe { acc[0].add(acc[1]).add(acc[2].add(acc[3])).reduce_sum() };
+    while i < n {
+        total += scalar(i);
+        i += 1;
+    }
+    *out = total;
+}
+
+#[inline(always)]
+unsafe fn sum_kernel<S: SimdF32>(v: &[f32], _center: f32, out: &mut f32) {
+    unsafe { reduce::<S>(v.len(), out, |i| S::load(v.as_ptr().add(i)), |i| v[i]) }
+}
+
+#[inline(always)]
+unsafe fn sum_sq_kernel<S: SimdF32>(v: &[f32], center: f32, out: &mut f32) {
+    let c = unsafe { S::splat(-center) };
+    unsafe {
+        reduce::<S>(
+            v.len(),
+            out,
+            |i| {
+                let d = S::load(v.as_ptr().add(i)).add(c);
+                d.mul(d)
+            },
+            |i| (v[i] - center) * (v[i] - center),
+        )
+    }
+}
+
+#[inline(always)]
+unsafe fn dot_kernel<S: SimdF32>(a: &[f32], b: &[f32], center: f32, out: &mut f32) {
+    let n = a.len().min(b.len());
+    let c = unsafe { S::splat(-center) };
+    unsafe {
+        reduce::<S>(
+            n,
+            out,
+            |i| S::load(a.as_ptr().add(i)).mul(S::load(b.as_ptr().add(i)).add(c)),
+            |i| a[i] * (b[i] - center),
+        )
+    }
+}
+
+/// `y = x·scale + shift`, then max(·, 0) if `relu`.
+pub fn scale_shift(isa: Isa, x: &[f32], scale: f32, shift: f32, relu: bool, y: &mut [f32]) {
+    scale_shift_dispatch(isa, x, scale, shift, relu, y)
+}
+
+crate::simd_dispatch!(fn scale_shift_dispatch => scale_shift_kernel(x: &[f32], scale: f32, shift: f32, relu: bool, y: &mut [f32]));
+
+#[inline(always)]
+unsafe fn scale_shift_kernel<S: SimdF32>(
+    x: &[f32],
+    scale: f32,
+    shift: f32,
+    relu: bool,
+    y: &mut [f32],
+) {
+    if relu {
+        for (o, &v) in y.iter_mut().zip(x) {
+            let t = v * scale + shift;
+            *o = if t < 0.0 { 0.0 } else { t };
+        }
+    } else {
+        for (o, &v) in y.iter_mut().zip(x) {
+            *o = v * scale + shift;
+        }
+    }
+}
+
+/// BatchNorm input gradient: `gx = k·(gy − mean_gy − (x − mu)·is·mean_gx̂)`.
+pub fn batchnorm_grad_input(isa: Isa, gy: &[f32], x: &[f32], coef: [f32; 5], gx: &mut [f32]) {
+    bn_grad_dispatch(isa, gy, x, coef, gx)
+}
+
+crate::simd_dispatch!(fn bn_grad_dispatch => bn_grad_kernel(gy: &[f32], x: &[f32], coef: [f32; 5], gx: &mut [f32]));
+
+#[inline(always)]
+unsafe fn bn_grad_kernel<S: SimdF32>(gy: &[f32], x: &[f32], coef: [f32; 5], gx: &mut [f32]) {
+    let [k, mean_gy, mu, is, mean_gxhat] = coef;
+    let slope = is * mean_gxhat;
+    for ((o, &g), &v) in gx.iter_mut().zip(gy).zip(x) {
+        *o = k * (g - mean_gy - (v - mu) * slope);
+    }
+}
+
+/// ReLU: `y = max(x, 0)`, keeping NaN.
+pub fn relu(isa: Isa, x: &[f32], y: &mut [f32]) {
+    relu_dispatch(isa, x, y)
+}
+
+/// ReLU backward: `gx = gy` where `y > 0`, else 0.
+pub fn relu_backward(isa: Isa, y: &[f32], gy: &[f32], gx: &mut [f32]) {
+    relu_backward_dispatch(isa, y, gy, gx)
+}
+
+crate::simd_dispatch!(fn relu_dispatch => relu_kernel(x: &[f32], y: &mut [f32]));
+crate::simd_dispatch!(fn relu_backward_dispatch => relu_backward_kernel(y: &[f32], gy: &[f32], gx: &mut [f32]));
+
+#[inline(always)]
+unsafe fn relu_kernel<S: SimdF32>(x: &[f32], y: &mut [f32]) {
+    for (o, &v) in y.iter_mut().zip(x) {
+        // Not `v.max(0.0)`, which maps NaN to 0: a diverging run must stay visible.
+        *o = if v < 0.0 { 0.0 } else { v };
+    }
+}
+
+#[inline(always)]
+unsafe fn relu_backward_kernel<S: SimdF32>(y: &[f32], gy: &[f32], gx: &mut [f32]) {
+    for ((o, &g), &v) in gx.iter_mut().zip(gy).zip(y) {
+        *o = if v > 0.0 { g } else { 0.0 };
+    }
+}
+
+/// 2×2 stride-2 max pooling of one `h`×`w` plane (floor mode): output values and, per output,
+/// the window position of the maximum (0..4, row-major; the first maximum wins ties; NaN wins).
+pub fn maxpool2x2(isa: Isa, x: &[f32], w: usize, y: &mut [f32], arg: &mut [u8]) {
+    #[cfg(target_arch = "x86_64")]
+    if isa == Isa::Avx512 {
+        // SAFETY: `isa` is supported (checked by `Exec`).
+        unsafe { maxpool2x2_avx512(x, w, y, arg) };
+        return;
+    }
+    maxpool2x2_dispatch(isa, x, w, y, arg)
+}
+
+/// AVX-512 version of [`maxpool2x2`]: up to 16 windows at a time, deinterleaving even and odd
+/// columns with permutes; masked loads and stores cover row ends and narrow planes (MNIST's
+/// rows are 14 windows wide).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn maxpool2x2_avx512(x: &[f32], w: usize, y: &mut [f32], arg: &mut [u8]) {
+    use std::arch::x86_64::*;
+    let ow = w / 2;
+    if ow == 0 {
+        return;
+    }
+    let even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    let odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+    let mask = |n: usize| -> u16 {
+        if n >= 16 {
+            u16::MAX
+        } else {
+            ((1u32 << n) - 1) as u16
+        }
+    };
+    for ((yr, ar), rows) in y
+        .chunks_exact_mut(ow)
+        .zip(arg.chunks_exact_mut(ow))
+        .zip(x.chunks_exact(2 * w))
+    {
+        let (r0, r1) = rows.split_at(w);
+        let mut c = 0;
+        while c < ow {
+            let n = (ow - c).min(16);
+            let (ml, mh) = (mask(2 * n), mask((2 * n).saturating_sub(16)));
+            // SAFETY: the masks limit loads to columns 2c .. 2c + 2n <= 2·ow <= w of each row
+            // and stores to outputs c .. c + n <= ow.
+            unsafe {
+                let p0 = r0.as_ptr().add(2 * c);
+                let p1 = r1.as_ptr().add(2 * c);
+                let (l0, h0) = (
+                    _mm512_maskz_loadu_ps(ml, p0),
+                    _mm512_maskz_loadu_ps(mh, p0.add(16)),
+                );
+                let (l1, h1) = (
+                    _mm512_maskz_loadu_ps(ml, p1),
+                    _mm512_maskz_loadu_ps(mh, p1.add(16)),
+                );
+                let cand = [
+                    _mm512_permutex2var_ps(l0, even, h0),
+                    _mm512_permutex2var_ps(l0, odd, h0),
+                    _mm512_permutex2var_ps(l1, even, h1),
+                    _mm512_permutex2var_ps(l1, odd, h1),
+                ];
+                let mut m = cand[0];
+                let mut idx = _mm512_setzero_si512();
+                for (k, &v) in cand.iter().enumerate().skip(1) {
+                    // Take v if it is greater, or if it is NaN and the maximum so far is not.
+                    let gt = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(v, m);
+                    let nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(v, v)
+                        & _mm512_cmp_ps_mask::<_CMP_ORD_Q>(m, m);
+                    let take = gt | nan;
+                    m = _mm512_mask_blend_ps(take, m, v);
+                    idx = _mm512_mask_blend_epi32(take, idx, _mm512_set1_epi32(k as i32));
+                }
+                let mo = mask(n);
+                _mm512_mask_storeu_ps(yr.as_mut_ptr().add(c), mo, m);
+                _mm512_mask_cvtepi32_storeu_epi8(ar.as_mut_ptr().add(c) as *mut i8, mo, idx);
+            }
+            c += n;
+        }
+    }
+}
+
+crate::simd_dispatch!(fn maxpool2x2_dispatch => maxpool2x2_kernel(x: &[f32], w: usize, y: &mut [f32], arg: &mut [u8]));
+
+#[inline(always)]
+unsafe fn maxpool2x2_kernel<S: SimdF32>(x: &[f32], w: usize, y: &mut [f32], arg: &mut [u8]) {
+    let ow = w / 2;
+    if ow == 0 {
+        return;
+    }
+    for ((yr, ar), rows) in y
+        .chunks_exact_mut(ow)
+        .zip(arg.chunks_exact_mut(ow))
+        .zip(x.chunks_exact(2 * w))
+    {
+        let (r0, r1) = rows.split_at(w);
+        for c in 0..ow {
+            let (a, b, d, e) = (r0[2 * c], r0[2 * c + 1], r1[2 * c], r1[2 * c + 1]);
+            // Branch-free selects (first maximum wins: later ones must be strictly greater).
+            let (mut m, mut i) = (a, 0u8);
+            let take = b > m || (b.is_nan() && !m.is_nan());
+            m = if take { b } else { m };
+            i = if take { 1 } else { i };
+            let take = d > m || (d.is_nan() && !m.is_nan());
+            m = if take { d } else { m };
+            i = if take { 2 } else { i };
+            let take = e > m || (e.is_nan() && !m.is_nan());
+            m = if take { e } else { m };
+            i = if take { 3 } else { i };
+            yr[c] = m;
+            ar[c] = i;
+        }
+    }
+}
+
+/// Backward of [`maxpool2x2`] for one plane: writes the whole input-gradient plane (gradient at
+/// each window's maximum, zero elsewhere, including an odd last row/column).
+pub fn maxpool2x2_backward(isa: Isa, gy: &[f32], arg: &[u8], w: usize, gx: &mut [f32]) {
+    maxpool2x2_backward_dispatch(isa, gy, arg, w, gx)
+}
+
+crate::simd_dispatch!(fn maxpool2x2_backward_dispatch => maxpool2x2_backward_kernel(gy: &[f32], arg: &[u8], w: usize, gx: &mut [f32]));
+
+#[inline(always)]
+unsafe fn maxpool2x2_backward_kernel<S: SimdF32>(gy: &[f32], arg: &[u8], w: usize, gx: &mut [f32]) {
+    let ow = w / 2;
+    gx.fill(0.0);
+    if ow == 0 {
+        return;
+    }
+    for ((gr, ar), rows) in gy
+        .chunks_exact(ow)
+        .zip(arg.chunks_exact(ow))
+        .zip(gx.chunks_exact_mut(2 * w))
+    {
+        let (r0, r1) = rows.split_at_mut(w);
+        for c in 0..ow {
+            let (g, i) = (gr[c], ar[c]);
+            r0[2 * c] = if i == 0 { g } else { 0.0 };
+            r0[2 * c + 1] = if i == 1 { g } else { 0.0 };
+            r1[2 * c] = if i == 2 { g } else { 0.0 };
+            r1[2 * c + 1] = if i == 3 { g } else { 0.0 };
+        }
+    }
+}
