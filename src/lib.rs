@@ -30,6 +30,7 @@
 
 pub mod bench;
 pub mod cost;
+pub mod decompose;
 pub mod error;
 pub mod geometry;
 pub mod io;

@@ -290,3 +290,75 @@ fn bad_data_and_specs_are_refused() {
     assert_eq!(o.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&o.stderr).contains("unknown.toml"));
 }
+
+#[test]
+fn decompose_a_trained_network() {
+    let dir = temp_dir("netdec");
+    let run_dir = dir.join("run");
+    let o = run(&[
+        "--threads",
+        "2",
+        "train",
+        "--model",
+        "mnist-ref-std",
+        "--epochs",
+        "1",
+        "--train-limit",
+        "256",
+        "--test-limit",
+        "100",
+        "--data",
+        &s(&mnist()),
+        "--out",
+        &s(&run_dir),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let out = dir.join("ds");
+    let o = run(&[
+        "--threads",
+        "2",
+        "decompose",
+        "--checkpoint",
+        &s(&run_dir.join("checkpoint.safetensors")),
+        "--to",
+        "depthwise-separable",
+        "--rank",
+        "2",
+        "--finetune",
+        "1",
+        "--train-limit",
+        "128",
+        "--test-limit",
+        "100",
+        "--data",
+        &s(&mnist()),
+        "--out",
+        &s(&out),
+    ]);
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        stdout.contains("block2") && stdout.contains("after 1 fine-tuning epoch"),
+        "{stdout}"
+    );
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
+    assert_eq!(report["layers"].as_array().unwrap().len(), 2);
+    assert!(report["test_accuracy_after_finetune"].as_f64().is_some());
+    // The converted model evaluates from its own checkpoint.
+    let o = run(&[
+        "eval",
+        "--checkpoint",
+        &s(&out.join("checkpoint.safetensors")),
+        "--data",
+        &s(&mnist()),
+        "--test-limit",
+        "100",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        std::fs::read_to_string(out.join("model.toml"))
+            .unwrap()
+            .contains("depthwise_separable_conv2d")
+    );
+}

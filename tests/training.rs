@@ -253,3 +253,52 @@ fn interrupted_run_keeps_last_completed_epoch() {
     assert_eq!(run.read_metrics().unwrap().len(), 1);
     no_temp_files(&run.dir);
 }
+
+/// A network converted with the exact multiplier (K = 9 for 3×3 kernels) computes what the
+/// original computed; with K = 1 it is cheaper and different.
+#[test]
+fn network_conversion_is_exact_at_full_rank() {
+    use sepconv::decompose::Truncation;
+    use sepconv::decompose::network::to_depthwise_separable;
+    use sepconv::rng::Rng;
+    let (_, test) = small_data(0, 64);
+    let spec = ModelSpec::load("mnist-ref-std").unwrap();
+    let mut t = Trainer::new(&spec, config(1), Exec::new(2)).unwrap();
+    let mut x = Vec::new();
+    let mut y = Vec::new();
+    test.gather(&(0..64).collect::<Vec<_>>(), &mut x, &mut y);
+    let want = t
+        .net
+        .forward(Exec::new(2), &x, 64, false, &mut Rng::new(0))
+        .unwrap()
+        .to_vec();
+    let (mut exact, report) = to_depthwise_separable(&mut t.net, Truncation::Rank(9)).unwrap();
+    assert_eq!(
+        report.len(),
+        2,
+        "block2 and block3 (conv1 has one input channel)"
+    );
+    assert!(
+        report
+            .iter()
+            .all(|r| r.relative_error < 1e-5 && r.exact_k == 9)
+    );
+    let got = exact
+        .forward(Exec::new(2), &x, 64, false, &mut Rng::new(0))
+        .unwrap()
+        .to_vec();
+    let scale = want.iter().fold(1.0f32, |m, v| m.max(v.abs()));
+    let err = got
+        .iter()
+        .zip(&want)
+        .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()))
+        / scale;
+    assert!(err < 1e-4, "max relative logit error {err}");
+    let (cheap, report) = to_depthwise_separable(&mut t.net, Truncation::Rank(1)).unwrap();
+    assert!(report.iter().all(|r| r.macs_after < r.macs_before / 5));
+    assert!(cheap.macs().forward < t.net.macs().forward / 2);
+    // The converted spec round-trips through TOML.
+    let text = exact.spec().to_toml().unwrap();
+    let again = ModelSpec::parse(&text, "converted").unwrap();
+    assert_eq!(again.layers, exact.spec().layers);
+}

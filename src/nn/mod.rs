@@ -344,6 +344,63 @@ impl Network {
         std::mem::replace(&mut self.timings, vec![(0.0, 0.0); n])
     }
 
+    /// Every parameter and buffer by checkpoint name (`{layer}.{name}`).
+    pub fn state(&mut self) -> Result<std::collections::HashMap<String, crate::tensor::Tensor>> {
+        let mut out = std::collections::HashMap::new();
+        for layer in &mut self.layers {
+            let name = &layer.name;
+            for p in layer.module.params() {
+                out.insert(
+                    format!("{name}.{}", p.name),
+                    crate::tensor::Tensor::new(&p.shape, p.value.clone())?,
+                );
+            }
+            for b in layer.module.buffers() {
+                out.insert(
+                    format!("{name}.{}", b.name),
+                    crate::tensor::Tensor::new(&b.shape, b.value.clone())?,
+                );
+            }
+        }
+        Ok(out)
+    }
+
+    /// Loads every parameter and buffer from named tensors; the error says which tensor is
+    /// missing or has the wrong shape.
+    pub fn load_state(
+        &mut self,
+        state: &std::collections::HashMap<String, crate::tensor::Tensor>,
+    ) -> std::result::Result<(), String> {
+        fn copy(
+            state: &std::collections::HashMap<String, crate::tensor::Tensor>,
+            key: &str,
+            shape: &[usize],
+            dst: &mut [f32],
+        ) -> std::result::Result<(), String> {
+            let t = state
+                .get(key)
+                .ok_or_else(|| format!("missing tensor '{key}'"))?;
+            if t.shape() != shape {
+                return Err(format!(
+                    "tensor '{key}' has shape {:?}, the model needs {shape:?}",
+                    t.shape()
+                ));
+            }
+            dst.copy_from_slice(t.data());
+            Ok(())
+        }
+        for layer in &mut self.layers {
+            let name = &layer.name;
+            for p in layer.module.params() {
+                copy(state, &format!("{name}.{}", p.name), &p.shape, &mut p.value)?;
+            }
+            for b in layer.module.buffers() {
+                copy(state, &format!("{name}.{}", b.name), &b.shape, &mut b.value)?;
+            }
+        }
+        Ok(())
+    }
+
     /// Every parameter, in a fixed order (layer order, then each layer's own order).
     pub fn params_mut(&mut self) -> Vec<(&str, &mut Param)> {
         self.layers

@@ -424,6 +424,31 @@ impl ModelSpec {
         })
     }
 
+    /// The spec as TOML (the format [`ModelSpec::parse`] reads).
+    pub fn to_toml(&self) -> Result<String> {
+        #[derive(Serialize)]
+        struct Out<'a> {
+            name: &'a str,
+            input: &'a [usize],
+            layers: Vec<toml::Table>,
+        }
+        let mut layers = Vec::with_capacity(self.layers.len());
+        for entry in &self.layers {
+            let mut t = toml::Table::try_from(&entry.layer)
+                .map_err(|e| Error::Runtime(format!("spec to TOML: {e}")))?;
+            if let Some(n) = &entry.name {
+                t.insert("name".into(), toml::Value::String(n.clone()));
+            }
+            layers.push(t);
+        }
+        toml::to_string(&Out {
+            name: &self.name,
+            input: &self.input,
+            layers,
+        })
+        .map_err(|e| Error::Runtime(format!("spec to TOML: {e}")))
+    }
+
     /// A preset by name, or a TOML file by path.
     pub fn load(preset_or_path: &str) -> Result<Self> {
         if let Some((name, text)) = PRESETS.iter().find(|(n, _)| *n == preset_or_path) {

@@ -41,23 +41,9 @@ pub fn save(
     opt: Option<&Optimizer>,
     meta: &CheckpointMeta,
 ) -> Result<()> {
-    let mut tensors = Vec::new();
     let source = net.spec().source.clone();
-    for layer in net.layers_mut() {
-        let name = layer.name.clone();
-        for p in layer.module.params() {
-            tensors.push((
-                format!("{name}.{}", p.name),
-                Tensor::new(&p.shape, p.value.clone())?,
-            ));
-        }
-        for b in layer.module.buffers() {
-            tensors.push((
-                format!("{name}.{}", b.name),
-                Tensor::new(&b.shape, b.value.clone())?,
-            ));
-        }
-    }
+    let mut tensors: Vec<(String, Tensor)> = net.state()?.into_iter().collect();
+    tensors.sort_by(|a, b| a.0.cmp(&b.0));
     let mut metadata = HashMap::from([
         ("format".to_string(), FORMAT.to_string()),
         ("model_spec".to_string(), source),
@@ -118,6 +104,7 @@ pub fn load(path: &Path) -> Result<Checkpoint> {
         None => None,
     };
     let mut network = Network::new(&spec, 0)?;
+    network.load_state(&file.tensors).map_err(&bad)?;
     let take = |name: &str, shape: &[usize]| -> Result<Vec<f32>> {
         let t = file
             .tensors
@@ -125,21 +112,12 @@ pub fn load(path: &Path) -> Result<Checkpoint> {
             .ok_or_else(|| bad(format!("missing tensor '{name}'")))?;
         if t.shape() != shape {
             return Err(bad(format!(
-                "tensor '{name}' has shape {:?}, the model needs {shape:?}",
+                "tensor '{name}' has shape {:?}, expected {shape:?}",
                 t.shape()
             )));
         }
         Ok(t.data().to_vec())
     };
-    for layer in network.layers_mut() {
-        let lname = layer.name.clone();
-        for p in layer.module.params() {
-            p.value = take(&format!("{lname}.{}", p.name), &p.shape)?;
-        }
-        for b in layer.module.buffers() {
-            b.value = take(&format!("{lname}.{}", b.name), &b.shape)?;
-        }
-    }
     let optimizer = match (&config, md.get("optimizer_step")) {
         (Some(cfg), Some(step)) => {
             let step = step

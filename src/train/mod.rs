@@ -158,7 +158,12 @@ impl Trainer {
             .map(|(_, p)| p.value.len())
             .collect();
         let opt = Optimizer::new(config.optimizer, &sizes);
-        Ok(Trainer {
+        Ok(Self::from_network(net, opt, config, exec))
+    }
+
+    /// Trains an existing network (e.g. a converted one) with a given optimizer state.
+    pub fn from_network(net: Network, opt: Optimizer, config: TrainConfig, exec: Exec) -> Self {
+        Trainer {
             net,
             opt,
             config,
@@ -167,7 +172,7 @@ impl Trainer {
             batch_x: Vec::new(),
             batch_y: Vec::new(),
             grad: Vec::new(),
-        })
+        }
     }
 
     /// Continues a run from a checkpoint (with its optimizer state), training to `epochs`.
@@ -183,16 +188,9 @@ impl Trainer {
             config.epochs = e;
         }
         config.validate()?;
-        Ok(Trainer {
-            net: ckpt.network,
-            opt,
-            config,
-            exec,
-            epochs_done: ckpt.meta.epoch,
-            batch_x: Vec::new(),
-            batch_y: Vec::new(),
-            grad: Vec::new(),
-        })
+        let mut t = Self::from_network(ckpt.network, opt, config, exec);
+        t.epochs_done = ckpt.meta.epoch;
+        Ok(t)
     }
 
     /// Steps per epoch over `n` images.

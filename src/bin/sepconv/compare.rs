@@ -7,12 +7,12 @@ use std::time::Instant;
 use sepconv::io::write_atomic;
 use sepconv::nn::ModelSpec;
 use sepconv::rng::Rng;
-use sepconv::train::{EpochRecord, RunDir, TrainConfig, Trainer, fit, load_data};
+use sepconv::train::{EpochRecord, RunDir, TrainConfig, Trainer, load_data};
 use sepconv::{Error, Exec, Result};
 use serde::Serialize;
 
 use crate::plot::{Panel, Series, svg};
-use crate::progress::{Bars, default_data_dir, interrupt_flag};
+use crate::progress::{default_data_dir, fit_with_progress};
 
 /// Train mnist-ref-std, mnist-ref-ds and mnist-ref-sp (the reference network with standard,
 /// depthwise-separable and spatially separable blocks) with the same seed and recipe (Adam 1e-3,
@@ -178,7 +178,6 @@ pub fn run(exec: Exec, a: Args) -> Result<()> {
             .join(", ")
     );
 
-    let stop = interrupt_flag();
     let mut reports = Vec::new();
     for spec in &specs {
         let mut trainer = Trainer::new(spec, config.clone(), exec)?;
@@ -189,22 +188,8 @@ pub fn run(exec: Exec, a: Args) -> Result<()> {
             .map_err(|e| Error::file(&run.dir, format!("cannot create: {e}")))?;
         // A comparison always starts fresh: drop an earlier run's metrics.
         let _ = std::fs::remove_file(run.metrics());
-        let mut bars = Bars::new(&spec.name, config.epochs);
-        let (records, interrupted) = fit(
-            &mut trainer,
-            &splits.train,
-            &splits.test,
-            Some(&run),
-            &mut bars,
-            &stop,
-        )?;
-        if interrupted {
-            eprintln!(
-                "sepconv: interrupted; completed epochs are saved under {}",
-                a.out.display()
-            );
-            std::process::exit(130);
-        }
+        let records =
+            fit_with_progress(&mut trainer, &splits.train, &splits.test, &run, &spec.name)?;
         let macs = trainer.net.macs();
         reports.push(VariantReport {
             name: spec.name.clone(),
@@ -306,6 +291,8 @@ fn chart(reports: &[VariantReport]) -> Result<String> {
             .collect(),
         lines: true,
         log_x: false,
+        integer_x: true,
+        legend_upper: false,
     };
     let vs_macs = Panel {
         title: "Final test accuracy vs multiplications".into(),
@@ -324,6 +311,8 @@ fn chart(reports: &[VariantReport]) -> Result<String> {
             .collect(),
         lines: false,
         log_x: false,
+        integer_x: false,
+        legend_upper: false,
     };
     svg(&[per_epoch, vs_macs], 560, 420)
 }

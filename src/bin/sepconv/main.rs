@@ -1,8 +1,11 @@
 //! The `sepconv` command line: one file per subcommand.
 
+mod analyze;
 mod bench;
 mod compare;
 mod conv;
+mod cost;
+mod decompose;
 mod eval;
 mod plot;
 mod progress;
@@ -32,6 +35,13 @@ enum Command {
     Train(train::Args),
     /// Evaluate a checkpoint: accuracy, loss, confusion matrix, images/s.
     Eval(eval::Args),
+    /// The cost arithmetic: the textbook's worked examples, one layer's variants side by side,
+    /// or a network's per-layer MACs and parameters.
+    Cost(cost::Args),
+    /// Is a conv weight spatially or depthwise separable, and how far from it is it?
+    Analyze(analyze::Args),
+    /// Replace a conv weight (or every conv of a network) by its best separable approximation.
+    Decompose(decompose::Args),
     /// Apply one convolution to .npy arrays (and its backward pass), for cross-checking other
     /// frameworks from the shell.
     Conv(conv::Args),
@@ -63,6 +73,9 @@ fn main() -> ExitCode {
         Command::Train(a) => train::run(exec, a),
         Command::Eval(a) => eval::run(exec, a),
         Command::Conv(a) => conv::run(exec, a),
+        Command::Cost(a) => cost::run(exec, a),
+        Command::Analyze(a) => analyze::run(exec, a),
+        Command::Decompose(a) => decompose::run(exec, a),
         Command::Bench(a) => bench::run(exec, a),
     });
     match result {

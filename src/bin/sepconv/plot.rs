@@ -17,6 +17,10 @@ pub struct Panel {
     pub series: Vec<Series>,
     pub lines: bool,
     pub log_x: bool,
+    /// Integer tick labels on the x axis (epochs).
+    pub integer_x: bool,
+    /// Legend in the upper right (else lower right).
+    pub legend_upper: bool,
 }
 
 const COLORS: [RGBColor; 6] = [
@@ -77,9 +81,19 @@ pub fn svg(panels: &[Panel], width_per_panel: u32, height: u32) -> Result<String
             macro_rules! draw {
                 ($chart:expr) => {{
                     let mut chart = $chart;
-                    chart
-                        .configure_mesh()
-                        .x_desc(&panel.x_label)
+                    let ticks = panel
+                        .series
+                        .iter()
+                        .map(|s| s.points.len())
+                        .max()
+                        .unwrap_or(1)
+                        .clamp(2, 10);
+                    let int_fmt = |x: &f64| format!("{x:.0}");
+                    let mut mesh = chart.configure_mesh();
+                    if panel.integer_x {
+                        mesh.x_labels(ticks).x_label_formatter(&int_fmt);
+                    }
+                    mesh.x_desc(&panel.x_label)
                         .y_desc(&panel.y_label)
                         .draw()
                         .map_err(draw_err)?;
@@ -114,7 +128,11 @@ pub fn svg(panels: &[Panel], width_per_panel: u32, height: u32) -> Result<String
                         .configure_series_labels()
                         .background_style(WHITE.mix(0.8))
                         .border_style(BLACK)
-                        .position(SeriesLabelPosition::LowerRight)
+                        .position(if panel.legend_upper {
+                            SeriesLabelPosition::UpperRight
+                        } else {
+                            SeriesLabelPosition::LowerRight
+                        })
                         .draw()
                         .map_err(draw_err)?;
                 }};

@@ -117,3 +117,28 @@ pub fn print_profile(net: &mut sepconv::nn::Network) {
         t.iter().map(|x| x.1).sum::<f64>()
     );
 }
+
+/// Trains with progress bars until the configured epochs; on Ctrl-C, says where the last
+/// completed epoch is kept and exits with code 130.
+pub fn fit_with_progress(
+    trainer: &mut sepconv::train::Trainer,
+    train: &sepconv::train::data::Dataset,
+    test: &sepconv::train::data::Dataset,
+    run: &sepconv::train::RunDir,
+    label: &str,
+) -> sepconv::Result<Vec<EpochRecord>> {
+    let stop = interrupt_flag();
+    let mut bars = Bars::new(label, trainer.config.epochs);
+    let (records, interrupted) =
+        sepconv::train::fit(trainer, train, test, Some(run), &mut bars, &stop)?;
+    if interrupted {
+        eprintln!(
+            "sepconv: interrupted; {} holds the last completed epoch ({}); continue with --resume {}",
+            run.checkpoint().display(),
+            trainer.epochs_done,
+            run.dir.display()
+        );
+        std::process::exit(130);
+    }
+    Ok(records)
+}

@@ -4,10 +4,10 @@ use std::path::PathBuf;
 
 use sepconv::nn::ModelSpec;
 use sepconv::train::optim::{OptimizerConfig, OptimizerKind, Schedule};
-use sepconv::train::{RunDir, TrainConfig, Trainer, checkpoint, fit, load_data};
+use sepconv::train::{RunDir, TrainConfig, Trainer, checkpoint, load_data};
 use sepconv::{Error, Exec, Result};
 
-use crate::progress::{Bars, default_data_dir, interrupt_flag};
+use crate::progress::{default_data_dir, fit_with_progress};
 
 /// Train a network (a preset or a TOML model spec) on an MNIST-format dataset.
 ///
@@ -136,26 +136,8 @@ pub fn run(exec: Exec, a: Args) -> Result<()> {
         exec.threads(),
         exec.isa()
     );
-    let stop = interrupt_flag();
     let name = trainer.net.spec().name.clone();
-    let mut bars = Bars::new(&name, trainer.config.epochs);
-    let (records, interrupted) = fit(
-        &mut trainer,
-        &splits.train,
-        &splits.test,
-        Some(&run),
-        &mut bars,
-        &stop,
-    )?;
-    if interrupted {
-        eprintln!(
-            "sepconv: interrupted; {} holds the last completed epoch ({}); continue with --resume {}",
-            run.checkpoint().display(),
-            trainer.epochs_done,
-            run.dir.display()
-        );
-        std::process::exit(130);
-    }
+    let records = fit_with_progress(&mut trainer, &splits.train, &splits.test, &run, &name)?;
     if a.profile {
         crate::progress::print_profile(&mut trainer.net);
     }
