@@ -1,101 +1,159 @@
-//! Depthwise convolution (groups = in-channels, depth multiplier K): a direct SIMD kernel.
+//! Depthwise convolution (groups = in-channels, depth multiplier K, output channel m·K + k),
+//! any stride and dilation, as 1-D correlations over flat buffers: a direct SIMD kernel, never
+//! a loop of tiny convolutions.
 //!
-//! Each input plane is first copied into a scratch layout where every row is zero-padded left
-//! and right and split into `stride_w` phases (phase q holds padded columns q, q + s, q + 2s, …).
-//! In that layout the input column read by output column `ow` through tap `j` is always
-//! `ow + constant` within one phase, so every tap of every stride, dilation and padding reads
-//! contiguous memory and the inner loops are plain vector FMAs. The copy costs one pass over
-//! the input; the kernel then does kh·kw FMAs per output element from L1/L2.
+//! **Phase planes.** Each padded input plane (`Hp × Wp`) is split into `sh × sw` phase planes of
+//! `hq × wq` (`hq = ⌈Hp / sh⌉`, `wq = ⌈Wp / sw⌉`): phase (a, b) holds padded pixels
+//! (r·sh + a, c·sw + b). Output pixel (oh, ow) reads, through tap (i, j), padded pixel
+//! (oh·sh + i·dh, ow·sw + j·dw), which is pixel (oh + ⌊i·dh / sh⌋, ow + ⌊j·dw / sw⌋) of phase
+//! (i·dh mod sh, j·dw mod sw). In a flat buffer holding the phase planes one after another,
+//! that is `o + off(i, j)` with `o = oh·wq + ow` and a constant `off(i, j)`. So a whole plane is
+//! one correlation with constant tap offsets over `out_h · wq` positions: long vectors, no
+//! per-row or per-stride special cases, at the price of `wq − out_w` wasted columns per row
+//! (1–2 here). With stride 1 there is one phase plane: the padded plane itself.
 //!
-//! - forward: per output row, each vector of outputs accumulates all taps in registers.
-//! - grad-input: the adjoint; each vector of output gradients is scattered (vector FMA into the
-//!   padded phase layout), then the layout is folded back into the input plane.
-//! - grad-weight: per channel, kh·kw vector accumulators run over all images and pixels.
+//! - forward: `y[o] = Σ_t w[t] · x_phases[o + off(t)]`; the 3×3 kernel keeps its weights in
+//!   registers.
+//! - grad-weight: `gw[t] = Σ_o gy[o] · x_phases[o + off(t)]`, with the output gradient laid out
+//!   in the same `wq`-strided rows (zeros in the wasted columns), accumulated over the batch.
+//! - grad-input: for each phase (a, b) of the input gradient, only the taps with
+//!   (i·dh mod sh, j·dw mod sw) = (a, b) contribute, and they do so as a correlation of the
+//!   zero-padded output gradient: `gx_phase(a, b)[r, c] = Σ w[i, j] · gy[r − ⌊i·dh / sh⌋,
+//!   c − ⌊j·dw / sw⌋]`. Each tap is used exactly once over all phases: no multiplication by the
+//!   zeros a strided transposed convolution would insert.
 
 use std::ops::Range;
 
+use super::elementwise;
 use super::simd::SimdF32;
 use super::{Exec, Workspace, for_each_task};
 use crate::error::Result;
 use crate::geometry::ConvGeometry;
 
-/// Largest vector width of any instruction set: the zero margin every phase row carries so
-/// full-width loads at the end of a row stay inside the buffer.
-const MAX_LANES: usize = 16;
+/// Outputs per inner-loop step: 4 vectors, enough independent FMA chains to hide latency.
+const BLOCK: usize = 4;
 
-/// Where the padded, phase-split copy of one input plane lives in scratch.
+/// Zero margin after each flat buffer: the last block of vectors may read past the data.
+const MARGIN: usize = BLOCK * 16;
+
+/// The phase-plane layout of one input plane, shared by forward and grad-weight.
 #[derive(Clone, Debug)]
-pub(crate) struct PlaneLayout {
-    /// Elements per phase row (padded width / stride, plus margin).
-    phase_len: usize,
-    /// Elements per input row: `stride_w × phase_len`.
-    row_len: usize,
-    /// Elements per plane: `in_h × row_len`.
-    plane_len: usize,
-    /// For each kernel column j: offset within a row of the element output column 0 reads.
-    tap_offset: Vec<usize>,
+pub(crate) struct PhaseLayout {
+    /// Phase plane height and width.
+    hq: usize,
+    wq: usize,
+    /// Flat positions computed: `out_h × wq`.
+    positions: usize,
+    /// Tap offsets, row-major over (i, j).
+    offsets: Vec<usize>,
+    /// Floats of the phase buffer (all phase planes, one spare row, margin).
+    len: usize,
 }
 
-impl PlaneLayout {
-    pub(crate) fn new(g: &ConvGeometry) -> Self {
-        let s = g.stride_w;
-        let padded = g.pad_left + g.in_w + g.pad_right;
-        let max_shift = (g.kernel_w - 1) * g.dilation_w / s;
-        let phase_len = padded.div_ceil(s).max(g.out_w + max_shift) + MAX_LANES;
-        let tap_offset = (0..g.kernel_w)
-            .map(|j| {
-                let c = j * g.dilation_w;
-                (c % s) * phase_len + c / s
-            })
+impl PhaseLayout {
+    fn new(g: &ConvGeometry) -> Self {
+        let (sh, sw) = (g.stride_h, g.stride_w);
+        let hq = (g.in_h + g.pad_top + g.pad_bottom).div_ceil(sh);
+        let wq = (g.in_w + g.pad_left + g.pad_right).div_ceil(sw);
+        let plane = hq * wq;
+        let offsets = (0..g.kernel_h)
+            .flat_map(|i| (0..g.kernel_w).map(move |j| (i * g.dilation_h, j * g.dilation_w)))
+            .map(|(di, dj)| ((di % sh) * sw + dj % sw) * plane + (di / sh) * wq + dj / sw)
             .collect();
-        PlaneLayout {
-            phase_len,
-            row_len: s * phase_len,
-            plane_len: g.in_h * s * phase_len,
-            tap_offset,
+        PhaseLayout {
+            hq,
+            wq,
+            positions: g.out_h * wq,
+            offsets,
+            len: sh * sw * plane + wq + MARGIN,
         }
+    }
+
+    /// Floats of the flat output (or flat output gradient) of one plane.
+    fn out_len(&self) -> usize {
+        self.positions + MARGIN
     }
 }
 
-/// Copies plane `xp` (`in_h × in_w`) into `buf` in the padded, phase-split layout.
-fn fill_plane(g: &ConvGeometry, l: &PlaneLayout, xp: &[f32], buf: &mut [f32]) {
-    let (s, pl, w) = (g.stride_w, g.pad_left, g.in_w);
-    for (row, dst) in xp.chunks_exact(w).zip(buf.chunks_exact_mut(l.row_len)) {
-        if s == 1 {
-            dst[..pl].fill(0.0);
-            dst[pl..pl + w].copy_from_slice(row);
-            dst[pl + w..].fill(0.0);
-            continue;
-        }
-        for (q, phase) in dst.chunks_exact_mut(l.phase_len).enumerate() {
-            for (k, v) in phase.iter_mut().enumerate() {
-                let c = q + s * k;
-                *v = if c >= pl && c - pl < w {
-                    row[c - pl]
+/// Scatters input plane `x` (`in_h × in_w`) into its zero-padded phase planes in `buf`.
+///
+/// Only the positions of input pixels are written: padding and spare positions keep the zeros
+/// `clear` wrote, so a task clears its buffer once and then refills plane after plane.
+#[inline(always)]
+fn fill_phases<S: SimdF32>(
+    g: &ConvGeometry,
+    l: &PhaseLayout,
+    x: &[f32],
+    buf: &mut [f32],
+    clear: bool,
+) {
+    let (sh, sw, plane) = (g.stride_h, g.stride_w, l.hq * l.wq);
+    if clear {
+        buf[..l.len].fill(0.0);
+    }
+    let (pl, w) = (g.pad_left, g.in_w);
+    for (r, row) in x.chunks_exact(w).enumerate() {
+        let pr = r + g.pad_top;
+        let row_base = (pr % sh) * sw * plane + (pr / sh) * l.wq;
+        match sw {
+            1 => {
+                let at = row_base + pl;
+                copy_row::<S>(&mut buf[at..at + w], row);
+            }
+            2 => {
+                // Even source columns land in phase pl % 2 at column ⌊pl/2⌋, odd ones in the
+                // other phase at column ⌈pl/2⌉; the two phase planes are disjoint.
+                let at_e = row_base + (pl % 2) * plane + pl / 2;
+                let at_o = row_base + (1 - pl % 2) * plane + pl.div_ceil(2);
+                let (ne, no) = (w.div_ceil(2), w / 2);
+                let split = at_e.max(at_o);
+                let (head, tail) = buf.split_at_mut(split);
+                let (even, odd) = if at_e < at_o {
+                    (&mut head[at_e..at_e + ne], &mut tail[..no])
                 } else {
-                    0.0
+                    (&mut tail[..ne], &mut head[at_o..at_o + no])
                 };
+                elementwise::deinterleave2(S::ISA, row, even, odd);
+            }
+            _ => {
+                for b in 0..sw {
+                    // Columns c with (c + pl) mod sw = b, at phase column (c + pl) / sw.
+                    let c0 = (b + sw - pl % sw) % sw;
+                    if c0 >= w {
+                        continue;
+                    }
+                    let at = row_base + b * plane + (c0 + pl) / sw;
+                    let count = (w - c0).div_ceil(sw);
+                    let (dst, src) = (&mut buf[at..at + count], &row[c0..]);
+                    for (k, d) in dst.iter_mut().enumerate() {
+                        *d = src[k * sw];
+                    }
+                }
             }
         }
     }
 }
 
-/// Adds the padded, phase-split accumulator `buf` back into plane `gxp` (overwriting it).
-fn fold_plane(g: &ConvGeometry, l: &PlaneLayout, buf: &[f32], gxp: &mut [f32]) {
-    let (s, pl, w) = (g.stride_w, g.pad_left, g.in_w);
-    for (dst, src) in gxp.chunks_exact_mut(w).zip(buf.chunks_exact(l.row_len)) {
-        if s == 1 {
-            dst.copy_from_slice(&src[pl..pl + w]);
-            continue;
+/// Copies a short row with vector loads and stores (a `memcpy` call per 14-float row costs
+/// more than the copy itself).
+#[inline(always)]
+fn copy_row<S: SimdF32>(dst: &mut [f32], src: &[f32]) {
+    let n = dst.len().min(src.len());
+    let (l, d, s) = (S::LANES, dst.as_mut_ptr(), src.as_ptr());
+    let mut i = 0;
+    // SAFETY: i + l <= n for full vectors; the tail moves exactly n − i elements.
+    unsafe {
+        while i + l <= n {
+            S::load(s.add(i)).store(d.add(i));
+            i += l;
         }
-        for (iw, v) in dst.iter_mut().enumerate() {
-            let c = iw + pl;
-            *v = src[(c % s) * l.phase_len + c / s];
+        if i < n {
+            S::load_partial(s.add(i), n - i).store_partial(d.add(i), n - i);
         }
     }
 }
 
-/// Forward pass: `y = depthwise(x, w) + bias`.
+/// Forward pass.
 pub fn forward(
     exec: Exec,
     g: &ConvGeometry,
@@ -105,31 +163,27 @@ pub fn forward(
     y: &mut [f32],
     ws: &mut Workspace,
 ) -> Result<()> {
-    let layout = PlaneLayout::new(g);
+    let l = PhaseLayout::new(g);
     let items = g.batch * g.in_channels;
     let tasks = exec.threads().min(items);
-    let scratch = ws.take(layout.plane_len * tasks)?;
+    let per_task = l.len + l.out_len();
+    let scratch = ws.take(per_task * tasks)?;
     let out_item = g.depth_multiplier() * g.out_pixels();
-    for_each_task(
-        tasks,
-        y,
-        out_item,
-        scratch,
-        layout.plane_len,
-        |planes, yc, buf| forward_planes(exec.isa(), g, &layout, x, w, bias, planes, yc, buf),
-    );
+    for_each_task(tasks, y, out_item, scratch, per_task, |planes, yc, buf| {
+        forward_planes(exec.isa(), g, &l, x, w, bias, planes, yc, buf)
+    });
     Ok(())
 }
 
 crate::simd_dispatch!(fn forward_planes => forward_planes_kernel(
-    g: &ConvGeometry, layout: &PlaneLayout, x: &[f32], w: &[f32], bias: Option<&[f32]>,
+    g: &ConvGeometry, l: &PhaseLayout, x: &[f32], w: &[f32], bias: Option<&[f32]>,
     planes: Range<usize>, y: &mut [f32], buf: &mut [f32]
 ));
 
 #[inline(always)]
 unsafe fn forward_planes_kernel<S: SimdF32>(
     g: &ConvGeometry,
-    layout: &PlaneLayout,
+    l: &PhaseLayout,
     x: &[f32],
     w: &[f32],
     bias: Option<&[f32]>,
@@ -137,176 +191,134 @@ unsafe fn forward_planes_kernel<S: SimdF32>(
     y: &mut [f32],
     buf: &mut [f32],
 ) {
-    let (hw, ohw, ow_n) = (g.in_pixels(), g.out_pixels(), g.out_w);
+    let (hw, ohw) = (g.in_pixels(), g.out_pixels());
     let (mult, taps) = (g.depth_multiplier(), g.kernel_h * g.kernel_w);
-    let buf = &mut buf[..layout.plane_len];
+    let (xbuf, obuf) = buf.split_at_mut(l.len);
     for (local, item) in planes.enumerate() {
-        fill_plane(g, layout, &x[item * hw..(item + 1) * hw], buf);
+        fill_phases::<S>(g, l, &x[item * hw..(item + 1) * hw], xbuf, local == 0);
         let m = item % g.in_channels;
         for k in 0..mult {
             let co = m * mult + k;
-            let wk = &w[co * taps..(co + 1) * taps];
             let b = bias.map_or(0.0, |b| b[co]);
+            // SAFETY: reads stop below positions + max offset + BLOCK·LANES <= l.len (the
+            // largest offset lands inside the last phase plane, which has a spare row and the
+            // margin after it); writes stop below positions + BLOCK·LANES <= out_len.
+            unsafe {
+                correlate::<S>(
+                    xbuf,
+                    &l.offsets,
+                    &w[co * taps..(co + 1) * taps],
+                    b,
+                    l.positions,
+                    obuf,
+                    false,
+                )
+            };
             let yp = &mut y[(local * mult + k) * ohw..(local * mult + k + 1) * ohw];
-            for (oh, out) in yp.chunks_exact_mut(ow_n).enumerate() {
-                let rows = g.valid_kernel_rows(oh);
-                let row0 = (oh * g.stride_h + rows.start * g.dilation_h).wrapping_sub(g.pad_top);
-                // SAFETY: rows are valid input rows; `layout` guarantees every tap offset plus
-                // out_w plus a full vector stays inside a row.
-                unsafe { forward_row::<S>(g, layout, buf, rows, row0, wk, b, out) };
+            for (oh, row) in yp.chunks_exact_mut(g.out_w).enumerate() {
+                copy_row::<S>(row, &obuf[oh * l.wq..oh * l.wq + g.out_w]);
             }
         }
     }
 }
 
-/// One output row: every vector of outputs accumulates all valid taps in registers.
+/// `out[o] (+)= bias + Σ_t w[t] · src[o + off[t]]` for `o` in `0..positions` (rounded up to
+/// whole blocks; callers' buffers have the margin).
 #[inline(always)]
-unsafe fn forward_row<S: SimdF32>(
-    g: &ConvGeometry,
-    layout: &PlaneLayout,
-    buf: &[f32],
-    rows: Range<usize>,
-    row0: usize,
-    wk: &[f32],
+unsafe fn correlate<S: SimdF32>(
+    src: &[f32],
+    offsets: &[usize],
+    w: &[f32],
     bias: f32,
+    positions: usize,
     out: &mut [f32],
+    accumulate: bool,
+) {
+    debug_assert_eq!(offsets.len(), w.len());
+    if let (Ok(off), Ok(wt)) = (<&[usize; 9]>::try_from(offsets), <&[f32; 9]>::try_from(w)) {
+        // 3×3: a fixed tap count unrolls fully and keeps the weights in registers.
+        unsafe { correlate_fixed::<S, 9>(src, off, wt, bias, positions, out, accumulate) }
+    } else {
+        unsafe { correlate_any::<S>(src, offsets, w, bias, positions, out, accumulate) }
+    }
+}
+
+#[inline(always)]
+unsafe fn correlate_fixed<S: SimdF32, const T: usize>(
+    src: &[f32],
+    off: &[usize; T],
+    w: &[f32; T],
+    bias: f32,
+    positions: usize,
+    out: &mut [f32],
+    accumulate: bool,
 ) {
     let l = S::LANES;
-    let kw = g.kernel_w;
-    let n = out.len();
-    let base = buf.as_ptr();
-    let dst = out.as_mut_ptr();
-    let mut ow = 0;
+    let (sp, op) = (src.as_ptr(), out.as_mut_ptr());
+    let mut o = 0;
     unsafe {
-        while ow + 2 * l <= n {
-            let (mut a0, mut a1) = (S::splat(bias), S::splat(bias));
-            for (r, i) in rows.clone().enumerate() {
-                let rp = base.add((row0 + r * g.dilation_h) * layout.row_len + ow);
-                for j in 0..kw {
-                    let wv = S::splat(*wk.get_unchecked(i * kw + j));
-                    let p = rp.add(*layout.tap_offset.get_unchecked(j));
-                    a0 = S::mul_add(wv, S::load(p), a0);
-                    a1 = S::mul_add(wv, S::load(p.add(l)), a1);
+        let wv: [S; T] = std::array::from_fn(|t| S::splat(w[t]));
+        let b = S::splat(bias);
+        while o < positions {
+            let mut acc = [b; BLOCK];
+            if accumulate {
+                for (q, a) in acc.iter_mut().enumerate() {
+                    *a = S::load(op.add(o + q * l));
                 }
             }
-            a0.store(dst.add(ow));
-            a1.store(dst.add(ow + l));
-            ow += 2 * l;
-        }
-        while ow < n {
-            let mut a0 = S::splat(bias);
-            for (r, i) in rows.clone().enumerate() {
-                let rp = base.add((row0 + r * g.dilation_h) * layout.row_len + ow);
-                for j in 0..kw {
-                    let wv = S::splat(*wk.get_unchecked(i * kw + j));
-                    a0 = S::mul_add(wv, S::load(rp.add(*layout.tap_offset.get_unchecked(j))), a0);
+            for t in 0..T {
+                let p = sp.add(o + off[t]);
+                for (q, a) in acc.iter_mut().enumerate() {
+                    *a = S::mul_add(wv[t], S::load(p.add(q * l)), *a);
                 }
             }
-            if ow + l <= n {
-                a0.store(dst.add(ow));
-            } else {
-                a0.store_partial(dst.add(ow), n - ow);
+            for (q, a) in acc.iter().enumerate() {
+                a.store(op.add(o + q * l));
             }
-            ow += l;
+            o += BLOCK * l;
         }
     }
 }
-
-/// Grad-input: `gx = ∂L/∂x` (overwritten).
-pub fn grad_input(
-    exec: Exec,
-    g: &ConvGeometry,
-    gy: &[f32],
-    w: &[f32],
-    gx: &mut [f32],
-    ws: &mut Workspace,
-) -> Result<()> {
-    let layout = PlaneLayout::new(g);
-    let items = g.batch * g.in_channels;
-    let tasks = exec.threads().min(items);
-    let scratch = ws.take(layout.plane_len * tasks)?;
-    for_each_task(
-        tasks,
-        gx,
-        g.in_pixels(),
-        scratch,
-        layout.plane_len,
-        |planes, gxc, buf| grad_input_planes(exec.isa(), g, &layout, gy, w, planes, gxc, buf),
-    );
-    Ok(())
-}
-
-crate::simd_dispatch!(fn grad_input_planes => grad_input_planes_kernel(
-    g: &ConvGeometry, layout: &PlaneLayout, gy: &[f32], w: &[f32],
-    planes: Range<usize>, gx: &mut [f32], buf: &mut [f32]
-));
 
 #[inline(always)]
-unsafe fn grad_input_planes_kernel<S: SimdF32>(
-    g: &ConvGeometry,
-    layout: &PlaneLayout,
-    gy: &[f32],
+unsafe fn correlate_any<S: SimdF32>(
+    src: &[f32],
+    offsets: &[usize],
     w: &[f32],
-    planes: Range<usize>,
-    gx: &mut [f32],
-    buf: &mut [f32],
+    bias: f32,
+    positions: usize,
+    out: &mut [f32],
+    accumulate: bool,
 ) {
-    let (hw, ohw, ow_n) = (g.in_pixels(), g.out_pixels(), g.out_w);
-    let (mult, taps, kw, l) = (
-        g.depth_multiplier(),
-        g.kernel_h * g.kernel_w,
-        g.kernel_w,
-        S::LANES,
-    );
-    let buf = &mut buf[..layout.plane_len];
-    for (local, item) in planes.enumerate() {
-        buf.fill(0.0);
-        let m = item % g.in_channels;
-        let acc = buf.as_mut_ptr();
-        for k in 0..mult {
-            let co = m * mult + k;
-            let wk = &w[co * taps..(co + 1) * taps];
-            // Output plane (n, co): n = item / in_channels, and channel index n·M·K + co.
-            let out_plane = (item / g.in_channels) * g.out_channels + co;
-            let gyp = &gy[out_plane * ohw..(out_plane + 1) * ohw];
-            for (oh, gyr) in gyp.chunks_exact(ow_n).enumerate() {
-                let rows = g.valid_kernel_rows(oh);
-                let row0 = (oh * g.stride_h + rows.start * g.dilation_h).wrapping_sub(g.pad_top);
-                let mut ow = 0;
-                while ow < ow_n {
-                    let rem = (ow_n - ow).min(l);
-                    // SAFETY: as in forward_row; partial loads/stores keep lanes past the row
-                    // end untouched so non-finite weights cannot leak into neighbouring pixels.
-                    unsafe {
-                        let gv = if rem == l {
-                            S::load(gyr.as_ptr().add(ow))
-                        } else {
-                            S::load_partial(gyr.as_ptr().add(ow), rem)
-                        };
-                        for (r, i) in rows.clone().enumerate() {
-                            let rp = acc.add((row0 + r * g.dilation_h) * layout.row_len + ow);
-                            for j in 0..kw {
-                                let wv = S::splat(*wk.get_unchecked(i * kw + j));
-                                let p = rp.add(*layout.tap_offset.get_unchecked(j));
-                                if rem == l {
-                                    S::mul_add(wv, gv, S::load(p)).store(p);
-                                } else {
-                                    S::mul_add(wv, gv, S::load_partial(p, rem))
-                                        .store_partial(p, rem);
-                                }
-                            }
-                        }
-                    }
-                    ow += l;
+    let l = S::LANES;
+    let (sp, op) = (src.as_ptr(), out.as_mut_ptr());
+    let mut o = 0;
+    unsafe {
+        let b = S::splat(bias);
+        while o < positions {
+            let mut acc = [b; BLOCK];
+            if accumulate {
+                for (q, a) in acc.iter_mut().enumerate() {
+                    *a = S::load(op.add(o + q * l));
                 }
             }
+            for (&off, &wt) in offsets.iter().zip(w) {
+                let wv = S::splat(wt);
+                let p = sp.add(o + off);
+                for (q, a) in acc.iter_mut().enumerate() {
+                    *a = S::mul_add(wv, S::load(p.add(q * l)), *a);
+                }
+            }
+            for (q, a) in acc.iter().enumerate() {
+                a.store(op.add(o + q * l));
+            }
+            o += BLOCK * l;
         }
-        fold_plane(g, layout, buf, &mut gx[local * hw..(local + 1) * hw]);
     }
 }
 
-/// Grad-weight: `gw = ∂L/∂w` (overwritten). Parallel over channels; each channel's taps
-/// accumulate over all images in vector registers.
+/// Grad-weight: per channel, every tap's dot product of the flat output gradient (zeros in the
+/// wasted columns) with the shifted phase buffer, accumulated over the batch.
 pub fn grad_weight(
     exec: Exec,
     g: &ConvGeometry,
@@ -315,10 +327,10 @@ pub fn grad_weight(
     gw: &mut [f32],
     ws: &mut Workspace,
 ) -> Result<()> {
-    let layout = PlaneLayout::new(g);
+    let l = PhaseLayout::new(g);
     let items = g.in_channels;
     let tasks = exec.threads().min(items);
-    let per_task = layout.plane_len * g.batch;
+    let per_task = l.len + l.out_len();
     let scratch = ws.take(per_task * tasks)?;
     let out_item = g.depth_multiplier() * g.kernel_h * g.kernel_w;
     for_each_task(
@@ -327,86 +339,274 @@ pub fn grad_weight(
         out_item,
         scratch,
         per_task,
-        |channels, gwc, buf| {
-            grad_weight_channels(exec.isa(), g, &layout, x, gy, channels, gwc, buf)
-        },
+        |channels, gwc, buf| grad_weight_channels(exec.isa(), g, &l, x, gy, channels, gwc, buf),
     );
     Ok(())
 }
 
 crate::simd_dispatch!(fn grad_weight_channels => grad_weight_channels_kernel(
-    g: &ConvGeometry, layout: &PlaneLayout, x: &[f32], gy: &[f32],
+    g: &ConvGeometry, l: &PhaseLayout, x: &[f32], gy: &[f32],
     channels: Range<usize>, gw: &mut [f32], buf: &mut [f32]
 ));
 
-/// Taps accumulated at once per kernel row (vector registers); wider kernels loop.
-const TAP_BLOCK: usize = 8;
+/// Taps accumulated at once (vector registers); larger kernels take several passes.
+const TAP_BLOCK: usize = 9;
+
+/// `Σ_o gy[o] · x[o + off[t]]` for each of the T taps, over `0..positions` (whole vectors).
+#[inline(always)]
+unsafe fn dot_taps<S: SimdF32, const T: usize>(
+    x: &[f32],
+    gy: &[f32],
+    off: &[usize; T],
+    positions: usize,
+) -> [f32; T] {
+    let (xp, gp, l) = (x.as_ptr(), gy.as_ptr(), S::LANES);
+    unsafe {
+        let mut acc = [S::zero(); T];
+        let mut o = 0;
+        while o < positions {
+            let gv = S::load(gp.add(o));
+            for t in 0..T {
+                acc[t] = S::mul_add(gv, S::load(xp.add(o + off[t])), acc[t]);
+            }
+            o += l;
+        }
+        acc.map(|a| a.reduce_sum())
+    }
+}
 
 #[inline(always)]
 unsafe fn grad_weight_channels_kernel<S: SimdF32>(
     g: &ConvGeometry,
-    layout: &PlaneLayout,
+    l: &PhaseLayout,
     x: &[f32],
     gy: &[f32],
     channels: Range<usize>,
     gw: &mut [f32],
     buf: &mut [f32],
 ) {
-    let (hw, ohw, ow_n) = (g.in_pixels(), g.out_pixels(), g.out_w);
-    let (mult, kh, kw, l) = (g.depth_multiplier(), g.kernel_h, g.kernel_w, S::LANES);
-    let pl = layout.plane_len;
+    let (hw, ohw) = (g.in_pixels(), g.out_pixels());
+    let (mult, taps) = (g.depth_multiplier(), g.kernel_h * g.kernel_w);
+    let (xbuf, gbuf) = buf.split_at_mut(l.len);
+    // The flat gradient: `positions` entries (zeros past out_w in each row, never written) and
+    // a zero margin so whole vectors can be read.
+    gbuf[..l.out_len()].fill(0.0);
+    let mut acc64 = [0f64; TAP_BLOCK];
+    let mut first = true;
     for (local, m) in channels.enumerate() {
-        for n in 0..g.batch {
-            let plane = n * g.in_channels + m;
-            fill_plane(
-                g,
-                layout,
-                &x[plane * hw..(plane + 1) * hw],
-                &mut buf[n * pl..(n + 1) * pl],
-            );
-        }
         for k in 0..mult {
-            let co = m * mult + k;
-            let gwk = &mut gw[(local * mult + k) * kh * kw..(local * mult + k + 1) * kh * kw];
-            for i in 0..kh {
-                for j0 in (0..kw).step_by(TAP_BLOCK) {
-                    let jn = TAP_BLOCK.min(kw - j0);
-                    // SAFETY: as in forward_row; the tail uses partial loads so lanes past the
-                    // row end contribute exactly zero.
+            for t0 in (0..taps).step_by(TAP_BLOCK) {
+                let tn = TAP_BLOCK.min(taps - t0);
+                acc64[..tn].fill(0.0);
+                for n in 0..g.batch {
+                    // Refilled per tap block: kernels beyond 3×3 reread x, the common case does not.
+                    let plane = n * g.in_channels + m;
+                    fill_phases::<S>(g, l, &x[plane * hw..(plane + 1) * hw], xbuf, first);
+                    first = false;
+                    let op = n * g.out_channels + m * mult + k;
+                    for (oh, row) in gy[op * ohw..(op + 1) * ohw]
+                        .chunks_exact(g.out_w)
+                        .enumerate()
+                    {
+                        copy_row::<S>(&mut gbuf[oh * l.wq..oh * l.wq + g.out_w], row);
+                    }
+                    // SAFETY: reads stay below positions + max offset + LANES <= l.len in xbuf
+                    // and below out_len in gbuf.
+                    let offsets = &l.offsets[t0..t0 + tn];
                     let sums = unsafe {
-                        let mut acc = [S::zero(); TAP_BLOCK];
-                        for n in 0..g.batch {
-                            let xb = buf.as_ptr().add(n * pl);
-                            let out_plane = n * g.out_channels + co;
-                            let gyp = &gy[out_plane * ohw..(out_plane + 1) * ohw];
-                            for oh in g.valid_out_rows(i) {
-                                let ih = oh * g.stride_h + i * g.dilation_h - g.pad_top;
-                                let rp = xb.add(ih * layout.row_len);
-                                let gyr = gyp.as_ptr().add(oh * ow_n);
-                                let mut ow = 0;
-                                while ow + l <= ow_n {
-                                    let gv = S::load(gyr.add(ow));
-                                    for (jj, a) in acc.iter_mut().enumerate().take(jn) {
-                                        let p =
-                                            rp.add(*layout.tap_offset.get_unchecked(j0 + jj) + ow);
-                                        *a = S::mul_add(gv, S::load(p), *a);
-                                    }
-                                    ow += l;
-                                }
-                                if ow < ow_n {
-                                    let rem = ow_n - ow;
-                                    let gv = S::load_partial(gyr.add(ow), rem);
-                                    for (jj, a) in acc.iter_mut().enumerate().take(jn) {
-                                        let p =
-                                            rp.add(*layout.tap_offset.get_unchecked(j0 + jj) + ow);
-                                        *a = S::mul_add(gv, S::load_partial(p, rem), *a);
-                                    }
-                                }
-                            }
+                        if let Ok(off) = <&[usize; TAP_BLOCK]>::try_from(offsets) {
+                            // Full block (all of a 3×3 kernel): fixed count, unrolled.
+                            dot_taps::<S, TAP_BLOCK>(xbuf, gbuf, off, l.positions)
+                        } else {
+                            let mut off = [0usize; TAP_BLOCK];
+                            off[..tn].copy_from_slice(offsets);
+                            // Unused taps read offset 0 and are discarded below.
+                            dot_taps::<S, TAP_BLOCK>(xbuf, gbuf, &off, l.positions)
                         }
-                        acc.map(|a| a.reduce_sum())
                     };
-                    gwk[i * kw + j0..i * kw + j0 + jn].copy_from_slice(&sums[..jn]);
+                    for t in 0..tn {
+                        acc64[t] += sums[t] as f64;
+                    }
+                }
+                let at = (local * mult + k) * taps + t0;
+                for (o, a) in gw[at..at + tn].iter_mut().zip(&acc64) {
+                    *o = *a as f32;
+                }
+            }
+        }
+    }
+}
+
+/// The grad-input layout: the zero-padded output gradient and, per input phase, its taps.
+#[derive(Clone, Debug)]
+pub(crate) struct GradInputLayout {
+    /// Rows and columns of zeros before the output gradient in its padded plane.
+    qh: usize,
+    qw: usize,
+    /// Row stride of the padded output gradient (and of each phase's flat result).
+    wg: usize,
+    /// Floats of one padded output-gradient plane (with spare row and margin).
+    gy_len: usize,
+    /// Flat positions per phase: (phase plane height) × `wg`.
+    positions: usize,
+    /// Per phase (a, b): the taps (indices into the kernel) and their offsets.
+    phases: Vec<(usize, usize, Vec<usize>, Vec<usize>)>,
+}
+
+impl GradInputLayout {
+    fn new(g: &ConvGeometry) -> Self {
+        let (sh, sw) = (g.stride_h, g.stride_w);
+        let qh = (g.kernel_h - 1) * g.dilation_h / sh;
+        let qw = (g.kernel_w - 1) * g.dilation_w / sw;
+        let hq = (g.in_h + g.pad_top + g.pad_bottom).div_ceil(sh);
+        let wq = (g.in_w + g.pad_left + g.pad_right).div_ceil(sw);
+        // Wide and tall enough for every phase position plus the largest shift.
+        let wg = (wq + qw).max(g.out_w + qw);
+        let hg = (hq + qh).max(g.out_h + qh);
+        let mut phases = Vec::new();
+        for a in 0..sh {
+            for b in 0..sw {
+                let mut taps = Vec::new();
+                let mut offsets = Vec::new();
+                for i in 0..g.kernel_h {
+                    for j in 0..g.kernel_w {
+                        let (di, dj) = (i * g.dilation_h, j * g.dilation_w);
+                        if di % sh == a && dj % sw == b {
+                            taps.push(i * g.kernel_w + j);
+                            offsets.push((qh - di / sh) * wg + (qw - dj / sw));
+                        }
+                    }
+                }
+                phases.push((a, b, taps, offsets));
+            }
+        }
+        GradInputLayout {
+            qh,
+            qw,
+            wg,
+            gy_len: (hg + 1) * wg + MARGIN,
+            positions: hq * wg,
+            phases,
+        }
+    }
+
+    fn out_len(&self) -> usize {
+        self.positions + MARGIN
+    }
+}
+
+/// Grad-input: per input channel, each phase of the input gradient is a correlation of the
+/// padded output gradients (all K of the channel) with that phase's taps.
+pub fn grad_input(
+    exec: Exec,
+    g: &ConvGeometry,
+    gy: &[f32],
+    w: &[f32],
+    gx: &mut [f32],
+    ws: &mut Workspace,
+) -> Result<()> {
+    let l = GradInputLayout::new(g);
+    let items = g.batch * g.in_channels;
+    let tasks = exec.threads().min(items);
+    let per_task =
+        l.gy_len * g.depth_multiplier() + l.out_len() * l.phases.len() + g.kernel_h * g.kernel_w;
+    let scratch = ws.take(per_task * tasks)?;
+    for_each_task(
+        tasks,
+        gx,
+        g.in_pixels(),
+        scratch,
+        per_task,
+        |planes, gxc, buf| grad_input_planes(exec.isa(), g, &l, gy, w, planes, gxc, buf),
+    );
+    Ok(())
+}
+
+crate::simd_dispatch!(fn grad_input_planes => grad_input_planes_kernel(
+    g: &ConvGeometry, l: &GradInputLayout, gy: &[f32], w: &[f32],
+    planes: Range<usize>, gx: &mut [f32], buf: &mut [f32]
+));
+
+#[inline(always)]
+unsafe fn grad_input_planes_kernel<S: SimdF32>(
+    g: &ConvGeometry,
+    l: &GradInputLayout,
+    gy: &[f32],
+    w: &[f32],
+    planes: Range<usize>,
+    gx: &mut [f32],
+    buf: &mut [f32],
+) {
+    let (hw, ohw) = (g.in_pixels(), g.out_pixels());
+    let (mult, taps) = (g.depth_multiplier(), g.kernel_h * g.kernel_w);
+    let (gbufs, rest) = buf.split_at_mut(l.gy_len * mult);
+    let (obufs, wsel) = rest.split_at_mut(l.out_len() * l.phases.len());
+    // Only the output-gradient interior is rewritten per plane; the zero border stays.
+    gbufs.fill(0.0);
+    for (local, item) in planes.enumerate() {
+        let (n, m) = (item / g.in_channels, item % g.in_channels);
+        for (k, gb) in gbufs.chunks_exact_mut(l.gy_len).enumerate() {
+            let plane = n * g.out_channels + m * mult + k;
+            for (oh, row) in gy[plane * ohw..(plane + 1) * ohw]
+                .chunks_exact(g.out_w)
+                .enumerate()
+            {
+                let at = (oh + l.qh) * l.wg + l.qw;
+                copy_row::<S>(&mut gb[at..at + g.out_w], row);
+            }
+        }
+        for ((_, _, tap_ids, offsets), obuf) in
+            l.phases.iter().zip(obufs.chunks_exact_mut(l.out_len()))
+        {
+            if tap_ids.is_empty() {
+                // No tap reaches this phase: those input pixels get no gradient.
+                obuf[..l.positions].fill(0.0);
+                continue;
+            }
+            for k in 0..mult {
+                let co = m * mult + k;
+                let wsel = &mut wsel[..tap_ids.len()];
+                for (d, &t) in wsel.iter_mut().zip(tap_ids) {
+                    *d = w[co * taps + t];
+                }
+                let gb = &gbufs[k * l.gy_len..(k + 1) * l.gy_len];
+                // SAFETY: positions + max offset + BLOCK·LANES <= (hq + qh + 1)·wg + MARGIN
+                // <= gy_len; writes stay below out_len.
+                unsafe { correlate::<S>(gb, offsets, wsel, 0.0, l.positions, obuf, k > 0) };
+            }
+        }
+        gather_phases::<S>(g, l, obufs, &mut gx[local * hw..(local + 1) * hw]);
+    }
+}
+
+/// Assembles the input-gradient plane from its phases (each flat with row stride `wg`):
+/// input pixel (ih, iw) is pixel ((ih + pt) / sh, (iw + pl) / sw) of phase
+/// ((ih + pt) mod sh, (iw + pl) mod sw).
+#[inline(always)]
+fn gather_phases<S: SimdF32>(
+    g: &ConvGeometry,
+    l: &GradInputLayout,
+    phases: &[f32],
+    gxp: &mut [f32],
+) {
+    let (sh, sw, pl, stride) = (g.stride_h, g.stride_w, g.pad_left, l.out_len());
+    for (ih, row) in gxp.chunks_exact_mut(g.in_w).enumerate() {
+        let pr = ih + g.pad_top;
+        let (a, r) = (pr % sh, pr / sh);
+        let phase = |b: usize| &phases[(a * sw + b) * stride + r * l.wg..(a * sw + b + 1) * stride];
+        match sw {
+            1 => copy_row::<S>(row, &phase(0)[pl..pl + g.in_w]),
+            2 => {
+                // Even input columns come from phase pl % 2, odd ones from the other.
+                let (be, bo) = (pl % 2, 1 - pl % 2);
+                let even = &phase(be)[pl / 2..];
+                let odd = &phase(bo)[pl.div_ceil(2)..];
+                elementwise::interleave2(S::ISA, even, odd, row);
+            }
+            _ => {
+                for (iw, d) in row.iter_mut().enumerate() {
+                    let pc = iw + pl;
+                    *d = phase(pc % sw)[pc / sw];
                 }
             }
         }

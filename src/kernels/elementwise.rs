@@ -315,3 +315,114 @@ unsafe fn maxpool2x2_backward_kernel<S: SimdF32>(gy: &[f32], arg: &[u8], w: usiz
         }
     }
 }
+
+/// Splits `src` into its even-indexed elements (`even[k] = src[2k]`) and odd-indexed ones
+/// (`odd[k] = src[2k + 1]`); `even` and `odd` must hold ⌈n/2⌉ and ⌊n/2⌋ elements.
+pub fn deinterleave2(isa: Isa, src: &[f32], even: &mut [f32], odd: &mut [f32]) {
+    assert!(even.len() == src.len().div_ceil(2) && odd.len() == src.len() / 2);
+    #[cfg(target_arch = "x86_64")]
+    if isa == Isa::Avx512 {
+        // SAFETY: `isa` is supported (checked by `Exec`); lengths checked above.
+        unsafe { deinterleave2_avx512(src, even, odd) };
+        return;
+    }
+    let _ = isa;
+    for (k, e) in even.iter_mut().enumerate() {
+        *e = src[2 * k];
+    }
+    for (k, o) in odd.iter_mut().enumerate() {
+        *o = src[2 * k + 1];
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn deinterleave2_avx512(src: &[f32], even: &mut [f32], odd: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let ie = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    let io = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+    let mask = |n: usize| -> u16 {
+        if n >= 16 {
+            u16::MAX
+        } else {
+            ((1u32 << n) - 1) as u16
+        }
+    };
+    let n = src.len();
+    let mut k = 0;
+    while 2 * k < n {
+        let rest = n - 2 * k;
+        // SAFETY: masks limit loads to src[2k .. n] and stores to even[k ..], odd[k ..] within
+        // their lengths (⌈n/2⌉ and ⌊n/2⌋).
+        unsafe {
+            let lo = _mm512_maskz_loadu_ps(mask(rest), src.as_ptr().add(2 * k));
+            let hi =
+                _mm512_maskz_loadu_ps(mask(rest.saturating_sub(16)), src.as_ptr().add(2 * k + 16));
+            _mm512_mask_storeu_ps(
+                even.as_mut_ptr().add(k),
+                mask(rest.div_ceil(2)),
+                _mm512_permutex2var_ps(lo, ie, hi),
+            );
+            _mm512_mask_storeu_ps(
+                odd.as_mut_ptr().add(k),
+                mask(rest / 2),
+                _mm512_permutex2var_ps(lo, io, hi),
+            );
+        }
+        k += 16;
+    }
+}
+
+/// The inverse of [`deinterleave2`]: `dst[2k] = even[k]`, `dst[2k + 1] = odd[k]`, for a `dst` of
+/// `even.len() + odd.len()` elements (`even` has ⌈n/2⌉, `odd` ⌊n/2⌋).
+pub fn interleave2(isa: Isa, even: &[f32], odd: &[f32], dst: &mut [f32]) {
+    let n = dst.len();
+    assert!(even.len() >= n.div_ceil(2) && odd.len() >= n / 2);
+    #[cfg(target_arch = "x86_64")]
+    if isa == Isa::Avx512 {
+        // SAFETY: `isa` is supported (checked by `Exec`); lengths checked above.
+        unsafe { interleave2_avx512(even, odd, dst) };
+        return;
+    }
+    let _ = isa;
+    for (i, d) in dst.iter_mut().enumerate() {
+        *d = if i % 2 == 0 { even[i / 2] } else { odd[i / 2] };
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn interleave2_avx512(even: &[f32], odd: &[f32], dst: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let lo_idx = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+    let hi_idx = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+    let mask = |n: usize| -> u16 {
+        if n >= 16 {
+            u16::MAX
+        } else {
+            ((1u32 << n) - 1) as u16
+        }
+    };
+    let n = dst.len();
+    let mut k = 0;
+    while 2 * k < n {
+        let rest = n - 2 * k;
+        // SAFETY: masks limit loads to even[k .. ⌈n/2⌉], odd[k .. ⌊n/2⌋] and stores to
+        // dst[2k .. n].
+        unsafe {
+            let e = _mm512_maskz_loadu_ps(mask(rest.div_ceil(2)), even.as_ptr().add(k));
+            let o = _mm512_maskz_loadu_ps(mask(rest / 2), odd.as_ptr().add(k));
+            _mm512_mask_storeu_ps(
+                dst.as_mut_ptr().add(2 * k),
+                mask(rest),
+                _mm512_permutex2var_ps(e, lo_idx, o),
+            );
+            _mm512_mask_storeu_ps(
+                dst.as_mut_ptr().add(2 * k + 16),
+                mask(rest.saturating_sub(16)),
+                _mm512_permutex2var_ps(e, hi_idx, o),
+            );
+        }
+        k += 16;
+    }
+}

@@ -6,7 +6,9 @@
 //! - [`conv`]: standard and grouped convolution as im2col + GEMM, tiled over output pixels so
 //!   the column buffer stays in cache; a 1×1 stride-1 unpadded kernel (pointwise) skips im2col
 //!   and is a plain GEMM on the input.
-//! - [`depthwise`]: a direct SIMD kernel for groups = in-channels (any depth multiplier).
+//! - [`depthwise`]: a direct SIMD kernel for groups = in-channels (any depth multiplier, stride,
+//!   dilation): each plane is one flat correlation over its padded phase planes.
+//! - [`elementwise`]: the memory-bound kernels of the network layers (BatchNorm, ReLU, pooling).
 //! - [`gemm`]: the wrapper over faer's matrix product.
 //! - [`simd`]: instruction-set dispatch (AVX-512, AVX2, portable).
 //!
@@ -171,7 +173,7 @@ pub enum ConvAlgorithm {
 impl ConvAlgorithm {
     /// The algorithm used for `g`: chosen here and only here.
     pub fn for_geometry(g: &ConvGeometry) -> Self {
-        if g.is_depthwise() && !g.is_pointwise() {
+        if g.is_depthwise() {
             ConvAlgorithm::Depthwise
         } else if g.is_pointwise() {
             ConvAlgorithm::Pointwise

@@ -90,6 +90,8 @@ impl fmt::Display for Isa {
 pub trait SimdF32: Copy {
     /// Lanes per vector.
     const LANES: usize;
+    /// The instruction set this vector type belongs to (for kernels that call other kernels).
+    const ISA: Isa;
     /// All lanes zero.
     unsafe fn zero() -> Self;
     /// All lanes `v`.
@@ -136,7 +138,7 @@ macro_rules! partial_via_buffer {
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::SimdF32;
+    use super::{Isa, SimdF32};
     use std::arch::x86_64::*;
 
     /// AVX-512F vector.
@@ -145,6 +147,7 @@ mod x86 {
 
     impl SimdF32 for Avx512 {
         const LANES: usize = 16;
+        const ISA: Isa = Isa::Avx512;
         #[inline(always)]
         unsafe fn zero() -> Self {
             unsafe { Avx512(_mm512_setzero_ps()) }
@@ -193,6 +196,7 @@ mod x86 {
 
     impl SimdF32 for Avx2 {
         const LANES: usize = 8;
+        const ISA: Isa = Isa::Avx2;
         #[inline(always)]
         unsafe fn zero() -> Self {
             unsafe { Avx2(_mm256_setzero_ps()) }
@@ -236,6 +240,7 @@ mod x86 {
 
     impl SimdF32 for Sse2 {
         const LANES: usize = 4;
+        const ISA: Isa = Isa::Portable;
         #[inline(always)]
         unsafe fn zero() -> Self {
             unsafe { Sse2(_mm_setzero_ps()) }
@@ -283,6 +288,7 @@ pub struct Scalar(pub f32);
 
 impl SimdF32 for Scalar {
     const LANES: usize = 1;
+    const ISA: Isa = Isa::Portable;
     #[inline(always)]
     unsafe fn zero() -> Self {
         Scalar(0.0)
