@@ -339,6 +339,18 @@ impl Workload {
                     }
                 }
             }
+            Ops::Pair(pair) if pass == Pass::Forward => {
+                pair.forward_inference(
+                    exec,
+                    &self.x,
+                    &self.w1,
+                    &self.w2,
+                    bias,
+                    &mut self.y,
+                    &mut self.mid,
+                    &mut self.ws,
+                )?;
+            }
             Ops::Pair(pair) => {
                 pair.forward(
                     exec,
@@ -350,7 +362,7 @@ impl Workload {
                     &mut self.y,
                     &mut self.ws,
                 )?;
-                if pass == Pass::Train {
+                {
                     let grads = PairGrads {
                         input: Some(&mut self.gx),
                         first_weight: &mut self.gw1,

@@ -157,6 +157,45 @@ impl ConvPair {
         kernels::conv2d_forward(exec, &self.second, mid, w2, bias, y, ws)
     }
 
+    /// Forward for inference: the same result as [`ConvPair::forward`] without keeping the
+    /// intermediate. A depthwise-separable pair runs fused (the intermediate never leaves the
+    /// cache) when there are at least as many images as threads; otherwise `mid` is scratch.
+    pub fn forward_inference(
+        &self,
+        exec: Exec,
+        x: &[f32],
+        w1: &[f32],
+        w2: &[f32],
+        bias: Option<&[f32]>,
+        y: &mut [f32],
+        mid: &mut Vec<f32>,
+        ws: &mut Workspace,
+    ) -> Result<()> {
+        if kernels::fused::applies(exec, &self.first, &self.second) {
+            return kernels::fused::depthwise_pointwise_forward(
+                exec,
+                &self.first,
+                &self.second,
+                x,
+                w1,
+                w2,
+                bias,
+                y,
+                ws,
+            );
+        }
+        let len = self.first.output_len();
+        if mid.len() < len {
+            mid.try_reserve_exact(len - mid.len())
+                .map_err(|_| Error::TooLarge {
+                    what: "the intermediate activation".into(),
+                    bytes: len as u128 * 4,
+                })?;
+            mid.resize(len, 0.0);
+        }
+        self.forward(exec, x, w1, w2, bias, &mut mid[..len], y, ws)
+    }
+
     /// Backward from `gy`, given the forward's `x` and `mid`; `gmid` is scratch of `mid`'s size.
     pub fn backward(
         &self,

@@ -41,17 +41,18 @@ const MARGIN: usize = BLOCK * 16;
 pub(crate) struct PhaseLayout {
     /// Phase plane height and width.
     hq: usize,
-    wq: usize,
+    /// Phase plane width, also the row stride of the flat output.
+    pub(crate) wq: usize,
     /// Flat positions computed: `out_h × wq`.
-    positions: usize,
+    pub(crate) positions: usize,
     /// Tap offsets, row-major over (i, j).
     offsets: Vec<usize>,
     /// Floats of the phase buffer (all phase planes, one spare row, margin).
-    len: usize,
+    pub(crate) len: usize,
 }
 
 impl PhaseLayout {
-    fn new(g: &ConvGeometry) -> Self {
+    pub(crate) fn new(g: &ConvGeometry) -> Self {
         let (sh, sw) = (g.stride_h, g.stride_w);
         let hq = (g.in_h + g.pad_top + g.pad_bottom).div_ceil(sh);
         let wq = (g.in_w + g.pad_left + g.pad_right).div_ceil(sw);
@@ -70,7 +71,7 @@ impl PhaseLayout {
     }
 
     /// Floats of the flat output (or flat output gradient) of one plane.
-    fn out_len(&self) -> usize {
+    pub(crate) fn out_len(&self) -> usize {
         self.positions + MARGIN
     }
 }
@@ -80,7 +81,7 @@ impl PhaseLayout {
 /// Only the positions of input pixels are written: padding and spare positions keep the zeros
 /// `clear` wrote, so a task clears its buffer once and then refills plane after plane.
 #[inline(always)]
-fn fill_phases<S: SimdF32>(
+pub(crate) fn fill_phases<S: SimdF32>(
     g: &ConvGeometry,
     l: &PhaseLayout,
     x: &[f32],
@@ -197,27 +198,57 @@ unsafe fn forward_planes_kernel<S: SimdF32>(
     for (local, item) in planes.enumerate() {
         fill_phases::<S>(g, l, &x[item * hw..(item + 1) * hw], xbuf, local == 0);
         let m = item % g.in_channels;
-        for k in 0..mult {
-            let co = m * mult + k;
-            let b = bias.map_or(0.0, |b| b[co]);
-            // SAFETY: reads stop below positions + max offset + BLOCK·LANES <= l.len (the
-            // largest offset lands inside the last phase plane, which has a spare row and the
-            // margin after it); writes stop below positions + BLOCK·LANES <= out_len.
-            unsafe {
-                correlate::<S>(
-                    xbuf,
-                    &l.offsets,
-                    &w[co * taps..(co + 1) * taps],
-                    b,
-                    l.positions,
-                    obuf,
-                    false,
-                )
-            };
-            let yp = &mut y[(local * mult + k) * ohw..(local * mult + k + 1) * ohw];
-            for (oh, row) in yp.chunks_exact_mut(g.out_w).enumerate() {
-                copy_row::<S>(row, &obuf[oh * l.wq..oh * l.wq + g.out_w]);
-            }
+        let out = &mut y[local * mult * ohw..(local + 1) * mult * ohw];
+        // SAFETY: xbuf holds the filled phase planes of layout `l`; obuf has l.out_len().
+        unsafe {
+            channel_outputs::<S>(
+                g,
+                l,
+                &w[m * mult * taps..(m + 1) * mult * taps],
+                bias.map(|b| &b[m * mult..(m + 1) * mult]),
+                xbuf,
+                obuf,
+                out,
+            )
+        };
+    }
+}
+
+/// The K output planes of one input channel whose phase planes are in `xbuf`: dense
+/// `out_h × out_w` planes one after another in `out`. `w` holds the channel's K kernels.
+///
+/// # Safety
+/// `xbuf` must hold `l.len` floats filled by [`fill_phases`] for `g`, `obuf` at least
+/// `l.positions + MARGIN`.
+#[inline(always)]
+pub(crate) unsafe fn channel_outputs<S: SimdF32>(
+    g: &ConvGeometry,
+    l: &PhaseLayout,
+    w: &[f32],
+    bias: Option<&[f32]>,
+    xbuf: &[f32],
+    obuf: &mut [f32],
+    out: &mut [f32],
+) {
+    let (ohw, taps) = (g.out_pixels(), g.kernel_h * g.kernel_w);
+    for (k, plane) in out.chunks_exact_mut(ohw).enumerate() {
+        let b = bias.map_or(0.0, |b| b[k]);
+        // SAFETY: reads stop below positions + max offset + BLOCK·LANES <= l.len (the largest
+        // offset lands inside the last phase plane, which has a spare row and the margin after
+        // it); writes stop below positions + BLOCK·LANES <= out_len.
+        unsafe {
+            correlate::<S>(
+                xbuf,
+                &l.offsets,
+                &w[k * taps..(k + 1) * taps],
+                b,
+                l.positions,
+                obuf,
+                false,
+            )
+        };
+        for (oh, row) in plane.chunks_exact_mut(g.out_w).enumerate() {
+            copy_row::<S>(row, &obuf[oh * l.wq..oh * l.wq + g.out_w]);
         }
     }
 }

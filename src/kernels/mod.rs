@@ -8,8 +8,10 @@
 //!   and is a plain GEMM on the input.
 //! - [`depthwise`]: a direct SIMD kernel for groups = in-channels (any depth multiplier, stride,
 //!   dilation): each plane is one flat correlation over its padded phase planes.
+//! - [`fused`]: depthwise then pointwise band by band, the intermediate kept in L2.
 //! - [`elementwise`]: the memory-bound kernels of the network layers (BatchNorm, ReLU, pooling).
 //! - [`gemm`]: the wrapper over faer's matrix product.
+//! - [`pointwise`]: a register-blocked product for pointwise steps with few input channels.
 //! - [`simd`]: instruction-set dispatch (AVX-512, AVX2, portable).
 //!
 //! Every entry point takes an [`Exec`] (threads and instruction set: parallelism is an
@@ -19,7 +21,9 @@
 pub mod conv;
 pub mod depthwise;
 pub mod elementwise;
+pub mod fused;
 pub mod gemm;
+pub mod pointwise;
 pub mod reference;
 pub mod simd;
 

@@ -104,6 +104,15 @@ pub trait SimdF32: Copy {
     unsafe fn load_partial(p: *const f32, n: usize) -> Self;
     /// Stores the first `n < LANES` lanes.
     unsafe fn store_partial(self, p: *mut f32, n: usize);
+    /// Stores `LANES` values bypassing the cache (non-temporal) when `p` is aligned to the
+    /// vector size, else a normal store. Call [`SimdF32::fence`] after a run of these.
+    unsafe fn store_stream(self, p: *mut f32) {
+        unsafe { self.store(p) }
+    }
+    /// Orders earlier non-temporal stores before later stores (x86 `sfence`).
+    unsafe fn fence() {}
+    /// Hints that the cache line at `p` will be read soon.
+    unsafe fn prefetch(_p: *const f32) {}
     /// `a * b + c`.
     unsafe fn mul_add(a: Self, b: Self, c: Self) -> Self;
     /// `self + o`.
@@ -163,6 +172,24 @@ mod x86 {
         #[inline(always)]
         unsafe fn store(self, p: *mut f32) {
             unsafe { _mm512_storeu_ps(p, self.0) }
+        }
+        #[inline(always)]
+        unsafe fn store_stream(self, p: *mut f32) {
+            unsafe {
+                if (p as usize).is_multiple_of(64) {
+                    _mm512_stream_ps(p, self.0)
+                } else {
+                    _mm512_storeu_ps(p, self.0)
+                }
+            }
+        }
+        #[inline(always)]
+        unsafe fn fence() {
+            unsafe { _mm_sfence() }
+        }
+        #[inline(always)]
+        unsafe fn prefetch(p: *const f32) {
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(p as *const i8) }
         }
         #[inline(always)]
         unsafe fn load_partial(p: *const f32, n: usize) -> Self {

@@ -228,18 +228,13 @@ impl Module for SeparableConv2d {
     }
     fn forward(&mut self, ctx: &mut Ctx, batch: usize, x: &[f32], y: &mut [f32]) -> Result<()> {
         let pair = self.pair(batch)?;
-        super::resize(&mut self.mid, pair.first.output_len())?;
         let bias = self.bias.as_ref().map(|b| &b.value[..]);
-        pair.forward(
-            ctx.exec,
-            x,
-            &self.first_weight.value,
-            &self.second_weight.value,
-            bias,
-            &mut self.mid,
-            y,
-            ctx.ws,
-        )
+        let (w1, w2) = (&self.first_weight.value, &self.second_weight.value);
+        if !ctx.train {
+            return pair.forward_inference(ctx.exec, x, w1, w2, bias, y, &mut self.mid, ctx.ws);
+        }
+        super::resize(&mut self.mid, pair.first.output_len())?;
+        pair.forward(ctx.exec, x, w1, w2, bias, &mut self.mid, y, ctx.ws)
     }
     fn backward(
         &mut self,

@@ -1,0 +1,189 @@
+//! The fused depthwise-separable forward pass: depthwise then pointwise, band by band, so the
+//! intermediate activation never goes to memory.
+//!
+//! Unfused, the depthwise output (M·K channels × all pixels, 12.8 MB on reference layer B) is
+//! written to memory and read back by the pointwise GEMM. Here each image is cut into bands of
+//! output rows sized so the band's depthwise output (M·K × band pixels) stays in L2; the
+//! depthwise kernel writes it there and the pointwise GEMM consumes it at once, writing the
+//! final output rows of the band. A band's input rows include the kernel's halo.
+//!
+//! The pointwise product runs on [`super::pointwise`]'s unpacked register-blocked kernel, which
+//! streams the output past the cache (measured faster than the packed GEMM on layers B–E).
+//!
+//! Used for inference (no intermediate is kept for a backward pass) when there are at least
+//! as many images as threads; otherwise the unfused pair is parallel inside each op.
+
+use std::ops::Range;
+
+use super::depthwise::{PhaseLayout, channel_outputs, fill_phases};
+use super::pointwise::{Operands, small_k_gemm};
+use super::simd::SimdF32;
+use super::{Exec, Workspace, for_each_task};
+use crate::error::Result;
+use crate::geometry::{Conv2dParams, ConvGeometry, Padding};
+
+/// Floats of one band's depthwise output: 64K floats (256 KiB), a quarter of L2.
+const BAND_FLOATS: usize = 1 << 16;
+
+/// One band of output rows of the depthwise step, as a geometry of its own (one image, one
+/// channel), with the input rows it reads.
+#[derive(Clone, Debug)]
+pub(crate) struct Band {
+    geometry: ConvGeometry,
+    layout: PhaseLayout,
+    /// Output rows of the full depthwise output.
+    out_rows: Range<usize>,
+    /// Input rows of the full input plane.
+    in_rows: Range<usize>,
+}
+
+/// The bands of `dw`, each with `rows` output rows (the last may have fewer).
+fn bands(dw: &ConvGeometry, rows: usize) -> Result<Vec<Band>> {
+    let span_h = (dw.kernel_h - 1) * dw.dilation_h + 1;
+    let mut out = Vec::new();
+    for oh0 in (0..dw.out_h).step_by(rows) {
+        let oh1 = (oh0 + rows).min(dw.out_h);
+        // Padded input rows [pr0, pr1) feed output rows [oh0, oh1).
+        let (pr0, pr1) = (oh0 * dw.stride_h, (oh1 - 1) * dw.stride_h + span_h);
+        let (ih0, ih1) = (
+            pr0.saturating_sub(dw.pad_top).min(dw.in_h),
+            pr1.saturating_sub(dw.pad_top).min(dw.in_h),
+        );
+        let top = dw.pad_top.saturating_sub(pr0);
+        let bottom = (pr1 - pr0) - top - (ih1 - ih0);
+        let params = Conv2dParams {
+            stride: (dw.stride_h, dw.stride_w),
+            dilation: (dw.dilation_h, dw.dilation_w),
+            padding: Padding::Explicit {
+                top,
+                bottom,
+                left: dw.pad_left,
+                right: dw.pad_right,
+            },
+            groups: 1,
+        };
+        let geometry = ConvGeometry::new(
+            [1, 1, ih1 - ih0, dw.in_w],
+            [1, 1, dw.kernel_h, dw.kernel_w],
+            &params,
+        )?;
+        debug_assert_eq!(geometry.out_h, oh1 - oh0);
+        out.push(Band {
+            layout: PhaseLayout::new(&geometry),
+            geometry,
+            out_rows: oh0..oh1,
+            in_rows: ih0..ih1,
+        });
+    }
+    Ok(out)
+}
+
+/// Whether the fused kernel should run: a depthwise step followed by a pointwise one, with at
+/// least as many images as threads (images are the unit of parallel work).
+pub fn applies(exec: Exec, dw: &ConvGeometry, pw: &ConvGeometry) -> bool {
+    dw.is_depthwise() && pw.is_pointwise() && pw.groups == 1 && dw.batch >= exec.threads()
+}
+
+/// `y = pointwise(depthwise(x, wd), wp) + bias`, without materializing the depthwise output.
+pub fn depthwise_pointwise_forward(
+    exec: Exec,
+    dw: &ConvGeometry,
+    pw: &ConvGeometry,
+    x: &[f32],
+    wd: &[f32],
+    wp: &[f32],
+    bias: Option<&[f32]>,
+    y: &mut [f32],
+    ws: &mut Workspace,
+) -> Result<()> {
+    assert_eq!(x.len(), dw.input_len());
+    assert_eq!(wd.len(), dw.weight_len());
+    assert_eq!(wp.len(), pw.weight_len());
+    assert_eq!(y.len(), pw.output_len());
+    assert_eq!(pw.input_shape(), dw.output_shape());
+    let mk = dw.out_channels;
+    let rows = (BAND_FLOATS / (mk * dw.out_w).max(1)).clamp(1, dw.out_h);
+    let bands = bands(dw, rows)?;
+    let phase_len = bands.iter().map(|b| b.layout.len).max().unwrap_or(0);
+    let flat_len = bands.iter().map(|b| b.layout.out_len()).max().unwrap_or(0);
+    let per_task = mk * rows * dw.out_w + phase_len + flat_len;
+    let tasks = exec.threads().min(dw.batch);
+    let scratch = ws.take(per_task * tasks)?;
+    let image_out = pw.out_channels * pw.out_pixels();
+    for_each_task(tasks, y, image_out, scratch, per_task, |images, yc, buf| {
+        fused_images(exec.isa(), dw, pw, &bands, x, wd, wp, bias, images, yc, buf)
+    });
+    Ok(())
+}
+
+crate::simd_dispatch!(fn fused_images => fused_images_kernel(
+    dw: &ConvGeometry, pw: &ConvGeometry, bands: &[Band], x: &[f32], wd: &[f32], wp: &[f32],
+    bias: Option<&[f32]>, images: Range<usize>, y: &mut [f32], buf: &mut [f32]
+));
+
+#[inline(always)]
+unsafe fn fused_images_kernel<S: SimdF32>(
+    dw: &ConvGeometry,
+    pw: &ConvGeometry,
+    bands: &[Band],
+    x: &[f32],
+    wd: &[f32],
+    wp: &[f32],
+    bias: Option<&[f32]>,
+    images: Range<usize>,
+    y: &mut [f32],
+    buf: &mut [f32],
+) {
+    let (m, mult, taps) = (
+        dw.in_channels,
+        dw.depth_multiplier(),
+        dw.kernel_h * dw.kernel_w,
+    );
+    let (mk, n_out, p) = (dw.out_channels, pw.out_channels, pw.out_pixels());
+    let (hw, w_in, ow) = (dw.in_pixels(), dw.in_w, dw.out_w);
+    let max_band = bands.iter().map(|b| b.out_rows.len()).max().unwrap_or(0) * ow;
+    let (dbuf, rest) = buf.split_at_mut(mk * max_band);
+    let phase_len = bands.iter().map(|b| b.layout.len).max().unwrap_or(0);
+    let (xbuf, obuf) = rest.split_at_mut(phase_len);
+    let mut first = true;
+    for (local, img) in images.enumerate() {
+        let yi = &mut y[local * n_out * p..(local + 1) * n_out * p];
+        for band in bands {
+            let (g, l) = (&band.geometry, &band.layout);
+            let bp = band.out_rows.len() * ow;
+            for c in 0..m {
+                let plane = (img * m + c) * hw;
+                let xb = &x[plane + band.in_rows.start * w_in..plane + band.in_rows.end * w_in];
+                // Band layouts differ only in their top and bottom padding rows, so the buffer
+                // is cleared for every band's first channel.
+                fill_phases::<S>(g, l, xb, xbuf, first || c == 0);
+                first = false;
+                let d = &mut dbuf[c * mult * bp..(c + 1) * mult * bp];
+                // SAFETY: xbuf was just filled for layout `l`; obuf has the largest out_len.
+                unsafe {
+                    channel_outputs::<S>(
+                        g,
+                        l,
+                        &wd[c * mult * taps..(c + 1) * mult * taps],
+                        None,
+                        xbuf,
+                        obuf,
+                        d,
+                    )
+                };
+            }
+            let col0 = band.out_rows.start * ow;
+            let ops = Operands {
+                c: wp,
+                ldc: mk,
+                d: &dbuf[..mk * bp],
+                ldd: bp,
+                n: n_out,
+                k: mk,
+                p: bp,
+                bias,
+            };
+            small_k_gemm(S::ISA, ops, &mut yi[col0..], p, false);
+        }
+    }
+}
