@@ -40,6 +40,13 @@ pub struct Args {
     /// Also write the results as a JSON list of objects.
     #[arg(long, value_name = "FILE")]
     json: Option<PathBuf>,
+    /// Also run PyTorch on the same layers (bench/peers_torch.py) in this run and print the
+    /// time ratios against the performance targets; skipped with a message if torch is missing.
+    #[arg(long)]
+    compare_torch: bool,
+    /// The Python interpreter for --compare-torch.
+    #[arg(long, default_value = "python3", value_name = "PATH")]
+    python: String,
 }
 
 #[derive(Serialize)]
@@ -59,6 +66,10 @@ struct Row {
     mac_ratio_vs_std: Option<f64>,
     threads: usize,
     isa: String,
+    /// PyTorch's best time for the same layer, variant and pass (with --compare-torch).
+    torch_min_ms: Option<f64>,
+    /// The performance target in ms (with --compare-torch and a measured peak).
+    target_ms: Option<f64>,
 }
 
 pub fn run(exec: Exec, a: Args) -> Result<()> {
@@ -143,6 +154,8 @@ pub fn run(exec: Exec, a: Args) -> Result<()> {
                     mac_ratio_vs_std: vs_std.map(|&(_, m)| m as f64 / fwd_macs as f64),
                     threads: exec.threads(),
                     isa: exec.isa().to_string(),
+                    torch_min_ms: None,
+                    target_ms: None,
                 };
                 println!(
                     "{:<5} {:<4} {:<8} {:>14} {:>10.3} {:>10.3} {:>8.1} {:>6} {:>8} {:>9}",
@@ -164,11 +177,176 @@ pub fn run(exec: Exec, a: Args) -> Result<()> {
             }
         }
     }
+    if a.compare_torch {
+        compare_torch(&a, exec, &layers, &variants, peak, &mut rows)?;
+    }
     if let Some(path) = &a.json {
         let text =
             serde_json::to_string_pretty(&rows).map_err(|e| Error::Runtime(e.to_string()))?;
         sepconv::io::write_atomic(path, text.as_bytes())?;
         println!("wrote {}", path.display());
+    }
+    Ok(())
+}
+
+/// Where the repo's copy of the PyTorch peer script is.
+fn peers_script() -> PathBuf {
+    let shipped = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("bench/peers_torch.py");
+    if shipped.is_file() {
+        shipped
+    } else {
+        PathBuf::from("bench/peers_torch.py")
+    }
+}
+
+/// The rule: time <= max(f × PyTorch, MACs / (0.85 × peak)), with f = 1.0 for std (and
+/// for every variant of the small layer A, forward), 0.9 forward and 0.5 training otherwise.
+fn target_ms(row: &Row, torch_ms: f64, peak: Option<f64>) -> Option<f64> {
+    let f = match (row.layer.as_str(), row.variant, row.pass) {
+        ("A", _, Pass::Train) => return None,
+        ("A", _, Pass::Forward) | (_, Variant::Std, _) => 1.0,
+        (_, _, Pass::Forward) => 0.9,
+        (_, _, Pass::Train) => 0.5,
+    };
+    let floor = peak.map_or(0.0, |p| row.macs as f64 / (0.85 * p * 1e9) * 1e3);
+    Some((f * torch_ms).max(floor))
+}
+
+fn compare_torch(
+    a: &Args,
+    exec: Exec,
+    layers: &[ReferenceLayer],
+    variants: &[Variant],
+    peak: Option<f64>,
+    rows: &mut [Row],
+) -> Result<()> {
+    let script = peers_script();
+    let probe = std::process::Command::new(&a.python)
+        .args(["-c", "import torch, numpy"])
+        .output();
+    if !matches!(&probe, Ok(o) if o.status.success()) {
+        println!(
+            "--compare-torch: skipped, `{} -c 'import torch, numpy'` failed (install them, or pass --python)",
+            a.python
+        );
+        return Ok(());
+    }
+    let out = std::env::temp_dir().join(format!("sepconv-peers-{}.json", std::process::id()));
+    let configs: Vec<String> = layers.iter().map(|l| l.id.to_string()).collect();
+    let vars: Vec<String> = variants.iter().map(|v| v.to_string()).collect();
+    let mut cmd = std::process::Command::new(&a.python);
+    cmd.arg(&script)
+        .args([
+            "--json",
+            &out.to_string_lossy(),
+            "--configs",
+            &configs.join(","),
+            "--variants",
+            &vars.join(","),
+        ])
+        .args([
+            "--threads",
+            &exec.threads().to_string(),
+            "--no-ort",
+            "--no-peak",
+            "--quiet-threshold",
+            "-1",
+        ]);
+    if !a.passes.contains(&Pass::Train) {
+        cmd.arg("--no-train");
+    }
+    println!(
+        "\nRunning PyTorch on the same layers ({})…",
+        script.display()
+    );
+    let status = cmd
+        .stdout(std::process::Stdio::null())
+        .status()
+        .map_err(|e| Error::Runtime(format!("running {}: {e}", a.python)))?;
+    if !status.success() {
+        return Err(Error::Runtime(format!(
+            "{} failed ({status})",
+            script.display()
+        )));
+    }
+    let text = std::fs::read_to_string(&out)
+        .map_err(|e| Error::Runtime(format!("reading {}: {e}", out.display())))?;
+    let _ = std::fs::remove_file(&out);
+    let json: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| Error::Runtime(format!("peer results: {e}")))?;
+    // Best PyTorch time per (layer, variant, pass): forward = the better of NCHW and channels_last.
+    let mut torch: HashMap<(String, String, Pass), f64> = HashMap::new();
+    for r in json["results"].as_array().into_iter().flatten() {
+        let (Some(c), Some(v), Some(m), Some(ms)) = (
+            r["config"].as_str(),
+            r["variant"].as_str(),
+            r["mode"].as_str(),
+            r["min_ms"].as_f64(),
+        ) else {
+            continue;
+        };
+        let pass = match m {
+            "fwd" | "fwd_cl" => Pass::Forward,
+            "train" => Pass::Train,
+            _ => continue,
+        };
+        let e = torch
+            .entry((c.to_string(), v.to_string(), pass))
+            .or_insert(f64::INFINITY);
+        *e = e.min(ms);
+    }
+    println!(
+        "{:<5} {:<4} {:<8} {:>11} {:>10} {:>7} {:>10} {:>5}",
+        "layer", "var", "pass", "sepconv ms", "torch ms", "ratio", "target ms", "met"
+    );
+    let (mut met, mut total) = (0, 0);
+    for row in rows.iter_mut() {
+        let Some(&t) = torch.get(&(row.layer.clone(), row.variant.to_string(), row.pass)) else {
+            continue;
+        };
+        row.torch_min_ms = Some(t);
+        row.target_ms = target_ms(row, t, peak);
+        let ok = row.target_ms.map(|target| row.min_ms <= target);
+        if let Some(ok) = ok {
+            total += 1;
+            met += usize::from(ok);
+        }
+        println!(
+            "{:<5} {:<4} {:<8} {:>11.3} {:>10.3} {:>6.2}x {:>10} {:>5}",
+            row.layer,
+            row.variant.to_string(),
+            row.pass.to_string(),
+            row.min_ms,
+            t,
+            row.min_ms / t,
+            row.target_ms.map_or("-".into(), |x| format!("{x:.3}")),
+            ok.map_or("-", |o| if o { "yes" } else { "no" })
+        );
+    }
+    println!(
+        "{met} of {total} targets met (time <= max(f × PyTorch best, MACs / (0.85 × measured FMA peak)); f = 1.0 std and layer A, 0.9 forward, 0.5 train)."
+    );
+    // Realized speedup of ds over the faster std (sepconv's or PyTorch's) against the MAC ratio.
+    for layer in layers.iter().filter(|l| l.id != 'A') {
+        for pass in [Pass::Forward, Pass::Train] {
+            let find = |v: Variant| {
+                rows.iter()
+                    .find(|r| r.layer == layer.id.to_string() && r.variant == v && r.pass == pass)
+            };
+            let (Some(std), Some(ds)) = (find(Variant::Std), find(Variant::Ds)) else {
+                continue;
+            };
+            let best_std = std.torch_min_ms.map_or(std.min_ms, |t| t.min(std.min_ms));
+            let ratio = std.forward_macs as f64 / ds.forward_macs as f64;
+            let realized = best_std / ds.min_ms;
+            let want = if pass == Pass::Forward { 0.85 } else { 0.75 };
+            println!(
+                "{} ds {pass}: {realized:.2}x faster than the faster std, MAC ratio {ratio:.2}x → {:.0}% of the ideal (target {:.0}%)",
+                layer.id,
+                100.0 * realized / ratio,
+                100.0 * want
+            );
+        }
     }
     Ok(())
 }
