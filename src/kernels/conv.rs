@@ -22,6 +22,8 @@ use std::ops::Range;
 use rayon::prelude::*;
 
 use super::gemm::{MatView, gemm};
+use super::pointwise::{Operands, small_k_gemm};
+
 use super::{Exec, Workspace, for_each_task, task_count};
 use crate::error::Result;
 use crate::geometry::ConvGeometry;
@@ -51,6 +53,9 @@ struct Plan {
     pixels_per_tile: usize,
     /// Pointwise on whole images: GEMM straight on the input and output, no scratch.
     direct: bool,
+    /// Direct, single-threaded GEMMs: the unpacked register-blocked kernel (faster than the
+    /// packed GEMM for a pointwise layer's short inner dimension) instead of the packed GEMM.
+    unpacked: bool,
 }
 
 /// One GEMM's worth of work: `images` images from `n0`, output pixels `p0 .. p0 + len` of each.
@@ -85,6 +90,7 @@ impl Plan {
                 images_per_tile: 1,
                 pixels_per_tile,
                 direct,
+                unpacked: direct && gemm_threads == 1,
             };
         }
         let per_task = g.batch.div_ceil(tasks);
@@ -95,6 +101,7 @@ impl Plan {
             images_per_tile: per_task.div_ceil(tiles),
             pixels_per_tile: p,
             direct: false,
+            unpacked: false,
         }
     }
 
@@ -340,13 +347,36 @@ pub fn forward(
                     if plan.direct {
                         let at = (t.n0 - base) * s.img_out + grp * s.out_group;
                         let yg = &mut yc[at..at + s.out_group];
+                        let xg = s.input(x, 0, t.n0, grp);
+                        if plan.unpacked {
+                            let wgs = &w[grp * s.cog * s.k..(grp + 1) * s.cog * s.k];
+                            let ops = Operands {
+                                c: wgs,
+                                ldc: s.k,
+                                c_col: 1,
+                                d: xg,
+                                ldd: s.p,
+                                n: s.cog,
+                                k: s.cig,
+                                p: s.p,
+                                bias: bias_g,
+                            };
+                            small_k_gemm(exec.isa(), ops, yg, s.p, false);
+                            continue;
+                        }
                         if let Some(b) = bias_g {
                             for (row, &bv) in yg.chunks_exact_mut(s.p).zip(b) {
                                 row.fill(bv);
                             }
                         }
-                        let xg = MatView::dense(s.input(x, 0, t.n0, grp), s.cig, s.p);
-                        gemm(yg, s.p, wg, xg, bias.is_some(), plan.gemm_threads);
+                        gemm(
+                            yg,
+                            s.p,
+                            wg,
+                            MatView::dense(xg, s.cig, s.p),
+                            bias.is_some(),
+                            plan.gemm_threads,
+                        );
                         continue;
                     }
                     let cols = t.cols();
@@ -429,17 +459,36 @@ pub fn grad_input(
                     let wt = s.weight(w, grp).t();
                     let at = |n: usize| (n - base) * s.img_in + grp * s.in_group;
                     if plan.direct {
-                        let gyg = MatView::dense(s.output(gy, 0, t.n0, grp), s.cog, s.p);
+                        let gyg = s.output(gy, 0, t.n0, grp);
+                        let gxg = &mut gxc[at(t.n0)..at(t.n0) + s.in_group];
+                        if plan.unpacked {
+                            // C = Wᵀ: element (m, n) of the transposed weight is W[n·K + m].
+                            let wgs = &w[grp * s.cog * s.k..(grp + 1) * s.cog * s.k];
+                            let ops = Operands {
+                                c: wgs,
+                                ldc: 1,
+                                c_col: s.k,
+                                d: gyg,
+                                ldd: s.p,
+                                n: s.cig,
+                                k: s.cog,
+                                p: s.p,
+                                bias: None,
+                            };
+                            small_k_gemm(exec.isa(), ops, gxg, s.p, false);
+                            continue;
+                        }
                         gemm(
-                            &mut gxc[at(t.n0)..at(t.n0) + s.in_group],
+                            gxg,
                             s.p,
                             wt,
-                            gyg,
+                            MatView::dense(gyg, s.cog, s.p),
                             false,
                             plan.gemm_threads,
                         );
                         continue;
                     }
+
                     let cols = t.cols();
                     let gy_tile = if t.images == 1 {
                         MatView::row_major(&s.output(gy, 0, t.n0, grp)[t.p0..], s.cog, t.len, s.p)

@@ -176,6 +176,8 @@ unsafe fn fused_images_kernel<S: SimdF32>(
             let ops = Operands {
                 c: wp,
                 ldc: mk,
+                c_col: 1,
+
                 d: &dbuf[..mk * bp],
                 ldd: bp,
                 n: n_out,

@@ -19,10 +19,12 @@ const VECS: usize = 4;
 /// Views of the three matrices: row-major with the given row strides.
 #[derive(Clone, Copy, Debug)]
 pub struct Operands<'a> {
-    /// C: N × K, row stride `ldc`.
+    /// C: N × K, element (n, k) at `n·ldc + k·c_col` (a transposed weight has ldc 1).
     pub c: &'a [f32],
     /// Row stride of C.
     pub ldc: usize,
+    /// Column stride of C (1 for row-major).
+    pub c_col: usize,
     /// D: K × P, row stride `ldd`.
     pub d: &'a [f32],
     /// Row stride of D.
@@ -127,7 +129,7 @@ unsafe fn tile<S: SimdF32, const R: usize>(
                 let drow = dp.add(kk * ops.ldd + p0);
                 let dv: [S; VECS] = std::array::from_fn(|v| S::load(drow.add(v * l)));
                 for (r, row) in acc.iter_mut().enumerate() {
-                    let cv = S::splat(*cp.add((n0 + r) * ops.ldc + kk));
+                    let cv = S::splat(*cp.add((n0 + r) * ops.ldc + kk * ops.c_col));
                     for v in 0..VECS {
                         row[v] = S::mul_add(cv, dv[v], row[v]);
                     }
@@ -158,7 +160,11 @@ unsafe fn tile<S: SimdF32, const R: usize>(
                     S::load_partial(at, n)
                 };
                 for (r, a) in acc.iter_mut().enumerate() {
-                    *a = S::mul_add(S::splat(*cp.add((n0 + r) * ops.ldc + kk)), dv, *a);
+                    *a = S::mul_add(
+                        S::splat(*cp.add((n0 + r) * ops.ldc + kk * ops.c_col)),
+                        dv,
+                        *a,
+                    );
                 }
             }
             for (r, a) in acc.iter().enumerate() {
@@ -184,6 +190,39 @@ mod tests {
     use super::*;
 
     #[test]
+    fn reads_a_transposed_c() {
+        for isa in Isa::available() {
+            let (n, k, p) = (9, 5, 33);
+            let ct: Vec<f32> = (0..k * n).map(|i| i as f32 * 0.5).collect(); // k × n: C = ctᵀ
+            let d: Vec<f32> = (0..k * p).map(|i| (i % 7) as f32).collect();
+            let mut y = vec![0.0f32; n * p];
+            small_k_gemm(
+                isa,
+                Operands {
+                    c: &ct,
+                    ldc: 1,
+                    c_col: n,
+                    d: &d,
+                    ldd: p,
+                    n,
+                    k,
+                    p,
+                    bias: None,
+                },
+                &mut y,
+                p,
+                false,
+            );
+            for i in 0..n {
+                for j in 0..p {
+                    let want: f32 = (0..k).map(|kk| ct[kk * n + i] * d[kk * p + j]).sum();
+                    assert!((y[i * p + j] - want).abs() < 1e-3, "{isa} [{i},{j}]");
+                }
+            }
+        }
+    }
+
+    #[test]
     fn adds_bias_per_row() {
         for isa in Isa::available() {
             let (n, k, p) = (7, 3, 40);
@@ -196,6 +235,7 @@ mod tests {
                 Operands {
                     c: &c,
                     ldc: k,
+                    c_col: 1,
                     d: &d,
                     ldd: p,
                     n,
@@ -241,6 +281,7 @@ mod tests {
                         Operands {
                             c: &c,
                             ldc: k,
+                            c_col: 1,
                             d: &d,
                             ldd: p + 5,
                             n,
