@@ -348,8 +348,11 @@ unsafe fn correlate_any<S: SimdF32>(
     }
 }
 
-/// Grad-weight: per channel, every tap's dot product of the flat output gradient (zeros in the
-/// wasted columns) with the shifted phase buffer, accumulated over the batch.
+/// Grad-weight: every tap's dot product of the flat output gradient (zeros in the wasted
+/// columns) with the shifted phase buffer, accumulated over the batch. Work is split over
+/// output channels, so a layer with few input channels and a large depth multiplier (a first
+/// conv over a grayscale image is depthwise with multiplier = out-channels) still uses every
+/// thread; each input plane is filled once per image for all its output channels in a task.
 pub fn grad_weight(
     exec: Exec,
     g: &ConvGeometry,
@@ -359,11 +362,11 @@ pub fn grad_weight(
     ws: &mut Workspace,
 ) -> Result<()> {
     let l = PhaseLayout::new(g);
-    let items = g.in_channels;
+    let items = g.out_channels;
     let tasks = exec.threads().min(items);
     let per_task = l.len + l.out_len();
     let scratch = ws.take(per_task * tasks)?;
-    let out_item = g.depth_multiplier() * g.kernel_h * g.kernel_w;
+    let out_item = g.kernel_h * g.kernel_w;
     for_each_task(
         tasks,
         gw,
@@ -422,49 +425,52 @@ unsafe fn grad_weight_channels_kernel<S: SimdF32>(
     // The flat gradient: `positions` entries (zeros past out_w in each row, never written) and
     // a zero margin so whole vectors can be read.
     gbuf[..l.out_len()].fill(0.0);
-    let mut acc64 = [0f64; TAP_BLOCK];
+    // Per-image sums are f32 vector lanes; across images they accumulate in f64.
+    let mut acc64 = vec![0f64; channels.len() * taps];
     let mut first = true;
-    for (local, m) in channels.enumerate() {
-        for k in 0..mult {
+    for n in 0..g.batch {
+        let mut filled = usize::MAX;
+        for (local, co) in channels.clone().enumerate() {
+            let m = co / mult;
+            if m != filled {
+                let plane = n * g.in_channels + m;
+                fill_phases::<S>(g, l, &x[plane * hw..(plane + 1) * hw], xbuf, first);
+                (first, filled) = (false, m);
+            }
+            let op = n * g.out_channels + co;
+            for (oh, row) in gy[op * ohw..(op + 1) * ohw]
+                .chunks_exact(g.out_w)
+                .enumerate()
+            {
+                copy_row::<S>(&mut gbuf[oh * l.wq..oh * l.wq + g.out_w], row);
+            }
             for t0 in (0..taps).step_by(TAP_BLOCK) {
                 let tn = TAP_BLOCK.min(taps - t0);
-                acc64[..tn].fill(0.0);
-                for n in 0..g.batch {
-                    // Refilled per tap block: kernels beyond 3×3 reread x, the common case does not.
-                    let plane = n * g.in_channels + m;
-                    fill_phases::<S>(g, l, &x[plane * hw..(plane + 1) * hw], xbuf, first);
-                    first = false;
-                    let op = n * g.out_channels + m * mult + k;
-                    for (oh, row) in gy[op * ohw..(op + 1) * ohw]
-                        .chunks_exact(g.out_w)
-                        .enumerate()
-                    {
-                        copy_row::<S>(&mut gbuf[oh * l.wq..oh * l.wq + g.out_w], row);
+                let offsets = &l.offsets[t0..t0 + tn];
+                // SAFETY: reads stay below positions + max offset + LANES <= l.len in xbuf and
+                // below out_len in gbuf.
+                let sums = unsafe {
+                    if let Ok(off) = <&[usize; TAP_BLOCK]>::try_from(offsets) {
+                        // Full block (all of a 3×3 kernel): fixed count, unrolled.
+                        dot_taps::<S, TAP_BLOCK>(xbuf, gbuf, off, l.positions)
+                    } else {
+                        let mut off = [0usize; TAP_BLOCK];
+                        off[..tn].copy_from_slice(offsets);
+                        // Unused taps read offset 0 and are discarded below.
+                        dot_taps::<S, TAP_BLOCK>(xbuf, gbuf, &off, l.positions)
                     }
-                    // SAFETY: reads stay below positions + max offset + LANES <= l.len in xbuf
-                    // and below out_len in gbuf.
-                    let offsets = &l.offsets[t0..t0 + tn];
-                    let sums = unsafe {
-                        if let Ok(off) = <&[usize; TAP_BLOCK]>::try_from(offsets) {
-                            // Full block (all of a 3×3 kernel): fixed count, unrolled.
-                            dot_taps::<S, TAP_BLOCK>(xbuf, gbuf, off, l.positions)
-                        } else {
-                            let mut off = [0usize; TAP_BLOCK];
-                            off[..tn].copy_from_slice(offsets);
-                            // Unused taps read offset 0 and are discarded below.
-                            dot_taps::<S, TAP_BLOCK>(xbuf, gbuf, &off, l.positions)
-                        }
-                    };
-                    for t in 0..tn {
-                        acc64[t] += sums[t] as f64;
-                    }
-                }
-                let at = (local * mult + k) * taps + t0;
-                for (o, a) in gw[at..at + tn].iter_mut().zip(&acc64) {
-                    *o = *a as f32;
+                };
+                for (a, &v) in acc64[local * taps + t0..local * taps + t0 + tn]
+                    .iter_mut()
+                    .zip(&sums)
+                {
+                    *a += v as f64;
                 }
             }
         }
+    }
+    for (o, a) in gw.iter_mut().zip(&acc64) {
+        *o = *a as f32;
     }
 }
 
