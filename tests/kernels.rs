@@ -179,7 +179,27 @@ fn fast_equals_reference_on_larger_shapes() {
         ),
         ([7, 12, 5, 6], [9, 12, 1, 1], Conv2dParams::default()),
         ([64, 3, 14, 14], [8, 3, 3, 3], same),
+        // Winograd F(2×2, 3×3): odd and even sizes, valid, asymmetric and large padding (grad-input
+        // falls back past pad 2), the packed-GEMM path (more than 256 input channels).
+        ([3, 12, 10, 11], [9, 12, 3, 3], Conv2dParams::default()),
+        (
+            [4, 16, 9, 8],
+            [8, 16, 3, 3],
+            Conv2dParams::with_padding(Padding::Explicit {
+                top: 2,
+                bottom: 0,
+                left: 1,
+                right: 2,
+            }),
+        ),
+        (
+            [1, 10, 12, 12],
+            [12, 10, 3, 3],
+            Conv2dParams::with_padding(Padding::symmetric(3, 3)),
+        ),
+        ([2, 300, 6, 5], [9, 300, 3, 3], same),
     ];
+
     for (i, (input, weight, p)) in cases.into_iter().enumerate() {
         let g = ConvGeometry::new(input, weight, &p).unwrap();
         check_fast_against_reference(&g, i as u64);

@@ -40,7 +40,7 @@ const MARGIN: usize = BLOCK * 16;
 #[derive(Clone, Debug)]
 pub(crate) struct PhaseLayout {
     /// Phase plane height and width.
-    hq: usize,
+    pub(crate) hq: usize,
     /// Phase plane width, also the row stride of the flat output.
     pub(crate) wq: usize,
     /// Flat positions computed: `out_h × wq`.

@@ -10,6 +10,7 @@
 //!   dilation): each plane is one flat correlation over its padded phase planes.
 //! - [`fused`]: depthwise then pointwise band by band, the intermediate kept in L2.
 //! - [`elementwise`]: the memory-bound kernels of the network layers (BatchNorm, ReLU, pooling).
+//! - [`winograd`]: F(2×2, 3×3) for stride-1 3×3 convolutions (forward and grad-input).
 //! - [`gemm`]: the wrapper over faer's matrix product.
 //! - [`pointwise`]: a register-blocked product for pointwise steps with few input channels.
 //! - [`simd`]: instruction-set dispatch (AVX-512, AVX2, portable).
@@ -26,6 +27,7 @@ pub mod gemm;
 pub mod pointwise;
 pub mod reference;
 pub mod simd;
+pub mod winograd;
 
 use std::ops::Range;
 
@@ -170,6 +172,8 @@ pub enum ConvAlgorithm {
     Depthwise,
     /// A plain GEMM on the input (1×1, stride 1, no padding).
     Pointwise,
+    /// Winograd F(2×2, 3×3) (forward and grad-input; grad-weight uses im2col).
+    Winograd,
     /// im2col (tiled) + GEMM.
     Im2colGemm,
 }
@@ -181,6 +185,8 @@ impl ConvAlgorithm {
             ConvAlgorithm::Depthwise
         } else if g.is_pointwise() {
             ConvAlgorithm::Pointwise
+        } else if winograd::applies(g) {
+            ConvAlgorithm::Winograd
         } else {
             ConvAlgorithm::Im2colGemm
         }
@@ -220,6 +226,7 @@ pub fn conv2d_forward(
     }
     match ConvAlgorithm::for_geometry(g) {
         ConvAlgorithm::Depthwise => depthwise::forward(exec, g, x, w, bias, y, ws),
+        ConvAlgorithm::Winograd => winograd::forward(exec, g, x, w, bias, y, ws),
         ConvAlgorithm::Pointwise | ConvAlgorithm::Im2colGemm => {
             conv::forward(exec, g, x, w, bias, y, ws)
         }
@@ -238,6 +245,10 @@ pub fn conv2d_grad_input(
     check_lengths(g, gx.len(), w.len(), gy.len());
     match ConvAlgorithm::for_geometry(g) {
         ConvAlgorithm::Depthwise => depthwise::grad_input(exec, g, gy, w, gx, ws),
+        ConvAlgorithm::Winograd => match winograd::grad_input(exec, g, gy, w, gx, ws) {
+            Some(r) => r,
+            None => conv::grad_input(exec, g, gy, w, gx, ws),
+        },
         ConvAlgorithm::Pointwise | ConvAlgorithm::Im2colGemm => {
             conv::grad_input(exec, g, gy, w, gx, ws)
         }
@@ -256,7 +267,7 @@ pub fn conv2d_grad_weight(
     check_lengths(g, x.len(), gw.len(), gy.len());
     match ConvAlgorithm::for_geometry(g) {
         ConvAlgorithm::Depthwise => depthwise::grad_weight(exec, g, x, gy, gw, ws),
-        ConvAlgorithm::Pointwise | ConvAlgorithm::Im2colGemm => {
+        ConvAlgorithm::Pointwise | ConvAlgorithm::Winograd | ConvAlgorithm::Im2colGemm => {
             conv::grad_weight(exec, g, x, gy, gw, ws)
         }
     }

@@ -1,0 +1,492 @@
+//! Winograd F(2×2, 3×3) for stride-1, undilated 3×3 convolutions: 16 multiplications per
+//! 2×2 output tile and input/output channel pair instead of 36 (2.25× fewer).
+//!
+//! With `d` a 4×4 input patch, `g` a 3×3 kernel and the usual matrices
+//! Bᵀ = [1 0 −1 0; 0 1 1 0; 0 −1 1 0; 0 1 0 −1], G = [1 0 0; ½ ½ ½; ½ −½ ½; 0 0 1],
+//! Aᵀ = [1 1 1 0; 0 1 −1 −1], a 2×2 output tile is Y = Aᵀ [(G g Gᵀ) ⊙ (Bᵀ d B)] A. Over channels
+//! the element-wise product becomes 16 independent matrix products
+//! M[ξ] (N × tiles) = U[ξ] (N × M) · V[ξ] (M × tiles), which run on the GEMM kernels.
+//!
+//! The transforms are vectorized across tiles: the padded input is split into its 2×2 phase
+//! planes (the depthwise kernel's layout with stride 2), where tap (i, j) of the tiles of one
+//! tile row is a contiguous run — 16 vector loads give 16 tiles' patches. Output tiles are
+//! re-interleaved into rows with the (de)interleave kernels.
+//!
+//! Work is split over images; each image's transformed input and products live in scratch
+//! (about 4× the image's input and output), so a whole image's GEMMs see wide matrices.
+//! Accuracy: the transforms add a few f32 roundings (relative error ~1e-6 against the f64
+//! reference; the tests hold it to 1e-4).
+
+use super::depthwise::{PhaseLayout, fill_phases};
+use super::elementwise;
+use super::gemm::{MatView, gemm};
+use super::pointwise::{Operands, small_k_gemm};
+use super::simd::SimdF32;
+use super::{Exec, Workspace, for_each_task};
+use crate::error::Result;
+use crate::geometry::{Conv2dParams, ConvGeometry, Padding};
+use std::ops::Range;
+
+/// Input channels up to which the products use the unpacked kernel (above, the packed GEMM).
+const UNPACKED_MAX_K: usize = 256;
+
+/// Whether F(2×2, 3×3) computes this convolution: 3×3, stride 1, no dilation, one group, and
+/// enough channels for the transforms to pay off.
+pub fn applies(g: &ConvGeometry) -> bool {
+    g.kernel_h == 3
+        && g.kernel_w == 3
+        && g.stride_h == 1
+        && g.stride_w == 1
+        && g.dilation_h == 1
+        && g.dilation_w == 1
+        && g.groups == 1
+        && g.in_channels >= 8
+        && g.out_channels >= 8
+        && g.out_h >= 2
+        && g.out_w >= 2
+        && g.out_w <= 2 * (STAGING - 16)
+}
+
+/// Width of the output staging rows (tiles per tile row, plus a vector of slack).
+const STAGING: usize = 256;
+
+/// Tiles and the phase-plane layout of one padded input plane.
+struct Tiling {
+    tiles_h: usize,
+    tiles_w: usize,
+    /// The padded input as a stride-2, 4×4-kernel geometry, for [`fill_phases`].
+    phases: ConvGeometry,
+    layout: PhaseLayout,
+}
+
+impl Tiling {
+    fn new(g: &ConvGeometry) -> Result<Self> {
+        let (tiles_h, tiles_w) = (g.out_h.div_ceil(2), g.out_w.div_ceil(2));
+        // Pad so the padded plane is exactly 2·tiles + 2 on each axis (an odd output size
+        // computes one extra row/column that is dropped).
+        let bottom = 2 * tiles_h + 2 - g.in_h - g.pad_top;
+        let right = 2 * tiles_w + 2 - g.in_w - g.pad_left;
+        let params = Conv2dParams {
+            stride: (2, 2),
+            dilation: (1, 1),
+            padding: Padding::Explicit {
+                top: g.pad_top,
+                bottom,
+                left: g.pad_left,
+                right,
+            },
+            groups: 1,
+        };
+        let phases = ConvGeometry::new([1, 1, g.in_h, g.in_w], [1, 1, 4, 4], &params)?;
+        Ok(Tiling {
+            tiles_h,
+            tiles_w,
+            layout: PhaseLayout::new(&phases),
+            phases,
+        })
+    }
+}
+
+/// U[ξ][n][m] = (G g Gᵀ)[ξ] for the kernel g = w[n, m]: 16 matrices of N × M.
+fn transform_filters(g: &ConvGeometry, w: &[f32], u: &mut [f32]) {
+    let (n_out, m_in) = (g.out_channels, g.in_channels);
+    let plane = n_out * m_in;
+    for (nm, k) in w.chunks_exact(9).enumerate() {
+        // G g (4×3), then (G g) Gᵀ (4×4).
+        let mut gg = [[0f32; 3]; 4];
+        for j in 0..3 {
+            let (a, b, c) = (k[j], k[3 + j], k[6 + j]);
+            gg[0][j] = a;
+            gg[1][j] = 0.5 * (a + b + c);
+            gg[2][j] = 0.5 * (a - b + c);
+            gg[3][j] = c;
+        }
+        for (i, row) in gg.iter().enumerate() {
+            let (a, b, c) = (row[0], row[1], row[2]);
+            let t = [a, 0.5 * (a + b + c), 0.5 * (a - b + c), c];
+            for (j, &v) in t.iter().enumerate() {
+                u[(i * 4 + j) * plane + nm] = v;
+            }
+        }
+    }
+}
+
+/// Floats of transformed input and products per block of tile rows: 512K floats (2 MiB), so
+/// a block's matrices stay in L2/L3 next to the image's phase planes.
+const BLOCK_FLOATS: usize = 1 << 19;
+
+/// Tiles a block's GEMMs should have at least, to run near full speed.
+const MIN_BLOCK_TILES: usize = 256;
+
+/// Tile rows per block for `g`.
+fn block_rows(g: &ConvGeometry, t: &Tiling) -> usize {
+    let per_row = 16 * (g.in_channels + g.out_channels) * t.tiles_w;
+    let by_cache = BLOCK_FLOATS / per_row.max(1);
+    let by_width = MIN_BLOCK_TILES.div_ceil(t.tiles_w);
+    by_cache.max(by_width).clamp(1, t.tiles_h)
+}
+
+/// Floats of scratch per task: the image's phase planes, then a block's transforms.
+fn per_task_len(g: &ConvGeometry, t: &Tiling) -> usize {
+    let tb = block_rows(g, t) * t.tiles_w;
+    g.in_channels * t.layout.len + 16 * (g.in_channels + g.out_channels) * tb
+}
+
+/// Scratch floats [`forward_in`] needs for `g` on `threads` threads.
+pub fn scratch_len(g: &ConvGeometry, threads: usize) -> Result<usize> {
+    let t = Tiling::new(g)?;
+    Ok(16 * g.out_channels * g.in_channels + per_task_len(g, &t) * threads.min(g.batch))
+}
+
+/// Forward pass: `y = conv3x3(x, w) + bias` through F(2×2, 3×3).
+pub fn forward(
+    exec: Exec,
+    g: &ConvGeometry,
+    x: &[f32],
+    w: &[f32],
+    bias: Option<&[f32]>,
+    y: &mut [f32],
+    ws: &mut Workspace,
+) -> Result<()> {
+    let scratch = ws.take(scratch_len(g, exec.threads())?)?;
+    forward_in(exec, g, x, w, bias, y, scratch)
+}
+
+/// Grad-input of a stride-1 3×3 convolution as a forward F(2×2, 3×3) convolution of the output
+/// gradient with the flipped, transposed kernel and padding 2 − pad; `None` when a pad exceeds
+/// 2 (then the caller uses im2col).
+pub fn grad_input(
+    exec: Exec,
+    g: &ConvGeometry,
+    gy: &[f32],
+    w: &[f32],
+    gx: &mut [f32],
+    ws: &mut Workspace,
+) -> Option<Result<()>> {
+    let adj = adjoint_geometry(g)?;
+    if !applies(&adj) {
+        return None;
+    }
+    Some((|| {
+        let need = scratch_len(&adj, exec.threads())?;
+        let buf = ws.take(g.weight_len() + need)?;
+        let (wt, scratch) = buf.split_at_mut(g.weight_len());
+        // w'[m][n][i][j] = w[n][m][2 − i][2 − j].
+        let (n_out, m_in) = (g.out_channels, g.in_channels);
+        for n in 0..n_out {
+            for m in 0..m_in {
+                for t in 0..9 {
+                    wt[(m * n_out + n) * 9 + t] = w[(n * m_in + m) * 9 + 8 - t];
+                }
+            }
+        }
+        forward_in(exec, &adj, gy, wt, None, gx, scratch)
+    })())
+}
+
+/// The geometry of grad-input as a forward convolution (stride 1, 3×3): input gy, weight
+/// [M, N, 3, 3], padding 2 − pad on each side.
+fn adjoint_geometry(g: &ConvGeometry) -> Option<ConvGeometry> {
+    if g.kernel_h != 3
+        || g.kernel_w != 3
+        || g.stride_h != 1
+        || g.stride_w != 1
+        || g.dilation_h != 1
+        || g.dilation_w != 1
+    {
+        return None;
+    }
+    let pads = [g.pad_top, g.pad_bottom, g.pad_left, g.pad_right];
+    if pads.iter().any(|&p| p > 2) || g.groups != 1 {
+        return None;
+    }
+    let params = Conv2dParams::with_padding(Padding::Explicit {
+        top: 2 - g.pad_top,
+        bottom: 2 - g.pad_bottom,
+        left: 2 - g.pad_left,
+        right: 2 - g.pad_right,
+    });
+    ConvGeometry::new(
+        g.output_shape(),
+        [g.in_channels, g.out_channels, 3, 3],
+        &params,
+    )
+    .ok()
+}
+
+/// [`forward`] with caller-provided scratch of [`scratch_len`] floats.
+fn forward_in(
+    exec: Exec,
+    g: &ConvGeometry,
+    x: &[f32],
+    w: &[f32],
+    bias: Option<&[f32]>,
+    y: &mut [f32],
+    scratch: &mut [f32],
+) -> Result<()> {
+    let t = Tiling::new(g)?;
+    let (m_in, n_out) = (g.in_channels, g.out_channels);
+    let u_len = 16 * n_out * m_in;
+    let tasks = exec.threads().min(g.batch);
+    let gemm_threads = if tasks == 1 { exec.threads() } else { 1 };
+    let rows = block_rows(g, &t);
+    let per_task = per_task_len(g, &t);
+    let (u, rest) = scratch.split_at_mut(u_len);
+    transform_filters(g, w, u);
+    let u = &*u;
+    for_each_task(
+        tasks,
+        y,
+        n_out * g.out_pixels(),
+        rest,
+        per_task,
+        |images, yc, buf| {
+            let (phases, rest) = buf.split_at_mut(m_in * t.layout.len);
+            for (local, n) in images.enumerate() {
+                let xn = &x[n * m_in * g.in_pixels()..(n + 1) * m_in * g.in_pixels()];
+                fill_all_phases(exec.isa(), g, &t, xn, phases, local == 0);
+                let yn =
+                    &mut yc[local * n_out * g.out_pixels()..(local + 1) * n_out * g.out_pixels()];
+                for ty0 in (0..t.tiles_h).step_by(rows) {
+                    let ty = ty0..(ty0 + rows).min(t.tiles_h);
+                    let tb = ty.len() * t.tiles_w;
+                    let (v, rest) = rest.split_at_mut(16 * m_in * tb);
+                    let prod = &mut rest[..16 * n_out * tb];
+                    transform_input(exec.isa(), g, &t, phases, ty.clone(), v);
+                    for xi in 0..16 {
+                        let uk = &u[xi * n_out * m_in..(xi + 1) * n_out * m_in];
+                        let vk = &v[xi * m_in * tb..(xi + 1) * m_in * tb];
+                        let pk = &mut prod[xi * n_out * tb..(xi + 1) * n_out * tb];
+                        if m_in <= UNPACKED_MAX_K && gemm_threads == 1 {
+                            let ops = Operands {
+                                c: uk,
+                                ldc: m_in,
+                                c_col: 1,
+                                d: vk,
+                                ldd: tb,
+                                n: n_out,
+                                k: m_in,
+                                p: tb,
+                                bias: None,
+                            };
+                            small_k_gemm(exec.isa(), ops, pk, tb, false);
+                        } else {
+                            gemm(
+                                pk,
+                                tb,
+                                MatView::dense(uk, n_out, m_in),
+                                MatView::dense(vk, m_in, tb),
+                                false,
+                                gemm_threads,
+                            );
+                        }
+                    }
+                    transform_output(exec.isa(), g, &t, prod, ty, bias, yn);
+                }
+            }
+        },
+    );
+    Ok(())
+}
+
+/// Fills the phase planes of every input channel of one image.
+fn fill_all_phases(
+    isa: super::Isa,
+    g: &ConvGeometry,
+    t: &Tiling,
+    xn: &[f32],
+    phases: &mut [f32],
+    clear: bool,
+) {
+    fill_dispatch(isa, g, t, xn, phases, clear)
+}
+
+crate::simd_dispatch!(fn fill_dispatch => fill_kernel(
+    g: &ConvGeometry, t: &Tiling, xn: &[f32], phases: &mut [f32], clear: bool
+));
+
+#[inline(always)]
+unsafe fn fill_kernel<S: SimdF32>(
+    g: &ConvGeometry,
+    t: &Tiling,
+    xn: &[f32],
+    phases: &mut [f32],
+    clear: bool,
+) {
+    let hw = g.in_pixels();
+    for (m, buf) in phases.chunks_exact_mut(t.layout.len).enumerate() {
+        fill_phases::<S>(&t.phases, &t.layout, &xn[m * hw..(m + 1) * hw], buf, clear);
+    }
+}
+
+/// V[ξ][m][tile] = (Bᵀ d B)[ξ] for every input channel m and the tiles of tile rows `ty`.
+fn transform_input(
+    isa: super::Isa,
+    g: &ConvGeometry,
+    t: &Tiling,
+    phases: &[f32],
+    ty: Range<usize>,
+    v: &mut [f32],
+) {
+    input_dispatch(isa, g, t, phases, ty, v)
+}
+
+crate::simd_dispatch!(fn input_dispatch => input_kernel(
+    g: &ConvGeometry, t: &Tiling, phases: &[f32], ty: Range<usize>, v: &mut [f32]
+));
+
+#[inline(always)]
+unsafe fn input_kernel<S: SimdF32>(
+    g: &ConvGeometry,
+    t: &Tiling,
+    phases: &[f32],
+    ty: Range<usize>,
+    v: &mut [f32],
+) {
+    let l = S::LANES;
+    let (wq, plane) = (t.layout.wq, t.layout.wq * t.layout.hq);
+    let tb = ty.len() * t.tiles_w;
+    let vp = v.as_mut_ptr();
+    for (m, phase) in phases
+        .chunks_exact(t.layout.len)
+        .enumerate()
+        .take(g.in_channels)
+    {
+        let pp = phase.as_ptr();
+        for (r, row) in ty.clone().enumerate() {
+            let mut tx = 0;
+            while tx < t.tiles_w {
+                let n = (t.tiles_w - tx).min(l);
+                // SAFETY: reads inside the phase planes (each has tiles + 1 rows and columns,
+                // then the layout's margin covers a full vector past the last tile); writes
+                // n <= LANES values inside V's row for (ξ, m).
+                unsafe {
+                    // d[i][j] for the tiles tx .. tx + n of tile row `row`.
+                    let d: [[S; 4]; 4] = std::array::from_fn(|i| {
+                        std::array::from_fn(|j| {
+                            let ph = (i % 2) * 2 + j % 2;
+                            S::load(pp.add(ph * plane + (row + i / 2) * wq + tx + j / 2))
+                        })
+                    });
+                    // Bᵀ d (on each column), then (Bᵀ d) B (on each row of that).
+                    let neg = S::splat(-1.0);
+                    let sub = |a: S, b: S| S::mul_add(b, neg, a);
+                    let bt = |v: [S; 4]| {
+                        [
+                            sub(v[0], v[2]),
+                            v[1].add(v[2]),
+                            sub(v[2], v[1]),
+                            sub(v[1], v[3]),
+                        ]
+                    };
+                    let cols: [[S; 4]; 4] =
+                        std::array::from_fn(|j| bt([d[0][j], d[1][j], d[2][j], d[3][j]]));
+                    let tv: [[S; 4]; 4] = std::array::from_fn(|i| {
+                        bt([cols[0][i], cols[1][i], cols[2][i], cols[3][i]])
+                    });
+                    for (i, out) in tv.iter().enumerate() {
+                        for (j, o) in out.iter().enumerate() {
+                            let at =
+                                vp.add(((i * 4 + j) * g.in_channels + m) * tb + r * t.tiles_w + tx);
+                            if n == l {
+                                o.store(at);
+                            } else {
+                                o.store_partial(at, n);
+                            }
+                        }
+                    }
+                }
+                tx += l;
+            }
+        }
+    }
+}
+
+/// y[n] = Aᵀ M A (+ bias) for every output channel and the tiles of tile rows `ty`, written
+/// back as output rows.
+fn transform_output(
+    isa: super::Isa,
+    g: &ConvGeometry,
+    t: &Tiling,
+    prod: &[f32],
+    ty: Range<usize>,
+    bias: Option<&[f32]>,
+    yn: &mut [f32],
+) {
+    output_dispatch(isa, g, t, prod, ty, bias, yn)
+}
+
+crate::simd_dispatch!(fn output_dispatch => output_kernel(
+    g: &ConvGeometry, t: &Tiling, prod: &[f32], ty: Range<usize>, bias: Option<&[f32]>, yn: &mut [f32]
+));
+
+#[inline(always)]
+unsafe fn output_kernel<S: SimdF32>(
+    g: &ConvGeometry,
+    t: &Tiling,
+    prod: &[f32],
+    ty_range: Range<usize>,
+    bias: Option<&[f32]>,
+    yn: &mut [f32],
+) {
+    let (l, ow) = (S::LANES, g.out_w);
+    let tiles = ty_range.len() * t.tiles_w;
+    let pp = prod.as_ptr();
+    // Two output rows of one tile row: the even and odd columns of each, before interleaving.
+    let mut lanes = [[0f32; STAGING]; 4];
+    let tw = t.tiles_w;
+    for (c, plane) in yn.chunks_exact_mut(g.out_pixels()).enumerate() {
+        let b = bias.map_or(0.0, |b| b[c]);
+        for (r, ty) in ty_range.clone().enumerate() {
+            let mut tx = 0;
+            while tx < tw {
+                let n = (tw - tx).min(l);
+                // SAFETY: loads of n <= LANES products of this channel's tile row (partial at
+                // the end); stores into the staging rows (applies() bounds tiles_w).
+                unsafe {
+                    let m: [S; 16] = std::array::from_fn(|xi| {
+                        let at = pp.add((xi * g.out_channels + c) * tiles + r * tw + tx);
+                        if n == l {
+                            S::load(at)
+                        } else {
+                            S::load_partial(at, n)
+                        }
+                    });
+                    let neg = S::splat(-1.0);
+                    let sub = |a: S, b: S| S::mul_add(b, neg, a);
+                    // Aᵀ m: 2 rows of 4.
+                    let r: [[S; 4]; 2] = std::array::from_fn(|k| {
+                        std::array::from_fn(|j| {
+                            let col = [m[j], m[4 + j], m[8 + j], m[12 + j]];
+                            if k == 0 {
+                                col[0].add(col[1]).add(col[2])
+                            } else {
+                                sub(sub(col[1], col[2]), col[3])
+                            }
+                        })
+                    });
+                    let bv = S::splat(b);
+                    for (k, row) in r.iter().enumerate() {
+                        let y0 = row[0].add(row[1]).add(row[2]).add(bv);
+                        let y1 = sub(sub(row[1], row[2]), row[3]).add(bv);
+                        y0.store(lanes[2 * k].as_mut_ptr().add(tx));
+                        y1.store(lanes[2 * k + 1].as_mut_ptr().add(tx));
+                    }
+                }
+                tx += l;
+            }
+            for k in 0..2 {
+                let oh = 2 * ty + k;
+                if oh < g.out_h {
+                    let row = &mut plane[oh * ow..(oh + 1) * ow];
+                    elementwise::interleave2(
+                        S::ISA,
+                        &lanes[2 * k][..tw],
+                        &lanes[2 * k + 1][..tw],
+                        row,
+                    );
+                }
+            }
+        }
+    }
+}
