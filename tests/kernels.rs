@@ -179,9 +179,9 @@ fn fast_equals_reference_on_larger_shapes() {
         ),
         ([7, 12, 5, 6], [9, 12, 1, 1], Conv2dParams::default()),
         ([64, 3, 14, 14], [8, 3, 3, 3], same),
-        // Winograd F(2×2, 3×3): odd and even sizes, valid, asymmetric and large padding (grad-input
+        // Winograd F(2×2, 3×3) (at least 32 tiles per image): odd and even sizes, valid, asymmetric and large padding (grad-input
         // falls back past pad 2), the packed-GEMM path (more than 256 input channels).
-        ([3, 12, 10, 11], [9, 12, 3, 3], Conv2dParams::default()),
+        ([3, 12, 17, 18], [9, 12, 3, 3], Conv2dParams::default()),
         (
             [4, 16, 9, 8],
             [8, 16, 3, 3],
@@ -197,11 +197,44 @@ fn fast_equals_reference_on_larger_shapes() {
             [12, 10, 3, 3],
             Conv2dParams::with_padding(Padding::symmetric(3, 3)),
         ),
-        ([2, 300, 6, 5], [9, 300, 3, 3], same),
+        ([2, 300, 12, 11], [9, 300, 3, 3], same),
     ];
 
     for (i, (input, weight, p)) in cases.into_iter().enumerate() {
         let g = ConvGeometry::new(input, weight, &p).unwrap();
         check_fast_against_reference(&g, i as u64);
+    }
+}
+
+/// Every shape of the larger-shapes test that should run on Winograd does.
+#[test]
+fn winograd_cases_take_the_winograd_path() {
+    let same = Conv2dParams::with_padding(Padding::Same);
+    for (input, weight, p) in [
+        ([2, 8, 37, 29], [16, 8, 3, 3], same),
+        ([3, 12, 17, 18], [9, 12, 3, 3], Conv2dParams::default()),
+        (
+            [4, 16, 15, 14],
+            [8, 16, 3, 3],
+            Conv2dParams::with_padding(Padding::Explicit {
+                top: 2,
+                bottom: 0,
+                left: 1,
+                right: 2,
+            }),
+        ),
+        (
+            [1, 10, 12, 12],
+            [12, 10, 3, 3],
+            Conv2dParams::with_padding(Padding::symmetric(3, 3)),
+        ),
+        ([2, 300, 12, 11], [9, 300, 3, 3], same),
+    ] {
+        let g = ConvGeometry::new(input, weight, &p).unwrap();
+        assert_eq!(
+            ConvAlgorithm::for_geometry(&g),
+            ConvAlgorithm::Winograd,
+            "{input:?}"
+        );
     }
 }

@@ -42,10 +42,13 @@ pub fn applies(g: &ConvGeometry) -> bool {
         && g.groups == 1
         && g.in_channels >= 8
         && g.out_channels >= 8
-        && g.out_h >= 2
-        && g.out_w >= 2
+        && g.out_h.div_ceil(2) * g.out_w.div_ceil(2) >= MIN_IMAGE_TILES
         && g.out_w <= 2 * (STAGING - 16)
 }
+
+/// Tiles per image below which im2col wins: the products run per image, and 16 GEMMs of a
+/// handful of columns each (a 7×7 image has 16 tiles) cost more than the multiplications saved.
+const MIN_IMAGE_TILES: usize = 32;
 
 /// Width of the output staging rows (tiles per tile row, plus a vector of slack).
 const STAGING: usize = 256;
