@@ -47,6 +47,11 @@ pub struct Args {
     /// The Python interpreter for --compare-torch.
     #[arg(long, default_value = "python3", value_name = "PATH")]
     python: String,
+    /// Write the results as a Markdown table (with the machine they were measured on). If FILE
+    /// has `<!-- bench:start -->` and `<!-- bench:end -->` markers, only the text between them
+    /// is replaced (this is how the README's table is regenerated).
+    #[arg(long, value_name = "FILE")]
+    markdown: Option<PathBuf>,
 }
 
 #[derive(Serialize)]
@@ -177,8 +182,14 @@ pub fn run(exec: Exec, a: Args) -> Result<()> {
             }
         }
     }
-    if a.compare_torch {
-        compare_torch(&a, exec, &layers, &variants, peak, &mut rows)?;
+    let torch_version = if a.compare_torch {
+        compare_torch(&a, exec, &layers, &variants, peak, &mut rows)?
+    } else {
+        None
+    };
+    if let Some(path) = &a.markdown {
+        write_markdown(path, &rows, exec, peak, torch_version.as_deref())?;
+        println!("wrote {}", path.display());
     }
     if let Some(path) = &a.json {
         let text =
@@ -219,7 +230,7 @@ fn compare_torch(
     variants: &[Variant],
     peak: Option<f64>,
     rows: &mut [Row],
-) -> Result<()> {
+) -> Result<Option<String>> {
     let script = peers_script();
     let probe = std::process::Command::new(&a.python)
         .args(["-c", "import torch, numpy"])
@@ -229,7 +240,7 @@ fn compare_torch(
             "--compare-torch: skipped, `{} -c 'import torch, numpy'` failed (install them, or pass --python)",
             a.python
         );
-        return Ok(());
+        return Ok(None);
     }
     let out = std::env::temp_dir().join(format!("sepconv-peers-{}.json", std::process::id()));
     let configs: Vec<String> = layers.iter().map(|l| l.id.to_string()).collect();
@@ -348,5 +359,91 @@ fn compare_torch(
             );
         }
     }
-    Ok(())
+    Ok(json["meta"]["torch"]
+        .as_str()
+        .map(|v| format!("PyTorch {v}")))
+}
+
+/// The CPU's model name, from /proc/cpuinfo where there is one.
+fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|t| {
+            let field = |key: &str| {
+                t.lines()
+                    .find(|l| l.starts_with(key))
+                    .and_then(|l| l.split(':').nth(1))
+                    .map(|v| v.trim().to_string())
+            };
+            let name = field("model name")?;
+            Some(match (field("cpu family"), field("model")) {
+                (Some(f), Some(m)) => format!("{name} (family {f}, model {m})"),
+                _ => name,
+            })
+        })
+        .unwrap_or_else(|| std::env::consts::ARCH.to_string())
+}
+
+/// Writes the rows as a Markdown table, into the markers of an existing file or as a new file.
+fn write_markdown(
+    path: &std::path::Path,
+    rows: &[Row],
+    exec: Exec,
+    peak: Option<f64>,
+    torch: Option<&str>,
+) -> Result<()> {
+    use std::fmt::Write;
+    let mut t = String::new();
+    let _ = writeln!(
+        t,
+        "Measured by `sepconv bench{}` on {}, {} thread(s), {}{}{}.\n",
+        if torch.is_some() {
+            " --compare-torch"
+        } else {
+            ""
+        },
+        cpu_model(),
+        exec.threads(),
+        exec.isa(),
+        peak.map_or(String::new(), |p| format!(
+            ", FMA peak {p:.0} GMAC/s (measured)"
+        )),
+        torch.map_or(String::new(), |v| format!(
+            "; {v} in the same run, best of NCHW and channels_last"
+        ))
+    );
+    let _ = writeln!(
+        t,
+        "| layer | variant | pass | MACs | sepconv ms | GMAC/s | % peak | PyTorch ms | ratio | target ms | met |"
+    );
+    let _ = writeln!(t, "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|");
+    for r in rows {
+        let _ = writeln!(
+            t,
+            "| {} | {} | {} | {} | {:.3} | {:.1} | {} | {} | {} | {} | {} |",
+            r.layer,
+            r.variant,
+            r.pass,
+            r.macs,
+            r.min_ms,
+            r.gmacs_per_s,
+            r.peak_fraction
+                .map_or("-".into(), |f| format!("{:.0}%", f * 100.0)),
+            r.torch_min_ms.map_or("-".into(), |v| format!("{v:.3}")),
+            r.torch_min_ms
+                .map_or("-".into(), |v| format!("{:.2}×", r.min_ms / v)),
+            r.target_ms.map_or("-".into(), |v| format!("{v:.3}")),
+            r.target_ms
+                .map_or("-", |v| if r.min_ms <= v { "yes" } else { "no" }),
+        );
+    }
+    let (start, end) = ("<!-- bench:start -->", "<!-- bench:end -->");
+    let text = match std::fs::read_to_string(path) {
+        Ok(old) => match (old.find(start), old.find(end)) {
+            (Some(i), Some(j)) if i < j => format!("{}{start}\n{t}{}", &old[..i], &old[j..]),
+            _ => t,
+        },
+        Err(_) => t,
+    };
+    sepconv::io::write_atomic(path, text.as_bytes())
 }
