@@ -360,6 +360,7 @@ pub fn forward(
                                 k: s.cig,
                                 p: s.p,
                                 bias: bias_g,
+                                d_rows: None,
                             };
                             small_k_gemm(exec.isa(), ops, yg, s.p, false);
                             continue;
@@ -474,6 +475,7 @@ pub fn grad_input(
                                 k: s.cog,
                                 p: s.p,
                                 bias: None,
+                                d_rows: None,
                             };
                             small_k_gemm(exec.isa(), ops, gxg, s.p, false);
                             continue;

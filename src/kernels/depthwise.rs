@@ -46,7 +46,7 @@ pub(crate) struct PhaseLayout {
     /// Flat positions computed: `out_h × wq`.
     pub(crate) positions: usize,
     /// Tap offsets, row-major over (i, j).
-    offsets: Vec<usize>,
+    pub(crate) offsets: Vec<usize>,
     /// Floats of the phase buffer (all phase planes, one spare row, margin).
     pub(crate) len: usize,
 }

@@ -184,6 +184,7 @@ unsafe fn fused_images_kernel<S: SimdF32>(
                 k: mk,
                 p: bp,
                 bias,
+                d_rows: None,
             };
             small_k_gemm(S::ISA, ops, &mut yi[col0..], p, false);
         }

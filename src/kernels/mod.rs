@@ -11,6 +11,7 @@
 //! - [`fused`]: depthwise then pointwise band by band, the intermediate kept in L2.
 //! - [`elementwise`]: the memory-bound kernels of the network layers (BatchNorm, ReLU, pooling).
 //! - [`winograd`]: F(2×2, 3×3) for stride-1 3×3 convolutions (forward and grad-input).
+//! - [`implicit`]: implicit-GEMM convolution (no im2col) for every other geometry, batch permitting.
 //! - [`gemm`]: the wrapper over faer's matrix product.
 //! - [`pointwise`]: a register-blocked product for pointwise steps with few input channels.
 //! - [`simd`]: instruction-set dispatch (AVX-512, AVX2, portable).
@@ -24,6 +25,7 @@ pub mod depthwise;
 pub mod elementwise;
 pub mod fused;
 pub mod gemm;
+pub mod implicit;
 pub mod pointwise;
 pub mod reference;
 pub mod simd;
@@ -174,19 +176,23 @@ pub enum ConvAlgorithm {
     Pointwise,
     /// Winograd F(2×2, 3×3) (forward and grad-input; grad-weight uses im2col).
     Winograd,
+    /// Implicit GEMM on phase planes (forward; backward uses im2col).
+    Implicit,
     /// im2col (tiled) + GEMM.
     Im2colGemm,
 }
 
 impl ConvAlgorithm {
-    /// The algorithm used for `g`: chosen here and only here.
-    pub fn for_geometry(g: &ConvGeometry) -> Self {
+    /// The algorithm used for `g` on `exec`: chosen here and only here.
+    pub fn choose(exec: Exec, g: &ConvGeometry) -> Self {
         if g.is_depthwise() {
             ConvAlgorithm::Depthwise
         } else if g.is_pointwise() {
             ConvAlgorithm::Pointwise
         } else if winograd::applies(g) {
             ConvAlgorithm::Winograd
+        } else if implicit::applies(exec, g) {
+            ConvAlgorithm::Implicit
         } else {
             ConvAlgorithm::Im2colGemm
         }
@@ -224,9 +230,10 @@ pub fn conv2d_forward(
     if let Some(b) = bias {
         assert_eq!(b.len(), g.out_channels, "bias length");
     }
-    match ConvAlgorithm::for_geometry(g) {
+    match ConvAlgorithm::choose(exec, g) {
         ConvAlgorithm::Depthwise => depthwise::forward(exec, g, x, w, bias, y, ws),
         ConvAlgorithm::Winograd => winograd::forward(exec, g, x, w, bias, y, ws),
+        ConvAlgorithm::Implicit => implicit::forward(exec, g, x, w, bias, y, ws),
         ConvAlgorithm::Pointwise | ConvAlgorithm::Im2colGemm => {
             conv::forward(exec, g, x, w, bias, y, ws)
         }
@@ -243,13 +250,13 @@ pub fn conv2d_grad_input(
     ws: &mut Workspace,
 ) -> Result<()> {
     check_lengths(g, gx.len(), w.len(), gy.len());
-    match ConvAlgorithm::for_geometry(g) {
+    match ConvAlgorithm::choose(exec, g) {
         ConvAlgorithm::Depthwise => depthwise::grad_input(exec, g, gy, w, gx, ws),
         ConvAlgorithm::Winograd => match winograd::grad_input(exec, g, gy, w, gx, ws) {
             Some(r) => r,
             None => conv::grad_input(exec, g, gy, w, gx, ws),
         },
-        ConvAlgorithm::Pointwise | ConvAlgorithm::Im2colGemm => {
+        ConvAlgorithm::Pointwise | ConvAlgorithm::Implicit | ConvAlgorithm::Im2colGemm => {
             conv::grad_input(exec, g, gy, w, gx, ws)
         }
     }
@@ -265,11 +272,12 @@ pub fn conv2d_grad_weight(
     ws: &mut Workspace,
 ) -> Result<()> {
     check_lengths(g, x.len(), gw.len(), gy.len());
-    match ConvAlgorithm::for_geometry(g) {
+    match ConvAlgorithm::choose(exec, g) {
         ConvAlgorithm::Depthwise => depthwise::grad_weight(exec, g, x, gy, gw, ws),
-        ConvAlgorithm::Pointwise | ConvAlgorithm::Winograd | ConvAlgorithm::Im2colGemm => {
-            conv::grad_weight(exec, g, x, gy, gw, ws)
-        }
+        ConvAlgorithm::Pointwise
+        | ConvAlgorithm::Winograd
+        | ConvAlgorithm::Implicit
+        | ConvAlgorithm::Im2colGemm => conv::grad_weight(exec, g, x, gy, gw, ws),
     }
 }
 

@@ -37,6 +37,10 @@ pub struct Operands<'a> {
     pub p: usize,
     /// Optional per-row bias added to Y (N values).
     pub bias: Option<&'a [f32]>,
+    /// Optional row table: row k of D starts at `d[d_rows[k]]` instead of `d[k·ldd]`. With the
+    /// rows being shifted views of the same padded planes this is an implicit-GEMM
+    /// convolution (no im2col matrix is ever written).
+    pub d_rows: Option<&'a [usize]>,
 }
 
 /// `y (+)= C · D` with `y` row-major N × P at row stride `ldy` (`accumulate` adds to y).
@@ -49,10 +53,16 @@ pub fn small_k_gemm(isa: Isa, ops: Operands<'_>, y: &mut [f32], ldy: usize, accu
         ops.n == 0 || ops.c.len() >= (ops.n - 1) * ops.ldc + ops.k,
         "C too short"
     );
-    assert!(
-        ops.k == 0 || ops.d.len() >= (ops.k - 1) * ops.ldd + ops.p,
-        "D too short"
-    );
+    match ops.d_rows {
+        Some(rows) => assert!(
+            rows.len() >= ops.k && rows[..ops.k].iter().all(|&r| r + ops.p <= ops.d.len()),
+            "D row table out of range"
+        ),
+        None => assert!(
+            ops.k == 0 || ops.d.len() >= (ops.k - 1) * ops.ldd + ops.p,
+            "D too short"
+        ),
+    }
     assert!(
         ops.n == 0 || y.len() >= (ops.n - 1) * ldy + ops.p,
         "Y too short"
@@ -106,6 +116,16 @@ unsafe fn gemm_kernel<S: SimdF32>(ops: Operands<'_>, y: &mut [f32], ldy: usize, 
     unsafe { S::fence() };
 }
 
+/// Where row `kk` of D starts.
+#[inline(always)]
+fn row_offset(ops: &Operands<'_>, kk: usize) -> usize {
+    match ops.d_rows {
+        // SAFETY of the unchecked read: small_k_gemm checked the table has at least k rows.
+        Some(t) => unsafe { *t.get_unchecked(kk) },
+        None => kk * ops.ldd,
+    }
+}
+
 /// One block: R rows of Y, `width` ≤ VECS·LANES columns (partial vectors masked).
 #[inline(always)]
 unsafe fn tile<S: SimdF32, const R: usize>(
@@ -126,7 +146,7 @@ unsafe fn tile<S: SimdF32, const R: usize>(
         if full == VECS {
             let mut acc: [[S; VECS]; R] = std::array::from_fn(|r| [init(r); VECS]);
             for kk in 0..ops.k {
-                let drow = dp.add(kk * ops.ldd + p0);
+                let drow = dp.add(row_offset(&ops, kk) + p0);
                 let dv: [S; VECS] = std::array::from_fn(|v| S::load(drow.add(v * l)));
                 for (r, row) in acc.iter_mut().enumerate() {
                     let cv = S::splat(*cp.add((n0 + r) * ops.ldc + kk * ops.c_col));
@@ -153,7 +173,7 @@ unsafe fn tile<S: SimdF32, const R: usize>(
             let n = if v < full { l } else { rest };
             let mut acc: [S; R] = std::array::from_fn(init);
             for kk in 0..ops.k {
-                let at = dp.add(kk * ops.ldd + p0 + v * l);
+                let at = dp.add(row_offset(&ops, kk) + p0 + v * l);
                 let dv = if n == l {
                     S::load(at)
                 } else {
@@ -208,6 +228,7 @@ mod tests {
                     k,
                     p,
                     bias: None,
+                    d_rows: None,
                 },
                 &mut y,
                 p,
@@ -242,6 +263,7 @@ mod tests {
                     k,
                     p,
                     bias: Some(&bias),
+                    d_rows: None,
                 },
                 &mut y,
                 p,
@@ -288,6 +310,7 @@ mod tests {
                             k,
                             p,
                             bias: None,
+                            d_rows: None,
                         },
                         &mut y,
                         ldy,

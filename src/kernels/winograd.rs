@@ -271,6 +271,7 @@ fn forward_in(
                                 k: m_in,
                                 p: tb,
                                 bias: None,
+                                d_rows: None,
                             };
                             small_k_gemm(exec.isa(), ops, pk, tb, false);
                         } else {

@@ -176,7 +176,7 @@ pub fn run(exec: Exec, a: Args) -> Result<()> {
         );
         println!(
             "algorithm {:?}, {} thread(s), {}",
-            kernels::ConvAlgorithm::for_geometry(&g),
+            kernels::ConvAlgorithm::choose(exec, &g),
             exec.threads(),
             exec.isa()
         );
