@@ -288,7 +288,10 @@ unsafe fn correlate_fixed<S: SimdF32, const T: usize>(
     let (sp, op) = (src.as_ptr(), out.as_mut_ptr());
     let mut o = 0;
     unsafe {
-        let wv: [S; T] = std::array::from_fn(|t| S::splat(w[t]));
+        let mut wv = [S::zero(); T];
+        for (v, &x) in wv.iter_mut().zip(w) {
+            *v = S::splat(x);
+        }
         let b = S::splat(bias);
         while o < positions {
             let mut acc = [b; BLOCK];
@@ -405,7 +408,11 @@ unsafe fn dot_taps<S: SimdF32, const T: usize>(
             }
             o += l;
         }
-        acc.map(|a| a.reduce_sum())
+        let mut out = [0f32; T];
+        for (o, a) in out.iter_mut().zip(&acc) {
+            *o = a.reduce_sum();
+        }
+        out
     }
 }
 

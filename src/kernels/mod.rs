@@ -36,7 +36,7 @@ use std::ops::Range;
 use rayon::prelude::*;
 
 use crate::error::{Error, Result};
-use crate::geometry::ConvGeometry;
+use crate::geometry::{Conv2dParams, ConvGeometry, Padding};
 pub use simd::Isa;
 
 /// How a kernel may run: how many threads (of the current rayon pool) and which instruction set.
@@ -90,6 +90,9 @@ impl Default for Exec {
 #[derive(Debug, Default)]
 pub struct Workspace {
     buf: Vec<f32>,
+    /// Transformed weights (the adjoint's flipped kernel) kept apart from `buf`, which the
+    /// convolution they feed needs for itself.
+    weights: Vec<f32>,
 }
 
 impl Workspace {
@@ -114,7 +117,7 @@ impl Workspace {
 
     /// Bytes currently held.
     pub fn bytes(&self) -> usize {
-        self.buf.len() * 4
+        (self.buf.len() + self.weights.len()) * 4
     }
 }
 
@@ -252,12 +255,79 @@ pub fn conv2d_grad_input(
     check_lengths(g, gx.len(), w.len(), gy.len());
     match ConvAlgorithm::choose(exec, g) {
         ConvAlgorithm::Depthwise => depthwise::grad_input(exec, g, gy, w, gx, ws),
-        ConvAlgorithm::Winograd => match winograd::grad_input(exec, g, gy, w, gx, ws) {
-            Some(r) => r,
-            None => conv::grad_input(exec, g, gy, w, gx, ws),
-        },
-        ConvAlgorithm::Pointwise | ConvAlgorithm::Implicit | ConvAlgorithm::Im2colGemm => {
-            conv::grad_input(exec, g, gy, w, gx, ws)
+        ConvAlgorithm::Pointwise => conv::grad_input(exec, g, gy, w, gx, ws),
+        ConvAlgorithm::Winograd | ConvAlgorithm::Implicit | ConvAlgorithm::Im2colGemm => {
+            match adjoint_geometry(g) {
+                // Only worth it when the adjoint runs on a faster algorithm than im2col.
+                Some(adj) if ConvAlgorithm::choose(exec, &adj) != ConvAlgorithm::Im2colGemm => {
+                    let mut wt = std::mem::take(&mut ws.weights);
+                    if wt.len() < w.len() {
+                        wt.try_reserve_exact(w.len() - wt.len())
+                            .map_err(|_| Error::TooLarge {
+                                what: "the adjoint kernel".into(),
+                                bytes: w.len() as u128 * 4,
+                            })?;
+                        wt.resize(w.len(), 0.0);
+                    }
+                    adjoint_weight(g, w, &mut wt[..w.len()]);
+                    let r = conv2d_forward(exec, &adj, gy, &wt[..w.len()], None, gx, ws);
+                    ws.weights = wt;
+                    r
+                }
+                _ => conv::grad_input(exec, g, gy, w, gx, ws),
+            }
+        }
+    }
+}
+
+/// For a stride-1 convolution whose pads do not exceed the kernel span, grad-input is itself a
+/// forward convolution: of the output gradient, padded by `span − 1 − pad` on each side, with
+/// the kernel flipped and its in/out channels swapped (per group). This is its geometry.
+fn adjoint_geometry(g: &ConvGeometry) -> Option<ConvGeometry> {
+    if g.stride_h != 1 || g.stride_w != 1 {
+        return None;
+    }
+    let (sh, sw) = (
+        (g.kernel_h - 1) * g.dilation_h,
+        (g.kernel_w - 1) * g.dilation_w,
+    );
+    let padding = Padding::Explicit {
+        top: sh.checked_sub(g.pad_top)?,
+        bottom: sh.checked_sub(g.pad_bottom)?,
+        left: sw.checked_sub(g.pad_left)?,
+        right: sw.checked_sub(g.pad_right)?,
+    };
+    let params = Conv2dParams {
+        stride: (1, 1),
+        dilation: (g.dilation_h, g.dilation_w),
+        padding,
+        groups: g.groups,
+    };
+    let weight = [
+        g.in_channels,
+        g.out_channels_per_group(),
+        g.kernel_h,
+        g.kernel_w,
+    ];
+    ConvGeometry::new(g.output_shape(), weight, &params).ok()
+}
+
+/// The adjoint's weight: `wt[grp·cig + ci][co][i][j] = w[grp·cog + co][ci][kh−1−i][kw−1−j]`.
+fn adjoint_weight(g: &ConvGeometry, w: &[f32], wt: &mut [f32]) {
+    let (cig, cog, taps) = (
+        g.in_channels_per_group(),
+        g.out_channels_per_group(),
+        g.kernel_h * g.kernel_w,
+    );
+    for grp in 0..g.groups {
+        for co in 0..cog {
+            for ci in 0..cig {
+                let src = ((grp * cog + co) * cig + ci) * taps;
+                let dst = ((grp * cig + ci) * cog + co) * taps;
+                for t in 0..taps {
+                    wt[dst + t] = w[src + taps - 1 - t];
+                }
+            }
         }
     }
 }

@@ -142,12 +142,25 @@ unsafe fn tile<S: SimdF32, const R: usize>(
     let rest = width % l;
     let (cp, dp, yp) = (ops.c.as_ptr(), ops.d.as_ptr(), y.as_mut_ptr());
     unsafe {
-        let init = |r: usize| ops.bias.map_or(S::zero(), |b| S::splat(b[n0 + r]));
+        // No closures or array::from_fn here: their bodies are compiled outside this
+        // function's target features and the intrinsics in them stop being inlined.
+        let mut init = [S::zero(); R];
+        if let Some(b) = ops.bias {
+            for (r, v) in init.iter_mut().enumerate() {
+                *v = S::splat(b[n0 + r]);
+            }
+        }
         if full == VECS {
-            let mut acc: [[S; VECS]; R] = std::array::from_fn(|r| [init(r); VECS]);
+            let mut acc = [[S::zero(); VECS]; R];
+            for (row, &v) in acc.iter_mut().zip(&init) {
+                *row = [v; VECS];
+            }
             for kk in 0..ops.k {
                 let drow = dp.add(row_offset(&ops, kk) + p0);
-                let dv: [S; VECS] = std::array::from_fn(|v| S::load(drow.add(v * l)));
+                let mut dv = [S::zero(); VECS];
+                for (v, d) in dv.iter_mut().enumerate() {
+                    *d = S::load(drow.add(v * l));
+                }
                 for (r, row) in acc.iter_mut().enumerate() {
                     let cv = S::splat(*cp.add((n0 + r) * ops.ldc + kk * ops.c_col));
                     for v in 0..VECS {
@@ -171,7 +184,7 @@ unsafe fn tile<S: SimdF32, const R: usize>(
         let vecs = full + usize::from(rest > 0);
         for v in 0..vecs {
             let n = if v < full { l } else { rest };
-            let mut acc: [S; R] = std::array::from_fn(init);
+            let mut acc = init;
             for kk in 0..ops.k {
                 let at = dp.add(row_offset(&ops, kk) + p0 + v * l);
                 let dv = if n == l {

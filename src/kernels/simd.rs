@@ -119,6 +119,8 @@ pub trait SimdF32: Copy {
     unsafe fn add(self, o: Self) -> Self;
     /// `self * o`.
     unsafe fn mul(self, o: Self) -> Self;
+    /// `self − o`.
+    unsafe fn sub(self, o: Self) -> Self;
     /// Sum of all lanes.
     unsafe fn reduce_sum(self) -> f32;
 }
@@ -212,6 +214,10 @@ mod x86 {
             unsafe { Avx512(_mm512_mul_ps(self.0, o.0)) }
         }
         #[inline(always)]
+        unsafe fn sub(self, o: Self) -> Self {
+            unsafe { Avx512(_mm512_sub_ps(self.0, o.0)) }
+        }
+        #[inline(always)]
         unsafe fn reduce_sum(self) -> f32 {
             unsafe { _mm512_reduce_add_ps(self.0) }
         }
@@ -252,6 +258,10 @@ mod x86 {
         #[inline(always)]
         unsafe fn mul(self, o: Self) -> Self {
             unsafe { Avx2(_mm256_mul_ps(self.0, o.0)) }
+        }
+        #[inline(always)]
+        unsafe fn sub(self, o: Self) -> Self {
+            unsafe { Avx2(_mm256_sub_ps(self.0, o.0)) }
         }
         #[inline(always)]
         unsafe fn reduce_sum(self) -> f32 {
@@ -296,6 +306,10 @@ mod x86 {
         #[inline(always)]
         unsafe fn mul(self, o: Self) -> Self {
             unsafe { Sse2(_mm_mul_ps(self.0, o.0)) }
+        }
+        #[inline(always)]
+        unsafe fn sub(self, o: Self) -> Self {
+            unsafe { Sse2(_mm_sub_ps(self.0, o.0)) }
         }
         #[inline(always)]
         unsafe fn reduce_sum(self) -> f32 {
@@ -349,6 +363,10 @@ impl SimdF32 for Scalar {
     #[inline(always)]
     unsafe fn mul(self, o: Self) -> Self {
         Scalar(self.0 * o.0)
+    }
+    #[inline(always)]
+    unsafe fn sub(self, o: Self) -> Self {
+        Scalar(self.0 - o.0)
     }
     #[inline(always)]
     unsafe fn reduce_sum(self) -> f32 {

@@ -1,4 +1,5 @@
-//! Winograd F(2×2, 3×3) for stride-1, undilated 3×3 convolutions: 16 multiplications per
+//! Winograd F(2×2, 3×3) for stride-1, undilated 3×3 convolutions (forward, and grad-input as
+//! the adjoint forward convolution, see `kernels::conv2d_grad_input`): 16 multiplications per
 //! 2×2 output tile and input/output channel pair instead of 36 (2.25× fewer).
 //!
 //! With `d` a 4×4 input patch, `g` a 3×3 kernel and the usual matrices
@@ -52,6 +53,25 @@ const MIN_IMAGE_TILES: usize = 32;
 
 /// Width of the output staging rows (tiles per tile row, plus a vector of slack).
 const STAGING: usize = 256;
+
+/// Bᵀ v for one 4-vector: [v0 − v2, v1 + v2, v2 − v1, v1 − v3].
+#[inline(always)]
+unsafe fn bt4<S: SimdF32>(v: [S; 4]) -> [S; 4] {
+    unsafe {
+        [
+            v[0].sub(v[2]),
+            v[1].add(v[2]),
+            v[2].sub(v[1]),
+            v[1].sub(v[3]),
+        ]
+    }
+}
+
+/// Aᵀ v for one 4-vector: [v0 + v1 + v2, v1 − v2 − v3].
+#[inline(always)]
+unsafe fn at2<S: SimdF32>(v: [S; 4]) -> [S; 2] {
+    unsafe { [v[0].add(v[1]).add(v[2]), v[1].sub(v[2]).sub(v[3])] }
+}
 
 /// Tiles and the phase-plane layout of one padded input plane.
 struct Tiling {
@@ -153,68 +173,6 @@ pub fn forward(
 ) -> Result<()> {
     let scratch = ws.take(scratch_len(g, exec.threads())?)?;
     forward_in(exec, g, x, w, bias, y, scratch)
-}
-
-/// Grad-input of a stride-1 3×3 convolution as a forward F(2×2, 3×3) convolution of the output
-/// gradient with the flipped, transposed kernel and padding 2 − pad; `None` when a pad exceeds
-/// 2 (then the caller uses im2col).
-pub fn grad_input(
-    exec: Exec,
-    g: &ConvGeometry,
-    gy: &[f32],
-    w: &[f32],
-    gx: &mut [f32],
-    ws: &mut Workspace,
-) -> Option<Result<()>> {
-    let adj = adjoint_geometry(g)?;
-    if !applies(&adj) {
-        return None;
-    }
-    Some((|| {
-        let need = scratch_len(&adj, exec.threads())?;
-        let buf = ws.take(g.weight_len() + need)?;
-        let (wt, scratch) = buf.split_at_mut(g.weight_len());
-        // w'[m][n][i][j] = w[n][m][2 − i][2 − j].
-        let (n_out, m_in) = (g.out_channels, g.in_channels);
-        for n in 0..n_out {
-            for m in 0..m_in {
-                for t in 0..9 {
-                    wt[(m * n_out + n) * 9 + t] = w[(n * m_in + m) * 9 + 8 - t];
-                }
-            }
-        }
-        forward_in(exec, &adj, gy, wt, None, gx, scratch)
-    })())
-}
-
-/// The geometry of grad-input as a forward convolution (stride 1, 3×3): input gy, weight
-/// [M, N, 3, 3], padding 2 − pad on each side.
-fn adjoint_geometry(g: &ConvGeometry) -> Option<ConvGeometry> {
-    if g.kernel_h != 3
-        || g.kernel_w != 3
-        || g.stride_h != 1
-        || g.stride_w != 1
-        || g.dilation_h != 1
-        || g.dilation_w != 1
-    {
-        return None;
-    }
-    let pads = [g.pad_top, g.pad_bottom, g.pad_left, g.pad_right];
-    if pads.iter().any(|&p| p > 2) || g.groups != 1 {
-        return None;
-    }
-    let params = Conv2dParams::with_padding(Padding::Explicit {
-        top: 2 - g.pad_top,
-        bottom: 2 - g.pad_bottom,
-        left: 2 - g.pad_left,
-        right: 2 - g.pad_right,
-    });
-    ConvGeometry::new(
-        g.output_shape(),
-        [g.in_channels, g.out_channels, 3, 3],
-        &params,
-    )
-    .ok()
 }
 
 /// [`forward`] with caller-provided scratch of [`scratch_len`] floats.
@@ -365,29 +323,25 @@ unsafe fn input_kernel<S: SimdF32>(
                 // then the layout's margin covers a full vector past the last tile); writes
                 // n <= LANES values inside V's row for (ξ, m).
                 unsafe {
-                    // d[i][j] for the tiles tx .. tx + n of tile row `row`.
-                    let d: [[S; 4]; 4] = std::array::from_fn(|i| {
-                        std::array::from_fn(|j| {
+                    // d[i][j] for the tiles tx .. tx + n of tile row `row`. (Plain loops and
+                    // #[inline(always)] helpers only: closures and array::from_fn would be
+                    // compiled outside this function's target features.)
+                    let mut d = [[S::zero(); 4]; 4];
+                    for (i, di) in d.iter_mut().enumerate() {
+                        for (j, dij) in di.iter_mut().enumerate() {
                             let ph = (i % 2) * 2 + j % 2;
-                            S::load(pp.add(ph * plane + (row + i / 2) * wq + tx + j / 2))
-                        })
-                    });
+                            *dij = S::load(pp.add(ph * plane + (row + i / 2) * wq + tx + j / 2));
+                        }
+                    }
                     // Bᵀ d (on each column), then (Bᵀ d) B (on each row of that).
-                    let neg = S::splat(-1.0);
-                    let sub = |a: S, b: S| S::mul_add(b, neg, a);
-                    let bt = |v: [S; 4]| {
-                        [
-                            sub(v[0], v[2]),
-                            v[1].add(v[2]),
-                            sub(v[2], v[1]),
-                            sub(v[1], v[3]),
-                        ]
-                    };
-                    let cols: [[S; 4]; 4] =
-                        std::array::from_fn(|j| bt([d[0][j], d[1][j], d[2][j], d[3][j]]));
-                    let tv: [[S; 4]; 4] = std::array::from_fn(|i| {
-                        bt([cols[0][i], cols[1][i], cols[2][i], cols[3][i]])
-                    });
+                    let mut cols = [[S::zero(); 4]; 4];
+                    for (j, c) in cols.iter_mut().enumerate() {
+                        *c = bt4([d[0][j], d[1][j], d[2][j], d[3][j]]);
+                    }
+                    let mut tv = [[S::zero(); 4]; 4];
+                    for (i, row) in tv.iter_mut().enumerate() {
+                        *row = bt4([cols[0][i], cols[1][i], cols[2][i], cols[3][i]]);
+                    }
                     for (i, out) in tv.iter().enumerate() {
                         for (j, o) in out.iter().enumerate() {
                             let at =
@@ -448,31 +402,26 @@ unsafe fn output_kernel<S: SimdF32>(
                 // SAFETY: loads of n <= LANES products of this channel's tile row (partial at
                 // the end); stores into the staging rows (applies() bounds tiles_w).
                 unsafe {
-                    let m: [S; 16] = std::array::from_fn(|xi| {
+                    let mut m = [S::zero(); 16];
+                    for (xi, v) in m.iter_mut().enumerate() {
                         let at = pp.add((xi * g.out_channels + c) * tiles + r * tw + tx);
-                        if n == l {
+                        *v = if n == l {
                             S::load(at)
                         } else {
                             S::load_partial(at, n)
-                        }
-                    });
-                    let neg = S::splat(-1.0);
-                    let sub = |a: S, b: S| S::mul_add(b, neg, a);
+                        };
+                    }
                     // Aᵀ m: 2 rows of 4.
-                    let r: [[S; 4]; 2] = std::array::from_fn(|k| {
-                        std::array::from_fn(|j| {
-                            let col = [m[j], m[4 + j], m[8 + j], m[12 + j]];
-                            if k == 0 {
-                                col[0].add(col[1]).add(col[2])
-                            } else {
-                                sub(sub(col[1], col[2]), col[3])
-                            }
-                        })
-                    });
+                    let mut rr = [[S::zero(); 4]; 2];
+                    for j in 0..4 {
+                        let [a0, a1] = at2([m[j], m[4 + j], m[8 + j], m[12 + j]]);
+                        rr[0][j] = a0;
+                        rr[1][j] = a1;
+                    }
                     let bv = S::splat(b);
-                    for (k, row) in r.iter().enumerate() {
-                        let y0 = row[0].add(row[1]).add(row[2]).add(bv);
-                        let y1 = sub(sub(row[1], row[2]), row[3]).add(bv);
+                    for (k, row) in rr.iter().enumerate() {
+                        let [y0, y1] = at2(*row);
+                        let (y0, y1) = (y0.add(bv), y1.add(bv));
                         y0.store(lanes[2 * k].as_mut_ptr().add(tx));
                         y1.store(lanes[2 * k + 1].as_mut_ptr().add(tx));
                     }
