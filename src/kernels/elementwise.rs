@@ -34,7 +34,66 @@ pub fn dot_centered(isa: Isa, a: &[f32], b: &[f32], center: f32) -> f32 {
     out
 }
 
+/// Σ v where `mask > 0` (a gradient through a ReLU whose output is `mask`).
+pub fn sum_masked(isa: Isa, v: &[f32], mask: &[f32]) -> f32 {
+    let mut out = 0.0;
+    sum_masked_dispatch(isa, v, mask, &mut out);
+    out
+}
+
+/// Σ a·(b − center) where `mask > 0`.
+pub fn dot_centered_masked(isa: Isa, a: &[f32], mask: &[f32], b: &[f32], center: f32) -> f32 {
+    let mut out = 0.0;
+    dot_masked_dispatch(isa, a, mask, b, center, &mut out);
+    out
+}
+
 crate::simd_dispatch!(fn sum_dispatch => sum_kernel(v: &[f32], center: f32, out: &mut f32));
+crate::simd_dispatch!(fn sum_masked_dispatch => sum_masked_kernel(v: &[f32], mask: &[f32], out: &mut f32));
+crate::simd_dispatch!(fn dot_masked_dispatch => dot_masked_kernel(a: &[f32], mask: &[f32], b: &[f32], center: f32, out: &mut f32));
+
+#[inline(always)]
+unsafe fn sum_masked_kernel<S: SimdF32>(v: &[f32], mask: &[f32], out: &mut f32) {
+    let n = v.len().min(mask.len());
+    unsafe {
+        reduce::<S>(
+            n,
+            out,
+            |i| S::load(v.as_ptr().add(i)).keep_where_positive(S::load(mask.as_ptr().add(i))),
+            |i| if mask[i] > 0.0 { v[i] } else { 0.0 },
+        )
+    }
+}
+
+#[inline(always)]
+unsafe fn dot_masked_kernel<S: SimdF32>(
+    a: &[f32],
+    mask: &[f32],
+    b: &[f32],
+    center: f32,
+    out: &mut f32,
+) {
+    let n = a.len().min(b.len()).min(mask.len());
+    let c = unsafe { S::splat(-center) };
+    unsafe {
+        reduce::<S>(
+            n,
+            out,
+            |i| {
+                let g =
+                    S::load(a.as_ptr().add(i)).keep_where_positive(S::load(mask.as_ptr().add(i)));
+                g.mul(S::load(b.as_ptr().add(i)).add(c))
+            },
+            |i| {
+                if mask[i] > 0.0 {
+                    a[i] * (b[i] - center)
+                } else {
+                    0.0
+                }
+            },
+        )
+    }
+}
 crate::simd_dispatch!(fn sum_sq_dispatch => sum_sq_kernel(v: &[f32], center: f32, out: &mut f32));
 crate::simd_dispatch!(fn dot_dispatch => dot_kernel(a: &[f32], b: &[f32], center: f32, out: &mut f32));
 
@@ -56,6 +115,11 @@ unsafe fn reduce<S: SimdF32>(
             *a = unsafe { a.add(term(i + q * l)) };
         }
         i += ACC * l;
+    }
+    // Single vectors next: planes of a few dozen elements (7×7) should not end up scalar.
+    while i + l <= n {
+        acc[0] = unsafe { acc[0].add(term(i)) };
+        i += l;
     }
     let mut total = unsafe { acc[0].add(acc[1]).add(acc[2].add(acc[3])).reduce_sum() };
     while i < n {
@@ -127,9 +191,38 @@ unsafe fn scale_shift_kernel<S: SimdF32>(
     }
 }
 
-/// BatchNorm input gradient: `gx = k·(gy − mean_gy − (x − mu)·is·mean_gx̂)`.
-pub fn batchnorm_grad_input(isa: Isa, gy: &[f32], x: &[f32], coef: [f32; 5], gx: &mut [f32]) {
-    bn_grad_dispatch(isa, gy, x, coef, gx)
+/// BatchNorm input gradient: `gx = k·(gy − mean_gy − (x − mu)·is·mean_gx̂)`; with a `mask`
+/// (the output of a fused ReLU), `gy` counts only where `mask > 0`.
+pub fn batchnorm_grad_input(
+    isa: Isa,
+    gy: &[f32],
+    mask: Option<&[f32]>,
+    x: &[f32],
+    coef: [f32; 5],
+    gx: &mut [f32],
+) {
+    match mask {
+        None => bn_grad_dispatch(isa, gy, x, coef, gx),
+        Some(m) => bn_grad_masked_dispatch(isa, gy, m, x, coef, gx),
+    }
+}
+
+crate::simd_dispatch!(fn bn_grad_masked_dispatch => bn_grad_masked_kernel(gy: &[f32], mask: &[f32], x: &[f32], coef: [f32; 5], gx: &mut [f32]));
+
+#[inline(always)]
+unsafe fn bn_grad_masked_kernel<S: SimdF32>(
+    gy: &[f32],
+    mask: &[f32],
+    x: &[f32],
+    coef: [f32; 5],
+    gx: &mut [f32],
+) {
+    let [k, mean_gy, mu, is, mean_gxhat] = coef;
+    let slope = is * mean_gxhat;
+    for (((o, &g), &m), &v) in gx.iter_mut().zip(gy).zip(mask).zip(x) {
+        let g = if m > 0.0 { g } else { 0.0 };
+        *o = k * (g - mean_gy - (v - mu) * slope);
+    }
 }
 
 crate::simd_dispatch!(fn bn_grad_dispatch => bn_grad_kernel(gy: &[f32], x: &[f32], coef: [f32; 5], gx: &mut [f32]));

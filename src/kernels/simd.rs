@@ -121,6 +121,9 @@ pub trait SimdF32: Copy {
     unsafe fn mul(self, o: Self) -> Self;
     /// `self − o`.
     unsafe fn sub(self, o: Self) -> Self;
+    /// `self` in lanes where `m > 0`, zero elsewhere (the ReLU derivative mask; NaN counts as
+    /// not positive).
+    unsafe fn keep_where_positive(self, m: Self) -> Self;
     /// Sum of all lanes.
     unsafe fn reduce_sum(self) -> f32;
 }
@@ -218,6 +221,13 @@ mod x86 {
             unsafe { Avx512(_mm512_sub_ps(self.0, o.0)) }
         }
         #[inline(always)]
+        unsafe fn keep_where_positive(self, m: Self) -> Self {
+            unsafe {
+                let k = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(m.0, _mm512_setzero_ps());
+                Avx512(_mm512_maskz_mov_ps(k, self.0))
+            }
+        }
+        #[inline(always)]
         unsafe fn reduce_sum(self) -> f32 {
             unsafe { _mm512_reduce_add_ps(self.0) }
         }
@@ -262,6 +272,13 @@ mod x86 {
         #[inline(always)]
         unsafe fn sub(self, o: Self) -> Self {
             unsafe { Avx2(_mm256_sub_ps(self.0, o.0)) }
+        }
+        #[inline(always)]
+        unsafe fn keep_where_positive(self, m: Self) -> Self {
+            unsafe {
+                let k = _mm256_cmp_ps::<_CMP_GT_OQ>(m.0, _mm256_setzero_ps());
+                Avx2(_mm256_and_ps(self.0, k))
+            }
         }
         #[inline(always)]
         unsafe fn reduce_sum(self) -> f32 {
@@ -310,6 +327,10 @@ mod x86 {
         #[inline(always)]
         unsafe fn sub(self, o: Self) -> Self {
             unsafe { Sse2(_mm_sub_ps(self.0, o.0)) }
+        }
+        #[inline(always)]
+        unsafe fn keep_where_positive(self, m: Self) -> Self {
+            unsafe { Sse2(_mm_and_ps(self.0, _mm_cmpgt_ps(m.0, _mm_setzero_ps()))) }
         }
         #[inline(always)]
         unsafe fn reduce_sum(self) -> f32 {
@@ -367,6 +388,10 @@ impl SimdF32 for Scalar {
     #[inline(always)]
     unsafe fn sub(self, o: Self) -> Self {
         Scalar(self.0 - o.0)
+    }
+    #[inline(always)]
+    unsafe fn keep_where_positive(self, m: Self) -> Self {
+        Scalar(if m.0 > 0.0 { self.0 } else { 0.0 })
     }
     #[inline(always)]
     unsafe fn reduce_sum(self) -> f32 {

@@ -122,6 +122,11 @@ pub trait Module: Send {
     fn macs(&self) -> LayerMacs {
         LayerMacs::default()
     }
+    /// Takes over a ReLU that follows this layer (returns whether it did; the network then
+    /// skips the ReLU layer).
+    fn fuse_relu(&mut self) -> bool {
+        false
+    }
 }
 
 /// PyTorch's default initialization of conv and linear layers: weights
@@ -178,6 +183,11 @@ pub struct Network {
     param_count: usize,
     /// Seconds spent per layer in forward and backward since the last [`Network::take_timings`].
     timings: Vec<(f64, f64)>,
+    /// Layers run inside the layer before them (a ReLU after a BatchNorm).
+    fused: Vec<bool>,
+    /// The activation (and gradient) buffer of each layer boundary: a fused layer's output is
+    /// its input's buffer.
+    buffer: Vec<usize>,
 }
 
 impl Network {
@@ -201,6 +211,21 @@ impl Network {
             layers.push(NamedLayer { name, module });
         }
         let n = layers.len();
+        // A ReLU right after a layer that can absorb it (BatchNorm) runs inside that layer;
+        // its own activation buffer is then the previous one.
+        let mut fused = vec![false; n];
+        for i in 1..n {
+            if layers[i].module.kind() == "relu"
+                && !fused[i - 1]
+                && layers[i - 1].module.fuse_relu()
+            {
+                fused[i] = true;
+            }
+        }
+        let mut buffer = vec![0; n + 1];
+        for i in 0..n {
+            buffer[i + 1] = if fused[i] { buffer[i] } else { i + 1 };
+        }
         let param_count = layers
             .iter_mut()
             .flat_map(|l| l.module.params())
@@ -215,6 +240,8 @@ impl Network {
             ws: Workspace::new(),
             param_count,
             timings: vec![(0.0, 0.0); n],
+            fused,
+            buffer,
         })
     }
 
@@ -285,14 +312,20 @@ impl Network {
             rng,
         };
         for (i, layer) in self.layers.iter_mut().enumerate() {
+            if self.fused[i] {
+                continue;
+            }
+            // The output buffer is i + 1 and the input buffer is at most i.
             let (done, rest) = self.acts.split_at_mut(i + 1);
             let out = &mut rest[0];
             resize(out, batch * self.shapes[i + 1].iter().product::<usize>())?;
             let t = std::time::Instant::now();
-            layer.module.forward(&mut ctx, batch, &done[i], out)?;
+            layer
+                .module
+                .forward(&mut ctx, batch, &done[self.buffer[i]], out)?;
             self.timings[i].0 += t.elapsed().as_secs_f64();
         }
-        Ok(&self.acts[self.layers.len()])
+        Ok(&self.acts[self.buffer[self.layers.len()]])
     }
 
     /// Back-propagates `grad_out` (∂L/∂output of the last forward) through every layer, setting
@@ -305,8 +338,9 @@ impl Network {
         rng: &mut Rng,
     ) -> Result<()> {
         let n = self.layers.len();
-        resize(&mut self.grads[n], grad_out.len())?;
-        self.grads[n].copy_from_slice(grad_out);
+        let last = self.buffer[n];
+        resize(&mut self.grads[last], grad_out.len())?;
+        self.grads[last].copy_from_slice(grad_out);
         let mut ctx = Ctx {
             exec,
             ws: &mut self.ws,
@@ -314,13 +348,19 @@ impl Network {
             rng,
         };
         for i in (0..n).rev() {
-            let (lower, upper) = self.grads.split_at_mut(i + 1);
+            if self.fused[i] {
+                continue;
+            }
+            // gy lives in buffer i + 1 (never shared with a lower boundary: the next layer up,
+            // if fused, wrote into it), gx goes to the input's buffer.
+            let (inb, outb) = (self.buffer[i], self.buffer[i + 1]);
+            let (lower, upper) = self.grads.split_at_mut(outb);
             let gx = if i > 0 {
                 resize(
-                    &mut lower[i],
+                    &mut lower[inb],
                     batch * self.shapes[i].iter().product::<usize>(),
                 )?;
-                Some(&mut lower[i][..])
+                Some(&mut lower[inb][..])
             } else {
                 None
             };
@@ -328,14 +368,19 @@ impl Network {
             self.layers[i].module.backward(
                 &mut ctx,
                 batch,
-                &self.acts[i],
-                &self.acts[i + 1],
+                &self.acts[inb],
+                &self.acts[outb],
                 &upper[0],
                 gx,
             )?;
             self.timings[i].1 += t.elapsed().as_secs_f64();
         }
         Ok(())
+    }
+
+    /// Whether layer `i` runs inside the layer before it (a ReLU fused into a BatchNorm).
+    pub fn is_fused(&self, i: usize) -> bool {
+        self.fused[i]
     }
 
     /// Seconds spent in each layer's forward and backward since the last call (then reset).

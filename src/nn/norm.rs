@@ -23,6 +23,9 @@ pub struct BatchNorm2d {
     /// Per-channel scale and shift applied in the last forward.
     scale: Vec<f32>,
     shift: Vec<f32>,
+    /// A ReLU that followed this layer in the spec runs inside it (the network skips the ReLU
+    /// layer): one pass over the activation instead of two, forward and backward.
+    relu: bool,
 }
 
 impl BatchNorm2d {
@@ -51,6 +54,7 @@ impl BatchNorm2d {
             inv_std: vec![0.0; c],
             scale: vec![0.0; c],
             shift: vec![0.0; c],
+            relu: false,
         })
     }
 
@@ -128,14 +132,14 @@ impl Module for BatchNorm2d {
             self.scale[c] = self.gamma.value[c] * self.inv_std[c];
             self.shift[c] = self.beta.value[c] - self.mean[c] * self.scale[c];
         }
-        let (scale, shift, isa) = (&self.scale, &self.shift, ctx.exec.isa());
+        let (scale, shift, isa, relu) = (&self.scale, &self.shift, ctx.exec.isa(), self.relu);
         par_planes(y, plane, |i, p| {
             elementwise::scale_shift(
                 isa,
                 &x[i * plane..(i + 1) * plane],
                 scale[i % ch],
                 shift[i % ch],
-                false,
+                relu,
                 p,
             );
         });
@@ -146,20 +150,32 @@ impl Module for BatchNorm2d {
         ctx: &mut Ctx,
         batch: usize,
         x: &[f32],
-        _y: &[f32],
+        y: &[f32],
         gy: &[f32],
         gx: Option<&mut [f32]>,
     ) -> Result<()> {
         let (ch, plane) = (self.channels(), self.plane());
         let count = (batch * plane) as f64;
         let (mean, inv_std, isa) = (&self.mean, &self.inv_std, ctx.exec.isa());
+        // With a fused ReLU, gy is the gradient at the ReLU's output: it passes where y > 0.
+        let mask = self.relu.then_some(y);
         // Per channel: Σ gy and Σ gy·x̂.
         let sums: Vec<(f64, f64)> = (0..ch)
             .into_par_iter()
             .map(|c| {
-                let s = channel_sum(batch, c, ch, plane, |r| elementwise::sum(isa, &gy[r]));
-                let sx = channel_sum(batch, c, ch, plane, |r| {
-                    elementwise::dot_centered(isa, &gy[r.clone()], &x[r], mean[c])
+                let s = channel_sum(batch, c, ch, plane, |r| match mask {
+                    Some(m) => elementwise::sum_masked(isa, &gy[r.clone()], &m[r]),
+                    None => elementwise::sum(isa, &gy[r]),
+                });
+                let sx = channel_sum(batch, c, ch, plane, |r| match mask {
+                    Some(m) => elementwise::dot_centered_masked(
+                        isa,
+                        &gy[r.clone()],
+                        &m[r.clone()],
+                        &x[r],
+                        mean[c],
+                    ),
+                    None => elementwise::dot_centered(isa, &gy[r.clone()], &x[r], mean[c]),
                 });
                 (s, sx * inv_std[c] as f64)
             })
@@ -185,13 +201,18 @@ impl Module for BatchNorm2d {
                 .collect();
             par_planes(gx, plane, |i, p| {
                 let r = i * plane..(i + 1) * plane;
-                elementwise::batchnorm_grad_input(isa, &gy[r.clone()], &x[r], coef[i % ch], p);
+                let m = mask.map(|m| &m[r.clone()]);
+                elementwise::batchnorm_grad_input(isa, &gy[r.clone()], m, &x[r], coef[i % ch], p);
             });
         }
         Ok(())
     }
     fn params(&mut self) -> Vec<&mut Param> {
         vec![&mut self.gamma, &mut self.beta]
+    }
+    fn fuse_relu(&mut self) -> bool {
+        self.relu = true;
+        true
     }
     fn buffers(&mut self) -> Vec<&mut Buffer> {
         vec![&mut self.running_mean, &mut self.running_var]

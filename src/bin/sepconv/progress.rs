@@ -99,7 +99,16 @@ pub fn print_profile(net: &mut sepconv::nn::Network) {
         "{:<12} {:<28} {:>10} {:>10} {:>7}",
         "layer", "type", "fwd s", "bwd s", "share"
     );
-    for (l, (f, b)) in net.layers().iter().zip(&t) {
+    for (i, (l, (f, b))) in net.layers().iter().zip(&t).enumerate() {
+        if net.is_fused(i) {
+            println!(
+                "{:<12} {:<28} {:>21}",
+                l.name,
+                l.module.kind(),
+                "(runs inside the layer above)"
+            );
+            continue;
+        }
         println!(
             "{:<12} {:<28} {:>10.3} {:>10.3} {:>6.1}%",
             l.name,
