@@ -41,6 +41,11 @@ pub mod separable;
 pub mod tensor;
 pub mod train;
 
+/// The README's Rust example, compiled and run as a doctest.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
+
 pub use cost::ConvCost;
 pub use error::{Error, Result};
 pub use geometry::{Conv2dParams, ConvGeometry, Padding};
