@@ -27,8 +27,9 @@ fn padding() -> impl Strategy<Value = Padding> {
     ]
 }
 
-/// Runs a pair with the fast kernels: the training forward (keeping the intermediate) and the
-/// inference forward (fused for depthwise-separable pairs), on every variant.
+/// Runs a pair with the fast kernels: the training forward (keeping the intermediate), the
+/// inference forward, and for depthwise-separable pairs the fused kernel directly (inference
+/// uses it only above a size threshold), on every variant.
 fn run_pair(pair: &ConvPair, x: &[f32], w1: &[f32], w2: &[f32], b: &[f32]) -> Vec<Vec<f32>> {
     let mut out = Vec::new();
     for exec in execs() {
@@ -60,6 +61,22 @@ fn run_pair(pair: &ConvPair, x: &[f32], w1: &[f32], w2: &[f32], b: &[f32]) -> Ve
         )
         .unwrap();
         out.push(y);
+        if pair.first.is_depthwise() && pair.second.is_pointwise() {
+            let mut y = vec![f32::NAN; pair.second.output_len()];
+            kernels::fused::depthwise_pointwise_forward(
+                exec,
+                &pair.first,
+                &pair.second,
+                x,
+                w1,
+                w2,
+                Some(b),
+                &mut y,
+                &mut Workspace::new(),
+            )
+            .unwrap();
+            out.push(y);
+        }
     }
     out
 }
