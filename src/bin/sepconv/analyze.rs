@@ -14,10 +14,12 @@ use serde::Serialize;
 use crate::cost::thousands;
 use crate::plot::{Panel, Series, svg};
 
-/// Tell whether a conv weight [N, M, kh, kw] is spatially separable (each 2-D kernel, and the
-/// layer as kh×1 then 1×kw) and depthwise separable (per input channel, the N kernels are
-/// multiples of K kernels), with singular values, numerical ranks, the error of the best
-/// approximation at each size, what it costs, and a plain-words verdict.
+/// Is a conv weight spatially or depthwise separable, and how far from it is it?
+///
+/// For a weight [N, M, kh, kw]: spatial separability of each 2-D kernel and of the layer as
+/// kh×1 then 1×kw; depthwise separability (per input channel, the N kernels are multiples of K
+/// kernels); singular values, numerical ranks, the error of the best approximation at each size,
+/// what it costs, and a plain-words verdict.
 #[derive(clap::Args)]
 #[command(after_help = "Examples:\n  sepconv analyze --weight w.npy\n  \
     sepconv analyze --weight runs/compare/mnist-ref-std/checkpoint.safetensors --layer block3 --plot block3.svg")]

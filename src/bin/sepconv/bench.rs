@@ -10,9 +10,11 @@ use sepconv::bench::{
 use sepconv::{Error, Exec, Result};
 use serde::Serialize;
 
-/// Time the reference layer set of DESIGN.md (f32, NCHW, 3×3, 'same' except layer A):
-/// variants std (M→N), dw (depthwise on M), pw (1×1 M→N), ds (dw then pw) and sp (3×1 M→R then
-/// 1×3 R→N, R = min(M, N)); passes forward and train (forward + grad-input + grad-weight).
+/// Time the reference layer set A–E, every variant and pass (optionally next to PyTorch).
+///
+/// The layers of DESIGN.md (f32, NCHW, 3×3, 'same' except layer A): variants std (M→N), dw
+/// (depthwise on M), pw (1×1 M→N), ds (dw then pw) and sp (3×1 M→R then 1×3 R→N, R = min(M, N));
+/// passes forward and train (forward + grad-input + grad-weight).
 ///
 /// Reports the median and minimum of the timed runs, GMAC/s (nominal MACs / minimum time; a
 /// training step counts 3 × the forward MACs), the share of this machine's FMA peak (measured

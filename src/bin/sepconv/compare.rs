@@ -14,10 +14,14 @@ use serde::Serialize;
 use crate::plot::{Panel, Series, svg};
 use crate::progress::{default_data_dir, fit_with_progress};
 
-/// Train mnist-ref-std, mnist-ref-ds and mnist-ref-sp (the reference network with standard,
+/// The main job: train standard, depthwise-separable and spatially separable CNNs on MNIST and
+/// compare accuracy, time and multiplications.
+///
+/// Trains mnist-ref-std, mnist-ref-ds and mnist-ref-sp (the reference network with standard,
 /// depthwise-separable and spatially separable blocks) with the same seed and recipe (Adam 1e-3,
-/// cosine annealing, batch 64), then print one table: parameters, forward MACs per image,
-/// seconds per epoch, training and inference images/s, and test accuracy after each epoch.
+/// cosine annealing, batch 64), says how long that should take, then prints one table:
+/// parameters, forward MACs per image, seconds per epoch, training and inference images/s, and
+/// test accuracy after each epoch.
 ///
 /// Writes DIR/report.json, DIR/report.svg (test accuracy per epoch; accuracy against MACs) and
 /// each variant's run (checkpoint and metrics) under DIR/<variant>/.

@@ -8,7 +8,9 @@ use sepconv::io::npy::{npy_bytes, read_npy, read_npy_4d};
 use sepconv::kernels::{self, Workspace};
 use sepconv::{Conv2dParams, ConvCost, ConvGeometry, Error, Exec, Padding, Result, Tensor};
 
-/// Apply one 2-D convolution to float32 C-order .npy arrays (NCHW input, OIHW weight).
+/// Apply one convolution (and its backward pass) to .npy arrays, for cross-checking frameworks.
+///
+/// Inputs are float32 C-order .npy arrays: NCHW input, OIHW weight.
 ///
 /// With --grad-output it also runs the backward pass and writes the gradients. All outputs are
 /// written only after everything succeeded, each under a temporary name renamed into place.

@@ -7,8 +7,9 @@ use sepconv::nn::{ModelSpec, Network};
 use sepconv::{Conv2dParams, ConvGeometry, ConvPair, Error, Exec, Padding, Result};
 use serde::Serialize;
 
-/// Count what convolutions cost: MACs (multiply-accumulates; FLOPs = 2 × MACs), parameters and
-/// activation bytes.
+/// Count what convolutions cost: the textbook's examples, one layer's variants, or a network.
+///
+/// MACs (multiply-accumulates; FLOPs = 2 × MACs), parameters and activation bytes.
 ///
 /// With no arguments: the textbook's worked examples (depthwise separable on a 15×15 RGB input;
 /// Sobel as a spatially separable kernel), derived step by step, with two corrections.

@@ -30,8 +30,10 @@ pub enum Target {
     Spatial,
 }
 
-/// Replace a conv weight by its best separable approximation (truncated SVD, optimal in the
-/// Frobenius norm), or convert every standard conv of a trained network (--checkpoint).
+/// Replace a conv weight (or every conv of a trained network) by its best separable approximation.
+///
+/// The truncated SVD is optimal in the Frobenius norm; --checkpoint converts every standard conv
+/// of a trained network.
 ///
 /// depthwise-separable writes DIR/depthwise.npy [M·K, 1, kh, kw] and DIR/pointwise.npy
 /// [N, M·K, 1, 1]; spatial writes DIR/vertical.npy [K, M, kh, 1] and DIR/horizontal.npy

@@ -7,8 +7,10 @@ use sepconv::{Error, Exec, Result};
 
 use crate::progress::default_data_dir;
 
-/// Evaluate a checkpoint on the test split of an MNIST-format dataset: accuracy, loss, a
-/// confusion matrix (rows: true class, columns: predicted) and images per second.
+/// Evaluate a checkpoint: test accuracy, loss, confusion matrix, images/s.
+///
+/// Runs the network in evaluation mode on the test split of an MNIST-format dataset; the
+/// confusion matrix has true classes as rows and predictions as columns.
 #[derive(clap::Args)]
 pub struct Args {
     /// A checkpoint written by `sepconv train` (RUN_DIR/checkpoint.safetensors).

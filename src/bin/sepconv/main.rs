@@ -27,25 +27,15 @@ struct Cli {
 }
 
 #[derive(Subcommand)]
+// Each variant's help is its Args struct's doc comment (summary line, then details).
 enum Command {
-    /// Train the three mnist-ref variants (standard, depthwise-separable, spatially separable)
-    /// side by side and compare accuracy, time and multiplications: the main job.
     Compare(compare::Args),
-    /// Train a network (preset or TOML spec) on an MNIST-format dataset.
     Train(train::Args),
-    /// Evaluate a checkpoint: accuracy, loss, confusion matrix, images/s.
     Eval(eval::Args),
-    /// The cost arithmetic: the textbook's worked examples, one layer's variants side by side,
-    /// or a network's per-layer MACs and parameters.
     Cost(cost::Args),
-    /// Is a conv weight spatially or depthwise separable, and how far from it is it?
     Analyze(analyze::Args),
-    /// Replace a conv weight (or every conv of a network) by its best separable approximation.
     Decompose(decompose::Args),
-    /// Apply one convolution to .npy arrays (and its backward pass), for cross-checking other
-    /// frameworks from the shell.
     Conv(conv::Args),
-    /// Time the reference layer set A–E (std, dw, pw, ds, sp; forward and train).
     Bench(bench::Args),
 }
 
