@@ -362,3 +362,60 @@ fn decompose_a_trained_network() {
             .contains("depthwise_separable_conv2d")
     );
 }
+
+/// Ctrl-C (SIGINT) during training stops after the current step, exits with 130 and leaves the
+/// checkpoint of the last completed epoch, whole.
+#[cfg(unix)]
+#[test]
+fn sigint_keeps_last_completed_epoch() {
+    let dir = temp_dir("sigint");
+    let run_dir = dir.join("run");
+    let mut child = bin()
+        .args([
+            "--threads",
+            "2",
+            "train",
+            "--model",
+            "mnist-ref-ds",
+            "--epochs",
+            "200",
+            "--train-limit",
+            "640",
+            "--test-limit",
+            "50",
+            "--data",
+            &s(&mnist()),
+            "--out",
+            &s(&run_dir),
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait for the first completed epoch.
+    let metrics = run_dir.join("metrics.jsonl");
+    let t0 = std::time::Instant::now();
+    while !std::fs::read_to_string(&metrics).is_ok_and(|m| !m.is_empty()) {
+        assert!(t0.elapsed().as_secs() < 120, "no epoch finished");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let status = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{stderr}");
+    assert!(
+        stderr.contains("interrupted") && stderr.contains("--resume"),
+        "{stderr}"
+    );
+    let ckpt = sepconv::train::checkpoint::load(&run_dir.join("checkpoint.safetensors")).unwrap();
+    let lines = std::fs::read_to_string(&metrics).unwrap().lines().count();
+    assert!(ckpt.meta.epoch >= 1 && ckpt.meta.epoch < 200);
+    assert_eq!(lines, ckpt.meta.epoch, "metrics and checkpoint agree");
+    for e in std::fs::read_dir(&run_dir).unwrap() {
+        assert!(!e.unwrap().file_name().to_string_lossy().contains(".tmp-"));
+    }
+}

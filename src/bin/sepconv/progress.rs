@@ -76,10 +76,18 @@ pub fn default_data_dir() -> PathBuf {
     if shipped.is_dir() { shipped } else { here }
 }
 
-/// A flag raised by Ctrl-C, checked by the training loop between steps.
+/// A flag raised by Ctrl-C, checked by the training loop between steps. One per process: the
+/// handler can be installed only once, and `compare` trains several networks in a row.
 pub fn interrupt_flag() -> std::sync::Arc<std::sync::atomic::AtomicBool> {
+    static FLAG: std::sync::OnceLock<std::sync::Arc<std::sync::atomic::AtomicBool>> =
+        std::sync::OnceLock::new();
+    FLAG.get_or_init(install_interrupt_handler).clone()
+}
+
+fn install_interrupt_handler() -> std::sync::Arc<std::sync::atomic::AtomicBool> {
     let flag = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let f = flag.clone();
+
     // If a handler cannot be installed (already installed in this process), Ctrl-C simply
     // terminates: the last checkpoint is still whole because every write is atomic.
     let _ = ctrlc::set_handler(move || {
