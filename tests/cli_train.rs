@@ -370,7 +370,7 @@ fn decompose_a_trained_network() {
 fn sigint_keeps_last_completed_epoch() {
     let dir = temp_dir("sigint");
     let run_dir = dir.join("run");
-    let mut child = bin()
+    let child = bin()
         .args([
             "--threads",
             "2",
