@@ -33,8 +33,9 @@ use crate::geometry::ConvGeometry;
 /// Outputs per inner-loop step: 4 vectors, enough independent FMA chains to hide latency.
 const BLOCK: usize = 4;
 
-/// Zero margin after each flat buffer: the last block of vectors may read past the data.
-const MARGIN: usize = BLOCK * 16;
+/// Zero margin after each flat buffer: the last block of vectors may read past the data (one
+/// vector more than the block in [`correlate_row_triples`]).
+const MARGIN: usize = (BLOCK + 1) * 16;
 
 /// The phase-plane layout of one input plane, shared by forward and grad-weight.
 #[derive(Clone, Debug)]
@@ -267,11 +268,51 @@ unsafe fn correlate<S: SimdF32>(
 ) {
     debug_assert_eq!(offsets.len(), w.len());
     if let (Ok(off), Ok(wt)) = (<&[usize; 9]>::try_from(offsets), <&[f32; 9]>::try_from(w)) {
+        // A 3×3 at stride 1 and dilation 1 in phase space: rows of adjacent taps share loads.
+        if let Some(bases) = row_triples::<S>(offsets) {
+            return unsafe {
+                correlate_row_triples::<S>(src, bases, wt, bias, positions, out, accumulate)
+            };
+        }
+
         // 3×3: a fixed tap count unrolls fully and keeps the weights in registers.
         unsafe { correlate_fixed::<S, 9>(src, off, wt, bias, positions, out, accumulate) }
     } else {
         unsafe { correlate_any::<S>(src, offsets, w, bias, positions, out, accumulate) }
     }
+}
+
+/// A correlation block's starting accumulators: what `out` holds when accumulating, else the
+/// bias.
+#[inline(always)]
+unsafe fn block_start<S: SimdF32>(out: *const f32, bias: S, accumulate: bool) -> [S; BLOCK] {
+    let mut acc = [bias; BLOCK];
+    if accumulate {
+        for (q, a) in acc.iter_mut().enumerate() {
+            // SAFETY: the caller's `out` has BLOCK vectors from here.
+            *a = unsafe { S::load(out.add(q * S::LANES)) };
+        }
+    }
+    acc
+}
+
+/// Stores a correlation block's accumulators at `out`.
+#[inline(always)]
+unsafe fn block_store<S: SimdF32>(acc: &[S; BLOCK], out: *mut f32) {
+    for (q, a) in acc.iter().enumerate() {
+        // SAFETY: the caller's `out` has BLOCK vectors from here.
+        unsafe { a.store(out.add(q * S::LANES)) };
+    }
+}
+
+/// Each weight broadcast to a vector (kept in registers across a plane).
+#[inline(always)]
+unsafe fn splat_all<S: SimdF32, const T: usize>(w: &[f32; T]) -> [S; T] {
+    let mut wv = [unsafe { S::zero() }; T];
+    for (v, &x) in wv.iter_mut().zip(w) {
+        *v = unsafe { S::splat(x) };
+    }
+    wv
 }
 
 #[inline(always)]
@@ -288,27 +329,56 @@ unsafe fn correlate_fixed<S: SimdF32, const T: usize>(
     let (sp, op) = (src.as_ptr(), out.as_mut_ptr());
     let mut o = 0;
     unsafe {
-        let mut wv = [S::zero(); T];
-        for (v, &x) in wv.iter_mut().zip(w) {
-            *v = S::splat(x);
-        }
+        let wv = splat_all::<S, T>(w);
         let b = S::splat(bias);
         while o < positions {
-            let mut acc = [b; BLOCK];
-            if accumulate {
-                for (q, a) in acc.iter_mut().enumerate() {
-                    *a = S::load(op.add(o + q * l));
-                }
-            }
+            let mut acc = block_start(op.add(o), b, accumulate);
             for t in 0..T {
                 let p = sp.add(o + off[t]);
                 for (q, a) in acc.iter_mut().enumerate() {
                     *a = S::mul_add(wv[t], S::load(p.add(q * l)), *a);
                 }
             }
-            for (q, a) in acc.iter().enumerate() {
-                a.store(op.add(o + q * l));
+            block_store(&acc, op.add(o));
+            o += BLOCK * l;
+        }
+    }
+}
+
+/// [`correlate`] for taps in three rows of three adjacent offsets (`bases[r] + 0, 1, 2`, weights
+/// row by row): each row loads `BLOCK + 1` vectors once and forms the shifted ones in registers,
+/// 3 loads per output vector instead of 9 (most of which split a cache line).
+#[inline(always)]
+unsafe fn correlate_row_triples<S: SimdF32>(
+    src: &[f32],
+    bases: [usize; 3],
+    w: &[f32; 9],
+    bias: f32,
+    positions: usize,
+    out: &mut [f32],
+    accumulate: bool,
+) {
+    let l = S::LANES;
+    let (sp, op) = (src.as_ptr(), out.as_mut_ptr());
+    let mut o = 0;
+    unsafe {
+        let wv = splat_all::<S, 9>(w);
+        let b = S::splat(bias);
+        while o < positions {
+            let mut acc = block_start(op.add(o), b, accumulate);
+            for (r, &base) in bases.iter().enumerate() {
+                let p = sp.add(o + base);
+                let mut v = [S::zero(); BLOCK + 1];
+                for (q, x) in v.iter_mut().enumerate() {
+                    *x = S::load(p.add(q * l));
+                }
+                for (q, a) in acc.iter_mut().enumerate() {
+                    *a = S::mul_add(wv[3 * r], v[q], *a);
+                    *a = S::mul_add(wv[3 * r + 1], S::shift_lanes::<1>(v[q], v[q + 1]), *a);
+                    *a = S::mul_add(wv[3 * r + 2], S::shift_lanes::<2>(v[q], v[q + 1]), *a);
+                }
             }
+            block_store(&acc, op.add(o));
             o += BLOCK * l;
         }
     }
@@ -330,12 +400,7 @@ unsafe fn correlate_any<S: SimdF32>(
     unsafe {
         let b = S::splat(bias);
         while o < positions {
-            let mut acc = [b; BLOCK];
-            if accumulate {
-                for (q, a) in acc.iter_mut().enumerate() {
-                    *a = S::load(op.add(o + q * l));
-                }
-            }
+            let mut acc = block_start(op.add(o), b, accumulate);
             for (&off, &wt) in offsets.iter().zip(w) {
                 let wv = S::splat(wt);
                 let p = sp.add(o + off);
@@ -343,9 +408,7 @@ unsafe fn correlate_any<S: SimdF32>(
                     *a = S::mul_add(wv, S::load(p.add(q * l)), *a);
                 }
             }
-            for (q, a) in acc.iter().enumerate() {
-                a.store(op.add(o + q * l));
-            }
+            block_store(&acc, op.add(o));
             o += BLOCK * l;
         }
     }
@@ -416,6 +479,54 @@ unsafe fn dot_taps<S: SimdF32, const T: usize>(
     }
 }
 
+/// [`dot_taps`] for a 3×3 whose taps form three rows of adjacent offsets (`bases[r] + 0, 1, 2`):
+/// each row loads one new vector per step and forms the shifted ones in registers, as
+/// [`correlate_row_triples`] does.
+#[inline(always)]
+unsafe fn dot_taps_row_triples<S: SimdF32>(
+    x: &[f32],
+    gy: &[f32],
+    bases: [usize; 3],
+    positions: usize,
+) -> [f32; 9] {
+    let (xp, gp, l) = (x.as_ptr(), gy.as_ptr(), S::LANES);
+    unsafe {
+        let mut acc = [S::zero(); 9];
+        let mut cur = [S::zero(); 3];
+        for (c, &base) in cur.iter_mut().zip(&bases) {
+            *c = S::load(xp.add(base));
+        }
+        let mut o = 0;
+        while o < positions {
+            let gv = S::load(gp.add(o));
+            for (r, &base) in bases.iter().enumerate() {
+                let next = S::load(xp.add(o + base + l));
+                acc[3 * r] = S::mul_add(gv, cur[r], acc[3 * r]);
+                acc[3 * r + 1] = S::mul_add(gv, S::shift_lanes::<1>(cur[r], next), acc[3 * r + 1]);
+                acc[3 * r + 2] = S::mul_add(gv, S::shift_lanes::<2>(cur[r], next), acc[3 * r + 2]);
+                cur[r] = next;
+            }
+            o += l;
+        }
+        let mut out = [0f32; 9];
+        for (o, a) in out.iter_mut().zip(&acc) {
+            *o = a.reduce_sum();
+        }
+        out
+    }
+}
+
+/// The row bases of a 3×3 tap set whose offsets are three rows of three adjacent positions
+/// (`[b0, b0+1, b0+2, b1, …]`), where the row-triple kernels apply: on 16-lane vectors only,
+/// whose in-register shift (AVX-512 `valignd`) is cheaper than the split loads it replaces.
+#[inline(always)]
+fn row_triples<S: SimdF32>(offsets: &[usize]) -> Option<[usize; 3]> {
+    let off = <&[usize; 9]>::try_from(offsets).ok()?;
+    let adjacent =
+        (0..3).all(|r| off[3 * r + 1] == off[3 * r] + 1 && off[3 * r + 2] == off[3 * r] + 2);
+    (S::LANES == 16 && adjacent).then_some([off[0], off[3], off[6]])
+}
+
 #[inline(always)]
 unsafe fn grad_weight_channels_kernel<S: SimdF32>(
     g: &ConvGeometry,
@@ -457,7 +568,9 @@ unsafe fn grad_weight_channels_kernel<S: SimdF32>(
                 // SAFETY: reads stay below positions + max offset + LANES <= l.len in xbuf and
                 // below out_len in gbuf.
                 let sums = unsafe {
-                    if let Ok(off) = <&[usize; TAP_BLOCK]>::try_from(offsets) {
+                    if let Some(bases) = row_triples::<S>(offsets) {
+                        dot_taps_row_triples::<S>(xbuf, gbuf, bases, l.positions)
+                    } else if let Ok(off) = <&[usize; TAP_BLOCK]>::try_from(offsets) {
                         // Full block (all of a 3×3 kernel): fixed count, unrolled.
                         dot_taps::<S, TAP_BLOCK>(xbuf, gbuf, off, l.positions)
                     } else {
@@ -510,17 +623,19 @@ impl GradInputLayout {
         let mut phases = Vec::new();
         for a in 0..sh {
             for b in 0..sw {
-                let mut taps = Vec::new();
-                let mut offsets = Vec::new();
+                let mut pairs = Vec::new();
                 for i in 0..g.kernel_h {
                     for j in 0..g.kernel_w {
                         let (di, dj) = (i * g.dilation_h, j * g.dilation_w);
                         if di % sh == a && dj % sw == b {
-                            taps.push(i * g.kernel_w + j);
-                            offsets.push((qh - di / sh) * wg + (qw - dj / sw));
+                            pairs.push((i * g.kernel_w + j, (qh - di / sh) * wg + (qw - dj / sw)));
                         }
                     }
                 }
+                // Ascending offsets: a flipped 3×3 at stride 1 then forms the rows of adjacent
+                // taps that `correlate` reads with shared loads.
+                pairs.sort_by_key(|&(_, off)| off);
+                let (taps, offsets) = pairs.into_iter().unzip();
                 phases.push((a, b, taps, offsets));
             }
         }

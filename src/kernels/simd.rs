@@ -113,6 +113,17 @@ pub trait SimdF32: Copy {
     unsafe fn fence() {}
     /// Hints that the cache line at `p` will be read soon.
     unsafe fn prefetch(_p: *const f32) {}
+    /// Lanes `N .. N + LANES` of the concatenation `lo ‖ hi` (`0 <= N <= LANES`): the vector
+    /// one would load `N` elements after `lo`'s address when `hi` follows `lo` in memory.
+    /// AVX-512 does this in a register (`valignd`), saving a cache-line-splitting load.
+    unsafe fn shift_lanes<const N: i32>(lo: Self, hi: Self) -> Self {
+        let mut buf = [0f32; 64];
+        unsafe {
+            lo.store(buf.as_mut_ptr());
+            hi.store(buf.as_mut_ptr().add(Self::LANES));
+            Self::load(buf.as_ptr().add(N as usize))
+        }
+    }
     /// `a * b + c`.
     unsafe fn mul_add(a: Self, b: Self, c: Self) -> Self;
     /// `self + o`.
@@ -192,6 +203,16 @@ mod x86 {
         unsafe fn fence() {
             unsafe { _mm_sfence() }
         }
+        #[inline(always)]
+        unsafe fn shift_lanes<const N: i32>(lo: Self, hi: Self) -> Self {
+            unsafe {
+                Avx512(_mm512_castsi512_ps(_mm512_alignr_epi32::<N>(
+                    _mm512_castps_si512(hi.0),
+                    _mm512_castps_si512(lo.0),
+                )))
+            }
+        }
+
         #[inline(always)]
         unsafe fn prefetch(p: *const f32) {
             unsafe { _mm_prefetch::<_MM_HINT_T0>(p as *const i8) }
@@ -444,4 +465,47 @@ macro_rules! simd_dispatch {
             }
         }
     };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    crate::simd_dispatch!(fn shifted => shifted_kernel(src: &[f32], out: &mut Vec<f32>));
+
+    /// Lanes of `shift_lanes::<0, 1, 2>` of the first two vectors of `src`, one after another.
+    #[inline(always)]
+    unsafe fn shifted_kernel<S: SimdF32>(src: &[f32], out: &mut Vec<f32>) {
+        let l = S::LANES;
+        let mut buf = [0f32; 16];
+        out.clear();
+        unsafe {
+            let (lo, hi) = (S::load(src.as_ptr()), S::load(src.as_ptr().add(l)));
+            let shifts = [
+                S::shift_lanes::<0>(lo, hi),
+                S::shift_lanes::<1>(lo, hi),
+                S::shift_lanes::<2>(lo, hi),
+            ];
+            for v in shifts {
+                v.store(buf.as_mut_ptr());
+                out.extend_from_slice(&buf[..l]);
+            }
+        }
+    }
+
+    #[test]
+    fn shift_lanes_reads_across_the_two_vectors() {
+        let src: Vec<f32> = (0..32).map(|i| i as f32).collect();
+        for isa in Isa::available() {
+            let mut out = Vec::new();
+            shifted(isa, &src, &mut out);
+            let l = out.len() / 3;
+            if l < 2 {
+                continue; // one lane: a shift by 2 is outside the documented range
+            }
+            for (n, got) in out.chunks_exact(l).enumerate() {
+                assert_eq!(got, &src[n..n + l], "{isa} shift {n}");
+            }
+        }
+    }
 }
