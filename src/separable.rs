@@ -11,7 +11,7 @@
 //! Both run through the same [`ConvPair`] forward and backward.
 
 use crate::cost::ConvCost;
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, grow_zeroed};
 use crate::geometry::{Conv2dParams, ConvGeometry, Padding};
 use crate::kernels::{self, Exec, Workspace};
 
@@ -185,14 +185,7 @@ impl ConvPair {
             );
         }
         let len = self.first.output_len();
-        if mid.len() < len {
-            mid.try_reserve_exact(len - mid.len())
-                .map_err(|_| Error::TooLarge {
-                    what: "the intermediate activation".into(),
-                    bytes: len as u128 * 4,
-                })?;
-            mid.resize(len, 0.0);
-        }
+        grow_zeroed(mid, len, "the intermediate activation")?;
         self.forward(exec, x, w1, w2, bias, &mut mid[..len], y, ws)
     }
 

@@ -2,7 +2,7 @@
 //!
 //! For each image and group the convolution is `Y (cout × P) = W (cout × K) · col (K × P)`, where
 //! `K = cin·kh·kw` and `P` the output pixels. How the work is cut into GEMMs is decided once per
-//! call by a [`Plan`]:
+//! call by a `Plan`:
 //!
 //! - large images: the im2col matrix is built in tiles of output pixels sized to stay in cache
 //!   (a full one is 14 MB per image on reference layer C, which would spend a third of the time
@@ -283,11 +283,12 @@ impl GroupSlices {
     }
 
     fn weight<'a>(&self, w: &'a [f32], grp: usize) -> MatView<'a> {
-        MatView::dense(
-            &w[grp * self.cog * self.k..(grp + 1) * self.cog * self.k],
-            self.cog,
-            self.k,
-        )
+        MatView::dense(self.weight_slice(w, grp), self.cog, self.k)
+    }
+
+    /// Group `grp`'s weights: `cog × k`, row-major.
+    fn weight_slice<'a>(&self, w: &'a [f32], grp: usize) -> &'a [f32] {
+        &w[grp * self.cog * self.k..(grp + 1) * self.cog * self.k]
     }
 
     /// im2col of every image of `t` (group `grp` of `x`) into `col` (`K × t.cols()`).
@@ -349,9 +350,8 @@ pub fn forward(
                         let yg = &mut yc[at..at + s.out_group];
                         let xg = s.input(x, 0, t.n0, grp);
                         if plan.unpacked {
-                            let wgs = &w[grp * s.cog * s.k..(grp + 1) * s.cog * s.k];
                             let ops = Operands {
-                                c: wgs,
+                                c: s.weight_slice(w, grp),
                                 ldc: s.k,
                                 c_col: 1,
                                 d: xg,
@@ -464,9 +464,8 @@ pub fn grad_input(
                         let gxg = &mut gxc[at(t.n0)..at(t.n0) + s.in_group];
                         if plan.unpacked {
                             // C = Wᵀ: element (m, n) of the transposed weight is W[n·K + m].
-                            let wgs = &w[grp * s.cog * s.k..(grp + 1) * s.cog * s.k];
                             let ops = Operands {
-                                c: wgs,
+                                c: s.weight_slice(w, grp),
                                 ldc: 1,
                                 c_col: s.k,
                                 d: gyg,

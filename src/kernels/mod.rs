@@ -1,7 +1,7 @@
 //! The compute: convolution kernels over plain slices, and the one place that picks which
 //! kernel runs for a given geometry.
 //!
-//! - [`reference`]: plain loops with f64 accumulation; the ground truth every fast kernel is
+//! - [`reference`](mod@reference): plain loops with f64 accumulation; the ground truth every fast kernel is
 //!   tested against.
 //! - [`conv`]: standard and grouped convolution as im2col + GEMM, tiled over output pixels so
 //!   the column buffer stays in cache; a 1×1 stride-1 unpadded kernel (pointwise) skips im2col
@@ -35,7 +35,7 @@ use std::ops::Range;
 
 use rayon::prelude::*;
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, grow_zeroed};
 use crate::geometry::{Conv2dParams, ConvGeometry, Padding};
 pub use simd::Isa;
 
@@ -103,15 +103,7 @@ impl Workspace {
 
     /// A scratch slice of at least `len` elements with unspecified contents.
     pub fn take(&mut self, len: usize) -> Result<&mut [f32]> {
-        if self.buf.len() < len {
-            self.buf
-                .try_reserve_exact(len - self.buf.len())
-                .map_err(|_| Error::TooLarge {
-                    what: "kernel scratch".into(),
-                    bytes: len as u128 * 4,
-                })?;
-            self.buf.resize(len, 0.0);
-        }
+        grow_zeroed(&mut self.buf, len, "kernel scratch")?;
         Ok(&mut self.buf[..len])
     }
 
@@ -261,14 +253,7 @@ pub fn conv2d_grad_input(
                 // Only worth it when the adjoint runs on a faster algorithm than im2col.
                 Some(adj) if ConvAlgorithm::choose(exec, &adj) != ConvAlgorithm::Im2colGemm => {
                     let mut wt = std::mem::take(&mut ws.weights);
-                    if wt.len() < w.len() {
-                        wt.try_reserve_exact(w.len() - wt.len())
-                            .map_err(|_| Error::TooLarge {
-                                what: "the adjoint kernel".into(),
-                                bytes: w.len() as u128 * 4,
-                            })?;
-                        wt.resize(w.len(), 0.0);
-                    }
+                    grow_zeroed(&mut wt, w.len(), "the adjoint kernel")?;
                     adjoint_weight(g, w, &mut wt[..w.len()]);
                     let r = conv2d_forward(exec, &adj, gy, &wt[..w.len()], None, gx, ws);
                     ws.weights = wt;

@@ -6,7 +6,7 @@
 //! Bᵀ = [1 0 −1 0; 0 1 1 0; 0 −1 1 0; 0 1 0 −1], G = [1 0 0; ½ ½ ½; ½ −½ ½; 0 0 1],
 //! Aᵀ = [1 1 1 0; 0 1 −1 −1], a 2×2 output tile is Y = Aᵀ [(G g Gᵀ) ⊙ (Bᵀ d B)] A. Over channels
 //! the element-wise product becomes 16 independent matrix products
-//! M[ξ] (N × tiles) = U[ξ] (N × M) · V[ξ] (M × tiles), which run on the GEMM kernels.
+//! `M[ξ] (N × tiles) = U[ξ] (N × M) · V[ξ] (M × tiles)`, which run on the GEMM kernels.
 //!
 //! The transforms are vectorized across tiles: the padded input is split into its 2×2 phase
 //! planes (the depthwise kernel's layout with stride 2), where tap (i, j) of the tiles of one
@@ -155,12 +155,6 @@ fn per_task_len(g: &ConvGeometry, t: &Tiling) -> usize {
     g.in_channels * t.layout.len + 16 * (g.in_channels + g.out_channels) * tb
 }
 
-/// Scratch floats [`forward_in`] needs for `g` on `threads` threads.
-pub fn scratch_len(g: &ConvGeometry, threads: usize) -> Result<usize> {
-    let t = Tiling::new(g)?;
-    Ok(16 * g.out_channels * g.in_channels + per_task_len(g, &t) * threads.min(g.batch))
-}
-
 /// Forward pass: `y = conv3x3(x, w) + bias` through F(2×2, 3×3).
 pub fn forward(
     exec: Exec,
@@ -171,20 +165,6 @@ pub fn forward(
     y: &mut [f32],
     ws: &mut Workspace,
 ) -> Result<()> {
-    let scratch = ws.take(scratch_len(g, exec.threads())?)?;
-    forward_in(exec, g, x, w, bias, y, scratch)
-}
-
-/// [`forward`] with caller-provided scratch of [`scratch_len`] floats.
-fn forward_in(
-    exec: Exec,
-    g: &ConvGeometry,
-    x: &[f32],
-    w: &[f32],
-    bias: Option<&[f32]>,
-    y: &mut [f32],
-    scratch: &mut [f32],
-) -> Result<()> {
     let t = Tiling::new(g)?;
     let (m_in, n_out) = (g.in_channels, g.out_channels);
     let u_len = 16 * n_out * m_in;
@@ -192,6 +172,8 @@ fn forward_in(
     let gemm_threads = if tasks == 1 { exec.threads() } else { 1 };
     let rows = block_rows(g, &t);
     let per_task = per_task_len(g, &t);
+    // The transformed weights, then each task's planes and transforms.
+    let scratch = ws.take(u_len + per_task * tasks)?;
     let (u, rest) = scratch.split_at_mut(u_len);
     transform_filters(g, w, u);
     let u = &*u;

@@ -21,7 +21,7 @@ pub use norm::BatchNorm2d;
 pub use pool::{GlobalAvgPool, MaxPool2d};
 pub use spec::{LayerSpec, ModelSpec};
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, grow_zeroed};
 use crate::kernels::{Exec, Workspace};
 use crate::rng::Rng;
 
@@ -460,15 +460,6 @@ impl Network {
 
 /// Resizes an activation buffer, reporting allocation failure as an error.
 fn resize(v: &mut Vec<f32>, len: usize) -> Result<()> {
-    if v.len() != len {
-        if len > v.capacity() {
-            v.try_reserve_exact(len - v.len())
-                .map_err(|_| Error::TooLarge {
-                    what: "an activation buffer".into(),
-                    bytes: len as u128 * 4,
-                })?;
-        }
-        v.resize(len, 0.0);
-    }
-    Ok(())
+    v.truncate(len);
+    grow_zeroed(v, len, "an activation buffer")
 }
