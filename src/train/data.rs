@@ -162,30 +162,40 @@ pub fn load_split(dir: &Path, prefix: &str, mean: f32, std: f32) -> Result<(Data
 /// Loads both splits, checking image shapes against the network's input and labels against its
 /// number of outputs.
 pub fn load_splits(dir: &Path, input: &[usize], classes: usize) -> Result<Splits> {
+    let train = load_checked_split(dir, "train", input, classes)?;
+    let test = load_checked_split(dir, "t10k", input, classes)?;
+    Ok(Splits {
+        train,
+        test,
+        dir: dir.to_path_buf(),
+    })
+}
+
+/// Loads split `name` ("train" or "t10k") of the MNIST-format folder `dir`, normalized with the
+/// MNIST statistics, checking its image shape against the network's `input` and its labels
+/// against `classes`.
+pub fn load_checked_split(
+    dir: &Path,
+    name: &str,
+    input: &[usize],
+    classes: usize,
+) -> Result<Dataset> {
     if !dir.is_dir() {
         return Err(Error::file(
             dir,
             "no such folder (expected MNIST-format IDX files in it)",
         ));
     }
-    let (train, train_lbl) = load_split(dir, "train", MNIST_MEAN, MNIST_STD)?;
-    let (test, test_lbl) = load_split(dir, "t10k", MNIST_MEAN, MNIST_STD)?;
-    for d in [&train, &test] {
-        if d.shape[..] != input[..] {
-            return Err(Error::file(
-                dir,
-                format!(
-                    "images are {:?} but the network expects {:?}",
-                    d.shape, input
-                ),
-            ));
-        }
+    let (data, labels) = load_split(dir, name, MNIST_MEAN, MNIST_STD)?;
+    if data.shape[..] != input[..] {
+        return Err(Error::file(
+            dir,
+            format!(
+                "images are {:?} but the network expects {:?}",
+                data.shape, input
+            ),
+        ));
     }
-    train.check_labels(classes, &train_lbl)?;
-    test.check_labels(classes, &test_lbl)?;
-    Ok(Splits {
-        train,
-        test,
-        dir: dir.to_path_buf(),
-    })
+    data.check_labels(classes, &labels)?;
+    Ok(data)
 }

@@ -258,6 +258,26 @@ fn fmt_sv(s: &[f64]) -> String {
     format!("[{}]{more}", shown.join(", "))
 }
 
+/// One error-vs-MACs table: (rank, relative error, energy kept, MACs per pixel) per row, the
+/// rows [`pick_rows`] selects, MACs also as a share of the standard layer's `std`.
+fn print_curve(rank: &str, curve: &[(usize, f64, f64, u64)], std: u64) {
+    println!(
+        "  {:>5} {:>12} {:>12} {:>14} {:>9}",
+        rank, "rel. error", "energy kept", "MACs/pixel", "vs std"
+    );
+    for i in pick_rows(curve.len()) {
+        let (k, error, kept, macs) = curve[i - 1];
+        println!(
+            "  {:>5} {:>12.4} {:>11.1}% {:>14} {:>8.1}%",
+            k,
+            error,
+            100.0 * kept,
+            thousands(macs),
+            100.0 * macs as f64 / std as f64
+        );
+    }
+}
+
 fn print_report(r: &Report, w: &Weight) {
     let std = r.standard_macs_per_pixel;
     println!(
@@ -295,21 +315,10 @@ fn print_report(r: &Report, w: &Weight) {
         r.spatial.layer_rank,
         fmt_sv(&r.spatial.layer_singular_values)
     );
-    println!(
-        "  {:>5} {:>12} {:>12} {:>14} {:>9}",
-        "R", "rel. error", "energy kept", "MACs/pixel", "vs std"
-    );
-    for i in pick_rows(r.spatial.curve.len()) {
-        let p = &r.spatial.curve[i - 1];
-        println!(
-            "  {:>5} {:>12.4} {:>11.1}% {:>14} {:>8.1}%",
-            p.r,
-            p.relative_error,
-            100.0 * p.energy_kept,
-            thousands(p.macs_per_pixel),
-            100.0 * p.macs_per_pixel as f64 / std as f64
-        );
-    }
+    let spatial: Vec<_> = (r.spatial.curve.iter())
+        .map(|p| (p.r, p.relative_error, p.energy_kept, p.macs_per_pixel))
+        .collect();
+    print_curve("R", &spatial, std);
     let ranks = &r.depthwise.channel_ranks;
     println!(
         "Depthwise separability (per input channel m, the {} × {} matrix W[:, m]):",
@@ -323,21 +332,10 @@ fn print_report(r: &Report, w: &Weight) {
         r.depthwise.exact_multiplier,
         r.depthwise.break_even_multiplier
     );
-    println!(
-        "  {:>5} {:>12} {:>12} {:>14} {:>9}",
-        "K", "rel. error", "energy kept", "MACs/pixel", "vs std"
-    );
-    for i in pick_rows(r.depthwise.curve.len()) {
-        let p = &r.depthwise.curve[i - 1];
-        println!(
-            "  {:>5} {:>12.4} {:>11.1}% {:>14} {:>8.1}%",
-            p.k,
-            p.relative_error,
-            100.0 * p.energy_kept,
-            thousands(p.macs_per_pixel),
-            100.0 * p.macs_per_pixel as f64 / std as f64
-        );
-    }
+    let depthwise: Vec<_> = (r.depthwise.curve.iter())
+        .map(|p| (p.k, p.relative_error, p.energy_kept, p.macs_per_pixel))
+        .collect();
+    print_curve("K", &depthwise, std);
     println!("Verdict:");
     for v in &r.verdict {
         println!("  - {v}");

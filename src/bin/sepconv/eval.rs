@@ -39,24 +39,7 @@ pub fn run(exec: Exec, a: Args) -> Result<()> {
     let mut ckpt = checkpoint::load(&a.checkpoint)?;
     let net = &mut ckpt.network;
     let dir = a.data.unwrap_or_else(default_data_dir);
-    if !dir.is_dir() {
-        return Err(Error::file(
-            &dir,
-            "no such folder (expected MNIST-format IDX files in it)",
-        ));
-    }
-    let (mut test, labels) = data::load_split(&dir, "t10k", data::MNIST_MEAN, data::MNIST_STD)?;
-    if test.shape[..] != net.shapes()[0][..] {
-        return Err(Error::file(
-            &dir,
-            format!(
-                "images are {:?} but the network expects {:?}",
-                test.shape,
-                net.shapes()[0]
-            ),
-        ));
-    }
-    test.check_labels(net.output_len(), &labels)?;
+    let mut test = data::load_checked_split(&dir, "t10k", &net.shapes()[0], net.output_len())?;
     if let Some(n) = a.test_limit {
         test.truncate(n);
     }
