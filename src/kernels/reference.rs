@@ -95,7 +95,7 @@ pub fn conv2d_grad_weight(g: &ConvGeometry, x: &[f32], gy: &[f32], gw: &mut [f32
     count
 }
 
-/// grad_b[c] = Σ over images and pixels of gy[·, c, ·, ·]. Returns the additions executed.
+/// `grad_b[c] = Σ over images and pixels of gy[·, c, ·, ·]`. Returns the additions executed.
 pub fn conv2d_grad_bias(g: &ConvGeometry, gy: &[f32], gb: &mut [f32]) -> u64 {
     assert_eq!(gy.len(), g.output_len());
     assert_eq!(gb.len(), g.out_channels);

@@ -160,7 +160,7 @@ impl Module for MaxPool2d {
     }
 }
 
-/// Mean over each channel's plane: [C, H, W] → [C].
+/// Mean over each channel's plane: `[C, H, W]` → `[C]`.
 pub struct GlobalAvgPool {
     in_shape: [usize; 3],
     out_shape: Vec<usize>,
