@@ -226,7 +226,11 @@ fn fast_equals_reference_on_larger_shapes() {
         ),
     ];
 
-    for (i, (input, weight, p)) in cases.into_iter().enumerate() {
+    for (i, (input, weight, p)) in cases
+        .into_iter()
+        .chain(strided_implicit_cases())
+        .enumerate()
+    {
         let g = ConvGeometry::new(input, weight, &p).unwrap();
         check_fast_against_reference(&g, i as u64);
     }
@@ -262,5 +266,51 @@ fn winograd_cases_take_the_winograd_path() {
             ConvAlgorithm::Winograd,
             "{input:?}"
         );
+    }
+}
+
+/// Strided shapes on the implicit GEMM, whose grad-input runs per input phase: a 3×3 stride-2
+/// layer like reference layer E, a 1×1 stride 2 (three phases receive no tap) and a stride-3
+/// dilated non-square kernel with asymmetric padding.
+fn strided_implicit_cases() -> [([usize; 4], [usize; 4], Conv2dParams); 3] {
+    [
+        (
+            [2, 6, 34, 34],
+            [8, 6, 3, 3],
+            Conv2dParams::with_padding(Padding::Same).stride(2, 2),
+        ),
+        (
+            [2, 5, 40, 36],
+            [7, 5, 1, 1],
+            Conv2dParams::default().stride(2, 2),
+        ),
+        (
+            [2, 4, 60, 57],
+            [5, 4, 4, 2],
+            Conv2dParams::with_padding(Padding::Explicit {
+                top: 2,
+                bottom: 1,
+                left: 0,
+                right: 3,
+            })
+            .stride(3, 2)
+            .dilation(1, 2),
+        ),
+    ]
+}
+
+/// The strided shapes run on the implicit GEMM with one and two threads (so their grad-input
+/// is the per-phase implicit GEMM).
+#[test]
+fn strided_cases_take_the_implicit_path() {
+    for (input, weight, p) in strided_implicit_cases() {
+        let g = ConvGeometry::new(input, weight, &p).unwrap();
+        for threads in [1, 2] {
+            assert_eq!(
+                ConvAlgorithm::choose(sepconv::Exec::new(threads), &g),
+                ConvAlgorithm::Implicit,
+                "{input:?}"
+            );
+        }
     }
 }

@@ -595,6 +595,7 @@ unsafe fn grad_weight_channels_kernel<S: SimdF32>(
 }
 
 /// The grad-input layout: the zero-padded output gradient and, per input phase, its taps.
+/// Shared with the implicit-GEMM grad-input of strided standard convolutions.
 #[derive(Clone, Debug)]
 pub(crate) struct GradInputLayout {
     /// Rows and columns of zeros before the output gradient in its padded plane.
@@ -603,15 +604,15 @@ pub(crate) struct GradInputLayout {
     /// Row stride of the padded output gradient (and of each phase's flat result).
     wg: usize,
     /// Floats of one padded output-gradient plane (with spare row and margin).
-    gy_len: usize,
+    pub(crate) gy_len: usize,
     /// Flat positions per phase: (phase plane height) × `wg`.
-    positions: usize,
+    pub(crate) positions: usize,
     /// Per phase (a, b): the taps (indices into the kernel) and their offsets.
-    phases: Vec<(usize, usize, Vec<usize>, Vec<usize>)>,
+    pub(crate) phases: Vec<(usize, usize, Vec<usize>, Vec<usize>)>,
 }
 
 impl GradInputLayout {
-    fn new(g: &ConvGeometry) -> Self {
+    pub(crate) fn new(g: &ConvGeometry) -> Self {
         let (sh, sw) = (g.stride_h, g.stride_w);
         let qh = (g.kernel_h - 1) * g.dilation_h / sh;
         let qw = (g.kernel_w - 1) * g.dilation_w / sw;
@@ -649,8 +650,19 @@ impl GradInputLayout {
         }
     }
 
-    fn out_len(&self) -> usize {
+    /// Floats of one phase's flat result (positions and margin).
+    pub(crate) fn out_len(&self) -> usize {
         self.positions + MARGIN
+    }
+
+    /// Copies output-gradient plane `gy` (`out_h × out_w`) into the interior of its padded
+    /// plane `buf`; the zero border is never written, so it is cleared once per buffer.
+    #[inline(always)]
+    pub(crate) fn fill_gradient<S: SimdF32>(&self, g: &ConvGeometry, gy: &[f32], buf: &mut [f32]) {
+        for (oh, row) in gy.chunks_exact(g.out_w).enumerate() {
+            let at = (oh + self.qh) * self.wg + self.qw;
+            copy_row::<S>(&mut buf[at..at + g.out_w], row);
+        }
     }
 }
 
@@ -706,13 +718,7 @@ unsafe fn grad_input_planes_kernel<S: SimdF32>(
         let (n, m) = (item / g.in_channels, item % g.in_channels);
         for (k, gb) in gbufs.chunks_exact_mut(l.gy_len).enumerate() {
             let plane = n * g.out_channels + m * mult + k;
-            for (oh, row) in gy[plane * ohw..(plane + 1) * ohw]
-                .chunks_exact(g.out_w)
-                .enumerate()
-            {
-                let at = (oh + l.qh) * l.wg + l.qw;
-                copy_row::<S>(&mut gb[at..at + g.out_w], row);
-            }
+            l.fill_gradient::<S>(g, &gy[plane * ohw..(plane + 1) * ohw], gb);
         }
         for ((_, _, tap_ids, offsets), obuf) in
             l.phases.iter().zip(obufs.chunks_exact_mut(l.out_len()))
@@ -734,25 +740,36 @@ unsafe fn grad_input_planes_kernel<S: SimdF32>(
                 unsafe { correlate::<S>(gb, offsets, wsel, 0.0, l.positions, obuf, k > 0) };
             }
         }
-        gather_phases::<S>(g, l, obufs, &mut gx[local * hw..(local + 1) * hw]);
+        gather_phases::<S>(
+            g,
+            l,
+            obufs,
+            l.out_len(),
+            &mut gx[local * hw..(local + 1) * hw],
+        );
     }
 }
 
-/// Assembles the input-gradient plane from its phases (each flat with row stride `wg`):
-/// input pixel (ih, iw) is pixel ((ih + pt) / sh, (iw + pl) / sw) of phase
-/// ((ih + pt) mod sh, (iw + pl) mod sw).
+/// Assembles the input-gradient plane from its phases (each flat with row stride `wg`, phase
+/// (a, b) at `(a·sw + b)·phase_stride` in `phases`): input pixel (ih, iw) is pixel
+/// ((ih + pt) / sh, (iw + pl) / sw) of phase ((ih + pt) mod sh, (iw + pl) mod sw).
 #[inline(always)]
-fn gather_phases<S: SimdF32>(
+pub(crate) fn gather_phases<S: SimdF32>(
     g: &ConvGeometry,
     l: &GradInputLayout,
     phases: &[f32],
+    phase_stride: usize,
     gxp: &mut [f32],
 ) {
-    let (sh, sw, pl, stride) = (g.stride_h, g.stride_w, g.pad_left, l.out_len());
+    let (sh, sw, pl) = (g.stride_h, g.stride_w, g.pad_left);
     for (ih, row) in gxp.chunks_exact_mut(g.in_w).enumerate() {
         let pr = ih + g.pad_top;
         let (a, r) = (pr % sh, pr / sh);
-        let phase = |b: usize| &phases[(a * sw + b) * stride + r * l.wg..(a * sw + b + 1) * stride];
+        let phase = |b: usize| {
+            let start = (a * sw + b) * phase_stride;
+            &phases[start + r * l.wg..start + l.positions]
+        };
+
         match sw {
             1 => copy_row::<S>(row, &phase(0)[pl..pl + g.in_w]),
             2 => {

@@ -12,11 +12,12 @@
 //! Used for convolutions Winograd does not cover (strided, dilated, non-3×3) when the batch
 //! gives every thread images of its own; otherwise im2col + a multithreaded GEMM.
 
-use super::depthwise::{PhaseLayout, fill_phases};
+use super::depthwise::{GradInputLayout, PhaseLayout, fill_phases, gather_phases};
 use super::pointwise::{Operands, small_k_gemm};
 use super::simd::SimdF32;
 use super::{Exec, Workspace, for_each_task};
-use crate::error::Result;
+use crate::error::{Result, grow_zeroed};
+
 use crate::geometry::ConvGeometry;
 
 /// Whether the implicit GEMM should compute `g`: images for every thread (it runs one image
@@ -114,6 +115,152 @@ unsafe fn forward_images_kernel<S: SimdF32>(
                     let src = oc * out_len + oh * l.wq;
                     row.copy_from_slice(&flat[src..src + ow]);
                 }
+            }
+        }
+    }
+}
+
+/// Grad-input as implicit GEMMs, one per input phase, for convolutions whose grad-input is not
+/// a forward convolution (strides above 1; see `conv2d_grad_input`).
+///
+/// Phase (a, b) of the input gradient (input pixels at padded position ≡ (a, b) mod the
+/// stride) receives only the taps (i, j) with (i·dh, j·dw) ≡ (a, b), and receives them as a
+/// stride-1 correlation of the zero-padded output gradient (the depthwise grad-input's
+/// [`GradInputLayout`]): `gX_phase (cin × positions) = W_phase (cin × cout·T) · D`, where row
+/// (co, t) of D is output-gradient plane co shifted by tap t's offset. Every tap is used
+/// exactly once over the phases: none of the multiplications by inserted zeros that a
+/// transposed convolution would do, and no col2im scatter. The phases are then interleaved
+/// into NCHW.
+pub fn grad_input(
+    exec: Exec,
+    g: &ConvGeometry,
+    gy: &[f32],
+    w: &[f32],
+    gx: &mut [f32],
+    ws: &mut Workspace,
+) -> Result<()> {
+    let l = GradInputLayout::new(g);
+    let (cig, cog, taps) = (
+        g.in_channels_per_group(),
+        g.out_channels_per_group(),
+        g.kernel_h * g.kernel_w,
+    );
+    // Per phase and group, the weights of its taps as a cig × (cog·T) matrix, column
+    // (co, t); phase by phase these use every weight once, so they fill a buffer of w's size.
+    let mut wsel = std::mem::take(&mut ws.weights);
+    grow_zeroed(&mut wsel, w.len(), "the per-phase kernels")?;
+    let mut starts = Vec::with_capacity(l.phases.len());
+    let mut at = 0;
+    for (_, _, tap_ids, _) in &l.phases {
+        starts.push(at);
+        for grp in 0..g.groups {
+            for ci in 0..cig {
+                for co in 0..cog {
+                    let src = ((grp * cog + co) * cig + ci) * taps;
+                    for &t in tap_ids {
+                        wsel[at] = w[src + t];
+                        at += 1;
+                    }
+                }
+            }
+        }
+    }
+    // Row (co, t) of each phase's D: output-gradient plane co shifted by the tap's offset.
+    let rows: Vec<Vec<usize>> = l
+        .phases
+        .iter()
+        .map(|(_, _, _, offsets)| {
+            (0..cog)
+                .flat_map(|co| offsets.iter().map(move |&off| co * l.gy_len + off))
+                .collect()
+        })
+        .collect();
+    let tasks = exec.threads().min(g.batch);
+    let per_task = cog * l.gy_len + l.phases.len() * cig * l.out_len();
+    let result = ws.take(per_task * tasks).map(|scratch| {
+        let weights = PhaseWeights {
+            w: &wsel[..w.len()],
+            starts: &starts,
+            rows: &rows,
+        };
+        let img_in = g.in_channels * g.in_pixels();
+        for_each_task(tasks, gx, img_in, scratch, per_task, |images, gxc, buf| {
+            grad_input_images(exec.isa(), g, &l, &weights, gy, images, gxc, buf)
+        });
+    });
+    ws.weights = wsel;
+    result
+}
+
+/// The per-phase weight matrices of [`grad_input`] and the row tables of their D operands.
+struct PhaseWeights<'a> {
+    /// All phases' matrices, phase after phase, each group after group.
+    w: &'a [f32],
+    /// Where each phase's matrices start in `w`.
+    starts: &'a [usize],
+    /// Per phase, the D row offsets into one group's padded output-gradient planes.
+    rows: &'a [Vec<usize>],
+}
+
+crate::simd_dispatch!(fn grad_input_images => grad_input_images_kernel(
+    g: &ConvGeometry, l: &GradInputLayout, weights: &PhaseWeights<'_>, gy: &[f32],
+    images: std::ops::Range<usize>, gx: &mut [f32], buf: &mut [f32]
+));
+
+#[inline(always)]
+unsafe fn grad_input_images_kernel<S: SimdF32>(
+    g: &ConvGeometry,
+    l: &GradInputLayout,
+    weights: &PhaseWeights<'_>,
+    gy: &[f32],
+    images: std::ops::Range<usize>,
+    gx: &mut [f32],
+    buf: &mut [f32],
+) {
+    let (cig, cog) = (g.in_channels_per_group(), g.out_channels_per_group());
+    let (hw, ohw, out_len) = (g.in_pixels(), g.out_pixels(), l.out_len());
+    let (gbufs, flat) = buf.split_at_mut(cog * l.gy_len);
+    let phase_stride = cig * out_len;
+    // The padded planes' zero borders are never written after this.
+    gbufs.fill(0.0);
+    for (local, n) in images.enumerate() {
+        for grp in 0..g.groups {
+            for (co, gb) in gbufs.chunks_exact_mut(l.gy_len).enumerate() {
+                let plane = (n * g.out_channels + grp * cog + co) * ohw;
+                l.fill_gradient::<S>(g, &gy[plane..plane + ohw], gb);
+            }
+            for (ph, (_, _, tap_ids, _)) in l.phases.iter().enumerate() {
+                let out = &mut flat[ph * phase_stride..(ph + 1) * phase_stride];
+                if tap_ids.is_empty() {
+                    // No tap reaches this phase: those input pixels get no gradient.
+                    out.fill(0.0);
+                    continue;
+                }
+                let k = cog * tap_ids.len();
+                let start = weights.starts[ph] + grp * cig * k;
+                let ops = Operands {
+                    c: &weights.w[start..start + cig * k],
+                    ldc: k,
+                    c_col: 1,
+                    d: gbufs,
+                    ldd: 0,
+                    n: cig,
+                    k,
+                    p: l.positions,
+                    bias: None,
+                    d_rows: Some(&weights.rows[ph]),
+                };
+                small_k_gemm(S::ISA, ops, out, out_len, false);
+            }
+            for ci in 0..cig {
+                let plane = (local * g.in_channels + grp * cig + ci) * hw;
+                gather_phases::<S>(
+                    g,
+                    l,
+                    &flat[ci * out_len..],
+                    phase_stride,
+                    &mut gx[plane..plane + hw],
+                );
             }
         }
     }

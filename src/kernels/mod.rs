@@ -171,7 +171,8 @@ pub enum ConvAlgorithm {
     Pointwise,
     /// Winograd F(2×2, 3×3) (forward and grad-input; grad-weight uses im2col).
     Winograd,
-    /// Implicit GEMM on phase planes (forward; backward uses im2col).
+    /// Implicit GEMM on phase planes (forward, and grad-input per input phase when strided;
+    /// grad-weight uses im2col).
     Implicit,
     /// im2col (tiled) + GEMM.
     Im2colGemm,
@@ -259,6 +260,8 @@ pub fn conv2d_grad_input(
                     ws.weights = wt;
                     r
                 }
+                // Strided: per input phase, an implicit GEMM (no col2im, no inserted zeros).
+                _ if implicit::applies(exec, g) => implicit::grad_input(exec, g, gy, w, gx, ws),
                 _ => conv::grad_input(exec, g, gy, w, gx, ws),
             }
         }
