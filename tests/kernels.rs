@@ -229,6 +229,7 @@ fn fast_equals_reference_on_larger_shapes() {
     for (i, (input, weight, p)) in cases
         .into_iter()
         .chain(strided_implicit_cases())
+        .chain(implicit_grad_weight_cases())
         .enumerate()
     {
         let g = ConvGeometry::new(input, weight, &p).unwrap();
@@ -309,6 +310,30 @@ fn strided_cases_take_the_implicit_path() {
             assert_eq!(
                 ConvAlgorithm::choose(sepconv::Exec::new(threads), &g),
                 ConvAlgorithm::Implicit,
+                "{input:?}"
+            );
+        }
+    }
+}
+
+/// Shapes whose grad-weight runs on the implicit GEMM (long im2col rows, at least 128 output
+/// channels per group): strided with a channel count and width that leave partial transpose
+/// blocks, and grouped at stride 1 (Winograd forward).
+fn implicit_grad_weight_cases() -> [([usize; 4], [usize; 4], Conv2dParams); 2] {
+    let same = Conv2dParams::with_padding(Padding::Same);
+    [
+        ([2, 64, 34, 34], [130, 64, 3, 3], same.stride(2, 2)),
+        ([2, 128, 16, 18], [256, 64, 3, 3], same.groups(2)),
+    ]
+}
+
+#[test]
+fn long_products_take_the_implicit_grad_weight() {
+    for (input, weight, p) in implicit_grad_weight_cases() {
+        let g = ConvGeometry::new(input, weight, &p).unwrap();
+        for threads in [1, 2] {
+            assert!(
+                sepconv::kernels::implicit::grad_weight_applies(sepconv::Exec::new(threads), &g),
                 "{input:?}"
             );
         }

@@ -22,7 +22,7 @@ use std::ops::Range;
 use rayon::prelude::*;
 
 use super::gemm::{MatView, gemm};
-use super::pointwise::{Operands, small_k_gemm};
+use super::pointwise::{Operands, Rows, small_k_gemm};
 
 use super::{Exec, Workspace, for_each_task, task_count};
 use crate::error::Result;
@@ -352,15 +352,14 @@ pub fn forward(
                         if plan.unpacked {
                             let ops = Operands {
                                 c: s.weight_slice(w, grp),
-                                ldc: s.k,
+                                c_rows: Rows::Strided(s.k),
                                 c_col: 1,
                                 d: xg,
-                                ldd: s.p,
                                 n: s.cog,
                                 k: s.cig,
                                 p: s.p,
                                 bias: bias_g,
-                                d_rows: None,
+                                d_rows: Rows::Strided(s.p),
                             };
                             small_k_gemm(exec.isa(), ops, yg, s.p, false);
                             continue;
@@ -466,15 +465,14 @@ pub fn grad_input(
                             // C = Wᵀ: element (m, n) of the transposed weight is W[n·K + m].
                             let ops = Operands {
                                 c: s.weight_slice(w, grp),
-                                ldc: 1,
+                                c_rows: Rows::Strided(1),
                                 c_col: s.k,
                                 d: gyg,
-                                ldd: s.p,
                                 n: s.cig,
                                 k: s.cog,
                                 p: s.p,
                                 bias: None,
-                                d_rows: None,
+                                d_rows: Rows::Strided(s.p),
                             };
                             small_k_gemm(exec.isa(), ops, gxg, s.p, false);
                             continue;

@@ -332,6 +332,11 @@ pub fn conv2d_grad_weight(
     check_lengths(g, x.len(), gw.len(), gy.len());
     match ConvAlgorithm::choose(exec, g) {
         ConvAlgorithm::Depthwise => depthwise::grad_weight(exec, g, x, gy, gw, ws),
+        ConvAlgorithm::Winograd | ConvAlgorithm::Implicit
+            if implicit::grad_weight_applies(exec, g) =>
+        {
+            implicit::grad_weight(exec, g, x, gy, gw, ws)
+        }
         ConvAlgorithm::Pointwise
         | ConvAlgorithm::Winograd
         | ConvAlgorithm::Implicit

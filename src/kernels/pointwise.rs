@@ -16,19 +16,49 @@ const ROWS: usize = 6;
 /// Vectors of Y per register block.
 const VECS: usize = 4;
 
-/// Views of the three matrices: row-major with the given row strides.
+/// Where the rows of an operand start.
+#[derive(Clone, Copy, Debug)]
+pub enum Rows<'a> {
+    /// Row i at `i·stride`.
+    Strided(usize),
+    /// Row i at `table[i]`. With the rows being shifted views of the same padded planes, a
+    /// product over them is an implicit-GEMM convolution (no im2col matrix is ever written).
+    Table(&'a [usize]),
+}
+
+impl Rows<'_> {
+    /// Where row `i` starts.
+    #[inline(always)]
+    fn start(&self, i: usize) -> usize {
+        match *self {
+            Rows::Strided(stride) => i * stride,
+            // SAFETY of the unchecked read: small_k_gemm checked the table's length.
+            Rows::Table(t) => unsafe { *t.get_unchecked(i) },
+        }
+    }
+
+    /// Whether `rows` rows of `len` elements each lie inside `data_len` elements.
+    fn fit(&self, rows: usize, len: usize, data_len: usize) -> bool {
+        match *self {
+            _ if rows == 0 || len == 0 => true,
+            Rows::Strided(stride) => (rows - 1) * stride + len <= data_len,
+            Rows::Table(t) => t.len() >= rows && t[..rows].iter().all(|&r| r + len <= data_len),
+        }
+    }
+}
+
+/// Views of the three matrices.
 #[derive(Clone, Copy, Debug)]
 pub struct Operands<'a> {
-    /// C: N × K, element (n, k) at `n·ldc + k·c_col` (a transposed weight has ldc 1).
+    /// C: N × K, element (n, k) at `c_rows(n) + k·c_col` (a transposed weight has rows at
+    /// stride 1 and `c_col` = its row length).
     pub c: &'a [f32],
-    /// Row stride of C.
-    pub ldc: usize,
+    /// Where each row of C starts.
+    pub c_rows: Rows<'a>,
     /// Column stride of C (1 for row-major).
     pub c_col: usize,
-    /// D: K × P, row stride `ldd`.
+    /// D: K × P, contiguous rows.
     pub d: &'a [f32],
-    /// Row stride of D.
-    pub ldd: usize,
     /// N.
     pub n: usize,
     /// K.
@@ -37,10 +67,8 @@ pub struct Operands<'a> {
     pub p: usize,
     /// Optional per-row bias added to Y (N values).
     pub bias: Option<&'a [f32]>,
-    /// Optional row table: row k of D starts at `d[d_rows[k]]` instead of `d[k·ldd]`. With the
-    /// rows being shifted views of the same padded planes this is an implicit-GEMM
-    /// convolution (no im2col matrix is ever written).
-    pub d_rows: Option<&'a [usize]>,
+    /// Where each row of D starts.
+    pub d_rows: Rows<'a>,
 }
 
 /// `y (+)= C · D` with `y` row-major N × P at row stride `ldy` (`accumulate` adds to y).
@@ -49,20 +77,16 @@ pub struct Operands<'a> {
 /// pointwise layer is large and not read again soon, and streaming it saves the read-for-
 /// ownership of every output line (a third of the layer's memory traffic).
 pub fn small_k_gemm(isa: Isa, ops: Operands<'_>, y: &mut [f32], ldy: usize, accumulate: bool) {
+    let c_row_len = if ops.k == 0 {
+        0
+    } else {
+        (ops.k - 1) * ops.c_col + 1
+    };
     assert!(
-        ops.n == 0 || ops.c.len() >= (ops.n - 1) * ops.ldc + ops.k,
-        "C too short"
+        ops.c_rows.fit(ops.n, c_row_len, ops.c.len()),
+        "C out of range"
     );
-    match ops.d_rows {
-        Some(rows) => assert!(
-            rows.len() >= ops.k && rows[..ops.k].iter().all(|&r| r + ops.p <= ops.d.len()),
-            "D row table out of range"
-        ),
-        None => assert!(
-            ops.k == 0 || ops.d.len() >= (ops.k - 1) * ops.ldd + ops.p,
-            "D too short"
-        ),
-    }
+    assert!(ops.d_rows.fit(ops.k, ops.p, ops.d.len()), "D out of range");
     assert!(
         ops.n == 0 || y.len() >= (ops.n - 1) * ldy + ops.p,
         "Y too short"
@@ -116,16 +140,6 @@ unsafe fn gemm_kernel<S: SimdF32>(ops: Operands<'_>, y: &mut [f32], ldy: usize, 
     unsafe { S::fence() };
 }
 
-/// Where row `kk` of D starts.
-#[inline(always)]
-fn row_offset(ops: &Operands<'_>, kk: usize) -> usize {
-    match ops.d_rows {
-        // SAFETY of the unchecked read: small_k_gemm checked the table has at least k rows.
-        Some(t) => unsafe { *t.get_unchecked(kk) },
-        None => kk * ops.ldd,
-    }
-}
-
 /// One block: R rows of Y, `width` ≤ VECS·LANES columns (partial vectors masked).
 #[inline(always)]
 unsafe fn tile<S: SimdF32, const R: usize>(
@@ -144,6 +158,10 @@ unsafe fn tile<S: SimdF32, const R: usize>(
     unsafe {
         // No closures or array::from_fn here: their bodies are compiled outside this
         // function's target features and the intrinsics in them stop being inlined.
+        let mut c_row = [0usize; R];
+        for (r, c) in c_row.iter_mut().enumerate() {
+            *c = ops.c_rows.start(n0 + r);
+        }
         let mut init = [S::zero(); R];
         if let Some(b) = ops.bias {
             for (r, v) in init.iter_mut().enumerate() {
@@ -156,13 +174,13 @@ unsafe fn tile<S: SimdF32, const R: usize>(
                 *row = [v; VECS];
             }
             for kk in 0..ops.k {
-                let drow = dp.add(row_offset(&ops, kk) + p0);
+                let drow = dp.add(ops.d_rows.start(kk) + p0);
                 let mut dv = [S::zero(); VECS];
                 for (v, d) in dv.iter_mut().enumerate() {
                     *d = S::load(drow.add(v * l));
                 }
                 for (r, row) in acc.iter_mut().enumerate() {
-                    let cv = S::splat(*cp.add((n0 + r) * ops.ldc + kk * ops.c_col));
+                    let cv = S::splat(*cp.add(c_row[r] + kk * ops.c_col));
                     for v in 0..VECS {
                         row[v] = S::mul_add(cv, dv[v], row[v]);
                     }
@@ -186,18 +204,14 @@ unsafe fn tile<S: SimdF32, const R: usize>(
             let n = if v < full { l } else { rest };
             let mut acc = init;
             for kk in 0..ops.k {
-                let at = dp.add(row_offset(&ops, kk) + p0 + v * l);
+                let at = dp.add(ops.d_rows.start(kk) + p0 + v * l);
                 let dv = if n == l {
                     S::load(at)
                 } else {
                     S::load_partial(at, n)
                 };
                 for (r, a) in acc.iter_mut().enumerate() {
-                    *a = S::mul_add(
-                        S::splat(*cp.add((n0 + r) * ops.ldc + kk * ops.c_col)),
-                        dv,
-                        *a,
-                    );
+                    *a = S::mul_add(S::splat(*cp.add(c_row[r] + kk * ops.c_col)), dv, *a);
                 }
             }
             for (r, a) in acc.iter().enumerate() {
@@ -233,15 +247,14 @@ mod tests {
                 isa,
                 Operands {
                     c: &ct,
-                    ldc: 1,
+                    c_rows: Rows::Strided(1),
                     c_col: n,
                     d: &d,
-                    ldd: p,
                     n,
                     k,
                     p,
                     bias: None,
-                    d_rows: None,
+                    d_rows: Rows::Strided(p),
                 },
                 &mut y,
                 p,
@@ -268,15 +281,14 @@ mod tests {
                 isa,
                 Operands {
                     c: &c,
-                    ldc: k,
+                    c_rows: Rows::Strided(k),
                     c_col: 1,
                     d: &d,
-                    ldd: p,
                     n,
                     k,
                     p,
                     bias: Some(&bias),
-                    d_rows: None,
+                    d_rows: Rows::Strided(p),
                 },
                 &mut y,
                 p,
@@ -315,15 +327,14 @@ mod tests {
                         isa,
                         Operands {
                             c: &c,
-                            ldc: k,
+                            c_rows: Rows::Strided(k),
                             c_col: 1,
                             d: &d,
-                            ldd: p + 5,
                             n,
                             k,
                             p,
                             bias: None,
-                            d_rows: None,
+                            d_rows: Rows::Strided(p + 5),
                         },
                         &mut y,
                         ldy,

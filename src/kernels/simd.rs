@@ -137,6 +137,26 @@ pub trait SimdF32: Copy {
     unsafe fn keep_where_positive(self, m: Self) -> Self;
     /// Sum of all lanes.
     unsafe fn reduce_sum(self) -> f32;
+    /// Transposes the `LANES × LANES` matrix whose rows are `rows` (exactly `LANES` vectors)
+    /// in place: afterwards `rows[j]` holds lane j of every input row.
+    unsafe fn transpose(rows: &mut [Self]) {
+        debug_assert_eq!(rows.len(), Self::LANES);
+        let l = Self::LANES;
+        let (mut a, mut b) = ([0f32; 256], [0f32; 256]);
+        unsafe {
+            for (i, r) in rows.iter().enumerate() {
+                r.store(a.as_mut_ptr().add(i * l));
+            }
+            for i in 0..l {
+                for j in 0..l {
+                    b[j * l + i] = a[i * l + j];
+                }
+            }
+            for (j, r) in rows.iter_mut().enumerate() {
+                *r = Self::load(b.as_ptr().add(j * l));
+            }
+        }
+    }
 }
 
 /// Generic fallbacks for partial loads/stores through a stack buffer.
@@ -251,6 +271,41 @@ mod x86 {
         #[inline(always)]
         unsafe fn reduce_sum(self) -> f32 {
             unsafe { _mm512_reduce_add_ps(self.0) }
+        }
+        /// In registers: 2×2 blocks of pairs (unpack), then of quads (shuffle), then of
+        /// 128-bit lanes twice (`shuffle_f32x4`): 64 shuffles for 256 elements.
+        #[inline(always)]
+        unsafe fn transpose(rows: &mut [Self]) {
+            assert_eq!(rows.len(), 16);
+            unsafe {
+                let mut r = [_mm512_setzero_ps(); 16];
+                for (d, s) in r.iter_mut().zip(rows.iter()) {
+                    *d = s.0;
+                }
+                let mut t = [_mm512_setzero_ps(); 16];
+                for k in 0..8 {
+                    t[2 * k] = _mm512_unpacklo_ps(r[2 * k], r[2 * k + 1]);
+                    t[2 * k + 1] = _mm512_unpackhi_ps(r[2 * k], r[2 * k + 1]);
+                }
+                for k in 0..4 {
+                    let (a, b) = (4 * k, 4 * k + 2);
+                    r[4 * k] = _mm512_shuffle_ps::<0x44>(t[a], t[b]);
+                    r[4 * k + 1] = _mm512_shuffle_ps::<0xEE>(t[a], t[b]);
+                    r[4 * k + 2] = _mm512_shuffle_ps::<0x44>(t[a + 1], t[b + 1]);
+                    r[4 * k + 3] = _mm512_shuffle_ps::<0xEE>(t[a + 1], t[b + 1]);
+                }
+                for h in 0..2 {
+                    for i in 0..4 {
+                        let (a, b) = (8 * h + i, 8 * h + i + 4);
+                        t[8 * h + i] = _mm512_shuffle_f32x4::<0x88>(r[a], r[b]);
+                        t[8 * h + i + 4] = _mm512_shuffle_f32x4::<0xDD>(r[a], r[b]);
+                    }
+                }
+                for i in 0..8 {
+                    rows[i] = Avx512(_mm512_shuffle_f32x4::<0x88>(t[i], t[i + 8]));
+                    rows[i + 8] = Avx512(_mm512_shuffle_f32x4::<0xDD>(t[i], t[i + 8]));
+                }
+            }
         }
     }
 
@@ -505,6 +560,41 @@ mod tests {
             }
             for (n, got) in out.chunks_exact(l).enumerate() {
                 assert_eq!(got, &src[n..n + l], "{isa} shift {n}");
+            }
+        }
+    }
+
+    crate::simd_dispatch!(fn transposed => transposed_kernel(src: &[f32], out: &mut Vec<f32>));
+
+    /// The `LANES × LANES` matrix at the start of `src` (row-major), transposed.
+    #[inline(always)]
+    unsafe fn transposed_kernel<S: SimdF32>(src: &[f32], out: &mut Vec<f32>) {
+        let l = S::LANES;
+        out.clear();
+        out.resize(l * l, 0.0);
+        unsafe {
+            let mut rows = [S::zero(); 16];
+            for (i, r) in rows[..l].iter_mut().enumerate() {
+                *r = S::load(src.as_ptr().add(i * l));
+            }
+            S::transpose(&mut rows[..l]);
+            for (j, r) in rows[..l].iter().enumerate() {
+                r.store(out.as_mut_ptr().add(j * l));
+            }
+        }
+    }
+
+    #[test]
+    fn transpose_swaps_rows_and_columns() {
+        let src: Vec<f32> = (0..256).map(|i| i as f32).collect();
+        for isa in Isa::available() {
+            let mut out = Vec::new();
+            transposed(isa, &src, &mut out);
+            let l = isa.lanes();
+            for i in 0..l {
+                for j in 0..l {
+                    assert_eq!(out[j * l + i], src[i * l + j], "{isa} ({i}, {j})");
+                }
             }
         }
     }

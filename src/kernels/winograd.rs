@@ -21,7 +21,7 @@
 use super::depthwise::{PhaseLayout, fill_phases};
 use super::elementwise;
 use super::gemm::{MatView, gemm};
-use super::pointwise::{Operands, small_k_gemm};
+use super::pointwise::{Operands, Rows, small_k_gemm};
 use super::simd::SimdF32;
 use super::{Exec, Workspace, for_each_task};
 use crate::error::Result;
@@ -203,15 +203,14 @@ pub fn forward(
                         if m_in <= UNPACKED_MAX_K && gemm_threads == 1 {
                             let ops = Operands {
                                 c: uk,
-                                ldc: m_in,
+                                c_rows: Rows::Strided(m_in),
                                 c_col: 1,
                                 d: vk,
-                                ldd: tb,
                                 n: n_out,
                                 k: m_in,
                                 p: tb,
                                 bias: None,
-                                d_rows: None,
+                                d_rows: Rows::Strided(tb),
                             };
                             small_k_gemm(exec.isa(), ops, pk, tb, false);
                         } else {
