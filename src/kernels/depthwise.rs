@@ -94,9 +94,15 @@ pub(crate) fn fill_phases<S: SimdF32>(
         buf[..l.len].fill(0.0);
     }
     let (pl, w) = (g.pad_left, g.in_w);
-    for (r, row) in x.chunks_exact(w).enumerate() {
-        let pr = r + g.pad_top;
-        let row_base = (pr % sh) * sw * plane + (pr / sh) * l.wq;
+    // Padded row pr = r + pad_top is row pr / sh of phase row pr % sh, tracked incrementally:
+    // a division per row was a visible share of a 14 × 14 plane's time.
+    let (mut phase_row, mut phase_r) = (g.pad_top % sh, g.pad_top / sh);
+    for row in x.chunks_exact(w) {
+        let row_base = phase_row * sw * plane + phase_r * l.wq;
+        phase_row += 1;
+        if phase_row == sh {
+            (phase_row, phase_r) = (0, phase_r + 1);
+        }
         match sw {
             1 => {
                 let at = row_base + pl;
@@ -199,6 +205,7 @@ unsafe fn forward_planes_kernel<S: SimdF32>(
     for (local, item) in planes.enumerate() {
         fill_phases::<S>(g, l, &x[item * hw..(item + 1) * hw], xbuf, local == 0);
         let m = item % g.in_channels;
+
         let out = &mut y[local * mult * ohw..(local + 1) * mult * ohw];
         // SAFETY: xbuf holds the filled phase planes of layout `l`; obuf has l.out_len().
         unsafe {
@@ -762,9 +769,9 @@ pub(crate) fn gather_phases<S: SimdF32>(
     gxp: &mut [f32],
 ) {
     let (sh, sw, pl) = (g.stride_h, g.stride_w, g.pad_left);
-    for (ih, row) in gxp.chunks_exact_mut(g.in_w).enumerate() {
-        let pr = ih + g.pad_top;
-        let (a, r) = (pr % sh, pr / sh);
+    // Input row ih is row r of phase row a, (a, r) = divmod(ih + pad_top, sh), incrementally.
+    let (mut a, mut r) = (g.pad_top % sh, g.pad_top / sh);
+    for row in gxp.chunks_exact_mut(g.in_w) {
         let phase = |b: usize| {
             let start = (a * sw + b) * phase_stride;
             &phases[start + r * l.wg..start + l.positions]
@@ -785,6 +792,10 @@ pub(crate) fn gather_phases<S: SimdF32>(
                     *d = phase(pc % sw)[pc / sw];
                 }
             }
+        }
+        a += 1;
+        if a == sh {
+            (a, r) = (0, r + 1);
         }
     }
 }
