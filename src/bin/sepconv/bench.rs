@@ -264,7 +264,13 @@ fn compare_torch(
             "--no-peak",
             "--quiet-threshold",
             "-1",
+            // The same sampling as sepconv's side, so both minimums come from as many runs.
+            "--reps",
+            &a.reps.to_string(),
+            "--warmup",
+            &a.warmup.to_string(),
         ]);
+
     if !a.passes.contains(&Pass::Train) {
         cmd.arg("--no-train");
     }
