@@ -230,6 +230,7 @@ fn fast_equals_reference_on_larger_shapes() {
         .into_iter()
         .chain(strided_implicit_cases())
         .chain(implicit_grad_weight_cases())
+        .chain(blocked_depthwise_cases())
         .enumerate()
     {
         let g = ConvGeometry::new(input, weight, &p).unwrap();
@@ -337,5 +338,60 @@ fn long_products_take_the_implicit_grad_weight() {
                 "{input:?}"
             );
         }
+    }
+}
+
+/// Depthwise shapes on the channel-blocked kernel: a 3 × 3 at stride 1 whose width leaves
+/// partial transpose runs and a partial group of four output pixels (its grad-input runs there
+/// too, as the adjoint), the same with valid padding (the adjoint pads by 2), and a 5 × 3
+/// kernel at stride 2 with dilation and asymmetric padding (the general tap loop).
+fn blocked_depthwise_cases() -> [([usize; 4], [usize; 4], Conv2dParams); 3] {
+    [
+        (
+            [2, 16, 13, 21],
+            [16, 1, 3, 3],
+            Conv2dParams::with_padding(Padding::Same).groups(16),
+        ),
+        (
+            [3, 32, 9, 18],
+            [32, 1, 3, 3],
+            Conv2dParams::default().groups(32),
+        ),
+        (
+            [2, 32, 17, 23],
+            [32, 1, 5, 3],
+            Conv2dParams::with_padding(Padding::Explicit {
+                top: 2,
+                bottom: 1,
+                left: 0,
+                right: 3,
+            })
+            .groups(32)
+            .stride(2, 2)
+            .dilation(1, 2),
+        ),
+    ]
+}
+
+#[test]
+fn depthwise_cases_take_the_blocked_kernel_where_it_applies() {
+    for (input, weight, p) in blocked_depthwise_cases() {
+        let g = ConvGeometry::new(input, weight, &p).unwrap();
+        assert!(
+            sepconv::kernels::depthwise_blocked::applies(&g),
+            "{input:?}"
+        );
+    }
+    // A depth multiplier, or channels that are not a multiple of 16, stay on the plane kernel.
+    let same = Conv2dParams::with_padding(Padding::Same);
+    for (input, weight, p) in [
+        ([2, 16, 10, 10], [32, 1, 3, 3], same.groups(16)),
+        ([2, 24, 10, 10], [24, 1, 3, 3], same.groups(24)),
+    ] {
+        let g = ConvGeometry::new(input, weight, &p).unwrap();
+        assert!(
+            !sepconv::kernels::depthwise_blocked::applies(&g),
+            "{input:?}"
+        );
     }
 }

@@ -8,6 +8,8 @@
 //!   and is a plain GEMM on the input.
 //! - [`depthwise`]: a direct SIMD kernel for groups = in-channels (any depth multiplier, stride,
 //!   dilation): each plane is one flat correlation over its padded phase planes.
+//! - [`depthwise_blocked`]: the depthwise forward on blocks of 16 channels, one vector per pixel
+//!   (also the grad-input of stride-1 depthwise layers, as the adjoint forward).
 //! - [`fused`]: depthwise then pointwise band by band, the intermediate kept in L2.
 //! - [`elementwise`]: the memory-bound kernels of the network layers (BatchNorm, ReLU, pooling).
 //! - [`winograd`]: F(2×2, 3×3) for stride-1 3×3 convolutions (forward and grad-input).
@@ -22,6 +24,7 @@
 
 pub mod conv;
 pub mod depthwise;
+pub mod depthwise_blocked;
 pub mod elementwise;
 pub mod fused;
 pub mod gemm;
@@ -227,6 +230,9 @@ pub fn conv2d_forward(
         assert_eq!(b.len(), g.out_channels, "bias length");
     }
     match ConvAlgorithm::choose(exec, g) {
+        ConvAlgorithm::Depthwise if depthwise_blocked::applies(g) => {
+            depthwise_blocked::forward(exec, g, x, w, bias, y, ws)
+        }
         ConvAlgorithm::Depthwise => depthwise::forward(exec, g, x, w, bias, y, ws),
         ConvAlgorithm::Winograd => winograd::forward(exec, g, x, w, bias, y, ws),
         ConvAlgorithm::Implicit => implicit::forward(exec, g, x, w, bias, y, ws),
@@ -246,25 +252,27 @@ pub fn conv2d_grad_input(
     ws: &mut Workspace,
 ) -> Result<()> {
     check_lengths(g, gx.len(), w.len(), gy.len());
-    match ConvAlgorithm::choose(exec, g) {
-        ConvAlgorithm::Depthwise => depthwise::grad_input(exec, g, gy, w, gx, ws),
-        ConvAlgorithm::Pointwise => conv::grad_input(exec, g, gy, w, gx, ws),
-        ConvAlgorithm::Winograd | ConvAlgorithm::Implicit | ConvAlgorithm::Im2colGemm => {
-            match adjoint_geometry(g) {
-                // Only worth it when the adjoint runs on a faster algorithm than im2col.
-                Some(adj) if ConvAlgorithm::choose(exec, &adj) != ConvAlgorithm::Im2colGemm => {
-                    let mut wt = std::mem::take(&mut ws.weights);
-                    grow_zeroed(&mut wt, w.len(), "the adjoint kernel")?;
-                    adjoint_weight(g, w, &mut wt[..w.len()]);
-                    let r = conv2d_forward(exec, &adj, gy, &wt[..w.len()], None, gx, ws);
-                    ws.weights = wt;
-                    r
-                }
-                // Strided: per input phase, an implicit GEMM (no col2im, no inserted zeros).
-                _ if implicit::applies(exec, g) => implicit::grad_input(exec, g, gy, w, gx, ws),
-                _ => conv::grad_input(exec, g, gy, w, gx, ws),
-            }
+    // The adjoint forward convolution pays where it runs on a faster kernel than the direct
+    // grad-input: anything but im2col, and for depthwise layers the channel-blocked kernel.
+    let adjoint_pays = |adj: &ConvGeometry| match ConvAlgorithm::choose(exec, adj) {
+        ConvAlgorithm::Im2colGemm => false,
+        ConvAlgorithm::Depthwise => depthwise_blocked::applies(adj),
+        _ => true,
+    };
+    match (ConvAlgorithm::choose(exec, g), adjoint_geometry(g)) {
+        (ConvAlgorithm::Pointwise, _) => conv::grad_input(exec, g, gy, w, gx, ws),
+        (_, Some(adj)) if adjoint_pays(&adj) => {
+            let mut wt = std::mem::take(&mut ws.weights);
+            grow_zeroed(&mut wt, w.len(), "the adjoint kernel")?;
+            adjoint_weight(g, w, &mut wt[..w.len()]);
+            let r = conv2d_forward(exec, &adj, gy, &wt[..w.len()], None, gx, ws);
+            ws.weights = wt;
+            r
         }
+        (ConvAlgorithm::Depthwise, _) => depthwise::grad_input(exec, g, gy, w, gx, ws),
+        // Strided: per input phase, an implicit GEMM (no col2im, no inserted zeros).
+        _ if implicit::applies(exec, g) => implicit::grad_input(exec, g, gy, w, gx, ws),
+        _ => conv::grad_input(exec, g, gy, w, gx, ws),
     }
 }
 

@@ -276,29 +276,29 @@ mod x86 {
         /// 128-bit lanes twice (`shuffle_f32x4`): 64 shuffles for 256 elements.
         #[inline(always)]
         unsafe fn transpose(rows: &mut [Self]) {
-            assert_eq!(rows.len(), 16);
+            // A fixed-size view: the compiler keeps all 16 rows in registers (through a slice
+            // of unknown length it copied them to and from the stack with memcpy calls).
+            let rows: &mut [Self; 16] = rows.try_into().expect("16 rows");
             unsafe {
-                let mut r = [_mm512_setzero_ps(); 16];
-                for (d, s) in r.iter_mut().zip(rows.iter()) {
-                    *d = s.0;
-                }
+                let r = rows.map(|v| v.0);
                 let mut t = [_mm512_setzero_ps(); 16];
                 for k in 0..8 {
                     t[2 * k] = _mm512_unpacklo_ps(r[2 * k], r[2 * k + 1]);
                     t[2 * k + 1] = _mm512_unpackhi_ps(r[2 * k], r[2 * k + 1]);
                 }
+                let mut u = [_mm512_setzero_ps(); 16];
                 for k in 0..4 {
                     let (a, b) = (4 * k, 4 * k + 2);
-                    r[4 * k] = _mm512_shuffle_ps::<0x44>(t[a], t[b]);
-                    r[4 * k + 1] = _mm512_shuffle_ps::<0xEE>(t[a], t[b]);
-                    r[4 * k + 2] = _mm512_shuffle_ps::<0x44>(t[a + 1], t[b + 1]);
-                    r[4 * k + 3] = _mm512_shuffle_ps::<0xEE>(t[a + 1], t[b + 1]);
+                    u[4 * k] = _mm512_shuffle_ps::<0x44>(t[a], t[b]);
+                    u[4 * k + 1] = _mm512_shuffle_ps::<0xEE>(t[a], t[b]);
+                    u[4 * k + 2] = _mm512_shuffle_ps::<0x44>(t[a + 1], t[b + 1]);
+                    u[4 * k + 3] = _mm512_shuffle_ps::<0xEE>(t[a + 1], t[b + 1]);
                 }
                 for h in 0..2 {
                     for i in 0..4 {
                         let (a, b) = (8 * h + i, 8 * h + i + 4);
-                        t[8 * h + i] = _mm512_shuffle_f32x4::<0x88>(r[a], r[b]);
-                        t[8 * h + i + 4] = _mm512_shuffle_f32x4::<0xDD>(r[a], r[b]);
+                        t[8 * h + i] = _mm512_shuffle_f32x4::<0x88>(u[a], u[b]);
+                        t[8 * h + i + 4] = _mm512_shuffle_f32x4::<0xDD>(u[a], u[b]);
                     }
                 }
                 for i in 0..8 {
