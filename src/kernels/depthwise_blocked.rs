@@ -12,8 +12,9 @@
 //! channels a multiple of 16 (so a block never straddles images for any instruction set).
 //!
 //! Grad-input of a stride-1 depthwise layer is a depthwise forward of the output gradient with
-//! the flipped kernel (see `kernels::conv2d_grad_input`), so it runs here too. The backward
-//! passes of strided layers and grad-weight stay on the plane kernel.
+//! the flipped kernel (see `kernels::conv2d_grad_input`), so it runs here too; grad-weight has
+//! its own blocked kernel ([`grad_weight`]). Grad-input of strided layers stays on the plane
+//! kernel (per input phase).
 
 use std::ops::Range;
 
@@ -31,7 +32,8 @@ const CHANNEL_MULTIPLE: usize = 16;
 /// on every reference layer (2 threads, min of 30–60 runs; forward and the grad-input that
 /// runs as its adjoint): B 0.82–0.87 → 0.79–0.80 ms and 0.84–0.98 → 0.78–0.80 ms,
 /// C 0.85–1.02 → 0.72–0.88 and 1.01–1.03 → 0.71–0.78, D 0.233 → 0.167 and 0.286 → 0.172,
-/// E (stride 2, forward only) 0.43 → 0.37.
+/// E (stride 2, forward only) 0.43 → 0.37; grad-weight B 0.74–1.06 → 0.65–0.77,
+/// C 0.91–1.06 → 0.62–0.71, D 0.255 → 0.151, E 0.40–0.49 → 0.46–0.47.
 const MAX_PADDED_PIXELS: usize = 1 << 16;
 
 /// Taps kept in registers at most (a 5 × 5 kernel).
@@ -72,6 +74,21 @@ impl Layout {
     fn out_pixels(&self, g: &ConvGeometry, lanes: usize) -> usize {
         g.out_pixels().next_multiple_of(lanes)
     }
+}
+
+/// Tap (i, j) of output pixel (oh, ow) is pixel (oh·sh + i·dh, ow·sw + j·dw) of the padded
+/// block: a fixed offset (in floats) per tap from the output pixel's base.
+fn tap_offsets(g: &ConvGeometry, l: &Layout, lanes: usize) -> Vec<usize> {
+    (0..g.kernel_h)
+        .flat_map(|i| (0..g.kernel_w).map(move |j| (i, j)))
+        .map(|(i, j)| (i * g.dilation_h * l.wp + j * g.dilation_w) * lanes)
+        .collect()
+}
+
+/// Whether the 3 × 3, stride-1, dilation-1 kernels (shared row loads) apply.
+fn is_3x3_unit_stride(g: &ConvGeometry) -> bool {
+    (g.kernel_h, g.kernel_w) == (3, 3)
+        && (g.stride_h, g.stride_w, g.dilation_h, g.dilation_w) == (1, 1, 1, 1)
 }
 
 /// Forward pass (`g` must satisfy [`applies`]).
@@ -129,14 +146,8 @@ unsafe fn forward_blocks_kernel<S: SimdF32>(
     let (wb, bb) = rest.split_at_mut(taps * lanes);
     // The padding is never written after this.
     xb.fill(0.0);
-    // Tap (i, j) of output pixel (oh, ow) is pixel (oh·sh + i·dh, ow·sw + j·dw) of the padded
-    // block: a fixed offset per tap from the output pixel's base.
-    let offsets: Vec<usize> = (0..g.kernel_h)
-        .flat_map(|i| (0..g.kernel_w).map(move |j| (i, j)))
-        .map(|(i, j)| (i * g.dilation_h * l.wp + j * g.dilation_w) * lanes)
-        .collect();
-    let three_by_three_unit_stride = (g.kernel_h, g.kernel_w) == (3, 3)
-        && (g.stride_h, g.stride_w, g.dilation_h, g.dilation_w) == (1, 1, 1, 1);
+    let offsets = tap_offsets(g, l, lanes);
+    let three_by_three_unit_stride = is_3x3_unit_stride(g);
     for (local, block) in blocks.enumerate() {
         // Channels c0 .. c0 + lanes of image n (multiplier 1: output channel = input channel).
         let first = block * lanes;
@@ -149,7 +160,11 @@ unsafe fn forward_blocks_kernel<S: SimdF32>(
         }
         // SAFETY: x holds planes first .. first + lanes; xb, ob, wb, bb have the sizes above.
         unsafe {
-            pack::<S>(g, l, &x[first * hw..(first + lanes) * hw], xb);
+            pack::<S>(
+                PackShape::input(g, l),
+                &x[first * hw..(first + lanes) * hw],
+                xb,
+            );
             if three_by_three_unit_stride {
                 compute_3x3::<S>(g, l, xb, wb, bb, ob);
             } else {
@@ -164,22 +179,59 @@ unsafe fn forward_blocks_kernel<S: SimdF32>(
     }
 }
 
-/// Transposes `LANES` input planes into the interior of the padded pixel-major block.
+/// Where [`pack`] puts `LANES` planes of `h × w` pixels: at row `top`, column `left` of a
+/// pixel-major block whose rows are `stride` pixels apart.
+#[derive(Clone, Copy)]
+struct PackShape {
+    h: usize,
+    w: usize,
+    top: usize,
+    left: usize,
+    stride: usize,
+}
+
+impl PackShape {
+    /// The input planes of `g` into the interior of the padded block.
+    fn input(g: &ConvGeometry, l: &Layout) -> Self {
+        PackShape {
+            h: g.in_h,
+            w: g.in_w,
+            top: g.pad_top,
+            left: g.pad_left,
+            stride: l.wp,
+        }
+    }
+
+    /// The output planes of `g` as one unpadded run of pixels.
+    fn output(g: &ConvGeometry) -> Self {
+        let p = g.out_pixels();
+        PackShape {
+            h: 1,
+            w: p,
+            top: 0,
+            left: 0,
+            stride: p,
+        }
+    }
+}
+
+/// Transposes `LANES` planes (`planes`, `h·w` pixels each) into the pixel-major block `dst`.
 ///
 /// The register block is always loaded and stored with loops of the full, compile-time lane
 /// count (a run-time count makes the compiler keep it in memory and copy it with memcpy).
 #[inline(always)]
-unsafe fn pack<S: SimdF32>(g: &ConvGeometry, l: &Layout, planes: &[f32], xb: &mut [f32]) {
-    let (lanes, w, hw) = (S::LANES, g.in_w, g.in_pixels());
-    assert!(planes.len() >= lanes * hw && xb.len() >= l.hp * l.wp * lanes && lanes <= 16);
-    let (src, dst) = (planes.as_ptr(), xb.as_mut_ptr());
+unsafe fn pack<S: SimdF32>(s: PackShape, planes: &[f32], dst: &mut [f32]) {
+    let (lanes, w, hw) = (S::LANES, s.w, s.h * s.w);
+    assert!(planes.len() >= lanes * hw && lanes <= 16);
+    assert!(dst.len() >= ((s.top + s.h - 1) * s.stride + s.left + w) * lanes);
+    let (src, dst) = (planes.as_ptr(), dst.as_mut_ptr());
     let mut rows = [unsafe { S::zero() }; 16];
-    for r in 0..g.in_h {
-        let row_base = ((r + g.pad_top) * l.wp + g.pad_left) * lanes;
+    for r in 0..s.h {
+        let row_base = ((r + s.top) * s.stride + s.left) * lanes;
         for c0 in (0..w).step_by(lanes) {
             let n = lanes.min(w - c0);
-            // SAFETY: pixels c0 .. c0 + n of row r of each plane, and padded pixels of row
-            // r + pad_top inside the block (asserted sizes).
+            // SAFETY: pixels c0 .. c0 + n of row r of each plane, and pixels of row r + top
+            // inside the block (asserted sizes).
             unsafe {
                 for (lane, v) in rows[..lanes].iter_mut().enumerate() {
                     let at = src.add(lane * hw + r * w + c0);
@@ -341,6 +393,198 @@ unsafe fn unpack<S: SimdF32>(g: &ConvGeometry, ob: &[f32], planes: &mut [f32]) {
                     v.store_partial(at, n);
                 }
             }
+        }
+    }
+}
+
+/// Grad-weight on channel blocks (`g` must satisfy [`applies`]): per block, the input planes
+/// (padded) and output-gradient planes are transposed to pixel-major once per image, and each
+/// tap's gradient is `Σ_p gy[p] · x[p + off_t]` with one vector of 16 channels per pixel, so
+/// the sums need no horizontal reductions. Tasks take whole channel blocks over all images:
+/// no partial sums to add.
+pub fn grad_weight(
+    exec: Exec,
+    g: &ConvGeometry,
+    x: &[f32],
+    gy: &[f32],
+    gw: &mut [f32],
+    ws: &mut Workspace,
+) -> Result<()> {
+    assert!(
+        applies(g),
+        "channel-blocked depthwise kernel: unsupported geometry"
+    );
+    let lanes = exec.isa().lanes();
+    let l = Layout::new(g);
+    let taps = g.kernel_h * g.kernel_w;
+    let blocks = g.in_channels / lanes;
+    let tasks = exec.threads().min(blocks);
+    let per_task = l.scratch(g, lanes);
+    let scratch = ws.take(per_task * tasks)?;
+    for_each_task(
+        tasks,
+        gw,
+        lanes * taps,
+        scratch,
+        per_task,
+        |blocks, gwc, buf| grad_weight_blocks(exec.isa(), g, &l, x, gy, blocks, gwc, buf),
+    );
+    Ok(())
+}
+
+crate::simd_dispatch!(fn grad_weight_blocks => grad_weight_blocks_kernel(
+    g: &ConvGeometry, l: &Layout, x: &[f32], gy: &[f32],
+    blocks: Range<usize>, gw: &mut [f32], buf: &mut [f32]
+));
+
+#[inline(always)]
+unsafe fn grad_weight_blocks_kernel<S: SimdF32>(
+    g: &ConvGeometry,
+    l: &Layout,
+    x: &[f32],
+    gy: &[f32],
+    blocks: Range<usize>,
+    gw: &mut [f32],
+    buf: &mut [f32],
+) {
+    let lanes = S::LANES;
+    let (hw, ohw, taps) = (g.in_pixels(), g.out_pixels(), g.kernel_h * g.kernel_w);
+    let (xb, rest) = buf.split_at_mut(l.hp * l.wp * lanes);
+    let (gb, _) = rest.split_at_mut(l.out_pixels(g, lanes) * lanes);
+    // The padding is never written after this.
+    xb.fill(0.0);
+    let offsets = tap_offsets(g, l, lanes);
+    let three_by_three_unit_stride = is_3x3_unit_stride(g);
+    // Per-image sums are f32 vector lanes; across images they accumulate in f64.
+    let mut acc64 = vec![0f64; taps * lanes];
+    for (local, cb) in blocks.enumerate() {
+        acc64.fill(0.0);
+        for n in 0..g.batch {
+            let first = n * g.in_channels + cb * lanes;
+            let mut sums = [0f32; MAX_TAPS * 16];
+            // SAFETY: x and gy hold planes first .. first + lanes; xb and gb have the sizes of
+            // the layout; sums has room for every tap's vector.
+            unsafe {
+                pack::<S>(
+                    PackShape::input(g, l),
+                    &x[first * hw..(first + lanes) * hw],
+                    xb,
+                );
+                pack::<S>(
+                    PackShape::output(g),
+                    &gy[first * ohw..(first + lanes) * ohw],
+                    gb,
+                );
+                if three_by_three_unit_stride {
+                    tap_sums_3x3::<S>(g, l, xb, gb, &mut sums);
+                } else {
+                    tap_sums::<S>(g, l, &offsets, xb, gb, &mut sums);
+                }
+            }
+            for (a, &v) in acc64.iter_mut().zip(&sums[..taps * lanes]) {
+                *a += v as f64;
+            }
+        }
+        // acc64 is [tap][lane]; the weight gradient is [channel][tap].
+        let out = &mut gw[local * lanes * taps..(local + 1) * lanes * taps];
+        for lane in 0..lanes {
+            for t in 0..taps {
+                out[lane * taps + t] = acc64[t * lanes + lane] as f32;
+            }
+        }
+    }
+}
+
+/// `sums[t] = Σ_p gy[p] · x[base(p) + off_t]` over the block's output pixels (any kernel,
+/// stride and dilation), one vector of channels per tap.
+#[inline(always)]
+unsafe fn tap_sums<S: SimdF32>(
+    g: &ConvGeometry,
+    l: &Layout,
+    offsets: &[usize],
+    xb: &[f32],
+    gb: &[f32],
+    sums: &mut [f32],
+) {
+    let lanes = S::LANES;
+    let taps = offsets.len();
+    assert!(taps <= MAX_TAPS && sums.len() >= taps * lanes);
+    assert!(gb.len() >= g.out_pixels() * lanes);
+    let (xp, gp) = (xb.as_ptr(), gb.as_ptr());
+    // SAFETY: every base + offset is a pixel of the padded block, every output pixel of gb.
+    unsafe {
+        let mut acc = [S::zero(); MAX_TAPS];
+        for oh in 0..g.out_h {
+            let row = xp.add(oh * g.stride_h * l.wp * lanes);
+            for ow in 0..g.out_w {
+                let gv = S::load(gp.add((oh * g.out_w + ow) * lanes));
+                let base = row.add(ow * g.stride_w * lanes);
+                for (a, &off) in acc[..taps].iter_mut().zip(offsets) {
+                    *a = S::mul_add(gv, S::load(base.add(off)), *a);
+                }
+            }
+        }
+        for (t, a) in acc[..taps].iter().enumerate() {
+            a.store(sums.as_mut_ptr().add(t * lanes));
+        }
+    }
+}
+
+/// [`tap_sums`] for a 3 × 3 kernel at stride 1, dilation 1: nine accumulators in registers,
+/// and four adjacent output pixels share each input row's six loads.
+#[inline(always)]
+unsafe fn tap_sums_3x3<S: SimdF32>(
+    g: &ConvGeometry,
+    l: &Layout,
+    xb: &[f32],
+    gb: &[f32],
+    sums: &mut [f32],
+) {
+    const OUT: usize = 4;
+    let lanes = S::LANES;
+    assert!(sums.len() >= 9 * lanes && xb.len() >= l.hp * l.wp * lanes);
+    assert!(gb.len() >= g.out_pixels() * lanes && g.out_h + 2 <= l.hp && g.out_w + 2 <= l.wp);
+    let (xp, gp) = (xb.as_ptr(), gb.as_ptr());
+    // SAFETY: output pixel (oh, ow) reads padded pixels (oh + i, ow + j), i, j < 3, inside the
+    // block, and pixel (oh, ow) of gb (asserted sizes).
+    unsafe {
+        let mut acc = [S::zero(); 9];
+        for oh in 0..g.out_h {
+            let grow = gp.add(oh * g.out_w * lanes);
+            let mut ow = 0;
+            while ow + OUT <= g.out_w {
+                let mut gv = [S::zero(); OUT];
+                for (q, v) in gv.iter_mut().enumerate() {
+                    *v = S::load(grow.add((ow + q) * lanes));
+                }
+                for i in 0..3 {
+                    let row = xp.add(((oh + i) * l.wp + ow) * lanes);
+                    let mut v = [S::zero(); OUT + 2];
+                    for (q, x) in v.iter_mut().enumerate() {
+                        *x = S::load(row.add(q * lanes));
+                    }
+                    for (q, &gq) in gv.iter().enumerate() {
+                        for j in 0..3 {
+                            acc[3 * i + j] = S::mul_add(gq, v[q + j], acc[3 * i + j]);
+                        }
+                    }
+                }
+                ow += OUT;
+            }
+            while ow < g.out_w {
+                let gq = S::load(grow.add(ow * lanes));
+                for i in 0..3 {
+                    let row = xp.add(((oh + i) * l.wp + ow) * lanes);
+                    for j in 0..3 {
+                        acc[3 * i + j] =
+                            S::mul_add(gq, S::load(row.add(j * lanes)), acc[3 * i + j]);
+                    }
+                }
+                ow += 1;
+            }
+        }
+        for (t, a) in acc.iter().enumerate() {
+            a.store(sums.as_mut_ptr().add(t * lanes));
         }
     }
 }

@@ -146,7 +146,7 @@ unsafe fn forward_images_kernel<S: SimdF32>(
 /// Phase (a, b) of the input gradient (input pixels at padded position ≡ (a, b) mod the
 /// stride) receives only the taps (i, j) with (i·dh, j·dw) ≡ (a, b), and receives them as a
 /// stride-1 correlation of the zero-padded output gradient (the depthwise grad-input's
-/// [`GradInputLayout`]): `gX_phase (cin × positions) = W_phase (cin × cout·T) · D`, where row
+/// `GradInputLayout`): `gX_phase (cin × positions) = W_phase (cin × cout·T) · D`, where row
 /// (co, t) of D is output-gradient plane co shifted by tap t's offset. Every tap is used
 /// exactly once over the phases: none of the multiplications by inserted zeros that a
 /// transposed convolution would do, and no col2im scatter. The phases are then interleaved

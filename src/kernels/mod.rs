@@ -8,8 +8,8 @@
 //!   and is a plain GEMM on the input.
 //! - [`depthwise`]: a direct SIMD kernel for groups = in-channels (any depth multiplier, stride,
 //!   dilation): each plane is one flat correlation over its padded phase planes.
-//! - [`depthwise_blocked`]: the depthwise forward on blocks of 16 channels, one vector per pixel
-//!   (also the grad-input of stride-1 depthwise layers, as the adjoint forward).
+//! - [`depthwise_blocked`]: depthwise forward and grad-weight on blocks of 16 channels (one
+//!   vector per pixel); stride-1 grad-input runs on it as the adjoint forward.
 //! - [`fused`]: depthwise then pointwise band by band, the intermediate kept in L2.
 //! - [`elementwise`]: the memory-bound kernels of the network layers (BatchNorm, ReLU, pooling).
 //! - [`winograd`]: F(2×2, 3×3) for stride-1 3×3 convolutions (forward and grad-input).
@@ -339,7 +339,11 @@ pub fn conv2d_grad_weight(
 ) -> Result<()> {
     check_lengths(g, x.len(), gw.len(), gy.len());
     match ConvAlgorithm::choose(exec, g) {
+        ConvAlgorithm::Depthwise if depthwise_blocked::applies(g) => {
+            depthwise_blocked::grad_weight(exec, g, x, gy, gw, ws)
+        }
         ConvAlgorithm::Depthwise => depthwise::grad_weight(exec, g, x, gy, gw, ws),
+
         ConvAlgorithm::Winograd | ConvAlgorithm::Implicit
             if implicit::grad_weight_applies(exec, g) =>
         {
