@@ -51,13 +51,13 @@ pub fn applies(g: &ConvGeometry) -> bool {
 }
 
 /// The padded pixel-major input block: `hp × wp` pixels of `LANES` floats.
-struct Layout {
+pub(crate) struct Layout {
     hp: usize,
     wp: usize,
 }
 
 impl Layout {
-    fn new(g: &ConvGeometry) -> Self {
+    pub(crate) fn new(g: &ConvGeometry) -> Self {
         Layout {
             hp: g.in_h + g.pad_top + g.pad_bottom,
             wp: g.in_w + g.pad_left + g.pad_right,
@@ -77,12 +77,18 @@ impl Layout {
 }
 
 /// Tap (i, j) of output pixel (oh, ow) is pixel (oh·sh + i·dh, ow·sw + j·dw) of the padded
-/// block: a fixed offset (in floats) per tap from the output pixel's base.
-fn tap_offsets(g: &ConvGeometry, l: &Layout, lanes: usize) -> Vec<usize> {
-    (0..g.kernel_h)
-        .flat_map(|i| (0..g.kernel_w).map(move |j| (i, j)))
-        .map(|(i, j)| (i * g.dilation_h * l.wp + j * g.dilation_w) * lanes)
-        .collect()
+/// block: a fixed offset (in floats) per tap from the output pixel's base. Returns the offsets
+/// and their count (no allocation: this runs per block).
+fn tap_offsets(g: &ConvGeometry, l: &Layout, lanes: usize) -> ([usize; MAX_TAPS], usize) {
+    let mut off = [0; MAX_TAPS];
+    let mut count = 0;
+    for i in 0..g.kernel_h {
+        for j in 0..g.kernel_w {
+            off[count] = (i * g.dilation_h * l.wp + j * g.dilation_w) * lanes;
+            count += 1;
+        }
+    }
+    (off, count)
 }
 
 /// Whether the 3 × 3, stride-1, dilation-1 kernels (shared row loads) apply.
@@ -141,41 +147,90 @@ unsafe fn forward_blocks_kernel<S: SimdF32>(
 ) {
     let lanes = S::LANES;
     let (hw, ohw, taps) = (g.in_pixels(), g.out_pixels(), g.kernel_h * g.kernel_w);
-    let (xb, rest) = buf.split_at_mut(l.hp * l.wp * lanes);
-    let (ob, rest) = rest.split_at_mut(l.out_pixels(g, lanes) * lanes);
-    let (wb, bb) = rest.split_at_mut(taps * lanes);
-    // The padding is never written after this.
-    xb.fill(0.0);
-    let offsets = tap_offsets(g, l, lanes);
-    let three_by_three_unit_stride = is_3x3_unit_stride(g);
     for (local, block) in blocks.enumerate() {
         // Channels c0 .. c0 + lanes of image n (multiplier 1: output channel = input channel).
         let first = block * lanes;
         let c0 = first % g.in_channels;
-        for lane in 0..lanes {
-            for t in 0..taps {
-                wb[t * lanes + lane] = w[(c0 + lane) * taps + t];
-            }
-            bb[lane] = bias.map_or(0.0, |b| b[c0 + lane]);
-        }
-        // SAFETY: x holds planes first .. first + lanes; xb, ob, wb, bb have the sizes above.
+        // SAFETY: x holds planes first .. first + lanes, y the task's output blocks, buf the
+        // scratch of `l`.
         unsafe {
-            pack::<S>(
-                PackShape::input(g, l),
-                &x[first * hw..(first + lanes) * hw],
-                xb,
-            );
-            if three_by_three_unit_stride {
-                compute_3x3::<S>(g, l, xb, wb, bb, ob);
-            } else {
-                compute::<S>(g, l, &offsets, xb, wb, bb, ob);
-            }
-            unpack::<S>(
+            forward_block::<S>(
                 g,
-                ob,
+                l,
+                &x[first * hw..],
+                hw,
+                &w[c0 * taps..(c0 + lanes) * taps],
+                bias.map(|b| &b[c0..c0 + lanes]),
                 &mut y[local * lanes * ohw..(local + 1) * lanes * ohw],
-            );
+                buf,
+                local == 0,
+            )
+        };
+    }
+}
+
+/// Floats of scratch [`forward_block`] needs for `g` with layout `l`.
+pub(crate) fn block_scratch(g: &ConvGeometry, l: &Layout, lanes: usize) -> usize {
+    l.scratch(g, lanes)
+}
+
+/// `LANES` channels of `g`'s depthwise forward: input planes `plane_stride` floats apart from
+/// the start of `x` (only `g`'s plane shape, kernel, stride, dilation and padding are used, so
+/// a band of rows of larger planes works too), the channels' kernels `w` (`LANES × taps`) and
+/// bias, into `LANES` dense output planes in `y`. `l` is `g`'s layout or a taller one with the
+/// same width (bands of different heights then share one buffer: the rows below the band are
+/// zeroed on every call), and `buf` holds [`block_scratch`] floats for it; `clear` on the
+/// buffer's first use zeroes the left and right padding, which is never written after that.
+///
+/// # Safety
+/// The CPU must support `S`; the slices must have the sizes stated.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+pub(crate) unsafe fn forward_block<S: SimdF32>(
+    g: &ConvGeometry,
+    l: &Layout,
+    x: &[f32],
+    plane_stride: usize,
+    w: &[f32],
+    bias: Option<&[f32]>,
+    y: &mut [f32],
+    buf: &mut [f32],
+    clear: bool,
+) {
+    let lanes = S::LANES;
+    let taps = g.kernel_h * g.kernel_w;
+    assert!(w.len() >= lanes * taps && bias.is_none_or(|b| b.len() >= lanes));
+    let own = Layout::new(g);
+    assert!(
+        l.wp == own.wp && l.hp >= own.hp,
+        "a layout of the same width, as tall or taller"
+    );
+    let (xb, rest) = buf.split_at_mut(l.hp * l.wp * lanes);
+    let (ob, rest) = rest.split_at_mut(l.out_pixels(g, lanes) * lanes);
+    let (wb, bb) = rest.split_at_mut(taps * lanes);
+    let row = l.wp * lanes;
+    if clear {
+        xb.fill(0.0);
+    } else {
+        xb[..g.pad_top * row].fill(0.0);
+        xb[(g.pad_top + g.in_h) * row..].fill(0.0);
+    }
+    for lane in 0..lanes {
+        for t in 0..taps {
+            wb[t * lanes + lane] = w[lane * taps + t];
         }
+        bb[lane] = bias.map_or(0.0, |b| b[lane]);
+    }
+    // SAFETY: x holds `lanes` planes at plane_stride; xb, ob, wb, bb have the layout's sizes.
+    unsafe {
+        pack::<S>(PackShape::input(g, l, plane_stride), x, xb);
+        if is_3x3_unit_stride(g) {
+            compute_3x3::<S>(g, l, xb, wb, bb, ob);
+        } else {
+            let (offsets, count) = tap_offsets(g, l, lanes);
+            compute::<S>(g, l, &offsets[..count], xb, wb, bb, ob);
+        }
+        unpack::<S>(g, ob, y);
     }
 }
 
@@ -188,17 +243,20 @@ struct PackShape {
     top: usize,
     left: usize,
     stride: usize,
+    /// Floats between the source planes.
+    plane_stride: usize,
 }
 
 impl PackShape {
     /// The input planes of `g` into the interior of the padded block.
-    fn input(g: &ConvGeometry, l: &Layout) -> Self {
+    fn input(g: &ConvGeometry, l: &Layout, plane_stride: usize) -> Self {
         PackShape {
             h: g.in_h,
             w: g.in_w,
             top: g.pad_top,
             left: g.pad_left,
             stride: l.wp,
+            plane_stride,
         }
     }
 
@@ -211,18 +269,20 @@ impl PackShape {
             top: 0,
             left: 0,
             stride: p,
+            plane_stride: p,
         }
     }
 }
 
-/// Transposes `LANES` planes (`planes`, `h·w` pixels each) into the pixel-major block `dst`.
+/// Transposes `LANES` planes (`h × w` pixels each, `plane_stride` apart in `planes`) into the
+/// pixel-major block `dst`.
 ///
 /// The register block is always loaded and stored with loops of the full, compile-time lane
 /// count (a run-time count makes the compiler keep it in memory and copy it with memcpy).
 #[inline(always)]
 unsafe fn pack<S: SimdF32>(s: PackShape, planes: &[f32], dst: &mut [f32]) {
-    let (lanes, w, hw) = (S::LANES, s.w, s.h * s.w);
-    assert!(planes.len() >= lanes * hw && lanes <= 16);
+    let (lanes, w, hw) = (S::LANES, s.w, s.plane_stride);
+    assert!(planes.len() >= (lanes - 1) * hw + s.h * w && lanes <= 16 && hw >= s.h * w);
     assert!(dst.len() >= ((s.top + s.h - 1) * s.stride + s.left + w) * lanes);
     let (src, dst) = (planes.as_ptr(), dst.as_mut_ptr());
     let mut rows = [unsafe { S::zero() }; 16];
@@ -453,7 +513,7 @@ unsafe fn grad_weight_blocks_kernel<S: SimdF32>(
     let (gb, _) = rest.split_at_mut(l.out_pixels(g, lanes) * lanes);
     // The padding is never written after this.
     xb.fill(0.0);
-    let offsets = tap_offsets(g, l, lanes);
+    let (offsets, count) = tap_offsets(g, l, lanes);
     let three_by_three_unit_stride = is_3x3_unit_stride(g);
     // Per-image sums are f32 vector lanes; across images they accumulate in f64.
     let mut acc64 = vec![0f64; taps * lanes];
@@ -466,7 +526,7 @@ unsafe fn grad_weight_blocks_kernel<S: SimdF32>(
             // the layout; sums has room for every tap's vector.
             unsafe {
                 pack::<S>(
-                    PackShape::input(g, l),
+                    PackShape::input(g, l, hw),
                     &x[first * hw..(first + lanes) * hw],
                     xb,
                 );
@@ -478,7 +538,7 @@ unsafe fn grad_weight_blocks_kernel<S: SimdF32>(
                 if three_by_three_unit_stride {
                     tap_sums_3x3::<S>(g, l, xb, gb, &mut sums);
                 } else {
-                    tap_sums::<S>(g, l, &offsets, xb, gb, &mut sums);
+                    tap_sums::<S>(g, l, &offsets[..count], xb, gb, &mut sums);
                 }
             }
             for (a, &v) in acc64.iter_mut().zip(&sums[..taps * lanes]) {
