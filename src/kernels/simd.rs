@@ -280,7 +280,12 @@ mod x86 {
             // of unknown length it copied them to and from the stack with memcpy calls).
             let rows: &mut [Self; 16] = rows.try_into().expect("16 rows");
             unsafe {
-                let r = rows.map(|v| v.0);
+                // Element by element, not `array::map`: the closure is not always inlined,
+                // and an out-of-line call passes the block through memory.
+                let mut r = [_mm512_setzero_ps(); 16];
+                for (d, v) in r.iter_mut().zip(rows.iter()) {
+                    *d = v.0;
+                }
                 let mut t = [_mm512_setzero_ps(); 16];
                 for k in 0..8 {
                     t[2 * k] = _mm512_unpacklo_ps(r[2 * k], r[2 * k + 1]);
