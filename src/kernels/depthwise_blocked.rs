@@ -1,5 +1,5 @@
-//! Depthwise forward on channel blocks: `LANES` channels at a time in a pixel-major layout
-//! (NCHW16c inside the kernel, NCHW at the API), one vector per pixel.
+//! Depthwise forward and grad-weight on channel blocks: `LANES` channels at a time in a
+//! pixel-major layout (NCHW16c inside the kernel, NCHW at the API), one vector per pixel.
 //!
 //! The plane-at-a-time kernel ([`super::depthwise`]) pays per plane for filling its padded
 //! phase buffer, for up to `BLOCK·LANES − 1` positions past the plane's end, for copying the
@@ -57,6 +57,7 @@ pub(crate) struct Layout {
 }
 
 impl Layout {
+    /// The layout of `g`'s padded input plane.
     pub(crate) fn new(g: &ConvGeometry) -> Self {
         Layout {
             hp: g.in_h + g.pad_top + g.pad_bottom,
