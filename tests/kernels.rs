@@ -63,6 +63,16 @@ fn geometry() -> impl Strategy<Value = ConvGeometry> {
         )
 }
 
+/// Explicit padding: rows above and below, columns left and right.
+fn explicit(top: usize, bottom: usize, left: usize, right: usize) -> Conv2dParams {
+    Conv2dParams::with_padding(Padding::Explicit {
+        top,
+        bottom,
+        left,
+        right,
+    })
+}
+
 struct Data {
     x: Vec<f32>,
     w: Vec<f32>,
@@ -153,7 +163,6 @@ proptest! {
 fn fast_equals_reference_on_larger_shapes() {
     let same = Conv2dParams::with_padding(Padding::Same);
     let cases = [
-        ([2, 8, 37, 29], [16, 8, 3, 3], same),
         ([3, 16, 20, 20], [16, 1, 3, 3], same.groups(16)),
         ([2, 8, 23, 23], [24, 1, 3, 3], same.groups(8).stride(2, 2)),
         ([2, 16, 17, 17], [32, 16, 1, 1], Conv2dParams::default()),
@@ -179,38 +188,14 @@ fn fast_equals_reference_on_larger_shapes() {
         ),
         ([7, 12, 5, 6], [9, 12, 1, 1], Conv2dParams::default()),
         ([64, 3, 14, 14], [8, 3, 3, 3], same),
-        // Winograd F(2×2, 3×3) (at least 32 tiles per image): odd and even sizes, valid, asymmetric and large padding (grad-input
-        // falls back past pad 2), the packed-GEMM path (more than 256 input channels).
-        ([3, 12, 17, 18], [9, 12, 3, 3], Conv2dParams::default()),
-        (
-            [4, 16, 9, 8],
-            [8, 16, 3, 3],
-            Conv2dParams::with_padding(Padding::Explicit {
-                top: 2,
-                bottom: 0,
-                left: 1,
-                right: 2,
-            }),
-        ),
-        (
-            [1, 10, 12, 12],
-            [12, 10, 3, 3],
-            Conv2dParams::with_padding(Padding::symmetric(3, 3)),
-        ),
-        ([2, 300, 12, 11], [9, 300, 3, 3], same),
+        // Asymmetric explicit padding on an image too small for Winograd (20 tiles).
+        ([4, 16, 9, 8], [8, 16, 3, 3], explicit(2, 0, 1, 2)),
         // Implicit GEMM (at least 256 output pixels, batch per thread): strided, dilated,
         // grouped, non-square, asymmetric padding.
         (
             [2, 6, 33, 35],
             [8, 3, 3, 2],
-            Conv2dParams::with_padding(Padding::Explicit {
-                top: 2,
-                bottom: 0,
-                left: 1,
-                right: 3,
-            })
-            .groups(2)
-            .stride(1, 2),
+            explicit(2, 0, 1, 3).groups(2).stride(1, 2),
         ),
         (
             [2, 5, 40, 38],
@@ -228,6 +213,7 @@ fn fast_equals_reference_on_larger_shapes() {
 
     for (i, (input, weight, p)) in cases
         .into_iter()
+        .chain(winograd_cases())
         .chain(strided_implicit_cases())
         .chain(implicit_grad_weight_cases())
         .chain(blocked_depthwise_cases())
@@ -238,30 +224,28 @@ fn fast_equals_reference_on_larger_shapes() {
     }
 }
 
-/// Every shape of the larger-shapes test that should run on Winograd does.
-#[test]
-fn winograd_cases_take_the_winograd_path() {
+/// Winograd F(2×2, 3×3) shapes (at least 32 tiles per image): odd and even sizes, valid,
+/// asymmetric and large padding (grad-input falls back past pad 2), the packed-GEMM path (more
+/// than 256 input channels).
+fn winograd_cases() -> [([usize; 4], [usize; 4], Conv2dParams); 5] {
     let same = Conv2dParams::with_padding(Padding::Same);
-    for (input, weight, p) in [
+    [
         ([2, 8, 37, 29], [16, 8, 3, 3], same),
         ([3, 12, 17, 18], [9, 12, 3, 3], Conv2dParams::default()),
-        (
-            [4, 16, 15, 14],
-            [8, 16, 3, 3],
-            Conv2dParams::with_padding(Padding::Explicit {
-                top: 2,
-                bottom: 0,
-                left: 1,
-                right: 2,
-            }),
-        ),
+        ([4, 16, 15, 14], [8, 16, 3, 3], explicit(2, 0, 1, 2)),
         (
             [1, 10, 12, 12],
             [12, 10, 3, 3],
             Conv2dParams::with_padding(Padding::symmetric(3, 3)),
         ),
         ([2, 300, 12, 11], [9, 300, 3, 3], same),
-    ] {
+    ]
+}
+
+/// Every Winograd shape of the larger-shapes test runs on Winograd.
+#[test]
+fn winograd_cases_take_the_winograd_path() {
+    for (input, weight, p) in winograd_cases() {
         let g = ConvGeometry::new(input, weight, &p).unwrap();
         assert_eq!(
             ConvAlgorithm::choose(sepconv::Exec::new(2), &g),
@@ -289,14 +273,7 @@ fn strided_implicit_cases() -> [([usize; 4], [usize; 4], Conv2dParams); 3] {
         (
             [2, 4, 60, 57],
             [5, 4, 4, 2],
-            Conv2dParams::with_padding(Padding::Explicit {
-                top: 2,
-                bottom: 1,
-                left: 0,
-                right: 3,
-            })
-            .stride(3, 2)
-            .dilation(1, 2),
+            explicit(2, 1, 0, 3).stride(3, 2).dilation(1, 2),
         ),
     ]
 }
@@ -360,15 +337,7 @@ fn blocked_depthwise_cases() -> [([usize; 4], [usize; 4], Conv2dParams); 3] {
         (
             [2, 32, 17, 23],
             [32, 1, 5, 3],
-            Conv2dParams::with_padding(Padding::Explicit {
-                top: 2,
-                bottom: 1,
-                left: 0,
-                right: 3,
-            })
-            .groups(32)
-            .stride(2, 2)
-            .dilation(1, 2),
+            explicit(2, 1, 0, 3).groups(32).stride(2, 2).dilation(1, 2),
         ),
     ]
 }

@@ -65,9 +65,9 @@ impl Layout {
         }
     }
 
-    /// Scratch floats per task: the input block, the output block (whole runs of `lanes`
-    /// pixels) and the weight and bias vectors.
-    fn scratch(&self, g: &ConvGeometry, lanes: usize) -> usize {
+    /// Scratch floats per task (and what [`forward_block`] needs with this layout): the input
+    /// block, the output block (whole runs of `lanes` pixels) and the weight and bias vectors.
+    pub(crate) fn scratch(&self, g: &ConvGeometry, lanes: usize) -> usize {
         (self.hp * self.wp + self.out_pixels(g, lanes) + g.kernel_h * g.kernel_w + 1) * lanes
     }
 
@@ -170,17 +170,12 @@ unsafe fn forward_blocks_kernel<S: SimdF32>(
     }
 }
 
-/// Floats of scratch [`forward_block`] needs for `g` with layout `l`.
-pub(crate) fn block_scratch(g: &ConvGeometry, l: &Layout, lanes: usize) -> usize {
-    l.scratch(g, lanes)
-}
-
 /// `LANES` channels of `g`'s depthwise forward: input planes `plane_stride` floats apart from
 /// the start of `x` (only `g`'s plane shape, kernel, stride, dilation and padding are used, so
 /// a band of rows of larger planes works too), the channels' kernels `w` (`LANES × taps`) and
 /// bias, into `LANES` dense output planes in `y`. `l` is `g`'s layout or a taller one with the
 /// same width (bands of different heights then share one buffer: the rows below the band are
-/// zeroed on every call), and `buf` holds [`block_scratch`] floats for it; `clear` on the
+/// zeroed on every call), and `buf` holds [`Layout::scratch`] floats for it; `clear` on the
 /// buffer's first use zeroes the left and right padding, which is never written after that.
 ///
 /// # Safety
@@ -201,11 +196,10 @@ pub(crate) unsafe fn forward_block<S: SimdF32>(
     let lanes = S::LANES;
     let taps = g.kernel_h * g.kernel_w;
     assert!(w.len() >= lanes * taps && bias.is_none_or(|b| b.len() >= lanes));
-    let own = Layout::new(g);
-    assert!(
-        l.wp == own.wp && l.hp >= own.hp,
-        "a layout of the same width, as tall or taller"
-    );
+    debug_assert!({
+        let own = Layout::new(g);
+        l.wp == own.wp && l.hp >= own.hp
+    });
     let (xb, rest) = buf.split_at_mut(l.hp * l.wp * lanes);
     let (ob, rest) = rest.split_at_mut(l.out_pixels(g, lanes) * lanes);
     let (wb, bb) = rest.split_at_mut(taps * lanes);

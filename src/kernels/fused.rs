@@ -130,7 +130,7 @@ pub fn depthwise_pointwise_forward(
     let tallest = depthwise_blocked::Layout::new(&tallest_band(&bands).geometry);
     let blocked_len = bands
         .iter()
-        .map(|b| depthwise_blocked::block_scratch(&b.geometry, &tallest, exec.isa().lanes()))
+        .map(|b| tallest.scratch(&b.geometry, exec.isa().lanes()))
         .max()
         .unwrap_or(0);
     let per_task = mk * rows * dw.out_w + (phase_len + flat_len).max(blocked_len);

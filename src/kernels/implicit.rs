@@ -18,7 +18,7 @@ use super::depthwise::{GradInputLayout, PhaseLayout, fill_phases, gather_phases}
 use super::pointwise::{Operands, Rows, small_k_gemm};
 use super::simd::SimdF32;
 use super::{Exec, Workspace, for_each_task};
-use crate::error::{Result, grow_zeroed};
+use crate::error::Result;
 
 use crate::geometry::ConvGeometry;
 
@@ -165,26 +165,6 @@ pub fn grad_input(
         g.out_channels_per_group(),
         g.kernel_h * g.kernel_w,
     );
-    // Per phase and group, the weights of its taps as a cig × (cog·T) matrix, column
-    // (co, t); phase by phase these use every weight once, so they fill a buffer of w's size.
-    let mut wsel = std::mem::take(&mut ws.weights);
-    grow_zeroed(&mut wsel, w.len(), "the per-phase kernels")?;
-    let mut starts = Vec::with_capacity(l.phases.len());
-    let mut at = 0;
-    for (_, _, tap_ids, _) in &l.phases {
-        starts.push(at);
-        for grp in 0..g.groups {
-            for ci in 0..cig {
-                for co in 0..cog {
-                    let src = ((grp * cog + co) * cig + ci) * taps;
-                    for &t in tap_ids {
-                        wsel[at] = w[src + t];
-                        at += 1;
-                    }
-                }
-            }
-        }
-    }
     // Row (co, t) of each phase's D: output-gradient plane co shifted by the tap's offset.
     let rows: Vec<Vec<usize>> = l
         .phases
@@ -195,11 +175,30 @@ pub fn grad_input(
                 .collect()
         })
         .collect();
-    let tasks = exec.threads().min(g.batch);
-    let per_task = cog * l.gy_len + l.phases.len() * cig * l.out_len();
-    let result = ws.take(per_task * tasks).map(|scratch| {
+    // Per phase and group, the weights of its taps as a cig × (cog·T) matrix, column
+    // (co, t); phase by phase these use every weight once, so they fill a buffer of w's size.
+    ws.with_weights(w.len(), "the per-phase kernels", |wsel, ws| {
+        let mut starts = Vec::with_capacity(l.phases.len());
+        let mut at = 0;
+        for (_, _, tap_ids, _) in &l.phases {
+            starts.push(at);
+            for grp in 0..g.groups {
+                for ci in 0..cig {
+                    for co in 0..cog {
+                        let src = ((grp * cog + co) * cig + ci) * taps;
+                        for &t in tap_ids {
+                            wsel[at] = w[src + t];
+                            at += 1;
+                        }
+                    }
+                }
+            }
+        }
+        let tasks = exec.threads().min(g.batch);
+        let per_task = cog * l.gy_len + l.phases.len() * cig * l.out_len();
+        let scratch = ws.take(per_task * tasks)?;
         let weights = PhaseWeights {
-            w: &wsel[..w.len()],
+            w: wsel,
             starts: &starts,
             rows: &rows,
         };
@@ -207,9 +206,8 @@ pub fn grad_input(
         for_each_task(tasks, gx, img_in, scratch, per_task, |images, gxc, buf| {
             grad_input_images(exec.isa(), g, &l, &weights, gy, images, gxc, buf)
         });
-    });
-    ws.weights = wsel;
-    result
+        Ok(())
+    })
 }
 
 /// The per-phase weight matrices of [`grad_input`] and the row tables of their D operands.

@@ -93,8 +93,8 @@ impl Default for Exec {
 #[derive(Debug, Default)]
 pub struct Workspace {
     buf: Vec<f32>,
-    /// Transformed weights (the adjoint's flipped kernel) kept apart from `buf`, which the
-    /// convolution they feed needs for itself.
+    /// Transformed weights (the adjoint's flipped kernel, the per-phase kernels of a strided
+    /// grad-input) kept apart from `buf`, which the convolution they feed needs for itself.
     weights: Vec<f32>,
 }
 
@@ -108,6 +108,21 @@ impl Workspace {
     pub fn take(&mut self, len: usize) -> Result<&mut [f32]> {
         grow_zeroed(&mut self.buf, len, "kernel scratch")?;
         Ok(&mut self.buf[..len])
+    }
+
+    /// Runs `f` with a buffer of `len` floats for transformed weights, kept apart from the
+    /// scratch that `f` may still take from the workspace; `what` names it in an allocation
+    /// error.
+    fn with_weights<R>(
+        &mut self,
+        len: usize,
+        what: &str,
+        f: impl FnOnce(&mut [f32], &mut Workspace) -> Result<R>,
+    ) -> Result<R> {
+        let mut wt = std::mem::take(&mut self.weights);
+        let r = grow_zeroed(&mut wt, len, what).and_then(|()| f(&mut wt[..len], self));
+        self.weights = wt;
+        r
     }
 
     /// Bytes currently held.
@@ -262,12 +277,10 @@ pub fn conv2d_grad_input(
     match (ConvAlgorithm::choose(exec, g), adjoint_geometry(g)) {
         (ConvAlgorithm::Pointwise, _) => conv::grad_input(exec, g, gy, w, gx, ws),
         (_, Some(adj)) if adjoint_pays(&adj) => {
-            let mut wt = std::mem::take(&mut ws.weights);
-            grow_zeroed(&mut wt, w.len(), "the adjoint kernel")?;
-            adjoint_weight(g, w, &mut wt[..w.len()]);
-            let r = conv2d_forward(exec, &adj, gy, &wt[..w.len()], None, gx, ws);
-            ws.weights = wt;
-            r
+            ws.with_weights(w.len(), "the adjoint kernel", |wt, ws| {
+                adjoint_weight(g, w, wt);
+                conv2d_forward(exec, &adj, gy, wt, None, gx, ws)
+            })
         }
         (ConvAlgorithm::Depthwise, _) => depthwise::grad_input(exec, g, gy, w, gx, ws),
         // Strided: per input phase, an implicit GEMM (no col2im, no inserted zeros).
