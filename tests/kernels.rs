@@ -217,6 +217,7 @@ fn fast_equals_reference_on_larger_shapes() {
         .chain(strided_implicit_cases())
         .chain(implicit_grad_weight_cases())
         .chain(blocked_depthwise_cases())
+        .chain(shifted_grad_weight_cases())
         .enumerate()
     {
         let g = ConvGeometry::new(input, weight, &p).unwrap();
@@ -312,6 +313,48 @@ fn long_products_take_the_implicit_grad_weight() {
         for threads in [1, 2] {
             assert!(
                 sepconv::kernels::implicit::grad_weight_applies(sepconv::Exec::new(threads), &g),
+                "{input:?}"
+            );
+        }
+    }
+}
+
+/// Column kernels whose grad-weight runs as dot products over shifted planes: channel counts
+/// that leave partial register tiles (7 inputs, 9 outputs) and a batch that splits unevenly;
+/// 64 channels on a plane larger than one chunk of positions; grouped, dilated, with
+/// asymmetric height padding; and a padding so large that the first tap never lands.
+fn shifted_grad_weight_cases() -> [([usize; 4], [usize; 4], Conv2dParams); 4] {
+    [
+        (
+            [3, 7, 40, 52],
+            [9, 7, 3, 1],
+            Conv2dParams::with_padding(Padding::symmetric(1, 0)),
+        ),
+        (
+            [2, 64, 48, 48],
+            [5, 64, 3, 1],
+            Conv2dParams::with_padding(Padding::symmetric(1, 0)),
+        ),
+        (
+            [2, 8, 20, 36],
+            [6, 4, 5, 1],
+            explicit(3, 0, 0, 0).groups(2).dilation(2, 1),
+        ),
+        (
+            [2, 3, 4, 40],
+            [4, 3, 3, 1],
+            explicit(10, 0, 0, 0).dilation(2, 1),
+        ),
+    ]
+}
+
+#[test]
+fn column_kernels_take_the_shifted_grad_weight() {
+    for (input, weight, p) in shifted_grad_weight_cases() {
+        let g = ConvGeometry::new(input, weight, &p).unwrap();
+        for threads in [1, 2] {
+            assert!(
+                sepconv::kernels::shifted_grad_weight::applies(sepconv::Exec::new(threads), &g),
                 "{input:?}"
             );
         }

@@ -24,7 +24,7 @@ use rayon::prelude::*;
 use super::gemm::{MatView, gemm};
 use super::pointwise::{Operands, Rows, small_k_gemm};
 
-use super::{Exec, Workspace, for_each_task, task_count};
+use super::{Exec, Workspace, for_each_image_task, for_each_task, task_count};
 use crate::error::Result;
 use crate::geometry::ConvGeometry;
 
@@ -567,15 +567,11 @@ pub fn grad_weight(
     let wlen = gw.len();
     let per_task = wlen + col_len + tmp_len;
     let scratch = ws.take(per_task * plan.tasks)?;
-    let per_images = g.batch.div_ceil(plan.tasks);
-    scratch
-        .par_chunks_mut(per_task)
-        .enumerate()
-        .for_each(|(t, s)| {
-            let (part, rest) = s.split_at_mut(wlen);
-            let start = (t * per_images).min(g.batch);
-            accumulate(start..(start + per_images).min(g.batch), part, rest);
-        });
+    for_each_image_task(g.batch, scratch, per_task, |images, s| {
+        let (part, rest) = s.split_at_mut(wlen);
+        accumulate(images, part, rest);
+    });
+
     // Sum the private copies, in parallel over the weight.
     let chunk = wlen.div_ceil(exec.threads()).max(1);
     let scratch = &*scratch;

@@ -17,7 +17,7 @@ use rayon::prelude::*;
 use super::depthwise::{GradInputLayout, PhaseLayout, fill_phases, gather_phases};
 use super::pointwise::{Operands, Rows, small_k_gemm};
 use super::simd::SimdF32;
-use super::{Exec, Workspace, for_each_task};
+use super::{Exec, Workspace, for_each_image_task, for_each_task};
 use crate::error::Result;
 
 use crate::geometry::ConvGeometry;
@@ -311,18 +311,13 @@ pub fn grad_weight(
     );
     let rows = im2col_rows(cig, &l);
     let tasks = exec.threads().min(g.batch);
-    let per_images = g.batch.div_ceil(tasks);
     let wlen = gw.len();
     let per_task = wlen + cig * l.len + l.positions * transposed_stride(cog);
     let scratch = ws.take(per_task * tasks)?;
-    scratch
-        .par_chunks_mut(per_task)
-        .enumerate()
-        .for_each(|(t, s)| {
-            let start = (t * per_images).min(g.batch);
-            let images = start..(start + per_images).min(g.batch);
-            grad_weight_images(exec.isa(), g, &l, &rows, x, gy, images, s);
-        });
+    for_each_image_task(g.batch, scratch, per_task, |images, s| {
+        grad_weight_images(exec.isa(), g, &l, &rows, x, gy, images, s)
+    });
+
     // gw[grp·cog + co][kk] = Σ over tasks of gWᵀ[grp][kk][co].
     let scratch = &*scratch;
     gw.par_chunks_mut(cog * k)

@@ -14,6 +14,9 @@
 //! - [`elementwise`]: the memory-bound kernels of the network layers (BatchNorm, ReLU, pooling).
 //! - [`winograd`]: F(2×2, 3×3) for stride-1 3×3 convolutions (forward and grad-input).
 //! - [`implicit`]: implicit-GEMM convolution (no im2col) for every other geometry, batch permitting.
+//! - [`shifted_grad_weight`]: grad-weight of stride-1 column kernels (kh × 1) as dot products of
+//!   gradient planes with row-shifted input planes, read in place.
+
 //! - [`gemm`]: the wrapper over faer's matrix product.
 //! - [`pointwise`]: a register-blocked product for pointwise steps with few input channels.
 //! - [`simd`]: instruction-set dispatch (AVX-512, AVX2, portable).
@@ -31,6 +34,8 @@ pub mod gemm;
 pub mod implicit;
 pub mod pointwise;
 pub mod reference;
+pub mod shifted_grad_weight;
+
 pub mod simd;
 pub mod winograd;
 
@@ -180,7 +185,26 @@ pub(crate) fn for_each_task<F>(
     }
 }
 
+/// Splits `batch` images evenly over the tasks whose scratch `scratch` holds (`per_task` floats
+/// each) and runs `f(images, task_scratch)` for each on the current rayon pool: the split of
+/// the grad-weight kernels, where every task accumulates a private copy of the gradient.
+pub(crate) fn for_each_image_task<F>(batch: usize, scratch: &mut [f32], per_task: usize, f: F)
+where
+    F: Fn(Range<usize>, &mut [f32]) + Sync + Send,
+{
+    let tasks = scratch.len().checked_div(per_task).unwrap_or(0).max(1);
+    let per_images = batch.div_ceil(tasks);
+    scratch
+        .par_chunks_mut(per_task.max(1))
+        .enumerate()
+        .for_each(|(t, s)| {
+            let start = (t * per_images).min(batch);
+            f(start..(start + per_images).min(batch), s)
+        });
+}
+
 /// Which algorithm computes a convolution of this geometry.
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ConvAlgorithm {
     /// Direct SIMD depthwise kernel (groups = in-channels).
@@ -356,6 +380,9 @@ pub fn conv2d_grad_weight(
             depthwise_blocked::grad_weight(exec, g, x, gy, gw, ws)
         }
         ConvAlgorithm::Depthwise => depthwise::grad_weight(exec, g, x, gy, gw, ws),
+        _ if shifted_grad_weight::applies(exec, g) => {
+            shifted_grad_weight::grad_weight(exec, g, x, gy, gw, ws)
+        }
 
         ConvAlgorithm::Winograd | ConvAlgorithm::Implicit
             if implicit::grad_weight_applies(exec, g) =>

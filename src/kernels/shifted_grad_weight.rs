@@ -1,0 +1,344 @@
+//! Grad-weight of stride-1 column kernels (kh × 1, as the first half of a spatially separable
+//! layer) as dot products of output-gradient planes with shifted input planes, both read in
+//! place.
+//!
+//! With stride 1, a kernel one column wide and no width padding, the output is as wide as the
+//! input and output position `p = oh·W + ow` of tap i reads input position `p + off`,
+//! `off = (i·dh − pad_top)·W`: a whole-row shift of the flat plane. So
+//! `gW[o, c, i] = Σ_p gY[o, p] · x[c, p + off]` over one contiguous range of positions (the
+//! rows whose shifted row is inside the image): a dot product of two NCHW planes, read in
+//! whole vectors along positions. Nothing is copied, packed or transposed; im2col + GEMM
+//! spends about half its time on that for these short products (K = 3·cin).
+//!
+//! Register tile: 4 output channels × 6 input channels of one tap, 24 vector accumulators fed by
+//! 4 + 6 loads per step. Positions run in chunks sized so a chunk of every input channel stays
+//! in L2 while all output-channel blocks read it. A tile's accumulators are added to per-lane
+//! partial sums (one vector per weight element, kept in L2), and the lanes are summed once at
+//! the end, so no horizontal reduction runs per chunk.
+//!
+//! Kernels with a column shift (1 × kw) are not taken: positions whose shifted column leaves
+//! the image would need masking or a correction, and on reference layers B and C that version
+//! was no faster than im2col + GEMM (nor was this kernel on pointwise layers, or with a
+//! partial-sum buffer too large for L2).
+
+use rayon::prelude::*;
+
+use super::simd::SimdF32;
+use super::{Exec, Workspace, for_each_image_task};
+use crate::error::Result;
+use crate::geometry::ConvGeometry;
+
+/// Output channels per register tile.
+const TILE_OUT: usize = 4;
+/// Input channels per register tile.
+const TILE_IN: usize = 6;
+/// Floats of input (all channels of a group) per chunk of positions: 512 KiB, half of L2.
+/// Smaller chunks (128–256 KiB) were 5–20% slower on reference layer B's 3 × 1 half: more
+/// partial-sum traffic per multiplication.
+const CHUNK_FLOATS: usize = 1 << 17;
+/// Largest per-task partial-sum buffer (floats): 1 MiB, the size of L2. Measured (2 threads,
+/// 3 × 1 kernels, batch 8): 64 channels at 56 × 56 (768 KiB of partial sums) 3.46 → 3.11 ms;
+/// 128 channels (reference layer C, 3 MiB, streamed through L3 every chunk) 13.2 → 13.8 ms.
+const MAX_PARTIAL_FLOATS: usize = 1 << 18;
+/// Fewest output pixels per image: the partial sums are read and written once per image and
+/// tile, which small images do not pay for. Measured (batch 64, 3 × 1 kernels, as in the
+/// MNIST network's spatially separable blocks): 32 channels at 14 × 14 0.73 → 0.49 ms, but
+/// 64 channels at 7 × 7 0.70 → 1.04 ms.
+const MIN_PIXELS: usize = 128;
+
+/// Whether [`grad_weight`] computes `g`'s grad-weight: a kernel one column wide and more than
+/// one row tall, stride 1, no width padding, at least 128 output pixels, images for every
+/// thread, more than one input channel per group (one is the depthwise kernel's job), and
+/// per-lane partial sums that fit in L2.
+pub fn applies(exec: Exec, g: &ConvGeometry) -> bool {
+    g.kernel_w == 1
+        && g.kernel_h > 1
+        && g.stride_h == 1
+        && g.stride_w == 1
+        && g.pad_left == 0
+        && g.pad_right == 0
+        && g.out_pixels() >= MIN_PIXELS
+        && g.batch >= exec.threads()
+        && g.in_channels_per_group() > 1
+        && g.weight_len() * exec.isa().lanes() <= MAX_PARTIAL_FLOATS
+}
+
+/// One tap's shift and the output positions it covers.
+#[derive(Clone, Copy, Debug)]
+struct Tap {
+    /// Input position minus output position (flat): a whole number of rows.
+    off: isize,
+    /// Flat output positions `lo .. hi`: the rows whose shifted row is inside the image.
+    lo: usize,
+    hi: usize,
+}
+
+impl Tap {
+    /// Tap (row) i of `g`, or `None` if it never lands inside the input.
+    fn new(g: &ConvGeometry, i: usize) -> Option<Tap> {
+        let w = g.in_w as isize;
+        let dy = (i * g.dilation_h) as isize - g.pad_top as isize;
+        let r0 = (-dy).max(0);
+        let r1 = (g.out_h as isize).min(g.in_h as isize - dy);
+        (r1 > r0).then(|| Tap {
+            off: dy * w,
+            lo: (r0 * w) as usize,
+            hi: (r1 * w) as usize,
+        })
+    }
+}
+
+/// Grad-weight `gw` (overwritten) of a convolution where [`applies`]. Images are split over
+/// tasks; each accumulates per-lane partial sums, and the tasks' lanes are summed into `gw` at
+/// the end.
+pub fn grad_weight(
+    exec: Exec,
+    g: &ConvGeometry,
+    x: &[f32],
+    gy: &[f32],
+    gw: &mut [f32],
+    ws: &mut Workspace,
+) -> Result<()> {
+    let taps: Vec<Option<Tap>> = (0..g.kernel_h).map(|i| Tap::new(g, i)).collect();
+    let lanes = exec.isa().lanes();
+    let per_task = gw.len() * lanes;
+    let tasks = exec.threads().min(g.batch);
+    let scratch = ws.take(per_task * tasks)?;
+    for_each_image_task(g.batch, scratch, per_task, |images, partial| {
+        partial.fill(0.0);
+        accumulate_images(exec.isa(), g, &taps, x, gy, images, partial);
+    });
+    // Partial sums are laid out [group][tap][out][in][lane]; gw is OIHW (kw = 1):
+    // gw[(group·cog + o)·K + c·kh + tap].
+    let (cig, cog, kh) = (
+        g.in_channels_per_group(),
+        g.out_channels_per_group(),
+        g.kernel_h,
+    );
+    let scratch = &*scratch;
+    gw.par_chunks_mut(cig * kh)
+        .enumerate()
+        .for_each(|(row, out)| {
+            let (grp, o) = (row / cog, row % cog);
+            for (kk, v) in out.iter_mut().enumerate() {
+                let (c, t) = (kk / kh, kk % kh);
+                let at = (((grp * kh + t) * cog + o) * cig + c) * lanes;
+                *v = (0..tasks)
+                    .map(|task| scratch[task * per_task + at..][..lanes].iter().sum::<f32>())
+                    .sum();
+            }
+        });
+    Ok(())
+}
+
+crate::simd_dispatch!(fn accumulate_images => accumulate_images_kernel(
+    g: &ConvGeometry, taps: &[Option<Tap>], x: &[f32], gy: &[f32],
+    images: std::ops::Range<usize>, partial: &mut [f32]
+));
+
+/// Adds every image's dot products over each tap's position range to the per-lane partial
+/// sums.
+#[inline(always)]
+unsafe fn accumulate_images_kernel<S: SimdF32>(
+    g: &ConvGeometry,
+    taps: &[Option<Tap>],
+    x: &[f32],
+    gy: &[f32],
+    images: std::ops::Range<usize>,
+    partial: &mut [f32],
+) {
+    let (cig, cog) = (g.in_channels_per_group(), g.out_channels_per_group());
+    let (hw, ohw, l) = (g.in_pixels(), g.out_pixels(), S::LANES);
+    let t_count = taps.len();
+    assert!(partial.len() >= g.groups * t_count * cog * cig * l);
+    assert!(x.len() >= g.batch * g.in_channels * hw && gy.len() >= g.batch * g.out_channels * ohw);
+    let chunk = (CHUNK_FLOATS / cig).next_multiple_of(l).max(16 * l);
+
+    for n in images {
+        for grp in 0..g.groups {
+            let xg = (n * g.in_channels + grp * cig) * hw;
+            let gyg = (n * g.out_channels + grp * cog) * ohw;
+            for q0 in (0..ohw).step_by(chunk) {
+                let q1 = (q0 + chunk).min(ohw);
+                for o0 in (0..cog).step_by(TILE_OUT) {
+                    for (t, tap) in taps.iter().enumerate() {
+                        let Some(tap) = tap else { continue };
+                        let (lo, hi) = (q0.max(tap.lo), q1.min(tap.hi));
+                        if lo >= hi {
+                            continue;
+                        }
+                        for c0 in (0..cig).step_by(TILE_IN) {
+                            let block = Block {
+                                gy: gyg + o0 * ohw + lo,
+                                gy_rows: ohw,
+                                // In the plane: lo + off ≥ 0 and hi + off ≤ hw (Tap::new).
+                                x: (xg + c0 * hw + lo).wrapping_add_signed(tap.off),
+                                x_rows: hw,
+                                first: lo,
+                                len: hi - lo,
+
+                                partial: (((grp * t_count + t) * cog + o0) * cig + c0) * l,
+                                partial_rows: cig * l,
+                            };
+                            let (ro, rc) = (TILE_OUT.min(cog - o0), TILE_IN.min(cig - c0));
+                            // SAFETY: rows o0 .. o0 + ro of gY and c0 .. c0 + rc of x, positions
+                            // lo .. hi (shifted by off for x) lie in this group's planes, and
+                            // the partial block lies in `partial` (asserted above).
+                            unsafe { block.run::<S>(gy, x, partial, ro, rc) };
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// One register tile's operands: element offsets of its first gY row, first x row and first
+/// partial-sum vector, with the strides between rows, and the positions (`len` from `first`).
+#[derive(Clone, Copy)]
+struct Block {
+    first: usize,
+    gy: usize,
+    gy_rows: usize,
+    x: usize,
+    x_rows: usize,
+    len: usize,
+    partial: usize,
+    partial_rows: usize,
+}
+
+impl Block {
+    /// Runs the `ro × rc` tile (`ro ≤ TILE_OUT`, `rc ≤ TILE_IN`).
+    ///
+    /// # Safety
+    /// The CPU runs `S`'s instruction set; rows `..ro` of gY, `..rc` of x (`len` positions each)
+    /// and of the partial block (`rc` vectors each) are inside the slices.
+    #[inline(always)]
+    unsafe fn run<S: SimdF32>(
+        self,
+        gy: &[f32],
+        x: &[f32],
+        partial: &mut [f32],
+        ro: usize,
+        rc: usize,
+    ) {
+        unsafe {
+            match ro {
+                4 => self.run_rows::<S, 4>(gy, x, partial, rc),
+                3 => self.run_rows::<S, 3>(gy, x, partial, rc),
+                2 => self.run_rows::<S, 2>(gy, x, partial, rc),
+                _ => self.run_rows::<S, 1>(gy, x, partial, rc),
+            }
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn run_rows<S: SimdF32, const RO: usize>(
+        self,
+        gy: &[f32],
+        x: &[f32],
+        partial: &mut [f32],
+        rc: usize,
+    ) {
+        unsafe {
+            match rc {
+                6 => self.tile::<S, RO, 6>(gy, x, partial),
+                5 => self.tile::<S, RO, 5>(gy, x, partial),
+                4 => self.tile::<S, RO, 4>(gy, x, partial),
+                3 => self.tile::<S, RO, 3>(gy, x, partial),
+                2 => self.tile::<S, RO, 2>(gy, x, partial),
+                _ => self.tile::<S, RO, 1>(gy, x, partial),
+            }
+        }
+    }
+
+    /// `partial[i][j] += Σ_p gY[i][p] · x[j][p]` lane by lane, for `RO` gradient rows and
+    /// `RC` input rows.
+    ///
+    /// # Safety
+    /// As [`Block::run`].
+    #[inline(always)]
+    unsafe fn tile<S: SimdF32, const RO: usize, const RC: usize>(
+        self,
+        gy: &[f32],
+        x: &[f32],
+        partial: &mut [f32],
+    ) {
+        let l = S::LANES;
+        debug_assert!(self.gy + (RO - 1) * self.gy_rows + self.len <= gy.len());
+        debug_assert!(self.x + (RC - 1) * self.x_rows + self.len <= x.len());
+        debug_assert!(self.partial + (RO - 1) * self.partial_rows + RC * l <= partial.len());
+        let (gp, xp) = (gy.as_ptr(), x.as_ptr());
+        let pp = partial.as_mut_ptr();
+        // SAFETY: the caller's contract (rows and lengths inside the slices).
+        unsafe {
+            let mut acc = [[S::zero(); RC]; RO];
+            for (i, row) in acc.iter_mut().enumerate() {
+                for (j, a) in row.iter_mut().enumerate() {
+                    *a = S::load(pp.add(self.partial + i * self.partial_rows + j * l));
+                }
+            }
+            // A partial first vector up to the next multiple of LANES positions: the body's
+            // gradient loads are then aligned wherever the planes are, and which lane sums
+            // which position depends on the position alone, so results are bit-identical from
+            // run to run whatever the buffers' addresses (training resumes exactly).
+            let head = ((l - self.first % l) % l).min(self.len);
+            if head > 0 {
+                self.step(&mut acc, gp, xp, 0, head);
+            }
+            let full = head + (self.len - head) / l * l;
+            let mut p = head;
+            while p < full {
+                self.step(&mut acc, gp, xp, p, l);
+                p += l;
+            }
+            if full < self.len {
+                self.step(&mut acc, gp, xp, full, self.len - full);
+            }
+            for (i, row) in acc.iter().enumerate() {
+                for (j, a) in row.iter().enumerate() {
+                    a.store(pp.add(self.partial + i * self.partial_rows + j * l));
+                }
+            }
+        }
+    }
+
+    /// Adds the products of `n ≤ LANES` positions from `p` to the accumulators: every x vector
+    /// is loaded once and used `RO` times.
+    ///
+    /// # Safety
+    /// As [`Block::tile`], for positions `p .. p + n`.
+    #[inline(always)]
+    unsafe fn step<S: SimdF32, const RO: usize, const RC: usize>(
+        &self,
+        acc: &mut [[S; RC]; RO],
+        gp: *const f32,
+        xp: *const f32,
+        p: usize,
+        n: usize,
+    ) {
+        // SAFETY: the caller's contract.
+        unsafe {
+            let mut gv = [S::zero(); RO];
+            for (i, v) in gv.iter_mut().enumerate() {
+                let at = gp.add(self.gy + i * self.gy_rows + p);
+                *v = if n == S::LANES {
+                    S::load(at)
+                } else {
+                    S::load_partial(at, n)
+                };
+            }
+            for j in 0..RC {
+                let at = xp.add(self.x + j * self.x_rows + p);
+                let xv = if n == S::LANES {
+                    S::load(at)
+                } else {
+                    S::load_partial(at, n)
+                };
+                for (row, &g) in acc.iter_mut().zip(&gv) {
+                    row[j] = S::mul_add(g, xv, row[j]);
+                }
+            }
+        }
+    }
+}
