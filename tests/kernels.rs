@@ -218,6 +218,7 @@ fn fast_equals_reference_on_larger_shapes() {
         .chain(implicit_grad_weight_cases())
         .chain(blocked_depthwise_cases())
         .chain(shifted_grad_weight_cases())
+        .chain(in_place_cases())
         .enumerate()
     {
         let g = ConvGeometry::new(input, weight, &p).unwrap();
@@ -316,6 +317,35 @@ fn long_products_take_the_implicit_grad_weight() {
                 "{input:?}"
             );
         }
+    }
+}
+
+/// Implicit-GEMM shapes whose forward reads the input in place (stride 1, no padding above or
+/// below, output as wide as the input): a 1 × 3 kernel dilated across with asymmetric width
+/// padding (its adjoint grad-input runs in place too), and a grouped 2 × 3 kernel.
+fn in_place_cases() -> [([usize; 4], [usize; 4], Conv2dParams); 2] {
+    [
+        (
+            [2, 6, 17, 40],
+            [5, 6, 1, 3],
+            explicit(0, 0, 1, 3).dilation(1, 2),
+        ),
+        ([2, 8, 20, 24], [6, 4, 2, 3], explicit(0, 0, 2, 0).groups(2)),
+    ]
+}
+
+#[test]
+fn unpadded_rows_take_the_in_place_forward() {
+    for (input, weight, p) in in_place_cases() {
+        let g = ConvGeometry::new(input, weight, &p).unwrap();
+        for threads in [1, 2] {
+            assert_eq!(
+                ConvAlgorithm::choose(sepconv::Exec::new(threads), &g),
+                ConvAlgorithm::Implicit,
+                "{input:?}"
+            );
+        }
+        assert!(sepconv::kernels::implicit::reads_in_place(&g), "{input:?}");
     }
 }
 
