@@ -229,7 +229,7 @@ fn fast_equals_reference_on_larger_shapes() {
 /// Winograd F(2×2, 3×3) shapes (at least 32 tiles per image): odd and even sizes, valid,
 /// asymmetric and large padding (grad-input falls back past pad 2), the packed-GEMM path (more
 /// than 256 input channels).
-fn winograd_cases() -> [([usize; 4], [usize; 4], Conv2dParams); 5] {
+fn winograd_cases() -> [Case; 5] {
     let same = Conv2dParams::with_padding(Padding::Same);
     [
         ([2, 8, 37, 29], [16, 8, 3, 3], same),
@@ -247,20 +247,35 @@ fn winograd_cases() -> [([usize; 4], [usize; 4], Conv2dParams); 5] {
 /// Every Winograd shape of the larger-shapes test runs on Winograd.
 #[test]
 fn winograd_cases_take_the_winograd_path() {
-    for (input, weight, p) in winograd_cases() {
+    assert_for_every_case(winograd_cases(), |exec, g| {
+        ConvAlgorithm::choose(exec, g) == ConvAlgorithm::Winograd
+    });
+}
+
+/// A shape: input NCHW, weight OIHW, parameters.
+type Case = ([usize; 4], [usize; 4], Conv2dParams);
+
+/// Asserts `holds(exec, geometry)` for every case with one and two threads: the path tests,
+/// which make sure the fast-vs-reference shapes reach the kernel they were chosen for.
+fn assert_for_every_case(
+    cases: impl IntoIterator<Item = Case>,
+    holds: impl Fn(sepconv::Exec, &ConvGeometry) -> bool,
+) {
+    for (input, weight, p) in cases {
         let g = ConvGeometry::new(input, weight, &p).unwrap();
-        assert_eq!(
-            ConvAlgorithm::choose(sepconv::Exec::new(2), &g),
-            ConvAlgorithm::Winograd,
-            "{input:?}"
-        );
+        for threads in [1, 2] {
+            assert!(
+                holds(sepconv::Exec::new(threads), &g),
+                "{input:?}, {threads} threads"
+            );
+        }
     }
 }
 
 /// Strided shapes on the implicit GEMM, whose grad-input runs per input phase: a 3×3 stride-2
 /// layer like reference layer E, a 1×1 stride 2 (three phases receive no tap) and a stride-3
 /// dilated non-square kernel with asymmetric padding.
-fn strided_implicit_cases() -> [([usize; 4], [usize; 4], Conv2dParams); 3] {
+fn strided_implicit_cases() -> [Case; 3] {
     [
         (
             [2, 6, 34, 34],
@@ -284,22 +299,15 @@ fn strided_implicit_cases() -> [([usize; 4], [usize; 4], Conv2dParams); 3] {
 /// is the per-phase implicit GEMM).
 #[test]
 fn strided_cases_take_the_implicit_path() {
-    for (input, weight, p) in strided_implicit_cases() {
-        let g = ConvGeometry::new(input, weight, &p).unwrap();
-        for threads in [1, 2] {
-            assert_eq!(
-                ConvAlgorithm::choose(sepconv::Exec::new(threads), &g),
-                ConvAlgorithm::Implicit,
-                "{input:?}"
-            );
-        }
-    }
+    assert_for_every_case(strided_implicit_cases(), |exec, g| {
+        ConvAlgorithm::choose(exec, g) == ConvAlgorithm::Implicit
+    });
 }
 
 /// Shapes whose grad-weight runs on the implicit GEMM (long im2col rows, at least 128 output
 /// channels per group): strided with a channel count and width that leave partial transpose
 /// blocks, and grouped at stride 1 (Winograd forward).
-fn implicit_grad_weight_cases() -> [([usize; 4], [usize; 4], Conv2dParams); 2] {
+fn implicit_grad_weight_cases() -> [Case; 2] {
     let same = Conv2dParams::with_padding(Padding::Same);
     [
         ([2, 64, 34, 34], [130, 64, 3, 3], same.stride(2, 2)),
@@ -309,21 +317,16 @@ fn implicit_grad_weight_cases() -> [([usize; 4], [usize; 4], Conv2dParams); 2] {
 
 #[test]
 fn long_products_take_the_implicit_grad_weight() {
-    for (input, weight, p) in implicit_grad_weight_cases() {
-        let g = ConvGeometry::new(input, weight, &p).unwrap();
-        for threads in [1, 2] {
-            assert!(
-                sepconv::kernels::implicit::grad_weight_applies(sepconv::Exec::new(threads), &g),
-                "{input:?}"
-            );
-        }
-    }
+    assert_for_every_case(
+        implicit_grad_weight_cases(),
+        sepconv::kernels::implicit::grad_weight_applies,
+    );
 }
 
 /// Implicit-GEMM shapes whose forward reads the input in place (stride 1, no padding above or
 /// below, output as wide as the input): a 1 × 3 kernel dilated across with asymmetric width
 /// padding (its adjoint grad-input runs in place too), and a grouped 2 × 3 kernel.
-fn in_place_cases() -> [([usize; 4], [usize; 4], Conv2dParams); 2] {
+fn in_place_cases() -> [Case; 2] {
     [
         (
             [2, 6, 17, 40],
@@ -336,24 +339,17 @@ fn in_place_cases() -> [([usize; 4], [usize; 4], Conv2dParams); 2] {
 
 #[test]
 fn unpadded_rows_take_the_in_place_forward() {
-    for (input, weight, p) in in_place_cases() {
-        let g = ConvGeometry::new(input, weight, &p).unwrap();
-        for threads in [1, 2] {
-            assert_eq!(
-                ConvAlgorithm::choose(sepconv::Exec::new(threads), &g),
-                ConvAlgorithm::Implicit,
-                "{input:?}"
-            );
-        }
-        assert!(sepconv::kernels::implicit::reads_in_place(&g), "{input:?}");
-    }
+    assert_for_every_case(in_place_cases(), |exec, g| {
+        ConvAlgorithm::choose(exec, g) == ConvAlgorithm::Implicit
+            && sepconv::kernels::implicit::reads_in_place(g)
+    });
 }
 
 /// Column kernels whose grad-weight runs as dot products over shifted planes: channel counts
 /// that leave partial register tiles (7 inputs, 9 outputs) and a batch that splits unevenly;
 /// 64 channels on a plane larger than one chunk of positions; grouped, dilated, with
 /// asymmetric height padding; and a padding so large that the first tap never lands.
-fn shifted_grad_weight_cases() -> [([usize; 4], [usize; 4], Conv2dParams); 4] {
+fn shifted_grad_weight_cases() -> [Case; 4] {
     [
         (
             [3, 7, 40, 52],
@@ -380,22 +376,17 @@ fn shifted_grad_weight_cases() -> [([usize; 4], [usize; 4], Conv2dParams); 4] {
 
 #[test]
 fn column_kernels_take_the_shifted_grad_weight() {
-    for (input, weight, p) in shifted_grad_weight_cases() {
-        let g = ConvGeometry::new(input, weight, &p).unwrap();
-        for threads in [1, 2] {
-            assert!(
-                sepconv::kernels::shifted_grad_weight::applies(sepconv::Exec::new(threads), &g),
-                "{input:?}"
-            );
-        }
-    }
+    assert_for_every_case(
+        shifted_grad_weight_cases(),
+        sepconv::kernels::shifted_grad_weight::applies,
+    );
 }
 
 /// Depthwise shapes on the channel-blocked kernel: a 3 × 3 at stride 1 whose width leaves
 /// partial transpose runs and a partial group of four output pixels (its grad-input runs there
 /// too, as the adjoint), the same with valid padding (the adjoint pads by 2), and a 5 × 3
 /// kernel at stride 2 with dilation and asymmetric padding (the general tap loop).
-fn blocked_depthwise_cases() -> [([usize; 4], [usize; 4], Conv2dParams); 3] {
+fn blocked_depthwise_cases() -> [Case; 3] {
     [
         (
             [2, 16, 13, 21],
@@ -417,13 +408,9 @@ fn blocked_depthwise_cases() -> [([usize; 4], [usize; 4], Conv2dParams); 3] {
 
 #[test]
 fn depthwise_cases_take_the_blocked_kernel_where_it_applies() {
-    for (input, weight, p) in blocked_depthwise_cases() {
-        let g = ConvGeometry::new(input, weight, &p).unwrap();
-        assert!(
-            sepconv::kernels::depthwise_blocked::applies(&g),
-            "{input:?}"
-        );
-    }
+    assert_for_every_case(blocked_depthwise_cases(), |_, g| {
+        sepconv::kernels::depthwise_blocked::applies(g)
+    });
     // A depth multiplier, or channels that are not a multiple of 16, stay on the plane kernel.
     let same = Conv2dParams::with_padding(Padding::Same);
     for (input, weight, p) in [

@@ -141,17 +141,15 @@ unsafe fn forward_images_kernel<S: SimdF32>(
                 // Each channel's buffer is cleared once; after that only pixels are rewritten.
                 fill_phases::<S>(g, l, &x[plane..plane + hw], buf, local == 0 && grp == 0);
             }
-            let ops = Operands {
-                c: &w[grp * cog * k..(grp + 1) * cog * k],
-                c_rows: Rows::Strided(k),
-                c_col: 1,
-                d: planes,
-                n: cog,
+            let ops = Operands::weights_times_rows(
+                &w[grp * cog * k..(grp + 1) * cog * k],
+                cog,
                 k,
-                p: l.positions,
-                bias: bias.map(|b| &b[grp * cog..(grp + 1) * cog]),
-                d_rows: Rows::Table(&rows),
-            };
+                planes,
+                &rows,
+                l.positions,
+                bias.map(|b| &b[grp * cog..(grp + 1) * cog]),
+            );
             let at = local * g.out_channels * ohw + grp * cog * ohw;
             let y_group = &mut y[at..at + cog * ohw];
             if l.wq == ow {
@@ -214,17 +212,7 @@ unsafe fn forward_in_place<S: SimdF32>(
             let bg = bias.map(|b| &b[grp * cog..(grp + 1) * cog]);
             let at = local * g.out_channels * ohw + grp * cog * ohw;
             let y_group = &mut y[at..at + cog * ohw];
-            let ops = Operands {
-                c: wg,
-                c_rows: Rows::Strided(k),
-                c_col: 1,
-                d: xg,
-                n: cog,
-                k,
-                p: interior,
-                bias: bg,
-                d_rows: Rows::Table(&rows),
-            };
+            let ops = Operands::weights_times_rows(wg, cog, k, xg, &rows, interior, bg);
             small_k_gemm(S::ISA, ops, &mut y_group[pl..], ohw, false);
             // The edge columns: im2col rows (zeros where a tap leaves the image), one product,
             // scattered into the output.
@@ -381,17 +369,15 @@ unsafe fn grad_input_images_kernel<S: SimdF32>(
                 }
                 let k = cog * tap_ids.len();
                 let start = weights.starts[ph] + grp * cig * k;
-                let ops = Operands {
-                    c: &weights.w[start..start + cig * k],
-                    c_rows: Rows::Strided(k),
-                    c_col: 1,
-                    d: gbufs,
-                    n: cig,
+                let ops = Operands::weights_times_rows(
+                    &weights.w[start..start + cig * k],
+                    cig,
                     k,
-                    p: l.positions,
-                    bias: None,
-                    d_rows: Rows::Table(&weights.rows[ph]),
-                };
+                    gbufs,
+                    &weights.rows[ph],
+                    l.positions,
+                    None,
+                );
                 small_k_gemm(S::ISA, ops, out, out_len, false);
             }
             for ci in 0..cig {

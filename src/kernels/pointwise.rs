@@ -71,6 +71,32 @@ pub struct Operands<'a> {
     pub d_rows: Rows<'a>,
 }
 
+impl<'a> Operands<'a> {
+    /// A dense row-major weight `w` (n × k) times the D whose row kk starts at `rows[kk]` of
+    /// `d` (p columns): the product of every implicit-GEMM convolution.
+    pub fn weights_times_rows(
+        w: &'a [f32],
+        n: usize,
+        k: usize,
+        d: &'a [f32],
+        rows: &'a [usize],
+        p: usize,
+        bias: Option<&'a [f32]>,
+    ) -> Self {
+        Operands {
+            c: w,
+            c_rows: Rows::Strided(k),
+            c_col: 1,
+            d,
+            n,
+            k,
+            p,
+            bias,
+            d_rows: Rows::Table(rows),
+        }
+    }
+}
+
 /// `y (+)= C · D` with `y` row-major N × P at row stride `ldy` (`accumulate` adds to y).
 ///
 /// Without `accumulate`, Y is written with non-temporal stores where aligned: the output of a
