@@ -159,24 +159,18 @@ impl Module for BatchNorm2d {
         let (mean, inv_std, isa) = (&self.mean, &self.inv_std, ctx.exec.isa());
         // With a fused ReLU, gy is the gradient at the ReLU's output: it passes where y > 0.
         let mask = self.relu.then_some(y);
-        // Per channel: Σ gy and Σ gy·x̂.
+        // Per channel: Σ gy and Σ gy·x̂, in one pass over each plane.
         let sums: Vec<(f64, f64)> = (0..ch)
             .into_par_iter()
             .map(|c| {
-                let s = channel_sum(batch, c, ch, plane, |r| match mask {
-                    Some(m) => elementwise::sum_masked(isa, &gy[r.clone()], &m[r]),
-                    None => elementwise::sum(isa, &gy[r]),
-                });
-                let sx = channel_sum(batch, c, ch, plane, |r| match mask {
-                    Some(m) => elementwise::dot_centered_masked(
-                        isa,
-                        &gy[r.clone()],
-                        &m[r.clone()],
-                        &x[r],
-                        mean[c],
-                    ),
-                    None => elementwise::dot_centered(isa, &gy[r.clone()], &x[r], mean[c]),
-                });
+                let (mut s, mut sx) = (0.0f64, 0.0f64);
+                for n in 0..batch {
+                    let r = (n * ch + c) * plane..(n * ch + c + 1) * plane;
+                    let m = mask.map(|m| &m[r.clone()]);
+                    let (a, b) = elementwise::grad_sums(isa, &gy[r.clone()], m, &x[r], mean[c]);
+                    s += a as f64;
+                    sx += b as f64;
+                }
                 (s, sx * inv_std[c] as f64)
             })
             .collect();
