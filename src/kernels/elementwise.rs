@@ -407,10 +407,19 @@ crate::simd_dispatch!(fn maxpool2x2_backward_dispatch => maxpool2x2_backward_ker
 #[inline(always)]
 unsafe fn maxpool2x2_backward_kernel<S: SimdF32>(gy: &[f32], arg: &[u8], w: usize, gx: &mut [f32]) {
     let ow = w / 2;
-    gx.fill(0.0);
     if ow == 0 {
+        gx.fill(0.0);
         return;
     }
+    // Every element of the covered rows is written below; only an odd last column and an odd
+    // last row lie outside every window (a full clear first was a second pass over gx).
+    if w % 2 == 1 {
+        for row in gx.chunks_exact_mut(w) {
+            row[w - 1] = 0.0;
+        }
+    }
+    let covered = (gy.len() / ow * 2 * w).min(gx.len());
+    gx[covered..].fill(0.0);
     for ((gr, ar), rows) in gy
         .chunks_exact(ow)
         .zip(arg.chunks_exact(ow))
@@ -573,6 +582,30 @@ mod tests {
                         "{isa} n={n} {masked}: {sx} {want_sx}"
                     );
                 }
+            }
+        }
+    }
+
+    /// The 2 × 2 pooling backward writes every element of the input gradient: the output
+    /// gradient at each window's maximum, zeros elsewhere, including an odd last row and column
+    /// (the gradient starts as NaN, so an element left unwritten fails).
+    #[test]
+    fn maxpool_backward_writes_the_whole_plane() {
+        for isa in Isa::available() {
+            for (h, w) in [(4, 6), (5, 7), (7, 4), (3, 1)] {
+                let x: Vec<f32> = (0..h * w).map(|i| ((i * 29 % 17) as f32).sin()).collect();
+                let (oh, ow) = (h / 2, w / 2);
+                let (mut y, mut arg) = (vec![0.0; oh * ow], vec![0u8; oh * ow]);
+                maxpool2x2(isa, &x[..oh * 2 * w], w, &mut y, &mut arg);
+                let gy: Vec<f32> = (0..oh * ow).map(|i| i as f32 + 1.0).collect();
+                let mut gx = vec![f32::NAN; h * w];
+                maxpool2x2_backward(isa, &gy, &arg, w, &mut gx);
+                let mut want = vec![0.0f32; h * w];
+                for (o, (&g, &a)) in gy.iter().zip(&arg).enumerate() {
+                    let (r, c) = (2 * (o / ow) + a as usize / 2, 2 * (o % ow) + a as usize % 2);
+                    want[r * w + c] = g;
+                }
+                assert_eq!(gx, want, "{isa} {h}×{w}");
             }
         }
     }
