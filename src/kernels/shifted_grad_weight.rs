@@ -17,9 +17,10 @@
 //! the end, so no horizontal reduction runs per chunk.
 //!
 //! Kernels with a column shift (1 × kw) are not taken: positions whose shifted column leaves
-//! the image would need masking or a correction, and on reference layers B and C that version
-//! was no faster than im2col + GEMM (nor was this kernel on pointwise layers, or with a
-//! partial-sum buffer too large for L2).
+//! the image must be skipped, and neither way tried beat im2col + GEMM on reference layer B's
+//! 1 × 3 half (a correction GEMM over the wrapped positions: 7.1 against 7.1–7.5 ms; AVX-512
+//! masked loads for their lanes: 7.4 against 6.9–7.1 ms). Nor did this kernel on pointwise
+//! layers, or with a partial-sum buffer too large for L2.
 
 use rayon::prelude::*;
 
