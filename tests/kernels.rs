@@ -345,11 +345,13 @@ fn unpadded_rows_take_the_in_place_forward() {
     });
 }
 
-/// Column kernels whose grad-weight runs as dot products over shifted planes: channel counts
-/// that leave partial register tiles (7 inputs, 9 outputs) and a batch that splits unevenly;
-/// 64 channels on a plane larger than one chunk of positions; grouped, dilated, with
-/// asymmetric height padding; and a padding so large that the first tap never lands.
-fn shifted_grad_weight_cases() -> [Case; 4] {
+/// Stride-1, same-width shapes whose grad-weight runs as dot products over shifted planes:
+/// column kernels with channel counts that leave partial register tiles (7 inputs, 9 outputs)
+/// and a batch that splits unevenly; 64 channels on a plane larger than one chunk of rows;
+/// grouped, dilated, with asymmetric height padding; a padding so large that the first tap
+/// never lands; and kernels with column shifts (row segments) on rows at least 64 wide: a 1 × 3,
+/// a dilated 1 × 3 with asymmetric width padding, and a grouped 3 × 3 with padding on one side.
+fn shifted_grad_weight_cases() -> [Case; 7] {
     [
         (
             [3, 7, 40, 52],
@@ -371,6 +373,17 @@ fn shifted_grad_weight_cases() -> [Case; 4] {
             [4, 3, 3, 1],
             explicit(10, 0, 0, 0).dilation(2, 1),
         ),
+        (
+            [3, 7, 5, 70],
+            [9, 7, 1, 3],
+            Conv2dParams::with_padding(Padding::symmetric(0, 1)),
+        ),
+        (
+            [2, 5, 4, 67],
+            [6, 5, 1, 3],
+            explicit(0, 0, 3, 1).dilation(1, 2),
+        ),
+        ([2, 8, 6, 64], [6, 4, 3, 3], explicit(1, 1, 0, 2).groups(2)),
     ]
 }
 

@@ -14,8 +14,8 @@
 //! - [`elementwise`]: the memory-bound kernels of the network layers (BatchNorm, ReLU, pooling).
 //! - [`winograd`]: F(2×2, 3×3) for stride-1 3×3 convolutions (forward and grad-input).
 //! - [`implicit`]: implicit-GEMM convolution (no im2col) for every other geometry, batch permitting.
-//! - [`shifted_grad_weight`]: grad-weight of stride-1 column kernels (kh × 1) as dot products of
-//!   gradient planes with row-shifted input planes, read in place.
+//! - [`shifted_grad_weight`]: grad-weight of stride-1 same-width convolutions (kh × 1, 1 × kw,
+//!   k × k) as dot products of gradient planes with shifted input planes, read in place.
 
 //! - [`gemm`]: the wrapper over faer's matrix product.
 //! - [`pointwise`]: a register-blocked product for pointwise steps with few input channels.

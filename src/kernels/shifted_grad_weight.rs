@@ -1,26 +1,29 @@
-//! Grad-weight of stride-1 column kernels (kh × 1, as the first half of a spatially separable
-//! layer) as dot products of output-gradient planes with shifted input planes, both read in
-//! place.
+//! Grad-weight of stride-1 convolutions whose output is as wide as the input (the kh × 1 and
+//! 1 × kw halves of a spatially separable layer, "same"-padded k × k) as dot products of
+//! output-gradient planes with shifted input planes, both read in place.
 //!
-//! With stride 1, a kernel one column wide and no width padding, the output is as wide as the
-//! input and output position `p = oh·W + ow` of tap i reads input position `p + off`,
-//! `off = (i·dh − pad_top)·W`: a whole-row shift of the flat plane. So
-//! `gW[o, c, i] = Σ_p gY[o, p] · x[c, p + off]` over one contiguous range of positions (the
-//! rows whose shifted row is inside the image): a dot product of two NCHW planes, read in
-//! whole vectors along positions. Nothing is copied, packed or transposed; im2col + GEMM
-//! spends about half its time on that for these short products (K = 3·cin).
+//! With stride 1 and `out_w = in_w`, output position `p = oh·W + ow` of tap (i, j) reads input
+//! position `p + off`, `off = (i·dh − pad_top)·W + (j·dw − pad_left)`: one shift of the flat
+//! plane. So `gW[o, c, i, j] = Σ_p gY[o, p] · x[c, p + off]` over the positions where the tap
+//! lands inside the image: a dot product of two NCHW planes, read in whole vectors along
+//! positions. Nothing is copied, packed or transposed; im2col + GEMM spends about half its time
+//! on that for these short products (K = 3·cin on reference layer B). A tap without a column
+//! shift covers one contiguous range of positions (its valid rows); one with a shift covers a
+//! segment of each valid row (the columns that stay inside the image), so no position ever
+//! reads the neighbouring row.
 //!
 //! Register tile: 4 output channels × 6 input channels of one tap, 24 vector accumulators fed by
-//! 4 + 6 loads per step. Positions run in chunks sized so a chunk of every input channel stays
-//! in L2 while all output-channel blocks read it. A tile's accumulators are added to per-lane
-//! partial sums (one vector per weight element, kept in L2), and the lanes are summed once at
-//! the end, so no horizontal reduction runs per chunk.
+//! 4 + 6 loads per step, kept in registers across a tap's row segments. Positions run in chunks
+//! of whole rows sized so a chunk of every input channel stays in L2 while all output-channel
+//! blocks read it. A tile's accumulators are added to per-lane partial sums (one vector per
+//! weight element, kept in L2), and the lanes are summed once at the end, so no horizontal
+//! reduction runs per chunk.
 //!
-//! Kernels with a column shift (1 × kw) are not taken: positions whose shifted column leaves
-//! the image must be skipped, and neither way tried beat im2col + GEMM on reference layer B's
-//! 1 × 3 half (a correction GEMM over the wrapped positions: 7.1 against 7.1–7.5 ms; AVX-512
-//! masked loads for their lanes: 7.4 against 6.9–7.1 ms). Nor did this kernel on pointwise
-//! layers, or with a partial-sum buffer too large for L2.
+//! Not taken where it measured slower than im2col + GEMM: pointwise layers, partial sums larger
+//! than L2, images under 128 pixels, and column-shifted kernels on rows narrower than 64 (the
+//! segments are then a few vectors each; 1 × 3 at width 28: 1.8 → 2.1 ms, at 56 a tie).
+//! Two other ways of skipping the row edges lost on B's 1 × 3 half: a correction GEMM over the
+//! wrapped positions (gathers on cold data) and AVX-512 masked loads for their lanes.
 
 use rayon::prelude::*;
 
@@ -41,23 +44,27 @@ const CHUNK_FLOATS: usize = 1 << 17;
 /// 3 × 1 kernels, batch 8): 64 channels at 56 × 56 (768 KiB of partial sums) 3.46 → 3.11 ms;
 /// 128 channels (reference layer C, 3 MiB, streamed through L3 every chunk) 13.2 → 13.8 ms.
 const MAX_PARTIAL_FLOATS: usize = 1 << 18;
+/// Narrowest image for kernels with a column shift (one row segment per tap and row). Measured
+/// (2 threads, 1 × 3 and 3 × 3 kernels): width 112 1 × 3 32 → 64 channels 7.7 → 7.2 ms, 1 × 5
+/// 7.3–8.8 → 5.6 ms, 3 × 3 16 → 32 channels 6.1 → 4.5–4.7 ms; width 64 3 × 3 4.25 → 3.6 ms;
+/// width 56 a tie; width 28 1.8 → 2.1 ms; width 14 1.1 → 1.5 ms.
+const MIN_SEGMENT_WIDTH: usize = 64;
 /// Fewest output pixels per image: the partial sums are read and written once per image and
 /// tile, which small images do not pay for. Measured (batch 64, 3 × 1 kernels, as in the
 /// MNIST network's spatially separable blocks): 32 channels at 14 × 14 0.73 → 0.49 ms, but
 /// 64 channels at 7 × 7 0.70 → 1.04 ms.
 const MIN_PIXELS: usize = 128;
 
-/// Whether [`grad_weight`] computes `g`'s grad-weight: a kernel one column wide and more than
-/// one row tall, stride 1, no width padding, at least 128 output pixels, images for every
-/// thread, more than one input channel per group (one is the depthwise kernel's job), and
-/// per-lane partial sums that fit in L2.
+/// Whether [`grad_weight`] computes `g`'s grad-weight: stride 1, an output as wide as the
+/// input, not pointwise, a kernel one column wide or rows at least 64 wide, at least 128
+/// output pixels, images for every thread, more than one input channel per group (one is the
+/// depthwise kernel's job), and per-lane partial sums that fit in L2.
 pub fn applies(exec: Exec, g: &ConvGeometry) -> bool {
-    g.kernel_w == 1
-        && g.kernel_h > 1
-        && g.stride_h == 1
+    g.stride_h == 1
         && g.stride_w == 1
-        && g.pad_left == 0
-        && g.pad_right == 0
+        && g.out_w == g.in_w
+        && !g.is_pointwise()
+        && (g.kernel_w == 1 || g.in_w >= MIN_SEGMENT_WIDTH)
         && g.out_pixels() >= MIN_PIXELS
         && g.batch >= exec.threads()
         && g.in_channels_per_group() > 1
@@ -67,25 +74,34 @@ pub fn applies(exec: Exec, g: &ConvGeometry) -> bool {
 /// One tap's shift and the output positions it covers.
 #[derive(Clone, Copy, Debug)]
 struct Tap {
-    /// Input position minus output position (flat): a whole number of rows.
+    /// Input position minus output position (flat).
     off: isize,
-    /// Flat output positions `lo .. hi`: the rows whose shifted row is inside the image.
-    lo: usize,
-    hi: usize,
+    /// Output rows whose shifted row is inside the image.
+    rows: (usize, usize),
+    /// Columns `cols.0 .. cols.1` of each such row whose shifted column is inside the image.
+    cols: (usize, usize),
 }
 
 impl Tap {
-    /// Tap (row) i of `g`, or `None` if it never lands inside the input.
-    fn new(g: &ConvGeometry, i: usize) -> Option<Tap> {
+    /// Tap (i, j) of `g`, or `None` if it never lands inside the input.
+    fn new(g: &ConvGeometry, i: usize, j: usize) -> Option<Tap> {
         let w = g.in_w as isize;
         let dy = (i * g.dilation_h) as isize - g.pad_top as isize;
+        let dx = (j * g.dilation_w) as isize - g.pad_left as isize;
         let r0 = (-dy).max(0);
         let r1 = (g.out_h as isize).min(g.in_h as isize - dy);
-        (r1 > r0).then(|| Tap {
-            off: dy * w,
-            lo: (r0 * w) as usize,
-            hi: (r1 * w) as usize,
+        let (c0, c1) = ((-dx).max(0), w.min(w - dx));
+        (r1 > r0 && c1 > c0).then(|| Tap {
+            off: dy * w + dx,
+            rows: (r0 as usize, r1 as usize),
+            cols: (c0 as usize, c1 as usize),
         })
+    }
+
+    /// Whether every column lands (no column shift): then the valid positions are one
+    /// contiguous range, else one segment per row.
+    fn whole_rows(&self, width: usize) -> bool {
+        self.cols == (0, width)
     }
 }
 
@@ -100,7 +116,10 @@ pub fn grad_weight(
     gw: &mut [f32],
     ws: &mut Workspace,
 ) -> Result<()> {
-    let taps: Vec<Option<Tap>> = (0..g.kernel_h).map(|i| Tap::new(g, i)).collect();
+    let kw = g.kernel_w;
+    let taps: Vec<Option<Tap>> = (0..g.kernel_h * kw)
+        .map(|t| Tap::new(g, t / kw, t % kw))
+        .collect();
     let lanes = exec.isa().lanes();
     let per_task = gw.len() * lanes;
     let tasks = exec.threads().min(g.batch);
@@ -109,12 +128,12 @@ pub fn grad_weight(
         partial.fill(0.0);
         accumulate_images(exec.isa(), g, &taps, x, gy, images, partial);
     });
-    // Partial sums are laid out [group][tap][out][in][lane]; gw is OIHW (kw = 1):
-    // gw[(group·cog + o)·K + c·kh + tap].
+    // Partial sums are laid out [group][tap][out][in][lane]; gw is OIHW:
+    // gw[(group·cog + o)·K + c·taps + tap].
     let (cig, cog, kh) = (
         g.in_channels_per_group(),
         g.out_channels_per_group(),
-        g.kernel_h,
+        taps.len(),
     );
     let scratch = &*scratch;
     gw.par_chunks_mut(cig * kh)
@@ -153,7 +172,9 @@ unsafe fn accumulate_images_kernel<S: SimdF32>(
     let t_count = taps.len();
     assert!(partial.len() >= g.groups * t_count * cog * cig * l);
     assert!(x.len() >= g.batch * g.in_channels * hw && gy.len() >= g.batch * g.out_channels * ohw);
-    let chunk = (CHUNK_FLOATS / cig).next_multiple_of(l).max(16 * l);
+    // Whole rows per chunk, so a row's segment never straddles two chunks.
+    let width = g.out_w;
+    let chunk = (CHUNK_FLOATS / cig / width).max(1) * width;
 
     for n in images {
         for grp in 0..g.groups {
@@ -164,26 +185,34 @@ unsafe fn accumulate_images_kernel<S: SimdF32>(
                 for o0 in (0..cog).step_by(TILE_OUT) {
                     for (t, tap) in taps.iter().enumerate() {
                         let Some(tap) = tap else { continue };
-                        let (lo, hi) = (q0.max(tap.lo), q1.min(tap.hi));
-                        if lo >= hi {
+                        // Positions first + s·pitch .. + len for s < count.
+                        let (r0, r1) = (tap.rows.0.max(q0 / width), tap.rows.1.min(q1 / width));
+                        if r0 >= r1 {
                             continue;
                         }
+                        let (first, len, count) = if tap.whole_rows(width) {
+                            (r0 * width, (r1 - r0) * width, 1)
+                        } else {
+                            (r0 * width + tap.cols.0, tap.cols.1 - tap.cols.0, r1 - r0)
+                        };
                         for c0 in (0..cig).step_by(TILE_IN) {
                             let block = Block {
-                                gy: gyg + o0 * ohw + lo,
+                                gy: gyg + o0 * ohw + first,
                                 gy_rows: ohw,
-                                // In the plane: lo + off ≥ 0 and hi + off ≤ hw (Tap::new).
-                                x: (xg + c0 * hw + lo).wrapping_add_signed(tap.off),
+                                // Every segment shifted by off stays in its row of the plane:
+                                // valid rows and columns only (Tap::new).
+                                x: (xg + c0 * hw + first).wrapping_add_signed(tap.off),
                                 x_rows: hw,
-                                first: lo,
-                                len: hi - lo,
-
+                                first,
+                                len,
+                                count,
+                                pitch: width,
                                 partial: (((grp * t_count + t) * cog + o0) * cig + c0) * l,
                                 partial_rows: cig * l,
                             };
                             let (ro, rc) = (TILE_OUT.min(cog - o0), TILE_IN.min(cig - c0));
-                            // SAFETY: rows o0 .. o0 + ro of gY and c0 .. c0 + rc of x, positions
-                            // lo .. hi (shifted by off for x) lie in this group's planes, and
+                            // SAFETY: rows o0 .. o0 + ro of gY and c0 .. c0 + rc of x, every
+                            // segment (shifted by off for x) lie in this group's planes, and
                             // the partial block lies in `partial` (asserted above).
                             unsafe { block.run::<S>(gy, x, partial, ro, rc) };
                         }
@@ -195,10 +224,13 @@ unsafe fn accumulate_images_kernel<S: SimdF32>(
 }
 
 /// One register tile's operands: element offsets of its first gY row, first x row and first
-/// partial-sum vector, with the strides between rows, and the positions (`len` from `first`).
+/// partial-sum vector, with the strides between rows, and the positions: `count` segments of
+/// `len` from `first`, `pitch` apart (one segment for a tap without a column shift).
 #[derive(Clone, Copy)]
 struct Block {
     first: usize,
+    count: usize,
+    pitch: usize,
     gy: usize,
     gy_rows: usize,
     x: usize,
@@ -212,8 +244,8 @@ impl Block {
     /// Runs the `ro × rc` tile (`ro ≤ TILE_OUT`, `rc ≤ TILE_IN`).
     ///
     /// # Safety
-    /// The CPU runs `S`'s instruction set; rows `..ro` of gY, `..rc` of x (`len` positions each)
-    /// and of the partial block (`rc` vectors each) are inside the slices.
+    /// The CPU runs `S`'s instruction set; rows `..ro` of gY, `..rc` of x (every segment's
+    /// positions) and of the partial block (`rc` vectors each) are inside the slices.
     #[inline(always)]
     unsafe fn run<S: SimdF32>(
         self,
@@ -266,8 +298,9 @@ impl Block {
         partial: &mut [f32],
     ) {
         let l = S::LANES;
-        debug_assert!(self.gy + (RO - 1) * self.gy_rows + self.len <= gy.len());
-        debug_assert!(self.x + (RC - 1) * self.x_rows + self.len <= x.len());
+        let extent = (self.count - 1) * self.pitch + self.len;
+        debug_assert!(self.gy + (RO - 1) * self.gy_rows + extent <= gy.len());
+        debug_assert!(self.x + (RC - 1) * self.x_rows + extent <= x.len());
         debug_assert!(self.partial + (RO - 1) * self.partial_rows + RC * l <= partial.len());
         let (gp, xp) = (gy.as_ptr(), x.as_ptr());
         let pp = partial.as_mut_ptr();
@@ -283,18 +316,21 @@ impl Block {
             // gradient loads are then aligned wherever the planes are, and which lane sums
             // which position depends on the position alone, so results are bit-identical from
             // run to run whatever the buffers' addresses (training resumes exactly).
-            let head = ((l - self.first % l) % l).min(self.len);
-            if head > 0 {
-                self.step(&mut acc, gp, xp, 0, head);
-            }
-            let full = head + (self.len - head) / l * l;
-            let mut p = head;
-            while p < full {
-                self.step(&mut acc, gp, xp, p, l);
-                p += l;
-            }
-            if full < self.len {
-                self.step(&mut acc, gp, xp, full, self.len - full);
+            for s in 0..self.count {
+                let base = s * self.pitch;
+                let head = ((l - (self.first + base) % l) % l).min(self.len);
+                if head > 0 {
+                    self.step(&mut acc, gp, xp, base, head);
+                }
+                let full = head + (self.len - head) / l * l;
+                let mut p = head;
+                while p < full {
+                    self.step(&mut acc, gp, xp, base + p, l);
+                    p += l;
+                }
+                if full < self.len {
+                    self.step(&mut acc, gp, xp, base + full, self.len - full);
+                }
             }
             for (i, row) in acc.iter().enumerate() {
                 for (j, a) in row.iter().enumerate() {
