@@ -16,12 +16,13 @@
 //! 4 + 6 loads per step, kept in registers across a tap's row segments. Positions run in chunks
 //! of whole rows sized so a chunk of every input channel stays in L2 while all output-channel
 //! blocks read it. A tile's accumulators are added to per-lane partial sums (one vector per
-//! weight element, kept in L2), and the lanes are summed once at the end, so no horizontal
+//! weight element, mostly in L2), and the lanes are summed once at the end, so no horizontal
 //! reduction runs per chunk.
 //!
-//! Not taken where it measured slower than im2col + GEMM: pointwise layers, partial sums larger
-//! than L2, images under 128 pixels, and column-shifted kernels on rows narrower than 64 (the
-//! segments are then a few vectors each; 1 × 3 at width 28: 1.8 → 2.1 ms, at 56 a tie).
+//! Not taken where it measured slower than im2col + GEMM: pointwise layers, partial sums
+//! larger than twice L2, images under 128 pixels, and column-shifted kernels on rows narrower
+//! than 64 (the segments are then a few vectors each; 1 × 3 at width 28: 1.8 → 2.1 ms, at 56
+//! a tie).
 //! Two other ways of skipping the row edges lost on B's 1 × 3 half: a correction GEMM over the
 //! wrapped positions (gathers on cold data) and AVX-512 masked loads for their lanes.
 
@@ -40,10 +41,12 @@ const TILE_IN: usize = 6;
 /// Smaller chunks (128–256 KiB) were 5–20% slower on reference layer B's 3 × 1 half: more
 /// partial-sum traffic per multiplication.
 const CHUNK_FLOATS: usize = 1 << 17;
-/// Largest per-task partial-sum buffer (floats): 1 MiB, the size of L2. Measured (2 threads,
-/// 3 × 1 kernels, batch 8): 64 channels at 56 × 56 (768 KiB of partial sums) 3.46 → 3.11 ms;
-/// 128 channels (reference layer C, 3 MiB, streamed through L3 every chunk) 13.2 → 13.8 ms.
-const MAX_PARTIAL_FLOATS: usize = 1 << 18;
+/// Largest per-task partial-sum buffer (floats): 2 MiB, twice L2 (a chunk reads and writes each
+/// tile's vectors once, so some of them may come from L3). Measured (2 threads, batch 8): 3 × 1
+/// kernels with 64 channels at 56 × 56 (768 KiB) 3.46 → 3.11 ms; reference layer B's 3 × 3
+/// (1.1 MiB) 21.7–23.4 → 20.6–20.9 ms; but reference layer C's 3 × 1 half (3 MiB, streamed
+/// through L3 every chunk) 14.0–15.1 against 14.2–14.5 ms, and its 3 × 3 (9 MiB) a tie.
+const MAX_PARTIAL_FLOATS: usize = 1 << 19;
 /// Narrowest image for kernels with a column shift (one row segment per tap and row). Measured
 /// (2 threads, 1 × 3 and 3 × 3 kernels): width 112 1 × 3 32 → 64 channels 7.7 → 7.2 ms, 1 × 5
 /// 7.3–8.8 → 5.6 ms, 3 × 3 16 → 32 channels 6.1 → 4.5–4.7 ms; width 64 3 × 3 4.25 → 3.6 ms;
@@ -58,7 +61,7 @@ const MIN_PIXELS: usize = 128;
 /// Whether [`grad_weight`] computes `g`'s grad-weight: stride 1, an output as wide as the
 /// input, not pointwise, a kernel one column wide or rows at least 64 wide, at least 128
 /// output pixels, images for every thread, more than one input channel per group (one is the
-/// depthwise kernel's job), and per-lane partial sums that fit in L2.
+/// depthwise kernel's job), and per-lane partial sums of at most 2 MiB.
 pub fn applies(exec: Exec, g: &ConvGeometry) -> bool {
     g.stride_h == 1
         && g.stride_w == 1
