@@ -11,7 +11,6 @@
 //! output is as wide as the input (1 × k kernels with "same" width padding), the product reads
 //! the input planes in place and writes NCHW directly, and only the edge columns, whose taps
 //! would wrap into the neighbouring row, are recomputed separately ([`reads_in_place`]).
-
 //!
 //! Used for convolutions Winograd does not cover (strided, dilated, non-3×3) when the batch
 //! gives every thread images of its own; otherwise im2col + a multithreaded GEMM.
