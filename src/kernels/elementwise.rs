@@ -15,51 +15,51 @@ use super::simd::{Isa, SimdF32};
 
 /// Σ v.
 pub fn sum(isa: Isa, v: &[f32]) -> f32 {
-    let mut out = 0.0;
+    let mut out = [0.0];
     sum_dispatch(isa, v, 0.0, &mut out);
-    out
+    out[0]
 }
 
 /// Σ (v − center)².
 pub fn sum_sq_dev(isa: Isa, v: &[f32], center: f32) -> f32 {
-    let mut out = 0.0;
+    let mut out = [0.0];
     sum_sq_dispatch(isa, v, center, &mut out);
-    out
+    out[0]
 }
 
 /// `(Σ g, Σ g·(x − center))` with `g = gy`, or `gy` where `mask > 0` (the gradient through a
 /// ReLU whose output is `mask`): BatchNorm's two backward sums in one pass over the planes
 /// (two passes read the gradient and the mask twice: a quarter of the backward's traffic).
 pub fn grad_sums(isa: Isa, gy: &[f32], mask: Option<&[f32]>, x: &[f32], center: f32) -> (f32, f32) {
-    let mut out = (0.0, 0.0);
+    let mut out = [0.0; 2];
     match mask {
         Some(m) => grad_sums_masked_dispatch(isa, gy, m, x, center, &mut out),
         None => grad_sums_dispatch(isa, gy, x, center, &mut out),
     }
-    out
+    (out[0], out[1])
 }
 
-crate::simd_dispatch!(fn sum_dispatch => sum_kernel(v: &[f32], center: f32, out: &mut f32));
+crate::simd_dispatch!(fn sum_dispatch => sum_kernel(v: &[f32], center: f32, out: &mut [f32; 1]));
 crate::simd_dispatch!(fn grad_sums_dispatch => grad_sums_kernel(
-    gy: &[f32], x: &[f32], center: f32, out: &mut (f32, f32)
+    gy: &[f32], x: &[f32], center: f32, out: &mut [f32; 2]
 ));
 crate::simd_dispatch!(fn grad_sums_masked_dispatch => grad_sums_masked_kernel(
-    gy: &[f32], mask: &[f32], x: &[f32], center: f32, out: &mut (f32, f32)
+    gy: &[f32], mask: &[f32], x: &[f32], center: f32, out: &mut [f32; 2]
 ));
 
 #[inline(always)]
-unsafe fn grad_sums_kernel<S: SimdF32>(gy: &[f32], x: &[f32], center: f32, out: &mut (f32, f32)) {
+unsafe fn grad_sums_kernel<S: SimdF32>(gy: &[f32], x: &[f32], center: f32, out: &mut [f32; 2]) {
     let n = gy.len().min(x.len());
     let c = unsafe { S::splat(-center) };
     unsafe {
-        reduce_pair::<S>(
+        reduce::<S, 2>(
             n,
             out,
             |i| {
                 let g = S::load(gy.as_ptr().add(i));
-                (g, g.mul(S::load(x.as_ptr().add(i)).add(c)))
+                [g, g.mul(S::load(x.as_ptr().add(i)).add(c))]
             },
-            |i| (gy[i], gy[i] * (x[i] - center)),
+            |i| [gy[i], gy[i] * (x[i] - center)],
         )
     }
 }
@@ -70,114 +70,87 @@ unsafe fn grad_sums_masked_kernel<S: SimdF32>(
     mask: &[f32],
     x: &[f32],
     center: f32,
-    out: &mut (f32, f32),
+    out: &mut [f32; 2],
 ) {
     let n = gy.len().min(mask.len()).min(x.len());
     let c = unsafe { S::splat(-center) };
     unsafe {
-        reduce_pair::<S>(
+        reduce::<S, 2>(
             n,
             out,
             |i| {
                 let g =
                     S::load(gy.as_ptr().add(i)).keep_where_positive(S::load(mask.as_ptr().add(i)));
-                (g, g.mul(S::load(x.as_ptr().add(i)).add(c)))
+                [g, g.mul(S::load(x.as_ptr().add(i)).add(c))]
             },
             |i| {
                 let g = if mask[i] > 0.0 { gy[i] } else { 0.0 };
-                (g, g * (x[i] - center))
+                [g, g * (x[i] - center)]
             },
         )
     }
 }
 
-/// Two sums at once: [`reduce`] with a pair of terms per element.
-#[inline(always)]
-unsafe fn reduce_pair<S: SimdF32>(
-    n: usize,
-    out: &mut (f32, f32),
-    mut term: impl FnMut(usize) -> (S, S),
-    scalar: impl Fn(usize) -> (f32, f32),
-) {
-    let l = S::LANES;
-    let (mut acc_a, mut acc_b) = ([unsafe { S::zero() }; ACC], [unsafe { S::zero() }; ACC]);
-    let mut i = 0;
-    while i + ACC * l <= n {
-        for (q, (a, b)) in acc_a.iter_mut().zip(acc_b.iter_mut()).enumerate() {
-            let (ta, tb) = term(i + q * l);
-            *a = unsafe { a.add(ta) };
-            *b = unsafe { b.add(tb) };
-        }
-        i += ACC * l;
-    }
-    while i + l <= n {
-        let (ta, tb) = term(i);
-        acc_a[0] = unsafe { acc_a[0].add(ta) };
-        acc_b[0] = unsafe { acc_b[0].add(tb) };
-        i += l;
-    }
-    let combine =
-        |acc: [S; ACC]| unsafe { acc[0].add(acc[1]).add(acc[2].add(acc[3])).reduce_sum() };
-    let (mut total_a, mut total_b) = (combine(acc_a), combine(acc_b));
-    while i < n {
-        let (ta, tb) = scalar(i);
-        total_a += ta;
-        total_b += tb;
-        i += 1;
-    }
-    *out = (total_a, total_b);
-}
-crate::simd_dispatch!(fn sum_sq_dispatch => sum_sq_kernel(v: &[f32], center: f32, out: &mut f32));
+crate::simd_dispatch!(fn sum_sq_dispatch => sum_sq_kernel(v: &[f32], center: f32, out: &mut [f32; 1]));
 
 /// Accumulator blocks per reduction: 4 vectors in flight hide the add latency.
 const ACC: usize = 4;
 
+/// `out[m] = Σ_i term_m(i)` for `N` sums at once over `0 .. n`: vector terms from `term(i)`
+/// (lanes i ..), `ACC` accumulators per sum, single vectors, then scalar terms for the tail.
 #[inline(always)]
-unsafe fn reduce<S: SimdF32>(
+unsafe fn reduce<S: SimdF32, const N: usize>(
     n: usize,
-    out: &mut f32,
-    mut term: impl FnMut(usize) -> S,
-    scalar: impl Fn(usize) -> f32,
+    out: &mut [f32; N],
+    mut term: impl FnMut(usize) -> [S; N],
+    scalar: impl Fn(usize) -> [f32; N],
 ) {
     let l = S::LANES;
-    let mut acc = [unsafe { S::zero() }; ACC];
+    let mut acc = [[unsafe { S::zero() }; ACC]; N];
     let mut i = 0;
     while i + ACC * l <= n {
-        for (q, a) in acc.iter_mut().enumerate() {
-            *a = unsafe { a.add(term(i + q * l)) };
+        for q in 0..ACC {
+            for (a, t) in acc.iter_mut().zip(term(i + q * l)) {
+                a[q] = unsafe { a[q].add(t) };
+            }
         }
         i += ACC * l;
     }
     // Single vectors next: planes of a few dozen elements (7×7) should not end up scalar.
     while i + l <= n {
-        acc[0] = unsafe { acc[0].add(term(i)) };
+        for (a, t) in acc.iter_mut().zip(term(i)) {
+            a[0] = unsafe { a[0].add(t) };
+        }
         i += l;
     }
-    let mut total = unsafe { acc[0].add(acc[1]).add(acc[2].add(acc[3])).reduce_sum() };
+    for (o, a) in out.iter_mut().zip(&acc) {
+        *o = unsafe { a[0].add(a[1]).add(a[2].add(a[3])).reduce_sum() };
+    }
     while i < n {
-        total += scalar(i);
+        for (o, t) in out.iter_mut().zip(scalar(i)) {
+            *o += t;
+        }
         i += 1;
     }
-    *out = total;
 }
 
 #[inline(always)]
-unsafe fn sum_kernel<S: SimdF32>(v: &[f32], _center: f32, out: &mut f32) {
-    unsafe { reduce::<S>(v.len(), out, |i| S::load(v.as_ptr().add(i)), |i| v[i]) }
+unsafe fn sum_kernel<S: SimdF32>(v: &[f32], _center: f32, out: &mut [f32; 1]) {
+    unsafe { reduce::<S, 1>(v.len(), out, |i| [S::load(v.as_ptr().add(i))], |i| [v[i]]) }
 }
 
 #[inline(always)]
-unsafe fn sum_sq_kernel<S: SimdF32>(v: &[f32], center: f32, out: &mut f32) {
+unsafe fn sum_sq_kernel<S: SimdF32>(v: &[f32], center: f32, out: &mut [f32; 1]) {
     let c = unsafe { S::splat(-center) };
     unsafe {
-        reduce::<S>(
+        reduce::<S, 1>(
             v.len(),
             out,
             |i| {
                 let d = S::load(v.as_ptr().add(i)).add(c);
-                d.mul(d)
+                [d.mul(d)]
             },
-            |i| (v[i] - center) * (v[i] - center),
+            |i| [(v[i] - center) * (v[i] - center)],
         )
     }
 }
