@@ -127,32 +127,55 @@ pub fn depthwise_pointwise_forward(
     let bands = bands(dw, rows)?;
     let phase_len = bands.iter().map(|b| b.layout.len).max().unwrap_or(0);
     let flat_len = bands.iter().map(|b| b.layout.out_len()).max().unwrap_or(0);
-    let tallest = depthwise_blocked::Layout::new(&tallest_band(&bands).geometry);
-    let blocked_len = bands
-        .iter()
-        .map(|b| tallest.scratch(&b.geometry, exec.isa().lanes()))
-        .max()
-        .unwrap_or(0);
-    let per_task = mk * rows * dw.out_w + (phase_len + flat_len).max(blocked_len);
+    // One blocked layout for every band: the tallest band's, so the buffer's padding columns
+    // stay where the first call cleared them whatever the band's height.
+    let blocked = depthwise_blocked::applies(dw)
+        .then(|| depthwise_blocked::Layout::new(&tallest_band(&bands).geometry));
+    let depthwise_len = match &blocked {
+        Some(tallest) => bands
+            .iter()
+            .map(|b| tallest.scratch(&b.geometry, exec.isa().lanes()))
+            .max()
+            .unwrap_or(0),
+        None => phase_len + flat_len,
+    };
+    let per_task = mk * rows * dw.out_w + depthwise_len;
     let tasks = exec.threads().min(dw.batch);
     let scratch = ws.take(per_task * tasks)?;
     let image_out = pw.out_channels * pw.out_pixels();
     for_each_task(tasks, y, image_out, scratch, per_task, |images, yc, buf| {
-        fused_images(exec.isa(), dw, pw, &bands, x, wd, wp, bias, images, yc, buf)
+        let blocked = blocked.as_ref();
+        fused_images(
+            exec.isa(),
+            dw,
+            pw,
+            &bands,
+            blocked,
+            x,
+            wd,
+            wp,
+            bias,
+            images,
+            yc,
+            buf,
+        )
     });
     Ok(())
 }
 
 crate::simd_dispatch!(fn fused_images => fused_images_kernel(
-    dw: &ConvGeometry, pw: &ConvGeometry, bands: &[Band], x: &[f32], wd: &[f32], wp: &[f32],
+    dw: &ConvGeometry, pw: &ConvGeometry, bands: &[Band],
+    blocked: Option<&depthwise_blocked::Layout>, x: &[f32], wd: &[f32], wp: &[f32],
     bias: Option<&[f32]>, images: Range<usize>, y: &mut [f32], buf: &mut [f32]
 ));
 
+/// `blocked`: the channel-blocked layout all bands share, where that kernel applies.
 #[inline(always)]
 unsafe fn fused_images_kernel<S: SimdF32>(
     dw: &ConvGeometry,
     pw: &ConvGeometry,
     bands: &[Band],
+    blocked: Option<&depthwise_blocked::Layout>,
     x: &[f32],
     wd: &[f32],
     wp: &[f32],
@@ -171,18 +194,13 @@ unsafe fn fused_images_kernel<S: SimdF32>(
     let max_band = bands.iter().map(|b| b.out_rows.len()).max().unwrap_or(0) * ow;
     let (dbuf, rest) = buf.split_at_mut(mk * max_band);
     let phase_len = bands.iter().map(|b| b.layout.len).max().unwrap_or(0);
-    let blocked = depthwise_blocked::applies(dw);
-    // One blocked layout for every band: the tallest band's, so the buffer's padding columns
-    // stay where the first call cleared them whatever the band's height.
-    let tallest =
-        (!bands.is_empty()).then(|| depthwise_blocked::Layout::new(&tallest_band(bands).geometry));
     let mut first = true;
     for (local, img) in images.enumerate() {
         let yi = &mut y[local * n_out * p..(local + 1) * n_out * p];
         for band in bands {
             let (g, l) = (&band.geometry, &band.layout);
             let bp = band.out_rows.len() * ow;
-            if let (true, Some(tallest)) = (blocked, &tallest) {
+            if let Some(tallest) = blocked {
                 // The channel-blocked kernel, a block of channels at a time (see its module).
                 let lanes = S::LANES;
                 for c0 in (0..m).step_by(lanes) {
@@ -205,12 +223,12 @@ unsafe fn fused_images_kernel<S: SimdF32>(
                     first = false;
                 }
             } else {
+                let (xbuf, obuf) = rest.split_at_mut(phase_len);
                 for c in 0..m {
                     let plane = (img * m + c) * hw;
                     let xb = &x[plane + band.in_rows.start * w_in..plane + band.in_rows.end * w_in];
                     // Band layouts differ only in their top and bottom padding rows, so the buffer
                     // is cleared for every band's first channel.
-                    let (xbuf, obuf) = rest.split_at_mut(phase_len);
                     fill_phases::<S>(g, l, xb, xbuf, first || c == 0);
                     first = false;
                     let d = &mut dbuf[c * mult * bp..(c + 1) * mult * bp];
