@@ -203,18 +203,17 @@ where
         });
 }
 
-/// Which algorithm computes a convolution of this geometry.
-
+/// Which algorithm computes a convolution's forward pass (and, through it, the others: see
+/// [`conv2d_grad_input`] and [`conv2d_grad_weight`] for the kernels each pass picks).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ConvAlgorithm {
     /// Direct SIMD depthwise kernel (groups = in-channels).
     Depthwise,
     /// A plain GEMM on the input (1×1, stride 1, no padding).
     Pointwise,
-    /// Winograd F(2×2, 3×3) (forward and grad-input; grad-weight uses im2col).
+    /// Winograd F(2×2, 3×3) (forward and grad-input).
     Winograd,
-    /// Implicit GEMM on phase planes (forward, and grad-input per input phase when strided;
-    /// grad-weight uses im2col).
+    /// Implicit GEMM on phase planes (forward, and grad-input per input phase when strided).
     Implicit,
     /// im2col (tiled) + GEMM.
     Im2colGemm,
@@ -365,7 +364,9 @@ fn adjoint_weight(g: &ConvGeometry, w: &[f32], wt: &mut [f32]) {
     }
 }
 
-/// `gw = ∂L/∂w` from `x` and `gy` (overwrites `gw`).
+/// `gw = ∂L/∂w` from `x` and `gy` (overwrites `gw`): depthwise layers on their kernels,
+/// stride-1 same-width layers on [`shifted_grad_weight`] where it applies, long products on the
+/// implicit GEMM, the rest im2col + GEMM.
 pub fn conv2d_grad_weight(
     exec: Exec,
     g: &ConvGeometry,
@@ -383,7 +384,6 @@ pub fn conv2d_grad_weight(
         _ if shifted_grad_weight::applies(exec, g) => {
             shifted_grad_weight::grad_weight(exec, g, x, gy, gw, ws)
         }
-
         ConvAlgorithm::Winograd | ConvAlgorithm::Implicit
             if implicit::grad_weight_applies(exec, g) =>
         {
