@@ -301,7 +301,7 @@ pub fn conv2d_grad_input(
         (ConvAlgorithm::Pointwise, _) => conv::grad_input(exec, g, gy, w, gx, ws),
         (_, Some(adj)) if adjoint_pays(&adj) => {
             ws.with_weights(w.len(), "the adjoint kernel", |wt, ws| {
-                adjoint_weight(g, w, wt);
+                adjoint_weight(exec, g, w, wt);
                 conv2d_forward(exec, &adj, gy, wt, None, gx, ws)
             })
         }
@@ -345,20 +345,74 @@ fn adjoint_geometry(g: &ConvGeometry) -> Option<ConvGeometry> {
 }
 
 /// The adjoint's weight: `wt[grp·cig + ci][co][i][j] = w[grp·cog + co][ci][kh−1−i][kw−1−j]`.
-fn adjoint_weight(g: &ConvGeometry, w: &[f32], wt: &mut [f32]) {
+///
+/// Written in blocks of [`ADJOINT_ROWS`] rows (grp, ci) of `wt`, output channel by output
+/// channel: each step reads one contiguous run of `w` and appends to each row of the block.
+/// Row by row (a read stride of cig·taps floats for every element) took 3.4% of reference
+/// layer D's 3 × 1 grad-input, on one thread.
+fn adjoint_weight(exec: Exec, g: &ConvGeometry, w: &[f32], wt: &mut [f32]) {
     let (cig, cog, taps) = (
         g.in_channels_per_group(),
         g.out_channels_per_group(),
         g.kernel_h * g.kernel_w,
     );
-    for grp in 0..g.groups {
-        for co in 0..cog {
-            for ci in 0..cig {
-                let src = ((grp * cog + co) * cig + ci) * taps;
-                let dst = ((grp * cig + ci) * cog + co) * taps;
-                for t in 0..taps {
-                    wt[dst + t] = w[src + taps - 1 - t];
+    let row = cog * taps;
+    let block = |(b, rows): (usize, &mut [f32])| {
+        // Where row r0 + r's weights start in w (output channel 0).
+        let mut starts = [0; ADJOINT_ROWS];
+        for (r, s) in starts.iter_mut().enumerate().take(rows.len() / row) {
+            let (grp, ci) = ((b * ADJOINT_ROWS + r) / cig, (b * ADJOINT_ROWS + r) % cig);
+            *s = (grp * cog * cig + ci) * taps;
+        }
+        let step = cig * taps;
+        match taps {
+            1 => flip_block::<1>(w, rows, row, &starts, step, cog),
+            3 => flip_block::<3>(w, rows, row, &starts, step, cog),
+            9 => flip_block::<9>(w, rows, row, &starts, step, cog),
+            _ => {
+                for co in 0..cog {
+                    for (dst, &s) in rows.chunks_exact_mut(row).zip(&starts) {
+                        let src = &w[s + co * step..][..taps];
+                        let out = &mut dst[co * taps..(co + 1) * taps];
+                        for (o, &v) in out.iter_mut().zip(src.iter().rev()) {
+                            *o = v;
+                        }
+                    }
                 }
+            }
+        }
+    };
+    if exec.threads > 1 && wt.len() >= 1 << 16 {
+        wt.par_chunks_mut(ADJOINT_ROWS * row)
+            .enumerate()
+            .for_each(block);
+    } else {
+        wt.chunks_mut(ADJOINT_ROWS * row)
+            .enumerate()
+            .for_each(block);
+    }
+}
+
+/// Rows of the adjoint weight written together by [`adjoint_weight`].
+const ADJOINT_ROWS: usize = 16;
+
+/// One block of [`adjoint_weight`] for `T` taps (a compile-time count, so each kernel copies
+/// with no loop overhead): row r's kernel of output channel co is the reversed run of `T`
+/// floats at `starts[r] + co·step` in `w`.
+fn flip_block<const T: usize>(
+    w: &[f32],
+    rows: &mut [f32],
+    row: usize,
+    starts: &[usize],
+    step: usize,
+    cog: usize,
+) {
+    for co in 0..cog {
+        for (dst, &s) in rows.chunks_exact_mut(row).zip(starts) {
+            let src = &w[s + co * step..][..T];
+            let out = &mut dst[co * T..][..T];
+            for t in 0..T {
+                out[t] = src[T - 1 - t];
             }
         }
     }
