@@ -219,6 +219,7 @@ fn fast_equals_reference_on_larger_shapes() {
         .chain(blocked_depthwise_cases())
         .chain(shifted_grad_weight_cases())
         .chain(in_place_cases())
+        .chain(small_column_kernel_cases())
         .enumerate()
     {
         let g = ConvGeometry::new(input, weight, &p).unwrap();
@@ -342,6 +343,32 @@ fn unpadded_rows_take_the_in_place_forward() {
     assert_for_every_case(in_place_cases(), |exec, g| {
         ConvAlgorithm::choose(exec, g) == ConvAlgorithm::Implicit
             && sepconv::kernels::implicit::reads_in_place(g)
+    });
+}
+
+/// k × 1 kernels on images of 128 to 255 output pixels, which the implicit GEMM computes only
+/// because its product needs no columns beyond the output's: a grouped 3 × 1 whose 20 rows of
+/// adjoint weight split unevenly into blocks across the groups, and a dilated 2 × 1 with padding
+/// above only.
+fn small_column_kernel_cases() -> [Case; 2] {
+    [
+        (
+            [2, 20, 12, 14],
+            [24, 10, 3, 1],
+            Conv2dParams::with_padding(Padding::symmetric(1, 0)).groups(2),
+        ),
+        (
+            [3, 7, 16, 9],
+            [5, 7, 2, 1],
+            explicit(1, 0, 0, 0).dilation(2, 1),
+        ),
+    ]
+}
+
+#[test]
+fn small_column_kernels_take_the_implicit_gemm() {
+    assert_for_every_case(small_column_kernel_cases(), |exec, g| {
+        ConvAlgorithm::choose(exec, g) == ConvAlgorithm::Implicit && g.out_pixels() < 256
     });
 }
 

@@ -33,11 +33,27 @@ pub fn applies(exec: Exec, g: &ConvGeometry) -> bool {
     g.batch >= exec.threads()
         && g.in_channels_per_group() > 1
         && !g.is_pointwise()
-        && g.out_pixels() >= MIN_PIXELS
+        && (g.out_pixels() >= MIN_PIXELS
+            || (g.out_pixels() >= MIN_FLAT_PIXELS && writes_output_flat(g)))
 }
 
 /// Output pixels per image below which im2col (which batches small images into one GEMM) wins.
 const MIN_PIXELS: usize = 256;
+
+/// [`MIN_PIXELS`] for k × 1 kernels that need no phase-plane columns beyond the output's
+/// ([`writes_output_flat`]): their product writes NCHW directly, with no wasted columns and no
+/// copy. Reference layer D's 3 × 1 half (8 × 512 → 512 at 14 × 14, 196 pixels; harness, min
+/// of 15, alternated): forward 12.0–12.1 → 11.6 ms, grad-input (its adjoint) 12.7–12.8 →
+/// 12.4–12.5 ms against im2col + faer. Not so for 1 × k at that size: reading in place
+/// recomputes 2 of 14 columns (13.9 against 12.3 ms), and column-masked copies of the input
+/// (one per tap column, no recompute) only tie with im2col (12.1–12.3 against 12.2–12.3 ms).
+const MIN_FLAT_PIXELS: usize = 128;
+
+/// Whether the forward product's columns are exactly the output pixels without reading in
+/// place: a k × 1 kernel at stride 1 across, without width padding.
+fn writes_output_flat(g: &ConvGeometry) -> bool {
+    g.kernel_w == 1 && g.stride_w == 1 && g.pad_left + g.pad_right == 0
+}
 
 /// Whether [`grad_weight`] should compute `g`'s grad-weight: where [`applies`], with a long
 /// im2col row (K = cin·kh·kw ≥ 512) and at least 128 output channels per group. Measured
@@ -46,7 +62,10 @@ const MIN_PIXELS: usize = 256;
 /// output gradient costs more per multiplication (B std, K = 288: 21.4 → 23.4 ms; the 3×1
 /// and 1×3 halves of B, C and E's spatially separable layers: 3–25% slower).
 pub fn grad_weight_applies(exec: Exec, g: &ConvGeometry) -> bool {
-    applies(exec, g) && g.col_rows() >= 512 && g.out_channels_per_group() >= 128
+    applies(exec, g)
+        && g.out_pixels() >= MIN_PIXELS
+        && g.col_rows() >= 512
+        && g.out_channels_per_group() >= 128
 }
 
 /// Per-task scratch of [`forward`]: the phase planes of one group's channels, then the flat
