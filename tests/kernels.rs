@@ -6,7 +6,7 @@ mod common;
 
 use common::{Rng, assert_close, execs};
 use proptest::prelude::*;
-use sepconv::kernels::{self, ConvAlgorithm, Workspace, reference};
+use sepconv::kernels::{self, ConvAlgorithm, GradWeightKernel, Workspace, reference};
 use sepconv::{Conv2dParams, ConvCost, ConvGeometry, Padding};
 
 /// Random valid geometries: standard, grouped (2 groups) and depthwise with multiplier 1–3;
@@ -220,6 +220,8 @@ fn fast_equals_reference_on_larger_shapes() {
         .chain(shifted_grad_weight_cases())
         .chain(in_place_cases())
         .chain(small_column_kernel_cases())
+        .chain(tap_grad_weight_cases())
+        .chain(shifted_dispatch_cases())
         .enumerate()
     {
         let g = ConvGeometry::new(input, weight, &p).unwrap();
@@ -307,21 +309,25 @@ fn strided_cases_take_the_implicit_path() {
 
 /// Shapes whose grad-weight runs on the implicit GEMM (long im2col rows, at least 128 output
 /// channels per group): strided with a channel count and width that leave partial transpose
-/// blocks, and grouped at stride 1 (Winograd forward).
+/// blocks, and grouped at stride 1 without padding (Winograd forward; "same" padding would
+/// take the per-tap GEMM).
 fn implicit_grad_weight_cases() -> [Case; 2] {
     let same = Conv2dParams::with_padding(Padding::Same);
     [
         ([2, 64, 34, 34], [130, 64, 3, 3], same.stride(2, 2)),
-        ([2, 128, 16, 18], [256, 64, 3, 3], same.groups(2)),
+        (
+            [2, 128, 18, 20],
+            [256, 64, 3, 3],
+            Conv2dParams::default().groups(2),
+        ),
     ]
 }
 
 #[test]
 fn long_products_take_the_implicit_grad_weight() {
-    assert_for_every_case(
-        implicit_grad_weight_cases(),
-        sepconv::kernels::implicit::grad_weight_applies,
-    );
+    assert_for_every_case(implicit_grad_weight_cases(), |exec, g| {
+        GradWeightKernel::choose(exec, g) == GradWeightKernel::Implicit
+    });
 }
 
 /// Implicit-GEMM shapes whose forward reads the input in place (stride 1, no padding above or
@@ -414,12 +420,95 @@ fn shifted_grad_weight_cases() -> [Case; 7] {
     ]
 }
 
+/// The shifted kernel covers every shape above, though the dispatch sends most of these small
+/// ones to the per-tap GEMM: so it is run directly and checked against the reference here.
 #[test]
-fn column_kernels_take_the_shifted_grad_weight() {
+fn shifted_grad_weight_equals_reference_where_it_applies() {
     assert_for_every_case(
         shifted_grad_weight_cases(),
         sepconv::kernels::shifted_grad_weight::applies,
     );
+    for (i, (input, weight, p)) in shifted_grad_weight_cases().into_iter().enumerate() {
+        let g = ConvGeometry::new(input, weight, &p).unwrap();
+        let d = data(&g, 100 + i as u64);
+        let mut gw_ref = vec![0.0; g.weight_len()];
+        reference::conv2d_grad_weight(&g, &d.x, &d.gy, &mut gw_ref);
+        for exec in execs() {
+            let mut gw = vec![f32::NAN; g.weight_len()];
+            kernels::shifted_grad_weight::grad_weight(
+                exec,
+                &g,
+                &d.x,
+                &d.gy,
+                &mut gw,
+                &mut Workspace::new(),
+            )
+            .unwrap();
+            assert_close(&gw, &gw_ref, 1e-4, &format!("{exec:?} {g:?}"));
+        }
+    }
+}
+
+/// Shapes whose grad-weight the dispatch sends to the shifted kernel (large images, few
+/// channels): a 3 × 1 with 7 → 9 channels (partial tiles) on 3 images split over two tasks, and a
+/// 1 × 3 dilated across with asymmetric width padding (row segments).
+fn shifted_dispatch_cases() -> [Case; 2] {
+    [
+        (
+            [3, 7, 60, 64],
+            [9, 7, 3, 1],
+            Conv2dParams::with_padding(Padding::symmetric(1, 0)),
+        ),
+        (
+            [2, 5, 56, 67],
+            [6, 5, 1, 3],
+            explicit(0, 0, 3, 1).dilation(1, 2),
+        ),
+    ]
+}
+
+#[test]
+fn large_images_with_few_channels_take_the_shifted_grad_weight() {
+    assert_for_every_case(shifted_dispatch_cases(), |exec, g| {
+        GradWeightKernel::choose(exec, g) == GradWeightKernel::Shifted
+    });
+}
+
+/// Shapes on the per-tap GEMM grad-weight: column-shifted kernels, whose wrapped positions are
+/// subtracted again (a 1 × 3 at width 9 where a fifth of the positions wrap, a dilated 1 × 3
+/// with asymmetric width padding, a grouped 3 × 3 padded on one side), a 3 × 1 padded so far
+/// above that its first tap never lands, and 5 × 1 dilated with 12 → 20 channels.
+fn tap_grad_weight_cases() -> [Case; 5] {
+    [
+        (
+            [3, 6, 7, 9],
+            [5, 6, 1, 3],
+            Conv2dParams::with_padding(Padding::symmetric(0, 1)),
+        ),
+        (
+            [2, 5, 6, 20],
+            [7, 5, 1, 3],
+            explicit(0, 0, 3, 1).dilation(1, 2),
+        ),
+        ([2, 8, 9, 11], [6, 4, 3, 3], explicit(1, 1, 0, 2).groups(2)),
+        (
+            [2, 3, 4, 10],
+            [4, 3, 3, 1],
+            explicit(10, 0, 0, 0).dilation(2, 1),
+        ),
+        (
+            [4, 12, 13, 8],
+            [20, 12, 5, 1],
+            explicit(4, 4, 0, 0).dilation(2, 1),
+        ),
+    ]
+}
+
+#[test]
+fn same_width_layers_take_the_tap_gemm_grad_weight() {
+    assert_for_every_case(tap_grad_weight_cases(), |exec, g| {
+        GradWeightKernel::choose(exec, g) == GradWeightKernel::TapGemm
+    });
 }
 
 /// Depthwise shapes on the channel-blocked kernel: a 3 × 3 at stride 1 whose width leaves

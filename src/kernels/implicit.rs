@@ -60,7 +60,9 @@ fn writes_output_flat(g: &ConvGeometry) -> bool {
 /// against im2col + faer (2 threads, min of 15): reference layer E's std 22.1 → 20.0 ms,
 /// C's std 41.8–43.2 → 40.8–41.2 ms; but slower on shorter products, where transposing the
 /// output gradient costs more per multiplication (B std, K = 288: 21.4 → 23.4 ms; the 3×1
-/// and 1×3 halves of B, C and E's spatially separable layers: 3–25% slower).
+/// and 1×3 halves of B, C and E's spatially separable layers: 3–25% slower). Stride-1
+/// same-width layers (C's std among them) go to the per-tap GEMM first
+/// ([`super::GradWeightKernel`]).
 pub fn grad_weight_applies(exec: Exec, g: &ConvGeometry) -> bool {
     applies(exec, g)
         && g.out_pixels() >= MIN_PIXELS

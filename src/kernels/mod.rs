@@ -14,8 +14,10 @@
 //! - [`elementwise`]: the memory-bound kernels of the network layers (BatchNorm, ReLU, pooling).
 //! - [`winograd`]: F(2×2, 3×3) for stride-1 3×3 convolutions (forward and grad-input).
 //! - [`implicit`]: implicit-GEMM convolution (no im2col) for every other geometry, batch permitting.
-//! - [`shifted_grad_weight`]: grad-weight of stride-1 same-width convolutions (kh × 1, 1 × kw,
-//!   k × k) as dot products of gradient planes with shifted input planes, read in place.
+//! - [`tap_grad_weight`]: grad-weight of stride-1 same-width convolutions (kh × 1, 1 × kw,
+//!   k × k) as one GEMM per tap of the gradient planes with the shifted input planes, in place.
+//! - [`shifted_grad_weight`]: the same as register-tiled dot products, for large images with
+//!   few channels.
 
 //! - [`gemm`]: the wrapper over faer's matrix product.
 //! - [`pointwise`]: a register-blocked product for pointwise steps with few input channels.
@@ -35,8 +37,8 @@ pub mod implicit;
 pub mod pointwise;
 pub mod reference;
 pub mod shifted_grad_weight;
-
 pub mod simd;
+pub mod tap_grad_weight;
 pub mod winograd;
 
 use std::ops::Range;
@@ -418,9 +420,45 @@ fn flip_block<const T: usize>(
     }
 }
 
-/// `gw = ∂L/∂w` from `x` and `gy` (overwrites `gw`): depthwise layers on their kernels,
-/// stride-1 same-width layers on [`shifted_grad_weight`] where it applies, long products on the
-/// implicit GEMM, the rest im2col + GEMM.
+/// Which kernel computes a convolution's grad-weight ([`conv2d_grad_weight`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GradWeightKernel {
+    /// Depthwise layers the channel-blocked kernel covers ([`depthwise_blocked`]).
+    DepthwiseBlocked,
+    /// Other depthwise layers ([`depthwise`]).
+    Depthwise,
+    /// Stride-1 same-width layers, one GEMM per tap on the planes in place
+    /// ([`tap_grad_weight`]).
+    TapGemm,
+    /// Stride-1 same-width layers on large images with few channels, as register-tiled dot
+    /// products of shifted planes ([`shifted_grad_weight`]).
+    Shifted,
+    /// Long products of strided or dilated layers on the implicit GEMM ([`implicit`]).
+    Implicit,
+    /// im2col + GEMM ([`conv`]; pointwise layers without the im2col).
+    Im2colGemm,
+}
+
+impl GradWeightKernel {
+    /// The kernel [`conv2d_grad_weight`] runs for `g`, in order of preference.
+    pub fn choose(exec: Exec, g: &ConvGeometry) -> Self {
+        match ConvAlgorithm::choose(exec, g) {
+            ConvAlgorithm::Depthwise if depthwise_blocked::applies(g) => Self::DepthwiseBlocked,
+            ConvAlgorithm::Depthwise => Self::Depthwise,
+            _ if tap_grad_weight::applies(exec, g) => Self::TapGemm,
+            _ if shifted_grad_weight::applies(exec, g) => Self::Shifted,
+            ConvAlgorithm::Winograd | ConvAlgorithm::Implicit
+                if implicit::grad_weight_applies(exec, g) =>
+            {
+                Self::Implicit
+            }
+            _ => Self::Im2colGemm,
+        }
+    }
+}
+
+/// `gw = ∂L/∂w` from `x` and `gy` (overwrites `gw`), on the kernel [`GradWeightKernel::choose`]
+/// picks.
 pub fn conv2d_grad_weight(
     exec: Exec,
     g: &ConvGeometry,
@@ -430,23 +468,15 @@ pub fn conv2d_grad_weight(
     ws: &mut Workspace,
 ) -> Result<()> {
     check_lengths(g, x.len(), gw.len(), gy.len());
-    match ConvAlgorithm::choose(exec, g) {
-        ConvAlgorithm::Depthwise if depthwise_blocked::applies(g) => {
+    match GradWeightKernel::choose(exec, g) {
+        GradWeightKernel::DepthwiseBlocked => {
             depthwise_blocked::grad_weight(exec, g, x, gy, gw, ws)
         }
-        ConvAlgorithm::Depthwise => depthwise::grad_weight(exec, g, x, gy, gw, ws),
-        _ if shifted_grad_weight::applies(exec, g) => {
-            shifted_grad_weight::grad_weight(exec, g, x, gy, gw, ws)
-        }
-        ConvAlgorithm::Winograd | ConvAlgorithm::Implicit
-            if implicit::grad_weight_applies(exec, g) =>
-        {
-            implicit::grad_weight(exec, g, x, gy, gw, ws)
-        }
-        ConvAlgorithm::Pointwise
-        | ConvAlgorithm::Winograd
-        | ConvAlgorithm::Implicit
-        | ConvAlgorithm::Im2colGemm => conv::grad_weight(exec, g, x, gy, gw, ws),
+        GradWeightKernel::Depthwise => depthwise::grad_weight(exec, g, x, gy, gw, ws),
+        GradWeightKernel::TapGemm => tap_grad_weight::grad_weight(exec, g, x, gy, gw, ws),
+        GradWeightKernel::Shifted => shifted_grad_weight::grad_weight(exec, g, x, gy, gw, ws),
+        GradWeightKernel::Implicit => implicit::grad_weight(exec, g, x, gy, gw, ws),
+        GradWeightKernel::Im2colGemm => conv::grad_weight(exec, g, x, gy, gw, ws),
     }
 }
 

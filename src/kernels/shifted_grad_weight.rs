@@ -19,7 +19,10 @@
 //! weight element, mostly in L2), and the lanes are summed once at the end, so no horizontal
 //! reduction runs per chunk.
 //!
-//! Not taken where it measured slower than im2col + GEMM: pointwise layers, partial sums
+//! The dispatch ([`super::GradWeightKernel`]) takes it only on large images with few channels;
+//! [`super::tap_grad_weight`], the same shifts as one packed GEMM per tap, wins elsewhere.
+//! Not applicable where it measured slower than im2col + GEMM: pointwise layers, partial sums
+
 //! larger than twice L2, images under 128 pixels, and column-shifted kernels on rows narrower
 //! than 64 (the segments are then a few vectors each; 1 × 3 at width 28: 1.8 → 2.1 ms, at 56
 //! a tie).
@@ -76,18 +79,18 @@ pub fn applies(exec: Exec, g: &ConvGeometry) -> bool {
 
 /// One tap's shift and the output positions it covers.
 #[derive(Clone, Copy, Debug)]
-struct Tap {
+pub(crate) struct Tap {
     /// Input position minus output position (flat).
-    off: isize,
+    pub(crate) off: isize,
     /// Output rows whose shifted row is inside the image.
-    rows: (usize, usize),
+    pub(crate) rows: (usize, usize),
     /// Columns `cols.0 .. cols.1` of each such row whose shifted column is inside the image.
-    cols: (usize, usize),
+    pub(crate) cols: (usize, usize),
 }
 
 impl Tap {
     /// Tap (i, j) of `g`, or `None` if it never lands inside the input.
-    fn new(g: &ConvGeometry, i: usize, j: usize) -> Option<Tap> {
+    pub(crate) fn new(g: &ConvGeometry, i: usize, j: usize) -> Option<Tap> {
         let w = g.in_w as isize;
         let dy = (i * g.dilation_h) as isize - g.pad_top as isize;
         let dx = (j * g.dilation_w) as isize - g.pad_left as isize;
@@ -103,7 +106,7 @@ impl Tap {
 
     /// Whether every column lands (no column shift): then the valid positions are one
     /// contiguous range, else one segment per row.
-    fn whole_rows(&self, width: usize) -> bool {
+    pub(crate) fn whole_rows(&self, width: usize) -> bool {
         self.cols == (0, width)
     }
 }
@@ -131,27 +134,38 @@ pub fn grad_weight(
         partial.fill(0.0);
         accumulate_images(exec.isa(), g, &taps, x, gy, images, partial);
     });
-    // Partial sums are laid out [group][tap][out][in][lane]; gw is OIHW:
-    // gw[(group·cog + o)·K + c·taps + tap].
-    let (cig, cog, kh) = (
+    sum_task_partials(g, scratch, per_task, lanes, gw);
+    Ok(())
+}
+
+/// Sums the tasks' partial sums into the OIHW `gw` (overwritten): each task's `per_task` floats
+/// of `scratch` are laid out tap-major, [group][tap][out][in][lane] (`lanes` per weight).
+pub(crate) fn sum_task_partials(
+    g: &ConvGeometry,
+    scratch: &[f32],
+    per_task: usize,
+    lanes: usize,
+    gw: &mut [f32],
+) {
+    let (cig, cog, taps) = (
         g.in_channels_per_group(),
         g.out_channels_per_group(),
-        taps.len(),
+        g.kernel_h * g.kernel_w,
     );
-    let scratch = &*scratch;
-    gw.par_chunks_mut(cig * kh)
+    let tasks = scratch.len() / per_task;
+    // gw[(group·cog + o)·K + c·taps + tap].
+    gw.par_chunks_mut(cig * taps)
         .enumerate()
         .for_each(|(row, out)| {
             let (grp, o) = (row / cog, row % cog);
             for (kk, v) in out.iter_mut().enumerate() {
-                let (c, t) = (kk / kh, kk % kh);
-                let at = (((grp * kh + t) * cog + o) * cig + c) * lanes;
+                let (c, t) = (kk / taps, kk % taps);
+                let at = (((grp * taps + t) * cog + o) * cig + c) * lanes;
                 *v = (0..tasks)
                     .map(|task| scratch[task * per_task + at..][..lanes].iter().sum::<f32>())
                     .sum();
             }
         });
-    Ok(())
 }
 
 crate::simd_dispatch!(fn accumulate_images => accumulate_images_kernel(
