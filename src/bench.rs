@@ -318,22 +318,17 @@ impl Workload {
                     &mut self.ws,
                 )?;
                 if pass == Pass::Train {
-                    kernels::conv2d_grad_input(
-                        exec,
-                        &g,
-                        &self.gy,
-                        &self.w1,
-                        &mut self.gx,
-                        &mut self.ws,
-                    )?;
-                    kernels::conv2d_grad_weight(
+                    kernels::conv2d_backward(
                         exec,
                         &g,
                         &self.x,
                         &self.gy,
+                        &self.w1,
+                        Some(&mut self.gx),
                         &mut self.gw1,
                         &mut self.ws,
                     )?;
+
                     if self.has_bias {
                         kernels::conv2d_grad_bias(exec, &g, &self.gy, &mut self.gb);
                     }

@@ -125,11 +125,21 @@ pub fn conv2d_backward(
     let mut ws = Workspace::new();
     let mut gx = Tensor::zeros(x.shape())?;
     let mut gw = Tensor::zeros(w.shape())?;
-    kernels::conv2d_grad_input(exec, &g, gy.data(), w.data(), gx.data_mut(), &mut ws)?;
-    kernels::conv2d_grad_weight(exec, &g, x.data(), gy.data(), gw.data_mut(), &mut ws)?;
+    let (x, gy, w) = (x.data(), gy.data(), w.data());
+    kernels::conv2d_backward(
+        exec,
+        &g,
+        x,
+        gy,
+        w,
+        Some(gx.data_mut()),
+        gw.data_mut(),
+        &mut ws,
+    )?;
+
     let bias = if with_bias {
         let mut gb = Tensor::zeros(&[g.out_channels])?;
-        kernels::conv2d_grad_bias(exec, &g, gy.data(), gb.data_mut());
+        kernels::conv2d_grad_bias(exec, &g, gy, gb.data_mut());
         Some(gb)
     } else {
         None

@@ -205,12 +205,25 @@ impl ConvPair {
         if let Some(gb) = grads.bias {
             kernels::conv2d_grad_bias(exec, &self.second, gy, gb);
         }
-        kernels::conv2d_grad_weight(exec, &self.second, mid, gy, grads.second_weight, ws)?;
-        kernels::conv2d_grad_input(exec, &self.second, gy, w2, gmid, ws)?;
-        kernels::conv2d_grad_weight(exec, &self.first, x, gmid, grads.first_weight, ws)?;
-        if let Some(gx) = grads.input {
-            kernels::conv2d_grad_input(exec, &self.first, gmid, w1, gx, ws)?;
-        }
-        Ok(())
+        kernels::conv2d_backward(
+            exec,
+            &self.second,
+            mid,
+            gy,
+            w2,
+            Some(gmid),
+            grads.second_weight,
+            ws,
+        )?;
+        kernels::conv2d_backward(
+            exec,
+            &self.first,
+            x,
+            gmid,
+            w1,
+            grads.input,
+            grads.first_weight,
+            ws,
+        )
     }
 }

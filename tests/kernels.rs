@@ -116,6 +116,13 @@ fn check_fast_against_reference(g: &ConvGeometry, seed: u64) {
         assert_close(&gx, &gx_ref, 1e-4, &format!("grad-input {exec:?} {what}"));
         assert_close(&gw, &gw_ref, 1e-4, &format!("grad-weight {exec:?} {what}"));
         assert_close(&gb, &gb_ref, 1e-4, &format!("grad-bias {exec:?} {what}"));
+        // Both gradients in one call (one pass over gy for blocked depthwise layers).
+        gx.fill(f32::NAN);
+        gw.fill(f32::NAN);
+        kernels::conv2d_backward(exec, g, &d.x, &d.gy, &d.w, Some(&mut gx), &mut gw, &mut ws)
+            .unwrap();
+        assert_close(&gx, &gx_ref, 1e-4, &format!("backward gx {exec:?} {what}"));
+        assert_close(&gw, &gw_ref, 1e-4, &format!("backward gw {exec:?} {what}"));
     }
 }
 
@@ -513,9 +520,10 @@ fn same_width_layers_take_the_tap_gemm_grad_weight() {
 
 /// Depthwise shapes on the channel-blocked kernel: a 3 × 3 at stride 1 whose width leaves
 /// partial transpose runs and a partial group of four output pixels (its grad-input runs there
-/// too, as the adjoint), the same with valid padding (the adjoint pads by 2), and a 5 × 3
-/// kernel at stride 2 with dilation and asymmetric padding (the general tap loop).
-fn blocked_depthwise_cases() -> [Case; 3] {
+/// too, as the adjoint), the same with valid padding (the adjoint pads by 2), a 5 × 3 kernel
+/// at stride 2 with dilation and asymmetric padding (the general tap loop), and a 5 × 3 at
+/// stride 1 dilated across with asymmetric padding (the fused backward's general tap loops).
+fn blocked_depthwise_cases() -> [Case; 4] {
     [
         (
             [2, 16, 13, 21],
@@ -532,6 +540,11 @@ fn blocked_depthwise_cases() -> [Case; 3] {
             [32, 1, 5, 3],
             explicit(2, 1, 0, 3).groups(32).stride(2, 2).dilation(1, 2),
         ),
+        (
+            [2, 16, 11, 12],
+            [16, 1, 5, 3],
+            explicit(2, 1, 3, 0).groups(16).dilation(1, 2),
+        ),
     ]
 }
 
@@ -539,7 +552,9 @@ fn blocked_depthwise_cases() -> [Case; 3] {
 fn depthwise_cases_take_the_blocked_kernel_where_it_applies() {
     assert_for_every_case(blocked_depthwise_cases(), |_, g| {
         sepconv::kernels::depthwise_blocked::applies(g)
+            && sepconv::kernels::backward_is_fused(g) == (g.stride_h == 1)
     });
+
     // A depth multiplier, or channels that are not a multiple of 16, stay on the plane kernel.
     let same = Conv2dParams::with_padding(Padding::Same);
     for (input, weight, p) in [

@@ -18,6 +18,8 @@
 
 use std::ops::Range;
 
+use rayon::prelude::*;
+
 use super::simd::SimdF32;
 use super::{Exec, Workspace, for_each_task};
 use crate::error::Result;
@@ -530,10 +532,11 @@ unsafe fn grad_weight_blocks_kernel<S: SimdF32>(
                     &gy[first * ohw..(first + lanes) * ohw],
                     gb,
                 );
+                let gpix = GradientPixels::dense(g);
                 if three_by_three_unit_stride {
-                    tap_sums_3x3::<S>(g, l, xb, gb, &mut sums);
+                    tap_sums_3x3::<S>(g, l, xb, gb, gpix, &mut sums);
                 } else {
-                    tap_sums::<S>(g, l, &offsets[..count], xb, gb, &mut sums);
+                    tap_sums::<S>(g, l, &offsets[..count], xb, gb, gpix, &mut sums);
                 }
             }
             for (a, &v) in acc64.iter_mut().zip(&sums[..taps * lanes]) {
@@ -550,6 +553,188 @@ unsafe fn grad_weight_blocks_kernel<S: SimdF32>(
     }
 }
 
+/// Whether [`backward`] computes both gradients of `g`, whose grad-input is the depthwise
+/// forward `adj` (stride 1: see `kernels::conv2d_grad_input`): both on the blocked kernel.
+pub fn backward_applies(g: &ConvGeometry, adj: &ConvGeometry) -> bool {
+    applies(g) && applies(adj) && g.stride_h == 1 && g.stride_w == 1
+}
+
+/// Grad-input and grad-weight of a stride-1 depthwise layer in one pass over the output
+/// gradient (`g`, `adj` as [`backward_applies`]; `wt` holds the adjoint's flipped kernel).
+/// Each block of `LANES` channels of one image is transposed once: its input planes into `g`'s
+/// padded layout, its output-gradient planes into `adj`'s, where they serve both the tap sums
+/// of grad-weight (read at their interior pixels) and the adjoint forward, whose output is
+/// the grad-input. Separately, grad-weight and grad-input each read and transposed the output
+/// gradient. Tasks take runs of (image, block) items; each sums its items' tap sums in f64
+/// (per-image sums in f32 lanes, as [`grad_weight`]), and the tasks' sums are added in task
+/// order at the end.
+#[allow(clippy::too_many_arguments)]
+pub fn backward(
+    exec: Exec,
+    g: &ConvGeometry,
+    adj: &ConvGeometry,
+    x: &[f32],
+    gy: &[f32],
+    wt: &[f32],
+    gx: &mut [f32],
+    gw: &mut [f32],
+    ws: &mut Workspace,
+) -> Result<()> {
+    assert!(
+        backward_applies(g, adj),
+        "channel-blocked depthwise backward: unsupported geometry"
+    );
+    let lanes = exec.isa().lanes();
+    let (lx, lg) = (Layout::new(g), Layout::new(adj));
+    let taps = g.kernel_h * g.kernel_w;
+    let items = g.batch * g.in_channels / lanes;
+    let tasks = exec.threads().min(items);
+    let per_task = lx.hp * lx.wp * lanes + lg.scratch(adj, lanes);
+    let scratch = ws.take(per_task * tasks)?;
+    let per_items = items.div_ceil(tasks);
+    let sums: Vec<Vec<f64>> = gx
+        .par_chunks_mut(per_items * lanes * g.in_pixels())
+        .zip(scratch.par_chunks_mut(per_task))
+        .enumerate()
+        .map(|(t, (gxc, buf))| {
+            let start = t * per_items;
+            let end = (start + per_items).min(items);
+            let mut acc = vec![0f64; g.in_channels * taps];
+            let run = start..end;
+            backward_items(
+                exec.isa(),
+                g,
+                adj,
+                &lx,
+                &lg,
+                x,
+                gy,
+                wt,
+                run,
+                gxc,
+                buf,
+                &mut acc,
+            );
+            acc
+        })
+        .collect();
+    // sums[task] is [channel][tap], like gw.
+    for (c, out) in gw.chunks_exact_mut(taps).enumerate() {
+        for (t, o) in out.iter_mut().enumerate() {
+            *o = sums.iter().map(|s| s[c * taps + t]).sum::<f64>() as f32;
+        }
+    }
+    Ok(())
+}
+
+crate::simd_dispatch!(fn backward_items => backward_items_kernel(
+    g: &ConvGeometry, adj: &ConvGeometry, lx: &Layout, lg: &Layout, x: &[f32], gy: &[f32],
+    wt: &[f32], items: Range<usize>, gx: &mut [f32], buf: &mut [f32], acc64: &mut [f64]
+));
+
+/// [`backward`] for items (image, block) `items`, whose grad-input planes are `gx`; adds the
+/// items' weight gradients to `acc64` (`[channel][tap]`, all channels).
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+unsafe fn backward_items_kernel<S: SimdF32>(
+    g: &ConvGeometry,
+    adj: &ConvGeometry,
+    lx: &Layout,
+    lg: &Layout,
+    x: &[f32],
+    gy: &[f32],
+    wt: &[f32],
+    items: Range<usize>,
+    gx: &mut [f32],
+    buf: &mut [f32],
+    acc64: &mut [f64],
+) {
+    let lanes = S::LANES;
+    let (hw, ohw, taps) = (g.in_pixels(), g.out_pixels(), g.kernel_h * g.kernel_w);
+    let blocks = g.in_channels / lanes;
+    let (xb, rest) = buf.split_at_mut(lx.hp * lx.wp * lanes);
+    let (gb, rest) = rest.split_at_mut(lg.hp * lg.wp * lanes);
+    let (ob, rest) = rest.split_at_mut(lg.out_pixels(adj, lanes) * lanes);
+    let (wb, bb) = rest.split_at_mut(taps * lanes);
+    // The paddings are never written after this; the bias of the adjoint is zero.
+    xb.fill(0.0);
+    gb.fill(0.0);
+    bb[..lanes].fill(0.0);
+    let (offsets, count) = tap_offsets(g, lx, lanes);
+    let (adj_offsets, adj_count) = tap_offsets(adj, lg, lanes);
+    let unit_3x3 = is_3x3_unit_stride(g);
+    // g's output pixel (oh, ow) is the adjoint's padded input pixel (oh + top, ow + left).
+    let gpix = GradientPixels {
+        first: adj.pad_top * lg.wp + adj.pad_left,
+        row: lg.wp,
+    };
+    for (local, item) in items.enumerate() {
+        let c0 = item % blocks * lanes;
+        let first = item / blocks * g.in_channels + c0;
+        for lane in 0..lanes {
+            for t in 0..taps {
+                wb[t * lanes + lane] = wt[(c0 + lane) * taps + t];
+            }
+        }
+        let mut sums = [0f32; MAX_TAPS * 16];
+        // SAFETY: x, gy hold planes first .. first + lanes; gx the item's planes; the block
+        // buffers have their layouts' sizes.
+        unsafe {
+            pack::<S>(
+                PackShape::input(g, lx, hw),
+                &x[first * hw..(first + lanes) * hw],
+                xb,
+            );
+            pack::<S>(
+                PackShape::input(adj, lg, ohw),
+                &gy[first * ohw..(first + lanes) * ohw],
+                gb,
+            );
+            if unit_3x3 {
+                tap_sums_3x3::<S>(g, lx, xb, gb, gpix, &mut sums);
+                compute_3x3::<S>(adj, lg, gb, wb, bb, ob);
+            } else {
+                tap_sums::<S>(g, lx, &offsets[..count], xb, gb, gpix, &mut sums);
+                compute::<S>(adj, lg, &adj_offsets[..adj_count], gb, wb, bb, ob);
+            }
+            unpack::<S>(
+                adj,
+                ob,
+                &mut gx[local * lanes * hw..(local + 1) * lanes * hw],
+            );
+        }
+        // sums is [tap][lane].
+        for lane in 0..lanes {
+            for t in 0..taps {
+                acc64[(c0 + lane) * taps + t] += sums[t * lanes + lane] as f64;
+            }
+        }
+    }
+}
+
+/// Where the output-gradient block's pixels lie: pixel (oh, ow) at `first + oh·row + ow`
+/// (dense: `row = out_w`, `first = 0`; inside the padded block of the adjoint: its width and
+/// the offset of its first interior pixel).
+#[derive(Clone, Copy)]
+struct GradientPixels {
+    first: usize,
+    row: usize,
+}
+
+impl GradientPixels {
+    fn dense(g: &ConvGeometry) -> Self {
+        GradientPixels {
+            first: 0,
+            row: g.out_w,
+        }
+    }
+
+    /// Pixels needed to hold `g`'s output gradient this way.
+    fn extent(&self, g: &ConvGeometry) -> usize {
+        self.first + (g.out_h - 1) * self.row + g.out_w
+    }
+}
+
 /// `sums[t] = Σ_p gy[p] · x[base(p) + off_t]` over the block's output pixels (any kernel,
 /// stride and dilation), one vector of channels per tap.
 #[inline(always)]
@@ -559,12 +744,13 @@ unsafe fn tap_sums<S: SimdF32>(
     offsets: &[usize],
     xb: &[f32],
     gb: &[f32],
+    gpix: GradientPixels,
     sums: &mut [f32],
 ) {
     let lanes = S::LANES;
     let taps = offsets.len();
     assert!(taps <= MAX_TAPS && sums.len() >= taps * lanes);
-    assert!(gb.len() >= g.out_pixels() * lanes);
+    assert!(gb.len() >= gpix.extent(g) * lanes);
     let (xp, gp) = (xb.as_ptr(), gb.as_ptr());
     // SAFETY: every base + offset is a pixel of the padded block, every output pixel of gb.
     unsafe {
@@ -572,7 +758,7 @@ unsafe fn tap_sums<S: SimdF32>(
         for oh in 0..g.out_h {
             let row = xp.add(oh * g.stride_h * l.wp * lanes);
             for ow in 0..g.out_w {
-                let gv = S::load(gp.add((oh * g.out_w + ow) * lanes));
+                let gv = S::load(gp.add((gpix.first + oh * gpix.row + ow) * lanes));
                 let base = row.add(ow * g.stride_w * lanes);
                 for (a, &off) in acc[..taps].iter_mut().zip(offsets) {
                     *a = S::mul_add(gv, S::load(base.add(off)), *a);
@@ -593,19 +779,20 @@ unsafe fn tap_sums_3x3<S: SimdF32>(
     l: &Layout,
     xb: &[f32],
     gb: &[f32],
+    gpix: GradientPixels,
     sums: &mut [f32],
 ) {
     const OUT: usize = 4;
     let lanes = S::LANES;
     assert!(sums.len() >= 9 * lanes && xb.len() >= l.hp * l.wp * lanes);
-    assert!(gb.len() >= g.out_pixels() * lanes && g.out_h + 2 <= l.hp && g.out_w + 2 <= l.wp);
+    assert!(gb.len() >= gpix.extent(g) * lanes && g.out_h + 2 <= l.hp && g.out_w + 2 <= l.wp);
     let (xp, gp) = (xb.as_ptr(), gb.as_ptr());
     // SAFETY: output pixel (oh, ow) reads padded pixels (oh + i, ow + j), i, j < 3, inside the
-    // block, and pixel (oh, ow) of gb (asserted sizes).
+    // block, and its gradient pixel of gb (asserted sizes).
     unsafe {
         let mut acc = [S::zero(); 9];
         for oh in 0..g.out_h {
-            let grow = gp.add(oh * g.out_w * lanes);
+            let grow = gp.add((gpix.first + oh * gpix.row) * lanes);
             let mut ow = 0;
             while ow + OUT <= g.out_w {
                 let mut gv = [S::zero(); OUT];

@@ -480,6 +480,48 @@ pub fn conv2d_grad_weight(
     }
 }
 
+/// Grad-weight `gw` and, when `gx` is given, grad-input of one convolution (both overwritten):
+/// [`conv2d_grad_weight`] then [`conv2d_grad_input`], except for stride-1 depthwise layers on
+/// the channel-blocked kernel, whose two gradients come from one pass over the output gradient
+/// ([`depthwise_blocked::backward`]).
+#[allow(clippy::too_many_arguments)]
+pub fn conv2d_backward(
+    exec: Exec,
+    g: &ConvGeometry,
+    x: &[f32],
+    gy: &[f32],
+    w: &[f32],
+    gx: Option<&mut [f32]>,
+    gw: &mut [f32],
+    ws: &mut Workspace,
+) -> Result<()> {
+    let Some(gx) = gx else {
+        return conv2d_grad_weight(exec, g, x, gy, gw, ws);
+    };
+    check_lengths(g, x.len(), w.len(), gy.len());
+    check_lengths(g, gx.len(), gw.len(), gy.len());
+    match fused_backward(g) {
+        Some(adj) => ws.with_weights(w.len(), "the adjoint kernel", |wt, ws| {
+            adjoint_weight(exec, g, w, wt);
+            depthwise_blocked::backward(exec, g, &adj, x, gy, wt, gx, gw, ws)
+        }),
+        None => {
+            conv2d_grad_weight(exec, g, x, gy, gw, ws)?;
+            conv2d_grad_input(exec, g, gy, w, gx, ws)
+        }
+    }
+}
+
+/// Whether [`conv2d_backward`] computes `g`'s two gradients in one fused pass.
+pub fn backward_is_fused(g: &ConvGeometry) -> bool {
+    fused_backward(g).is_some()
+}
+
+/// The adjoint geometry of `g` where its gradients are fused.
+fn fused_backward(g: &ConvGeometry) -> Option<ConvGeometry> {
+    adjoint_geometry(g).filter(|adj| depthwise_blocked::backward_applies(g, adj))
+}
+
 /// `gb[c] = Σ gy[·, c, ·, ·]` (overwrites `gb`).
 pub fn conv2d_grad_bias(exec: Exec, g: &ConvGeometry, gy: &[f32], gb: &mut [f32]) {
     assert_eq!(gy.len(), g.output_len(), "grad-output length");

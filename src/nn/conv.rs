@@ -85,11 +85,8 @@ impl Module for Conv2d {
         if let Some(b) = &mut self.bias {
             kernels::conv2d_grad_bias(ctx.exec, &g, gy, &mut b.grad);
         }
-        kernels::conv2d_grad_weight(ctx.exec, &g, x, gy, &mut self.weight.grad, ctx.ws)?;
-        if let Some(gx) = gx {
-            kernels::conv2d_grad_input(ctx.exec, &g, gy, &self.weight.value, gx, ctx.ws)?;
-        }
-        Ok(())
+        let (w, gw) = (&self.weight.value, &mut self.weight.grad);
+        kernels::conv2d_backward(ctx.exec, &g, x, gy, w, gx, gw, ctx.ws)
     }
     fn params(&mut self) -> Vec<&mut Param> {
         std::iter::once(&mut self.weight)
