@@ -13,8 +13,10 @@
 //!
 //! Grad-input of a stride-1 depthwise layer is a depthwise forward of the output gradient with
 //! the flipped kernel (see `kernels::conv2d_grad_input`), so it runs here too; grad-weight has
-//! its own blocked kernel ([`grad_weight`]). Grad-input of strided layers stays on the plane
-//! kernel (per input phase).
+//! its own blocked kernel ([`grad_weight`]), and [`backward`] computes both in one pass over
+//! the output gradient. Grad-input of strided layers stays on the plane kernel (per input
+//! phase).
+
 
 use std::ops::Range;
 
