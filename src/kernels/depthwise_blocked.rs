@@ -17,7 +17,6 @@
 //! the output gradient. Grad-input of strided layers stays on the plane kernel (per input
 //! phase).
 
-
 use std::ops::Range;
 
 use rayon::prelude::*;
