@@ -521,9 +521,12 @@ fn same_width_layers_take_the_tap_gemm_grad_weight() {
 /// Depthwise shapes on the channel-blocked kernel: a 3 × 3 at stride 1 whose width leaves
 /// partial transpose runs and a partial group of four output pixels (its grad-input runs there
 /// too, as the adjoint), the same with valid padding (the adjoint pads by 2), a 5 × 3 kernel
-/// at stride 2 with dilation and asymmetric padding (the general tap loop), and a 5 × 3 at
-/// stride 1 dilated across with asymmetric padding (the fused backward's general tap loops).
-fn blocked_depthwise_cases() -> [Case; 4] {
+/// at stride 2 with dilation and asymmetric padding (the general tap loop; its grad-input
+/// gathers per residue class), a 5 × 3 at stride 1 dilated across with asymmetric padding (the
+/// fused backward's general tap loops), a 3 × 3 at stride 2 "same" on odd and even sizes (as
+/// reference layer E), a 3 × 1 strided down only, a 2 × 2 at stride 3 (a third of the input
+/// rows get no tap) and a 5 × 5 at stride 2 (classes of up to nine taps).
+fn blocked_depthwise_cases() -> [Case; 8] {
     [
         (
             [2, 16, 13, 21],
@@ -545,6 +548,30 @@ fn blocked_depthwise_cases() -> [Case; 4] {
             [16, 1, 5, 3],
             explicit(2, 1, 3, 0).groups(16).dilation(1, 2),
         ),
+        (
+            [2, 16, 15, 14],
+            [16, 1, 3, 3],
+            Conv2dParams::with_padding(Padding::Same)
+                .groups(16)
+                .stride(2, 2),
+        ),
+        (
+            [3, 16, 10, 9],
+            [16, 1, 3, 1],
+            explicit(1, 1, 0, 0).groups(16).stride(2, 1),
+        ),
+        (
+            [2, 16, 11, 13],
+            [16, 1, 2, 2],
+            explicit(1, 0, 0, 1).groups(16).stride(3, 3),
+        ),
+        (
+            [2, 16, 12, 12],
+            [16, 1, 5, 5],
+            Conv2dParams::with_padding(Padding::Same)
+                .groups(16)
+                .stride(2, 2),
+        ),
     ]
 }
 
@@ -553,6 +580,7 @@ fn depthwise_cases_take_the_blocked_kernel_where_it_applies() {
     assert_for_every_case(blocked_depthwise_cases(), |_, g| {
         sepconv::kernels::depthwise_blocked::applies(g)
             && sepconv::kernels::backward_is_fused(g) == (g.stride_h == 1)
+            && sepconv::kernels::depthwise_blocked::grad_input_applies(g) == (g.stride_h > 1)
     });
 
     // A depth multiplier, or channels that are not a multiple of 16, stay on the plane kernel.

@@ -14,8 +14,9 @@
 //! Grad-input of a stride-1 depthwise layer is a depthwise forward of the output gradient with
 //! the flipped kernel (see `kernels::conv2d_grad_input`), so it runs here too; grad-weight has
 //! its own blocked kernel ([`grad_weight`]), and [`backward`] computes both in one pass over
-//! the output gradient. Grad-input of strided layers stays on the plane kernel (per input
-//! phase).
+//! the output gradient. Grad-input of strided layers gathers per residue class of the input
+//! pixels ([`grad_input`]).
+
 
 use std::ops::Range;
 
@@ -228,7 +229,7 @@ pub(crate) unsafe fn forward_block<S: SimdF32>(
             let (offsets, count) = tap_offsets(g, l, lanes);
             compute::<S>(g, l, &offsets[..count], xb, wb, bb, ob);
         }
-        unpack::<S>(g, ob, y);
+        unpack::<S>(g.out_pixels(), ob, y);
     }
 }
 
@@ -424,11 +425,11 @@ unsafe fn compute_3x3<S: SimdF32>(
     }
 }
 
-/// Transposes the pixel-major output block back into `LANES` NCHW output planes (the block
-/// has room for whole runs of `LANES` pixels; see [`pack`] for the fixed-count loops).
+/// Transposes the pixel-major output block of `ohw` pixels back into `LANES` NCHW planes (the
+/// block has room for whole runs of `LANES` pixels; see [`pack`] for the fixed-count loops).
 #[inline(always)]
-unsafe fn unpack<S: SimdF32>(g: &ConvGeometry, ob: &[f32], planes: &mut [f32]) {
-    let (lanes, ohw) = (S::LANES, g.out_pixels());
+unsafe fn unpack<S: SimdF32>(ohw: usize, ob: &[f32], planes: &mut [f32]) {
+    let lanes = S::LANES;
     assert!(ob.len() >= ohw.next_multiple_of(lanes) * lanes && planes.len() >= lanes * ohw);
     assert!(lanes <= 16);
     let (src, dst) = (ob.as_ptr(), planes.as_mut_ptr());
@@ -699,7 +700,7 @@ unsafe fn backward_items_kernel<S: SimdF32>(
                 compute::<S>(adj, lg, &adj_offsets[..adj_count], gb, wb, bb, ob);
             }
             unpack::<S>(
-                adj,
+                hw,
                 ob,
                 &mut gx[local * lanes * hw..(local + 1) * lanes * hw],
             );
@@ -708,6 +709,270 @@ unsafe fn backward_items_kernel<S: SimdF32>(
         for lane in 0..lanes {
             for t in 0..taps {
                 acc64[(c0 + lane) * taps + t] += sums[t * lanes + lane] as f64;
+            }
+        }
+    }
+}
+
+/// Whether [`grad_input`] computes `g`'s grad-input: strided layers where [`applies`] (at
+/// stride 1 grad-input is the adjoint forward, on [`forward`]).
+pub fn grad_input_applies(g: &ConvGeometry) -> bool {
+    applies(g) && (g.stride_h > 1 || g.stride_w > 1) && {
+        let s = StridedGradInput::new(g);
+        s.rows * s.cols <= MAX_PADDED_PIXELS
+    }
+}
+
+/// The gather form of a strided depthwise grad-input on pixel-major blocks. Padded input pixel
+/// (y, x) receives tap (i, j) only when `y ≡ i·dh (mod sh)` and `x ≡ j·dw (mod sw)`, from
+/// output pixel `(y div sh − ki, x div sw − kj)`, `ki = (i·dh − y mod sh) / sh` (an integer
+/// ≥ 0 for such taps), and likewise kj. So each residue class (y mod sh, x mod sw) has a fixed
+/// list of taps at fixed offsets in the output-gradient block, which is padded by margins
+/// wide enough that every such read lands inside it (zeros outside the output).
+struct StridedGradInput {
+    /// Margins of the output-gradient block above and left of pixel (0, 0).
+    top: usize,
+    left: usize,
+    /// Pixels per row and rows of the padded output-gradient block.
+    cols: usize,
+    rows: usize,
+    /// Per class `ry·sw + rx`: (tap, offset back from the class base pixel, in pixels).
+    classes: Vec<Vec<(usize, usize)>>,
+}
+
+impl StridedGradInput {
+    fn new(g: &ConvGeometry) -> Self {
+        let (sh, sw) = (g.stride_h, g.stride_w);
+        // Farthest a tap reaches back, in output pixels; then the margins that keep the first
+        // and last input pixels' reads inside.
+        let (back_h, back_w) = (
+            (g.kernel_h - 1) * g.dilation_h / sh,
+            (g.kernel_w - 1) * g.dilation_w / sw,
+        );
+        let top = back_h.saturating_sub(g.pad_top / sh);
+        let left = back_w.saturating_sub(g.pad_left / sw);
+        let bottom = ((g.pad_top + g.in_h - 1) / sh + 1).saturating_sub(g.out_h);
+        let right = ((g.pad_left + g.in_w - 1) / sw + 1).saturating_sub(g.out_w);
+        let cols = left + g.out_w + right;
+        let mut classes = vec![Vec::new(); sh * sw];
+        for (class, taps) in classes.iter_mut().enumerate() {
+            let (ry, rx) = (class / sw, class % sw);
+            for i in 0..g.kernel_h {
+                for j in 0..g.kernel_w {
+                    let (a, b) = (i * g.dilation_h, j * g.dilation_w);
+                    if a % sh == ry && b % sw == rx {
+                        let (ki, kj) = ((a - ry) / sh, (b - rx) / sw);
+                        taps.push((i * g.kernel_w + j, ki * cols + kj));
+                    }
+                }
+            }
+        }
+        StridedGradInput {
+            top,
+            left,
+            cols,
+            rows: top + g.out_h + bottom,
+            classes,
+        }
+    }
+}
+
+/// Grad-input of a strided depthwise layer (`g` must satisfy [`grad_input_applies`]): per block
+/// of `LANES` channels of one image, the output gradient is transposed into a padded
+/// pixel-major block, every input pixel gathers its residue class's taps (1 to 4 vector FMAs
+/// for a 3 × 3 at stride 2) straight into a dense pixel-major block, and that is transposed
+/// back to NCHW. The plane kernel instead computes each stride phase separately and
+/// interleaves them into the planes.
+pub fn grad_input(
+    exec: Exec,
+    g: &ConvGeometry,
+    gy: &[f32],
+    w: &[f32],
+    gx: &mut [f32],
+    ws: &mut Workspace,
+) -> Result<()> {
+    assert!(
+        grad_input_applies(g),
+        "channel-blocked depthwise grad-input: unsupported geometry"
+    );
+    let lanes = exec.isa().lanes();
+    let s = StridedGradInput::new(g);
+    let items = g.batch * g.in_channels / lanes;
+    let tasks = exec.threads().min(items);
+    let taps = g.kernel_h * g.kernel_w;
+    let per_task = (s.rows * s.cols + g.in_pixels().next_multiple_of(lanes) + taps) * lanes;
+    let scratch = ws.take(per_task * tasks)?;
+    for_each_task(
+        tasks,
+        gx,
+        lanes * g.in_pixels(),
+        scratch,
+        per_task,
+        |items, gxc, buf| grad_input_blocks(exec.isa(), g, &s, gy, w, items, gxc, buf),
+    );
+    Ok(())
+}
+
+crate::simd_dispatch!(fn grad_input_blocks => grad_input_blocks_kernel(
+    g: &ConvGeometry, s: &StridedGradInput, gy: &[f32], w: &[f32],
+    items: Range<usize>, gx: &mut [f32], buf: &mut [f32]
+));
+
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+unsafe fn grad_input_blocks_kernel<S: SimdF32>(
+    g: &ConvGeometry,
+    s: &StridedGradInput,
+    gy: &[f32],
+    w: &[f32],
+    items: Range<usize>,
+    gx: &mut [f32],
+    buf: &mut [f32],
+) {
+    let lanes = S::LANES;
+    let (hw, ohw, taps) = (g.in_pixels(), g.out_pixels(), g.kernel_h * g.kernel_w);
+    let (gb, rest) = buf.split_at_mut(s.rows * s.cols * lanes);
+    let (ob, wb) = rest.split_at_mut(hw.next_multiple_of(lanes) * lanes);
+    // The margins are never written after this.
+    gb.fill(0.0);
+    let shape = PackShape {
+        h: g.out_h,
+        w: g.out_w,
+        top: s.top,
+        left: s.left,
+        stride: s.cols,
+        plane_stride: ohw,
+    };
+    for (local, item) in items.enumerate() {
+        let first = item * lanes;
+        let c0 = first % g.in_channels;
+        for lane in 0..lanes {
+            for t in 0..taps {
+                wb[t * lanes + lane] = w[(c0 + lane) * taps + t];
+            }
+        }
+        // SAFETY: gy holds planes first .. first + lanes, gx the item's planes; the blocks
+        // have the sizes computed in grad_input; every class read lands in the padded block
+        // (StridedGradInput's margins).
+        unsafe {
+            pack::<S>(shape, &gy[first * ohw..(first + lanes) * ohw], gb);
+            gather_classes::<S>(g, s, gb, wb, ob);
+            unpack::<S>(
+                hw,
+                ob,
+                &mut gx[local * lanes * hw..(local + 1) * lanes * hw],
+            );
+        }
+    }
+}
+
+/// Every input pixel of the block: `Σ w_t · gy[base − off_t]` over its class's taps, one
+/// class of a row at a time (its pixels `sw` apart, its taps' weights in registers).
+#[inline(always)]
+unsafe fn gather_classes<S: SimdF32>(
+    g: &ConvGeometry,
+    s: &StridedGradInput,
+    gb: &[f32],
+    wb: &[f32],
+    ob: &mut [f32],
+) {
+    let (sh, sw) = (g.stride_h, g.stride_w);
+    assert!(gb.len() >= s.rows * s.cols * S::LANES && ob.len() >= g.in_pixels() * S::LANES);
+    for ih in 0..g.in_h {
+        let y = ih + g.pad_top;
+        let row_base = (y / sh + s.top) * s.cols + s.left;
+        for rx in 0..sw {
+            // The row's first pixel of class rx, and how many there are.
+            let iw0 = (rx + sw - g.pad_left % sw) % sw;
+            if iw0 >= g.in_w {
+                continue;
+            }
+            let run = ClassRun {
+                base: row_base + (iw0 + g.pad_left) / sw,
+                out: ih * g.in_w + iw0,
+                count: (g.in_w - iw0).div_ceil(sw),
+                step: sw,
+            };
+            let taps = &s.classes[(y % sh) * sw + rx];
+            // SAFETY: every read base + q − off lands in the padded block (the margins), and
+            // every written pixel is in row ih of ob (asserted sizes).
+            unsafe {
+                match taps.len() {
+                    0 => run.gather::<S, 0>(taps, gb, wb, ob),
+                    1 => run.gather::<S, 1>(taps, gb, wb, ob),
+                    2 => run.gather::<S, 2>(taps, gb, wb, ob),
+                    3 => run.gather::<S, 3>(taps, gb, wb, ob),
+                    4 => run.gather::<S, 4>(taps, gb, wb, ob),
+                    _ => run.gather_any::<S>(taps, gb, wb, ob),
+                }
+            }
+        }
+    }
+}
+
+/// One row's pixels of one residue class: `count` input pixels from `out`, `step` apart,
+/// whose class base pixels in the output-gradient block run from `base` one by one.
+#[derive(Clone, Copy)]
+struct ClassRun {
+    base: usize,
+    out: usize,
+    count: usize,
+    step: usize,
+}
+
+impl ClassRun {
+    /// The run for a class of `T` taps (compile-time, so weights and offsets stay in
+    /// registers).
+    #[inline(always)]
+    unsafe fn gather<S: SimdF32, const T: usize>(
+        self,
+        taps: &[(usize, usize)],
+        gb: &[f32],
+        wb: &[f32],
+        ob: &mut [f32],
+    ) {
+        let lanes = S::LANES;
+        let (gp, op) = (gb.as_ptr(), ob.as_mut_ptr());
+        // SAFETY: the caller's contract (gather_classes).
+        unsafe {
+            let mut wv = [S::zero(); T];
+            let mut off = [0usize; T];
+            for k in 0..T {
+                wv[k] = S::load(wb.as_ptr().add(taps[k].0 * lanes));
+                off[k] = taps[k].1;
+            }
+            for q in 0..self.count {
+                let base = self.base + q;
+                let mut acc = S::zero();
+                for k in 0..T {
+                    acc = S::mul_add(wv[k], S::load(gp.add((base - off[k]) * lanes)), acc);
+                }
+                acc.store(op.add((self.out + q * self.step) * lanes));
+            }
+        }
+    }
+
+    /// [`ClassRun::gather`] for any number of taps.
+    #[inline(always)]
+    unsafe fn gather_any<S: SimdF32>(
+        self,
+        taps: &[(usize, usize)],
+        gb: &[f32],
+        wb: &[f32],
+        ob: &mut [f32],
+    ) {
+        let lanes = S::LANES;
+        let (gp, wp, op) = (gb.as_ptr(), wb.as_ptr(), ob.as_mut_ptr());
+        // SAFETY: the caller's contract (gather_classes).
+        unsafe {
+            for q in 0..self.count {
+                let base = self.base + q;
+                let mut acc = S::zero();
+                for &(t, off) in taps {
+                    let v = S::load(gp.add((base - off) * lanes));
+                    acc = S::mul_add(S::load(wp.add(t * lanes)), v, acc);
+                }
+                acc.store(op.add((self.out + q * self.step) * lanes));
             }
         }
     }

@@ -307,7 +307,11 @@ pub fn conv2d_grad_input(
                 conv2d_forward(exec, &adj, gy, wt, None, gx, ws)
             })
         }
+        (ConvAlgorithm::Depthwise, _) if depthwise_blocked::grad_input_applies(g) => {
+            depthwise_blocked::grad_input(exec, g, gy, w, gx, ws)
+        }
         (ConvAlgorithm::Depthwise, _) => depthwise::grad_input(exec, g, gy, w, gx, ws),
+
         // Strided: per input phase, an implicit GEMM (no col2im, no inserted zeros).
         _ if implicit::applies(exec, g) => implicit::grad_input(exec, g, gy, w, gx, ws),
         _ => conv::grad_input(exec, g, gy, w, gx, ws),
