@@ -229,6 +229,7 @@ fn fast_equals_reference_on_larger_shapes() {
         .chain(small_column_kernel_cases())
         .chain(tap_grad_weight_cases())
         .chain(shifted_dispatch_cases())
+        .chain(phase_grad_weight_cases())
         .enumerate()
     {
         let g = ConvGeometry::new(input, weight, &p).unwrap();
@@ -306,22 +307,48 @@ fn strided_implicit_cases() -> [Case; 3] {
 }
 
 /// The strided shapes run on the implicit GEMM with one and two threads (so their grad-input
-/// is the per-phase implicit GEMM).
+/// is the per-phase implicit GEMM), and their grad-weight on the per-tap GEMMs over phase
+/// planes.
 #[test]
 fn strided_cases_take_the_implicit_path() {
     assert_for_every_case(strided_implicit_cases(), |exec, g| {
         ConvAlgorithm::choose(exec, g) == ConvAlgorithm::Implicit
+            && GradWeightKernel::choose(exec, g) == GradWeightKernel::TapGemmPhases
+    });
+}
+
+/// More strided shapes for the per-tap GEMMs over phase planes: a grouped 3 × 1 strided down
+/// only, whose output gradient is used in place (its rows are as wide as the phase planes'),
+/// and a 3 × 3 at stride 2 on three images (an uneven split over two tasks).
+fn phase_grad_weight_cases() -> [Case; 2] {
+    [
+        (
+            [2, 6, 20, 16],
+            [8, 3, 3, 1],
+            explicit(1, 1, 0, 0).groups(2).stride(2, 1),
+        ),
+        (
+            [3, 5, 17, 19],
+            [7, 5, 3, 3],
+            Conv2dParams::with_padding(Padding::Same).stride(2, 2),
+        ),
+    ]
+}
+
+#[test]
+fn strided_layers_take_the_phase_tap_grad_weight() {
+    assert_for_every_case(phase_grad_weight_cases(), |exec, g| {
+        GradWeightKernel::choose(exec, g) == GradWeightKernel::TapGemmPhases
     });
 }
 
 /// Shapes whose grad-weight runs on the implicit GEMM (long im2col rows, at least 128 output
-/// channels per group): strided with a channel count and width that leave partial transpose
-/// blocks, and grouped at stride 1 without padding (Winograd forward; "same" padding would
-/// take the per-tap GEMM).
+/// channels per group, stride 1 without "same" padding, which the per-tap GEMMs take): a
+/// channel count and width that leave partial transpose blocks, and grouped (both Winograd
+/// forward).
 fn implicit_grad_weight_cases() -> [Case; 2] {
-    let same = Conv2dParams::with_padding(Padding::Same);
     [
-        ([2, 64, 34, 34], [130, 64, 3, 3], same.stride(2, 2)),
+        ([2, 64, 34, 34], [130, 64, 3, 3], Conv2dParams::default()),
         (
             [2, 128, 18, 20],
             [256, 64, 3, 3],

@@ -17,7 +17,6 @@
 //! the output gradient. Grad-input of strided layers gathers per residue class of the input
 //! pixels ([`grad_input`]).
 
-
 use std::ops::Range;
 
 use rayon::prelude::*;

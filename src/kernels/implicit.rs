@@ -61,8 +61,10 @@ fn writes_output_flat(g: &ConvGeometry) -> bool {
 /// C's std 41.8–43.2 → 40.8–41.2 ms; but slower on shorter products, where transposing the
 /// output gradient costs more per multiplication (B std, K = 288: 21.4 → 23.4 ms; the 3×1
 /// and 1×3 halves of B, C and E's spatially separable layers: 3–25% slower). Stride-1
-/// same-width layers (C's std among them) go to the per-tap GEMM first
-/// ([`super::GradWeightKernel`]).
+/// same-width layers (C's std among them) and strided layers (E's std among them) go to the
+/// per-tap GEMMs first ([`super::GradWeightKernel`]), so this is left with stride-1 layers
+/// whose output is narrower than the input.
+
 pub fn grad_weight_applies(exec: Exec, g: &ConvGeometry) -> bool {
     applies(exec, g)
         && g.out_pixels() >= MIN_PIXELS

@@ -434,6 +434,9 @@ pub enum GradWeightKernel {
     /// Stride-1 same-width layers, one GEMM per tap on the planes in place
     /// ([`tap_grad_weight`]).
     TapGemm,
+    /// Strided layers, one GEMM per tap over the input's phase planes
+    /// ([`tap_grad_weight::grad_weight_on_phases`]).
+    TapGemmPhases,
     /// Stride-1 same-width layers on large images with few channels, as register-tiled dot
     /// products of shifted planes ([`shifted_grad_weight`]).
     Shifted,
@@ -451,6 +454,7 @@ impl GradWeightKernel {
             ConvAlgorithm::Depthwise => Self::Depthwise,
             _ if tap_grad_weight::applies(exec, g) => Self::TapGemm,
             _ if shifted_grad_weight::applies(exec, g) => Self::Shifted,
+            _ if tap_grad_weight::applies_on_phases(exec, g) => Self::TapGemmPhases,
             ConvAlgorithm::Winograd | ConvAlgorithm::Implicit
                 if implicit::grad_weight_applies(exec, g) =>
             {
@@ -479,6 +483,9 @@ pub fn conv2d_grad_weight(
         GradWeightKernel::Depthwise => depthwise::grad_weight(exec, g, x, gy, gw, ws),
         GradWeightKernel::TapGemm => tap_grad_weight::grad_weight(exec, g, x, gy, gw, ws),
         GradWeightKernel::Shifted => shifted_grad_weight::grad_weight(exec, g, x, gy, gw, ws),
+        GradWeightKernel::TapGemmPhases => {
+            tap_grad_weight::grad_weight_on_phases(exec, g, x, gy, gw, ws)
+        }
         GradWeightKernel::Implicit => implicit::grad_weight(exec, g, x, gy, gw, ws),
         GradWeightKernel::Im2colGemm => conv::grad_weight(exec, g, x, gy, gw, ws),
     }

@@ -16,8 +16,10 @@
 //! image: many channels or small images (the shifted kernel stays on large images with few
 //! channels; see [`applies`]).
 
+use super::depthwise::{PhaseLayout, fill_phases};
 use super::gemm::{MatView, gemm};
 use super::shifted_grad_weight::{self, Tap, sum_task_partials};
+use super::simd::SimdF32;
 use super::{Exec, Workspace, for_each_image_task};
 use crate::error::Result;
 use crate::geometry::ConvGeometry;
@@ -160,4 +162,108 @@ fn tap_product(
         true,
         1,
     );
+}
+
+/// Whether [`grad_weight_on_phases`] computes `g`'s grad-weight: strided layers (more than one
+/// input channel per group, images for every thread), unless short products (under 256 flat
+/// positions per image) meet many channels (over 128 × 128 per group).
+///
+/// Measured against the implicit GEMM or im2col + faer (2 threads, batch 8, min of 10–15,
+/// alternated): reference layer E's std (3 × 3 stride 2, 128 → 256 at 56 × 56) 20.0–20.1 →
+/// 19.1–19.3 ms; its spatially separable halves, 3 × 1 at stride (2, 1) 6.56–6.69 → 6.40–6.44
+/// and 1 × 3 at stride (1, 2) 6.69–7.14 → 6.45–6.54; 3 × 3 stride 2 32 → 64 at 112 × 112
+/// 7.7–9.7 → 5.5, 16 → 16 at 64 × 64 0.82 → 0.34–0.56; 1 × 1 stride 2 64 → 128 at 56 × 56 a
+/// tie (0.65–0.73 against 0.64–0.65). Slower with 256 → 512 channels at 28 × 28 (14 × 15
+/// positions): 22.4–22.6 against 21.1–21.7 ms.
+pub fn applies_on_phases(exec: Exec, g: &ConvGeometry) -> bool {
+    let wq = (g.in_w + g.pad_left + g.pad_right).div_ceil(g.stride_w);
+    (g.stride_h > 1 || g.stride_w > 1)
+        && !g.is_pointwise()
+        && g.in_channels_per_group() > 1
+        && g.batch >= exec.threads()
+        && (g.out_h * wq >= 256
+            || g.in_channels_per_group() * g.out_channels_per_group() <= 128 * 128)
+}
+
+/// Grad-weight `gw` (overwritten) of a strided convolution as one GEMM per tap over the input's
+/// phase planes: with the input split into stride phases (the implicit GEMM's layout), tap t of
+/// output position p reads position `p + off_t` of one phase plane, so
+/// `gW[:, :, t] = gY_wide · phases[:, off_t ..]ᵀ`, where `gY_wide` is the output gradient with
+/// the phase planes' row width (zero columns past the output's, which cancel the extra
+/// positions; used in place when the widths agree).
+pub fn grad_weight_on_phases(
+    exec: Exec,
+    g: &ConvGeometry,
+    x: &[f32],
+    gy: &[f32],
+    gw: &mut [f32],
+    ws: &mut Workspace,
+) -> Result<()> {
+    let l = PhaseLayout::new(g);
+    let (cig, cog) = (g.in_channels_per_group(), g.out_channels_per_group());
+    let wide = l.wq != g.out_w;
+    let wlen = gw.len();
+    let per_task = wlen + cig * l.len + if wide { cog * l.positions } else { 0 };
+    let tasks = exec.threads().min(g.batch);
+    let scratch = ws.take(per_task * tasks)?;
+    for_each_image_task(g.batch, scratch, per_task, |images, s| {
+        phase_products(exec.isa(), g, &l, x, gy, images, wlen, s)
+    });
+    sum_task_partials(g, scratch, per_task, 1, gw);
+    Ok(())
+}
+
+crate::simd_dispatch!(fn phase_products => phase_products_kernel(
+    g: &ConvGeometry, l: &PhaseLayout, x: &[f32], gy: &[f32],
+    images: std::ops::Range<usize>, wlen: usize, s: &mut [f32]
+));
+
+/// One task of [`grad_weight_on_phases`]: its images' products into the first `wlen` floats
+/// of `s` ([group][tap][out][in]), the rest being the phase planes and the widened gradient.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+unsafe fn phase_products_kernel<S: SimdF32>(
+    g: &ConvGeometry,
+    l: &PhaseLayout,
+    x: &[f32],
+    gy: &[f32],
+    images: std::ops::Range<usize>,
+    wlen: usize,
+    s: &mut [f32],
+) {
+    let (cig, cog) = (g.in_channels_per_group(), g.out_channels_per_group());
+    let (hw, ohw, ow) = (g.in_pixels(), g.out_pixels(), g.out_w);
+    let t_count = g.kernel_h * g.kernel_w;
+    let (part, rest) = s.split_at_mut(wlen);
+    let (planes, gy_wide) = rest.split_at_mut(cig * l.len);
+    part.fill(0.0);
+    // Columns past the output's stay zero.
+    gy_wide.fill(0.0);
+    for (local, n) in images.enumerate() {
+        for grp in 0..g.groups {
+            for (c, buf) in planes.chunks_exact_mut(l.len).enumerate() {
+                let plane = (n * g.in_channels + grp * cig + c) * hw;
+                fill_phases::<S>(g, l, &x[plane..plane + hw], buf, local == 0 && grp == 0);
+            }
+            let gyg = &gy[(n * g.out_channels + grp * cog) * ohw..][..cog * ohw];
+            let gy_rows = if gy_wide.is_empty() {
+                MatView::row_major(gyg, cog, l.positions, ohw)
+            } else {
+                for (src, dst) in gyg
+                    .chunks_exact(ohw)
+                    .zip(gy_wide.chunks_exact_mut(l.positions))
+                {
+                    for (s_row, d_row) in src.chunks_exact(ow).zip(dst.chunks_exact_mut(l.wq)) {
+                        d_row[..ow].copy_from_slice(s_row);
+                    }
+                }
+                MatView::dense(gy_wide, cog, l.positions)
+            };
+            for (t, &off) in l.offsets.iter().enumerate() {
+                let x_rows = MatView::row_major(&planes[off..], cig, l.positions, l.len);
+                let out = &mut part[(grp * t_count + t) * cog * cig..][..cog * cig];
+                gemm(out, cig, gy_rows, x_rows.t(), true, 1);
+            }
+        }
+    }
 }
