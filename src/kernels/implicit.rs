@@ -64,7 +64,6 @@ fn writes_output_flat(g: &ConvGeometry) -> bool {
 /// same-width layers (C's std among them) and strided layers (E's std among them) go to the
 /// per-tap GEMMs first ([`super::GradWeightKernel`]), so this is left with stride-1 layers
 /// whose output is narrower than the input.
-
 pub fn grad_weight_applies(exec: Exec, g: &ConvGeometry) -> bool {
     applies(exec, g)
         && g.out_pixels() >= MIN_PIXELS
