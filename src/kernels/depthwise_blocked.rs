@@ -219,11 +219,9 @@ pub(crate) unsafe fn forward_block<S: SimdF32>(
         xb[..g.pad_top * row].fill(0.0);
         xb[(g.pad_top + g.in_h) * row..].fill(0.0);
     }
-    for lane in 0..lanes {
-        for t in 0..taps {
-            wb[t * lanes + lane] = w[lane * taps + t];
-        }
-        bb[lane] = bias.map_or(0.0, |b| b[lane]);
+    tap_vectors(w, taps, lanes, wb);
+    for (lane, b) in bb[..lanes].iter_mut().enumerate() {
+        *b = bias.map_or(0.0, |b| b[lane]);
     }
     // SAFETY: x holds `lanes` planes at plane_stride; xb, ob, wb, bb have the layout's sizes.
     unsafe {
@@ -235,6 +233,16 @@ pub(crate) unsafe fn forward_block<S: SimdF32>(
             compute::<S>(g, l, &offsets[..count], xb, wb, bb, ob);
         }
         unpack::<S>(g.out_pixels(), ob, y);
+    }
+}
+
+/// The kernels of `lanes` channels (`w`: channel-major, `taps` each) as one vector of channels
+/// per tap in `wb` (`[tap][lane]`), the blocked kernels' weight layout.
+fn tap_vectors(w: &[f32], taps: usize, lanes: usize, wb: &mut [f32]) {
+    for (lane, kernel) in w[..lanes * taps].chunks_exact(taps).enumerate() {
+        for (t, &v) in kernel.iter().enumerate() {
+            wb[t * lanes + lane] = v;
+        }
     }
 }
 
@@ -679,11 +687,7 @@ unsafe fn backward_items_kernel<S: SimdF32>(
     for (local, item) in items.enumerate() {
         let c0 = item % blocks * lanes;
         let first = item / blocks * g.in_channels + c0;
-        for lane in 0..lanes {
-            for t in 0..taps {
-                wb[t * lanes + lane] = wt[(c0 + lane) * taps + t];
-            }
-        }
+        tap_vectors(&wt[c0 * taps..], taps, lanes, wb);
         let mut sums = [0f32; MAX_TAPS * 16];
         // SAFETY: x, gy hold planes first .. first + lanes; gx the item's planes; the block
         // buffers have their layouts' sizes.
@@ -852,11 +856,7 @@ unsafe fn grad_input_blocks_kernel<S: SimdF32>(
     for (local, item) in items.enumerate() {
         let first = item * lanes;
         let c0 = first % g.in_channels;
-        for lane in 0..lanes {
-            for t in 0..taps {
-                wb[t * lanes + lane] = w[(c0 + lane) * taps + t];
-            }
-        }
+        tap_vectors(&w[c0 * taps..], taps, lanes, wb);
         // SAFETY: gy holds planes first .. first + lanes, gx the item's planes; the blocks
         // have the sizes computed in grad_input; every class read lands in the padded block
         // (StridedGradInput's margins).
