@@ -328,7 +328,6 @@ impl Workload {
                         &mut self.gw1,
                         &mut self.ws,
                     )?;
-
                     if self.has_bias {
                         kernels::conv2d_grad_bias(exec, &g, &self.gy, &mut self.gb);
                     }

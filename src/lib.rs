@@ -136,7 +136,6 @@ pub fn conv2d_backward(
         gw.data_mut(),
         &mut ws,
     )?;
-
     let bias = if with_bias {
         let mut gb = Tensor::zeros(&[g.out_channels])?;
         kernels::conv2d_grad_bias(exec, &g, gy, gb.data_mut());

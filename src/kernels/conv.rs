@@ -571,7 +571,6 @@ pub fn grad_weight(
         let (part, rest) = s.split_at_mut(wlen);
         accumulate(images, part, rest);
     });
-
     // Sum the private copies, in parallel over the weight.
     let chunk = wlen.div_ceil(exec.threads()).max(1);
     let scratch = &*scratch;

@@ -18,7 +18,6 @@
 //!   k × k) as one GEMM per tap of the gradient planes with the shifted input planes, in place.
 //! - [`shifted_grad_weight`]: the same as register-tiled dot products, for large images with
 //!   few channels.
-
 //! - [`gemm`]: the wrapper over faer's matrix product.
 //! - [`pointwise`]: a register-blocked product for pointwise steps with few input channels.
 //! - [`simd`]: instruction-set dispatch (AVX-512, AVX2, portable).
@@ -311,7 +310,6 @@ pub fn conv2d_grad_input(
             depthwise_blocked::grad_input(exec, g, gy, w, gx, ws)
         }
         (ConvAlgorithm::Depthwise, _) => depthwise::grad_input(exec, g, gy, w, gx, ws),
-
         // Strided: per input phase, an implicit GEMM (no col2im, no inserted zeros).
         _ if implicit::applies(exec, g) => implicit::grad_input(exec, g, gy, w, gx, ws),
         _ => conv::grad_input(exec, g, gy, w, gx, ws),
@@ -440,7 +438,8 @@ pub enum GradWeightKernel {
     /// Stride-1 same-width layers on large images with few channels, as register-tiled dot
     /// products of shifted planes ([`shifted_grad_weight`]).
     Shifted,
-    /// Long products of strided or dilated layers on the implicit GEMM ([`implicit`]).
+    /// Long products of stride-1 layers whose output is narrower than the input, on the
+    /// implicit GEMM ([`implicit`]).
     Implicit,
     /// im2col + GEMM ([`conv`]; pointwise layers without the im2col).
     Im2colGemm,
