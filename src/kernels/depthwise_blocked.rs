@@ -728,29 +728,23 @@ unsafe fn backward_items_kernel<S: SimdF32>(
 /// stride 1 grad-input is the adjoint forward, on [`forward`]).
 pub fn grad_input_applies(g: &ConvGeometry) -> bool {
     applies(g) && (g.stride_h > 1 || g.stride_w > 1) && {
-        let s = StridedGradInput::new(g);
-        s.rows * s.cols <= MAX_PADDED_PIXELS
+        let b = GradientBlock::new(g);
+        b.rows * b.cols <= MAX_PADDED_PIXELS
     }
 }
 
-/// The gather form of a strided depthwise grad-input on pixel-major blocks. Padded input pixel
-/// (y, x) receives tap (i, j) only when `y ≡ i·dh (mod sh)` and `x ≡ j·dw (mod sw)`, from
-/// output pixel `(y div sh − ki, x div sw − kj)`, `ki = (i·dh − y mod sh) / sh` (an integer
-/// ≥ 0 for such taps), and likewise kj. So each residue class (y mod sh, x mod sw) has a fixed
-/// list of taps at fixed offsets in the output-gradient block, which is padded by margins
-/// wide enough that every such read lands inside it (zeros outside the output).
-struct StridedGradInput {
-    /// Margins of the output-gradient block above and left of pixel (0, 0).
+/// The zero-margined output-gradient block of [`StridedGradInput`]: margins above and left of
+/// pixel (0, 0) and the block's size, wide enough that every class read lands inside.
+#[derive(Clone, Copy)]
+struct GradientBlock {
     top: usize,
     left: usize,
-    /// Pixels per row and rows of the padded output-gradient block.
+    /// Pixels per row and rows.
     cols: usize,
     rows: usize,
-    /// Per class `ry·sw + rx`: (tap, offset back from the class base pixel, in pixels).
-    classes: Vec<Vec<(usize, usize)>>,
 }
 
-impl StridedGradInput {
+impl GradientBlock {
     fn new(g: &ConvGeometry) -> Self {
         let (sh, sw) = (g.stride_h, g.stride_w);
         // Farthest a tap reaches back, in output pixels; then the margins that keep the first
@@ -763,7 +757,33 @@ impl StridedGradInput {
         let left = back_w.saturating_sub(g.pad_left / sw);
         let bottom = ((g.pad_top + g.in_h - 1) / sh + 1).saturating_sub(g.out_h);
         let right = ((g.pad_left + g.in_w - 1) / sw + 1).saturating_sub(g.out_w);
-        let cols = left + g.out_w + right;
+        GradientBlock {
+            top,
+            left,
+            cols: left + g.out_w + right,
+            rows: top + g.out_h + bottom,
+        }
+    }
+}
+
+/// The gather form of a strided depthwise grad-input on pixel-major blocks. Padded input pixel
+/// (y, x) receives tap (i, j) only when `y ≡ i·dh (mod sh)` and `x ≡ j·dw (mod sw)`, from
+/// output pixel `(y div sh − ki, x div sw − kj)`, `ki = (i·dh − y mod sh) / sh` (an integer
+/// ≥ 0 for such taps), and likewise kj. So each residue class (y mod sh, x mod sw) has a fixed
+/// list of taps at fixed offsets in the output-gradient block, which is padded by margins
+/// wide enough that every such read lands inside it (zeros outside the output).
+struct StridedGradInput {
+    /// The padded output-gradient block.
+    block: GradientBlock,
+    /// Per class `ry·sw + rx`: (tap, offset back from the class base pixel, in pixels).
+    classes: Vec<Vec<(usize, usize)>>,
+}
+
+impl StridedGradInput {
+    fn new(g: &ConvGeometry) -> Self {
+        let (sh, sw) = (g.stride_h, g.stride_w);
+        let block = GradientBlock::new(g);
+        let cols = block.cols;
         let mut classes = vec![Vec::new(); sh * sw];
         for (class, taps) in classes.iter_mut().enumerate() {
             let (ry, rx) = (class / sw, class % sw);
@@ -777,13 +797,7 @@ impl StridedGradInput {
                 }
             }
         }
-        StridedGradInput {
-            top,
-            left,
-            cols,
-            rows: top + g.out_h + bottom,
-            classes,
-        }
+        StridedGradInput { block, classes }
     }
 }
 
@@ -810,7 +824,8 @@ pub fn grad_input(
     let items = g.batch * g.in_channels / lanes;
     let tasks = exec.threads().min(items);
     let taps = g.kernel_h * g.kernel_w;
-    let per_task = (s.rows * s.cols + g.in_pixels().next_multiple_of(lanes) + taps) * lanes;
+    let per_task =
+        (s.block.rows * s.block.cols + g.in_pixels().next_multiple_of(lanes) + taps) * lanes;
     let scratch = ws.take(per_task * tasks)?;
     for_each_task(
         tasks,
@@ -841,16 +856,16 @@ unsafe fn grad_input_blocks_kernel<S: SimdF32>(
 ) {
     let lanes = S::LANES;
     let (hw, ohw, taps) = (g.in_pixels(), g.out_pixels(), g.kernel_h * g.kernel_w);
-    let (gb, rest) = buf.split_at_mut(s.rows * s.cols * lanes);
+    let (gb, rest) = buf.split_at_mut(s.block.rows * s.block.cols * lanes);
     let (ob, wb) = rest.split_at_mut(hw.next_multiple_of(lanes) * lanes);
     // The margins are never written after this.
     gb.fill(0.0);
     let shape = PackShape {
         h: g.out_h,
         w: g.out_w,
-        top: s.top,
-        left: s.left,
-        stride: s.cols,
+        top: s.block.top,
+        left: s.block.left,
+        stride: s.block.cols,
         plane_stride: ohw,
     };
     for (local, item) in items.enumerate() {
@@ -883,10 +898,12 @@ unsafe fn gather_classes<S: SimdF32>(
     ob: &mut [f32],
 ) {
     let (sh, sw) = (g.stride_h, g.stride_w);
-    assert!(gb.len() >= s.rows * s.cols * S::LANES && ob.len() >= g.in_pixels() * S::LANES);
+    assert!(
+        gb.len() >= s.block.rows * s.block.cols * S::LANES && ob.len() >= g.in_pixels() * S::LANES
+    );
     for ih in 0..g.in_h {
         let y = ih + g.pad_top;
-        let row_base = (y / sh + s.top) * s.cols + s.left;
+        let row_base = (y / sh + s.block.top) * s.block.cols + s.block.left;
         for rx in 0..sw {
             // The row's first pixel of class rx, and how many there are.
             let iw0 = (rx + sw - g.pad_left % sw) % sw;
