@@ -75,8 +75,8 @@ pub fn grad_weight(
     let t_count = kh * kw;
     let (cig, cog) = (g.in_channels_per_group(), g.out_channels_per_group());
     let (hw, ohw) = (g.in_pixels(), g.out_pixels());
-    let taps: Vec<(usize, Tap)> = (0..t_count)
-        .filter_map(|t| Tap::new(g, t / kw, t % kw).map(|tap| (t, tap)))
+    let spans: Vec<(usize, TapSpan)> = (0..t_count)
+        .filter_map(|t| Tap::new(g, t / kw, t % kw).map(|tap| (t, TapSpan::new(g, tap))))
         .collect();
     let wlen = gw.len();
     let per_task = wlen + (cig + cog) * max_wrapped(g);
@@ -89,9 +89,9 @@ pub fn grad_weight(
             for grp in 0..g.groups {
                 let xg = &x[(n * g.in_channels + grp * cig) * hw..][..cig * hw];
                 let gyg = &gy[(n * g.out_channels + grp * cog) * ohw..][..cog * ohw];
-                for &(t, tap) in &taps {
+                for (t, span) in &spans {
                     let out = &mut part[(grp * t_count + t) * cog * cig..][..cog * cig];
-                    tap_product(g, &tap, xg, gyg, out, gathered);
+                    tap_product(g, span, xg, gyg, out, gathered);
                 }
             }
         }
@@ -107,51 +107,74 @@ fn max_wrapped(g: &ConvGeometry) -> usize {
     g.out_h * g.pad_left.max(g.pad_right)
 }
 
-/// `out (cog × cig) += gY[:, P] · x[:, P + off]ᵀ` over tap `tap`'s valid positions P of one
-/// image and group (`xg`, `gyg`: its channels' planes). `gathered` holds the wrapped
-/// positions' operands.
+/// The positions one tap's products run over, the same for every image.
+struct TapSpan {
+    /// Input position minus output position.
+    off: isize,
+    /// From the first valid position to the last: every valid position, and between them the
+    /// wrapped ones of a column-shifted tap. Input position p + off of each lies in the plane
+    /// (Tap::new: the first and last are valid).
+    first: usize,
+    end: usize,
+    /// The wrapped positions between first and end: the columns outside the tap's valid ones
+    /// (a left shift's in the rows after the first, a right shift's before the last).
+    wrapped: Vec<usize>,
+}
+
+impl TapSpan {
+    fn new(g: &ConvGeometry, tap: Tap) -> Self {
+        let width = g.in_w;
+        let ((r0, r1), (c0, c1)) = (tap.rows, tap.cols);
+        let (first, end) = (r0 * width + c0, (r1 - 1) * width + c1);
+        let wrapped = if tap.whole_rows(width) {
+            Vec::new()
+        } else {
+            (r0..r1)
+                .flat_map(|r| (0..c0).chain(c1..width).map(move |u| r * width + u))
+                .filter(|p| (first..end).contains(p))
+                .collect()
+        };
+        TapSpan {
+            off: tap.off,
+            first,
+            end,
+            wrapped,
+        }
+    }
+}
+
+/// `out (cog × cig) += gY[:, P] · x[:, P + off]ᵀ` over one tap's valid positions P of one
+/// image and group (`xg`, `gyg`: its channels' planes): the product over the span, then the
+/// wrapped positions' products subtracted (`gathered` holds their operands).
 fn tap_product(
     g: &ConvGeometry,
-    tap: &Tap,
+    span: &TapSpan,
     xg: &[f32],
     gyg: &[f32],
     out: &mut [f32],
     gathered: &mut [f32],
 ) {
     let (cig, cog) = (g.in_channels_per_group(), g.out_channels_per_group());
-    let (hw, ohw, width) = (g.in_pixels(), g.out_pixels(), g.in_w);
-    let ((r0, r1), (c0, c1)) = (tap.rows, tap.cols);
-    // From the first valid position to the last: every valid position, and between them the
-    // wrapped ones of a column-shifted tap. Input position p + off of each lies in the plane
-    // (Tap::new: the first and last are valid).
-    let (first, end) = (r0 * width + c0, (r1 - 1) * width + c1);
-    let x_first = first.wrapping_add_signed(tap.off);
-    let gy_rows = MatView::row_major(&gyg[first..], cog, end - first, ohw);
-    let x_rows = MatView::row_major(&xg[x_first..], cig, end - first, hw);
+    let (hw, ohw) = (g.in_pixels(), g.out_pixels());
+    let len = span.end - span.first;
+    let x_first = span.first.wrapping_add_signed(span.off);
+    let gy_rows = MatView::row_major(&gyg[span.first..], cog, len, ohw);
+    let x_rows = MatView::row_major(&xg[x_first..], cig, len, hw);
     gemm(out, cig, gy_rows, x_rows.t(), true, 1);
-    if tap.whole_rows(width) {
+    let k = span.wrapped.len();
+    if k == 0 {
         return;
     }
-    // The wrapped positions between first and end: the columns outside c0 .. c1 of rows
-    // r0 .. r1 (a left shift's in rows after r0, a right shift's in rows before r1 − 1).
-    let wrapped: Vec<usize> = (r0..r1)
-        .flat_map(|r| (0..c0).chain(c1..width).map(move |u| r * width + u))
-        .filter(|p| (first..end).contains(p))
-        .collect();
-    if wrapped.is_empty() {
-        return;
-    }
-    let k = wrapped.len();
     let (gy_part, x_part) = gathered.split_at_mut(cog * k);
     for (o, row) in gy_part.chunks_exact_mut(k).enumerate() {
-        for (v, &p) in row.iter_mut().zip(&wrapped) {
+        for (v, &p) in row.iter_mut().zip(&span.wrapped) {
             // Negated: this product subtracts what the main one added.
             *v = -gyg[o * ohw + p];
         }
     }
     for (c, row) in x_part[..cig * k].chunks_exact_mut(k).enumerate() {
-        for (v, &p) in row.iter_mut().zip(&wrapped) {
-            *v = xg[c * hw + p.wrapping_add_signed(tap.off)];
+        for (v, &p) in row.iter_mut().zip(&span.wrapped) {
+            *v = xg[c * hw + p.wrapping_add_signed(span.off)];
         }
     }
     gemm(
