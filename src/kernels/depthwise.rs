@@ -56,7 +56,7 @@ impl PhaseLayout {
     pub(crate) fn new(g: &ConvGeometry) -> Self {
         let (sh, sw) = (g.stride_h, g.stride_w);
         let hq = (g.in_h + g.pad_top + g.pad_bottom).div_ceil(sh);
-        let wq = (g.in_w + g.pad_left + g.pad_right).div_ceil(sw);
+        let wq = Self::phase_width(g);
         let plane = hq * wq;
         let offsets = (0..g.kernel_h)
             .flat_map(|i| (0..g.kernel_w).map(move |j| (i * g.dilation_h, j * g.dilation_w)))
@@ -69,6 +69,11 @@ impl PhaseLayout {
             offsets,
             len: sh * sw * plane + wq + MARGIN,
         }
+    }
+
+    /// Width of `g`'s phase planes, the row stride of its flat output.
+    pub(crate) fn phase_width(g: &ConvGeometry) -> usize {
+        (g.in_w + g.pad_left + g.pad_right).div_ceil(g.stride_w)
     }
 
     /// Floats of the flat output (or flat output gradient) of one plane.
@@ -624,7 +629,7 @@ impl GradInputLayout {
         let qh = (g.kernel_h - 1) * g.dilation_h / sh;
         let qw = (g.kernel_w - 1) * g.dilation_w / sw;
         let hq = (g.in_h + g.pad_top + g.pad_bottom).div_ceil(sh);
-        let wq = (g.in_w + g.pad_left + g.pad_right).div_ceil(sw);
+        let wq = PhaseLayout::phase_width(g);
         // Wide and tall enough for every phase position plus the largest shift.
         let wg = (wq + qw).max(g.out_w + qw);
         let hg = (hq + qh).max(g.out_h + qh);

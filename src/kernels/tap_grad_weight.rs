@@ -199,7 +199,7 @@ fn tap_product(
 /// tie (0.65–0.73 against 0.64–0.65). Slower with 256 → 512 channels at 28 × 28 (14 × 15
 /// positions): 22.4–22.6 against 21.1–21.7 ms.
 pub fn applies_on_phases(exec: Exec, g: &ConvGeometry) -> bool {
-    let wq = (g.in_w + g.pad_left + g.pad_right).div_ceil(g.stride_w);
+    let wq = PhaseLayout::phase_width(g);
     (g.stride_h > 1 || g.stride_w > 1)
         && !g.is_pointwise()
         && g.in_channels_per_group() > 1
