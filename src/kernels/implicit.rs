@@ -416,7 +416,7 @@ unsafe fn grad_input_images_kernel<S: SimdF32>(
 }
 
 /// Output positions per grad-weight product: the transposed gradient slice one register block
-/// reads (positions × 64 output channels) stays in L1, and each block of the result is loaded
+/// reads (positions × 48 output channels) stays in L1, and each block of the result is loaded
 /// and stored once per this many FMAs per accumulator.
 const GRAD_WEIGHT_CHUNK: usize = 128;
 

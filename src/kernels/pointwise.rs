@@ -4,17 +4,23 @@
 //!
 //! General GEMMs pack both operands and are tuned for large K; with K = 32 the packing and the
 //! short inner loop cost about half the time (faer reaches under half of this machine's peak
-//! there). Here nothing is packed: each 6 × 4-vector block of Y keeps 24 accumulators in
-//! registers while k runs over all of K, reading 4 vectors of a D row and broadcasting 6
-//! scalars of C per step (24 FMAs per 10 loads). Column blocks are the outer loop so the
-//! K × 64 slice of D they read stays in L1 across all row blocks.
+//! there). Here nothing is packed: each 8 × 3-vector block of Y keeps 24 accumulators in
+//! registers while k runs over all of K, reading 3 vectors of a D row and broadcasting 8
+//! scalars of C per step (24 FMAs per 11 loads). Column blocks are the outer loop so the
+//! K × 48 slice of D they read stays in L1 (L2 for the largest K) across all row blocks.
+//!
+//! Eight rows rather than six (with 4 vectors): channel counts are multiples of 8, so no
+//! short remainder block, and the narrower D slice fits L1 at K = 128. Harness, 2 threads,
+//! min of 30, alternated 3×: reference layer D's pointwise forward 3.86–4.07 → 3.82–3.91 ms,
+//! C's grad-input 3.89–4.08 → 3.73–4.00, D's 3 × 1 forward (implicit GEMM) 11.81–11.91 →
+//! 11.54–11.65; 12 × 2 was slower on forwards (B 1.93 → 2.21).
 
 use super::simd::{Isa, SimdF32};
 
 /// Rows of Y per register block.
-const ROWS: usize = 6;
+const ROWS: usize = 8;
 /// Vectors of Y per register block.
-const VECS: usize = 4;
+const VECS: usize = 3;
 
 /// Where the rows of an operand start.
 #[derive(Clone, Copy, Debug)]
@@ -157,7 +163,9 @@ unsafe fn gemm_kernel<S: SimdF32>(ops: Operands<'_>, y: &mut [f32], ldy: usize, 
                 2 => tile::<S, 2>(ops, y, ldy, n0, p0, width, accumulate, false),
                 3 => tile::<S, 3>(ops, y, ldy, n0, p0, width, accumulate, false),
                 4 => tile::<S, 4>(ops, y, ldy, n0, p0, width, accumulate, false),
-                _ => tile::<S, 5>(ops, y, ldy, n0, p0, width, accumulate, false),
+                5 => tile::<S, 5>(ops, y, ldy, n0, p0, width, accumulate, false),
+                6 => tile::<S, 6>(ops, y, ldy, n0, p0, width, accumulate, false),
+                _ => tile::<S, 7>(ops, y, ldy, n0, p0, width, accumulate, false),
             }
         }
         p0 += width;
