@@ -326,11 +326,9 @@ impl Workload {
                         &self.w1,
                         Some(&mut self.gx),
                         &mut self.gw1,
+                        self.has_bias.then_some(&mut self.gb[..]),
                         &mut self.ws,
                     )?;
-                    if self.has_bias {
-                        kernels::conv2d_grad_bias(exec, &g, &self.gy, &mut self.gb);
-                    }
                 }
             }
             Ops::Pair(pair) if pass == Pass::Forward => {

@@ -125,24 +125,22 @@ pub fn conv2d_backward(
     let mut ws = Workspace::new();
     let mut gx = Tensor::zeros(x.shape())?;
     let mut gw = Tensor::zeros(w.shape())?;
-    let (x, gy, w) = (x.data(), gy.data(), w.data());
-    kernels::conv2d_backward(
-        exec,
-        &g,
-        x,
-        gy,
-        w,
-        Some(gx.data_mut()),
-        gw.data_mut(),
-        &mut ws,
-    )?;
-    let bias = if with_bias {
-        let mut gb = Tensor::zeros(&[g.out_channels])?;
-        kernels::conv2d_grad_bias(exec, &g, gy, gb.data_mut());
-        Some(gb)
+    let mut bias = if with_bias {
+        Some(Tensor::zeros(&[g.out_channels])?)
     } else {
         None
     };
+    kernels::conv2d_backward(
+        exec,
+        &g,
+        x.data(),
+        gy.data(),
+        w.data(),
+        Some(gx.data_mut()),
+        gw.data_mut(),
+        bias.as_mut().map(|b| b.data_mut()),
+        &mut ws,
+    )?;
     Ok(Conv2dGrads {
         input: gx,
         weight: gw,

@@ -202,9 +202,6 @@ impl ConvPair {
         gmid: &mut [f32],
         ws: &mut Workspace,
     ) -> Result<()> {
-        if let Some(gb) = grads.bias {
-            kernels::conv2d_grad_bias(exec, &self.second, gy, gb);
-        }
         kernels::conv2d_backward(
             exec,
             &self.second,
@@ -213,6 +210,7 @@ impl ConvPair {
             w2,
             Some(gmid),
             grads.second_weight,
+            grads.bias,
             ws,
         )?;
         kernels::conv2d_backward(
@@ -223,6 +221,7 @@ impl ConvPair {
             w1,
             grads.input,
             grads.first_weight,
+            None,
             ws,
         )
     }

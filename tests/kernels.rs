@@ -116,13 +116,26 @@ fn check_fast_against_reference(g: &ConvGeometry, seed: u64) {
         assert_close(&gx, &gx_ref, 1e-4, &format!("grad-input {exec:?} {what}"));
         assert_close(&gw, &gw_ref, 1e-4, &format!("grad-weight {exec:?} {what}"));
         assert_close(&gb, &gb_ref, 1e-4, &format!("grad-bias {exec:?} {what}"));
-        // Both gradients in one call (one pass over gy for blocked depthwise layers).
+        // All gradients in one call (one pass over gy for blocked depthwise layers, image by
+        // image for pointwise ones); grad-bias bit for bit as the separate pass.
+        let gb_alone = gb.clone();
         gx.fill(f32::NAN);
         gw.fill(f32::NAN);
-        kernels::conv2d_backward(exec, g, &d.x, &d.gy, &d.w, Some(&mut gx), &mut gw, &mut ws)
-            .unwrap();
+        gb.fill(f32::NAN);
+        let (gxo, gbo) = (Some(&mut gx[..]), Some(&mut gb[..]));
+        kernels::conv2d_backward(exec, g, &d.x, &d.gy, &d.w, gxo, &mut gw, gbo, &mut ws).unwrap();
         assert_close(&gx, &gx_ref, 1e-4, &format!("backward gx {exec:?} {what}"));
         assert_close(&gw, &gw_ref, 1e-4, &format!("backward gw {exec:?} {what}"));
+        assert_eq!(gb, gb_alone, "backward gb {exec:?} {what}");
+        // Without grad-input and grad-bias (a network's first layer).
+        gw.fill(f32::NAN);
+        kernels::conv2d_backward(exec, g, &d.x, &d.gy, &d.w, None, &mut gw, None, &mut ws).unwrap();
+        assert_close(
+            &gw,
+            &gw_ref,
+            1e-4,
+            &format!("backward gw alone {exec:?} {what}"),
+        );
     }
 }
 
@@ -194,6 +207,12 @@ fn fast_equals_reference_on_larger_shapes() {
                 .stride(2, 1),
         ),
         ([7, 12, 5, 6], [9, 12, 1, 1], Conv2dParams::default()),
+        // Grouped pointwise, images split over the threads (image-by-image backward).
+        (
+            [4, 12, 9, 10],
+            [9, 4, 1, 1],
+            Conv2dParams::default().groups(3),
+        ),
         ([64, 3, 14, 14], [8, 3, 3, 3], same),
         // Asymmetric explicit padding on an image too small for Winograd (20 tiles).
         ([4, 16, 9, 8], [8, 16, 3, 3], explicit(2, 0, 1, 2)),
@@ -235,6 +254,33 @@ fn fast_equals_reference_on_larger_shapes() {
         let g = ConvGeometry::new(input, weight, &p).unwrap();
         check_fast_against_reference(&g, i as u64);
     }
+}
+
+/// The larger-shapes test's pointwise layers whose images split over the threads (or run on
+/// one) take the image-by-image backward; 7 images on 2 threads keep the three passes, with
+/// the threads inside each GEMM.
+#[test]
+fn pointwise_cases_take_the_image_by_image_backward() {
+    let cases: [Case; 2] = [
+        ([2, 16, 17, 17], [32, 16, 1, 1], Conv2dParams::default()),
+        (
+            [4, 12, 9, 10],
+            [9, 4, 1, 1],
+            Conv2dParams::default().groups(3),
+        ),
+    ];
+    assert_for_every_case(cases, |exec, g| {
+        sepconv::kernels::conv::pointwise_backward_applies(exec, g)
+    });
+    let odd = ConvGeometry::new([7, 12, 5, 6], [9, 12, 1, 1], &Conv2dParams::default()).unwrap();
+    assert!(sepconv::kernels::conv::pointwise_backward_applies(
+        sepconv::Exec::new(1),
+        &odd
+    ));
+    assert!(!sepconv::kernels::conv::pointwise_backward_applies(
+        sepconv::Exec::new(2),
+        &odd
+    ));
 }
 
 /// Winograd F(2×2, 3×3) shapes (at least 32 tiles per image): odd and even sizes, valid,

@@ -483,10 +483,13 @@ pub fn conv2d_grad_weight(
     }
 }
 
-/// Grad-weight `gw` and, when `gx` is given, grad-input of one convolution (both overwritten):
-/// [`conv2d_grad_weight`] then [`conv2d_grad_input`], except for stride-1 depthwise layers on
-/// the channel-blocked kernel, whose two gradients come from one pass over the output gradient
-/// ([`depthwise_blocked::backward`]).
+/// The gradients of one convolution, all overwritten: `gw`, and `gx` and `gb` when given.
+/// [`conv2d_grad_weight`], [`conv2d_grad_input`] and [`conv2d_grad_bias`], except where one
+/// pass computes several: stride-1 depthwise layers on the channel-blocked kernel, whose
+/// weight and input gradients come from one pass over the output gradient
+/// ([`depthwise_blocked::backward`]), and pointwise layers split by images, whose three
+/// gradients are computed image by image ([`conv::pointwise_backward`]). Results are the same
+/// either way (grad-bias bit for bit).
 #[allow(clippy::too_many_arguments)]
 pub fn conv2d_backward(
     exec: Exec,
@@ -496,13 +499,26 @@ pub fn conv2d_backward(
     w: &[f32],
     gx: Option<&mut [f32]>,
     gw: &mut [f32],
+    gb: Option<&mut [f32]>,
     ws: &mut Workspace,
 ) -> Result<()> {
+    check_lengths(g, x.len(), w.len(), gy.len());
+    assert_eq!(gw.len(), g.weight_len(), "grad-weight length");
+    if let Some(gx) = &gx {
+        assert_eq!(gx.len(), g.input_len(), "grad-input length");
+    }
+    if let Some(gb) = &gb {
+        assert_eq!(gb.len(), g.out_channels, "grad-bias length");
+    }
+    if conv::pointwise_backward_applies(exec, g) {
+        return conv::pointwise_backward(exec, g, x, gy, w, gx, gw, gb, ws);
+    }
+    if let Some(gb) = gb {
+        conv2d_grad_bias(exec, g, gy, gb);
+    }
     let Some(gx) = gx else {
         return conv2d_grad_weight(exec, g, x, gy, gw, ws);
     };
-    check_lengths(g, x.len(), w.len(), gy.len());
-    check_lengths(g, gx.len(), gw.len(), gy.len());
     match fused_backward(g) {
         Some(adj) => ws.with_weights(w.len(), "the adjoint kernel", |wt, ws| {
             adjoint_weight(exec, g, w, wt);
@@ -515,7 +531,8 @@ pub fn conv2d_backward(
     }
 }
 
-/// Whether [`conv2d_backward`] computes `g`'s two gradients in one fused pass.
+/// Whether [`conv2d_backward`] computes a depthwise layer's weight and input gradients in one
+/// pass over the output gradient (pointwise layers: [`conv::pointwise_backward_applies`]).
 pub fn backward_is_fused(g: &ConvGeometry) -> bool {
     fused_backward(g).is_some()
 }

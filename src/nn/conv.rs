@@ -82,11 +82,9 @@ impl Module for Conv2d {
         gx: Option<&mut [f32]>,
     ) -> Result<()> {
         let g = self.geometry(batch)?;
-        if let Some(b) = &mut self.bias {
-            kernels::conv2d_grad_bias(ctx.exec, &g, gy, &mut b.grad);
-        }
         let (w, gw) = (&self.weight.value, &mut self.weight.grad);
-        kernels::conv2d_backward(ctx.exec, &g, x, gy, w, gx, gw, ctx.ws)
+        let gb = self.bias.as_mut().map(|b| &mut b.grad[..]);
+        kernels::conv2d_backward(ctx.exec, &g, x, gy, w, gx, gw, gb, ctx.ws)
     }
     fn params(&mut self) -> Vec<&mut Param> {
         std::iter::once(&mut self.weight)
