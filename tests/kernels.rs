@@ -247,6 +247,7 @@ fn fast_equals_reference_on_larger_shapes() {
         .chain(in_place_cases())
         .chain(small_column_kernel_cases())
         .chain(tap_grad_weight_cases())
+        .chain(channels_last_cases())
         .chain(shifted_dispatch_cases())
         .chain(phase_grad_weight_cases())
         .enumerate()
@@ -582,6 +583,31 @@ fn tap_grad_weight_cases() -> [Case; 5] {
             explicit(4, 4, 0, 0).dilation(2, 1),
         ),
     ]
+}
+
+/// Shapes on the channels-last grad-weight (many channels, small images): channel counts that
+/// are not multiples of 16 (a partial transpose block and copy row) or of 8 (a remainder row
+/// block in each thread's share), a strided, dilated 3 × 2 with asymmetric padding, a grouped
+/// 1 × 3, and a 3 × 3 over 980 output positions (two position chunks).
+fn channels_last_cases() -> [Case; 4] {
+    let same = Conv2dParams::with_padding(Padding::Same);
+    [
+        ([2, 264, 5, 6], [257, 264, 3, 3], same),
+        (
+            [2, 256, 9, 7],
+            [256, 256, 3, 2],
+            explicit(2, 0, 1, 3).stride(2, 2).dilation(2, 1),
+        ),
+        ([2, 512, 4, 5], [512, 256, 1, 3], same.groups(2)),
+        ([2, 256, 30, 35], [256, 256, 3, 3], explicit(0, 0, 1, 1)),
+    ]
+}
+
+#[test]
+fn many_channels_on_small_images_take_the_channels_last_grad_weight() {
+    assert_for_every_case(channels_last_cases(), |exec, g| {
+        GradWeightKernel::choose(exec, g) == GradWeightKernel::ChannelsLast
+    });
 }
 
 #[test]

@@ -509,7 +509,6 @@ unsafe fn grad_weight_images_kernel<S: SimdF32>(
             unsafe { transpose_gradient::<S>(g, gy_group, cog, l.wq, ld, gyt) };
             for p0 in (0..l.positions).step_by(GRAD_WEIGHT_CHUNK) {
                 let pc = GRAD_WEIGHT_CHUNK.min(l.positions - p0);
-
                 let ops = Operands {
                     c: &planes[p0..],
                     c_rows: Rows::Table(rows),
@@ -533,19 +532,17 @@ unsafe fn grad_weight_images_kernel<S: SimdF32>(
     }
 }
 
-/// Row stride of the transposed gradient: a multiple of 16 floats (aligned rows) that
-/// is not a multiple of 128, so a channel's column, written position after position, spreads
-/// over L1's sets instead of aliasing into a few of them (a 512-byte stride, 128 channels,
-/// thrashed 8 of 64 sets and made the transpose a sixth of the time).
-fn transposed_stride(cog: usize) -> usize {
-    let ld = cog.next_multiple_of(16);
+/// Row stride of a transposed (pixel-major) copy of `channels` planes: a multiple of 16
+/// floats (aligned rows) that is not a multiple of 128, so a channel's column, written position
+/// after position, spreads over L1's sets instead of aliasing into a few of them (a 512-byte
+/// stride, 128 channels, thrashed 8 of 64 sets and made the transpose a sixth of the time).
+pub(crate) fn transposed_stride(channels: usize) -> usize {
+    let ld = channels.next_multiple_of(16);
     if ld.is_multiple_of(128) { ld + 16 } else { ld }
 }
 
 /// gYᵀ of one image's group: row `oh·wq + w` (row stride `ld`) holds output pixel (oh, w) of
-/// every output channel, zeros at the wasted columns w ≥ out_w. In `LANES × LANES` blocks
-/// transposed in registers: each block reads `LANES` channels' contiguous runs and writes
-/// whole rows (a scalar loop here took a sixth of the grad-weight time).
+/// every output channel, zeros at the wasted columns w ≥ out_w.
 #[inline(always)]
 unsafe fn transpose_gradient<S: SimdF32>(
     g: &ConvGeometry,
@@ -555,34 +552,80 @@ unsafe fn transpose_gradient<S: SimdF32>(
     ld: usize,
     gyt: &mut [f32],
 ) {
-    let (l, ow, ohw) = (S::LANES, g.out_w, g.out_pixels());
-    assert!(gy_group.len() >= cog * ohw && gyt.len() >= g.out_h * wq * ld);
-    assert!(ld >= cog.next_multiple_of(16) && S::LANES <= 16);
+    let ow = g.out_w;
+    assert!(gyt.len() >= g.out_h * wq * ld);
     for oh in 0..g.out_h {
         gyt[(oh * wq + ow) * ld..(oh + 1) * wq * ld].fill(0.0);
     }
-    let (src, dst) = (gy_group.as_ptr(), gyt.as_mut_ptr());
+    let at = PixelRows {
+        top: 0,
+        left: 0,
+        row_width: wq,
+        ld,
+    };
+    // SAFETY: the caller's (this CPU's ISA).
+    unsafe { transpose_planes::<S>(gy_group, cog, g.out_h, ow, at, gyt) };
+}
+
+/// Where [`transpose_planes`] puts pixel (y, x): row `(y + top)·row_width + x + left` of the
+/// destination, whose rows are `ld` floats apart (channel c at column c).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct PixelRows {
+    pub top: usize,
+    pub left: usize,
+    pub row_width: usize,
+    pub ld: usize,
+}
+
+/// `channels` planes of `h × w` pixels (`src`, one after another) transposed into pixel rows
+/// of `dst` ([`PixelRows`]), in `LANES × LANES` blocks transposed in registers: each block
+/// reads `LANES` channels' contiguous runs and writes whole rows (a scalar loop here took a
+/// sixth of the grad-weight time). Writes only the planes' pixels, columns up to `channels`
+/// rounded up to 16 (zeros past the last channel); `ld` must be at least that.
+///
+/// # Safety
+/// `S` must be supported by this CPU.
+#[inline(always)]
+pub(crate) unsafe fn transpose_planes<S: SimdF32>(
+    src: &[f32],
+    channels: usize,
+    h: usize,
+    w: usize,
+    at: PixelRows,
+    dst: &mut [f32],
+) {
+    let (l, hw) = (S::LANES, h * w);
+    let PixelRows {
+        top,
+        left,
+        row_width,
+        ld,
+    } = at;
+    assert!(src.len() >= channels * hw && S::LANES <= 16);
+    assert!(ld >= channels.next_multiple_of(16) && left + w <= row_width);
+    assert!(h == 0 || dst.len() >= ((top + h - 1) * row_width + left + w) * ld);
+    let (sp, dp) = (src.as_ptr(), dst.as_mut_ptr());
     // SAFETY: the ISA is this CPU's (the caller's contract).
     let mut rows = [unsafe { S::zero() }; 16];
-    for c0 in (0..cog).step_by(l) {
-        let nc = l.min(cog - c0);
-        // Rows past the last channel transpose into columns past cog, which nothing reads;
-        // zeroed anyway so the padding holds no stale values.
+    for c0 in (0..channels).step_by(l) {
+        let nc = l.min(channels - c0);
+        // Rows past the last channel transpose into columns past `channels`, which nothing
+        // reads; zeroed anyway so the padding holds no stale values.
         for r in &mut rows[nc..] {
             // SAFETY: as above.
             *r = unsafe { S::zero() };
         }
-        for oh in 0..g.out_h {
-            for w0 in (0..ow).step_by(l) {
-                let nw = l.min(ow - w0);
-                // SAFETY: channel rows c0 .. c0 + nc and pixels w0 .. w0 + nw of row oh lie in
-                // gy_group; stored rows oh·wq + w0 + j (j < nw ≤ out_w) and columns c0 .. c0 + l
-                // ≤ ld lie in gyt (asserted above).
+        for y in 0..h {
+            let row = (y + top) * row_width + left;
+            for x0 in (0..w).step_by(l) {
+                let nw = l.min(w - x0);
+                // SAFETY: channel planes c0 .. c0 + nc and pixels x0 .. x0 + nw of row y lie
+                // in src; stored rows row + x0 + j (j < nw) and columns c0 .. c0 + l ≤ ld lie
+                // in dst (asserted above).
                 unsafe {
                     for (i, r) in rows[..nc].iter_mut().enumerate() {
-                        let at = src.add((c0 + i) * ohw + oh * ow + w0);
+                        let at = sp.add((c0 + i) * hw + y * w + x0);
                         S::prefetch(at.add(4 * l));
-
                         *r = if nw == l {
                             S::load(at)
                         } else {
@@ -591,7 +634,7 @@ unsafe fn transpose_gradient<S: SimdF32>(
                     }
                     S::transpose(&mut rows[..l]);
                     for (j, r) in rows[..nw].iter().enumerate() {
-                        r.store(dst.add((oh * wq + w0 + j) * ld + c0));
+                        r.store(dp.add((row + x0 + j) * ld + c0));
                     }
                 }
             }

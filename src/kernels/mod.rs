@@ -26,6 +26,7 @@
 //! argument, not global state) and a [`Workspace`] (scratch reused across calls, so hot loops
 //! do not allocate).
 
+pub mod channels_last_grad_weight;
 pub mod conv;
 pub mod depthwise;
 pub mod depthwise_blocked;
@@ -422,6 +423,9 @@ pub enum GradWeightKernel {
     DepthwiseBlocked,
     /// Other depthwise layers ([`depthwise`]).
     Depthwise,
+    /// Many channels on small images, one unpacked product per tap on a channels-last copy of
+    /// the input ([`channels_last_grad_weight`]).
+    ChannelsLast,
     /// Stride-1 same-width layers, one GEMM per tap on the planes in place
     /// ([`tap_grad_weight`]).
     TapGemm,
@@ -444,6 +448,7 @@ impl GradWeightKernel {
         match ConvAlgorithm::choose(exec, g) {
             ConvAlgorithm::Depthwise if depthwise_blocked::applies(g) => Self::DepthwiseBlocked,
             ConvAlgorithm::Depthwise => Self::Depthwise,
+            _ if channels_last_grad_weight::applies(exec, g) => Self::ChannelsLast,
             _ if tap_grad_weight::applies(exec, g) => Self::TapGemm,
             _ if shifted_grad_weight::applies(exec, g) => Self::Shifted,
             _ if tap_grad_weight::applies_on_phases(exec, g) => Self::TapGemmPhases,
@@ -473,6 +478,9 @@ pub fn conv2d_grad_weight(
             depthwise_blocked::grad_weight(exec, g, x, gy, gw, ws)
         }
         GradWeightKernel::Depthwise => depthwise::grad_weight(exec, g, x, gy, gw, ws),
+        GradWeightKernel::ChannelsLast => {
+            channels_last_grad_weight::grad_weight(exec, g, x, gy, gw, ws)
+        }
         GradWeightKernel::TapGemm => tap_grad_weight::grad_weight(exec, g, x, gy, gw, ws),
         GradWeightKernel::Shifted => shifted_grad_weight::grad_weight(exec, g, x, gy, gw, ws),
         GradWeightKernel::TapGemmPhases => {
