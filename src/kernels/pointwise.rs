@@ -13,14 +13,18 @@
 //! short remainder block, and the narrower D slice fits L1 at K = 128. Harness, 2 threads,
 //! min of 30, alternated 3×: reference layer D's pointwise forward 3.86–4.07 → 3.82–3.91 ms,
 //! C's grad-input 3.89–4.08 → 3.73–4.00, D's 3 × 1 forward (implicit GEMM) 11.81–11.91 →
-//! 11.54–11.65; 12 × 2 was slower on forwards (B 1.93 → 2.21).
+//! 11.54–11.65; 12 × 2 was slower on forwards (B 1.93 → 2.21). Instruction sets with 16
+//! vector registers (AVX2, SSE2) use 6 × 2 blocks instead, which fit without spills.
 
 use super::simd::{Isa, SimdF32};
 
-/// Rows of Y per register block.
-const ROWS: usize = 8;
-/// Vectors of Y per register block.
-const VECS: usize = 3;
+/// Rows and vectors of Y per register block with 32 vector registers (AVX-512).
+const WIDE_BLOCK: (usize, usize) = (8, 3);
+/// The same with 16 vector registers (AVX2, SSE2): 6 × 2 accumulators, 2 D vectors and the
+/// broadcast fit, where 8 × 3 spilled accumulators to the stack on every step. The AVX2 kernel
+/// on this machine (harness, min of 15, alternated 3×): reference layer C's pointwise forward
+/// 9.1–11.4 → 7.2–8.9 ms, B's 7.1–8.6 → 6.3–7.3, D's 9.1–11.0 → 7.5–9.4.
+const NARROW_BLOCK: (usize, usize) = (6, 2);
 
 /// Where the rows of an operand start.
 #[derive(Clone, Copy, Debug)]
@@ -131,6 +135,27 @@ crate::simd_dispatch!(fn gemm_dispatch => gemm_kernel(ops: Operands<'_>, y: &mut
 
 #[inline(always)]
 unsafe fn gemm_kernel<S: SimdF32>(ops: Operands<'_>, y: &mut [f32], ldy: usize, accumulate: bool) {
+    const W: (usize, usize) = WIDE_BLOCK;
+    const N: (usize, usize) = NARROW_BLOCK;
+    // SAFETY: the caller's (this CPU's ISA).
+    unsafe {
+        if S::REGISTERS >= 32 {
+            blocks::<S, { W.0 }, { W.1 }>(ops, y, ldy, accumulate)
+        } else {
+            blocks::<S, { N.0 }, { N.1 }>(ops, y, ldy, accumulate)
+        }
+    }
+}
+
+/// The product in `ROWS × VECS`-vector register blocks: column blocks outside, row blocks
+/// inside, the last rows in a shorter block.
+#[inline(always)]
+unsafe fn blocks<S: SimdF32, const ROWS: usize, const VECS: usize>(
+    ops: Operands<'_>,
+    y: &mut [f32],
+    ldy: usize,
+    accumulate: bool,
+) {
     let l = S::LANES;
     let block = VECS * l;
     // Start with a narrow block up to the first vector-aligned column (same for every row when
@@ -152,20 +177,20 @@ unsafe fn gemm_kernel<S: SimdF32>(ops: Operands<'_>, y: &mut [f32], ldy: usize, 
         while n0 + ROWS <= ops.n {
             // SAFETY: rows n0 .. n0 + ROWS and columns p0 .. p0 + width are inside all three
             // matrices (checked lengths in small_k_gemm).
-            unsafe { tile::<S, ROWS>(ops, y, ldy, n0, p0, width, accumulate, n0 == 0) };
+            unsafe { tile::<S, ROWS, VECS>(ops, y, ldy, n0, p0, width, accumulate, n0 == 0) };
             n0 += ROWS;
         }
         // SAFETY: as above, for the remaining rows.
         unsafe {
             match ops.n - n0 {
                 0 => {}
-                1 => tile::<S, 1>(ops, y, ldy, n0, p0, width, accumulate, false),
-                2 => tile::<S, 2>(ops, y, ldy, n0, p0, width, accumulate, false),
-                3 => tile::<S, 3>(ops, y, ldy, n0, p0, width, accumulate, false),
-                4 => tile::<S, 4>(ops, y, ldy, n0, p0, width, accumulate, false),
-                5 => tile::<S, 5>(ops, y, ldy, n0, p0, width, accumulate, false),
-                6 => tile::<S, 6>(ops, y, ldy, n0, p0, width, accumulate, false),
-                _ => tile::<S, 7>(ops, y, ldy, n0, p0, width, accumulate, false),
+                1 => tile::<S, 1, VECS>(ops, y, ldy, n0, p0, width, accumulate, false),
+                2 => tile::<S, 2, VECS>(ops, y, ldy, n0, p0, width, accumulate, false),
+                3 => tile::<S, 3, VECS>(ops, y, ldy, n0, p0, width, accumulate, false),
+                4 => tile::<S, 4, VECS>(ops, y, ldy, n0, p0, width, accumulate, false),
+                5 => tile::<S, 5, VECS>(ops, y, ldy, n0, p0, width, accumulate, false),
+                6 => tile::<S, 6, VECS>(ops, y, ldy, n0, p0, width, accumulate, false),
+                _ => tile::<S, 7, VECS>(ops, y, ldy, n0, p0, width, accumulate, false),
             }
         }
         p0 += width;
@@ -181,7 +206,7 @@ unsafe fn gemm_kernel<S: SimdF32>(ops: Operands<'_>, y: &mut [f32], ldy: usize, 
 /// 40–60, alternated 3×): forward 2.20–2.59 → 2.00–2.27 ms, grad-input 2.77–3.02 → 2.41–2.58;
 /// C's (K = 128) and D's (K = 512) unchanged within noise.
 #[inline(always)]
-unsafe fn tile<S: SimdF32, const R: usize>(
+unsafe fn tile<S: SimdF32, const R: usize, const VECS: usize>(
     ops: Operands<'_>,
     y: &mut [f32],
     ldy: usize,

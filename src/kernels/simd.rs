@@ -90,6 +90,9 @@ impl fmt::Display for Isa {
 pub trait SimdF32: Copy {
     /// Lanes per vector.
     const LANES: usize;
+    /// Vector registers the instruction set has (register-blocked kernels size their
+    /// accumulator blocks by it).
+    const REGISTERS: usize;
     /// The instruction set this vector type belongs to (for kernels that call other kernels).
     const ISA: Isa;
     /// All lanes zero.
@@ -192,6 +195,7 @@ mod x86 {
 
     impl SimdF32 for Avx512 {
         const LANES: usize = 16;
+        const REGISTERS: usize = 32;
         const ISA: Isa = Isa::Avx512;
         #[inline(always)]
         unsafe fn zero() -> Self {
@@ -320,6 +324,7 @@ mod x86 {
 
     impl SimdF32 for Avx2 {
         const LANES: usize = 8;
+        const REGISTERS: usize = 16;
         const ISA: Isa = Isa::Avx2;
         #[inline(always)]
         unsafe fn zero() -> Self {
@@ -375,6 +380,7 @@ mod x86 {
 
     impl SimdF32 for Sse2 {
         const LANES: usize = 4;
+        const REGISTERS: usize = 16;
         const ISA: Isa = Isa::Portable;
         #[inline(always)]
         unsafe fn zero() -> Self {
@@ -431,6 +437,7 @@ pub struct Scalar(pub f32);
 
 impl SimdF32 for Scalar {
     const LANES: usize = 1;
+    const REGISTERS: usize = 16;
     const ISA: Isa = Isa::Portable;
     #[inline(always)]
     unsafe fn zero() -> Self {
