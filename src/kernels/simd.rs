@@ -109,16 +109,23 @@ pub trait SimdF32: Copy {
     unsafe fn store_partial(self, p: *mut f32, n: usize);
     /// Stores `LANES` values bypassing the cache (non-temporal) when `p` is aligned to the
     /// vector size, else a normal store. Call [`SimdF32::fence`] after a run of these.
+    ///
+    /// Default methods are `#[inline(always)]`: compiled on their own they would lack the
+    /// caller's target features, and every intrinsic they reach would stay a function call.
+    #[inline(always)]
     unsafe fn store_stream(self, p: *mut f32) {
         unsafe { self.store(p) }
     }
     /// Orders earlier non-temporal stores before later stores (x86 `sfence`).
+    #[inline(always)]
     unsafe fn fence() {}
     /// Hints that the cache line at `p` will be read soon.
+    #[inline(always)]
     unsafe fn prefetch(_p: *const f32) {}
     /// Lanes `N .. N + LANES` of the concatenation `lo ‖ hi` (`0 <= N <= LANES`): the vector
     /// one would load `N` elements after `lo`'s address when `hi` follows `lo` in memory.
     /// AVX-512 does this in a register (`valignd`), saving a cache-line-splitting load.
+    #[inline(always)]
     unsafe fn shift_lanes<const N: i32>(lo: Self, hi: Self) -> Self {
         let mut buf = [0f32; 64];
         unsafe {
@@ -142,6 +149,7 @@ pub trait SimdF32: Copy {
     unsafe fn reduce_sum(self) -> f32;
     /// Transposes the `LANES × LANES` matrix whose rows are `rows` (exactly `LANES` vectors)
     /// in place: afterwards `rows[j]` holds lane j of every input row.
+    #[inline(always)]
     unsafe fn transpose(rows: &mut [Self]) {
         debug_assert_eq!(rows.len(), Self::LANES);
         let l = Self::LANES;
@@ -372,6 +380,61 @@ mod x86 {
             unsafe { self.store(buf.as_mut_ptr()) };
             buf.iter().sum()
         }
+        #[inline(always)]
+        unsafe fn store_stream(self, p: *mut f32) {
+            unsafe {
+                if (p as usize).is_multiple_of(32) {
+                    _mm256_stream_ps(p, self.0)
+                } else {
+                    _mm256_storeu_ps(p, self.0)
+                }
+            }
+        }
+        #[inline(always)]
+        unsafe fn fence() {
+            unsafe { _mm_sfence() }
+        }
+        #[inline(always)]
+        unsafe fn prefetch(p: *const f32) {
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(p as *const i8) }
+        }
+        /// In registers: pairs (unpack), quads (shuffle), then 128-bit halves (`permute2f128`):
+        /// 24 shuffles for 64 elements (through memory, the block cost the depthwise kernels
+        /// five times their arithmetic).
+        #[inline(always)]
+        unsafe fn transpose(rows: &mut [Self]) {
+            let rows: &mut [Self; 8] = rows.try_into().expect("8 rows");
+            unsafe {
+                let r = [
+                    rows[0].0, rows[1].0, rows[2].0, rows[3].0, rows[4].0, rows[5].0, rows[6].0,
+                    rows[7].0,
+                ];
+                let t = [
+                    _mm256_unpacklo_ps(r[0], r[1]),
+                    _mm256_unpackhi_ps(r[0], r[1]),
+                    _mm256_unpacklo_ps(r[2], r[3]),
+                    _mm256_unpackhi_ps(r[2], r[3]),
+                    _mm256_unpacklo_ps(r[4], r[5]),
+                    _mm256_unpackhi_ps(r[4], r[5]),
+                    _mm256_unpacklo_ps(r[6], r[7]),
+                    _mm256_unpackhi_ps(r[6], r[7]),
+                ];
+                let u = [
+                    _mm256_shuffle_ps::<0x44>(t[0], t[2]),
+                    _mm256_shuffle_ps::<0xEE>(t[0], t[2]),
+                    _mm256_shuffle_ps::<0x44>(t[1], t[3]),
+                    _mm256_shuffle_ps::<0xEE>(t[1], t[3]),
+                    _mm256_shuffle_ps::<0x44>(t[4], t[6]),
+                    _mm256_shuffle_ps::<0xEE>(t[4], t[6]),
+                    _mm256_shuffle_ps::<0x44>(t[5], t[7]),
+                    _mm256_shuffle_ps::<0xEE>(t[5], t[7]),
+                ];
+                for k in 0..4 {
+                    rows[k] = Avx2(_mm256_permute2f128_ps::<0x20>(u[k], u[k + 4]));
+                    rows[k + 4] = Avx2(_mm256_permute2f128_ps::<0x31>(u[k], u[k + 4]));
+                }
+            }
+        }
     }
 
     /// SSE2 vector: baseline x86-64, no FMA.
@@ -425,6 +488,25 @@ mod x86 {
             unsafe { self.store(buf.as_mut_ptr()) };
             buf.iter().sum()
         }
+        #[inline(always)]
+        unsafe fn prefetch(p: *const f32) {
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(p as *const i8) }
+        }
+        /// In registers (`_MM_TRANSPOSE4_PS`): pairs (unpack), then halves (`movelh`/`movehl`).
+        #[inline(always)]
+        unsafe fn transpose(rows: &mut [Self]) {
+            let rows: &mut [Self; 4] = rows.try_into().expect("4 rows");
+            unsafe {
+                let t0 = _mm_unpacklo_ps(rows[0].0, rows[1].0);
+                let t1 = _mm_unpacklo_ps(rows[2].0, rows[3].0);
+                let t2 = _mm_unpackhi_ps(rows[0].0, rows[1].0);
+                let t3 = _mm_unpackhi_ps(rows[2].0, rows[3].0);
+                rows[0] = Sse2(_mm_movelh_ps(t0, t1));
+                rows[1] = Sse2(_mm_movehl_ps(t1, t0));
+                rows[2] = Sse2(_mm_movelh_ps(t2, t3));
+                rows[3] = Sse2(_mm_movehl_ps(t3, t2));
+            }
+        }
     }
 }
 
@@ -439,6 +521,9 @@ impl SimdF32 for Scalar {
     const LANES: usize = 1;
     const REGISTERS: usize = 16;
     const ISA: Isa = Isa::Portable;
+    /// A 1 × 1 block is its own transpose.
+    #[inline(always)]
+    unsafe fn transpose(_rows: &mut [Self]) {}
     #[inline(always)]
     unsafe fn zero() -> Self {
         Scalar(0.0)
