@@ -63,43 +63,6 @@ fn conv_with_gradients_matches_reference() {
         p("gy.npy", &gy),
     );
     let out = |n: &str| dir.join(n).to_string_lossy().into_owned();
-    let o = run(&[
-        "--threads",
-        "2",
-        "conv",
-        "--input",
-        &xp,
-        "--weight",
-        &wp,
-        "--bias",
-        &bp,
-        "--stride",
-        "2",
-        "--dilation",
-        "1,2",
-        "--padding",
-        "same-lower",
-        "--groups",
-        "2",
-        "--output",
-        &out("y.npy"),
-        "--grad-output",
-        &gyp,
-        "--grad-input",
-        &out("gx.npy"),
-        "--grad-weight",
-        &out("gw.npy"),
-        "--grad-bias",
-        &out("gb.npy"),
-        "--stats",
-    ]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let stdout = String::from_utf8_lossy(&o.stdout);
-    assert!(
-        stdout.contains("MACs nominal") && stdout.contains("MACs executed"),
-        "{stdout}"
-    );
-
     let mut y = vec![0.0; g.output_len()];
     let mut gx = vec![0.0; g.input_len()];
     let mut gw = vec![0.0; g.weight_len()];
@@ -108,9 +71,67 @@ fn conv_with_gradients_matches_reference() {
     reference::conv2d_grad_input(&g, gy.data(), w.data(), &mut gx);
     reference::conv2d_grad_weight(&g, x.data(), gy.data(), &mut gw);
     reference::conv2d_grad_bias(&g, gy.data(), &mut gb);
-    for (name, want) in [("y.npy", y), ("gx.npy", gx), ("gw.npy", gw), ("gb.npy", gb)] {
-        let got = read_npy(&dir.join(name)).unwrap();
-        assert_close(got.data(), &want, 1e-5, name);
+    // The default instruction set, then each one by --isa (a CPU without one refuses it).
+    let available: Vec<String> = sepconv::Isa::available()
+        .iter()
+        .map(|i| i.to_string())
+        .collect();
+    let (yo, gxo, gwo, gbo) = (out("y.npy"), out("gx.npy"), out("gw.npy"), out("gb.npy"));
+    for isa in ["", "avx512", "avx2", "portable"] {
+        let isa_args: &[&str] = if isa.is_empty() { &[] } else { &["--isa", isa] };
+        let mut args: Vec<&str> = isa_args.to_vec();
+        args.extend_from_slice(&[
+            "--threads",
+            "2",
+            "conv",
+            "--input",
+            &xp,
+            "--weight",
+            &wp,
+            "--bias",
+            &bp,
+            "--stride",
+            "2",
+            "--dilation",
+            "1,2",
+            "--padding",
+            "same-lower",
+            "--groups",
+            "2",
+            "--output",
+            &yo,
+            "--grad-output",
+            &gyp,
+            "--grad-input",
+            &gxo,
+            "--grad-weight",
+            &gwo,
+            "--grad-bias",
+            &gbo,
+            "--stats",
+        ]);
+        let o = run(&args);
+        if !isa.is_empty() && !available.iter().any(|a| a == isa) {
+            let err = String::from_utf8_lossy(&o.stderr);
+            assert_eq!(o.status.code(), Some(2), "{isa}: {err}");
+            assert!(err.contains("--isa") && err.lines().count() == 1, "{err}");
+            continue;
+        }
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let stdout = String::from_utf8_lossy(&o.stdout);
+        assert!(
+            stdout.contains("MACs nominal") && stdout.contains("MACs executed"),
+            "{stdout}"
+        );
+        for (name, want) in [
+            ("y.npy", &y),
+            ("gx.npy", &gx),
+            ("gw.npy", &gw),
+            ("gb.npy", &gb),
+        ] {
+            let got = read_npy(&dir.join(name)).unwrap();
+            assert_close(got.data(), want, 1e-5, &format!("{name} {isa}"));
+        }
     }
 }
 

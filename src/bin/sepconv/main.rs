@@ -22,6 +22,10 @@ struct Cli {
     /// Worker threads (default: all cores).
     #[arg(long, global = true, value_name = "N")]
     threads: Option<usize>,
+    /// Instruction set of the kernels: avx512, avx2 or portable (default: the best this CPU
+    /// supports). To compare the same work across instruction sets on one machine.
+    #[arg(long, global = true, value_name = "ISA", value_parser = parse_isa)]
+    isa: Option<sepconv::Isa>,
     #[command(subcommand)]
     command: Command,
 }
@@ -57,7 +61,23 @@ fn main() -> ExitCode {
             )));
         }
     };
-    let exec = sepconv::Exec::new(threads);
+    let exec = match cli.isa {
+        None => sepconv::Exec::new(threads),
+        Some(isa) if isa.is_supported() => match sepconv::Exec::new(threads).with_isa(isa) {
+            Ok(exec) => exec,
+            Err(e) => return fail(&e),
+        },
+        Some(isa) => {
+            let have: Vec<String> = sepconv::Isa::available()
+                .iter()
+                .map(|i| i.to_string())
+                .collect();
+            return fail(&sepconv::Error::invalid(format!(
+                "--isa {isa}: this CPU does not support it (it runs {})",
+                have.join(", ")
+            )));
+        }
+    };
     let result = pool.install(|| match cli.command {
         Command::Compare(a) => compare::run(exec, a),
         Command::Train(a) => train::run(exec, a),
@@ -71,6 +91,18 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => fail(&e),
+    }
+}
+
+/// `--isa`'s value.
+fn parse_isa(s: &str) -> Result<sepconv::Isa, String> {
+    match s {
+        "avx512" => Ok(sepconv::Isa::Avx512),
+        "avx2" => Ok(sepconv::Isa::Avx2),
+        "portable" => Ok(sepconv::Isa::Portable),
+        _ => Err(format!(
+            "unknown instruction set '{s}' (expected avx512, avx2 or portable)"
+        )),
     }
 }
 
