@@ -330,6 +330,18 @@ mod x86 {
     #[derive(Clone, Copy)]
     pub struct Avx2(pub __m256);
 
+    /// All ones in lanes `0 .. n`, zeros above (`n ≤ 8`): the mask of AVX2's masked moves,
+    /// which touch no memory in the lanes it leaves out.
+    #[inline(always)]
+    unsafe fn lane_mask(n: usize) -> __m256i {
+        unsafe {
+            _mm256_cmpgt_epi32(
+                _mm256_set1_epi32(n as i32),
+                _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+            )
+        }
+    }
+
     impl SimdF32 for Avx2 {
         const LANES: usize = 8;
         const REGISTERS: usize = 16;
@@ -350,7 +362,17 @@ mod x86 {
         unsafe fn store(self, p: *mut f32) {
             unsafe { _mm256_storeu_ps(p, self.0) }
         }
-        partial_via_buffer!();
+        /// Masked in registers (`vmaskmovps`): through a stack buffer, each partial load
+        /// was a memcpy call (the AVX2 depthwise kernels' row tails, half their time on
+        /// reference layer D's 14-pixel rows).
+        #[inline(always)]
+        unsafe fn load_partial(p: *const f32, n: usize) -> Self {
+            unsafe { Avx2(_mm256_maskload_ps(p, lane_mask(n))) }
+        }
+        #[inline(always)]
+        unsafe fn store_partial(self, p: *mut f32, n: usize) {
+            unsafe { _mm256_maskstore_ps(p, lane_mask(n), self.0) }
+        }
         #[inline(always)]
         unsafe fn mul_add(a: Self, b: Self, c: Self) -> Self {
             unsafe { Avx2(_mm256_fmadd_ps(a.0, b.0, c.0)) }
