@@ -26,7 +26,9 @@ use rayon::prelude::*;
 use super::gemm::{MatView, gemm};
 use super::pointwise::{Operands, Rows, small_k_gemm};
 
-use super::{Exec, Workspace, elementwise, for_each_image_task, for_each_task, task_count};
+use super::{
+    Exec, Workspace, elementwise, for_each_image_task, for_each_task, sum_over_images, task_count,
+};
 use crate::error::Result;
 use crate::geometry::ConvGeometry;
 
@@ -613,11 +615,11 @@ pub fn pointwise_backward(
     gb: Option<&mut [f32]>,
     ws: &mut Workspace,
 ) -> Result<()> {
-    let plan = Plan::new(g, exec.threads());
     assert!(
         pointwise_backward_applies(exec, g),
         "pointwise_backward called where it does not apply"
     );
+    let plan = Plan::new(g, exec.threads());
     let s = GroupSlices::new(g);
     let isa = exec.isa();
     let wlen = gw.len();
@@ -664,12 +666,12 @@ pub fn pointwise_backward(
     }
     sum_weight_copies(exec, scratch, per_task, gw);
     if let Some(gb) = gb {
-        let sum = |n: usize, c: usize| {
+        let image_sum = |n: usize, c: usize| {
             let (t, j) = (n / images_per_task, n % images_per_task);
-            scratch[t * per_task + wlen + j * sums_len + c] as f64
+            scratch[t * per_task + wlen + j * sums_len + c]
         };
         for (c, v) in gb.iter_mut().enumerate() {
-            *v = (0..g.batch).map(|n| sum(n, c)).sum::<f64>() as f32;
+            *v = sum_over_images(g.batch, |n| image_sum(n, c));
         }
     }
     Ok(())

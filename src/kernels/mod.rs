@@ -550,6 +550,13 @@ fn fused_backward(g: &ConvGeometry) -> Option<ConvGeometry> {
     adjoint_geometry(g).filter(|adj| depthwise_blocked::backward_applies(g, adj))
 }
 
+/// One channel's grad-bias from its per-image sums (each [`elementwise::sum`] in f32 lanes),
+/// added across images in f64, in image order: fast and accurate enough for millions of terms.
+/// The one definition of that order, so every kernel that computes grad-bias agrees bit for bit.
+pub(crate) fn sum_over_images(batch: usize, image_sum: impl Fn(usize) -> f32) -> f32 {
+    (0..batch).map(|n| image_sum(n) as f64).sum::<f64>() as f32
+}
+
 /// `gb[c] = Σ gy[·, c, ·, ·]` (overwrites `gb`).
 pub fn conv2d_grad_bias(exec: Exec, g: &ConvGeometry, gy: &[f32], gb: &mut [f32]) {
     assert_eq!(gy.len(), g.output_len(), "grad-output length");
@@ -557,14 +564,10 @@ pub fn conv2d_grad_bias(exec: Exec, g: &ConvGeometry, gy: &[f32], gb: &mut [f32]
     let plane = g.out_pixels();
     let channels = g.out_channels;
     let sum_channel = |c: usize| -> f32 {
-        // Sum per image in f32 lanes, then across images in f64: fast and accurate enough for
-        // millions of terms.
-        (0..g.batch)
-            .map(|n| {
-                let base = (n * channels + c) * plane;
-                elementwise::sum(exec.isa, &gy[base..base + plane]) as f64
-            })
-            .sum::<f64>() as f32
+        sum_over_images(g.batch, |n| {
+            let base = (n * channels + c) * plane;
+            elementwise::sum(exec.isa, &gy[base..base + plane])
+        })
     };
     if exec.threads > 1 && channels >= 2 * exec.threads {
         gb.par_iter_mut()
