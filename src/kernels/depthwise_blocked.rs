@@ -45,6 +45,16 @@ const MAX_PADDED_PIXELS: usize = 1 << 16;
 /// tie; E's grad-weight 0.46–0.47 → 0.44–0.45 (64 and 128 floats ahead measured alike).
 const PACK_AHEAD: usize = 128;
 
+/// Floats per block (`LANES` planes) up to which [`pack`] prefetches the block it packs next
+/// instead: a small plane ends before `PACK_AHEAD` pays (on a 14 × 14 plane that address is
+/// the next plane of the same block, already being loaded). Reference layer D (a 12.5 KiB
+/// block) in a ds training step, where the depthwise layer's inputs come from memory (harness,
+/// min of 20, alternated 3×): forward 0.38–0.41 → 0.30–0.36 ms, grad-weight 0.50–0.52 →
+/// 0.39–0.40, grad-input 0.35–0.36 → 0.32–0.33, the one-pass backward 0.75–0.80 → 0.68–0.69;
+/// 28 × 28 and 7 × 7 planes alike either way; on 56 × 56 planes (B, C, E) the next block is
+/// too far ahead (E's backward 1.48–1.50 → 1.71–1.84 ms).
+const PREFETCH_NEXT_BLOCK_FLOATS: usize = 4096;
+
 /// Taps kept in registers at most (a 5 × 5 kernel).
 const MAX_TAPS: usize = 25;
 
@@ -257,6 +267,9 @@ struct PackShape {
     stride: usize,
     /// Floats between the source planes.
     plane_stride: usize,
+    /// Floats from these planes to the ones the caller packs next, when not the `LANES`
+    /// planes that follow (where [`pack`] prefetches small planes).
+    next_block: Option<usize>,
 }
 
 impl PackShape {
@@ -269,6 +282,7 @@ impl PackShape {
             left: g.pad_left,
             stride: l.wp,
             plane_stride,
+            next_block: None,
         }
     }
 
@@ -282,6 +296,15 @@ impl PackShape {
             left: 0,
             stride: p,
             plane_stride: p,
+            next_block: None,
+        }
+    }
+
+    /// The same, where the caller packs the planes `floats` on next.
+    fn next_block_at(self, floats: usize) -> Self {
+        PackShape {
+            next_block: Some(floats),
+            ..self
         }
     }
 }
@@ -298,6 +321,11 @@ unsafe fn pack<S: SimdF32>(s: PackShape, planes: &[f32], dst: &mut [f32]) {
     assert!(dst.len() >= ((s.top + s.h - 1) * s.stride + s.left + w) * lanes);
     let (src, dst) = (planes.as_ptr(), dst.as_mut_ptr());
     let mut rows = [unsafe { S::zero() }; 16];
+    let ahead = if lanes * hw <= PREFETCH_NEXT_BLOCK_FLOATS {
+        s.next_block.unwrap_or(lanes * hw)
+    } else {
+        PACK_AHEAD
+    };
     for r in 0..s.h {
         let row_base = ((r + s.top) * s.stride + s.left) * lanes;
         for c0 in (0..w).step_by(lanes) {
@@ -307,7 +335,8 @@ unsafe fn pack<S: SimdF32>(s: PackShape, planes: &[f32], dst: &mut [f32]) {
             unsafe {
                 for (lane, v) in rows[..lanes].iter_mut().enumerate() {
                     let at = src.add(lane * hw + r * w + c0);
-                    S::prefetch(at.add(PACK_AHEAD));
+                    // A hint: the address may lie past the planes (never dereferenced).
+                    S::prefetch(at.wrapping_add(ahead));
                     *v = if n == lanes {
                         S::load(at)
                     } else {
@@ -538,13 +567,14 @@ unsafe fn grad_weight_blocks_kernel<S: SimdF32>(
             // SAFETY: x and gy hold planes first .. first + lanes; xb and gb have the sizes of
             // the layout; sums has room for every tap's vector.
             unsafe {
+                // The task's next block is the next image's.
                 pack::<S>(
-                    PackShape::input(g, l, hw),
+                    PackShape::input(g, l, hw).next_block_at(g.in_channels * hw),
                     &x[first * hw..(first + lanes) * hw],
                     xb,
                 );
                 pack::<S>(
-                    PackShape::output(g),
+                    PackShape::output(g).next_block_at(g.in_channels * ohw),
                     &gy[first * ohw..(first + lanes) * ohw],
                     gb,
                 );
@@ -867,6 +897,7 @@ unsafe fn grad_input_blocks_kernel<S: SimdF32>(
         left: s.block.left,
         stride: s.block.cols,
         plane_stride: ohw,
+        next_block: None,
     };
     for (local, item) in items.enumerate() {
         let first = item * lanes;
