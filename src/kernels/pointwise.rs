@@ -26,6 +26,9 @@ const WIDE_BLOCK: (usize, usize) = (8, 3);
 /// 9.1–11.4 → 7.2–8.9 ms, B's 7.1–8.6 → 6.3–7.3, D's 9.1–11.0 → 7.5–9.4.
 const NARROW_BLOCK: (usize, usize) = (6, 2);
 
+/// Floats per cache line.
+const LINE_FLOATS: usize = 16;
+
 /// Where the rows of an operand start.
 #[derive(Clone, Copy, Debug)]
 pub enum Rows<'a> {
@@ -158,13 +161,24 @@ unsafe fn blocks<S: SimdF32, const ROWS: usize, const VECS: usize>(
 ) {
     let l = S::LANES;
     let block = VECS * l;
-    // Start with a narrow block up to the first vector-aligned column (same for every row when
-    // the row stride is a multiple of the vector), so full blocks can stream aligned stores.
-    let misaligned = (y.as_ptr() as usize / 4) % l;
+    // Start with a narrow block up to the first cache-line-aligned column (the same for every
+    // row when the row stride is a multiple of the line), so full blocks stream whole lines.
+    // Aligning to the vector only left AVX2's blocks (two vectors, one line) straddling two
+    // lines, each streamed half by one block and half by the next. AVX2 on this machine
+    // (harness, min of 10, alternated 2–3×): reference layer B's pointwise forward 4.2–4.5 →
+    // 2.3–2.5 ms and grad-input 3.5 → 2.4, C's 5.2–5.3 → 4.3–4.5 and 5.7–5.9 → 4.9–5.1, B's
+    // Winograd 3 × 3 forward 25.8–26.1 → 16.0–16.7 (AVX-512, unchanged: 1.9–2.0, 3.6–3.9 and
+    // 14.0–14.3 ms). A row stride that is a multiple of the vector only keeps that alignment.
+    let align = if ldy.is_multiple_of(LINE_FLOATS) {
+        LINE_FLOATS
+    } else {
+        l
+    };
+    let misaligned = (y.as_ptr() as usize / 4) % align;
     let lead = if misaligned == 0 || !ldy.is_multiple_of(l) {
         0
     } else {
-        (l - misaligned).min(ops.p)
+        (align - misaligned).min(ops.p)
     };
     let mut p0 = 0;
     while p0 < ops.p {
@@ -233,7 +247,7 @@ unsafe fn tile<S: SimdF32, const R: usize, const VECS: usize>(
                 *v = S::splat(b[n0 + r]);
             }
         }
-        if full == VECS {
+        if full == VECS && rest == 0 {
             let mut acc = [[S::zero(); VECS]; R];
             for (row, &v) in acc.iter_mut().zip(&init) {
                 *row = [v; VECS];
@@ -258,11 +272,16 @@ unsafe fn tile<S: SimdF32, const R: usize, const VECS: usize>(
             }
             for (r, row) in acc.iter().enumerate() {
                 let out = yp.add((n0 + r) * ldy + p0);
+                // Streaming part of a cache line leaves the memory system to merge the rest
+                // (AVX2's two vectors at a 32-byte offset); such rows take ordinary stores.
+                let whole_lines = (out as usize).is_multiple_of(LINE_FLOATS * 4);
                 for (v, a) in row.iter().enumerate() {
                     if accumulate {
                         a.add(S::load(out.add(v * l))).store(out.add(v * l));
-                    } else {
+                    } else if whole_lines {
                         a.store_stream(out.add(v * l));
+                    } else {
+                        a.store(out.add(v * l));
                     }
                 }
             }
@@ -334,6 +353,45 @@ mod tests {
                 for j in 0..p {
                     let want: f32 = (0..k).map(|kk| ct[kk * n + i] * d[kk * p + j]).sum();
                     assert!((y[i * p + j] - want).abs() < 1e-3, "{isa} [{i},{j}]");
+                }
+            }
+        }
+    }
+
+    /// The first block runs up to the first cache-line-aligned column of Y (so streamed rows
+    /// write whole lines): every offset of Y from a line, leads wider than one AVX2 vector.
+    #[test]
+    fn any_alignment_of_y() {
+        for isa in Isa::available() {
+            let (n, k, p, ldy) = (9, 5, 70, 80);
+            let c: Vec<f32> = (0..n * k).map(|i| ((i * 7) % 5) as f32 - 2.0).collect();
+            let d: Vec<f32> = (0..k * p).map(|i| ((i * 3) % 11) as f32 * 0.5).collect();
+            let mut buf = vec![0.0f32; n * ldy + 16];
+            for offset in 0..16 {
+                buf.fill(-1.0);
+                let y = &mut buf[offset..offset + (n - 1) * ldy + p];
+                small_k_gemm(
+                    isa,
+                    Operands {
+                        c: &c,
+                        c_rows: Rows::Strided(k),
+                        c_col: 1,
+                        d: &d,
+                        n,
+                        k,
+                        p,
+                        bias: None,
+                        d_rows: Rows::Strided(p),
+                    },
+                    y,
+                    ldy,
+                    false,
+                );
+                for i in 0..n {
+                    for j in 0..p {
+                        let want: f32 = (0..k).map(|kk| c[i * k + kk] * d[kk * p + j]).sum();
+                        assert_eq!(y[i * ldy + j], want, "{isa} offset {offset} [{i},{j}]");
+                    }
                 }
             }
         }
