@@ -24,7 +24,7 @@ use std::ops::Range;
 use rayon::prelude::*;
 
 use super::gemm::{MatView, gemm};
-use super::pointwise::{Operands, Rows, small_k_gemm};
+use super::pointwise::{Operands, Rows, small_k_gemm, wants_row_major_c};
 
 use super::{
     Exec, Workspace, elementwise, for_each_image_task, for_each_task, sum_over_images, task_count,
@@ -444,74 +444,86 @@ pub fn grad_input(
 ) -> Result<()> {
     let plan = Plan::new(g, exec.threads());
     let (col_len, tmp_len) = plan.scratch(g);
-    let scratch = ws.take((col_len + tmp_len) * plan.tasks)?;
     let s = GroupSlices::new(g);
-    for_each_task(
-        plan.tasks,
-        gx,
-        s.img_in,
-        scratch,
-        col_len + tmp_len,
-        |images, gxc, scratch| {
-            let base = images.start;
-            let (col, tmp) = scratch.split_at_mut(col_len);
-            if !plan.direct {
-                gxc.fill(0.0);
-            }
-            for t in plan.tiles(images, s.p) {
-                for grp in 0..g.groups {
-                    let wt = s.weight(w, grp).t();
-                    let at = |n: usize| (n - base) * s.img_in + grp * s.in_group;
-                    if plan.direct {
-                        let gyg = s.output(gy, 0, t.n0, grp);
-                        let gxg = &mut gxc[at(t.n0)..at(t.n0) + s.in_group];
-                        if plan.unpacked {
-                            let ops = transposed_weight_times(s.weight_slice(w, grp), &s, gyg);
-                            small_k_gemm(exec.isa(), ops, gxg, s.p, false);
+    let mut run = |tw: TransposedWeight<'_>, ws: &mut Workspace| -> Result<()> {
+        let scratch = ws.take((col_len + tmp_len) * plan.tasks)?;
+        for_each_task(
+            plan.tasks,
+            gx,
+            s.img_in,
+            scratch,
+            col_len + tmp_len,
+            |images, gxc, scratch| {
+                let base = images.start;
+                let (col, tmp) = scratch.split_at_mut(col_len);
+                if !plan.direct {
+                    gxc.fill(0.0);
+                }
+                for t in plan.tiles(images, s.p) {
+                    for grp in 0..g.groups {
+                        let wt = s.weight(w, grp).t();
+                        let at = |n: usize| (n - base) * s.img_in + grp * s.in_group;
+                        if plan.direct {
+                            let gyg = s.output(gy, 0, t.n0, grp);
+                            let gxg = &mut gxc[at(t.n0)..at(t.n0) + s.in_group];
+                            if plan.unpacked {
+                                let ops = transposed_weight_times(tw, &s, grp, gyg);
+                                small_k_gemm(exec.isa(), ops, gxg, s.p, false);
+                                continue;
+                            }
+                            gemm(
+                                gxg,
+                                s.p,
+                                wt,
+                                MatView::dense(gyg, s.cog, s.p),
+                                false,
+                                plan.gemm_threads,
+                            );
                             continue;
                         }
+
+                        let cols = t.cols();
+                        let gy_tile = if t.images == 1 {
+                            MatView::row_major(
+                                &s.output(gy, 0, t.n0, grp)[t.p0..],
+                                s.cog,
+                                t.len,
+                                s.p,
+                            )
+                        } else {
+                            s.gather_output(gy, t, grp, tmp);
+                            MatView::dense(&tmp[..s.cog * cols], s.cog, cols)
+                        };
                         gemm(
-                            gxg,
-                            s.p,
+                            &mut col[..s.k * cols],
+                            cols,
                             wt,
-                            MatView::dense(gyg, s.cog, s.p),
+                            gy_tile,
                             false,
                             plan.gemm_threads,
                         );
-                        continue;
-                    }
-
-                    let cols = t.cols();
-                    let gy_tile = if t.images == 1 {
-                        MatView::row_major(&s.output(gy, 0, t.n0, grp)[t.p0..], s.cog, t.len, s.p)
-                    } else {
-                        s.gather_output(gy, t, grp, tmp);
-                        MatView::dense(&tmp[..s.cog * cols], s.cog, cols)
-                    };
-                    gemm(
-                        &mut col[..s.k * cols],
-                        cols,
-                        wt,
-                        gy_tile,
-                        false,
-                        plan.gemm_threads,
-                    );
-                    for j in 0..t.images {
-                        let a = at(t.n0 + j);
-                        col2im_tile(
-                            g,
-                            &col[j * t.len..],
-                            cols,
-                            t.p0,
-                            t.len,
-                            &mut gxc[a..a + s.in_group],
-                        );
+                        for j in 0..t.images {
+                            let a = at(t.n0 + j);
+                            col2im_tile(
+                                g,
+                                &col[j * t.len..],
+                                cols,
+                                t.p0,
+                                t.len,
+                                &mut gxc[a..a + s.in_group],
+                            );
+                        }
                     }
                 }
-            }
-        },
-    );
-    Ok(())
+            },
+        );
+        Ok(())
+    };
+    if plan.direct && plan.unpacked {
+        with_transposed_weight(exec, g, w, ws, run)
+    } else {
+        run(TransposedWeight::View(w), ws)
+    }
 }
 
 /// Grad-weight: `gw = ∂L/∂w` (overwritten). With several tasks, each accumulates a private copy
@@ -627,63 +639,117 @@ pub fn pointwise_backward(
     let images_per_task = g.batch.div_ceil(plan.tasks);
     // Per task: its grad-weight copy, then one row of grad-bias sums per image.
     let per_task = wlen + images_per_task * sums_len;
-    let scratch = ws.take(per_task * plan.tasks)?;
-    let task = |images: Range<usize>, mut gxc: Option<&mut [f32]>, st: &mut [f32]| {
-        let (part, sums) = st.split_at_mut(wlen);
-        part.fill(0.0);
-        for n in images.clone() {
-            let sums_n = &mut sums[(n - images.start) * sums_len..][..sums_len];
-            for grp in 0..g.groups {
-                let gyg = s.output(gy, 0, n, grp);
-                if sums_len > 0 {
-                    let rows = gyg.chunks_exact(s.p);
-                    for (v, row) in sums_n[grp * s.cog..][..s.cog].iter_mut().zip(rows) {
-                        *v = elementwise::sum(isa, row);
+    let with_grad_input = gx.is_some();
+    let run = |tw: TransposedWeight<'_>, ws: &mut Workspace| -> Result<()> {
+        let scratch = ws.take(per_task * plan.tasks)?;
+        let task = |images: Range<usize>, mut gxc: Option<&mut [f32]>, st: &mut [f32]| {
+            let (part, sums) = st.split_at_mut(wlen);
+            part.fill(0.0);
+            for n in images.clone() {
+                let sums_n = &mut sums[(n - images.start) * sums_len..][..sums_len];
+                for grp in 0..g.groups {
+                    let gyg = s.output(gy, 0, n, grp);
+                    if sums_len > 0 {
+                        let rows = gyg.chunks_exact(s.p);
+                        for (v, row) in sums_n[grp * s.cog..][..s.cog].iter_mut().zip(rows) {
+                            *v = elementwise::sum(isa, row);
+                        }
+                    }
+                    let gwg = &mut part[grp * s.cog * s.k..][..s.cog * s.k];
+                    let xt = MatView::dense(s.input(x, 0, n, grp), s.cig, s.p).t();
+                    let gy_rows = MatView::dense(gyg, s.cog, s.p);
+                    gemm(gwg, s.k, gy_rows, xt, true, plan.gemm_threads);
+                    if let Some(gxc) = gxc.as_deref_mut() {
+                        let at = (n - images.start) * s.img_in + grp * s.in_group;
+                        small_k_gemm(
+                            isa,
+                            transposed_weight_times(tw, &s, grp, gyg),
+                            &mut gxc[at..at + s.in_group],
+                            s.p,
+                            false,
+                        );
                     }
                 }
-                let gwg = &mut part[grp * s.cog * s.k..][..s.cog * s.k];
-                let xt = MatView::dense(s.input(x, 0, n, grp), s.cig, s.p).t();
-                let gy_rows = MatView::dense(gyg, s.cog, s.p);
-                gemm(gwg, s.k, gy_rows, xt, true, plan.gemm_threads);
-                if let Some(gxc) = gxc.as_deref_mut() {
-                    let at = (n - images.start) * s.img_in + grp * s.in_group;
-                    small_k_gemm(
-                        isa,
-                        transposed_weight_times(s.weight_slice(w, grp), &s, gyg),
-                        &mut gxc[at..at + s.in_group],
-                        s.p,
-                        false,
-                    );
-                }
+            }
+        };
+        match gx {
+            Some(gx) => for_each_task(plan.tasks, gx, s.img_in, scratch, per_task, |n, gxc, st| {
+                task(n, Some(gxc), st)
+            }),
+            None => for_each_image_task(g.batch, scratch, per_task, |n, st| task(n, None, st)),
+        }
+        sum_weight_copies(exec, scratch, per_task, gw);
+        if let Some(gb) = gb {
+            let image_sum = |n: usize, c: usize| {
+                let (t, j) = (n / images_per_task, n % images_per_task);
+                scratch[t * per_task + wlen + j * sums_len + c]
+            };
+            for (c, v) in gb.iter_mut().enumerate() {
+                *v = sum_over_images(g.batch, |n| image_sum(n, c));
             }
         }
+        Ok(())
     };
-    match gx {
-        Some(gx) => for_each_task(plan.tasks, gx, s.img_in, scratch, per_task, |n, gxc, st| {
-            task(n, Some(gxc), st)
-        }),
-        None => for_each_image_task(g.batch, scratch, per_task, |n, st| task(n, None, st)),
+    if with_grad_input {
+        with_transposed_weight(exec, g, w, ws, run)
+    } else {
+        run(TransposedWeight::View(w), ws)
     }
-    sum_weight_copies(exec, scratch, per_task, gw);
-    if let Some(gb) = gb {
-        let image_sum = |n: usize, c: usize| {
-            let (t, j) = (n / images_per_task, n % images_per_task);
-            scratch[t * per_task + wlen + j * sums_len + c]
-        };
-        for (c, v) in gb.iter_mut().enumerate() {
-            *v = sum_over_images(g.batch, |n| image_sum(n, c));
-        }
-    }
-    Ok(())
 }
 
-/// The unpacked product `Wᵀ · gY` of one image and group's pointwise grad-input: element (m, n)
-/// of the transposed weight is `W[n·K + m]`.
-fn transposed_weight_times<'a>(w: &'a [f32], s: &GroupSlices, gyg: &'a [f32]) -> Operands<'a> {
+/// `Wᵀ`, the C of a pointwise grad-input's unpacked product `Wᵀ · gY`.
+#[derive(Clone, Copy)]
+enum TransposedWeight<'a> {
+    /// The weight itself, read column by column: element (m, n) of group g's `Wᵀ` is
+    /// `W[g·N·K + n·K + m]`.
+    View(&'a [f32]),
+    /// A row-major copy (per group `K × N`, [`super::adjoint_weight`] of the 1 × 1 kernel).
+    Copy(&'a [f32]),
+}
+
+/// Runs `f` with the grad-input's `Wᵀ` in the form `small_k_gemm` reads fastest on `exec`'s
+/// instruction set. With 16 vector registers (AVX2, SSE2) its blocks are 6 rows × 2 vectors,
+/// so read column-wise a block's C takes a new cache line per k for 12 multiply-adds, and with
+/// the block's D rows that overflows L1 at K = 512: a row-major copy, made once per call, pays
+/// there. AVX2 on this machine (harness, min of 10, alternated 2×): the pointwise grad-input
+/// of reference layer D 6.16–6.48 → 4.81–5.48 ms, C 4.75–4.83 → 4.30, E 2.36 → 2.03–2.10,
+/// B a tie; D's three gradients 10.1–10.3 → 9.0. With AVX-512's 8 × 3 blocks the copy
+/// measured slower on D (3.99–4.07 → 4.25–4.46 ms): there the weight is read in place.
+fn with_transposed_weight<R>(
+    exec: Exec,
+    g: &ConvGeometry,
+    w: &[f32],
+    ws: &mut Workspace,
+    f: impl FnOnce(TransposedWeight<'_>, &mut Workspace) -> Result<R>,
+) -> Result<R> {
+    if !wants_row_major_c(exec.isa()) {
+        return f(TransposedWeight::View(w), ws);
+    }
+    ws.with_weights(w.len(), "the transposed weight", |wt, ws| {
+        super::adjoint_weight(exec, g, w, wt);
+        f(TransposedWeight::Copy(wt), ws)
+    })
+}
+
+/// The unpacked product `Wᵀ · gY` of one image's group `grp` in a pointwise grad-input.
+fn transposed_weight_times<'a>(
+    tw: TransposedWeight<'a>,
+    s: &GroupSlices,
+    grp: usize,
+    gyg: &'a [f32],
+) -> Operands<'a> {
+    let (c, c_rows, c_col) = match tw {
+        TransposedWeight::View(w) => (s.weight_slice(w, grp), Rows::Strided(1), s.k),
+        TransposedWeight::Copy(wt) => (
+            &wt[grp * s.cig * s.cog..(grp + 1) * s.cig * s.cog],
+            Rows::Strided(s.cog),
+            1,
+        ),
+    };
     Operands {
-        c: w,
-        c_rows: Rows::Strided(1),
-        c_col: s.k,
+        c,
+        c_rows,
+        c_col,
         d: gyg,
         n: s.cig,
         k: s.cog,

@@ -26,6 +26,12 @@ const WIDE_BLOCK: (usize, usize) = (8, 3);
 /// 9.1–11.4 → 7.2–8.9 ms, B's 7.1–8.6 → 6.3–7.3, D's 9.1–11.0 → 7.5–9.4.
 const NARROW_BLOCK: (usize, usize) = (6, 2);
 
+/// Whether `small_k_gemm` reads C faster row-major than column-wise on `isa`: true with 16
+/// vector registers, where it runs narrow blocks (see `conv::with_transposed_weight`).
+pub fn wants_row_major_c(isa: Isa) -> bool {
+    isa.registers() < 32
+}
+
 /// Floats per cache line.
 const LINE_FLOATS: usize = 16;
 
@@ -141,6 +147,7 @@ unsafe fn gemm_kernel<S: SimdF32>(ops: Operands<'_>, y: &mut [f32], ldy: usize, 
     const W: (usize, usize) = WIDE_BLOCK;
     const N: (usize, usize) = NARROW_BLOCK;
     // SAFETY: the caller's (this CPU's ISA).
+    debug_assert_eq!(S::REGISTERS, S::ISA.registers());
     unsafe {
         if S::REGISTERS >= 32 {
             blocks::<S, { W.0 }, { W.1 }>(ops, y, ldy, accumulate)

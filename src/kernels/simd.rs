@@ -68,6 +68,15 @@ impl Isa {
             Isa::Portable => Portable::LANES,
         }
     }
+
+    /// Vector registers of the instruction set (`SimdF32::REGISTERS` of its vector type).
+    pub fn registers(self) -> usize {
+        match self {
+            Isa::Avx512 => 32,
+            Isa::Avx2 => 16,
+            Isa::Portable => Portable::REGISTERS,
+        }
+    }
 }
 
 impl fmt::Display for Isa {
