@@ -13,7 +13,7 @@
 //! reads the neighbouring row.
 //!
 //! Register tile: 4 output channels × 6 input channels of one tap, 24 vector accumulators fed by
-//! 4 + 6 loads per step, kept in registers across a tap's row segments. Positions run in chunks
+//! 4 + 6 loads per step (3 × 4 with 16 vector registers), kept in registers across a tap's row segments. Positions run in chunks
 //! of whole rows sized so a chunk of every input channel stays in L2 while all output-channel
 //! blocks read it. A tile's accumulators are added to per-lane partial sums (one vector per
 //! weight element, mostly in L2), and the lanes are summed once at the end, so no horizontal
@@ -40,6 +40,12 @@ use crate::geometry::ConvGeometry;
 const TILE_OUT: usize = 4;
 /// Input channels per register tile.
 const TILE_IN: usize = 6;
+/// The tile (output × input channels) with 16 vector registers (AVX2, SSE2): 12 accumulators,
+/// 3 gradient vectors and the input vector. The 4 × 6 tile spilled its accumulators there;
+/// AVX2 grad-weight on this machine (harness, min of 5, alternated 2×): reference layer B's
+/// 3 × 3 35.2–35.4 → 22.3–22.8 ms (AVX-512: 19–21), its sp halves 6.1–6.2 → 4.3–4.4 and
+/// 12.8–13.1 → 8.5–9.4; 2 × 6, 3 × 3 and 2 × 5 tiles 25–27 ms on the 3 × 3.
+const NARROW_TILE: (usize, usize) = (3, 4);
 /// Floats of input (all channels of a group) per chunk of positions: 512 KiB, half of L2.
 /// Smaller chunks (128–256 KiB) were 5–20% slower on reference layer B's 3 × 1 half: more
 /// partial-sum traffic per multiplication.
@@ -192,6 +198,11 @@ unsafe fn accumulate_images_kernel<S: SimdF32>(
     // Whole rows per chunk, so a row's segment never straddles two chunks.
     let width = g.out_w;
     let chunk = (CHUNK_FLOATS / cig / width).max(1) * width;
+    let (tile_out, tile_in) = if S::REGISTERS >= 32 {
+        (TILE_OUT, TILE_IN)
+    } else {
+        NARROW_TILE
+    };
 
     for n in images {
         for grp in 0..g.groups {
@@ -199,7 +210,7 @@ unsafe fn accumulate_images_kernel<S: SimdF32>(
             let gyg = (n * g.out_channels + grp * cog) * ohw;
             for q0 in (0..ohw).step_by(chunk) {
                 let q1 = (q0 + chunk).min(ohw);
-                for o0 in (0..cog).step_by(TILE_OUT) {
+                for o0 in (0..cog).step_by(tile_out) {
                     for (t, tap) in taps.iter().enumerate() {
                         let Some(tap) = tap else { continue };
                         // Positions first + s·pitch .. + len for s < count.
@@ -212,7 +223,7 @@ unsafe fn accumulate_images_kernel<S: SimdF32>(
                         } else {
                             (r0 * width + tap.cols.0, tap.cols.1 - tap.cols.0, r1 - r0)
                         };
-                        for c0 in (0..cig).step_by(TILE_IN) {
+                        for c0 in (0..cig).step_by(tile_in) {
                             let block = Block {
                                 gy: gyg + o0 * ohw + first,
                                 gy_rows: ohw,
@@ -227,7 +238,7 @@ unsafe fn accumulate_images_kernel<S: SimdF32>(
                                 partial: (((grp * t_count + t) * cog + o0) * cig + c0) * l,
                                 partial_rows: cig * l,
                             };
-                            let (ro, rc) = (TILE_OUT.min(cog - o0), TILE_IN.min(cig - c0));
+                            let (ro, rc) = (tile_out.min(cog - o0), tile_in.min(cig - c0));
                             // SAFETY: rows o0 .. o0 + ro of gY and c0 .. c0 + rc of x, every
                             // segment (shifted by off for x) lie in this group's planes, and
                             // the partial block lies in `partial` (asserted above).
