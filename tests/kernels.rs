@@ -522,10 +522,30 @@ fn shifted_grad_weight_equals_reference_where_it_applies() {
                 &d.x,
                 &d.gy,
                 &mut gw,
+                None,
                 &mut Workspace::new(),
             )
             .unwrap();
             assert_close(&gw, &gw_ref, 1e-4, &format!("{exec:?} {g:?}"));
+            // With grad-bias from the same pass: bit for bit the separate pass's.
+            let (mut gw_b, mut gb) = (
+                vec![f32::NAN; g.weight_len()],
+                vec![f32::NAN; g.out_channels],
+            );
+            kernels::shifted_grad_weight::grad_weight(
+                exec,
+                &g,
+                &d.x,
+                &d.gy,
+                &mut gw_b,
+                Some(&mut gb),
+                &mut Workspace::new(),
+            )
+            .unwrap();
+            let mut gb_alone = vec![0.0; g.out_channels];
+            kernels::conv2d_grad_bias(exec, &g, &d.gy, &mut gb_alone);
+            assert_eq!(gw_b, gw, "grad-weight with grad-bias {exec:?} {g:?}");
+            assert_eq!(gb, gb_alone, "grad-bias {exec:?} {g:?}");
         }
     }
 }

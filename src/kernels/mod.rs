@@ -482,7 +482,7 @@ pub fn conv2d_grad_weight(
             channels_last_grad_weight::grad_weight(exec, g, x, gy, gw, ws)
         }
         GradWeightKernel::TapGemm => tap_grad_weight::grad_weight(exec, g, x, gy, gw, ws),
-        GradWeightKernel::Shifted => shifted_grad_weight::grad_weight(exec, g, x, gy, gw, ws),
+        GradWeightKernel::Shifted => shifted_grad_weight::grad_weight(exec, g, x, gy, gw, None, ws),
         GradWeightKernel::TapGemmPhases => {
             tap_grad_weight::grad_weight_on_phases(exec, g, x, gy, gw, ws)
         }
@@ -495,9 +495,11 @@ pub fn conv2d_grad_weight(
 /// [`conv2d_grad_weight`], [`conv2d_grad_input`] and [`conv2d_grad_bias`], except where one
 /// pass computes several: stride-1 depthwise layers on the channel-blocked kernel, whose
 /// weight and input gradients come from one pass over the output gradient
-/// ([`depthwise_blocked::backward`]), and pointwise layers split by images, whose three
-/// gradients are computed image by image ([`conv::pointwise_backward`]). Results are the same
-/// either way (grad-bias bit for bit).
+/// ([`depthwise_blocked::backward`]), pointwise layers split by images, whose three gradients
+/// are computed image by image ([`conv::pointwise_backward`]), and layers whose grad-weight
+/// runs on the shifted kernel, which sums grad-bias image by image as it goes
+/// ([`shifted_grad_weight::grad_weight`]). Results are the same either way (grad-bias bit for
+/// bit).
 #[allow(clippy::too_many_arguments)]
 pub fn conv2d_backward(
     exec: Exec,
@@ -521,11 +523,18 @@ pub fn conv2d_backward(
     if conv::pointwise_backward_applies(exec, g) {
         return conv::pointwise_backward(exec, g, x, gy, w, gx, gw, gb, ws);
     }
-    if let Some(gb) = gb {
-        conv2d_grad_bias(exec, g, gy, gb);
-    }
+    // The shifted grad-weight sums each image's output gradient for grad-bias while it is in
+    // cache; the other kernels leave that to its own pass over the output gradient.
+    let gb = match gb {
+        Some(gb) if GradWeightKernel::choose(exec, g) == GradWeightKernel::Shifted => Some(gb),
+        Some(gb) => {
+            conv2d_grad_bias(exec, g, gy, gb);
+            None
+        }
+        None => None,
+    };
     let Some(gx) = gx else {
-        return conv2d_grad_weight(exec, g, x, gy, gw, ws);
+        return grad_weight_and_bias(exec, g, x, gy, gw, gb, ws);
     };
     match fused_backward(g) {
         Some(adj) => ws.with_weights(w.len(), "the adjoint kernel", |wt, ws| {
@@ -533,9 +542,26 @@ pub fn conv2d_backward(
             depthwise_blocked::backward(exec, g, &adj, x, gy, wt, gx, gw, ws)
         }),
         None => {
-            conv2d_grad_weight(exec, g, x, gy, gw, ws)?;
+            grad_weight_and_bias(exec, g, x, gy, gw, gb, ws)?;
             conv2d_grad_input(exec, g, gy, w, gx, ws)
         }
+    }
+}
+
+/// Grad-weight, and grad-bias with it where `gb` is given (only when the shifted kernel
+/// computes grad-weight: see [`conv2d_backward`]).
+fn grad_weight_and_bias(
+    exec: Exec,
+    g: &ConvGeometry,
+    x: &[f32],
+    gy: &[f32],
+    gw: &mut [f32],
+    gb: Option<&mut [f32]>,
+    ws: &mut Workspace,
+) -> Result<()> {
+    match gb {
+        Some(gb) => shifted_grad_weight::grad_weight(exec, g, x, gy, gw, Some(gb), ws),
+        None => conv2d_grad_weight(exec, g, x, gy, gw, ws),
     }
 }
 
