@@ -26,9 +26,7 @@ use rayon::prelude::*;
 use super::gemm::{MatView, gemm};
 use super::pointwise::{Operands, Rows, small_k_gemm, wants_row_major_c};
 
-use super::{
-    Exec, Workspace, elementwise, for_each_image_task, for_each_task, sum_over_images, task_count,
-};
+use super::{Exec, ImageSums, Workspace, for_each_image_task, for_each_task, task_count};
 use crate::error::Result;
 use crate::geometry::ConvGeometry;
 
@@ -635,27 +633,19 @@ pub fn pointwise_backward(
     let s = GroupSlices::new(g);
     let isa = exec.isa();
     let wlen = gw.len();
-    let sums_len = if gb.is_some() { g.out_channels } else { 0 };
-    let images_per_task = g.batch.div_ceil(plan.tasks);
-    // Per task: its grad-weight copy, then one row of grad-bias sums per image.
-    let per_task = wlen + images_per_task * sums_len;
+    // Per task: its grad-weight copy, then the grad-bias sums of its images.
+    let sums = ImageSums::new(g, plan.tasks, wlen, gb.is_some());
+    let per_task = sums.per_task();
     let with_grad_input = gx.is_some();
     let run = |tw: TransposedWeight<'_>, ws: &mut Workspace| -> Result<()> {
         let scratch = ws.take(per_task * plan.tasks)?;
         let task = |images: Range<usize>, mut gxc: Option<&mut [f32]>, st: &mut [f32]| {
-            let (part, sums) = st.split_at_mut(wlen);
-            part.fill(0.0);
+            st[..wlen].fill(0.0);
             for n in images.clone() {
-                let sums_n = &mut sums[(n - images.start) * sums_len..][..sums_len];
                 for grp in 0..g.groups {
                     let gyg = s.output(gy, 0, n, grp);
-                    if sums_len > 0 {
-                        let rows = gyg.chunks_exact(s.p);
-                        for (v, row) in sums_n[grp * s.cog..][..s.cog].iter_mut().zip(rows) {
-                            *v = elementwise::sum(isa, row);
-                        }
-                    }
-                    let gwg = &mut part[grp * s.cog * s.k..][..s.cog * s.k];
+                    sums.add_planes(isa, st, n - images.start, grp * s.cog, gyg, s.p);
+                    let gwg = &mut st[grp * s.cog * s.k..][..s.cog * s.k];
                     let xt = MatView::dense(s.input(x, 0, n, grp), s.cig, s.p).t();
                     let gy_rows = MatView::dense(gyg, s.cog, s.p);
                     gemm(gwg, s.k, gy_rows, xt, true, plan.gemm_threads);
@@ -680,13 +670,7 @@ pub fn pointwise_backward(
         }
         sum_weight_copies(exec, scratch, per_task, gw);
         if let Some(gb) = gb {
-            let image_sum = |n: usize, c: usize| {
-                let (t, j) = (n / images_per_task, n % images_per_task);
-                scratch[t * per_task + wlen + j * sums_len + c]
-            };
-            for (c, v) in gb.iter_mut().enumerate() {
-                *v = sum_over_images(g.batch, |n| image_sum(n, c));
-            }
+            sums.grad_bias(g.batch, scratch, per_task, gb);
         }
         Ok(())
     };

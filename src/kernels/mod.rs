@@ -583,6 +583,65 @@ pub(crate) fn sum_over_images(batch: usize, image_sum: impl Fn(usize) -> f32) ->
     (0..batch).map(|n| image_sum(n) as f64).sum::<f64>() as f32
 }
 
+/// Grad-bias sums per image in per-task scratch, for kernels that read each image's output
+/// gradient anyway: each task's slice holds, after its first `offset` floats, one row of
+/// `channels` sums per image of the task (tasks take `images_per_task` consecutive images, as
+/// [`for_each_image_task`] and [`for_each_task`] split a batch). [`ImageSums::grad_bias`] adds
+/// them in [`sum_over_images`]'s order: bit for bit [`conv2d_grad_bias`].
+#[derive(Clone, Copy)]
+pub(crate) struct ImageSums {
+    offset: usize,
+    images_per_task: usize,
+    channels: usize,
+}
+
+impl ImageSums {
+    /// The rows of `g`'s batch split into `tasks` tasks, after `offset` floats of each task's
+    /// slice; none (zero floats) without `wanted`.
+    pub(crate) fn new(g: &ConvGeometry, tasks: usize, offset: usize, wanted: bool) -> Self {
+        ImageSums {
+            offset,
+            images_per_task: g.batch.div_ceil(tasks.max(1)),
+            channels: if wanted { g.out_channels } else { 0 },
+        }
+    }
+
+    /// Floats each task's slice needs: `offset` and the rows.
+    pub(crate) fn per_task(&self) -> usize {
+        self.offset + self.images_per_task * self.channels
+    }
+
+    /// Sums `planes` (channels `c0 ..`, `plane` floats each) of the task's `local`-th image
+    /// into its row in the task's slice `st`; nothing when no sums are wanted.
+    pub(crate) fn add_planes(
+        &self,
+        isa: Isa,
+        st: &mut [f32],
+        local: usize,
+        c0: usize,
+        planes: &[f32],
+        plane: usize,
+    ) {
+        if self.channels == 0 {
+            return;
+        }
+        let row = &mut st[self.offset + local * self.channels..][..self.channels];
+        for (v, p) in row[c0..].iter_mut().zip(planes.chunks_exact(plane)) {
+            *v = elementwise::sum(isa, p);
+        }
+    }
+
+    /// Grad-bias of the batch (`batch` images; `scratch` the tasks' slices, `per_task` apart).
+    pub(crate) fn grad_bias(&self, batch: usize, scratch: &[f32], per_task: usize, gb: &mut [f32]) {
+        for (c, v) in gb.iter_mut().enumerate() {
+            *v = sum_over_images(batch, |n| {
+                let (t, j) = (n / self.images_per_task, n % self.images_per_task);
+                scratch[t * per_task + self.offset + j * self.channels + c]
+            });
+        }
+    }
+}
+
 /// `gb[c] = Σ gy[·, c, ·, ·]` (overwrites `gb`).
 pub fn conv2d_grad_bias(exec: Exec, g: &ConvGeometry, gy: &[f32], gb: &mut [f32]) {
     assert_eq!(gy.len(), g.output_len(), "grad-output length");

@@ -32,7 +32,7 @@
 use rayon::prelude::*;
 
 use super::simd::SimdF32;
-use super::{Exec, Workspace, elementwise, for_each_image_task, sum_over_images};
+use super::{Exec, ImageSums, Workspace, for_each_image_task};
 use crate::error::Result;
 use crate::geometry::ConvGeometry;
 
@@ -142,37 +142,32 @@ pub fn grad_weight(
     let lanes = exec.isa().lanes();
     let partial_len = gw.len() * lanes;
     let tasks = exec.threads().min(g.batch);
-    let images_per_task = g.batch.div_ceil(tasks);
-    // Per task: its partial sums, then one row of grad-bias sums per image.
-    let sums_len = if gb.is_some() { g.out_channels } else { 0 };
-    let per_task = partial_len + images_per_task * sums_len;
+    // Per task: its partial sums, then the grad-bias sums of its images.
+    let sums = ImageSums::new(g, tasks, partial_len, gb.is_some());
+    let per_task = sums.per_task();
     let scratch = ws.take(per_task * tasks)?;
+    let image_len = g.out_channels * g.out_pixels();
     for_each_image_task(g.batch, scratch, per_task, |images, st| {
-        let (partial, sums) = st.split_at_mut(partial_len);
-        partial.fill(0.0);
+        st[..partial_len].fill(0.0);
         for n in images.clone() {
-            accumulate_images(exec.isa(), g, &taps, x, gy, n..n + 1, partial);
-            if sums_len > 0 {
-                // The image's output gradient has just gone through the caches: its sums read
-                // it from there instead of from memory in a pass of their own.
-                let planes =
-                    &gy[n * g.out_channels * g.out_pixels()..][..sums_len * g.out_pixels()];
-                let row = &mut sums[(n - images.start) * sums_len..][..sums_len];
-                for (v, plane) in row.iter_mut().zip(planes.chunks_exact(g.out_pixels())) {
-                    *v = elementwise::sum(exec.isa(), plane);
-                }
-            }
+            accumulate_images(
+                exec.isa(),
+                g,
+                &taps,
+                x,
+                gy,
+                n..n + 1,
+                &mut st[..partial_len],
+            );
+            // The image's output gradient has just gone through the caches: its sums read it
+            // from there instead of from memory in a pass of their own.
+            let planes = &gy[n * image_len..(n + 1) * image_len];
+            sums.add_planes(exec.isa(), st, n - images.start, 0, planes, g.out_pixels());
         }
     });
     sum_task_partials(g, scratch, per_task, lanes, gw);
     if let Some(gb) = gb {
-        let image_sum = |n: usize, c: usize| {
-            let (t, j) = (n / images_per_task, n % images_per_task);
-            scratch[t * per_task + partial_len + j * sums_len + c]
-        };
-        for (c, v) in gb.iter_mut().enumerate() {
-            *v = sum_over_images(g.batch, |n| image_sum(n, c));
-        }
+        sums.grad_bias(g.batch, scratch, per_task, gb);
     }
     Ok(())
 }
