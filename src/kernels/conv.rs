@@ -670,7 +670,7 @@ pub fn pointwise_backward(
         }
         sum_weight_copies(exec, scratch, per_task, gw);
         if let Some(gb) = gb {
-            sums.grad_bias(g.batch, scratch, per_task, gb);
+            sums.grad_bias(g.batch, scratch, gb);
         }
         Ok(())
     };

@@ -631,8 +631,10 @@ impl ImageSums {
         }
     }
 
-    /// Grad-bias of the batch (`batch` images; `scratch` the tasks' slices, `per_task` apart).
-    pub(crate) fn grad_bias(&self, batch: usize, scratch: &[f32], per_task: usize, gb: &mut [f32]) {
+    /// Grad-bias of the batch (`batch` images; `scratch` the tasks' slices, [`Self::per_task`]
+    /// floats each).
+    pub(crate) fn grad_bias(&self, batch: usize, scratch: &[f32], gb: &mut [f32]) {
+        let per_task = self.per_task();
         for (c, v) in gb.iter_mut().enumerate() {
             *v = sum_over_images(batch, |n| {
                 let (t, j) = (n / self.images_per_task, n % self.images_per_task);

@@ -167,7 +167,7 @@ pub fn grad_weight(
     });
     sum_task_partials(g, scratch, per_task, lanes, gw);
     if let Some(gb) = gb {
-        sums.grad_bias(g.batch, scratch, per_task, gb);
+        sums.grad_bias(g.batch, scratch, gb);
     }
     Ok(())
 }
