@@ -150,15 +150,7 @@ pub fn grad_weight(
     for_each_image_task(g.batch, scratch, per_task, |images, st| {
         st[..partial_len].fill(0.0);
         for n in images.clone() {
-            accumulate_images(
-                exec.isa(),
-                g,
-                &taps,
-                x,
-                gy,
-                n..n + 1,
-                &mut st[..partial_len],
-            );
+            accumulate_image(exec.isa(), g, &taps, x, gy, n, &mut st[..partial_len]);
             // The image's output gradient has just gone through the caches: its sums read it
             // from there instead of from memory in a pass of their own.
             let planes = &gy[n * image_len..(n + 1) * image_len];
@@ -202,20 +194,19 @@ pub(crate) fn sum_task_partials(
         });
 }
 
-crate::simd_dispatch!(fn accumulate_images => accumulate_images_kernel(
-    g: &ConvGeometry, taps: &[Option<Tap>], x: &[f32], gy: &[f32],
-    images: std::ops::Range<usize>, partial: &mut [f32]
+crate::simd_dispatch!(fn accumulate_image => accumulate_image_kernel(
+    g: &ConvGeometry, taps: &[Option<Tap>], x: &[f32], gy: &[f32], n: usize,
+    partial: &mut [f32]
 ));
 
-/// Adds every image's dot products over each tap's position range to the per-lane partial
-/// sums.
+/// Adds image `n`'s dot products over each tap's position range to the per-lane partial sums.
 #[inline(always)]
-unsafe fn accumulate_images_kernel<S: SimdF32>(
+unsafe fn accumulate_image_kernel<S: SimdF32>(
     g: &ConvGeometry,
     taps: &[Option<Tap>],
     x: &[f32],
     gy: &[f32],
-    images: std::ops::Range<usize>,
+    n: usize,
     partial: &mut [f32],
 ) {
     let (cig, cog) = (g.in_channels_per_group(), g.out_channels_per_group());
@@ -232,46 +223,44 @@ unsafe fn accumulate_images_kernel<S: SimdF32>(
         NARROW_TILE
     };
 
-    for n in images {
-        for grp in 0..g.groups {
-            let xg = (n * g.in_channels + grp * cig) * hw;
-            let gyg = (n * g.out_channels + grp * cog) * ohw;
-            for q0 in (0..ohw).step_by(chunk) {
-                let q1 = (q0 + chunk).min(ohw);
-                for o0 in (0..cog).step_by(tile_out) {
-                    for (t, tap) in taps.iter().enumerate() {
-                        let Some(tap) = tap else { continue };
-                        // Positions first + s·pitch .. + len for s < count.
-                        let (r0, r1) = (tap.rows.0.max(q0 / width), tap.rows.1.min(q1 / width));
-                        if r0 >= r1 {
-                            continue;
-                        }
-                        let (first, len, count) = if tap.whole_rows(width) {
-                            (r0 * width, (r1 - r0) * width, 1)
-                        } else {
-                            (r0 * width + tap.cols.0, tap.cols.1 - tap.cols.0, r1 - r0)
+    for grp in 0..g.groups {
+        let xg = (n * g.in_channels + grp * cig) * hw;
+        let gyg = (n * g.out_channels + grp * cog) * ohw;
+        for q0 in (0..ohw).step_by(chunk) {
+            let q1 = (q0 + chunk).min(ohw);
+            for o0 in (0..cog).step_by(tile_out) {
+                for (t, tap) in taps.iter().enumerate() {
+                    let Some(tap) = tap else { continue };
+                    // Positions first + s·pitch .. + len for s < count.
+                    let (r0, r1) = (tap.rows.0.max(q0 / width), tap.rows.1.min(q1 / width));
+                    if r0 >= r1 {
+                        continue;
+                    }
+                    let (first, len, count) = if tap.whole_rows(width) {
+                        (r0 * width, (r1 - r0) * width, 1)
+                    } else {
+                        (r0 * width + tap.cols.0, tap.cols.1 - tap.cols.0, r1 - r0)
+                    };
+                    for c0 in (0..cig).step_by(tile_in) {
+                        let block = Block {
+                            gy: gyg + o0 * ohw + first,
+                            gy_rows: ohw,
+                            // Every segment shifted by off stays in its row of the plane:
+                            // valid rows and columns only (Tap::new).
+                            x: (xg + c0 * hw + first).wrapping_add_signed(tap.off),
+                            x_rows: hw,
+                            first,
+                            len,
+                            count,
+                            pitch: width,
+                            partial: (((grp * t_count + t) * cog + o0) * cig + c0) * l,
+                            partial_rows: cig * l,
                         };
-                        for c0 in (0..cig).step_by(tile_in) {
-                            let block = Block {
-                                gy: gyg + o0 * ohw + first,
-                                gy_rows: ohw,
-                                // Every segment shifted by off stays in its row of the plane:
-                                // valid rows and columns only (Tap::new).
-                                x: (xg + c0 * hw + first).wrapping_add_signed(tap.off),
-                                x_rows: hw,
-                                first,
-                                len,
-                                count,
-                                pitch: width,
-                                partial: (((grp * t_count + t) * cog + o0) * cig + c0) * l,
-                                partial_rows: cig * l,
-                            };
-                            let (ro, rc) = (tile_out.min(cog - o0), tile_in.min(cig - c0));
-                            // SAFETY: rows o0 .. o0 + ro of gY and c0 .. c0 + rc of x, every
-                            // segment (shifted by off for x) lie in this group's planes, and
-                            // the partial block lies in `partial` (asserted above).
-                            unsafe { block.run::<S>(gy, x, partial, ro, rc) };
-                        }
+                        let (ro, rc) = (tile_out.min(cog - o0), tile_in.min(cig - c0));
+                        // SAFETY: rows o0 .. o0 + ro of gY and c0 .. c0 + rc of x, every
+                        // segment (shifted by off for x) lie in this group's planes, and
+                        // the partial block lies in `partial` (asserted above).
+                        unsafe { block.run::<S>(gy, x, partial, ro, rc) };
                     }
                 }
             }
