@@ -523,24 +523,19 @@ pub fn conv2d_backward(
     if conv::pointwise_backward_applies(exec, g) {
         return conv::pointwise_backward(exec, g, x, gy, w, gx, gw, gb, ws);
     }
-    // The shifted grad-weight sums each image's output gradient for grad-bias while it is in
-    // cache; the other kernels leave that to its own pass over the output gradient.
-    let gb = match gb {
-        Some(gb) if GradWeightKernel::choose(exec, g) == GradWeightKernel::Shifted => Some(gb),
-        Some(gb) => {
-            conv2d_grad_bias(exec, g, gy, gb);
-            None
-        }
-        None => None,
-    };
     let Some(gx) = gx else {
         return grad_weight_and_bias(exec, g, x, gy, gw, gb, ws);
     };
     match fused_backward(g) {
-        Some(adj) => ws.with_weights(w.len(), "the adjoint kernel", |wt, ws| {
-            adjoint_weight(exec, g, w, wt);
-            depthwise_blocked::backward(exec, g, &adj, x, gy, wt, gx, gw, ws)
-        }),
+        Some(adj) => {
+            if let Some(gb) = gb {
+                conv2d_grad_bias(exec, g, gy, gb);
+            }
+            ws.with_weights(w.len(), "the adjoint kernel", |wt, ws| {
+                adjoint_weight(exec, g, w, wt);
+                depthwise_blocked::backward(exec, g, &adj, x, gy, wt, gx, gw, ws)
+            })
+        }
         None => {
             grad_weight_and_bias(exec, g, x, gy, gw, gb, ws)?;
             conv2d_grad_input(exec, g, gy, w, gx, ws)
@@ -548,8 +543,9 @@ pub fn conv2d_backward(
     }
 }
 
-/// Grad-weight, and grad-bias with it where `gb` is given (only when the shifted kernel
-/// computes grad-weight: see [`conv2d_backward`]).
+/// Grad-weight, and grad-bias when `gb` is given: the shifted grad-weight sums each image's
+/// output gradient for it while that is in cache; with the other kernels it is a pass of its
+/// own over the output gradient.
 fn grad_weight_and_bias(
     exec: Exec,
     g: &ConvGeometry,
@@ -560,7 +556,13 @@ fn grad_weight_and_bias(
     ws: &mut Workspace,
 ) -> Result<()> {
     match gb {
-        Some(gb) => shifted_grad_weight::grad_weight(exec, g, x, gy, gw, Some(gb), ws),
+        Some(gb) if GradWeightKernel::choose(exec, g) == GradWeightKernel::Shifted => {
+            shifted_grad_weight::grad_weight(exec, g, x, gy, gw, Some(gb), ws)
+        }
+        Some(gb) => {
+            conv2d_grad_bias(exec, g, gy, gb);
+            conv2d_grad_weight(exec, g, x, gy, gw, ws)
+        }
         None => conv2d_grad_weight(exec, g, x, gy, gw, ws),
     }
 }
