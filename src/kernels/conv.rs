@@ -709,10 +709,8 @@ fn with_transposed_weight<R>(
     if !wants_row_major_c(exec.isa()) {
         return f(TransposedWeight::View(w), ws);
     }
-    ws.with_weights(w.len(), "the transposed weight", |wt, ws| {
-        super::adjoint_weight(exec, g, w, wt);
-        f(TransposedWeight::Copy(wt), ws)
-    })
+    // For a 1 × 1 kernel the adjoint weight is the per-group transpose.
+    super::with_adjoint_weight(exec, g, w, ws, |wt, ws| f(TransposedWeight::Copy(wt), ws))
 }
 
 /// The unpacked product `Wᵀ · gY` of one image's group `grp` in a pointwise grad-input.

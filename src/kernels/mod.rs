@@ -301,12 +301,9 @@ pub fn conv2d_grad_input(
     };
     match (ConvAlgorithm::choose(exec, g), adjoint_geometry(g)) {
         (ConvAlgorithm::Pointwise, _) => conv::grad_input(exec, g, gy, w, gx, ws),
-        (_, Some(adj)) if adjoint_pays(&adj) => {
-            ws.with_weights(w.len(), "the adjoint kernel", |wt, ws| {
-                adjoint_weight(exec, g, w, wt);
-                conv2d_forward(exec, &adj, gy, wt, None, gx, ws)
-            })
-        }
+        (_, Some(adj)) if adjoint_pays(&adj) => with_adjoint_weight(exec, g, w, ws, |wt, ws| {
+            conv2d_forward(exec, &adj, gy, wt, None, gx, ws)
+        }),
         (ConvAlgorithm::Depthwise, _) if depthwise_blocked::grad_input_applies(g) => {
             depthwise_blocked::grad_input(exec, g, gy, w, gx, ws)
         }
@@ -347,6 +344,20 @@ fn adjoint_geometry(g: &ConvGeometry) -> Option<ConvGeometry> {
         g.kernel_w,
     ];
     ConvGeometry::new(g.output_shape(), weight, &params).ok()
+}
+
+/// Runs `f` with `g`'s adjoint weight ([`adjoint_weight`]) in the workspace's weight buffer.
+pub(crate) fn with_adjoint_weight<R>(
+    exec: Exec,
+    g: &ConvGeometry,
+    w: &[f32],
+    ws: &mut Workspace,
+    f: impl FnOnce(&[f32], &mut Workspace) -> Result<R>,
+) -> Result<R> {
+    ws.with_weights(w.len(), "the adjoint kernel", |wt, ws| {
+        adjoint_weight(exec, g, w, wt);
+        f(wt, ws)
+    })
 }
 
 /// The adjoint's weight: `wt[grp·cig + ci][co][i][j] = w[grp·cog + co][ci][kh−1−i][kw−1−j]`.
@@ -531,8 +542,7 @@ pub fn conv2d_backward(
             if let Some(gb) = gb {
                 conv2d_grad_bias(exec, g, gy, gb);
             }
-            ws.with_weights(w.len(), "the adjoint kernel", |wt, ws| {
-                adjoint_weight(exec, g, w, wt);
+            with_adjoint_weight(exec, g, w, ws, |wt, ws| {
                 depthwise_blocked::backward(exec, g, &adj, x, gy, wt, gx, gw, ws)
             })
         }
