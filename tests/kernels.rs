@@ -644,8 +644,10 @@ fn same_width_layers_take_the_tap_gemm_grad_weight() {
 /// gathers per residue class), a 5 × 3 at stride 1 dilated across with asymmetric padding (the
 /// fused backward's general tap loops), a 3 × 3 at stride 2 "same" on odd and even sizes (as
 /// reference layer E), a 3 × 1 strided down only, a 2 × 2 at stride 3 (a third of the input
-/// rows get no tap) and a 5 × 5 at stride 2 (classes of up to nine taps).
-fn blocked_depthwise_cases() -> [Case; 8] {
+/// rows get no tap), a 5 × 5 at stride 2 (classes of up to nine taps) and a 3 × 3 at stride 2
+/// without padding whose output rows are whole vectors on every instruction set (16 columns:
+/// the last input column is read only by the last output's third tap).
+fn blocked_depthwise_cases() -> [Case; 9] {
     [
         (
             [2, 16, 13, 21],
@@ -690,6 +692,11 @@ fn blocked_depthwise_cases() -> [Case; 8] {
             Conv2dParams::with_padding(Padding::Same)
                 .groups(16)
                 .stride(2, 2),
+        ),
+        (
+            [2, 16, 9, 33],
+            [16, 1, 3, 3],
+            Conv2dParams::default().groups(16).stride(2, 2),
         ),
     ]
 }
