@@ -352,17 +352,15 @@ pub fn forward(
                         let yg = &mut yc[at..at + s.out_group];
                         let xg = s.input(x, 0, t.n0, grp);
                         if plan.unpacked {
-                            let ops = Operands {
-                                c: s.weight_slice(w, grp),
-                                c_rows: Rows::Strided(s.k),
-                                c_col: 1,
-                                d: xg,
-                                n: s.cog,
-                                k: s.cig,
-                                p: s.p,
-                                bias: bias_g,
-                                d_rows: Rows::Strided(s.p),
-                            };
+                            let ops = Operands::dense(
+                                s.weight_slice(w, grp),
+                                s.cog,
+                                s.cig,
+                                xg,
+                                s.p,
+                                s.p,
+                                bias_g,
+                            );
                             small_k_gemm(exec.isa(), ops, yg, s.p, false);
                             continue;
                         }

@@ -19,7 +19,7 @@ use std::ops::Range;
 
 use super::depthwise::{PhaseLayout, channel_outputs, fill_phases};
 use super::depthwise_blocked;
-use super::pointwise::{Operands, Rows, small_k_gemm};
+use super::pointwise::{Operands, small_k_gemm};
 use super::simd::SimdF32;
 use super::{Exec, Workspace, for_each_task};
 use crate::error::Result;
@@ -247,18 +247,7 @@ unsafe fn fused_images_kernel<S: SimdF32>(
                 }
             }
             let col0 = band.out_rows.start * ow;
-            let ops = Operands {
-                c: wp,
-                c_rows: Rows::Strided(mk),
-                c_col: 1,
-
-                d: &dbuf[..mk * bp],
-                n: n_out,
-                k: mk,
-                p: bp,
-                bias,
-                d_rows: Rows::Strided(bp),
-            };
+            let ops = Operands::dense(wp, n_out, mk, &dbuf[..mk * bp], bp, bp, bias);
             small_k_gemm(S::ISA, ops, &mut yi[col0..], p, false);
         }
     }

@@ -91,6 +91,30 @@ pub struct Operands<'a> {
 }
 
 impl<'a> Operands<'a> {
+    /// A dense row-major C (n × k) times the D whose rows are `d_stride` floats apart in `d`
+    /// (p columns): the plain GEMM of a pointwise layer and of Winograd's products.
+    pub fn dense(
+        c: &'a [f32],
+        n: usize,
+        k: usize,
+        d: &'a [f32],
+        d_stride: usize,
+        p: usize,
+        bias: Option<&'a [f32]>,
+    ) -> Self {
+        Operands {
+            c,
+            c_rows: Rows::Strided(k),
+            c_col: 1,
+            d,
+            n,
+            k,
+            p,
+            bias,
+            d_rows: Rows::Strided(d_stride),
+        }
+    }
+
     /// A dense row-major weight `w` (n × k) times the D whose row kk starts at `rows[kk]` of
     /// `d` (p columns): the product of every implicit-GEMM convolution.
     pub fn weights_times_rows(
@@ -647,17 +671,7 @@ mod tests {
                 let y = &mut buf[offset..offset + (n - 1) * ldy + p];
                 small_k_gemm(
                     isa,
-                    Operands {
-                        c: &c,
-                        c_rows: Rows::Strided(k),
-                        c_col: 1,
-                        d: &d,
-                        n,
-                        k,
-                        p,
-                        bias: None,
-                        d_rows: Rows::Strided(p),
-                    },
+                    Operands::dense(&c, n, k, &d, p, p, None),
                     y,
                     ldy,
                     false,
@@ -682,17 +696,7 @@ mod tests {
             let mut y = vec![0.0f32; n * p];
             small_k_gemm(
                 isa,
-                Operands {
-                    c: &c,
-                    c_rows: Rows::Strided(k),
-                    c_col: 1,
-                    d: &d,
-                    n,
-                    k,
-                    p,
-                    bias: Some(&bias),
-                    d_rows: Rows::Strided(p),
-                },
+                Operands::dense(&c, n, k, &d, p, p, Some(&bias)),
                 &mut y,
                 p,
                 false,
@@ -730,17 +734,7 @@ mod tests {
                     let mut y = vec![1.0f32; n * ldy];
                     small_k_gemm(
                         isa,
-                        Operands {
-                            c: &c,
-                            c_rows: Rows::Strided(k),
-                            c_col: 1,
-                            d: &d,
-                            n,
-                            k,
-                            p,
-                            bias: None,
-                            d_rows: Rows::Strided(p + 5),
-                        },
+                        Operands::dense(&c, n, k, &d, p + 5, p, None),
                         &mut y,
                         ldy,
                         accumulate,

@@ -21,7 +21,7 @@
 use super::depthwise::{PhaseLayout, fill_phases};
 use super::elementwise;
 use super::gemm::{MatView, gemm};
-use super::pointwise::{Operands, Rows, small_k_gemm};
+use super::pointwise::{Operands, small_k_gemm};
 use super::simd::SimdF32;
 use super::{Exec, Workspace, for_each_task};
 use crate::error::Result;
@@ -201,17 +201,7 @@ pub fn forward(
                         let vk = &v[xi * m_in * tb..(xi + 1) * m_in * tb];
                         let pk = &mut prod[xi * n_out * tb..(xi + 1) * n_out * tb];
                         if m_in <= UNPACKED_MAX_K && gemm_threads == 1 {
-                            let ops = Operands {
-                                c: uk,
-                                c_rows: Rows::Strided(m_in),
-                                c_col: 1,
-                                d: vk,
-                                n: n_out,
-                                k: m_in,
-                                p: tb,
-                                bias: None,
-                                d_rows: Rows::Strided(tb),
-                            };
+                            let ops = Operands::dense(uk, n_out, m_in, vk, tb, tb, None);
                             small_k_gemm(exec.isa(), ops, pk, tb, false);
                         } else {
                             gemm(
