@@ -14,7 +14,7 @@
 //! and faer's packing per short product cost most (see [`applies`]).
 
 use super::implicit::{PixelRows, transpose_planes, transposed_stride};
-use super::pointwise::{Operands, Rows, small_k_gemm};
+use super::pointwise::{Operands, Rows, Store, small_k_gemm};
 use super::simd::SimdF32;
 use super::{Exec, Workspace};
 use crate::error::Result;
@@ -156,7 +156,7 @@ pub fn grad_weight(
                                     p: cig,
                                     bias: None,
                                 };
-                                small_k_gemm(isa, ops, out, row_len, true);
+                                small_k_gemm(isa, ops, out, row_len, Store::Accumulate);
                             }
                         }
                     }

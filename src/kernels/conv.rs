@@ -24,7 +24,7 @@ use std::ops::Range;
 use rayon::prelude::*;
 
 use super::gemm::{MatView, gemm};
-use super::pointwise::{Operands, Rows, small_k_gemm, wants_row_major_c};
+use super::pointwise::{Operands, Rows, Store, small_k_gemm, wants_row_major_c};
 
 use super::{Exec, ImageSums, Workspace, for_each_image_task, for_each_task, task_count};
 use crate::error::Result;
@@ -361,7 +361,7 @@ pub fn forward(
                                 s.p,
                                 bias_g,
                             );
-                            small_k_gemm(exec.isa(), ops, yg, s.p, false);
+                            small_k_gemm(exec.isa(), ops, yg, s.p, Store::Stream);
                             continue;
                         }
                         if let Some(b) = bias_g {
@@ -464,7 +464,7 @@ pub fn grad_input(
                             let gxg = &mut gxc[at(t.n0)..at(t.n0) + s.in_group];
                             if plan.unpacked {
                                 let ops = transposed_weight_times(tw, &s, grp, gyg);
-                                small_k_gemm(exec.isa(), ops, gxg, s.p, false);
+                                small_k_gemm(exec.isa(), ops, gxg, s.p, Store::Stream);
                                 continue;
                             }
                             gemm(
@@ -654,7 +654,7 @@ pub fn pointwise_backward(
                             transposed_weight_times(tw, &s, grp, gyg),
                             &mut gxc[at..at + s.in_group],
                             s.p,
-                            false,
+                            Store::Stream,
                         );
                     }
                 }

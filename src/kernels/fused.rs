@@ -19,7 +19,7 @@ use std::ops::Range;
 
 use super::depthwise::{PhaseLayout, channel_outputs, fill_phases};
 use super::depthwise_blocked;
-use super::pointwise::{Operands, small_k_gemm};
+use super::pointwise::{Operands, Store, small_k_gemm};
 use super::simd::SimdF32;
 use super::{Exec, Workspace, for_each_task};
 use crate::error::Result;
@@ -248,7 +248,7 @@ unsafe fn fused_images_kernel<S: SimdF32>(
             }
             let col0 = band.out_rows.start * ow;
             let ops = Operands::dense(wp, n_out, mk, &dbuf[..mk * bp], bp, bp, bias);
-            small_k_gemm(S::ISA, ops, &mut yi[col0..], p, false);
+            small_k_gemm(S::ISA, ops, &mut yi[col0..], p, Store::Stream);
         }
     }
 }

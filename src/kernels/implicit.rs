@@ -19,7 +19,7 @@ use rayon::prelude::*;
 
 use super::depthwise::{GradInputLayout, PhaseLayout, fill_phases, gather_phases};
 use super::gemm::{MatView, gemm};
-use super::pointwise::{Operands, Rows, small_k_gemm};
+use super::pointwise::{Operands, Rows, Store, small_k_gemm};
 use super::simd::SimdF32;
 use super::{Exec, Workspace, for_each_image_task, for_each_task};
 use crate::error::Result;
@@ -178,11 +178,13 @@ unsafe fn forward_images_kernel<S: SimdF32>(
                 // is the NCHW plane, so the product writes it directly. Saves the copy, which
                 // reads back what the streaming stores just sent to memory (B's 3×1 half of
                 // the spatially separable layer: 3.6–3.8 → 3.3 ms).
-                small_k_gemm(S::ISA, ops, y_group, ohw, false);
+                small_k_gemm(S::ISA, ops, y_group, ohw, Store::Stream);
             } else {
                 // Dropping the wasted columns with a copy measured faster than one product per
                 // output row straight into NCHW (C's 1×3 half: 12.4 → 15.6 ms row by row).
-                small_k_gemm(S::ISA, ops, flat, out_len, false);
+                // Scratch read back at once goes through the caches (a tie with streamed
+                // stores on E's strided 1 × 3 half, whose flat output is larger than L2).
+                small_k_gemm(S::ISA, ops, flat, out_len, Store::Cached);
                 for (oc, plane) in y_group.chunks_exact_mut(ohw).enumerate() {
                     for (oh, row) in plane.chunks_exact_mut(ow).enumerate() {
                         let src = oc * out_len + oh * l.wq;
@@ -234,7 +236,7 @@ unsafe fn forward_in_place<S: SimdF32>(
             let at = local * g.out_channels * ohw + grp * cog * ohw;
             let y_group = &mut y[at..at + cog * ohw];
             let ops = Operands::weights_times_rows(wg, cog, k, xg, &rows, interior, bg);
-            small_k_gemm(S::ISA, ops, &mut y_group[pl..], ohw, false);
+            small_k_gemm(S::ISA, ops, &mut y_group[pl..], ohw, Store::Stream);
             // The edge columns: im2col rows (zeros where a tap leaves the image), one product,
             // scattered into the output.
             for (kk, row) in cols.chunks_exact_mut(edges).enumerate() {
@@ -399,7 +401,9 @@ unsafe fn grad_input_images_kernel<S: SimdF32>(
                     l.positions,
                     None,
                 );
-                small_k_gemm(S::ISA, ops, out, out_len, false);
+                // Through the caches: gathered at once (a tie with streamed stores on E's
+                // spatially separable halves).
+                small_k_gemm(S::ISA, ops, out, out_len, Store::Cached);
             }
             for ci in 0..cig {
                 let plane = (local * g.in_channels + grp * cig + ci) * hw;
@@ -525,7 +529,7 @@ unsafe fn grad_weight_images_kernel<S: SimdF32>(
                     ops,
                     &mut gwt[grp * k * cog..(grp + 1) * k * cog],
                     cog,
-                    true,
+                    Store::Accumulate,
                 );
             }
         }

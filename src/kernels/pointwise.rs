@@ -140,12 +140,22 @@ impl<'a> Operands<'a> {
     }
 }
 
-/// `y (+)= C · D` with `y` row-major N × P at row stride `ldy` (`accumulate` adds to y).
-///
-/// Without `accumulate`, Y is written with non-temporal stores where aligned: the output of a
-/// pointwise layer is large and not read again soon, and streaming it saves the read-for-
-/// ownership of every output line (a third of the layer's memory traffic).
-pub fn small_k_gemm(isa: Isa, ops: Operands<'_>, y: &mut [f32], ldy: usize, accumulate: bool) {
+/// How [`small_k_gemm`] writes Y.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Store {
+    /// Overwrite Y, with non-temporal stores where aligned: the output of a layer is large and
+    /// not read again soon, and streaming it saves the read-for-ownership of every output line
+    /// (a third of a pointwise layer's memory traffic).
+    Stream,
+    /// Overwrite Y through the caches: scratch that is read back at once, which streamed
+    /// stores would have sent to memory first.
+    Cached,
+    /// Add the product to Y.
+    Accumulate,
+}
+
+/// `y (+)= C · D` with `y` row-major N × P at row stride `ldy`, written as `store` says.
+pub fn small_k_gemm(isa: Isa, ops: Operands<'_>, y: &mut [f32], ldy: usize, store: Store) {
     let c_row_len = if ops.k == 0 {
         0
     } else {
@@ -161,22 +171,22 @@ pub fn small_k_gemm(isa: Isa, ops: Operands<'_>, y: &mut [f32], ldy: usize, accu
         "Y too short"
     );
     assert!(ops.bias.is_none_or(|b| b.len() >= ops.n), "bias too short");
-    gemm_dispatch(isa, ops, y, ldy, accumulate)
+    gemm_dispatch(isa, ops, y, ldy, store)
 }
 
-crate::simd_dispatch!(fn gemm_dispatch => gemm_kernel(ops: Operands<'_>, y: &mut [f32], ldy: usize, accumulate: bool));
+crate::simd_dispatch!(fn gemm_dispatch => gemm_kernel(ops: Operands<'_>, y: &mut [f32], ldy: usize, store: Store));
 
 #[inline(always)]
-unsafe fn gemm_kernel<S: SimdF32>(ops: Operands<'_>, y: &mut [f32], ldy: usize, accumulate: bool) {
+unsafe fn gemm_kernel<S: SimdF32>(ops: Operands<'_>, y: &mut [f32], ldy: usize, store: Store) {
     const W: (usize, usize) = WIDE_BLOCK;
     const N: (usize, usize) = NARROW_BLOCK;
     // SAFETY: the caller's (this CPU's ISA).
     debug_assert_eq!(S::REGISTERS, S::ISA.registers());
     unsafe {
         if S::REGISTERS >= 32 {
-            blocks::<S, { W.0 }, { W.1 }>(ops, y, ldy, accumulate)
+            blocks::<S, { W.0 }, { W.1 }>(ops, y, ldy, store)
         } else {
-            blocks::<S, { N.0 }, { N.1 }>(ops, y, ldy, accumulate)
+            blocks::<S, { N.0 }, { N.1 }>(ops, y, ldy, store)
         }
     }
 }
@@ -188,8 +198,9 @@ unsafe fn blocks<S: SimdF32, const ROWS: usize, const VECS: usize>(
     ops: Operands<'_>,
     y: &mut [f32],
     ldy: usize,
-    accumulate: bool,
+    store: Store,
 ) {
+    let accumulate = store == Store::Accumulate;
     let l = S::LANES;
     let block = VECS * l;
     // Start with a narrow block up to the first cache-line-aligned column (the same for every
@@ -237,20 +248,20 @@ unsafe fn blocks<S: SimdF32, const ROWS: usize, const VECS: usize>(
         while n0 + ROWS <= ops.n {
             // SAFETY: rows n0 .. n0 + ROWS and columns p0 .. p0 + width are inside all three
             // matrices (checked lengths in small_k_gemm).
-            unsafe { tile::<S, ROWS, VECS>(ops, y, ldy, n0, p0, width, accumulate, n0 == 0) };
+            unsafe { tile::<S, ROWS, VECS>(ops, y, ldy, n0, p0, width, store, n0 == 0) };
             n0 += ROWS;
         }
         // SAFETY: as above, for the remaining rows.
         unsafe {
             match ops.n - n0 {
                 0 => {}
-                1 => tile::<S, 1, VECS>(ops, y, ldy, n0, p0, width, accumulate, false),
-                2 => tile::<S, 2, VECS>(ops, y, ldy, n0, p0, width, accumulate, false),
-                3 => tile::<S, 3, VECS>(ops, y, ldy, n0, p0, width, accumulate, false),
-                4 => tile::<S, 4, VECS>(ops, y, ldy, n0, p0, width, accumulate, false),
-                5 => tile::<S, 5, VECS>(ops, y, ldy, n0, p0, width, accumulate, false),
-                6 => tile::<S, 6, VECS>(ops, y, ldy, n0, p0, width, accumulate, false),
-                _ => tile::<S, 7, VECS>(ops, y, ldy, n0, p0, width, accumulate, false),
+                1 => tile::<S, 1, VECS>(ops, y, ldy, n0, p0, width, store, false),
+                2 => tile::<S, 2, VECS>(ops, y, ldy, n0, p0, width, store, false),
+                3 => tile::<S, 3, VECS>(ops, y, ldy, n0, p0, width, store, false),
+                4 => tile::<S, 4, VECS>(ops, y, ldy, n0, p0, width, store, false),
+                5 => tile::<S, 5, VECS>(ops, y, ldy, n0, p0, width, store, false),
+                6 => tile::<S, 6, VECS>(ops, y, ldy, n0, p0, width, store, false),
+                _ => tile::<S, 7, VECS>(ops, y, ldy, n0, p0, width, store, false),
             }
         }
         p0 += width;
@@ -281,9 +292,10 @@ unsafe fn tile<S: SimdF32, const R: usize, const VECS: usize>(
     n0: usize,
     p0: usize,
     width: usize,
-    accumulate: bool,
+    store: Store,
     prefetch_next: bool,
 ) {
+    let accumulate = store == Store::Accumulate;
     let l = S::LANES;
     let full = width / l;
     let rest = width % l;
@@ -328,7 +340,8 @@ unsafe fn tile<S: SimdF32, const R: usize, const VECS: usize>(
                 let out = yp.add((n0 + r) * ldy + p0);
                 // Streaming part of a cache line leaves the memory system to merge the rest
                 // (AVX2's two vectors at a 32-byte offset); such rows take ordinary stores.
-                let whole_lines = (out as usize).is_multiple_of(LINE_FLOATS * 4);
+                let whole_lines =
+                    store == Store::Stream && (out as usize).is_multiple_of(LINE_FLOATS * 4);
                 for (v, a) in row.iter().enumerate() {
                     if accumulate {
                         a.add(S::load(out.add(v * l))).store(out.add(v * l));
@@ -620,7 +633,13 @@ mod tests {
                 let ct: Vec<f32> = (0..k * n).map(|i| (i % 13) as f32 * 0.5 - 3.0).collect();
                 let d: Vec<f32> = (0..k * p).map(|i| (i % 7) as f32).collect();
                 let bias: Vec<f32> = (0..n).map(|i| i as f32 * 0.25).collect();
-                for (with_bias, accumulate) in [(false, false), (true, false), (false, true)] {
+                for (with_bias, store) in [
+                    (false, Store::Stream),
+                    (true, Store::Stream),
+                    (true, Store::Cached),
+                    (false, Store::Accumulate),
+                ] {
+                    let accumulate = store == Store::Accumulate;
                     let mut buf = vec![1.5f32; offset + n * ldy];
                     let y = &mut buf[offset..];
                     small_k_gemm(
@@ -638,7 +657,7 @@ mod tests {
                         },
                         y,
                         ldy,
-                        accumulate,
+                        store,
                     );
                     for i in 0..n {
                         for j in 0..ldy {
@@ -674,7 +693,7 @@ mod tests {
                     Operands::dense(&c, n, k, &d, p, p, None),
                     y,
                     ldy,
-                    false,
+                    Store::Stream,
                 );
                 for i in 0..n {
                     for j in 0..p {
@@ -699,7 +718,7 @@ mod tests {
                 Operands::dense(&c, n, k, &d, p, p, Some(&bias)),
                 &mut y,
                 p,
-                false,
+                Store::Stream,
             );
             for i in 0..n {
                 assert!(
@@ -729,7 +748,8 @@ mod tests {
                 let d: Vec<f32> = (0..k * (p + 5))
                     .map(|i| ((i * 17) % 13) as f32 * 0.25)
                     .collect();
-                for accumulate in [false, true] {
+                for store in [Store::Stream, Store::Cached, Store::Accumulate] {
+                    let accumulate = store == Store::Accumulate;
                     let ldy = p + 2;
                     let mut y = vec![1.0f32; n * ldy];
                     small_k_gemm(
@@ -737,7 +757,7 @@ mod tests {
                         Operands::dense(&c, n, k, &d, p + 5, p, None),
                         &mut y,
                         ldy,
-                        accumulate,
+                        store,
                     );
                     for i in 0..n {
                         for j in 0..ldy {
