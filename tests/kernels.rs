@@ -246,6 +246,7 @@ fn fast_equals_reference_on_larger_shapes() {
         .chain(shifted_grad_weight_cases())
         .chain(in_place_cases())
         .chain(small_column_kernel_cases())
+        .chain(transposed_cases())
         .chain(tap_grad_weight_cases())
         .chain(channels_last_cases())
         .chain(shifted_dispatch_cases())
@@ -450,6 +451,36 @@ fn small_column_kernel_cases() -> [Case; 2] {
             explicit(1, 0, 0, 0).dilation(2, 1),
         ),
     ]
+}
+
+/// 1 × k kernels on images of 128 to 255 output pixels, which the implicit GEMM computes as
+/// their transposes (k × 1 on the transposed planes): a 1 × 3 on 14 × 14 like reference layer
+/// D's half of the spatially separable layer; a grouped, dilated 1 × 5 strided across with
+/// asymmetric padding (planes of 9 × 40, transposed phases of unequal length); and planes
+/// taller and wider than one 16 × 16 register block with partial blocks on both edges, no
+/// padding on the right.
+fn transposed_cases() -> [Case; 3] {
+    [
+        (
+            [2, 6, 14, 14],
+            [7, 6, 1, 3],
+            Conv2dParams::with_padding(Padding::Same),
+        ),
+        (
+            [3, 8, 9, 40],
+            [10, 4, 1, 5],
+            explicit(0, 0, 3, 1).groups(2).dilation(1, 2).stride(1, 2),
+        ),
+        ([2, 5, 18, 13], [9, 5, 1, 2], explicit(0, 0, 1, 0)),
+    ]
+}
+
+#[test]
+fn small_row_kernels_take_the_transposed_implicit_gemm() {
+    assert_for_every_case(transposed_cases(), |exec, g| {
+        ConvAlgorithm::choose(exec, g) == ConvAlgorithm::Implicit
+            && sepconv::kernels::implicit::runs_transposed(g)
+    });
 }
 
 #[test]

@@ -10,7 +10,9 @@
 //! columns per row, dropped when it is copied into NCHW. Where no row padding is needed and the
 //! output is as wide as the input (1 × k kernels with "same" width padding), the product reads
 //! the input planes in place and writes NCHW directly, and only the edge columns, whose taps
-//! would wrap into the neighbouring row, are recomputed separately ([`reads_in_place`]).
+//! would wrap into the neighbouring row, are recomputed separately ([`reads_in_place`]). A 1 × k
+//! kernel on a small image runs as its transpose, a k × 1 kernel on the transposed planes,
+//! whose product needs no columns beyond the output's ([`runs_transposed`]).
 //!
 //! Used for convolutions Winograd does not cover (strided, dilated, non-3×3) when the batch
 //! gives every thread images of its own; otherwise im2col + a multithreaded GEMM.
@@ -34,7 +36,7 @@ pub fn applies(exec: Exec, g: &ConvGeometry) -> bool {
         && g.in_channels_per_group() > 1
         && !g.is_pointwise()
         && (g.out_pixels() >= MIN_PIXELS
-            || (g.out_pixels() >= MIN_FLAT_PIXELS && writes_output_flat(g)))
+            || (g.out_pixels() >= MIN_FLAT_PIXELS && (writes_output_flat(g) || runs_transposed(g))))
 }
 
 /// Output pixels per image below which im2col (which batches small images into one GEMM) wins.
@@ -44,9 +46,10 @@ const MIN_PIXELS: usize = 256;
 /// ([`writes_output_flat`]): their product writes NCHW directly, with no wasted columns and no
 /// copy. Reference layer D's 3 × 1 half (8 × 512 → 512 at 14 × 14, 196 pixels; harness, min
 /// of 15, alternated): forward 12.0–12.1 → 11.6 ms, grad-input (its adjoint) 12.7–12.8 →
-/// 12.4–12.5 ms against im2col + faer. Not so for 1 × k at that size: reading in place
-/// recomputes 2 of 14 columns (13.9 against 12.3 ms), and column-masked copies of the input
-/// (one per tap column, no recompute) only tie with im2col (12.1–12.3 against 12.2–12.3 ms).
+/// 12.4–12.5 ms against im2col + faer. Also for 1 × k kernels at that size, run as their
+/// transposes ([`runs_transposed`]); reading in place recomputes 2 of 14 columns (13.9 against
+/// 12.3 ms), and column-masked copies of the input (one per tap column, no recompute) only tie
+/// with im2col (12.1–12.3 against 12.2–12.3 ms).
 const MIN_FLAT_PIXELS: usize = 128;
 
 /// Whether the forward product's columns are exactly the output pixels without reading in
@@ -73,8 +76,8 @@ pub fn grad_weight_applies(exec: Exec, g: &ConvGeometry) -> bool {
 
 /// Per-task scratch of [`forward`]: the phase planes of one group's channels, then the flat
 /// output; or, where the input is read in place, the edge columns' im2col rows and products.
-fn scratch_per_task(g: &ConvGeometry, l: &PhaseLayout) -> usize {
-    if reads_in_place(g) {
+fn scratch_per_task(g: &ConvGeometry, l: &PhaseLayout, in_place: bool) -> usize {
+    if in_place {
         let edges = (g.pad_left + g.pad_right) * g.out_h;
         (g.col_rows() + g.out_channels_per_group()) * edges
     } else {
@@ -111,26 +114,149 @@ pub fn forward(
     y: &mut [f32],
     ws: &mut Workspace,
 ) -> Result<()> {
-    let l = PhaseLayout::new(g);
+    let transposed_g = runs_transposed(g).then(|| transposed(g));
+    // The product runs on the transposed geometry's phase planes where there is one.
+    let l = PhaseLayout::new(transposed_g.as_ref().unwrap_or(g));
+    let transposes = transposed_g.map(|gt| Transposes::new(g, &gt, &l));
+    let in_place = transposes.is_none() && reads_in_place(g);
     let tasks = exec.threads().min(g.batch);
-    let per_task = scratch_per_task(g, &l);
+    let per_task = scratch_per_task(g, &l, in_place);
     let scratch = ws.take(per_task * tasks)?;
     let img_out = g.out_channels * g.out_pixels();
     for_each_task(tasks, y, img_out, scratch, per_task, |images, yc, buf| {
-        forward_images(exec.isa(), g, &l, x, w, bias, images, yc, buf)
+        let t = transposes.as_ref();
+        forward_images(exec.isa(), g, &l, t, x, w, bias, images, yc, buf)
     });
     Ok(())
 }
 
+/// Whether [`forward`] computes `g` as its transpose ([`transposed`]): a 1 × k kernel at
+/// stride 1 down, without row padding, on an image too small for the other implicit forwards
+/// (under [`MIN_PIXELS`] output pixels, where they lost to im2col). The transpose is a k × 1
+/// kernel whose product writes the flat output with no wasted columns
+/// ([`writes_output_flat`]); the two transposes ride on copies the other paths make anyway.
+/// Harness, 2 threads, min of 20, alternated 3×, against im2col + faer: reference layer D's
+/// 1 × 3 half (8 × 512 → 512 at 14 × 14) forward 12.35–12.37 → 11.20–11.26 ms, grad-input (the
+/// adjoint, a 1 × 3 too) 12.91–12.97 → 11.59–11.76; the MNIST network's 1 × 3 of 32 → 64 at
+/// 14 × 14, batch 64, 1.07 → 0.88 ms. Not on larger images: reference layer C's 1 × 3 (56 × 56,
+/// read in place) 12.3–13.8 against 14.1 ms transposed, and E's strided 1 × 3 half (28 × 56,
+/// stride 2 across, padded phase planes) a tie (6.2–6.3 ms both).
+pub fn runs_transposed(g: &ConvGeometry) -> bool {
+    g.kernel_h == 1
+        && g.kernel_w > 1
+        && g.stride_h == 1
+        && g.pad_top + g.pad_bottom == 0
+        && g.out_pixels() < MIN_PIXELS
+}
+
+/// `g` with rows and columns swapped: the convolution of the transposed planes by the
+/// transposed kernels, whose output is the transposed output. A 1 × k kernel's weights are
+/// already the k × 1 kernel's, element for element.
+fn transposed(g: &ConvGeometry) -> ConvGeometry {
+    ConvGeometry {
+        in_h: g.in_w,
+        in_w: g.in_h,
+        kernel_h: g.kernel_w,
+        kernel_w: g.kernel_h,
+        stride_h: g.stride_w,
+        stride_w: g.stride_h,
+        dilation_h: g.dilation_w,
+        dilation_w: g.dilation_h,
+        pad_top: g.pad_left,
+        pad_bottom: g.pad_right,
+        pad_left: g.pad_top,
+        pad_right: g.pad_bottom,
+        out_h: g.out_w,
+        out_w: g.out_h,
+        ..*g
+    }
+}
+
+/// Where [`forward`] writes the rows of its transposes where it [`runs_transposed`]: each
+/// input plane's column c goes to `input[c]` of its buffer of the transposed geometry's phase
+/// planes (in place of the copy [`fill_phases`] makes), and each column r of a plane of the
+/// transposed output to `output[r]` of the output plane.
+struct Transposes {
+    input: Vec<usize>,
+    output: Vec<usize>,
+}
+
+impl Transposes {
+    /// For `g`, whose transpose `gt` has the phase planes `l`.
+    fn new(g: &ConvGeometry, gt: &ConvGeometry, l: &PhaseLayout) -> Self {
+        debug_assert!(writes_output_flat(gt) && l.positions == g.out_pixels());
+        // Column c is padded row c + pad of the transposed plane: row (c + pad) / stride of
+        // phase plane (c + pad) mod stride.
+        let (plane, s, pad) = (l.hq * l.wq, gt.stride_h, gt.pad_top);
+        Transposes {
+            input: (0..g.in_w)
+                .map(|c| ((c + pad) % s) * plane + (c + pad) / s * l.wq)
+                .collect(),
+            output: (0..g.out_h).map(|r| r * g.out_w).collect(),
+        }
+    }
+}
+
+/// Plane `src` (`h × w`) transposed into `dst`: its column c becomes the `h` floats at
+/// `dst[rows[c]..]`. In `LANES × LANES` blocks transposed in registers, partial at the edges.
+///
+/// # Safety
+/// `S` must be supported by this CPU.
+#[inline(always)]
+unsafe fn transpose_plane<S: SimdF32>(
+    src: &[f32],
+    h: usize,
+    w: usize,
+    dst: &mut [f32],
+    rows: &[usize],
+) {
+    let l = S::LANES;
+    assert!(src.len() >= h * w && rows.len() >= w && l <= 16);
+    assert!(rows[..w].iter().all(|&r| r + h <= dst.len()));
+    let (sp, dp) = (src.as_ptr(), dst.as_mut_ptr());
+    // SAFETY: the ISA is this CPU's (the caller's contract).
+    let mut block = [unsafe { S::zero() }; 16];
+    for y0 in (0..h).step_by(l) {
+        let nh = l.min(h - y0);
+        for x0 in (0..w).step_by(l) {
+            let nw = l.min(w - x0);
+            // SAFETY: rows y0 .. y0 + nh, columns x0 .. x0 + nw of src; destination rows
+            // rows[x0 + j] (j < nw), floats y0 .. y0 + nh of each (asserted above). Lanes
+            // past nh or nw hold stale values that no store writes out.
+            unsafe {
+                for (i, r) in block[..nh].iter_mut().enumerate() {
+                    let at = sp.add((y0 + i) * w + x0);
+                    *r = if nw == l {
+                        S::load(at)
+                    } else {
+                        S::load_partial(at, nw)
+                    };
+                }
+                S::transpose(&mut block[..l]);
+                for (j, r) in block[..nw].iter().enumerate() {
+                    let at = dp.add(rows[x0 + j] + y0);
+                    if nh == l {
+                        r.store(at)
+                    } else {
+                        r.store_partial(at, nh)
+                    }
+                }
+            }
+        }
+    }
+}
+
 crate::simd_dispatch!(fn forward_images => forward_images_kernel(
-    g: &ConvGeometry, l: &PhaseLayout, x: &[f32], w: &[f32], bias: Option<&[f32]>,
-    images: std::ops::Range<usize>, y: &mut [f32], buf: &mut [f32]
+    g: &ConvGeometry, l: &PhaseLayout, transposes: Option<&Transposes>, x: &[f32], w: &[f32],
+    bias: Option<&[f32]>, images: std::ops::Range<usize>, y: &mut [f32], buf: &mut [f32]
 ));
 
+#[allow(clippy::too_many_arguments)]
 #[inline(always)]
 unsafe fn forward_images_kernel<S: SimdF32>(
     g: &ConvGeometry,
     l: &PhaseLayout,
+    transposes: Option<&Transposes>,
     x: &[f32],
     w: &[f32],
     bias: Option<&[f32]>,
@@ -144,7 +270,7 @@ unsafe fn forward_images_kernel<S: SimdF32>(
         g.col_rows(),
     );
     let (hw, ohw, ow) = (g.in_pixels(), g.out_pixels(), g.out_w);
-    if reads_in_place(g) {
+    if transposes.is_none() && reads_in_place(g) {
         // SAFETY: forwarded from this function's contract.
         unsafe { forward_in_place::<S>(g, x, w, bias, images, y, buf) };
         return;
@@ -155,12 +281,19 @@ unsafe fn forward_images_kernel<S: SimdF32>(
 
     debug_assert_eq!(rows.len(), k);
     let out_len = l.out_len();
+    // Padding positions are zeroed once; after that only pixels are rewritten.
+    planes.fill(0.0);
     for (local, n) in images.enumerate() {
         for grp in 0..g.groups {
             for (c, buf) in planes.chunks_exact_mut(l.len).enumerate() {
-                let plane = (n * g.in_channels + grp * cig + c) * hw;
-                // Each channel's buffer is cleared once; after that only pixels are rewritten.
-                fill_phases::<S>(g, l, &x[plane..plane + hw], buf, local == 0 && grp == 0);
+                let plane = &x[(n * g.in_channels + grp * cig + c) * hw..][..hw];
+                match transposes {
+                    // SAFETY: forwarded from this function's contract.
+                    Some(t) => unsafe {
+                        transpose_plane::<S>(plane, g.in_h, g.in_w, buf, &t.input)
+                    },
+                    None => fill_phases::<S>(g, l, plane, buf, false),
+                }
             }
             let ops = Operands::weights_times_rows(
                 &w[grp * cog * k..(grp + 1) * cog * k],
@@ -173,7 +306,16 @@ unsafe fn forward_images_kernel<S: SimdF32>(
             );
             let at = local * g.out_channels * ohw + grp * cog * ohw;
             let y_group = &mut y[at..at + cog * ohw];
-            if l.wq == ow {
+            if let Some(t) = transposes {
+                // Through the caches: the transposes read it back at once (streamed, the
+                // MNIST network's 1 × 3 took 1.10 ms instead of 0.88).
+                small_k_gemm(S::ISA, ops, flat, ohw, Store::Cached);
+                let transposed_out = flat[..cog * ohw].chunks_exact(ohw);
+                for (src, dst) in transposed_out.zip(y_group.chunks_exact_mut(ohw)) {
+                    // SAFETY: as above.
+                    unsafe { transpose_plane::<S>(src, g.out_w, g.out_h, dst, &t.output) };
+                }
+            } else if l.wq == ow {
                 // No wasted columns (no left/right padding, stride 1 across): the flat output
                 // is the NCHW plane, so the product writes it directly. Saves the copy, which
                 // reads back what the streaming stores just sent to memory (B's 3×1 half of
