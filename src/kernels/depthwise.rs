@@ -630,8 +630,15 @@ impl GradInputLayout {
         let qw = (g.kernel_w - 1) * g.dilation_w / sw;
         let hq = (g.in_h + g.pad_top + g.pad_bottom).div_ceil(sh);
         let wq = PhaseLayout::phase_width(g);
-        // Wide and tall enough for every phase position plus the largest shift.
-        let wg = (wq + qw).max(g.out_w + qw);
+        // As wide as the phase planes: that holds a gradient row with its `qw` zeros in front
+        // (out_w + qw ≤ wq, from out_w = ⌊(Wp − span) / sw⌋ + 1 and qw = ⌊(span − 1) / sw⌋),
+        // and a position's read runs at most `qw` columns past its row, into the next row's
+        // leading zeros. Zero columns after each row, as many as `qw`, cost a product over
+        // them: a 30th of reference layer E's 1 × 3 half at stride 2 across. With the padding
+        // rows left out as well (`input_rows`), E's grad-inputs (implicit GEMM; harness, min of
+        // 30, alternated 3×): the 1 × 3 half 6.45–6.52 → 6.17–6.30 ms, the 3 × 1 half
+        // 6.32–6.53 → 6.14–6.53, the 3 × 3 19.1–19.9 → 18.2–18.3.
+        let wg = wq;
         let hg = (hq + qh).max(g.out_h + qh);
         let mut phases = Vec::new();
         for a in 0..sh {
@@ -665,6 +672,16 @@ impl GradInputLayout {
     /// Floats of one phase's flat result (positions and margin).
     pub(crate) fn out_len(&self) -> usize {
         self.positions + MARGIN
+    }
+
+    /// The flat positions of phase row `a` that hold input pixels: whole rows, from the first
+    /// whose input row is not in the top padding to the last that is not in the bottom one
+    /// (the rest of the `positions` are padding, which nothing reads).
+    pub(crate) fn input_rows(&self, g: &ConvGeometry, a: usize) -> Range<usize> {
+        let sh = g.stride_h;
+        let first = g.pad_top.saturating_sub(a).div_ceil(sh);
+        let end = (g.in_h + g.pad_top).saturating_sub(a).div_ceil(sh);
+        first * self.wg..end.max(first) * self.wg
     }
 
     /// Copies output-gradient plane `gy` (`out_h × out_w`) into the interior of its padded

@@ -525,22 +525,26 @@ unsafe fn grad_input_images_kernel<S: SimdF32>(
                 let plane = (n * g.out_channels + grp * cog + co) * ohw;
                 l.fill_gradient::<S>(g, &gy[plane..plane + ohw], gb);
             }
-            for (ph, (_, _, tap_ids, _)) in l.phases.iter().enumerate() {
+            for (ph, &(a, _, ref tap_ids, _)) in l.phases.iter().enumerate() {
                 let out = &mut flat[ph * phase_stride..(ph + 1) * phase_stride];
                 if tap_ids.is_empty() {
                     // No tap reaches this phase: those input pixels get no gradient.
                     out.fill(0.0);
                     continue;
                 }
+                // Only the rows that hold input pixels (a phase row of padding is a 29th of
+                // reference layer E's 3 × 1 half at stride 2 down).
+                let rows = l.input_rows(g, a);
+                let out = &mut out[rows.start..];
                 let k = cog * tap_ids.len();
                 let start = weights.starts[ph] + grp * cig * k;
                 let ops = Operands::weights_times_rows(
                     &weights.w[start..start + cig * k],
                     cig,
                     k,
-                    gbufs,
+                    &gbufs[rows.start..],
                     &weights.rows[ph],
-                    l.positions,
+                    rows.len(),
                     None,
                 );
                 // Through the caches: gathered at once (a tie with streamed stores on E's
