@@ -130,17 +130,17 @@ pub fn forward(
     Ok(())
 }
 
-/// Whether [`forward`] computes `g` as its transpose ([`transposed`]): a 1 × k kernel at
-/// stride 1 down, without row padding, on an image too small for the other implicit forwards
-/// (under [`MIN_PIXELS`] output pixels, where they lost to im2col). The transpose is a k × 1
-/// kernel whose product writes the flat output with no wasted columns
-/// ([`writes_output_flat`]); the two transposes ride on copies the other paths make anyway.
-/// Harness, 2 threads, min of 20, alternated 3×, against im2col + faer: reference layer D's
-/// 1 × 3 half (8 × 512 → 512 at 14 × 14) forward 12.35–12.37 → 11.20–11.26 ms, grad-input (the
-/// adjoint, a 1 × 3 too) 12.91–12.97 → 11.59–11.76; the MNIST network's 1 × 3 of 32 → 64 at
-/// 14 × 14, batch 64, 1.07 → 0.88 ms. Not on larger images: reference layer C's 1 × 3 (56 × 56,
-/// read in place) 12.3–13.8 against 14.1 ms transposed, and E's strided 1 × 3 half (28 × 56,
-/// stride 2 across, padded phase planes) a tie (6.2–6.3 ms both).
+/// Whether [`forward`] computes `g` as its transpose (rows and columns swapped): a 1 × k kernel
+/// at stride 1 down, without row padding, on an image too small for the other implicit forwards
+/// (under 256 output pixels, where they lost to im2col). The transpose is a k × 1 kernel whose
+/// product writes the flat output with no wasted columns; the two transposes ride on copies the
+/// other paths make anyway. Harness, 2 threads, min of 20, alternated 3×, against im2col +
+/// faer: reference layer D's 1 × 3 half (8 × 512 → 512 at 14 × 14) forward 12.35–12.37 →
+/// 11.20–11.26 ms, grad-input (the adjoint, a 1 × 3 too) 12.91–12.97 → 11.59–11.76; the MNIST
+/// network's 1 × 3 of 32 → 64 at 14 × 14, batch 64, 1.07 → 0.88 ms. Not on larger images:
+/// reference layer C's 1 × 3 (56 × 56, read in place) 12.3–13.8 against 14.1 ms transposed, and
+/// E's strided 1 × 3 half (28 × 56, stride 2 across, padded phase planes) a tie (6.2–6.3 ms
+/// both).
 pub fn runs_transposed(g: &ConvGeometry) -> bool {
     g.kernel_h == 1
         && g.kernel_w > 1
