@@ -74,10 +74,20 @@ pub fn grad_weight_applies(exec: Exec, g: &ConvGeometry) -> bool {
         && g.out_channels_per_group() >= 128
 }
 
+/// How [`forward`] reads each image's input, chosen once per call.
+enum Layout {
+    /// The input planes themselves ([`reads_in_place`]).
+    InPlace,
+    /// Copies in padded phase planes ([`fill_phases`]).
+    PhasePlanes,
+    /// Transposed into the transposed geometry's phase planes ([`runs_transposed`]).
+    Transposed(Transposes),
+}
+
 /// Per-task scratch of [`forward`]: the phase planes of one group's channels, then the flat
 /// output; or, where the input is read in place, the edge columns' im2col rows and products.
-fn scratch_per_task(g: &ConvGeometry, l: &PhaseLayout, in_place: bool) -> usize {
-    if in_place {
+fn scratch_per_task(g: &ConvGeometry, l: &PhaseLayout, layout: &Layout) -> usize {
+    if let Layout::InPlace = layout {
         let edges = (g.pad_left + g.pad_right) * g.out_h;
         (g.col_rows() + g.out_channels_per_group()) * edges
     } else {
@@ -114,18 +124,23 @@ pub fn forward(
     y: &mut [f32],
     ws: &mut Workspace,
 ) -> Result<()> {
-    let transposed_g = runs_transposed(g).then(|| transposed(g));
-    // The product runs on the transposed geometry's phase planes where there is one.
-    let l = PhaseLayout::new(transposed_g.as_ref().unwrap_or(g));
-    let transposes = transposed_g.map(|gt| Transposes::new(g, &gt, &l));
-    let in_place = transposes.is_none() && reads_in_place(g);
+    // The product runs on the transposed geometry's phase planes where it runs transposed.
+    let (l, layout) = if runs_transposed(g) {
+        let gt = transposed(g);
+        let l = PhaseLayout::new(&gt);
+        let t = Transposes::new(g, &gt, &l);
+        (l, Layout::Transposed(t))
+    } else if reads_in_place(g) {
+        (PhaseLayout::new(g), Layout::InPlace)
+    } else {
+        (PhaseLayout::new(g), Layout::PhasePlanes)
+    };
     let tasks = exec.threads().min(g.batch);
-    let per_task = scratch_per_task(g, &l, in_place);
+    let per_task = scratch_per_task(g, &l, &layout);
     let scratch = ws.take(per_task * tasks)?;
     let img_out = g.out_channels * g.out_pixels();
     for_each_task(tasks, y, img_out, scratch, per_task, |images, yc, buf| {
-        let t = transposes.as_ref();
-        forward_images(exec.isa(), g, &l, t, x, w, bias, images, yc, buf)
+        forward_images(exec.isa(), g, &l, &layout, x, w, bias, images, yc, buf)
     });
     Ok(())
 }
@@ -247,7 +262,7 @@ unsafe fn transpose_plane<S: SimdF32>(
 }
 
 crate::simd_dispatch!(fn forward_images => forward_images_kernel(
-    g: &ConvGeometry, l: &PhaseLayout, transposes: Option<&Transposes>, x: &[f32], w: &[f32],
+    g: &ConvGeometry, l: &PhaseLayout, layout: &Layout, x: &[f32], w: &[f32],
     bias: Option<&[f32]>, images: std::ops::Range<usize>, y: &mut [f32], buf: &mut [f32]
 ));
 
@@ -256,7 +271,7 @@ crate::simd_dispatch!(fn forward_images => forward_images_kernel(
 unsafe fn forward_images_kernel<S: SimdF32>(
     g: &ConvGeometry,
     l: &PhaseLayout,
-    transposes: Option<&Transposes>,
+    layout: &Layout,
     x: &[f32],
     w: &[f32],
     bias: Option<&[f32]>,
@@ -270,11 +285,15 @@ unsafe fn forward_images_kernel<S: SimdF32>(
         g.col_rows(),
     );
     let (hw, ohw, ow) = (g.in_pixels(), g.out_pixels(), g.out_w);
-    if transposes.is_none() && reads_in_place(g) {
-        // SAFETY: forwarded from this function's contract.
-        unsafe { forward_in_place::<S>(g, x, w, bias, images, y, buf) };
-        return;
-    }
+    let transposes = match layout {
+        Layout::InPlace => {
+            // SAFETY: forwarded from this function's contract.
+            unsafe { forward_in_place::<S>(g, x, w, bias, images, y, buf) };
+            return;
+        }
+        Layout::PhasePlanes => None,
+        Layout::Transposed(t) => Some(t),
+    };
     let (planes, flat) = buf.split_at_mut(cig * l.len);
     // One small table per call.
     let rows = im2col_rows(cig, l);
