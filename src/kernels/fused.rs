@@ -9,6 +9,10 @@
 //!
 //! The depthwise step runs on the channel-blocked kernel ([`super::depthwise_blocked`]) where
 //! it applies (B ds forward 3.36–3.69 → 3.11–3.43 ms in one sitting), else on the plane kernel.
+//! Its transposes cost less here than their count suggests: a 3 × 3 kernel reading the NCHW
+//! rows in place (four output rows per input row load, column shifts in registers, no
+//! transposes) measured the same on B (harness, batch 8: 2.56–2.60 against 2.57–2.61 ms; 2%
+//! faster with the input in cache), also with the next rows prefetched.
 //! The pointwise product runs on [`super::pointwise`]'s unpacked register-blocked kernel, which
 //! streams the output past the cache (measured faster than the packed GEMM on layers B–E).
 //!
@@ -102,7 +106,10 @@ pub fn applies(exec: Exec, dw: &ConvGeometry, pw: &ConvGeometry) -> bool {
 
 /// Fusion pays when one image's intermediate does not fit in L2 (1 MiB here): measured +4–6%
 /// on reference layers B and C (1.6 MB per image), −2% and −5% on D and E (0.4 MB), where the
-/// unfused pair's intermediate stays in cache anyway.
+/// unfused pair's intermediate stays in cache anyway. Measured again on E later (harness,
+/// alternated 3×): unfused 2.27–2.31 ms, fused 2.31–2.34, fused with the second thread's bands
+/// shifted by half a band (so one thread reads its input while the other multiplies)
+/// 2.43–2.44, with bands a quarter as tall 2.54–2.64.
 const MIN_INTERMEDIATE_BYTES: usize = 1 << 20;
 
 /// `y = pointwise(depthwise(x, wd), wp) + bias`, without materializing the depthwise output.
