@@ -49,7 +49,7 @@ const NARROW_TILE: (usize, usize) = (3, 4);
 /// Floats of input (all channels of a group) per chunk of positions: 512 KiB, half of L2.
 /// Smaller chunks (128–256 KiB) were 5–20% slower on reference layer B's 3 × 1 half: more
 /// partial-sum traffic per multiplication; 1 MiB a tie on both of B's halves (harness,
-/// alternated 4×: 3 × 1 3.25–3.47 against 3.25–3.41 ms, 1 × 3 7.04–7.24 against 7.11–7.24).
+/// alternated 4×: 3 × 1 3.26–3.47 against 3.25–3.41 ms, 1 × 3 7.04–7.24 against 7.11–7.24).
 const CHUNK_FLOATS: usize = 1 << 17;
 /// Largest per-task partial-sum buffer (floats): 2 MiB, twice L2 (a chunk reads and writes each
 /// tile's vectors once, so some of them may come from L3). Measured (2 threads, batch 8): 3 × 1
