@@ -11,7 +11,7 @@
 //! it applies (B ds forward 3.36–3.69 → 3.11–3.43 ms in one sitting), else on the plane kernel.
 //! Its transposes cost less here than their count suggests: a 3 × 3 kernel reading the NCHW
 //! rows in place (four output rows per input row load, column shifts in registers, no
-//! transposes) measured the same on B (harness, batch 8: 2.56–2.60 against 2.57–2.61 ms; 2%
+//! transposes) measured the same on B (harness, batch 8: 2.56–2.58 against 2.56–2.61 ms; 2%
 //! faster with the input in cache), also with the next rows prefetched.
 //! The pointwise product runs on [`super::pointwise`]'s unpacked register-blocked kernel, which
 //! streams the output past the cache (measured faster than the packed GEMM on layers B–E).
