@@ -496,7 +496,11 @@ fn small_column_kernels_take_the_implicit_gemm() {
 /// grouped, dilated, with asymmetric height padding; a padding so large that the first tap
 /// never lands; and kernels with column shifts (row segments) on rows at least 64 wide: a 1 × 3,
 /// a dilated 1 × 3 with asymmetric width padding, and a grouped 3 × 3 with padding on one side.
-fn shifted_grad_weight_cases() -> [Case; 7] {
+/// Then shapes for the tiles that compute up to three taps at once (each tap's loads masked to
+/// the columns where it lands): a 3 × 3 on rows 70 wide (not a whole number of vectors), a
+/// dilated 5 × 5 (groups that span two kernel rows), an asymmetric 1 × 5 (groups of three and
+/// two), and a dilated 2 × 1 whose two taps land on rows with a gap between them.
+fn shifted_grad_weight_cases() -> [Case; 11] {
     [
         (
             [3, 7, 40, 52],
@@ -529,6 +533,22 @@ fn shifted_grad_weight_cases() -> [Case; 7] {
             explicit(0, 0, 3, 1).dilation(1, 2),
         ),
         ([2, 8, 6, 64], [6, 4, 3, 3], explicit(1, 1, 0, 2).groups(2)),
+        (
+            [2, 6, 5, 70],
+            [7, 6, 3, 3],
+            Conv2dParams::with_padding(Padding::symmetric(1, 1)),
+        ),
+        (
+            [2, 4, 9, 66],
+            [5, 4, 5, 5],
+            explicit(2, 2, 5, 3).dilation(1, 2),
+        ),
+        ([2, 5, 4, 67], [6, 5, 1, 5], explicit(0, 0, 1, 3)),
+        (
+            [2, 5, 3, 48],
+            [4, 5, 2, 1],
+            explicit(4, 4, 0, 0).dilation(4, 1),
+        ),
     ]
 }
 

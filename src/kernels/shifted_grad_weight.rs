@@ -12,22 +12,31 @@
 //! segment of each valid row (the columns that stay inside the image), so no position ever
 //! reads the neighbouring row.
 //!
-//! Register tile: 4 output channels × 6 input channels of one tap, 24 vector accumulators fed by
-//! 4 + 6 loads per step (3 × 4 with 16 vector registers), kept in registers across a tap's row segments. Positions run in chunks
-//! of whole rows sized so a chunk of every input channel stays in L2 while all output-channel
-//! blocks read it. A tile's accumulators are added to per-lane partial sums (one vector per
-//! weight element, mostly in L2), and the lanes are summed once at the end, so no horizontal
-//! reduction runs per chunk.
+//! Register tile: 4 output channels × 6 input channels of one tap, 24 vector accumulators fed
+//! by 4 + 6 loads per step (3 × 4 with 16 vector registers), kept in registers across a tap's
+//! row segments. With 32 registers up to three consecutive taps share a tile (4 output × 2
+//! input channels × 3 taps) over the rows where all of them land: each input row's three
+//! shifted loads share cache lines, so a step brings 6 new lines into L1 for its 24 FMAs
+//! instead of 10. Reference layer B (harness, 2 threads, alternated 4×): its 1 × 3 grad-weight
+//! 6.87–6.96 → 6.73–6.89 ms, its 3 × 3 18.95–19.11 → 18.50–18.66, its 3 × 1 (shifts a row
+//! apart) a tie. A tap's columns outside the image are masked lanes of the steps that reach
+//! them (the first and last of a row segment). Positions run in chunks of whole rows sized so a
+//! chunk of every input channel stays in L2 while all output-channel blocks read it. A tile's
+//! accumulators are added to per-lane partial sums (one vector per weight element, mostly in
+//! L2), and the lanes are summed once at the end, so no horizontal reduction runs per chunk.
 //!
 //! The dispatch ([`super::GradWeightKernel`]) takes it only on large images with few channels;
 //! [`super::tap_grad_weight`], the same shifts as one packed GEMM per tap, wins elsewhere.
 //! Not applicable where it measured slower than im2col + GEMM: pointwise layers, partial sums
-
 //! larger than twice L2, images under 128 pixels, and column-shifted kernels on rows narrower
 //! than 64 (the segments are then a few vectors each; 1 × 3 at width 28: 1.8 → 2.1 ms, at 56
 //! a tie).
-//! Two other ways of skipping the row edges lost on B's 1 × 3 half: a correction GEMM over the
-//! wrapped positions (gathers on cold data) and AVX-512 masked loads for their lanes.
+//! Two other ways of skipping the row edges lost on B's 1 × 3 half with one tap per tile: a
+//! correction GEMM over the wrapped positions (gathers on cold data) and AVX-512 masked loads
+//! for their lanes. Prefetching the next output-channel block's gradient rows into L2 (8 images
+//! of B come from memory, and the kernel runs 5–10% faster per image with 2 in L3) lost too:
+//! 3 × 1 3.35–3.47 against 3.48–3.50 ms, 1 × 3 7.19–7.29 against 7.08–7.11, 3 × 3 19.62–19.65
+//! against 19.27–19.33.
 
 use rayon::prelude::*;
 
@@ -140,6 +149,12 @@ pub fn grad_weight(
     let taps: Vec<Option<Tap>> = (0..g.kernel_h * kw)
         .map(|t| Tap::new(g, t / kw, t % kw))
         .collect();
+    let per_group = if exec.isa().registers() >= 32 {
+        MAX_GROUP
+    } else {
+        1
+    };
+    let groups = tap_groups(&taps, per_group);
     let lanes = exec.isa().lanes();
     let partial_len = gw.len() * lanes;
     let tasks = exec.threads().min(g.batch);
@@ -151,7 +166,16 @@ pub fn grad_weight(
     for_each_image_task(g.batch, scratch, per_task, |images, st| {
         st[..partial_len].fill(0.0);
         for n in images.clone() {
-            accumulate_image(exec.isa(), g, &taps, x, gy, n, &mut st[..partial_len]);
+            accumulate_image(
+                exec.isa(),
+                g,
+                taps.len(),
+                &groups,
+                x,
+                gy,
+                n,
+                &mut st[..partial_len],
+            );
             // The image's output gradient has just gone through the caches: its sums read it
             // from there instead of from memory in a pass of their own.
             let planes = &gy[n * image_len..(n + 1) * image_len];
@@ -195,16 +219,79 @@ pub(crate) fn sum_task_partials(
         });
 }
 
+/// Most taps one register tile computes together (on 32 vector registers).
+const MAX_GROUP: usize = 3;
+
+/// Taps whose products one register tile computes together, over the output rows where every
+/// one of them lands: each x vector it loads feeds `len` taps' accumulators, and the shifted
+/// loads of one input row share cache lines, so a step brings `TILE_OUT` + `TILE_IN / len` new
+/// lines into L1 instead of `TILE_OUT + TILE_IN` (the tap-by-tap tile streamed all ten from L2
+/// for its 24 FMAs).
+#[derive(Clone, Copy, Debug)]
+struct TapGroup {
+    /// The taps (index, shift); only the first `len` are used.
+    taps: [(usize, Tap); MAX_GROUP],
+    len: usize,
+    /// Output rows `rows.0 .. rows.1`, inside every member's.
+    rows: (usize, usize),
+}
+
+/// The kernel's taps in groups of up to `per_group` consecutive ones, over the rows where all
+/// members land; each member's remaining rows (a kh × 1 kernel's first and last) as groups of
+/// one.
+fn tap_groups(taps: &[Option<Tap>], per_group: usize) -> Vec<TapGroup> {
+    let present: Vec<(usize, Tap)> = taps
+        .iter()
+        .enumerate()
+        .filter_map(|(t, tap)| tap.map(|tap| (t, tap)))
+        .collect();
+    let mut groups = Vec::new();
+    let single = |member: (usize, Tap), rows: (usize, usize), groups: &mut Vec<TapGroup>| {
+        if rows.0 < rows.1 {
+            groups.push(TapGroup {
+                taps: [member; MAX_GROUP],
+                len: 1,
+                rows,
+            });
+        }
+    };
+    for members in present.chunks(per_group.clamp(1, MAX_GROUP)) {
+        let rows = members.iter().fold((0, usize::MAX), |(r0, r1), (_, tap)| {
+            (r0.max(tap.rows.0), r1.min(tap.rows.1))
+        });
+        if members.len() == 1 || rows.0 >= rows.1 {
+            for &m in members {
+                single(m, m.1.rows, &mut groups);
+            }
+            continue;
+        }
+        let mut group = TapGroup {
+            taps: [members[0]; MAX_GROUP],
+            len: members.len(),
+            rows,
+        };
+        group.taps[..members.len()].copy_from_slice(members);
+        groups.push(group);
+        for &m in members {
+            single(m, (m.1.rows.0, rows.0), &mut groups);
+            single(m, (rows.1, m.1.rows.1), &mut groups);
+        }
+    }
+    groups
+}
+
 crate::simd_dispatch!(fn accumulate_image => accumulate_image_kernel(
-    g: &ConvGeometry, taps: &[Option<Tap>], x: &[f32], gy: &[f32], n: usize,
+    g: &ConvGeometry, t_count: usize, groups: &[TapGroup], x: &[f32], gy: &[f32], n: usize,
     partial: &mut [f32]
 ));
 
-/// Adds image `n`'s dot products over each tap's position range to the per-lane partial sums.
+/// Adds image `n`'s dot products over each tap's position range to the per-lane partial sums
+/// (`t_count` taps, in `groups`).
 #[inline(always)]
 unsafe fn accumulate_image_kernel<S: SimdF32>(
     g: &ConvGeometry,
-    taps: &[Option<Tap>],
+    t_count: usize,
+    groups: &[TapGroup],
     x: &[f32],
     gy: &[f32],
     n: usize,
@@ -212,7 +299,6 @@ unsafe fn accumulate_image_kernel<S: SimdF32>(
 ) {
     let (cig, cog) = (g.in_channels_per_group(), g.out_channels_per_group());
     let (hw, ohw, l) = (g.in_pixels(), g.out_pixels(), S::LANES);
-    let t_count = taps.len();
     assert!(partial.len() >= g.groups * t_count * cog * cig * l);
     assert!(x.len() >= g.batch * g.in_channels * hw && gy.len() >= g.batch * g.out_channels * ohw);
     // Whole rows per chunk, so a row's segment never straddles two chunks.
@@ -230,38 +316,62 @@ unsafe fn accumulate_image_kernel<S: SimdF32>(
         for q0 in (0..ohw).step_by(chunk) {
             let q1 = (q0 + chunk).min(ohw);
             for o0 in (0..cog).step_by(tile_out) {
-                for (t, tap) in taps.iter().enumerate() {
-                    let Some(tap) = tap else { continue };
-                    // Positions first + s·pitch .. + len for s < count.
-                    let (r0, r1) = (tap.rows.0.max(q0 / width), tap.rows.1.min(q1 / width));
+                for group in groups {
+                    let (r0, r1) = (group.rows.0.max(q0 / width), group.rows.1.min(q1 / width));
                     if r0 >= r1 {
                         continue;
                     }
-                    let (first, len, count) = if tap.whole_rows(width) {
+                    let members = &group.taps[..group.len];
+                    // Positions first + s·pitch .. + len for s < count: whole rows when no
+                    // member shifts columns, else each row's columns where any member lands.
+                    let whole = members.iter().all(|(_, tap)| tap.whole_rows(width));
+                    let u0 = members.iter().map(|(_, tap)| tap.cols.0).min().unwrap_or(0);
+                    let u1 = members.iter().map(|(_, tap)| tap.cols.1).max().unwrap_or(0);
+                    let (first, len, count) = if whole {
                         (r0 * width, (r1 - r0) * width, 1)
                     } else {
-                        (r0 * width + tap.cols.0, tap.cols.1 - tap.cols.0, r1 - r0)
+                        (r0 * width + u0, u1 - u0, r1 - r0)
+                    };
+                    let mut cols = [(0, len); MAX_GROUP];
+                    if !whole {
+                        for (c, (_, tap)) in cols.iter_mut().zip(members) {
+                            *c = (tap.cols.0 - u0, tap.cols.1 - u0);
+                        }
+                    }
+                    let clean = cols[..group.len]
+                        .iter()
+                        .fold((0, len), |(a, b), &(c0, c1)| (a.max(c0), b.min(c1)));
+                    let tile_in = if group.len == 1 {
+                        tile_in
+                    } else {
+                        TILE_IN / group.len
                     };
                     for c0 in (0..cig).step_by(tile_in) {
+                        let (mut xs, mut partials) = ([0isize; MAX_GROUP], [0; MAX_GROUP]);
+                        for (k, &(t, tap)) in members.iter().enumerate() {
+                            xs[k] = (xg + c0 * hw + first) as isize + tap.off;
+                            partials[k] = (((grp * t_count + t) * cog + o0) * cig + c0) * l;
+                        }
                         let block = Block {
                             gy: gyg + o0 * ohw + first,
                             gy_rows: ohw,
-                            // Every segment shifted by off stays in its row of the plane:
-                            // valid rows and columns only (Tap::new).
-                            x: (xg + c0 * hw + first).wrapping_add_signed(tap.off),
+                            x: xs,
                             x_rows: hw,
+                            cols,
+                            clean,
                             first,
                             len,
                             count,
                             pitch: width,
-                            partial: (((grp * t_count + t) * cog + o0) * cig + c0) * l,
+                            partial: partials,
                             partial_rows: cig * l,
                         };
                         let (ro, rc) = (tile_out.min(cog - o0), tile_in.min(cig - c0));
-                        // SAFETY: rows o0 .. o0 + ro of gY and c0 .. c0 + rc of x, every
-                        // segment (shifted by off for x) lie in this group's planes, and
-                        // the partial block lies in `partial` (asserted above).
-                        unsafe { block.run::<S>(gy, x, partial, ro, rc) };
+                        // SAFETY: rows o0 .. o0 + ro of gY and c0 .. c0 + rc of x lie in this
+                        // group's planes; each member's x is read only at the columns where it
+                        // lands (Tap::new), which stay in its shifted row; the partial blocks
+                        // lie in `partial` (asserted above).
+                        unsafe { block.run::<S>(gy, x, partial, ro, rc, group.len) };
                     }
                 }
             }
@@ -269,29 +379,35 @@ unsafe fn accumulate_image_kernel<S: SimdF32>(
     }
 }
 
-/// One register tile's operands: element offsets of its first gY row, first x row and first
-/// partial-sum vector, with the strides between rows, and the positions: `count` segments of
-/// `len` from `first`, `pitch` apart (one segment for a tap without a column shift).
+/// One register tile's operands: element offsets of its first gY row, of each tap's first x row
+/// (at the first position; before the plane where the tap's first columns fall in the padding)
+/// and of each tap's first partial-sum vector, with the strides between rows, and the
+/// positions: `count` segments of `len` from `first`, `pitch` apart (one segment when no tap
+/// shifts columns). Tap k lands on columns `cols[k]` of each segment (relative to its start),
+/// every tap on `clean`.
 #[derive(Clone, Copy)]
 struct Block {
     first: usize,
     count: usize,
     pitch: usize,
+    len: usize,
     gy: usize,
     gy_rows: usize,
-    x: usize,
+    x: [isize; MAX_GROUP],
     x_rows: usize,
-    len: usize,
-    partial: usize,
+    cols: [(usize, usize); MAX_GROUP],
+    clean: (usize, usize),
+    partial: [usize; MAX_GROUP],
     partial_rows: usize,
 }
 
 impl Block {
-    /// Runs the `ro × rc` tile (`ro ≤ TILE_OUT`, `rc ≤ TILE_IN`).
+    /// Runs the `ro × rc` tile of `taps` taps (`ro ≤ TILE_OUT`, `rc · taps ≤ TILE_IN`).
     ///
     /// # Safety
-    /// The CPU runs `S`'s instruction set; rows `..ro` of gY, `..rc` of x (every segment's
-    /// positions) and of the partial block (`rc` vectors each) are inside the slices.
+    /// The CPU runs `S`'s instruction set; rows `..ro` of gY (every segment's positions), `..rc`
+    /// of x (each tap's columns of every segment) and of the partial blocks (`rc` vectors each)
+    /// are inside the slices.
     #[inline(always)]
     unsafe fn run<S: SimdF32>(
         self,
@@ -300,13 +416,14 @@ impl Block {
         partial: &mut [f32],
         ro: usize,
         rc: usize,
+        taps: usize,
     ) {
         unsafe {
             match ro {
-                4 => self.run_rows::<S, 4>(gy, x, partial, rc),
-                3 => self.run_rows::<S, 3>(gy, x, partial, rc),
-                2 => self.run_rows::<S, 2>(gy, x, partial, rc),
-                _ => self.run_rows::<S, 1>(gy, x, partial, rc),
+                4 => self.run_rows::<S, 4>(gy, x, partial, rc, taps),
+                3 => self.run_rows::<S, 3>(gy, x, partial, rc, taps),
+                2 => self.run_rows::<S, 2>(gy, x, partial, rc, taps),
+                _ => self.run_rows::<S, 1>(gy, x, partial, rc, taps),
             }
         }
     }
@@ -318,26 +435,32 @@ impl Block {
         x: &[f32],
         partial: &mut [f32],
         rc: usize,
+        taps: usize,
     ) {
         unsafe {
-            match rc {
-                6 => self.tile::<S, RO, 6>(gy, x, partial),
-                5 => self.tile::<S, RO, 5>(gy, x, partial),
-                4 => self.tile::<S, RO, 4>(gy, x, partial),
-                3 => self.tile::<S, RO, 3>(gy, x, partial),
-                2 => self.tile::<S, RO, 2>(gy, x, partial),
-                _ => self.tile::<S, RO, 1>(gy, x, partial),
+            match (taps, rc) {
+                (3, 2) => self.tile::<S, RO, 2, 3>(gy, x, partial),
+                (3, _) => self.tile::<S, RO, 1, 3>(gy, x, partial),
+                (2, 3) => self.tile::<S, RO, 3, 2>(gy, x, partial),
+                (2, 2) => self.tile::<S, RO, 2, 2>(gy, x, partial),
+                (2, _) => self.tile::<S, RO, 1, 2>(gy, x, partial),
+                (_, 6) => self.tile::<S, RO, 6, 1>(gy, x, partial),
+                (_, 5) => self.tile::<S, RO, 5, 1>(gy, x, partial),
+                (_, 4) => self.tile::<S, RO, 4, 1>(gy, x, partial),
+                (_, 3) => self.tile::<S, RO, 3, 1>(gy, x, partial),
+                (_, 2) => self.tile::<S, RO, 2, 1>(gy, x, partial),
+                _ => self.tile::<S, RO, 1, 1>(gy, x, partial),
             }
         }
     }
 
-    /// `partial[i][j] += Σ_p gY[i][p] · x[j][p]` lane by lane, for `RO` gradient rows and
-    /// `RC` input rows.
+    /// `partial[k][i][j] += Σ_p gY[i][p] · x_k[j][p]` lane by lane, for `RO` gradient rows,
+    /// `RC` input rows and `T` taps (x_k: the input shifted by tap k).
     ///
     /// # Safety
     /// As [`Block::run`].
     #[inline(always)]
-    unsafe fn tile<S: SimdF32, const RO: usize, const RC: usize>(
+    unsafe fn tile<S: SimdF32, const RO: usize, const RC: usize, const T: usize>(
         self,
         gy: &[f32],
         x: &[f32],
@@ -346,64 +469,80 @@ impl Block {
         let l = S::LANES;
         let extent = (self.count - 1) * self.pitch + self.len;
         debug_assert!(self.gy + (RO - 1) * self.gy_rows + extent <= gy.len());
-        debug_assert!(self.x + (RC - 1) * self.x_rows + extent <= x.len());
-        debug_assert!(self.partial + (RO - 1) * self.partial_rows + RC * l <= partial.len());
+        for k in 0..T {
+            let (c0, c1) = self.cols[k];
+            debug_assert!(self.x[k] + c0 as isize >= 0);
+            debug_assert!(
+                self.x[k] + ((RC - 1) * self.x_rows + extent - self.len + c1) as isize
+                    <= x.len() as isize
+            );
+            debug_assert!(self.partial[k] + (RO - 1) * self.partial_rows + RC * l <= partial.len());
+        }
         let (gp, xp) = (gy.as_ptr(), x.as_ptr());
         let pp = partial.as_mut_ptr();
+        let clean = self.clean;
         // SAFETY: the caller's contract (rows and lengths inside the slices).
         unsafe {
-            let mut acc = [[S::zero(); RC]; RO];
-            for (i, row) in acc.iter_mut().enumerate() {
-                for (j, a) in row.iter_mut().enumerate() {
-                    *a = S::load(pp.add(self.partial + i * self.partial_rows + j * l));
+            let mut acc = [[[S::zero(); RC]; T]; RO];
+            for (i, taps) in acc.iter_mut().enumerate() {
+                for (k, row) in taps.iter_mut().enumerate() {
+                    for (j, a) in row.iter_mut().enumerate() {
+                        let at = self.partial[k] + i * self.partial_rows + j * l;
+                        *a = S::load(pp.add(at));
+                    }
                 }
             }
             // A partial first vector up to the next multiple of LANES positions: the body's
             // gradient loads are then aligned wherever the planes are, and which lane sums
             // which position depends on the position alone, so results are bit-identical from
-            // run to run whatever the buffers' addresses (training resumes exactly).
+            // run to run whatever the buffers' addresses (training resumes exactly). Steps
+            // that reach a column where some tap does not land (the first and last of a row
+            // segment) load only its lanes that do.
             for s in 0..self.count {
                 let base = s * self.pitch;
                 let head = ((l - (self.first + base) % l) % l).min(self.len);
-                if head > 0 {
-                    self.step(&mut acc, gp, xp, base, head);
-                }
-                let full = head + (self.len - head) / l * l;
-                let mut p = head;
-                while p < full {
-                    self.step(&mut acc, gp, xp, base + p, l);
-                    p += l;
-                }
-                if full < self.len {
-                    self.step(&mut acc, gp, xp, base + full, self.len - full);
+                let mut at = 0;
+                while at < self.len {
+                    let n = if at == 0 && head > 0 {
+                        head
+                    } else {
+                        l.min(self.len - at)
+                    };
+                    if at < clean.0 || at + n > clean.1 {
+                        self.step_masked(&mut acc, gp, xp, base, at, n);
+                    } else if n == l {
+                        self.step(&mut acc, gp, xp, base + at, l);
+                    } else {
+                        self.step(&mut acc, gp, xp, base + at, n);
+                    }
+                    at += n;
                 }
             }
-            for (i, row) in acc.iter().enumerate() {
-                for (j, a) in row.iter().enumerate() {
-                    a.store(pp.add(self.partial + i * self.partial_rows + j * l));
+            for (i, taps) in acc.iter().enumerate() {
+                for (k, row) in taps.iter().enumerate() {
+                    for (j, a) in row.iter().enumerate() {
+                        a.store(pp.add(self.partial[k] + i * self.partial_rows + j * l));
+                    }
                 }
             }
         }
     }
 
-    /// Adds the products of `n ≤ LANES` positions from `p` to the accumulators: every x vector
-    /// is loaded once and used `RO` times.
+    /// The `RO` gradient vectors of positions `p .. p + n` (`n ≤ LANES`).
     ///
     /// # Safety
     /// As [`Block::tile`], for positions `p .. p + n`.
     #[inline(always)]
-    unsafe fn step<S: SimdF32, const RO: usize, const RC: usize>(
+    unsafe fn gradients<S: SimdF32, const RO: usize>(
         &self,
-        acc: &mut [[S; RC]; RO],
         gp: *const f32,
-        xp: *const f32,
         p: usize,
         n: usize,
-    ) {
-        // SAFETY: the caller's contract.
-        unsafe {
-            let mut gv = [S::zero(); RO];
-            for (i, v) in gv.iter_mut().enumerate() {
+    ) -> [S; RO] {
+        let mut gv = [unsafe { S::zero() }; RO];
+        for (i, v) in gv.iter_mut().enumerate() {
+            // SAFETY: the caller's contract.
+            unsafe {
                 let at = gp.add(self.gy + i * self.gy_rows + p);
                 *v = if n == S::LANES {
                     S::load(at)
@@ -411,15 +550,75 @@ impl Block {
                     S::load_partial(at, n)
                 };
             }
+        }
+        gv
+    }
+
+    /// Adds the products of `n ≤ LANES` positions from `p`, where every tap lands, to the
+    /// accumulators: every x vector is loaded once and used `RO` times.
+    ///
+    /// # Safety
+    /// As [`Block::tile`], for positions `p .. p + n`.
+    #[inline(always)]
+    unsafe fn step<S: SimdF32, const RO: usize, const RC: usize, const T: usize>(
+        &self,
+        acc: &mut [[[S; RC]; T]; RO],
+        gp: *const f32,
+        xp: *const f32,
+        p: usize,
+        n: usize,
+    ) {
+        // SAFETY: the caller's contract.
+        unsafe {
+            let gv = self.gradients::<S, RO>(gp, p, n);
             for j in 0..RC {
-                let at = xp.add(self.x + j * self.x_rows + p);
-                let xv = if n == S::LANES {
-                    S::load(at)
-                } else {
-                    S::load_partial(at, n)
-                };
-                for (row, &g) in acc.iter_mut().zip(&gv) {
-                    row[j] = S::mul_add(g, xv, row[j]);
+                for k in 0..T {
+                    let at = xp.wrapping_offset(self.x[k] + (j * self.x_rows + p) as isize);
+                    let xv = if n == S::LANES {
+                        S::load(at)
+                    } else {
+                        S::load_partial(at, n)
+                    };
+                    for (taps, &g) in acc.iter_mut().zip(&gv) {
+                        taps[k][j] = S::mul_add(g, xv, taps[k][j]);
+                    }
+                }
+            }
+        }
+    }
+
+    /// As [`Block::step`] for the `n` positions from column `at` of the segment at `base`,
+    /// where some tap does not land on every one: each tap's x is loaded in the lanes where it
+    /// does, zero elsewhere.
+    ///
+    /// # Safety
+    /// As [`Block::tile`], for the positions where each tap lands.
+    #[inline(always)]
+    unsafe fn step_masked<S: SimdF32, const RO: usize, const RC: usize, const T: usize>(
+        &self,
+        acc: &mut [[[S; RC]; T]; RO],
+        gp: *const f32,
+        xp: *const f32,
+        base: usize,
+        at: usize,
+        n: usize,
+    ) {
+        let p = base + at;
+        // SAFETY: the caller's contract; each tap's loads touch only its lanes lo .. hi.
+        unsafe {
+            let gv = self.gradients::<S, RO>(gp, p, n);
+            for k in 0..T {
+                let (c0, c1) = self.cols[k];
+                let (lo, hi) = (c0.saturating_sub(at).min(n), c1.saturating_sub(at).min(n));
+                if lo >= hi {
+                    continue;
+                }
+                for j in 0..RC {
+                    let ptr = xp.wrapping_offset(self.x[k] + (j * self.x_rows + p) as isize);
+                    let xv = S::load_lanes(ptr, lo, hi);
+                    for (taps, &g) in acc.iter_mut().zip(&gv) {
+                        taps[k][j] = S::mul_add(g, xv, taps[k][j]);
+                    }
                 }
             }
         }

@@ -116,6 +116,17 @@ pub trait SimdF32: Copy {
     unsafe fn load_partial(p: *const f32, n: usize) -> Self;
     /// Stores the first `n < LANES` lanes.
     unsafe fn store_partial(self, p: *mut f32, n: usize);
+    /// Lanes `lo .. hi` from `p + lo .. p + hi`, the others zero (`lo ≤ hi ≤ LANES`). Touches
+    /// no memory outside those lanes, so `p` itself may point before the buffer (a tap's shifted
+    /// row whose first columns fall in the padding).
+    #[inline(always)]
+    unsafe fn load_lanes(p: *const f32, lo: usize, hi: usize) -> Self {
+        let mut buf = [0f32; 16];
+        unsafe {
+            std::ptr::copy_nonoverlapping(p.wrapping_add(lo), buf.as_mut_ptr().add(lo), hi - lo);
+            Self::load(buf.as_ptr())
+        }
+    }
     /// Stores `LANES` values bypassing the cache (non-temporal) when `p` is aligned to the
     /// vector size, else a normal store. Call [`SimdF32::fence`] after a run of these.
     ///
@@ -267,6 +278,11 @@ mod x86 {
             unsafe { _mm512_mask_storeu_ps(p, ((1u32 << n) - 1) as u16, self.0) }
         }
         #[inline(always)]
+        unsafe fn load_lanes(p: *const f32, lo: usize, hi: usize) -> Self {
+            let mask = ((1u32 << hi) - 1) & !((1u32 << lo) - 1);
+            unsafe { Avx512(_mm512_maskz_loadu_ps(mask as u16, p)) }
+        }
+        #[inline(always)]
         unsafe fn mul_add(a: Self, b: Self, c: Self) -> Self {
             unsafe { Avx512(_mm512_fmadd_ps(a.0, b.0, c.0)) }
         }
@@ -381,6 +397,13 @@ mod x86 {
         #[inline(always)]
         unsafe fn store_partial(self, p: *mut f32, n: usize) {
             unsafe { _mm256_maskstore_ps(p, lane_mask(n), self.0) }
+        }
+        #[inline(always)]
+        unsafe fn load_lanes(p: *const f32, lo: usize, hi: usize) -> Self {
+            unsafe {
+                let mask = _mm256_andnot_si256(lane_mask(lo), lane_mask(hi));
+                Avx2(_mm256_maskload_ps(p, mask))
+            }
         }
         #[inline(always)]
         unsafe fn mul_add(a: Self, b: Self, c: Self) -> Self {
@@ -688,6 +711,59 @@ mod tests {
             }
             for (n, got) in out.chunks_exact(l).enumerate() {
                 assert_eq!(got, &src[n..n + l], "{isa} shift {n}");
+            }
+        }
+    }
+
+    crate::simd_dispatch!(fn lanes_loaded => lanes_loaded_kernel(src: &[f32], out: &mut Vec<f32>));
+
+    /// `load_lanes(p, lo, hi)` for every `lo ≤ hi ≤ LANES`, `p` one vector into `src`, one
+    /// after another.
+    #[inline(always)]
+    unsafe fn lanes_loaded_kernel<S: SimdF32>(src: &[f32], out: &mut Vec<f32>) {
+        let l = S::LANES;
+        let mut buf = [0f32; 16];
+        out.clear();
+        for lo in 0..=l {
+            for hi in lo..=l {
+                unsafe {
+                    S::load_lanes(src.as_ptr().add(l), lo, hi).store(buf.as_mut_ptr());
+                }
+                out.extend_from_slice(&buf[..l]);
+            }
+        }
+    }
+
+    #[test]
+    fn load_lanes_zeroes_the_lanes_outside_its_range() {
+        // NaN around the vector: a lane loaded from outside lo .. hi would show.
+        let src: Vec<f32> = (0..48)
+            .map(|i| {
+                if (16..32).contains(&i) {
+                    i as f32
+                } else {
+                    f32::NAN
+                }
+            })
+            .collect();
+        for isa in Isa::available() {
+            let mut out = Vec::new();
+            lanes_loaded(isa, &src[16 - isa.lanes()..], &mut out);
+            let l = isa.lanes();
+            let mut got = out.chunks_exact(l);
+            for lo in 0..=l {
+                for hi in lo..=l {
+                    let want: Vec<f32> = (0..l)
+                        .map(|k| {
+                            if (lo..hi).contains(&k) {
+                                (16 + k) as f32
+                            } else {
+                                0.0
+                            }
+                        })
+                        .collect();
+                    assert_eq!(got.next(), Some(&want[..]), "{isa} lanes {lo}..{hi}");
+                }
             }
         }
     }
