@@ -20,7 +20,7 @@ use super::depthwise::{PhaseLayout, fill_phases};
 use super::gemm::{MatView, gemm};
 use super::shifted_grad_weight::{self, Tap, sum_task_partials};
 use super::simd::SimdF32;
-use super::{Exec, Workspace, for_each_image_task};
+use super::{Exec, ImageSums, Workspace, for_each_image_task};
 use crate::error::Result;
 use crate::geometry::ConvGeometry;
 
@@ -214,35 +214,45 @@ pub fn applies_on_phases(exec: Exec, g: &ConvGeometry) -> bool {
 /// `gW[:, :, t] = gY_wide · phases[:, off_t ..]ᵀ`, where `gY_wide` is the output gradient with
 /// the phase planes' row width (zero columns past the output's, which cancel the extra
 /// positions; used in place when the widths agree).
+///
+/// With `gb`, also grad-bias (overwritten), bit for bit [`super::conv2d_grad_bias`], from each
+/// image's output gradient right after its products, while it is in the caches.
 pub fn grad_weight_on_phases(
     exec: Exec,
     g: &ConvGeometry,
     x: &[f32],
     gy: &[f32],
     gw: &mut [f32],
+    gb: Option<&mut [f32]>,
     ws: &mut Workspace,
 ) -> Result<()> {
     let l = PhaseLayout::new(g);
     let (cig, cog) = (g.in_channels_per_group(), g.out_channels_per_group());
     let wide = l.wq != g.out_w;
     let wlen = gw.len();
-    let per_task = wlen + cig * l.len + if wide { cog * l.positions } else { 0 };
+    let work = wlen + cig * l.len + if wide { cog * l.positions } else { 0 };
     let tasks = exec.threads().min(g.batch);
+    // Per task: its products, phase planes and widened gradient, then its images' sums.
+    let sums = ImageSums::new(g, tasks, work, gb.is_some());
+    let per_task = sums.per_task();
     let scratch = ws.take(per_task * tasks)?;
     for_each_image_task(g.batch, scratch, per_task, |images, s| {
-        phase_products(exec.isa(), g, &l, x, gy, images, wlen, s)
+        phase_products(exec.isa(), g, &l, x, gy, images, wlen, &sums, s)
     });
     sum_task_partials(g, scratch, per_task, 1, gw);
+    if let Some(gb) = gb {
+        sums.grad_bias(g.batch, scratch, gb);
+    }
     Ok(())
 }
 
 crate::simd_dispatch!(fn phase_products => phase_products_kernel(
     g: &ConvGeometry, l: &PhaseLayout, x: &[f32], gy: &[f32],
-    images: std::ops::Range<usize>, wlen: usize, s: &mut [f32]
+    images: std::ops::Range<usize>, wlen: usize, sums: &ImageSums, s: &mut [f32]
 ));
 
 /// One task of [`grad_weight_on_phases`]: its images' products into the first `wlen` floats
-/// of `s` ([group][tap][out][in]), the rest being the phase planes and the widened gradient.
+/// of `s` ([group][tap][out][in]), then the phase planes, the widened gradient and `sums`' rows.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 unsafe fn phase_products_kernel<S: SimdF32>(
@@ -252,17 +262,19 @@ unsafe fn phase_products_kernel<S: SimdF32>(
     gy: &[f32],
     images: std::ops::Range<usize>,
     wlen: usize,
+    sums: &ImageSums,
     s: &mut [f32],
 ) {
     let (cig, cog) = (g.in_channels_per_group(), g.out_channels_per_group());
     let (hw, ohw, ow) = (g.in_pixels(), g.out_pixels(), g.out_w);
     let t_count = g.kernel_h * g.kernel_w;
-    let (part, rest) = s.split_at_mut(wlen);
-    let (planes, gy_wide) = rest.split_at_mut(cig * l.len);
-    part.fill(0.0);
+    let work = sums.offset();
+    s[..wlen].fill(0.0);
     // Columns past the output's stay zero.
-    gy_wide.fill(0.0);
+    s[wlen + cig * l.len..work].fill(0.0);
     for (local, n) in images.enumerate() {
+        let (part, rest) = s[..work].split_at_mut(wlen);
+        let (planes, gy_wide) = rest.split_at_mut(cig * l.len);
         for grp in 0..g.groups {
             for (c, buf) in planes.chunks_exact_mut(l.len).enumerate() {
                 let plane = (n * g.in_channels + grp * cig + c) * hw;
@@ -288,5 +300,9 @@ unsafe fn phase_products_kernel<S: SimdF32>(
                 gemm(out, cig, gy_rows, x_rows.t(), true, 1);
             }
         }
+        // The image's output gradient has just gone through the caches: its sums read it
+        // from there instead of from memory in a pass of their own.
+        let planes = &gy[n * g.out_channels * ohw..][..g.out_channels * ohw];
+        sums.add_planes(S::ISA, s, local, 0, planes, ohw);
     }
 }
