@@ -492,7 +492,7 @@ pub fn conv2d_grad_weight(
         GradWeightKernel::ChannelsLast => {
             channels_last_grad_weight::grad_weight(exec, g, x, gy, gw, ws)
         }
-        GradWeightKernel::TapGemm => tap_grad_weight::grad_weight(exec, g, x, gy, gw, ws),
+        GradWeightKernel::TapGemm => tap_grad_weight::grad_weight(exec, g, x, gy, gw, None, ws),
         GradWeightKernel::Shifted => shifted_grad_weight::grad_weight(exec, g, x, gy, gw, None, ws),
         GradWeightKernel::TapGemmPhases => {
             tap_grad_weight::grad_weight_on_phases(exec, g, x, gy, gw, None, ws)
@@ -508,9 +508,10 @@ pub fn conv2d_grad_weight(
 /// weight and input gradients come from one pass over the output gradient
 /// ([`depthwise_blocked::backward`]), pointwise layers split by images, whose three gradients
 /// are computed image by image ([`conv::pointwise_backward`]), and layers whose grad-weight
-/// runs on the shifted kernel or on the phase planes, which sum grad-bias image by image as
-/// they go ([`shifted_grad_weight::grad_weight`], [`tap_grad_weight::grad_weight_on_phases`]).
-/// Results are the same either way (grad-bias bit for bit).
+/// runs on the shifted kernel or the per-tap GEMMs, which sum grad-bias image by image as they
+/// go ([`shifted_grad_weight::grad_weight`], [`tap_grad_weight::grad_weight`],
+/// [`tap_grad_weight::grad_weight_on_phases`]). Results are the same either way (grad-bias bit
+/// for bit).
 #[allow(clippy::too_many_arguments)]
 pub fn conv2d_backward(
     exec: Exec,
@@ -553,13 +554,14 @@ pub fn conv2d_backward(
     }
 }
 
-/// Grad-weight, and grad-bias when `gb` is given: the shifted and the phase-plane grad-weights
-/// sum each image's output gradient for it while that is in cache; with the other kernels it
-/// is a pass of its own over the output gradient. On the phase planes, reference layer E's
-/// training steps with bias (forward and backward; harness, 2 threads, alternated 4×): its
-/// 3 × 3 stride 2 56.8–57.2 → 55.8–56.8 ms, its spatially separable halves 19.8–20.0 →
-/// 19.2–19.9 (1 × 3) and 19.3–19.7 → 19.1–19.5 (3 × 1); the separate pass reads its 6.4 MB
-/// output gradient in 0.22 ms.
+/// Grad-weight, and grad-bias when `gb` is given: the shifted and the per-tap grad-weights sum
+/// each image's output gradient for it while that is in cache; with the other kernels it is a
+/// pass of its own over the output gradient. Training steps with bias (forward and backward;
+/// harness, 2 threads, alternated 4×), on the phase planes: reference layer E's 3 × 3 stride 2
+/// 56.8–57.2 → 55.8–56.8 ms, its spatially separable halves 19.8–20.0 → 19.2–19.9 (1 × 3) and
+/// 19.3–19.7 → 19.1–19.5 (3 × 1), where the separate pass reads a 6.4 MB output gradient in
+/// 0.22 ms; in place: reference layer C's 3 × 3 76.0–76.4 → 75.7–76.0, its 1 × 3 36.5–36.7 →
+/// 36.2–36.5 (12.8 MB).
 fn grad_weight_and_bias(
     exec: Exec,
     g: &ConvGeometry,
@@ -573,6 +575,9 @@ fn grad_weight_and_bias(
         Some(gb) => match GradWeightKernel::choose(exec, g) {
             GradWeightKernel::Shifted => {
                 shifted_grad_weight::grad_weight(exec, g, x, gy, gw, Some(gb), ws)
+            }
+            GradWeightKernel::TapGemm => {
+                tap_grad_weight::grad_weight(exec, g, x, gy, gw, Some(gb), ws)
             }
             GradWeightKernel::TapGemmPhases => {
                 tap_grad_weight::grad_weight_on_phases(exec, g, x, gy, gw, Some(gb), ws)

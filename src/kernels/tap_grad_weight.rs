@@ -63,12 +63,16 @@ fn prefers_shifted(g: &ConvGeometry) -> bool {
 /// Grad-weight `gw` (overwritten) of a convolution where [`applies`]. Images are split over
 /// tasks; each accumulates its own copy of the gradient, laid out tap by tap, and the copies
 /// are summed into `gw` at the end.
+///
+/// With `gb`, also grad-bias (overwritten), bit for bit [`super::conv2d_grad_bias`], from each
+/// image's output gradient right after its products, while it is in the caches.
 pub fn grad_weight(
     exec: Exec,
     g: &ConvGeometry,
     x: &[f32],
     gy: &[f32],
     gw: &mut [f32],
+    gb: Option<&mut [f32]>,
     ws: &mut Workspace,
 ) -> Result<()> {
     let (kh, kw) = (g.kernel_h, g.kernel_w);
@@ -79,13 +83,16 @@ pub fn grad_weight(
         .filter_map(|t| Tap::new(g, t / kw, t % kw).map(|tap| (t, TapSpan::new(g, tap))))
         .collect();
     let wlen = gw.len();
-    let per_task = wlen + (cig + cog) * max_wrapped(g);
+    let work = wlen + (cig + cog) * max_wrapped(g);
     let tasks = exec.threads().min(g.batch);
+    // Per task: its products and gathered operands, then its images' sums.
+    let sums = ImageSums::new(g, tasks, work, gb.is_some());
+    let per_task = sums.per_task();
     let scratch = ws.take(per_task * tasks)?;
     for_each_image_task(g.batch, scratch, per_task, |images, s| {
-        let (part, gathered) = s.split_at_mut(wlen);
-        part.fill(0.0);
-        for n in images {
+        s[..wlen].fill(0.0);
+        for n in images.clone() {
+            let (part, gathered) = s[..work].split_at_mut(wlen);
             for grp in 0..g.groups {
                 let xg = &x[(n * g.in_channels + grp * cig) * hw..][..cig * hw];
                 let gyg = &gy[(n * g.out_channels + grp * cog) * ohw..][..cog * ohw];
@@ -94,10 +101,17 @@ pub fn grad_weight(
                     tap_product(g, span, xg, gyg, out, gathered);
                 }
             }
+            // The image's output gradient has just gone through the caches: its sums read it
+            // from there instead of from memory in a pass of their own.
+            let planes = &gy[n * g.out_channels * ohw..][..g.out_channels * ohw];
+            sums.add_planes(exec.isa(), s, n - images.start, 0, planes, ohw);
         }
     });
     // The copies' first wlen floats are laid out [group][tap][out][in], one lane.
     sum_task_partials(g, scratch, per_task, 1, gw);
+    if let Some(gb) = gb {
+        sums.grad_bias(g.batch, scratch, gb);
+    }
     Ok(())
 }
 
