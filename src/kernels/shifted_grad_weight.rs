@@ -20,8 +20,8 @@
 //! instead of 10. Reference layer B (harness, 2 threads, alternated 4×): its 1 × 3 grad-weight
 //! 6.87–6.96 → 6.73–6.89 ms, its 3 × 3 18.95–19.11 → 18.50–18.66, its 3 × 1 (shifts a row
 //! apart) a tie. A tap's columns outside the image are masked lanes of the steps that reach
-//! them (the first and last of a row segment). Positions run in chunks of whole rows sized so a
-//! chunk of every input channel stays in L2 while all output-channel blocks read it. A tile's
+//! them (the first and last of a row segment). Positions run in chunks of whole rows, about
+//! L2's size over all input channels, which every output-channel block reads in turn. A tile's
 //! accumulators are added to per-lane partial sums (one vector per weight element, mostly in
 //! L2), and the lanes are summed once at the end, so no horizontal reduction runs per chunk.
 //!
@@ -55,11 +55,16 @@ const TILE_IN: usize = 6;
 /// 3 × 3 35.2–35.4 → 22.3–22.8 ms (AVX-512: 19–21), its sp halves 6.1–6.2 → 4.3–4.4 and
 /// 12.8–13.1 → 8.5–9.4; 2 × 6, 3 × 3 and 2 × 5 tiles 25–27 ms on the 3 × 3.
 const NARROW_TILE: (usize, usize) = (3, 4);
-/// Floats of input (all channels of a group) per chunk of positions: 512 KiB, half of L2.
-/// Smaller chunks (128–256 KiB) were 5–20% slower on reference layer B's 3 × 1 half: more
-/// partial-sum traffic per multiplication; 1 MiB a tie on both of B's halves (harness,
-/// alternated 4×: 3 × 1 3.26–3.47 against 3.25–3.41 ms, 1 × 3 7.04–7.24 against 7.11–7.24).
-const CHUNK_FLOATS: usize = 1 << 17;
+/// Floats of input (all channels of a group) per chunk of positions: 1 MiB, as large as L2, so
+/// the output-channel blocks re-read it from L2 and L3; each chunk reads and writes every
+/// partial sum once, and larger chunks mean fewer such passes.
+/// With one tap per tile 512 KiB was best: 128–256 KiB 5–20% slower on reference layer B's
+/// 3 × 1 half, 1 MiB a tie (3 × 1 3.26–3.47 against 3.25–3.41 ms, 1 × 3 7.04–7.24 against
+/// 7.11–7.24). With three taps per tile (harness, alternated 4×), 512 KiB → 1 MiB: B's 3 × 1
+/// 3.34–3.55 → 3.22–3.30 ms, 1 × 3 6.85–6.95 → 6.73–6.90, 3 × 3 18.63–18.82 → 18.47–18.52;
+/// 2 MiB 3.21–3.33, 6.83–6.99 and 18.12–18.65; the MNIST network's 3 × 1 (batch 64, 28 × 28)
+/// a tie.
+const CHUNK_FLOATS: usize = 1 << 18;
 /// Largest per-task partial-sum buffer (floats): 2 MiB, twice L2 (a chunk reads and writes each
 /// tile's vectors once, so some of them may come from L3). Measured (2 threads, batch 8): 3 × 1
 /// kernels with 64 channels at 56 × 56 (768 KiB) 3.46 → 3.11 ms; reference layer B's 3 × 3
