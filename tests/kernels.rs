@@ -492,7 +492,7 @@ fn small_column_kernels_take_the_implicit_gemm() {
 
 /// Stride-1, same-width shapes whose grad-weight runs as dot products over shifted planes:
 /// column kernels with channel counts that leave partial register tiles (7 inputs, 9 outputs)
-/// and a batch that splits unevenly; 64 channels on a plane larger than one chunk of rows;
+/// and a batch that splits unevenly; 128 channels on a plane larger than one chunk of rows;
 /// grouped, dilated, with asymmetric height padding; a padding so large that the first tap
 /// never lands; and kernels with column shifts (row segments) on rows at least 64 wide: a 1 × 3,
 /// a dilated 1 × 3 with asymmetric width padding, and a grouped 3 × 3 with padding on one side.
@@ -508,8 +508,8 @@ fn shifted_grad_weight_cases() -> [Case; 11] {
             Conv2dParams::with_padding(Padding::symmetric(1, 0)),
         ),
         (
-            [2, 64, 48, 48],
-            [5, 64, 3, 1],
+            [2, 128, 48, 48],
+            [5, 128, 3, 1],
             Conv2dParams::with_padding(Padding::symmetric(1, 0)),
         ),
         (
