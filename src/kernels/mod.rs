@@ -484,22 +484,7 @@ pub fn conv2d_grad_weight(
     ws: &mut Workspace,
 ) -> Result<()> {
     check_lengths(g, x.len(), gw.len(), gy.len());
-    match GradWeightKernel::choose(exec, g) {
-        GradWeightKernel::DepthwiseBlocked => {
-            depthwise_blocked::grad_weight(exec, g, x, gy, gw, ws)
-        }
-        GradWeightKernel::Depthwise => depthwise::grad_weight(exec, g, x, gy, gw, ws),
-        GradWeightKernel::ChannelsLast => {
-            channels_last_grad_weight::grad_weight(exec, g, x, gy, gw, ws)
-        }
-        GradWeightKernel::TapGemm => tap_grad_weight::grad_weight(exec, g, x, gy, gw, None, ws),
-        GradWeightKernel::Shifted => shifted_grad_weight::grad_weight(exec, g, x, gy, gw, None, ws),
-        GradWeightKernel::TapGemmPhases => {
-            tap_grad_weight::grad_weight_on_phases(exec, g, x, gy, gw, None, ws)
-        }
-        GradWeightKernel::Implicit => implicit::grad_weight(exec, g, x, gy, gw, ws),
-        GradWeightKernel::Im2colGemm => conv::grad_weight(exec, g, x, gy, gw, ws),
-    }
+    grad_weight_and_bias(exec, g, x, gy, gw, None, ws)
 }
 
 /// The gradients of one convolution, all overwritten: `gw`, and `gx` and `gb` when given.
@@ -571,23 +556,34 @@ fn grad_weight_and_bias(
     gb: Option<&mut [f32]>,
     ws: &mut Workspace,
 ) -> Result<()> {
-    match gb {
-        Some(gb) => match GradWeightKernel::choose(exec, g) {
-            GradWeightKernel::Shifted => {
-                shifted_grad_weight::grad_weight(exec, g, x, gy, gw, Some(gb), ws)
-            }
-            GradWeightKernel::TapGemm => {
-                tap_grad_weight::grad_weight(exec, g, x, gy, gw, Some(gb), ws)
-            }
-            GradWeightKernel::TapGemmPhases => {
-                tap_grad_weight::grad_weight_on_phases(exec, g, x, gy, gw, Some(gb), ws)
-            }
-            _ => {
+    let kernel = GradWeightKernel::choose(exec, g);
+    // The kernels that sum grad-bias as they go take `gb`; the others leave it to its own pass.
+    let gb = match kernel {
+        GradWeightKernel::Shifted | GradWeightKernel::TapGemm | GradWeightKernel::TapGemmPhases => {
+            gb
+        }
+        _ => {
+            if let Some(gb) = gb {
                 conv2d_grad_bias(exec, g, gy, gb);
-                conv2d_grad_weight(exec, g, x, gy, gw, ws)
             }
-        },
-        None => conv2d_grad_weight(exec, g, x, gy, gw, ws),
+            None
+        }
+    };
+    match kernel {
+        GradWeightKernel::DepthwiseBlocked => {
+            depthwise_blocked::grad_weight(exec, g, x, gy, gw, ws)
+        }
+        GradWeightKernel::Depthwise => depthwise::grad_weight(exec, g, x, gy, gw, ws),
+        GradWeightKernel::ChannelsLast => {
+            channels_last_grad_weight::grad_weight(exec, g, x, gy, gw, ws)
+        }
+        GradWeightKernel::TapGemm => tap_grad_weight::grad_weight(exec, g, x, gy, gw, gb, ws),
+        GradWeightKernel::Shifted => shifted_grad_weight::grad_weight(exec, g, x, gy, gw, gb, ws),
+        GradWeightKernel::TapGemmPhases => {
+            tap_grad_weight::grad_weight_on_phases(exec, g, x, gy, gw, gb, ws)
+        }
+        GradWeightKernel::Implicit => implicit::grad_weight(exec, g, x, gy, gw, ws),
+        GradWeightKernel::Im2colGemm => conv::grad_weight(exec, g, x, gy, gw, ws),
     }
 }
 
