@@ -658,6 +658,22 @@ impl ImageSums {
         }
     }
 
+    /// Sums image `n`'s output-gradient planes (all of `g`'s output channels, in `gy`) into the
+    /// row of the task's `local`-th image, for a kernel that has just read that image: the
+    /// planes come from the caches instead of from memory in a pass of their own.
+    pub(crate) fn add_image(
+        &self,
+        isa: Isa,
+        st: &mut [f32],
+        local: usize,
+        g: &ConvGeometry,
+        gy: &[f32],
+        n: usize,
+    ) {
+        let image = g.out_channels * g.out_pixels();
+        self.add_planes(isa, st, local, 0, &gy[n * image..][..image], g.out_pixels());
+    }
+
     /// Grad-bias of the batch (`batch` images; `scratch` the tasks' slices, [`Self::per_task`]
     /// floats each).
     pub(crate) fn grad_bias(&self, batch: usize, scratch: &[f32], gb: &mut [f32]) {

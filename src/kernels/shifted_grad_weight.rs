@@ -167,7 +167,6 @@ pub fn grad_weight(
     let sums = ImageSums::new(g, tasks, partial_len, gb.is_some());
     let per_task = sums.per_task();
     let scratch = ws.take(per_task * tasks)?;
-    let image_len = g.out_channels * g.out_pixels();
     for_each_image_task(g.batch, scratch, per_task, |images, st| {
         st[..partial_len].fill(0.0);
         for n in images.clone() {
@@ -181,10 +180,7 @@ pub fn grad_weight(
                 n,
                 &mut st[..partial_len],
             );
-            // The image's output gradient has just gone through the caches: its sums read it
-            // from there instead of from memory in a pass of their own.
-            let planes = &gy[n * image_len..(n + 1) * image_len];
-            sums.add_planes(exec.isa(), st, n - images.start, 0, planes, g.out_pixels());
+            sums.add_image(exec.isa(), st, n - images.start, g, gy, n);
         }
     });
     sum_task_partials(g, scratch, per_task, lanes, gw);

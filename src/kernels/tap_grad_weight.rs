@@ -101,10 +101,7 @@ pub fn grad_weight(
                     tap_product(g, span, xg, gyg, out, gathered);
                 }
             }
-            // The image's output gradient has just gone through the caches: its sums read it
-            // from there instead of from memory in a pass of their own.
-            let planes = &gy[n * g.out_channels * ohw..][..g.out_channels * ohw];
-            sums.add_planes(exec.isa(), s, n - images.start, 0, planes, ohw);
+            sums.add_image(exec.isa(), s, n - images.start, g, gy, n);
         }
     });
     // The copies' first wlen floats are laid out [group][tap][out][in], one lane.
@@ -314,9 +311,6 @@ unsafe fn phase_products_kernel<S: SimdF32>(
                 gemm(out, cig, gy_rows, x_rows.t(), true, 1);
             }
         }
-        // The image's output gradient has just gone through the caches: its sums read it
-        // from there instead of from memory in a pass of their own.
-        let planes = &gy[n * g.out_channels * ohw..][..g.out_channels * ohw];
-        sums.add_planes(S::ISA, s, local, 0, planes, ohw);
+        sums.add_image(S::ISA, s, local, g, gy, n);
     }
 }
