@@ -159,7 +159,7 @@ pub fn grad_weight(
     } else {
         1
     };
-    let groups = tap_groups(&taps, per_group);
+    let groups = tap_groups(&taps, per_group, g.out_w);
     let lanes = exec.isa().lanes();
     let partial_len = gw.len() * lanes;
     let tasks = exec.threads().min(g.batch);
@@ -235,12 +235,79 @@ struct TapGroup {
     len: usize,
     /// Output rows `rows.0 .. rows.1`, inside every member's.
     rows: (usize, usize),
+    /// The columns of each row where any member lands, or `None` when no member shifts
+    /// columns: then the rows are one contiguous range of positions.
+    span: Option<(usize, usize)>,
+    /// With a `span`, the columns where each member lands and where all of them do, relative
+    /// to its start.
+    cols: [(usize, usize); MAX_GROUP],
+    clean: (usize, usize),
+}
+
+/// The positions a group's tile runs over in some of its rows: `count` segments of `len` from
+/// `first`, a row apart, and where in each segment each member (`cols`) and every member
+/// (`clean`) lands.
+struct Segments {
+    first: usize,
+    len: usize,
+    count: usize,
+    cols: [(usize, usize); MAX_GROUP],
+    clean: (usize, usize),
+}
+
+impl TapGroup {
+    /// The group of `members` (1 ..= MAX_GROUP) over output `rows` of rows `width` wide.
+    fn new(members: &[(usize, Tap)], rows: (usize, usize), width: usize) -> Self {
+        let mut taps = [members[0]; MAX_GROUP];
+        taps[..members.len()].copy_from_slice(members);
+        let whole = members.iter().all(|(_, tap)| tap.whole_rows(width));
+        let u0 = members.iter().map(|(_, tap)| tap.cols.0).min().unwrap_or(0);
+        let u1 = members.iter().map(|(_, tap)| tap.cols.1).max().unwrap_or(0);
+        let mut cols = [(0, u1 - u0); MAX_GROUP];
+        for (c, (_, tap)) in cols.iter_mut().zip(members) {
+            *c = (tap.cols.0 - u0, tap.cols.1 - u0);
+        }
+        let clean = cols[..members.len()]
+            .iter()
+            .fold((0, u1 - u0), |(a, b), &(c0, c1)| (a.max(c0), b.min(c1)));
+        TapGroup {
+            taps,
+            len: members.len(),
+            rows,
+            span: (!whole).then_some((u0, u1)),
+            cols,
+            clean,
+        }
+    }
+
+    /// The positions of output rows `r0 .. r1` (inside `rows`).
+    fn segments(&self, r0: usize, r1: usize, width: usize) -> Segments {
+        match self.span {
+            None => {
+                let len = (r1 - r0) * width;
+                Segments {
+                    first: r0 * width,
+                    len,
+                    count: 1,
+                    cols: [(0, len); MAX_GROUP],
+                    clean: (0, len),
+                }
+            }
+            Some((u0, u1)) => Segments {
+                first: r0 * width + u0,
+                len: u1 - u0,
+                count: r1 - r0,
+                cols: self.cols,
+                clean: self.clean,
+            },
+        }
+    }
 }
 
 /// The kernel's taps in groups of up to `per_group` consecutive ones, over the rows where all
 /// members land; each member's remaining rows (a kh × 1 kernel's first and last) as groups of
-/// one.
-fn tap_groups(taps: &[Option<Tap>], per_group: usize) -> Vec<TapGroup> {
+/// one. Rows are `width` wide.
+fn tap_groups(taps: &[Option<Tap>], per_group: usize, width: usize) -> Vec<TapGroup> {
     let present: Vec<(usize, Tap)> = taps
         .iter()
         .enumerate()
@@ -249,11 +316,7 @@ fn tap_groups(taps: &[Option<Tap>], per_group: usize) -> Vec<TapGroup> {
     let mut groups = Vec::new();
     let single = |member: (usize, Tap), rows: (usize, usize), groups: &mut Vec<TapGroup>| {
         if rows.0 < rows.1 {
-            groups.push(TapGroup {
-                taps: [member; MAX_GROUP],
-                len: 1,
-                rows,
-            });
+            groups.push(TapGroup::new(&[member], rows, width));
         }
     };
     for members in present.chunks(per_group.clamp(1, MAX_GROUP)) {
@@ -266,13 +329,7 @@ fn tap_groups(taps: &[Option<Tap>], per_group: usize) -> Vec<TapGroup> {
             }
             continue;
         }
-        let mut group = TapGroup {
-            taps: [members[0]; MAX_GROUP],
-            len: members.len(),
-            rows,
-        };
-        group.taps[..members.len()].copy_from_slice(members);
-        groups.push(group);
+        groups.push(TapGroup::new(members, rows, width));
         for &m in members {
             single(m, (m.1.rows.0, rows.0), &mut groups);
             single(m, (rows.1, m.1.rows.1), &mut groups);
@@ -323,25 +380,7 @@ unsafe fn accumulate_image_kernel<S: SimdF32>(
                         continue;
                     }
                     let members = &group.taps[..group.len];
-                    // Positions first + s·pitch .. + len for s < count: whole rows when no
-                    // member shifts columns, else each row's columns where any member lands.
-                    let whole = members.iter().all(|(_, tap)| tap.whole_rows(width));
-                    let u0 = members.iter().map(|(_, tap)| tap.cols.0).min().unwrap_or(0);
-                    let u1 = members.iter().map(|(_, tap)| tap.cols.1).max().unwrap_or(0);
-                    let (first, len, count) = if whole {
-                        (r0 * width, (r1 - r0) * width, 1)
-                    } else {
-                        (r0 * width + u0, u1 - u0, r1 - r0)
-                    };
-                    let mut cols = [(0, len); MAX_GROUP];
-                    if !whole {
-                        for (c, (_, tap)) in cols.iter_mut().zip(members) {
-                            *c = (tap.cols.0 - u0, tap.cols.1 - u0);
-                        }
-                    }
-                    let clean = cols[..group.len]
-                        .iter()
-                        .fold((0, len), |(a, b), &(c0, c1)| (a.max(c0), b.min(c1)));
+                    let seg = group.segments(r0, r1, width);
                     let tile_in = if group.len == 1 {
                         tile_in
                     } else {
@@ -350,19 +389,19 @@ unsafe fn accumulate_image_kernel<S: SimdF32>(
                     for c0 in (0..cig).step_by(tile_in) {
                         let (mut xs, mut partials) = ([0isize; MAX_GROUP], [0; MAX_GROUP]);
                         for (k, &(t, tap)) in members.iter().enumerate() {
-                            xs[k] = (xg + c0 * hw + first) as isize + tap.off;
+                            xs[k] = (xg + c0 * hw + seg.first) as isize + tap.off;
                             partials[k] = (((grp * t_count + t) * cog + o0) * cig + c0) * l;
                         }
                         let block = Block {
-                            gy: gyg + o0 * ohw + first,
+                            gy: gyg + o0 * ohw + seg.first,
                             gy_rows: ohw,
                             x: xs,
                             x_rows: hw,
-                            cols,
-                            clean,
-                            first,
-                            len,
-                            count,
+                            cols: seg.cols,
+                            clean: seg.clean,
+                            first: seg.first,
+                            len: seg.len,
+                            count: seg.count,
                             pitch: width,
                             partial: partials,
                             partial_rows: cig * l,
