@@ -9,10 +9,11 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use crate::cost::ConvCost;
-use crate::error::{Error, Result, alloc_zeros};
+use crate::error::{Error, Result};
 use crate::geometry::{Conv2dParams, ConvGeometry, Padding};
 use crate::kernels::simd::SimdF32;
 use crate::kernels::{self, Exec, Workspace};
+use crate::memory::alloc_zeros;
 use crate::separable::{ConvPair, PairGrads};
 
 /// One layer of the reference set.

@@ -80,28 +80,6 @@ impl Error {
 /// The library's result type.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-/// Allocates a zero-filled `Vec<f32>` of `len` elements, or returns [`Error::TooLarge`]
-/// instead of aborting when the memory is not there.
-pub fn alloc_zeros(len: usize, what: &str) -> Result<Vec<f32>> {
-    let mut v = Vec::new();
-    grow_zeroed(&mut v, len, what)?;
-    Ok(v)
-}
-
-/// Grows `v` to at least `len` elements (the new ones zero; a longer `v` is left as it is), or
-/// returns [`Error::TooLarge`] for `what` instead of aborting when the memory is not there.
-pub fn grow_zeroed(v: &mut Vec<f32>, len: usize, what: &str) -> Result<()> {
-    if v.len() < len {
-        v.try_reserve_exact(len - v.len())
-            .map_err(|_| Error::TooLarge {
-                what: what.to_string(),
-                bytes: len as u128 * 4,
-            })?;
-        v.resize(len, 0.0);
-    }
-    Ok(())
-}
-
 /// Multiplies sizes, reporting overflow as [`Error::TooLarge`] for `what`.
 pub fn checked_product(dims: &[usize], what: &str) -> Result<usize> {
     dims.iter()

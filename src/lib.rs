@@ -35,6 +35,7 @@ pub mod error;
 pub mod geometry;
 pub mod io;
 pub mod kernels;
+pub mod memory;
 pub mod nn;
 pub mod rng;
 pub mod separable;

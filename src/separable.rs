@@ -11,9 +11,10 @@
 //! Both run through the same [`ConvPair`] forward and backward.
 
 use crate::cost::ConvCost;
-use crate::error::{Error, Result, grow_zeroed};
+use crate::error::{Error, Result};
 use crate::geometry::{Conv2dParams, ConvGeometry, Padding};
 use crate::kernels::{self, Exec, Workspace};
+use crate::memory::grow_zeroed;
 
 /// Two convolutions in sequence; the second's input is the first's output.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

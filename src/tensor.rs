@@ -4,7 +4,8 @@
 //! public API and file formats. Converting to `ndarray` is one call
 //! (`Array::from_shape_vec(t.shape(), t.into_data())`), so the crate does not depend on it.
 
-use crate::error::{Error, Result, alloc_zeros, checked_product};
+use crate::error::{Error, Result, checked_product};
+use crate::memory::alloc_zeros;
 
 /// An owned, contiguous, row-major f32 tensor.
 #[derive(Clone, Debug, PartialEq)]

@@ -45,8 +45,9 @@ use std::ops::Range;
 
 use rayon::prelude::*;
 
-use crate::error::{Error, Result, grow_zeroed};
+use crate::error::{Error, Result};
 use crate::geometry::{Conv2dParams, ConvGeometry, Padding};
+use crate::memory::grow_zeroed;
 pub use simd::Isa;
 
 /// How a kernel may run: how many threads (of the current rayon pool) and which instruction set.

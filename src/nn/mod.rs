@@ -21,8 +21,9 @@ pub use norm::BatchNorm2d;
 pub use pool::{GlobalAvgPool, MaxPool2d};
 pub use spec::{LayerSpec, ModelSpec};
 
-use crate::error::{Error, Result, grow_zeroed};
+use crate::error::{Error, Result};
 use crate::kernels::{Exec, Workspace};
+use crate::memory::grow_zeroed;
 use crate::rng::Rng;
 
 /// A trainable tensor and its gradient.
