@@ -53,6 +53,25 @@ fn cost_walks_through_the_textbook() {
     assert_eq!(json["spatially_separable_example"]["separable_macs"], 1092);
 }
 
+/// Output piped into a reader that has gone (`sepconv cost | head -1`) ends the process
+/// quietly, as Unix tools do, not with a panic.
+#[cfg(target_os = "linux")]
+#[test]
+fn closed_stdout_is_not_a_panic() {
+    use std::process::Stdio;
+    let mut child = bin()
+        .arg("cost")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The reader goes before the child has written anything (it is still starting).
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
 #[test]
 fn cost_of_one_layer_and_a_network() {
     let o = run(&[

@@ -44,6 +44,14 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    // Output piped into a command that stops reading (`sepconv bench | head`) ends the process
+    // quietly, as Unix tools do; Rust ignores SIGPIPE, and println! then panics. Files are
+    // written atomically (`io::write_atomic`), so none is left half-written.
+    // SAFETY: restores the default disposition of one signal before any thread starts.
+    #[cfg(target_os = "linux")]
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => return usage_error(e),
