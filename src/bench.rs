@@ -1,11 +1,12 @@
 //! The reference layer set of DESIGN.md (layers A–E × variants std, dw, pw, ds, sp), ready to
-//! run forward or as a training step, plus the timing harness and the FMA-peak measurement
-//! shared by `sepconv bench` and the criterion benches.
+//! run forward or as a training step, plus the timing harness and the FMA-peak and
+//! memory-bandwidth measurements shared by `sepconv bench` and the criterion benches.
 
 use std::fmt;
 use std::str::FromStr;
 use std::time::{Duration, Instant};
 
+use rayon::prelude::*;
 use serde::Serialize;
 
 use crate::cost::ConvCost;
@@ -451,6 +452,93 @@ pub fn fma_peak_gmacs(exec: Exec) -> f64 {
     (threads * macs_per_thread) as f64 / best / 1e9
 }
 
+/// This machine's streaming memory bandwidth, measured: what a pass that must move its
+/// tensors through memory can take at best (a layer whose multiplications take less time than
+/// that is memory-bound, and its GMAC/s say little).
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+pub struct MemoryBandwidth {
+    /// GB/s read (vector loads summed into registers).
+    pub read_gbs: f64,
+    /// GB/s written (vector stores; each line is also read for ownership, not counted).
+    pub write_gbs: f64,
+}
+
+/// Bytes of the buffer [`memory_bandwidth`] streams: 8× this machine's 32 MiB L3, so nearly
+/// every access goes to memory.
+const BANDWIDTH_BYTES: usize = 256 << 20;
+
+/// Measures [`MemoryBandwidth`] on `exec.threads()` threads of the current rayon pool, each
+/// streaming its own part of a 256 MiB buffer: the best of three reads and of three writes
+/// after one of each to warm up. Fails only when the buffer cannot be allocated.
+pub fn memory_bandwidth(exec: Exec) -> Result<MemoryBandwidth> {
+    let mut buf = alloc_zeros(BANDWIDTH_BYTES / 4, "memory-bandwidth buffer")?;
+    let part = buf.len().div_ceil(exec.threads().max(1));
+    let best_gbs = |f: &mut dyn FnMut()| {
+        f();
+        let best = (0..3)
+            .map(|_| {
+                let t = Instant::now();
+                f();
+                t.elapsed().as_secs_f64()
+            })
+            .fold(f64::INFINITY, f64::min);
+        BANDWIDTH_BYTES as f64 / best / 1e9
+    };
+    let read_gbs = best_gbs(&mut || {
+        let total: f32 = buf
+            .par_chunks(part)
+            .map(|c| {
+                let mut sum = 0.0;
+                sum_vectors(exec.isa(), c, &mut sum);
+                sum
+            })
+            .sum();
+        std::hint::black_box(total);
+    });
+    let write_gbs = best_gbs(&mut || {
+        buf.par_chunks_mut(part)
+            .for_each(|c| fill_vectors(exec.isa(), c, 1.0));
+        std::hint::black_box(&mut buf);
+    });
+    Ok(MemoryBandwidth {
+        read_gbs,
+        write_gbs,
+    })
+}
+
+crate::simd_dispatch!(fn sum_vectors => sum_vectors_kernel(x: &[f32], sum: &mut f32));
+
+/// `sum` = the sum of `x`'s whole blocks of 8 vectors (a shorter tail is left out: the
+/// measurement reads whole blocks), with an accumulator per vector of the block, so loads, not
+/// the adds' latency, set the pace.
+#[inline(always)]
+unsafe fn sum_vectors_kernel<S: SimdF32>(x: &[f32], sum: &mut f32) {
+    const ACC: usize = 8;
+    let step = ACC * S::LANES;
+    unsafe {
+        let mut acc = [S::zero(); ACC];
+        for block in x.chunks_exact(step) {
+            for (k, a) in acc.iter_mut().enumerate() {
+                *a = a.add(S::load(block.as_ptr().add(k * S::LANES)));
+            }
+        }
+        *sum = acc.iter().fold(S::zero(), |t, &a| t.add(a)).reduce_sum();
+    }
+}
+
+crate::simd_dispatch!(fn fill_vectors => fill_vectors_kernel(x: &mut [f32], v: f32));
+
+/// Stores `v` in every whole vector of `x`.
+#[inline(always)]
+unsafe fn fill_vectors_kernel<S: SimdF32>(x: &mut [f32], v: f32) {
+    unsafe {
+        let splat = S::splat(v);
+        for chunk in x.chunks_exact_mut(S::LANES) {
+            splat.store(chunk.as_mut_ptr());
+        }
+    }
+}
+
 /// Independent accumulators in the FMA loop: latency 4 × 2 pipes needs at least 8 in flight.
 const CHAINS: usize = 12;
 
@@ -472,5 +560,41 @@ unsafe fn fma_loop_kernel<S: SimdF32>(iters: usize, sink: &mut f32) {
             total = total.add(x);
         }
         *sink = total.reduce_sum();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::simd::Isa;
+
+    #[test]
+    fn bandwidth_kernels_cover_the_whole_vectors() {
+        for isa in Isa::available() {
+            let lanes = isa.lanes();
+            // Eight accumulators' worth of vectors twice, then one vector and a partial one
+            // that the 8-vector blocks leave out: small integers, summed exactly in f32.
+            let len = 16 * lanes + lanes + 3;
+            let x: Vec<f32> = (0..len).map(|i| (i % 7) as f32).collect();
+            let mut sum = 0.0;
+            sum_vectors(isa, &x, &mut sum);
+            let blocks = len / (8 * lanes) * 8 * lanes;
+            assert_eq!(sum, x[..blocks].iter().sum::<f32>(), "{isa}");
+
+            let mut y = vec![0.0f32; len];
+            fill_vectors(isa, &mut y, 2.5);
+            let whole = len / lanes * lanes;
+            assert!(y[..whole].iter().all(|&v| v == 2.5), "{isa}");
+            assert!(y[whole..].iter().all(|&v| v == 0.0), "{isa}");
+        }
+    }
+
+    #[test]
+    fn memory_bandwidth_is_a_rate() {
+        let b = memory_bandwidth(Exec::new(2)).unwrap();
+        for gbs in [b.read_gbs, b.write_gbs] {
+            // Between a floppy disk and anything a CPU socket has reached.
+            assert!(gbs.is_finite() && gbs > 0.1 && gbs < 10_000.0, "{b:?}");
+        }
     }
 }

@@ -5,7 +5,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use sepconv::bench::{
-    Pass, ReferenceLayer, VARIANTS, Variant, Workload, fma_peak_gmacs, time_runs,
+    MemoryBandwidth, Pass, ReferenceLayer, VARIANTS, Variant, Workload, fma_peak_gmacs,
+    memory_bandwidth, time_runs,
 };
 use sepconv::{Error, Exec, Result};
 use serde::Serialize;
@@ -19,7 +20,9 @@ use serde::Serialize;
 /// Reports the median and minimum of the timed runs, GMAC/s (nominal MACs / minimum time; a
 /// training step counts 3 × the forward MACs), the share of this machine's FMA peak (measured
 /// before and after the runs, the higher kept), and for ds and sp the realized speedup over std
-/// next to the MAC ratio.
+/// next to the MAC ratio. Also measured before the runs: the memory bandwidth (GB/s read and
+/// written by streaming a 256 MiB buffer), the bound of the passes that move more bytes than
+/// their multiplications take time for.
 #[derive(clap::Args)]
 pub struct Args {
     /// Layers to run (comma-separated subset of A,B,C,D,E).
@@ -37,7 +40,7 @@ pub struct Args {
     /// Minimum timed runs (more for fast cases, up to 200, to get about 0.25 s of samples).
     #[arg(long, default_value_t = 10)]
     reps: usize,
-    /// Skip the FMA peak measurement.
+    /// Skip the FMA peak and memory bandwidth measurements.
     #[arg(long)]
     no_peak: bool,
     /// Also write the results as a JSON list of objects.
@@ -111,6 +114,18 @@ pub fn run(exec: Exec, a: Args) -> Result<()> {
             exec.isa()
         );
         Some(p)
+    };
+    let bandwidth = if a.no_peak {
+        None
+    } else {
+        let b = memory_bandwidth(exec)?;
+        println!(
+            "memory bandwidth ({} thread(s)): read {:.1} GB/s, write {:.1} GB/s",
+            exec.threads(),
+            b.read_gbs,
+            b.write_gbs
+        );
+        Some(b)
     };
     println!(
         "{:<5} {:<4} {:<8} {:>14} {:>10} {:>10} {:>8} {:>6} {:>8} {:>9}",
@@ -204,7 +219,7 @@ pub fn run(exec: Exec, a: Args) -> Result<()> {
         None
     };
     if let Some(path) = &a.markdown {
-        write_markdown(path, &rows, exec, peak, torch_version.as_deref())?;
+        write_markdown(path, &rows, exec, peak, bandwidth, torch_version.as_deref())?;
         println!("wrote {}", path.display());
     }
     if let Some(path) = &a.json {
@@ -412,13 +427,14 @@ fn write_markdown(
     rows: &[Row],
     exec: Exec,
     peak: Option<f64>,
+    bandwidth: Option<MemoryBandwidth>,
     torch: Option<&str>,
 ) -> Result<()> {
     use std::fmt::Write;
     let mut t = String::new();
     let _ = writeln!(
         t,
-        "Measured by `sepconv bench{}` on {}, {} thread(s), {}{}{}.\n",
+        "Measured by `sepconv bench{}` on {}, {} thread(s), {}{}{}{}.\n",
         if torch.is_some() {
             " --compare-torch"
         } else {
@@ -429,6 +445,10 @@ fn write_markdown(
         exec.isa(),
         peak.map_or(String::new(), |p| format!(
             ", FMA peak {p:.0} GMAC/s (measured)"
+        )),
+        bandwidth.map_or(String::new(), |b| format!(
+            ", memory {:.0} GB/s read and {:.0} GB/s written (measured)",
+            b.read_gbs, b.write_gbs
         )),
         torch.map_or(String::new(), |v| format!(
             "; {v} in the same run, best of NCHW and channels_last"
