@@ -250,7 +250,7 @@ pub(crate) unsafe fn forward_block<S: SimdF32>(
             let (offsets, count) = tap_offsets(g, l, lanes);
             compute::<S>(g, l, &offsets[..count], xb, wb, bb, ob);
         }
-        unpack::<S>(g.out_pixels(), ob, y);
+        unpack::<S>(0..g.out_pixels(), g.out_pixels(), ob, y);
     }
 }
 
@@ -483,27 +483,35 @@ unsafe fn compute_3x3<S: SimdF32, const STRIDE: usize>(
     }
 }
 
-/// Transposes the pixel-major output block of `ohw` pixels back into `LANES` NCHW planes (the
-/// block has room for whole runs of `LANES` pixels; see [`pack`] for the fixed-count loops).
+/// Transposes the pixel-major block `ob`, pixels `pixels` of `LANES` NCHW planes of
+/// `plane_pixels` pixels each (`ob` starts at pixel `pixels.start`), into those planes. Runs
+/// of `LANES` pixels start at `pixels.start` (the block has room for whole runs; see [`pack`]
+/// for the fixed-count loops).
 #[inline(always)]
-unsafe fn unpack<S: SimdF32>(ohw: usize, ob: &[f32], planes: &mut [f32]) {
+unsafe fn unpack<S: SimdF32>(
+    pixels: Range<usize>,
+    plane_pixels: usize,
+    ob: &[f32],
+    planes: &mut [f32],
+) {
     let lanes = S::LANES;
-    assert!(ob.len() >= ohw.next_multiple_of(lanes) * lanes && planes.len() >= lanes * ohw);
-    assert!(lanes <= 16);
+    let count = pixels.len();
+    assert!(ob.len() >= count.next_multiple_of(lanes) * lanes && lanes <= 16);
+    assert!(pixels.end <= plane_pixels && planes.len() >= (lanes - 1) * plane_pixels + pixels.end);
     let (src, dst) = (ob.as_ptr(), planes.as_mut_ptr());
     let mut rows = [unsafe { S::zero() }; 16];
-    // The output block is one long row of pixels: transpose it in runs of `lanes` pixels.
-    for p0 in (0..ohw).step_by(lanes) {
-        let n = lanes.min(ohw - p0);
-        // SAFETY: pixels p0 .. p0 + lanes of the block (rounded-up size) and p0 .. p0 + n of
-        // each output plane.
+    // The block is one long row of pixels: transpose it in runs of `lanes` pixels.
+    for p0 in (0..count).step_by(lanes) {
+        let n = lanes.min(count - p0);
+        // SAFETY: pixels p0 .. p0 + lanes of the block (rounded-up size) and pixels.start + p0
+        // .. + n of each plane (asserted sizes).
         unsafe {
             for (j, v) in rows[..lanes].iter_mut().enumerate() {
                 *v = S::load(src.add((p0 + j) * lanes));
             }
             S::transpose(&mut rows[..lanes]);
             for (lane, v) in rows[..lanes].iter().enumerate() {
-                let at = dst.add(lane * ohw + p0);
+                let at = dst.add(lane * plane_pixels + pixels.start + p0);
                 if n == lanes {
                     v.store(at);
                 } else {
@@ -755,6 +763,7 @@ unsafe fn backward_items_kernel<S: SimdF32>(
                 compute::<S>(adj, lg, &adj_offsets[..adj_count], gb, wb, bb, ob);
             }
             unpack::<S>(
+                0..hw,
                 hw,
                 ob,
                 &mut gx[local * lanes * hw..(local + 1) * lanes * hw],
@@ -869,8 +878,9 @@ pub fn grad_input(
     let items = g.batch * g.in_channels / lanes;
     let tasks = exec.threads().min(items);
     let taps = g.kernel_h * g.kernel_w;
-    let per_task =
-        (s.block.rows * s.block.cols + g.in_pixels().next_multiple_of(lanes) + taps) * lanes;
+    // The padded gradient block, one band of grad-input pixels (whole runs), the weights.
+    let band = gather_band_rows(g.in_w, g.in_h, lanes) * g.in_w;
+    let per_task = (s.block.rows * s.block.cols + band.next_multiple_of(lanes) + taps) * lanes;
     let scratch = ws.take(per_task * tasks)?;
     for_each_task(
         tasks,
@@ -902,7 +912,8 @@ unsafe fn grad_input_blocks_kernel<S: SimdF32>(
     let lanes = S::LANES;
     let (hw, ohw, taps) = (g.in_pixels(), g.out_pixels(), g.kernel_h * g.kernel_w);
     let (gb, rest) = buf.split_at_mut(s.block.rows * s.block.cols * lanes);
-    let (ob, wb) = rest.split_at_mut(hw.next_multiple_of(lanes) * lanes);
+    let band = gather_band_rows(g.in_w, g.in_h, lanes);
+    let (ob, wb) = rest.split_at_mut((band * g.in_w).next_multiple_of(lanes) * lanes);
     // The margins are never written after this.
     gb.fill(0.0);
     let shape = PackShape {
@@ -923,31 +934,55 @@ unsafe fn grad_input_blocks_kernel<S: SimdF32>(
         // (StridedGradInput's margins).
         unsafe {
             pack::<S>(shape, &gy[first * ohw..(first + lanes) * ohw], gb);
-            gather_classes::<S>(g, s, gb, wb, ob);
-            unpack::<S>(
-                hw,
-                ob,
-                &mut gx[local * lanes * hw..(local + 1) * lanes * hw],
-            );
+            let gx_item = &mut gx[local * lanes * hw..(local + 1) * lanes * hw];
+            for r0 in (0..g.in_h).step_by(band) {
+                let rows = r0..(r0 + band).min(g.in_h);
+                let pixels = rows.start * g.in_w..rows.end * g.in_w;
+                gather_classes::<S>(g, s, gb, wb, rows, ob);
+                unpack::<S>(pixels, hw, ob, gx_item);
+            }
         }
     }
 }
 
-/// Every input pixel of the block: `Σ w_t · gy[base − off_t]` over its class's taps, one
-/// class of a row at a time (its pixels `sw` apart, its taps' weights in registers).
+/// Pixels per band of [`grad_input`]'s gather, about: a band (8 KiB of 16-lane pixels) is
+/// transposed back while it is in L1, where the whole plane's block (200 KiB on reference
+/// layer E) went to L2 and came back. Grad-input at stride 2, batch 8 (harness, min of 100,
+/// alternated 3×): reference layer E 0.399–0.404 → 0.375–0.378 ms, 64 planes of 112 × 112
+/// 0.88–0.93 → 0.78–0.87, 512 of 14 × 14 0.155–0.163 → 0.122–0.128, 256 of 28 × 28
+/// 0.203–0.206 → 0.188–0.195; bands of 64 pixels alike, of 256 about half the gain, of 512 and
+/// more none.
+const GATHER_BAND_PIXELS: usize = 128;
+
+/// Rows per band of the gather: whole runs of `lanes` pixels (so only the plane's last band
+/// ends inside a run), about [`GATHER_BAND_PIXELS`] pixels, at most the plane.
+fn gather_band_rows(width: usize, height: usize, lanes: usize) -> usize {
+    // The fewest rows that hold whole runs: lanes / gcd(width, lanes).
+    let mut gcd = (width, lanes);
+    while gcd.1 != 0 {
+        gcd = (gcd.1, gcd.0 % gcd.1);
+    }
+    let unit = lanes / gcd.0.max(1);
+    let units = (GATHER_BAND_PIXELS / (unit * width).max(1)).max(1);
+    (unit * units).min(height).max(1)
+}
+
+/// Every input pixel of rows `rows`: `Σ w_t · gy[base − off_t]` over its class's taps, one
+/// class of a row at a time (its pixels `sw` apart, its taps' weights in registers), into
+/// `ob` from pixel (rows.start, 0) on.
 #[inline(always)]
 unsafe fn gather_classes<S: SimdF32>(
     g: &ConvGeometry,
     s: &StridedGradInput,
     gb: &[f32],
     wb: &[f32],
+    rows: Range<usize>,
     ob: &mut [f32],
 ) {
     let (sh, sw) = (g.stride_h, g.stride_w);
-    assert!(
-        gb.len() >= s.block.rows * s.block.cols * S::LANES && ob.len() >= g.in_pixels() * S::LANES
-    );
-    for ih in 0..g.in_h {
+    assert!(gb.len() >= s.block.rows * s.block.cols * S::LANES && rows.end <= g.in_h);
+    assert!(ob.len() >= rows.len() * g.in_w * S::LANES);
+    for ih in rows.clone() {
         let y = ih + g.pad_top;
         let row_base = (y / sh + s.block.top) * s.block.cols + s.block.left;
         for rx in 0..sw {
@@ -958,7 +993,7 @@ unsafe fn gather_classes<S: SimdF32>(
             }
             let run = ClassRun {
                 base: row_base + (iw0 + g.pad_left) / sw,
-                out: ih * g.in_w + iw0,
+                out: (ih - rows.start) * g.in_w + iw0,
                 count: (g.in_w - iw0).div_ceil(sw),
                 step: sw,
             };
