@@ -242,15 +242,43 @@ pub(crate) unsafe fn forward_block<S: SimdF32>(
     // SAFETY: x holds `lanes` planes at plane_stride; xb, ob, wb, bb have the layout's sizes.
     unsafe {
         pack::<S>(PackShape::input(g, l, plane_stride), x, xb);
-        if is_3x3_unit_stride(g) {
-            compute_3x3::<S, 1>(g, l, xb, wb, bb, ob);
-        } else if is_3x3_stride_2(g) {
-            compute_3x3::<S, 2>(g, l, xb, wb, bb, ob);
-        } else {
-            let (offsets, count) = tap_offsets(g, l, lanes);
-            compute::<S>(g, l, &offsets[..count], xb, wb, bb, ob);
+        compute_in_bands::<S>(g, l, xb, wb, bb, ob, y);
+    }
+}
+
+/// Every output pixel of the padded block `xb` (layout `l`) into `LANES` NCHW planes `y`, a
+/// band of output rows at a time (see [`BAND_PIXELS`]): each band is computed into `ob` and
+/// transposed back into `y` at once, while it is in L1.
+///
+/// # Safety
+/// The CPU must support `S`; `xb` holds the layout's block, `ob` a band (whole runs of
+/// `LANES` pixels), `wb` and `bb` the weight and bias vectors, `y` the planes.
+#[inline(always)]
+unsafe fn compute_in_bands<S: SimdF32>(
+    g: &ConvGeometry,
+    l: &Layout,
+    xb: &[f32],
+    wb: &[f32],
+    bb: &[f32],
+    ob: &mut [f32],
+    y: &mut [f32],
+) {
+    let band = band_rows(g.out_w, g.out_h, S::LANES);
+    let (offsets, count) = tap_offsets(g, l, S::LANES);
+    for r0 in (0..g.out_h).step_by(band) {
+        let rows = r0..(r0 + band).min(g.out_h);
+        let pixels = rows.start * g.out_w..rows.end * g.out_w;
+        // SAFETY: the caller's contract; each band's pixels fit in ob.
+        unsafe {
+            if is_3x3_unit_stride(g) {
+                compute_3x3::<S, 1>(g, l, xb, wb, bb, rows, ob);
+            } else if is_3x3_stride_2(g) {
+                compute_3x3::<S, 2>(g, l, xb, wb, bb, rows, ob);
+            } else {
+                compute::<S>(g, l, &offsets[..count], xb, wb, bb, rows, ob);
+            }
+            unpack::<S>(pixels, g.out_pixels(), ob, y);
         }
-        unpack::<S>(0..g.out_pixels(), g.out_pixels(), ob, y);
     }
 }
 
@@ -372,20 +400,22 @@ unsafe fn compute<S: SimdF32>(
     xb: &[f32],
     wb: &[f32],
     bb: &[f32],
+    rows: Range<usize>,
     ob: &mut [f32],
 ) {
     let lanes = S::LANES;
     let taps = offsets.len();
     assert!(taps <= MAX_TAPS && wb.len() >= taps * lanes);
+    assert!(rows.end <= g.out_h && ob.len() >= rows.len() * g.out_w * lanes);
     let (xp, wp, op) = (xb.as_ptr(), wb.as_ptr(), ob.as_mut_ptr());
     let step = g.stride_w * lanes;
     // SAFETY: every base + offset is a pixel of the padded block (the geometry's output size
     // guarantees the kernel span fits), and every output pixel is inside ob.
     unsafe {
         let b = S::load(bb.as_ptr());
-        for oh in 0..g.out_h {
+        for oh in rows.clone() {
             let row = xp.add(oh * g.stride_h * l.wp * lanes);
-            let out = op.add(oh * g.out_w * lanes);
+            let out = op.add((oh - rows.start) * g.out_w * lanes);
             let mut ow = 0;
             while ow + 4 <= g.out_w {
                 let base = row.add(ow * step);
@@ -426,6 +456,7 @@ unsafe fn compute_3x3<S: SimdF32, const STRIDE: usize>(
     xb: &[f32],
     wb: &[f32],
     bb: &[f32],
+    rows: Range<usize>,
     ob: &mut [f32],
 ) {
     const OUT: usize = 4;
@@ -435,7 +466,7 @@ unsafe fn compute_3x3<S: SimdF32, const STRIDE: usize>(
     let lanes = S::LANES;
     assert!(STRIDE <= 2 && (g.stride_h, g.stride_w) == (STRIDE, STRIDE));
     assert!(wb.len() >= 9 * lanes && xb.len() >= l.hp * l.wp * lanes);
-    assert!(ob.len() >= g.out_pixels() * lanes);
+    assert!(rows.end <= g.out_h && ob.len() >= rows.len() * g.out_w * lanes);
     assert!((g.out_h - 1) * STRIDE + 3 <= l.hp && (g.out_w - 1) * STRIDE + 3 <= l.wp);
     let (xp, op) = (xb.as_ptr(), ob.as_mut_ptr());
     // SAFETY: output pixel (oh, ow) reads padded pixels (oh·s + i, ow·s + j), i, j < 3, inside
@@ -446,8 +477,8 @@ unsafe fn compute_3x3<S: SimdF32, const STRIDE: usize>(
             *v = S::load(wb.as_ptr().add(t * lanes));
         }
         let b = S::load(bb.as_ptr());
-        for oh in 0..g.out_h {
-            let out = op.add(oh * g.out_w * lanes);
+        for oh in rows.clone() {
+            let out = op.add((oh - rows.start) * g.out_w * lanes);
             let mut ow = 0;
             while ow + OUT <= g.out_w {
                 let mut acc = [b; OUT];
@@ -730,7 +761,6 @@ unsafe fn backward_items_kernel<S: SimdF32>(
     gb.fill(0.0);
     bb[..lanes].fill(0.0);
     let (offsets, count) = tap_offsets(g, lx, lanes);
-    let (adj_offsets, adj_count) = tap_offsets(adj, lg, lanes);
     let unit_3x3 = is_3x3_unit_stride(g);
     // g's output pixel (oh, ow) is the adjoint's padded input pixel (oh + top, ow + left).
     let gpix = GradientPixels {
@@ -757,17 +787,11 @@ unsafe fn backward_items_kernel<S: SimdF32>(
             );
             if unit_3x3 {
                 tap_sums_3x3::<S>(g, lx, xb, gb, gpix, &mut sums);
-                compute_3x3::<S, 1>(adj, lg, gb, wb, bb, ob);
             } else {
                 tap_sums::<S>(g, lx, &offsets[..count], xb, gb, gpix, &mut sums);
-                compute::<S>(adj, lg, &adj_offsets[..adj_count], gb, wb, bb, ob);
             }
-            unpack::<S>(
-                0..hw,
-                hw,
-                ob,
-                &mut gx[local * lanes * hw..(local + 1) * lanes * hw],
-            );
+            let gx_item = &mut gx[local * lanes * hw..(local + 1) * lanes * hw];
+            compute_in_bands::<S>(adj, lg, gb, wb, bb, ob, gx_item);
         }
         // sums is [tap][lane].
         for lane in 0..lanes {
@@ -879,7 +903,7 @@ pub fn grad_input(
     let tasks = exec.threads().min(items);
     let taps = g.kernel_h * g.kernel_w;
     // The padded gradient block, one band of grad-input pixels (whole runs), the weights.
-    let band = gather_band_rows(g.in_w, g.in_h, lanes) * g.in_w;
+    let band = band_rows(g.in_w, g.in_h, lanes) * g.in_w;
     let per_task = (s.block.rows * s.block.cols + band.next_multiple_of(lanes) + taps) * lanes;
     let scratch = ws.take(per_task * tasks)?;
     for_each_task(
@@ -912,7 +936,7 @@ unsafe fn grad_input_blocks_kernel<S: SimdF32>(
     let lanes = S::LANES;
     let (hw, ohw, taps) = (g.in_pixels(), g.out_pixels(), g.kernel_h * g.kernel_w);
     let (gb, rest) = buf.split_at_mut(s.block.rows * s.block.cols * lanes);
-    let band = gather_band_rows(g.in_w, g.in_h, lanes);
+    let band = band_rows(g.in_w, g.in_h, lanes);
     let (ob, wb) = rest.split_at_mut((band * g.in_w).next_multiple_of(lanes) * lanes);
     // The margins are never written after this.
     gb.fill(0.0);
@@ -945,25 +969,27 @@ unsafe fn grad_input_blocks_kernel<S: SimdF32>(
     }
 }
 
-/// Pixels per band of [`grad_input`]'s gather, about: a band (8 KiB of 16-lane pixels) is
-/// transposed back while it is in L1, where the whole plane's block (200 KiB on reference
-/// layer E) went to L2 and came back. Grad-input at stride 2, batch 8 (harness, min of 100,
+/// Pixels per band of the blocks that are transposed back to NCHW ([`compute_in_bands`],
+/// [`grad_input`]'s gather), about: a band (8 KiB of 16-lane pixels) goes back while it is in
+/// L1, where the whole plane's block (800 KiB on reference layer B, 200 KiB for E's
+/// grad-input) went to L2 and came back. Grad-input at stride 2, batch 8 (harness, min of 100,
 /// alternated 3×): reference layer E 0.399–0.404 → 0.375–0.378 ms, 64 planes of 112 × 112
 /// 0.88–0.93 → 0.78–0.87, 512 of 14 × 14 0.155–0.163 → 0.122–0.128, 256 of 28 × 28
 /// 0.203–0.206 → 0.188–0.195; bands of 64 pixels alike, of 256 about half the gain, of 512 and
-/// more none.
-const GATHER_BAND_PIXELS: usize = 128;
+/// more none. Forward (min of 60, alternated 3×): B 0.77–0.81 → 0.72–0.74 ms, C 0.69–0.72 →
+/// 0.68–0.69, D and E alike; the stride-1 backward within noise.
+const BAND_PIXELS: usize = 128;
 
 /// Rows per band of the gather: whole runs of `lanes` pixels (so only the plane's last band
-/// ends inside a run), about [`GATHER_BAND_PIXELS`] pixels, at most the plane.
-fn gather_band_rows(width: usize, height: usize, lanes: usize) -> usize {
+/// ends inside a run), about [`BAND_PIXELS`] pixels, at most the plane.
+fn band_rows(width: usize, height: usize, lanes: usize) -> usize {
     // The fewest rows that hold whole runs: lanes / gcd(width, lanes).
     let mut gcd = (width, lanes);
     while gcd.1 != 0 {
         gcd = (gcd.1, gcd.0 % gcd.1);
     }
     let unit = lanes / gcd.0.max(1);
-    let units = (GATHER_BAND_PIXELS / (unit * width).max(1)).max(1);
+    let units = (BAND_PIXELS / (unit * width).max(1)).max(1);
     (unit * units).min(height).max(1)
 }
 
