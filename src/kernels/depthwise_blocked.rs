@@ -1134,12 +1134,12 @@ impl GradientPixels {
 /// `sums[t] = Σ_p gy[p] · x[base(p) + off_t]` over the block's output pixels (any kernel,
 /// stride and dilation), one vector of channels per tap. The accumulators live in registers
 /// only when their count is known at compile time (a run-time count keeps them on the stack:
-/// a load and a store around every FMA), so the common counts get their own instances: 9 (a
-/// 3 × 3 kernel at a stride), 25 (5 × 5) and 3 (3 × 1, 1 × 3). Grad-weight, batch 8 (harness,
+/// a load and a store around every FMA), so the sums run on instances for up to 3 taps (3 × 1,
+/// 1 × 3), 9 (3 × 3 at a stride) and 25 (5 × 5). Grad-weight, batch 8 (harness,
 /// 2 threads, min of 40): reference layer E 0.476–0.481 → 0.340–0.343 ms, a 3 × 3 at stride 2
 /// on 64 planes of 112 × 112 1.04 → 0.78 and on 512 of 14 × 14 0.130 → 0.112, a 5 × 5 on 32
-/// planes of 56 × 56 0.69 → 0.55 (stride 1) and 0.213 → 0.174 (stride 2), a 3 × 1 on 64
-/// 0.425 → 0.269. The forward's [`compute`] measured slower so (E 0.39 → 0.45 ms): its four
+/// planes of 56 × 56 0.69 → 0.53 (stride 1) and 0.213 → 0.168 (stride 2), a 5 × 3 0.45 →
+/// 0.34–0.39, a 2 × 2 at stride 2 0.090 → 0.077, a 3 × 1 on 64 0.425 → 0.269. The forward's [`compute`] measured slower so (E 0.39 → 0.45 ms): its four
 /// pixels' accumulators are in registers already, and 9 weights and offsets more crowd them.
 #[inline(always)]
 unsafe fn tap_sums<S: SimdF32>(
@@ -1154,53 +1154,21 @@ unsafe fn tap_sums<S: SimdF32>(
     // SAFETY: the caller's contract, passed on.
     unsafe {
         match offsets.len() {
-            3 => tap_sums_fixed::<S, 3>(g, l, offsets, xb, gb, gpix, sums),
-            9 => tap_sums_fixed::<S, 9>(g, l, offsets, xb, gb, gpix, sums),
-            25 => tap_sums_fixed::<S, 25>(g, l, offsets, xb, gb, gpix, sums),
-            _ => tap_sums_any::<S>(g, l, offsets, xb, gb, gpix, sums),
+            3 => tap_sums_up_to::<S, 3, true>(g, l, offsets, xb, gb, gpix, sums),
+            9 => tap_sums_up_to::<S, 9, true>(g, l, offsets, xb, gb, gpix, sums),
+            MAX_TAPS => tap_sums_up_to::<S, MAX_TAPS, true>(g, l, offsets, xb, gb, gpix, sums),
+            0..3 => tap_sums_up_to::<S, 3, false>(g, l, offsets, xb, gb, gpix, sums),
+            4..9 => tap_sums_up_to::<S, 9, false>(g, l, offsets, xb, gb, gpix, sums),
+            _ => tap_sums_up_to::<S, MAX_TAPS, false>(g, l, offsets, xb, gb, gpix, sums),
         }
     }
 }
 
-/// [`tap_sums`] for `T` taps.
+/// [`tap_sums`] for up to `T` taps (exactly `T` when `EXACT`): the loops run over all `T` (so
+/// each accumulator is a register) and skip the taps past the kernel's, a branch that the
+/// exact instances leave out (with it a 5 × 5's grad-weight took 7% longer).
 #[inline(always)]
-unsafe fn tap_sums_fixed<S: SimdF32, const T: usize>(
-    g: &ConvGeometry,
-    l: &Layout,
-    offsets: &[usize],
-    xb: &[f32],
-    gb: &[f32],
-    gpix: GradientPixels,
-    sums: &mut [f32],
-) {
-    let lanes = S::LANES;
-    assert!(offsets.len() == T && sums.len() >= T * lanes);
-    assert!(gb.len() >= gpix.extent(g) * lanes);
-    let mut off = [0usize; T];
-    off.copy_from_slice(offsets);
-    let (xp, gp) = (xb.as_ptr(), gb.as_ptr());
-    // SAFETY: every base + offset is a pixel of the padded block, every output pixel of gb.
-    unsafe {
-        let mut acc = [S::zero(); T];
-        for oh in 0..g.out_h {
-            let row = xp.add(oh * g.stride_h * l.wp * lanes);
-            for ow in 0..g.out_w {
-                let gv = S::load(gp.add((gpix.first + oh * gpix.row + ow) * lanes));
-                let base = row.add(ow * g.stride_w * lanes);
-                for t in 0..T {
-                    acc[t] = S::mul_add(gv, S::load(base.add(off[t])), acc[t]);
-                }
-            }
-        }
-        for (t, a) in acc.iter().enumerate() {
-            a.store(sums.as_mut_ptr().add(t * lanes));
-        }
-    }
-}
-
-/// [`tap_sums`] for any number of taps.
-#[inline(always)]
-unsafe fn tap_sums_any<S: SimdF32>(
+unsafe fn tap_sums_up_to<S: SimdF32, const T: usize, const EXACT: bool>(
     g: &ConvGeometry,
     l: &Layout,
     offsets: &[usize],
@@ -1211,19 +1179,23 @@ unsafe fn tap_sums_any<S: SimdF32>(
 ) {
     let lanes = S::LANES;
     let taps = offsets.len();
-    assert!(taps <= MAX_TAPS && sums.len() >= taps * lanes);
+    assert!(taps <= T && (taps == T || !EXACT) && sums.len() >= taps * lanes);
     assert!(gb.len() >= gpix.extent(g) * lanes);
+    let mut off = [0usize; T];
+    off[..taps].copy_from_slice(offsets);
     let (xp, gp) = (xb.as_ptr(), gb.as_ptr());
     // SAFETY: every base + offset is a pixel of the padded block, every output pixel of gb.
     unsafe {
-        let mut acc = [S::zero(); MAX_TAPS];
+        let mut acc = [S::zero(); T];
         for oh in 0..g.out_h {
             let row = xp.add(oh * g.stride_h * l.wp * lanes);
             for ow in 0..g.out_w {
                 let gv = S::load(gp.add((gpix.first + oh * gpix.row + ow) * lanes));
                 let base = row.add(ow * g.stride_w * lanes);
-                for (a, &off) in acc[..taps].iter_mut().zip(offsets) {
-                    *a = S::mul_add(gv, S::load(base.add(off)), *a);
+                for t in 0..T {
+                    if EXACT || t < taps {
+                        acc[t] = S::mul_add(gv, S::load(base.add(off[t])), acc[t]);
+                    }
                 }
             }
         }
