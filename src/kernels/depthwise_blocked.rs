@@ -980,8 +980,9 @@ unsafe fn grad_input_blocks_kernel<S: SimdF32>(
 /// 0.68–0.69, D and E alike; the stride-1 backward within noise.
 const BAND_PIXELS: usize = 128;
 
-/// Rows per band of the gather: whole runs of `lanes` pixels (so only the plane's last band
-/// ends inside a run), about [`BAND_PIXELS`] pixels, at most the plane.
+/// Rows per band of a plane `width` pixels wide (see [`BAND_PIXELS`]): whole runs of `lanes`
+/// pixels (so only the plane's last band ends inside a run), about [`BAND_PIXELS`] pixels, at
+/// most the plane.
 fn band_rows(width: usize, height: usize, lanes: usize) -> usize {
     // The fewest rows that hold whole runs: lanes / gcd(width, lanes).
     let mut gcd = (width, lanes);
@@ -1134,13 +1135,14 @@ impl GradientPixels {
 /// `sums[t] = Σ_p gy[p] · x[base(p) + off_t]` over the block's output pixels (any kernel,
 /// stride and dilation), one vector of channels per tap. The accumulators live in registers
 /// only when their count is known at compile time (a run-time count keeps them on the stack:
-/// a load and a store around every FMA), so the sums run on instances for up to 3 taps (3 × 1,
-/// 1 × 3), 9 (3 × 3 at a stride) and 25 (5 × 5). Grad-weight, batch 8 (harness,
-/// 2 threads, min of 40): reference layer E 0.476–0.481 → 0.340–0.343 ms, a 3 × 3 at stride 2
+/// a load and a store around every FMA), so the sums run on instances for up to 3 taps
+/// (3 × 1, 1 × 3), 9 (3 × 3 at a stride) and 25 (5 × 5). Grad-weight, batch 8 (harness, 2
+/// threads, min of 40): reference layer E 0.476–0.481 → 0.340–0.343 ms, a 3 × 3 at stride 2
 /// on 64 planes of 112 × 112 1.04 → 0.78 and on 512 of 14 × 14 0.130 → 0.112, a 5 × 5 on 32
-/// planes of 56 × 56 0.69 → 0.53 (stride 1) and 0.213 → 0.168 (stride 2), a 5 × 3 0.45 →
-/// 0.34–0.39, a 2 × 2 at stride 2 0.090 → 0.077, a 3 × 1 on 64 0.425 → 0.269. The forward's [`compute`] measured slower so (E 0.39 → 0.45 ms): its four
-/// pixels' accumulators are in registers already, and 9 weights and offsets more crowd them.
+/// planes of 56 × 56 0.69 → 0.53 (stride 1) and 0.213 → 0.168 (stride 2), a 5 × 3
+/// 0.45 → 0.34–0.39, a 2 × 2 at stride 2 0.090 → 0.077, a 3 × 1 on 64 0.425 → 0.269. The
+/// forward's [`compute`] measured slower so (E 0.39 → 0.45 ms): its four pixels' accumulators
+/// are in registers already, and 9 weights and offsets more crowd them.
 #[inline(always)]
 unsafe fn tap_sums<S: SimdF32>(
     g: &ConvGeometry,
