@@ -111,16 +111,16 @@ fn tap_offsets(g: &ConvGeometry, l: &Layout, lanes: usize) -> ([usize; MAX_TAPS]
     (off, count)
 }
 
-/// Whether [`compute_3x3`] at stride 2 applies: a 3 × 3 kernel, stride 2, dilation 1.
-fn is_3x3_stride_2(g: &ConvGeometry) -> bool {
-    (g.kernel_h, g.kernel_w) == (3, 3)
-        && (g.stride_h, g.stride_w, g.dilation_h, g.dilation_w) == (2, 2, 1, 1)
+/// The stride of a 3 × 3, dilation-1 kernel with the same stride both ways, 1 or 2: where the
+/// kernels that share row loads apply ([`compute_3x3`] at either, [`tap_sums_3x3`] at 1).
+fn three_by_three_stride(g: &ConvGeometry) -> Option<usize> {
+    let square = (g.kernel_h, g.kernel_w, g.dilation_h, g.dilation_w) == (3, 3, 1, 1);
+    (square && g.stride_h == g.stride_w && g.stride_h <= 2).then_some(g.stride_h)
 }
 
-/// Whether the 3 × 3, stride-1, dilation-1 kernels (shared row loads) apply.
+/// Whether the 3 × 3, stride-1, dilation-1 kernels apply.
 fn is_3x3_unit_stride(g: &ConvGeometry) -> bool {
-    (g.kernel_h, g.kernel_w) == (3, 3)
-        && (g.stride_h, g.stride_w, g.dilation_h, g.dilation_w) == (1, 1, 1, 1)
+    three_by_three_stride(g) == Some(1)
 }
 
 /// Forward pass (`g` must satisfy [`applies`]).
@@ -263,19 +263,15 @@ unsafe fn compute_in_bands<S: SimdF32>(
     ob: &mut [f32],
     y: &mut [f32],
 ) {
-    let band = band_rows(g.out_w, g.out_h, S::LANES);
+    let shared_rows = three_by_three_stride(g);
     let (offsets, count) = tap_offsets(g, l, S::LANES);
-    for r0 in (0..g.out_h).step_by(band) {
-        let rows = r0..(r0 + band).min(g.out_h);
-        let pixels = rows.start * g.out_w..rows.end * g.out_w;
+    for (rows, pixels) in row_bands(g.out_w, g.out_h, S::LANES) {
         // SAFETY: the caller's contract; each band's pixels fit in ob.
         unsafe {
-            if is_3x3_unit_stride(g) {
-                compute_3x3::<S, 1>(g, l, xb, wb, bb, rows, ob);
-            } else if is_3x3_stride_2(g) {
-                compute_3x3::<S, 2>(g, l, xb, wb, bb, rows, ob);
-            } else {
-                compute::<S>(g, l, &offsets[..count], xb, wb, bb, rows, ob);
+            match shared_rows {
+                Some(1) => compute_3x3::<S, 1>(g, l, xb, wb, bb, rows, ob),
+                Some(2) => compute_3x3::<S, 2>(g, l, xb, wb, bb, rows, ob),
+                _ => compute::<S>(g, l, &offsets[..count], xb, wb, bb, rows, ob),
             }
             unpack::<S>(pixels, g.out_pixels(), ob, y);
         }
@@ -902,9 +898,9 @@ pub fn grad_input(
     let items = g.batch * g.in_channels / lanes;
     let tasks = exec.threads().min(items);
     let taps = g.kernel_h * g.kernel_w;
-    // The padded gradient block, one band of grad-input pixels (whole runs), the weights.
-    let band = band_rows(g.in_w, g.in_h, lanes) * g.in_w;
-    let per_task = (s.block.rows * s.block.cols + band.next_multiple_of(lanes) + taps) * lanes;
+    // The padded gradient block, one band of grad-input pixels, the weights.
+    let per_task =
+        (s.block.rows * s.block.cols + band_pixels(g.in_w, g.in_h, lanes) + taps) * lanes;
     let scratch = ws.take(per_task * tasks)?;
     for_each_task(
         tasks,
@@ -936,8 +932,7 @@ unsafe fn grad_input_blocks_kernel<S: SimdF32>(
     let lanes = S::LANES;
     let (hw, ohw, taps) = (g.in_pixels(), g.out_pixels(), g.kernel_h * g.kernel_w);
     let (gb, rest) = buf.split_at_mut(s.block.rows * s.block.cols * lanes);
-    let band = band_rows(g.in_w, g.in_h, lanes);
-    let (ob, wb) = rest.split_at_mut((band * g.in_w).next_multiple_of(lanes) * lanes);
+    let (ob, wb) = rest.split_at_mut(band_pixels(g.in_w, g.in_h, lanes) * lanes);
     // The margins are never written after this.
     gb.fill(0.0);
     let shape = PackShape {
@@ -959,9 +954,7 @@ unsafe fn grad_input_blocks_kernel<S: SimdF32>(
         unsafe {
             pack::<S>(shape, &gy[first * ohw..(first + lanes) * ohw], gb);
             let gx_item = &mut gx[local * lanes * hw..(local + 1) * lanes * hw];
-            for r0 in (0..g.in_h).step_by(band) {
-                let rows = r0..(r0 + band).min(g.in_h);
-                let pixels = rows.start * g.in_w..rows.end * g.in_w;
+            for (rows, pixels) in row_bands(g.in_w, g.in_h, lanes) {
                 gather_classes::<S>(g, s, gb, wb, rows, ob);
                 unpack::<S>(pixels, hw, ob, gx_item);
             }
@@ -992,6 +985,26 @@ fn band_rows(width: usize, height: usize, lanes: usize) -> usize {
     let unit = lanes / gcd.0.max(1);
     let units = (BAND_PIXELS / (unit * width).max(1)).max(1);
     (unit * units).min(height).max(1)
+}
+
+/// The bands of a plane `width × height`, in order: each band's rows and its pixels (rows
+/// times `width`).
+fn row_bands(
+    width: usize,
+    height: usize,
+    lanes: usize,
+) -> impl Iterator<Item = (Range<usize>, Range<usize>)> {
+    let band = band_rows(width, height, lanes);
+    (0..height).step_by(band).map(move |r0| {
+        let rows = r0..(r0 + band).min(height);
+        let pixels = rows.start * width..rows.end * width;
+        (rows, pixels)
+    })
+}
+
+/// Pixels a band buffer holds: the tallest band's, rounded up to whole runs of `lanes`.
+fn band_pixels(width: usize, height: usize, lanes: usize) -> usize {
+    (band_rows(width, height, lanes) * width).next_multiple_of(lanes)
 }
 
 /// Every input pixel of rows `rows`: `Σ w_t · gy[base − off_t]` over its class's taps, one
