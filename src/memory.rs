@@ -6,11 +6,11 @@
 //! plane a few 4 KiB pages apart: with 4 KiB pages many of those reads also miss the TLB. Where
 //! `transparent_hugepage` is `madvise` (this machine's setting, and a common default), Linux
 //! backs anonymous memory with 2 MiB pages only where asked, so every buffer large enough is
-//! asked for them before it is first written. `sepconv --threads 2 bench`, four runs of each build alternated (min ms): training
-//! steps of reference layer B ds 10.58–10.78 → 9.60–9.95, B pw 7.29–7.48 → 6.62–6.95, B sp
-//! 29.2–29.8 → 28.2–28.3, C ds 15.28–15.72 → 14.86–15.04, E ds 7.86–8.22 → 7.47–7.80, E sp
-//! 38.2–39.5 → 37.2–38.2; forward B pw 1.98–2.10 → 1.92–1.93, E ds 2.22–2.27 → 2.18–2.24;
-//! layer D (3.2 MB buffers, at most one whole huge page each) a tie.
+//! asked for them before it is first written. `sepconv --threads 2 bench`, four runs of each
+//! build alternated (min ms): training steps of reference layer B ds 10.58–10.78 → 9.60–9.95, B
+//! pw 7.29–7.48 → 6.62–6.95, B sp 29.2–29.8 → 28.2–28.3, C ds 15.28–15.72 → 14.86–15.04, E ds
+//! 7.86–8.22 → 7.47–7.80, E sp 38.2–39.5 → 37.2–38.2; forward B pw 1.98–2.10 → 1.92–1.93, E ds
+//! 2.22–2.27 → 2.18–2.24; layer D (3.2 MB buffers, at most one whole huge page each) a tie.
 
 use crate::error::{Error, Result};
 
