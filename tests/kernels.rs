@@ -214,6 +214,18 @@ fn fast_equals_reference_on_larger_shapes() {
             Conv2dParams::default().groups(3),
         ),
         ([64, 3, 14, 14], [8, 3, 3, 3], same),
+        // Pointwise with too few images for the threads: split inside the images.
+        ([1, 16, 40, 52], [24, 16, 1, 1], Conv2dParams::default()),
+        (
+            [1, 20, 45, 46],
+            [12, 10, 1, 1],
+            Conv2dParams::default().groups(2),
+        ),
+        (
+            [3, 12, 9, 10],
+            [9, 4, 1, 1],
+            Conv2dParams::default().groups(3),
+        ),
         // Asymmetric explicit padding on an image too small for Winograd (20 tiles).
         ([4, 16, 9, 8], [8, 16, 3, 3], explicit(2, 0, 1, 2)),
         // Implicit GEMM (at least 256 output pixels, batch per thread): strided, dilated,
@@ -259,8 +271,8 @@ fn fast_equals_reference_on_larger_shapes() {
 }
 
 /// The larger-shapes test's pointwise layers whose images split over the threads (or run on
-/// one) take the image-by-image backward; 7 images on 2 threads keep the three passes, with
-/// the threads inside each GEMM.
+/// one) take the image-by-image backward; 7 images on 2 threads keep the three passes, split
+/// inside the images (`pointwise_split`).
 #[test]
 fn pointwise_cases_take_the_image_by_image_backward() {
     let cases: [Case; 2] = [
@@ -283,6 +295,32 @@ fn pointwise_cases_take_the_image_by_image_backward() {
         sepconv::Exec::new(2),
         &odd
     ));
+}
+
+/// Pointwise layers with fewer images than the threads can share evenly split inside the
+/// images on two threads: grad-weight by pixel ranges (the first two, at least 1024 pixels per
+/// task) or by rows (the third, whose runs of rows cross groups and images).
+#[test]
+fn pointwise_cases_with_few_images_split_inside_them() {
+    let cases: [Case; 3] = [
+        ([1, 16, 40, 52], [24, 16, 1, 1], Conv2dParams::default()),
+        (
+            [1, 20, 45, 46],
+            [12, 10, 1, 1],
+            Conv2dParams::default().groups(2),
+        ),
+        (
+            [3, 12, 9, 10],
+            [9, 4, 1, 1],
+            Conv2dParams::default().groups(3),
+        ),
+    ];
+    for (input, weight, p) in cases {
+        let g = ConvGeometry::new(input, weight, &p).unwrap();
+        let split = sepconv::kernels::pointwise_split::applies;
+        assert!(split(sepconv::Exec::new(2), &g), "{input:?}");
+        assert!(!split(sepconv::Exec::new(1), &g), "{input:?}");
+    }
 }
 
 /// Winograd F(2×2, 3×3) shapes (at least 32 tiles per image): odd and even sizes, valid,

@@ -15,8 +15,9 @@
 //!
 //! Backward: grad-input is `col-grad = Wᵀ · gY` followed by col2im (scatter-add); grad-weight is
 //! `gW += gY · colᵀ`. Work is split over images (each thread runs sequential GEMMs) when the
-//! batch divides evenly over the threads, and otherwise given to a multithreaded GEMM. A
-//! pointwise layer split over images computes all its gradients image by image
+//! batch divides evenly over the threads, and otherwise given to a multithreaded GEMM, except
+//! for pointwise layers, which are then split inside the images ([`super::pointwise_split`]).
+//! A pointwise layer split over images computes all its gradients image by image
 //! ([`pointwise_backward`]).
 
 use std::ops::Range;
@@ -25,6 +26,7 @@ use rayon::prelude::*;
 
 use super::gemm::{MatView, gemm};
 use super::pointwise::{Operands, Rows, Store, small_k_gemm, wants_row_major_c};
+use super::pointwise_split;
 
 use super::{Exec, ImageSums, Workspace, for_each_image_task, for_each_task, task_count};
 use crate::error::Result;
@@ -246,11 +248,15 @@ pub(crate) fn col2im_tile(
 }
 
 /// Sizes of one group within an image.
-struct GroupSlices {
-    cig: usize,
-    cog: usize,
-    k: usize,
-    p: usize,
+pub(super) struct GroupSlices {
+    /// Input channels per group.
+    pub(super) cig: usize,
+    /// Output channels per group.
+    pub(super) cog: usize,
+    /// The GEMM's inner dimension: `cig·kh·kw`.
+    pub(super) k: usize,
+    /// Output pixels per image.
+    pub(super) p: usize,
     in_group: usize,
     out_group: usize,
     img_in: usize,
@@ -258,7 +264,7 @@ struct GroupSlices {
 }
 
 impl GroupSlices {
-    fn new(g: &ConvGeometry) -> Self {
+    pub(super) fn new(g: &ConvGeometry) -> Self {
         let (cig, cog) = (g.in_channels_per_group(), g.out_channels_per_group());
         GroupSlices {
             cig,
@@ -273,13 +279,19 @@ impl GroupSlices {
     }
 
     /// Group `grp` of image `n` of an input-shaped buffer starting at image `base`.
-    fn input<'a>(&self, buf: &'a [f32], base: usize, n: usize, grp: usize) -> &'a [f32] {
+    pub(super) fn input<'a>(&self, buf: &'a [f32], base: usize, n: usize, grp: usize) -> &'a [f32] {
         let at = (n - base) * self.img_in + grp * self.in_group;
         &buf[at..at + self.in_group]
     }
 
     /// Group `grp` of image `n` of an output-shaped buffer starting at image `base`.
-    fn output<'a>(&self, buf: &'a [f32], base: usize, n: usize, grp: usize) -> &'a [f32] {
+    pub(super) fn output<'a>(
+        &self,
+        buf: &'a [f32],
+        base: usize,
+        n: usize,
+        grp: usize,
+    ) -> &'a [f32] {
         let at = (n - base) * self.img_out + grp * self.out_group;
         &buf[at..at + self.out_group]
     }
@@ -289,7 +301,7 @@ impl GroupSlices {
     }
 
     /// Group `grp`'s weights: `cog × k`, row-major.
-    fn weight_slice<'a>(&self, w: &'a [f32], grp: usize) -> &'a [f32] {
+    pub(super) fn weight_slice<'a>(&self, w: &'a [f32], grp: usize) -> &'a [f32] {
         &w[grp * self.cog * self.k..(grp + 1) * self.cog * self.k]
     }
 
@@ -330,6 +342,10 @@ pub fn forward(
     y: &mut [f32],
     ws: &mut Workspace,
 ) -> Result<()> {
+    if pointwise_split::applies(exec, g) {
+        pointwise_split::forward(exec, g, x, w, bias, y);
+        return Ok(());
+    }
     let plan = Plan::new(g, exec.threads());
     let (col_len, tmp_len) = plan.scratch(g);
     let scratch = ws.take((col_len + tmp_len) * plan.tasks)?;
@@ -438,6 +454,9 @@ pub fn grad_input(
     gx: &mut [f32],
     ws: &mut Workspace,
 ) -> Result<()> {
+    if pointwise_split::applies(exec, g) {
+        return pointwise_split::grad_input(exec, g, gy, w, gx, ws);
+    }
     let plan = Plan::new(g, exec.threads());
     let (col_len, tmp_len) = plan.scratch(g);
     let s = GroupSlices::new(g);
@@ -532,6 +551,9 @@ pub fn grad_weight(
     gw: &mut [f32],
     ws: &mut Workspace,
 ) -> Result<()> {
+    if pointwise_split::applies(exec, g) {
+        return pointwise_split::grad_weight(exec, g, x, gy, gw, ws);
+    }
     let plan = Plan::new(g, exec.threads());
     let (col_len, tmp_len) = plan.scratch(g);
     let s = GroupSlices::new(g);
@@ -578,7 +600,7 @@ pub fn grad_weight(
 
 /// `gw` = the sum of the tasks' private grad-weight copies, each the first `gw.len()` floats of
 /// its `per_task` floats of `scratch`; in parallel over the weight, tasks in order.
-fn sum_weight_copies(exec: Exec, scratch: &[f32], per_task: usize, gw: &mut [f32]) {
+pub(super) fn sum_weight_copies(exec: Exec, scratch: &[f32], per_task: usize, gw: &mut [f32]) {
     let tasks = scratch.len() / per_task;
     let chunk = gw.len().div_ceil(exec.threads()).max(1);
     gw.par_chunks_mut(chunk).enumerate().for_each(|(ci, out)| {
@@ -681,7 +703,7 @@ pub fn pointwise_backward(
 
 /// `Wᵀ`, the C of a pointwise grad-input's unpacked product `Wᵀ · gY`.
 #[derive(Clone, Copy)]
-enum TransposedWeight<'a> {
+pub(super) enum TransposedWeight<'a> {
     /// The weight itself, read column by column: element (m, n) of group g's `Wᵀ` is
     /// `W[g·N·K + n·K + m]`.
     View(&'a [f32]),
@@ -697,7 +719,7 @@ enum TransposedWeight<'a> {
 /// of reference layer D 6.16–6.48 → 4.81–5.48 ms, C 4.75–4.83 → 4.30, E 2.36 → 2.03–2.10,
 /// B a tie; D's three gradients 10.1–10.3 → 9.0. With AVX-512's 8 × 3 blocks the copy
 /// measured slower on D (3.99–4.07 → 4.25–4.46 ms): there the weight is read in place.
-fn with_transposed_weight<R>(
+pub(super) fn with_transposed_weight<R>(
     exec: Exec,
     g: &ConvGeometry,
     w: &[f32],
@@ -712,7 +734,7 @@ fn with_transposed_weight<R>(
 }
 
 /// The unpacked product `Wᵀ · gY` of one image's group `grp` in a pointwise grad-input.
-fn transposed_weight_times<'a>(
+pub(super) fn transposed_weight_times<'a>(
     tw: TransposedWeight<'a>,
     s: &GroupSlices,
     grp: usize,

@@ -35,6 +35,7 @@ pub mod fused;
 pub mod gemm;
 pub mod implicit;
 pub mod pointwise;
+pub mod pointwise_split;
 pub mod reference;
 pub mod shifted_grad_weight;
 pub mod simd;

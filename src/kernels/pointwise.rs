@@ -16,6 +16,8 @@
 //! 11.54–11.65; 12 × 2 was slower on forwards (B 1.93 → 2.21). Instruction sets with 16
 //! vector registers (AVX2, SSE2) use 6 × 2 blocks instead, which fit without spills.
 
+use std::ops::Range;
+
 use super::simd::{Isa, SimdF32};
 
 /// Rows and vectors of Y per register block with 32 vector registers (AVX-512).
@@ -136,6 +138,27 @@ impl<'a> Operands<'a> {
             p,
             bias,
             d_rows: Rows::Table(rows),
+        }
+    }
+}
+
+impl Operands<'_> {
+    /// Rows `rows` of the product only (of C and the bias, so of Y): one task's share.
+    pub fn rows(self, rows: Range<usize>) -> Self {
+        assert!(rows.end <= self.n, "rows past the product's");
+        let (c, c_rows) = match self.c_rows {
+            Rows::Strided(stride) => (
+                self.c.get(rows.start * stride..).unwrap_or(&[]),
+                self.c_rows,
+            ),
+            Rows::Table(t) => (self.c, Rows::Table(&t[rows.start..])),
+        };
+        Operands {
+            c,
+            c_rows,
+            n: rows.len(),
+            bias: self.bias.map(|b| &b[rows]),
+            ..self
         }
     }
 }

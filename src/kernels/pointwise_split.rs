@@ -1,0 +1,164 @@
+//! Pointwise (1×1) layers whose images do not split evenly over the threads — a batch of one,
+//! or an odd batch on two threads — split inside the images instead.
+//!
+//! Elsewhere a pointwise layer's tasks take whole images and each runs the unpacked
+//! register-blocked product ([`super::pointwise`]) alone. With too few images for that, the
+//! layer used to be one GEMM per image with faer's threads inside it: its packed kernel is
+//! slow at a pointwise layer's short inner dimension (K = 32 on reference layer B), and its
+//! threads wait for each other at barriers by spinning, which on this 2-core machine also held
+//! back whatever ran next (a depthwise forward after it measured 0.63 ms where 0.09 alone).
+//! Here forward and grad-input give each task a run of output rows (image, channel) of the
+//! unpacked product, and grad-weight gives each task a range of pixels of every image, summed
+//! into a private copy of the gradient (the copies are added at the end, as the image split's).
+
+use std::ops::Range;
+
+use rayon::prelude::*;
+
+use super::conv::{
+    GroupSlices, sum_weight_copies, transposed_weight_times, with_transposed_weight,
+};
+use super::gemm::{MatView, gemm};
+use super::pointwise::{Operands, Store, small_k_gemm};
+use super::{Exec, Workspace, for_each_task, task_count};
+use crate::error::Result;
+use crate::geometry::ConvGeometry;
+
+/// Whether `g` runs here: a pointwise layer on several threads whose images cannot each go to
+/// a thread of their own: one image, or a count the threads do not divide (below four per
+/// thread).
+pub fn applies(exec: Exec, g: &ConvGeometry) -> bool {
+    g.is_pointwise() && exec.threads() > 1 && task_count(exec.threads(), g.batch) == 1
+}
+
+/// Calls `f(n, grp, channels)` for each run of one image's group within the rows `rows` of a
+/// `[batch, channels_total]` stack of planes (row r: image `r / channels_total`, channel
+/// `r % channels_total`); `channels` counts from the group's first channel.
+fn for_each_group_run(
+    rows: Range<usize>,
+    channels_total: usize,
+    per_group: usize,
+    mut f: impl FnMut(usize, usize, Range<usize>),
+) {
+    let mut r = rows.start;
+    while r < rows.end {
+        let (n, c) = (r / channels_total, r % channels_total);
+        let (grp, c0) = (c / per_group, c % per_group);
+        let len = (per_group - c0).min(rows.end - r);
+        f(n, grp, c0..c0 + len);
+        r += len;
+    }
+}
+
+/// `y = w · x + bias` per image and group; each task computes a run of output rows.
+pub fn forward(
+    exec: Exec,
+    g: &ConvGeometry,
+    x: &[f32],
+    w: &[f32],
+    bias: Option<&[f32]>,
+    y: &mut [f32],
+) {
+    let s = GroupSlices::new(g);
+    let p = s.p;
+    for_each_task(exec.threads(), y, p, &mut [], 0, |rows, yc, _| {
+        let base = rows.start;
+        for_each_group_run(rows, g.out_channels, s.cog, |n, grp, run| {
+            let first = n * g.out_channels + grp * s.cog + run.start - base;
+            let bias_g = bias.map(|b| &b[grp * s.cog..(grp + 1) * s.cog]);
+            let xg = s.input(x, 0, n, grp);
+            let ops = Operands::dense(s.weight_slice(w, grp), s.cog, s.cig, xg, p, p, bias_g);
+            let out = &mut yc[first * p..(first + run.len()) * p];
+            small_k_gemm(exec.isa(), ops.rows(run), out, p, Store::Stream);
+        });
+    });
+}
+
+/// `gx = wᵀ · gy` per image and group (overwritten); each task computes a run of grad-input
+/// rows.
+pub fn grad_input(
+    exec: Exec,
+    g: &ConvGeometry,
+    gy: &[f32],
+    w: &[f32],
+    gx: &mut [f32],
+    ws: &mut Workspace,
+) -> Result<()> {
+    let s = GroupSlices::new(g);
+    let p = s.p;
+    with_transposed_weight(exec, g, w, ws, |tw, _| {
+        for_each_task(exec.threads(), gx, p, &mut [], 0, |rows, gxc, _| {
+            let base = rows.start;
+            for_each_group_run(rows, g.in_channels, s.cig, |n, grp, run| {
+                let first = n * g.in_channels + grp * s.cig + run.start - base;
+                let ops = transposed_weight_times(tw, &s, grp, s.output(gy, 0, n, grp));
+                let out = &mut gxc[first * p..(first + run.len()) * p];
+                small_k_gemm(exec.isa(), ops.rows(run), out, p, Store::Stream);
+            });
+        });
+        Ok(())
+    })
+}
+
+/// Pixels per task from which grad-weight splits the pixels rather than the rows: below it the
+/// per-task products got too short. Reference-like layers at batch 1 (2 threads, harness, min
+/// of 30): 32 → 64 at 112 × 112 0.255 ms by pixels against 0.274 by rows, 144 → 24 at 56 × 56
+/// 0.133 against 0.299, 64 → 128 at 56 × 56 a tie (0.25); 128 → 256 at 28 × 28 0.41 against
+/// 0.24, 512 → 512 at 14 × 14 0.69 against 0.47, 960 → 160 at 7 × 7 0.23 against 0.08.
+const MIN_PIXELS_PER_TASK: usize = 1024;
+
+/// `gw = Σ gy · xᵀ` over images and pixels (overwritten). Each task takes either a range of
+/// pixels of every image, summed into its own copy of the gradient (the copies are added at
+/// the end), or, on small images, a run of the gradient's rows (output channels).
+pub fn grad_weight(
+    exec: Exec,
+    g: &ConvGeometry,
+    x: &[f32],
+    gy: &[f32],
+    gw: &mut [f32],
+    ws: &mut Workspace,
+) -> Result<()> {
+    let s = GroupSlices::new(g);
+    let p = s.p;
+    let tasks = exec.threads();
+    if p.div_ceil(tasks) < MIN_PIXELS_PER_TASK {
+        for_each_task(tasks, gw, s.k, &mut [], 0, |rows, gwc, _| {
+            gwc.fill(0.0);
+            let base = rows.start;
+            for n in 0..g.batch {
+                // The gradient's rows are the output channels, `s.k` weights each.
+                for_each_group_run(rows.clone(), g.out_channels, s.cog, |_, grp, run| {
+                    let first = grp * s.cog + run.start - base;
+                    let gyg = &s.output(gy, 0, n, grp)[run.start * p..run.end * p];
+                    let gyv = MatView::dense(gyg, run.len(), p);
+                    let xt = MatView::dense(s.input(x, 0, n, grp), s.cig, p).t();
+                    let out = &mut gwc[first * s.k..(first + run.len()) * s.k];
+                    gemm(out, s.k, gyv, xt, true, 1);
+                });
+            }
+        });
+        return Ok(());
+    }
+    // Ranges in whole cache lines, so no line of a plane is read by two tasks.
+    let chunk = p.div_ceil(tasks).next_multiple_of(16);
+    let wlen = gw.len();
+    let scratch = ws.take(wlen * tasks)?;
+    scratch
+        .par_chunks_mut(wlen)
+        .enumerate()
+        .for_each(|(t, part)| {
+            part.fill(0.0);
+            let p0 = (t * chunk).min(p);
+            let len = chunk.min(p - p0);
+            for n in 0..g.batch {
+                for grp in 0..g.groups {
+                    let gyv = MatView::row_major(&s.output(gy, 0, n, grp)[p0..], s.cog, len, p);
+                    let xt = MatView::row_major(&s.input(x, 0, n, grp)[p0..], s.cig, len, p).t();
+                    let gwg = &mut part[grp * s.cog * s.k..(grp + 1) * s.cog * s.k];
+                    gemm(gwg, s.k, gyv, xt, true, 1);
+                }
+            }
+        });
+    sum_weight_copies(exec, scratch, wlen, gw);
+    Ok(())
+}
