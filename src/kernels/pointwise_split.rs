@@ -3,10 +3,9 @@
 //!
 //! Elsewhere a pointwise layer's tasks take whole images and each runs the unpacked
 //! register-blocked product ([`super::pointwise`]) alone. With too few images for that, the
-//! layer used to be one GEMM per image with faer's threads inside it: its packed kernel is
-//! slow at a pointwise layer's short inner dimension (K = 32 on reference layer B), and its
-//! threads wait for each other at barriers by spinning, which on this 2-core machine also held
-//! back whatever ran next (a depthwise forward after it measured 0.63 ms where 0.09 alone).
+//! layer used to be one GEMM per image with faer's threads inside it, whose packed kernel is
+//! slow at a pointwise layer's short inner dimension (K = 32 on reference layer B) and whose
+//! threads meet at a barrier for every block of the product.
 //! Here forward and grad-input give each task a run of output rows (image, channel) of the
 //! unpacked product, and grad-weight gives each task a range of pixels of every image, summed
 //! into a private copy of the gradient (the copies are added at the end, as the image split's).
