@@ -6,9 +6,11 @@
 //! layer used to be one GEMM per image with faer's threads inside it, whose packed kernel is
 //! slow at a pointwise layer's short inner dimension (K = 32 on reference layer B) and whose
 //! threads meet at a barrier for every block of the product.
+//!
 //! Here forward and grad-input give each task a run of output rows (image, channel) of the
 //! unpacked product, and grad-weight gives each task a range of pixels of every image, summed
-//! into a private copy of the gradient (the copies are added at the end, as the image split's).
+//! into a private copy of the gradient (the copies are added at the end, as the image split's),
+//! or on small images a run of the gradient's rows.
 
 use std::ops::Range;
 
