@@ -326,7 +326,7 @@ fn pointwise_cases_with_few_images_split_inside_them() {
 /// Winograd F(2×2, 3×3) shapes (at least 32 tiles per image): odd and even sizes, valid,
 /// asymmetric and large padding (grad-input falls back past pad 2), the packed-GEMM path (more
 /// than 256 input channels).
-fn winograd_cases() -> [Case; 5] {
+fn winograd_cases() -> [Case; 6] {
     let same = Conv2dParams::with_padding(Padding::Same);
     [
         ([2, 8, 37, 29], [16, 8, 3, 3], same),
@@ -338,6 +338,8 @@ fn winograd_cases() -> [Case; 5] {
             Conv2dParams::with_padding(Padding::symmetric(3, 3)),
         ),
         ([2, 300, 12, 11], [9, 300, 3, 3], same),
+        // One image on two threads: split inside it, over two blocks of tile rows.
+        ([1, 300, 40, 40], [9, 300, 3, 3], same),
     ]
 }
 

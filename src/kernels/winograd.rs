@@ -14,7 +14,8 @@
 //! re-interleaved into rows with the (de)interleave kernels.
 //!
 //! Work is split over images; each image's transformed input and products live in scratch
-//! (about 4× the image's input and output), so a whole image's GEMMs see wide matrices.
+//! (about 4× the image's input and output), so a whole image's GEMMs see wide matrices. Batches
+//! the threads cannot share image by image are split inside each image, by channels.
 //! Accuracy: the transforms add a few f32 roundings (relative error ~1e-6 against the f64
 //! reference; the tests hold it to 1e-4).
 
@@ -23,9 +24,10 @@ use super::elementwise;
 use super::gemm::{MatView, gemm};
 use super::pointwise::{Operands, Store, small_k_gemm};
 use super::simd::SimdF32;
-use super::{Exec, Workspace, for_each_task};
+use super::{Exec, Workspace, for_each_task, task_count};
 use crate::error::Result;
 use crate::geometry::{Conv2dParams, ConvGeometry, Padding};
+use rayon::prelude::*;
 use std::ops::Range;
 
 /// Input channels up to which the products use the unpacked kernel (above, the packed GEMM).
@@ -168,8 +170,12 @@ pub fn forward(
     let t = Tiling::new(g)?;
     let (m_in, n_out) = (g.in_channels, g.out_channels);
     let u_len = 16 * n_out * m_in;
-    let tasks = exec.threads().min(g.batch);
-    let gemm_threads = if tasks == 1 { exec.threads() } else { 1 };
+    let within_images = exec.threads() > 1 && task_count(exec.threads(), g.batch) == 1;
+    let tasks = if within_images {
+        1
+    } else {
+        exec.threads().min(g.batch)
+    };
     let rows = block_rows(g, &t);
     let per_task = per_task_len(g, &t);
     // The transformed weights, then each task's planes and transforms.
@@ -177,6 +183,10 @@ pub fn forward(
     let (u, rest) = scratch.split_at_mut(u_len);
     transform_filters(g, w, u);
     let u = &*u;
+    if within_images {
+        forward_within_images(exec, g, &t, u, x, bias, y, rest);
+        return Ok(());
+    }
     for_each_task(
         tasks,
         y,
@@ -195,35 +205,105 @@ pub fn forward(
                     let tb = ty.len() * t.tiles_w;
                     let (v, rest) = rest.split_at_mut(16 * m_in * tb);
                     let prod = &mut rest[..16 * n_out * tb];
-                    transform_input(exec.isa(), g, &t, phases, ty.clone(), v);
-                    for xi in 0..16 {
-                        let uk = &u[xi * n_out * m_in..(xi + 1) * n_out * m_in];
-                        let vk = &v[xi * m_in * tb..(xi + 1) * m_in * tb];
-                        let pk = &mut prod[xi * n_out * tb..(xi + 1) * n_out * tb];
-                        if m_in <= UNPACKED_MAX_K && gemm_threads == 1 {
-                            let ops = Operands::dense(uk, n_out, m_in, vk, tb, tb, None);
-                            // Through the caches: the output transform reads the products
-                            // back at once. Reference layer B's forward (harness, min of 20,
-                            // alternated 4×): streamed 14.2–14.6 ms, cached 13.2–13.4 (one
-                            // outlier 15.1); C's a tie (20.5–22.3 against 20.6–21.1).
-                            small_k_gemm(exec.isa(), ops, pk, tb, Store::Cached);
-                        } else {
-                            gemm(
-                                pk,
-                                tb,
-                                MatView::dense(uk, n_out, m_in),
-                                MatView::dense(vk, m_in, tb),
-                                false,
-                                gemm_threads,
-                            );
-                        }
-                    }
+                    transform_input(exec.isa(), &t, phases, ty.clone(), v);
+                    products(exec.isa(), g, u, 0..n_out, v, tb, prod);
                     transform_output(exec.isa(), g, &t, prod, ty, bias, yn);
                 }
             }
         },
     );
     Ok(())
+}
+
+/// [`forward`] for batches the threads cannot share image by image (one image, or an odd
+/// batch on two threads): each image's steps are split over the threads instead — the phase
+/// planes and the input transform by input channels, the products and the output transform by
+/// output channels (each task's share of V, the products and the output is contiguous in
+/// their `[channel][ξ][tile]` and NCHW layouts). Before, one thread ran the transforms while
+/// faer's threads shared each product.
+#[allow(clippy::too_many_arguments)]
+fn forward_within_images(
+    exec: Exec,
+    g: &ConvGeometry,
+    t: &Tiling,
+    u: &[f32],
+    x: &[f32],
+    bias: Option<&[f32]>,
+    y: &mut [f32],
+    scratch: &mut [f32],
+) {
+    let (m_in, n_out, isa) = (g.in_channels, g.out_channels, exec.isa());
+    let (hw, ohw, plane) = (g.in_pixels(), g.out_pixels(), t.layout.len);
+    let rows = block_rows(g, t);
+    let (phases, rest) = scratch.split_at_mut(m_in * plane);
+    let (v_all, prod_all) = rest.split_at_mut(16 * m_in * rows * t.tiles_w);
+    let ins = m_in.div_ceil(exec.threads());
+    let outs = n_out.div_ceil(exec.threads());
+    for (n, (xn, yn)) in x
+        .chunks_exact(m_in * hw)
+        .zip(y.chunks_exact_mut(n_out * ohw))
+        .enumerate()
+    {
+        phases
+            .par_chunks_mut(ins * plane)
+            .zip(xn.par_chunks(ins * hw))
+            .for_each(|(ph, xc)| fill_all_phases(isa, g, t, xc, ph, n == 0));
+        let phases = &*phases;
+        for ty0 in (0..t.tiles_h).step_by(rows) {
+            let ty = ty0..(ty0 + rows).min(t.tiles_h);
+            let tb = ty.len() * t.tiles_w;
+            let v = &mut v_all[..16 * m_in * tb];
+            v.par_chunks_mut(ins * 16 * tb)
+                .zip(phases.par_chunks(ins * plane))
+                .for_each(|(vc, ph)| transform_input(isa, t, ph, ty.clone(), vc));
+            let v = &*v;
+            prod_all[..16 * n_out * tb]
+                .par_chunks_mut(outs * 16 * tb)
+                .zip(yn.par_chunks_mut(outs * ohw))
+                .enumerate()
+                .for_each(|(i, (pc, yc))| {
+                    let o = i * outs..i * outs + yc.len() / ohw;
+                    products(isa, g, u, o.clone(), v, tb, pc);
+                    transform_output(isa, g, t, pc, ty.clone(), bias.map(|b| &b[o]), yc);
+                });
+        }
+    }
+}
+
+/// `prod[o][ξ] = U[ξ] · V[ξ]` for the output channels `outs` (`prod` holds theirs only) and
+/// every ξ: V holds `[m][ξ][tile]` and `prod` `[o][ξ][tile]`, `tb` tiles each, so a product's
+/// operand and result rows are `16·tb` apart.
+fn products(
+    isa: super::Isa,
+    g: &ConvGeometry,
+    u: &[f32],
+    outs: Range<usize>,
+    v: &[f32],
+    tb: usize,
+    prod: &mut [f32],
+) {
+    let (m_in, n_out) = (g.in_channels, g.out_channels);
+    for xi in 0..16 {
+        let uk = &u[(xi * n_out + outs.start) * m_in..(xi * n_out + outs.end) * m_in];
+        let (vk, pk) = (&v[xi * tb..], &mut prod[xi * tb..]);
+        if m_in <= UNPACKED_MAX_K {
+            let ops = Operands::dense(uk, outs.len(), m_in, vk, 16 * tb, tb, None);
+            // Through the caches: the output transform reads the products back at once.
+            // Reference layer B's forward (harness, min of 20, alternated 4×): streamed
+            // 14.2–14.6 ms, cached 13.2–13.4 (one outlier 15.1); C's a tie (20.5–22.3 against
+            // 20.6–21.1).
+            small_k_gemm(isa, ops, pk, 16 * tb, Store::Cached);
+        } else {
+            gemm(
+                pk,
+                16 * tb,
+                MatView::dense(uk, outs.len(), m_in),
+                MatView::row_major(vk, m_in, tb, 16 * tb),
+                false,
+                1,
+            );
+        }
+    }
 }
 
 /// Fills the phase planes of every input channel of one image.
@@ -256,39 +336,28 @@ unsafe fn fill_kernel<S: SimdF32>(
     }
 }
 
-/// V[ξ][m][tile] = (Bᵀ d B)[ξ] for every input channel m and the tiles of tile rows `ty`.
-fn transform_input(
-    isa: super::Isa,
-    g: &ConvGeometry,
-    t: &Tiling,
-    phases: &[f32],
-    ty: Range<usize>,
-    v: &mut [f32],
-) {
-    input_dispatch(isa, g, t, phases, ty, v)
+/// V[m][ξ][tile] = (Bᵀ d B)[ξ] for the input channels whose phase planes `phases` holds (m
+/// counted from the first) and the tiles of tile rows `ty`.
+fn transform_input(isa: super::Isa, t: &Tiling, phases: &[f32], ty: Range<usize>, v: &mut [f32]) {
+    let channels = phases.len() / t.layout.len;
+    assert!(
+        v.len() >= channels * 16 * ty.len() * t.tiles_w,
+        "V too short"
+    );
+    input_dispatch(isa, t, phases, ty, v)
 }
 
 crate::simd_dispatch!(fn input_dispatch => input_kernel(
-    g: &ConvGeometry, t: &Tiling, phases: &[f32], ty: Range<usize>, v: &mut [f32]
+    t: &Tiling, phases: &[f32], ty: Range<usize>, v: &mut [f32]
 ));
 
 #[inline(always)]
-unsafe fn input_kernel<S: SimdF32>(
-    g: &ConvGeometry,
-    t: &Tiling,
-    phases: &[f32],
-    ty: Range<usize>,
-    v: &mut [f32],
-) {
+unsafe fn input_kernel<S: SimdF32>(t: &Tiling, phases: &[f32], ty: Range<usize>, v: &mut [f32]) {
     let l = S::LANES;
     let (wq, plane) = (t.layout.wq, t.layout.wq * t.layout.hq);
     let tb = ty.len() * t.tiles_w;
     let vp = v.as_mut_ptr();
-    for (m, phase) in phases
-        .chunks_exact(t.layout.len)
-        .enumerate()
-        .take(g.in_channels)
-    {
+    for (m, phase) in phases.chunks_exact(t.layout.len).enumerate() {
         let pp = phase.as_ptr();
         for (r, row) in ty.clone().enumerate() {
             let mut tx = 0;
@@ -319,8 +388,7 @@ unsafe fn input_kernel<S: SimdF32>(
                     }
                     for (i, out) in tv.iter().enumerate() {
                         for (j, o) in out.iter().enumerate() {
-                            let at =
-                                vp.add(((i * 4 + j) * g.in_channels + m) * tb + r * t.tiles_w + tx);
+                            let at = vp.add((m * 16 + i * 4 + j) * tb + r * t.tiles_w + tx);
                             if n == l {
                                 o.store(at);
                             } else {
@@ -335,8 +403,9 @@ unsafe fn input_kernel<S: SimdF32>(
     }
 }
 
-/// y[n] = Aᵀ M A (+ bias) for every output channel and the tiles of tile rows `ty`, written
-/// back as output rows.
+/// `yn`'s planes = Aᵀ M A (+ bias) for the tiles of tile rows `ty`, written back as output
+/// rows: one plane per output channel whose products (`[o][ξ][tile]`, o counted from the
+/// first) `prod` holds, and `bias` from that channel.
 fn transform_output(
     isa: super::Isa,
     g: &ConvGeometry,
@@ -346,6 +415,12 @@ fn transform_output(
     bias: Option<&[f32]>,
     yn: &mut [f32],
 ) {
+    let channels = yn.len() / g.out_pixels();
+    assert!(
+        prod.len() >= channels * 16 * ty.len() * t.tiles_w,
+        "products too short"
+    );
+    assert!(bias.is_none_or(|b| b.len() >= channels), "bias too short");
     output_dispatch(isa, g, t, prod, ty, bias, yn)
 }
 
@@ -379,7 +454,7 @@ unsafe fn output_kernel<S: SimdF32>(
                 unsafe {
                     let mut m = [S::zero(); 16];
                     for (xi, v) in m.iter_mut().enumerate() {
-                        let at = pp.add((xi * g.out_channels + c) * tiles + r * tw + tx);
+                        let at = pp.add((c * 16 + xi) * tiles + r * tw + tx);
                         *v = if n == l {
                             S::load(at)
                         } else {
