@@ -214,6 +214,16 @@ fn fast_equals_reference_on_larger_shapes() {
             Conv2dParams::default().groups(3),
         ),
         ([64, 3, 14, 14], [8, 3, 3, 3], same),
+        // im2col with too few images for the threads: split inside the images (odd channel
+        // counts, so the threads' shares differ).
+        (
+            [1, 6, 20, 21],
+            [10, 3, 3, 2],
+            explicit(1, 0, 2, 1).groups(2).stride(2, 1),
+        ),
+        ([3, 5, 9, 7], [7, 5, 3, 3], same.stride(2, 2)),
+        // ... grad-weight by pixel ranges, two per thread (K = 1053: 995-pixel tiles).
+        ([1, 117, 40, 50], [4, 117, 3, 3], same),
         // Pointwise with too few images for the threads: split inside the images.
         ([1, 16, 40, 52], [24, 16, 1, 1], Conv2dParams::default()),
         (

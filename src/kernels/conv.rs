@@ -15,8 +15,16 @@
 //!
 //! Backward: grad-input is `col-grad = Wᵀ · gY` followed by col2im (scatter-add); grad-weight is
 //! `gW += gY · colᵀ`. Work is split over images (each thread runs sequential GEMMs) when the
-//! batch divides evenly over the threads, and otherwise given to a multithreaded GEMM, except
-//! for pointwise layers, which are then split inside the images ([`super::pointwise_split`]).
+//! batch divides evenly over the threads, and otherwise inside each image: forward and
+//! grad-input run im2col and col2im by input channels and the products by output rows,
+//! grad-weight sums pixel ranges into per-task copies (pointwise layers:
+//! [`super::pointwise_split`]). Before, one thread ran im2col while faer's threads shared each
+//! product. Batch 1 on 2 threads (harness, min of 8, alternated 3×): reference layer E's
+//! 3 × 3 stride 2 forward 2.94–2.97 → 2.47 ms, grad-input 3.14–3.17 → 2.57–2.62; a 3 × 1
+//! 32 → 64 at 112 × 112 grad-input 1.21–1.79 → 0.93–1.02 (forward a tie); a 5 × 5 32 → 64 at
+//! 56 × 56 grad-input 2.38 → 1.85, forward 2.12–2.15 → 2.18–2.25 (the products' 32-row halves
+//! run a little slower than faer's split of all 64 rows). Grad-weight: see
+//! `MIN_GRAD_WEIGHT_PIXELS_PER_TASK`.
 //! A pointwise layer split over images computes all its gradients image by image
 //! ([`pointwise_backward`]).
 
@@ -49,17 +57,17 @@ pub const MIN_GEMM_COLS: usize = 512;
 struct Plan {
     /// Parallel tasks, each over a contiguous range of images.
     tasks: usize,
-    /// Threads inside each GEMM (all of them when there is a single task).
-    gemm_threads: usize,
+    /// Several threads but one task: each image's steps are split over the threads instead
+    /// (im2col and col2im by input channels, the products by rows).
+    within_images: bool,
     /// Whole images per GEMM (more than 1 for small images).
     images_per_tile: usize,
     /// Output pixels per GEMM when one image is tiled.
     pixels_per_tile: usize,
-    /// Pointwise on whole images: GEMM straight on the input and output, no scratch.
+    /// Pointwise on whole images: the unpacked register-blocked product (faster than the
+    /// packed GEMM for a pointwise layer's short inner dimension) straight on the input and
+    /// output, no scratch.
     direct: bool,
-    /// Direct, single-threaded GEMMs: the unpacked register-blocked kernel (faster than the
-    /// packed GEMM for a pointwise layer's short inner dimension) instead of the packed GEMM.
-    unpacked: bool,
 }
 
 /// One GEMM's worth of work: `images` images from `n0`, output pixels `p0 .. p0 + len` of each.
@@ -81,31 +89,29 @@ impl Plan {
     fn new(g: &ConvGeometry, threads: usize) -> Self {
         let (p, k) = (g.out_pixels(), g.col_rows());
         let tasks = task_count(threads, g.batch);
-        let gemm_threads = if tasks == 1 { threads } else { 1 };
+        let within_images = tasks == 1 && threads > 1;
         let cap = (COL_TILE_FLOATS / k).max(64);
         // Pointwise needs no im2col: one GEMM per image on the input itself beats batching
         // images through copies, even for small images.
-        if p >= MIN_GEMM_COLS || g.batch == 1 || g.is_pointwise() {
+        if p >= MIN_GEMM_COLS || within_images || g.is_pointwise() {
             let direct = g.is_pointwise();
             let pixels_per_tile = if direct { p } else { cap.min(p) };
             return Plan {
                 tasks,
-                gemm_threads,
+                within_images,
                 images_per_tile: 1,
                 pixels_per_tile,
                 direct,
-                unpacked: direct && gemm_threads == 1,
             };
         }
         let per_task = g.batch.div_ceil(tasks);
         let tiles = per_task.div_ceil((SMALL_TILE_FLOATS / k / p).max(1));
         Plan {
             tasks,
-            gemm_threads,
+            within_images,
             images_per_tile: per_task.div_ceil(tiles),
             pixels_per_tile: p,
             direct: false,
-            unpacked: false,
         }
     }
 
@@ -158,8 +164,9 @@ fn for_each_row_segment(
     }
 }
 
-/// Writes the im2col rows for output pixels `[p0, p0 + len)` of one group's input `xg`
-/// (`cin_per_group × H × W`) into `col` (`K × len` at row stride `ld`).
+/// Writes the im2col rows for output pixels `[p0, p0 + len)` of the input planes `xg` (a
+/// group's, or a run of its channels: `kh·kw` rows per plane, from the first) into `col`
+/// (at row stride `ld`).
 pub(crate) fn im2col_tile(
     g: &ConvGeometry,
     xg: &[f32],
@@ -169,8 +176,7 @@ pub(crate) fn im2col_tile(
     ld: usize,
 ) {
     let (kh, kw, hw) = (g.kernel_h, g.kernel_w, g.in_pixels());
-    for c in 0..g.in_channels_per_group() {
-        let xc = &xg[c * hw..(c + 1) * hw];
+    for (c, xc) in xg.chunks_exact(hw).enumerate() {
         for i in 0..kh {
             for j in 0..kw {
                 let r = (c * kh + i) * kw + j;
@@ -205,7 +211,7 @@ pub(crate) fn im2col_tile(
     }
 }
 
-/// The adjoint of [`im2col_tile`]: adds the column tile back into the image `gxg`.
+/// The adjoint of [`im2col_tile`]: adds the column tile back into the planes `gxg`.
 pub(crate) fn col2im_tile(
     g: &ConvGeometry,
     col: &[f32],
@@ -215,8 +221,7 @@ pub(crate) fn col2im_tile(
     gxg: &mut [f32],
 ) {
     let (kh, kw, hw) = (g.kernel_h, g.kernel_w, g.in_pixels());
-    for c in 0..g.in_channels_per_group() {
-        let gxc = &mut gxg[c * hw..(c + 1) * hw];
+    for (c, gxc) in gxg.chunks_exact_mut(hw).enumerate() {
         for i in 0..kh {
             for j in 0..kw {
                 let r = (c * kh + i) * kw + j;
@@ -332,6 +337,59 @@ impl GroupSlices {
     }
 }
 
+/// Output pixels per thread from which grad-weight splits each image's pixels over the threads
+/// (each task summing its ranges into its own copy of the gradient) where there are too few
+/// images for them; below, the threads share each product (faer's). 3 × 3 at batch 1 on 2
+/// threads (harness, min of 10, alternated 3×): 32 → 64 at 112 × 112 (6272 pixels per task)
+/// 3.8–3.9 → 2.5–2.8 ms, 128 → 128 at 56 × 56 (1568) 5.2–5.4 → 4.9–5.2, 128 → 256 at stride 2
+/// (392) 2.9–3.4 → 2.6–2.75, a 3 × 1 32 → 64 at 112 × 112 1.8–2.0 → 0.83–1.26; 512 → 512 at
+/// 14 × 14 (98) 5.3 → 6.0–6.3, so small images keep the shared products.
+const MIN_GRAD_WEIGHT_PIXELS_PER_TASK: usize = 256;
+
+/// Calls `f(tile, group)` for every tile (one image each) and group of `g`'s batch, in order:
+/// the loop of the passes whose steps are split over the threads inside each image.
+fn for_each_tile_within_images(
+    exec: Exec,
+    g: &ConvGeometry,
+    plan: &Plan,
+    mut f: impl FnMut(Tile, usize),
+) {
+    debug_assert!(plan.within_images && plan.images_per_tile == 1 && exec.threads() > 1);
+    for t in plan.tiles(0..g.batch, g.out_pixels()) {
+        for grp in 0..g.groups {
+            f(t, grp);
+        }
+    }
+}
+
+/// [`im2col_tile`] of one image's group `xg` for tile `t` into `col` (`K × t.len`), split over
+/// the threads by input channels (each channel's `kh·kw` rows are contiguous).
+fn im2col_by_channels(exec: Exec, g: &ConvGeometry, xg: &[f32], t: Tile, col: &mut [f32]) {
+    let (taps, hw) = (g.kernel_h * g.kernel_w, g.in_pixels());
+    let ins = g.in_channels_per_group().div_ceil(exec.threads());
+    col.par_chunks_mut(ins * taps * t.len)
+        .zip(xg.par_chunks(ins * hw))
+        .for_each(|(c, x)| im2col_tile(g, x, t.p0, t.len, c, t.len));
+}
+
+/// One image's tile straight into its output rows `yg` (`p` floats each; columns
+/// `t.p0 .. t.p0 + t.len` written): `w_rows · col`, plus `bias` per row.
+fn product_into_rows(
+    yg: &mut [f32],
+    p: usize,
+    t: Tile,
+    w_rows: MatView<'_>,
+    colv: MatView<'_>,
+    bias: Option<&[f32]>,
+) {
+    if let Some(b) = bias {
+        for (row, &bv) in yg.chunks_exact_mut(p).zip(b) {
+            row[t.p0..t.p0 + t.len].fill(bv);
+        }
+    }
+    gemm(&mut yg[t.p0..], p, w_rows, colv, bias.is_some(), 1);
+}
+
 /// Forward pass: `y = conv(x, w) + bias`.
 pub fn forward(
     exec: Exec,
@@ -348,8 +406,30 @@ pub fn forward(
     }
     let plan = Plan::new(g, exec.threads());
     let (col_len, tmp_len) = plan.scratch(g);
-    let scratch = ws.take((col_len + tmp_len) * plan.tasks)?;
     let s = GroupSlices::new(g);
+    if plan.within_images {
+        let col = ws.take(col_len)?;
+        for_each_tile_within_images(exec, g, &plan, |t, grp| {
+            let cols = t.cols();
+            let xg = s.input(x, 0, t.n0, grp);
+            im2col_by_channels(exec, g, xg, t, &mut col[..s.k * cols]);
+            let colv = MatView::dense(&col[..s.k * cols], s.k, cols);
+            let at = t.n0 * s.img_out + grp * s.out_group;
+            let outs = s.cog.div_ceil(exec.threads());
+            y[at..at + s.out_group]
+                .par_chunks_mut(outs * s.p)
+                .zip(s.weight_slice(w, grp).par_chunks(outs * s.k))
+                .enumerate()
+                .for_each(|(i, (yr, wr))| {
+                    let o = grp * s.cog + i * outs;
+                    let bias_r = bias.map(|b| &b[o..o + yr.len() / s.p]);
+                    let wv = MatView::dense(wr, yr.len() / s.p, s.k);
+                    product_into_rows(yr, s.p, t, wv, colv, bias_r);
+                });
+        });
+        return Ok(());
+    }
+    let scratch = ws.take((col_len + tmp_len) * plan.tasks)?;
     for_each_task(
         plan.tasks,
         y,
@@ -367,63 +447,26 @@ pub fn forward(
                         let at = (t.n0 - base) * s.img_out + grp * s.out_group;
                         let yg = &mut yc[at..at + s.out_group];
                         let xg = s.input(x, 0, t.n0, grp);
-                        if plan.unpacked {
-                            let ops = Operands::dense(
-                                s.weight_slice(w, grp),
-                                s.cog,
-                                s.cig,
-                                xg,
-                                s.p,
-                                s.p,
-                                bias_g,
-                            );
-                            small_k_gemm(exec.isa(), ops, yg, s.p, Store::Stream);
-                            continue;
-                        }
-                        if let Some(b) = bias_g {
-                            for (row, &bv) in yg.chunks_exact_mut(s.p).zip(b) {
-                                row.fill(bv);
-                            }
-                        }
-                        gemm(
-                            yg,
+                        let ops = Operands::dense(
+                            s.weight_slice(w, grp),
+                            s.cog,
+                            s.cig,
+                            xg,
                             s.p,
-                            wg,
-                            MatView::dense(xg, s.cig, s.p),
-                            bias.is_some(),
-                            plan.gemm_threads,
+                            s.p,
+                            bias_g,
                         );
+                        small_k_gemm(exec.isa(), ops, yg, s.p, Store::Stream);
                         continue;
                     }
                     let cols = t.cols();
                     s.im2col(g, x, t, grp, col);
                     let colv = MatView::dense(&col[..s.k * cols], s.k, cols);
                     if t.images == 1 {
-                        // Straight into the output rows, columns p0 .. p0 + len.
                         let at = (t.n0 - base) * s.img_out + grp * s.out_group;
-                        let yg = &mut yc[at..at + s.out_group];
-                        if let Some(b) = bias_g {
-                            for (oc, &bv) in b.iter().enumerate() {
-                                yg[oc * s.p + t.p0..oc * s.p + t.p0 + t.len].fill(bv);
-                            }
-                        }
-                        gemm(
-                            &mut yg[t.p0..],
-                            s.p,
-                            wg,
-                            colv,
-                            bias.is_some(),
-                            plan.gemm_threads,
-                        );
+                        product_into_rows(&mut yc[at..at + s.out_group], s.p, t, wg, colv, bias_g);
                     } else {
-                        gemm(
-                            &mut tmp[..s.cog * cols],
-                            cols,
-                            wg,
-                            colv,
-                            false,
-                            plan.gemm_threads,
-                        );
+                        gemm(&mut tmp[..s.cog * cols], cols, wg, colv, false, 1);
                         for j in 0..t.images {
                             let at = (t.n0 + j - base) * s.img_out + grp * s.out_group;
                             for oc in 0..s.cog {
@@ -460,6 +503,31 @@ pub fn grad_input(
     let plan = Plan::new(g, exec.threads());
     let (col_len, tmp_len) = plan.scratch(g);
     let s = GroupSlices::new(g);
+    if plan.within_images {
+        let col = ws.take(col_len)?;
+        gx.fill(0.0);
+        let (taps, hw) = (g.kernel_h * g.kernel_w, g.in_pixels());
+        let ins = s.cig.div_ceil(exec.threads());
+        for_each_tile_within_images(exec, g, &plan, |t, grp| {
+            let cols = t.cols();
+            let gy_tile =
+                MatView::row_major(&s.output(gy, 0, t.n0, grp)[t.p0..], s.cog, t.len, s.p);
+            let wg = s.weight_slice(w, grp);
+            let at = t.n0 * s.img_in + grp * s.in_group;
+            // Each task: its input channels' rows of Wᵀ · gY, then their col2im.
+            col[..s.k * cols]
+                .par_chunks_mut(ins * taps * cols)
+                .zip(gx[at..at + s.in_group].par_chunks_mut(ins * hw))
+                .enumerate()
+                .for_each(|(i, (cr, gxr))| {
+                    let (k0, rows) = (i * ins * taps, cr.len() / cols);
+                    let wt = MatView::row_major(&wg[k0..], s.cog, rows, s.k).t();
+                    gemm(cr, cols, wt, gy_tile, false, 1);
+                    col2im_tile(g, cr, cols, t.p0, t.len, gxr);
+                });
+        });
+        return Ok(());
+    }
     let mut run = |tw: TransposedWeight<'_>, ws: &mut Workspace| -> Result<()> {
         let scratch = ws.take((col_len + tmp_len) * plan.tasks)?;
         for_each_task(
@@ -481,19 +549,8 @@ pub fn grad_input(
                         if plan.direct {
                             let gyg = s.output(gy, 0, t.n0, grp);
                             let gxg = &mut gxc[at(t.n0)..at(t.n0) + s.in_group];
-                            if plan.unpacked {
-                                let ops = transposed_weight_times(tw, &s, grp, gyg);
-                                small_k_gemm(exec.isa(), ops, gxg, s.p, Store::Stream);
-                                continue;
-                            }
-                            gemm(
-                                gxg,
-                                s.p,
-                                wt,
-                                MatView::dense(gyg, s.cog, s.p),
-                                false,
-                                plan.gemm_threads,
-                            );
+                            let ops = transposed_weight_times(tw, &s, grp, gyg);
+                            small_k_gemm(exec.isa(), ops, gxg, s.p, Store::Stream);
                             continue;
                         }
 
@@ -509,14 +566,7 @@ pub fn grad_input(
                             s.gather_output(gy, t, grp, tmp);
                             MatView::dense(&tmp[..s.cog * cols], s.cog, cols)
                         };
-                        gemm(
-                            &mut col[..s.k * cols],
-                            cols,
-                            wt,
-                            gy_tile,
-                            false,
-                            plan.gemm_threads,
-                        );
+                        gemm(&mut col[..s.k * cols], cols, wt, gy_tile, false, 1);
                         for j in 0..t.images {
                             let a = at(t.n0 + j);
                             col2im_tile(
@@ -534,7 +584,7 @@ pub fn grad_input(
         );
         Ok(())
     };
-    if plan.direct && plan.unpacked {
+    if plan.direct {
         with_transposed_weight(exec, g, w, ws, run)
     } else {
         run(TransposedWeight::View(w), ws)
@@ -557,42 +607,83 @@ pub fn grad_weight(
     let plan = Plan::new(g, exec.threads());
     let (col_len, tmp_len) = plan.scratch(g);
     let s = GroupSlices::new(g);
-    let accumulate = |images: Range<usize>, gw: &mut [f32], scratch: &mut [f32]| {
-        gw.fill(0.0);
-        let (col, tmp) = scratch.split_at_mut(col_len);
-        for t in plan.tiles(images, s.p) {
-            for grp in 0..g.groups {
-                let gwg = &mut gw[grp * s.cog * s.k..(grp + 1) * s.cog * s.k];
-                if plan.direct {
-                    let xt = MatView::dense(s.input(x, 0, t.n0, grp), s.cig, s.p).t();
-                    let gyg = MatView::dense(s.output(gy, 0, t.n0, grp), s.cog, s.p);
-                    gemm(gwg, s.k, gyg, xt, true, plan.gemm_threads);
-                    continue;
-                }
-                let cols = t.cols();
-                s.im2col(g, x, t, grp, col);
-                let gy_tile = if t.images == 1 {
-                    MatView::row_major(&s.output(gy, 0, t.n0, grp)[t.p0..], s.cog, t.len, s.p)
-                } else {
-                    s.gather_output(gy, t, grp, tmp);
-                    MatView::dense(&tmp[..s.cog * cols], s.cog, cols)
-                };
-                let colt = MatView::dense(&col[..s.k * cols], s.k, cols).t();
-                gemm(gwg, s.k, gy_tile, colt, true, plan.gemm_threads);
+    // Adds tile `t`'s share to `gw` (every group), with `threads` inside each product.
+    let add_tile = |t: Tile, gw: &mut [f32], col: &mut [f32], tmp: &mut [f32], threads: usize| {
+        for grp in 0..g.groups {
+            let gwg = &mut gw[grp * s.cog * s.k..(grp + 1) * s.cog * s.k];
+            if plan.direct {
+                let xt = MatView::dense(s.input(x, 0, t.n0, grp), s.cig, s.p).t();
+                let gyg = MatView::dense(s.output(gy, 0, t.n0, grp), s.cog, s.p);
+                gemm(gwg, s.k, gyg, xt, true, threads);
+                continue;
             }
+            let cols = t.cols();
+            s.im2col(g, x, t, grp, col);
+            let gy_tile = if t.images == 1 {
+                MatView::row_major(&s.output(gy, 0, t.n0, grp)[t.p0..], s.cog, t.len, s.p)
+            } else {
+                s.gather_output(gy, t, grp, tmp);
+                MatView::dense(&tmp[..s.cog * cols], s.cog, cols)
+            };
+            let colt = MatView::dense(&col[..s.k * cols], s.k, cols).t();
+            gemm(gwg, s.k, gy_tile, colt, true, threads);
         }
     };
-    if plan.tasks == 1 {
-        let scratch = ws.take(col_len + tmp_len)?;
-        accumulate(0..g.batch, gw, scratch);
-        return Ok(());
-    }
     let wlen = gw.len();
     let per_task = wlen + col_len + tmp_len;
+    let tasks = exec.threads();
+    if plan.within_images && s.p >= tasks * MIN_GRAD_WEIGHT_PIXELS_PER_TASK {
+        // Each task sums its own pixel ranges of every image, the ranges cut evenly.
+        let pieces = tasks * s.p.div_ceil(tasks * plan.pixels_per_tile);
+        let len = s.p.div_ceil(pieces);
+        let scratch = ws.take(per_task * tasks)?;
+        scratch
+            .par_chunks_mut(per_task)
+            .enumerate()
+            .for_each(|(task, st)| {
+                let (part, rest) = st.split_at_mut(wlen);
+                let (col, tmp) = rest.split_at_mut(col_len);
+                part.fill(0.0);
+                for n0 in 0..g.batch {
+                    for p0 in (task * len..s.p).step_by(tasks * len) {
+                        let len = len.min(s.p - p0);
+                        add_tile(
+                            Tile {
+                                n0,
+                                images: 1,
+                                p0,
+                                len,
+                            },
+                            part,
+                            col,
+                            tmp,
+                            1,
+                        );
+                    }
+                }
+            });
+        sum_weight_copies(exec, scratch, per_task, gw);
+        return Ok(());
+    }
+    if plan.tasks == 1 {
+        // One thread, or small images with too few pixels to split: the threads share the
+        // products.
+        let scratch = ws.take(col_len + tmp_len)?;
+        let (col, tmp) = scratch.split_at_mut(col_len);
+        gw.fill(0.0);
+        for t in plan.tiles(0..g.batch, s.p) {
+            add_tile(t, gw, col, tmp, tasks);
+        }
+        return Ok(());
+    }
     let scratch = ws.take(per_task * plan.tasks)?;
-    for_each_image_task(g.batch, scratch, per_task, |images, s| {
-        let (part, rest) = s.split_at_mut(wlen);
-        accumulate(images, part, rest);
+    for_each_image_task(g.batch, scratch, per_task, |images, st| {
+        let (part, rest) = st.split_at_mut(wlen);
+        let (col, tmp) = rest.split_at_mut(col_len);
+        part.fill(0.0);
+        for t in plan.tiles(images, s.p) {
+            add_tile(t, part, col, tmp, 1);
+        }
     });
     sum_weight_copies(exec, scratch, per_task, gw);
     Ok(())
@@ -619,7 +710,7 @@ pub(super) fn sum_weight_copies(exec: Exec, scratch: &[f32], per_task: usize, gw
 /// products run single-threaded (the images split over the threads, or one thread), the plan
 /// under which [`grad_input`] runs the unpacked kernel.
 pub fn pointwise_backward_applies(exec: Exec, g: &ConvGeometry) -> bool {
-    g.is_pointwise() && Plan::new(g, exec.threads()).unpacked
+    g.is_pointwise() && !pointwise_split::applies(exec, g)
 }
 
 /// Every gradient of a pointwise layer where [`pointwise_backward_applies`], image by image:
@@ -668,7 +759,7 @@ pub fn pointwise_backward(
                     let gwg = &mut st[grp * s.cog * s.k..][..s.cog * s.k];
                     let xt = MatView::dense(s.input(x, 0, n, grp), s.cig, s.p).t();
                     let gy_rows = MatView::dense(gyg, s.cog, s.p);
-                    gemm(gwg, s.k, gy_rows, xt, true, plan.gemm_threads);
+                    gemm(gwg, s.k, gy_rows, xt, true, 1);
                     if let Some(gxc) = gxc.as_deref_mut() {
                         let at = (n - images.start) * s.img_in + grp * s.in_group;
                         small_k_gemm(
