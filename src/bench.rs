@@ -97,6 +97,11 @@ impl ReferenceLayer {
             })
     }
 
+    /// The same layer with `batch` images (the reference batches are 8, and 1 for layer A).
+    pub fn with_batch(self, batch: usize) -> Self {
+        ReferenceLayer { batch, ..self }
+    }
+
     fn params(&self) -> Conv2dParams {
         let pad = if self.valid {
             Padding::Valid

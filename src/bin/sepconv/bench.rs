@@ -34,6 +34,10 @@ pub struct Args {
     /// Passes (forward, train).
     #[arg(long, default_value = "forward,train", value_delimiter = ',')]
     passes: Vec<Pass>,
+    /// Images per layer instead of the reference batch (8; layer A: 1), e.g. 1 for
+    /// single-image inference; --compare-torch runs PyTorch on the same batch.
+    #[arg(long, value_name = "N")]
+    batch: Option<usize>,
     /// Untimed runs before timing.
     #[arg(long, default_value_t = 3)]
     warmup: usize,
@@ -54,8 +58,9 @@ pub struct Args {
     #[arg(long, default_value = "python3", value_name = "PATH")]
     python: String,
     /// Write the results as a Markdown table (with the machine they were measured on). If FILE
-    /// has `<!-- bench:start -->` and `<!-- bench:end -->` markers, only the text between them
-    /// is replaced (this is how the README's table is regenerated).
+    /// has `<!-- bench:start -->` and `<!-- bench:end -->` markers (with --batch N:
+    /// `bench-batch-N:start` and `:end`), only the text between them is replaced (this is how
+    /// the README's tables are regenerated).
     #[arg(long, value_name = "FILE")]
     markdown: Option<PathBuf>,
 }
@@ -63,6 +68,8 @@ pub struct Args {
 #[derive(Serialize)]
 struct Row {
     layer: String,
+    /// Images per pass.
+    batch: usize,
     variant: Variant,
     pass: Pass,
     /// Nominal MACs of the pass (a training step: forward + grad-input + grad-weight).
@@ -84,13 +91,22 @@ struct Row {
 }
 
 pub fn run(exec: Exec, a: Args) -> Result<()> {
+    if a.reps == 0 {
+        return Err(Error::invalid("--reps must be at least 1"));
+    }
+    if a.batch == Some(0) {
+        return Err(Error::invalid("--batch must be at least 1"));
+    }
     let layers: Vec<ReferenceLayer> = a
         .layers
         .iter()
-        .map(|l| ReferenceLayer::by_id(l))
+        .map(|l| {
+            let layer = ReferenceLayer::by_id(l)?;
+            Ok(a.batch.map_or(layer, |n| layer.with_batch(n)))
+        })
         .collect::<Result<_>>()?;
-    if a.reps == 0 {
-        return Err(Error::invalid("--reps must be at least 1"));
+    if let Some(n) = a.batch {
+        println!("batch: {n} image(s) per layer");
     }
     let mut variants: Vec<Variant> = VARIANTS
         .iter()
@@ -164,6 +180,7 @@ pub fn run(exec: Exec, a: Args) -> Result<()> {
                     .flatten();
                 let row = Row {
                     layer: layer.id.to_string(),
+                    batch: layer.batch,
                     variant,
                     pass,
                     macs,
@@ -219,7 +236,14 @@ pub fn run(exec: Exec, a: Args) -> Result<()> {
         None
     };
     if let Some(path) = &a.markdown {
-        write_markdown(path, &rows, exec, peak, bandwidth, torch_version.as_deref())?;
+        let measured = Measured {
+            exec,
+            batch: a.batch,
+            peak,
+            bandwidth,
+            torch: torch_version.as_deref(),
+        };
+        write_markdown(path, &rows, &measured)?;
         println!("wrote {}", path.display());
     }
     if let Some(path) = &a.json {
@@ -302,6 +326,9 @@ fn compare_torch(
 
     if !a.passes.contains(&Pass::Train) {
         cmd.arg("--no-train");
+    }
+    if let Some(n) = a.batch {
+        cmd.args(["--batch", &n.to_string()]);
     }
     println!(
         "\nRunning PyTorch on the same layers ({})…",
@@ -422,19 +449,30 @@ fn cpu_model() -> String {
 }
 
 /// Writes the rows as a Markdown table, into the markers of an existing file or as a new file.
-fn write_markdown(
-    path: &std::path::Path,
-    rows: &[Row],
+/// What a table was measured with, for its first line.
+struct Measured<'a> {
     exec: Exec,
+    batch: Option<usize>,
     peak: Option<f64>,
     bandwidth: Option<MemoryBandwidth>,
-    torch: Option<&str>,
-) -> Result<()> {
+    /// PyTorch's version, when it ran in the same run.
+    torch: Option<&'a str>,
+}
+
+fn write_markdown(path: &std::path::Path, rows: &[Row], m: &Measured<'_>) -> Result<()> {
     use std::fmt::Write;
+    let Measured {
+        exec,
+        batch,
+        peak,
+        bandwidth,
+        torch,
+    } = *m;
     let mut t = String::new();
     let _ = writeln!(
         t,
-        "Measured by `sepconv bench{}` on {}, {} thread(s), {}{}{}{}.\n",
+        "Measured by `sepconv bench{}{}` on {}, {} thread(s), {}{}{}{}.\n",
+        batch.map_or(String::new(), |n| format!(" --batch {n}")),
         if torch.is_some() {
             " --compare-torch"
         } else {
@@ -479,9 +517,14 @@ fn write_markdown(
                 .map_or("-", |v| if r.min_ms <= v { "yes" } else { "no" }),
         );
     }
-    let (start, end) = ("<!-- bench:start -->", "<!-- bench:end -->");
+    // The reference batches' table between `bench` markers, another batch's between its own.
+    let name = batch.map_or("bench".to_string(), |n| format!("bench-batch-{n}"));
+    let (start, end) = (
+        format!("<!-- {name}:start -->"),
+        format!("<!-- {name}:end -->"),
+    );
     let text = match std::fs::read_to_string(path) {
-        Ok(old) => match (old.find(start), old.find(end)) {
+        Ok(old) => match (old.find(&start), old.find(&end)) {
             (Some(i), Some(j)) if i < j => format!("{}{start}\n{t}{}", &old[..i], &old[j..]),
             _ => t,
         },

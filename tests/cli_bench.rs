@@ -1,0 +1,131 @@
+//! `sepconv bench` end to end: its options and what it reports (not its timings).
+
+use std::process::{Command, Output};
+
+fn run(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_sepconv"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn temp_path(name: &str) -> std::path::PathBuf {
+    std::env::temp_dir().join(format!("sepconv-cli-bench-{name}-{}", std::process::id()))
+}
+
+/// A quick run: one timed repetition, no peak measurements.
+const QUICK: [&str; 6] = ["--reps", "1", "--warmup", "0", "--no-peak", "--threads"];
+
+#[test]
+fn batch_sets_the_images_of_every_layer() {
+    let json = temp_path("batch.json");
+    let path = json.to_string_lossy().into_owned();
+    let mut args = vec!["bench"];
+    args.extend(QUICK);
+    args.extend([
+        "2",
+        "--layers",
+        "A,D",
+        "--variants",
+        "dw",
+        "--passes",
+        "forward",
+        "--batch",
+        "3",
+    ]);
+    args.extend(["--json", &path]);
+    let o = run(&args);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let rows: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let _ = std::fs::remove_file(&json);
+    let rows = rows.as_array().unwrap();
+    assert_eq!(rows.len(), 2);
+    // Depthwise 3 × 3: batch · channels · output pixels · 9. Layer A (3 channels, 15 × 15,
+    // valid): 13 × 13 outputs; D (512 channels, 14 × 14, same).
+    let want = [("A", 3 * 3 * 13 * 13 * 9), ("D", 3 * 512 * 14 * 14 * 9)];
+    for (row, (layer, macs)) in rows.iter().zip(want) {
+        assert_eq!(row["layer"], layer);
+        assert_eq!(row["batch"], 3);
+        assert_eq!(row["macs"], macs, "{layer}");
+    }
+}
+
+#[test]
+fn the_reference_batches_without_batch() {
+    let json = temp_path("reference.json");
+    let path = json.to_string_lossy().into_owned();
+    let mut args = vec!["bench"];
+    args.extend(QUICK);
+    args.extend([
+        "2",
+        "--layers",
+        "A,D",
+        "--variants",
+        "dw",
+        "--passes",
+        "forward",
+    ]);
+    args.extend(["--json", &path]);
+    let o = run(&args);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let rows: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let _ = std::fs::remove_file(&json);
+    let batches: Vec<u64> = rows
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["batch"].as_u64().unwrap())
+        .collect();
+    assert_eq!(batches, [1, 8]);
+}
+
+#[test]
+fn bad_options_are_one_line_errors_with_status_2() {
+    for (args, names) in [
+        (vec!["bench", "--batch", "0"], "--batch"),
+        (vec!["bench", "--reps", "0"], "--reps"),
+        (vec!["bench", "--layers", "Q"], "'Q'"),
+    ] {
+        let o = run(&args);
+        assert_eq!(o.status.code(), Some(2), "{args:?}");
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains(names), "{args:?}: {err}");
+        assert_eq!(err.trim().lines().count(), 1, "{args:?}: {err}");
+        assert!(o.stdout.is_empty(), "{args:?}");
+    }
+}
+
+#[test]
+fn markdown_replaces_only_its_batch_between_the_markers() {
+    let md = temp_path("table.md");
+    let before = "# Title\n<!-- bench:start -->\nreference table\n<!-- bench:end -->\n\
+                  <!-- bench-batch-2:start -->\nold\n<!-- bench-batch-2:end -->\ntail\n";
+    std::fs::write(&md, before).unwrap();
+    let path = md.to_string_lossy().into_owned();
+    let mut args = vec!["bench"];
+    args.extend(QUICK);
+    args.extend([
+        "2",
+        "--layers",
+        "A",
+        "--variants",
+        "dw",
+        "--passes",
+        "forward",
+    ]);
+    args.extend(["--batch", "2", "--markdown", &path]);
+    let o = run(&args);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let after = std::fs::read_to_string(&md).unwrap();
+    let _ = std::fs::remove_file(&md);
+    assert!(after.starts_with("# Title\n<!-- bench:start -->\nreference table\n"));
+    assert!(
+        after.ends_with("<!-- bench-batch-2:end -->\ntail\n"),
+        "{after}"
+    );
+    assert!(!after.contains("\nold\n"), "{after}");
+    assert!(after.contains("`sepconv bench --batch 2`"), "{after}");
+    assert!(after.contains("| A | dw | forward | 9126 |"), "{after}");
+}
