@@ -22,7 +22,7 @@
 use super::depthwise::{PhaseLayout, fill_phases};
 use super::elementwise;
 use super::gemm::{MatView, gemm};
-use super::pointwise::{Operands, Store, small_k_gemm};
+use super::pointwise::{Operands, Rows, Store, small_k_gemm};
 use super::simd::SimdF32;
 use super::{Exec, Workspace, for_each_task, task_count};
 use crate::error::Result;
@@ -112,28 +112,40 @@ impl Tiling {
     }
 }
 
-/// U[ξ][n][m] = (G g Gᵀ)[ξ] for the kernel g = w[n, m]: 16 matrices of N × M.
-fn transform_filters(g: &ConvGeometry, w: &[f32], u: &mut [f32]) {
-    let (n_out, m_in) = (g.out_channels, g.in_channels);
-    let plane = n_out * m_in;
-    for (nm, k) in w.chunks_exact(9).enumerate() {
-        // G g (4×3), then (G g) Gᵀ (4×4).
-        let mut gg = [[0f32; 3]; 4];
-        for j in 0..3 {
-            let (a, b, c) = (k[j], k[3 + j], k[6 + j]);
-            gg[0][j] = a;
-            gg[1][j] = 0.5 * (a + b + c);
-            gg[2][j] = 0.5 * (a - b + c);
-            gg[3][j] = c;
-        }
-        for (i, row) in gg.iter().enumerate() {
-            let (a, b, c) = (row[0], row[1], row[2]);
-            let t = [a, 0.5 * (a + b + c), 0.5 * (a - b + c), c];
-            for (j, &v) in t.iter().enumerate() {
-                u[(i * 4 + j) * plane + nm] = v;
+/// U[n][ξ][m] = (G g Gᵀ)[ξ] for the kernel g = w[n, m], in parallel over the output
+/// channels n (each one's 16 rows of M are contiguous). Done once per call, and one call may
+/// have a single image: on reference layer D (512 × 512 kernels, 16 MiB of U) the transform on
+/// one thread was 40% of a one-image forward.
+fn transform_filters(exec: Exec, g: &ConvGeometry, w: &[f32], u: &mut [f32]) {
+    let m_in = g.in_channels;
+    let per_thread = g.out_channels.div_ceil(exec.threads());
+    u.par_chunks_mut(per_thread * 16 * m_in)
+        .zip(w.par_chunks(per_thread * m_in * 9))
+        .for_each(|(un, wn)| {
+            for (u_n, w_n) in un
+                .chunks_exact_mut(16 * m_in)
+                .zip(wn.chunks_exact(m_in * 9))
+            {
+                for (m, k) in w_n.chunks_exact(9).enumerate() {
+                    // G g (4×3), then (G g) Gᵀ (4×4).
+                    let mut gg = [[0f32; 3]; 4];
+                    for j in 0..3 {
+                        let (a, b, c) = (k[j], k[3 + j], k[6 + j]);
+                        gg[0][j] = a;
+                        gg[1][j] = 0.5 * (a + b + c);
+                        gg[2][j] = 0.5 * (a - b + c);
+                        gg[3][j] = c;
+                    }
+                    for (i, row) in gg.iter().enumerate() {
+                        let (a, b, c) = (row[0], row[1], row[2]);
+                        let t = [a, 0.5 * (a + b + c), 0.5 * (a - b + c), c];
+                        for (j, &v) in t.iter().enumerate() {
+                            u_n[(i * 4 + j) * m_in + m] = v;
+                        }
+                    }
+                }
             }
-        }
-    }
+        });
 }
 
 /// Floats of transformed input and products per block of tile rows: 512K floats (2 MiB), so
@@ -181,7 +193,7 @@ pub fn forward(
     // The transformed weights, then each task's planes and transforms.
     let scratch = ws.take(u_len + per_task * tasks)?;
     let (u, rest) = scratch.split_at_mut(u_len);
-    transform_filters(g, w, u);
+    transform_filters(exec, g, w, u);
     let u = &*u;
     if within_images {
         forward_within_images(exec, g, &t, u, x, bias, y, rest);
@@ -282,12 +294,23 @@ fn products(
     tb: usize,
     prod: &mut [f32],
 ) {
-    let (m_in, n_out) = (g.in_channels, g.out_channels);
+    let m_in = g.in_channels;
     for xi in 0..16 {
-        let uk = &u[(xi * n_out + outs.start) * m_in..(xi * n_out + outs.end) * m_in];
+        // Rows o of U[ξ] are 16·M apart, from U[outs.start][ξ].
+        let uk = &u[(outs.start * 16 + xi) * m_in..];
         let (vk, pk) = (&v[xi * tb..], &mut prod[xi * tb..]);
         if m_in <= UNPACKED_MAX_K {
-            let ops = Operands::dense(uk, outs.len(), m_in, vk, 16 * tb, tb, None);
+            let ops = Operands {
+                c: uk,
+                c_rows: Rows::Strided(16 * m_in),
+                c_col: 1,
+                d: vk,
+                n: outs.len(),
+                k: m_in,
+                p: tb,
+                bias: None,
+                d_rows: Rows::Strided(16 * tb),
+            };
             // Through the caches: the output transform reads the products back at once.
             // Reference layer B's forward (harness, min of 20, alternated 4×): streamed
             // 14.2–14.6 ms, cached 13.2–13.4 (one outlier 15.1); C's a tie (20.5–22.3 against
@@ -297,7 +320,7 @@ fn products(
             gemm(
                 pk,
                 16 * tb,
-                MatView::dense(uk, outs.len(), m_in),
+                MatView::row_major(uk, outs.len(), m_in, 16 * m_in),
                 MatView::row_major(vk, m_in, tb, 16 * tb),
                 false,
                 1,
