@@ -13,33 +13,41 @@ fn temp_path(name: &str) -> std::path::PathBuf {
     std::env::temp_dir().join(format!("sepconv-cli-bench-{name}-{}", std::process::id()))
 }
 
-/// A quick run: one timed repetition, no peak measurements.
-const QUICK: [&str; 6] = ["--reps", "1", "--warmup", "0", "--no-peak", "--threads"];
+/// A quick `sepconv bench`: one timed repetition, no peak measurements, two threads.
+const QUICK: [&str; 8] = [
+    "bench",
+    "--reps",
+    "1",
+    "--warmup",
+    "0",
+    "--no-peak",
+    "--threads",
+    "2",
+];
 
-#[test]
-fn batch_sets_the_images_of_every_layer() {
-    let json = temp_path("batch.json");
+/// The JSON rows of a quick run with `args`.
+fn bench_rows(name: &str, args: &[&str]) -> Vec<serde_json::Value> {
+    let json = temp_path(name);
     let path = json.to_string_lossy().into_owned();
-    let mut args = vec!["bench"];
-    args.extend(QUICK);
-    args.extend([
-        "2",
-        "--layers",
-        "A,D",
-        "--variants",
-        "dw",
-        "--passes",
-        "forward",
-        "--batch",
-        "3",
-    ]);
-    args.extend(["--json", &path]);
-    let o = run(&args);
+    let mut all = QUICK.to_vec();
+    all.extend(args);
+    all.extend(["--json", &path]);
+    let o = run(&all);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let rows: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     let _ = std::fs::remove_file(&json);
-    let rows = rows.as_array().unwrap();
+    rows.as_array().unwrap().clone()
+}
+
+/// Depthwise forward on layers A and D.
+const DW_FORWARD: [&str; 6] = ["--layers", "A,D", "--variants", "dw", "--passes", "forward"];
+
+#[test]
+fn batch_sets_the_images_of_every_layer() {
+    let mut args = DW_FORWARD.to_vec();
+    args.extend(["--batch", "3"]);
+    let rows = bench_rows("batch", &args);
     assert_eq!(rows.len(), 2);
     // Depthwise 3 × 3: batch · channels · output pixels · 9. Layer A (3 channels, 15 × 15,
     // valid): 13 × 13 outputs; D (512 channels, 14 × 14, same).
@@ -53,31 +61,8 @@ fn batch_sets_the_images_of_every_layer() {
 
 #[test]
 fn the_reference_batches_without_batch() {
-    let json = temp_path("reference.json");
-    let path = json.to_string_lossy().into_owned();
-    let mut args = vec!["bench"];
-    args.extend(QUICK);
-    args.extend([
-        "2",
-        "--layers",
-        "A,D",
-        "--variants",
-        "dw",
-        "--passes",
-        "forward",
-    ]);
-    args.extend(["--json", &path]);
-    let o = run(&args);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let rows: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
-    let _ = std::fs::remove_file(&json);
-    let batches: Vec<u64> = rows
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| r["batch"].as_u64().unwrap())
-        .collect();
+    let rows = bench_rows("reference", &DW_FORWARD);
+    let batches: Vec<u64> = rows.iter().map(|r| r["batch"].as_u64().unwrap()).collect();
     assert_eq!(batches, [1, 8]);
 }
 
@@ -104,17 +89,8 @@ fn markdown_replaces_only_its_batch_between_the_markers() {
                   <!-- bench-batch-2:start -->\nold\n<!-- bench-batch-2:end -->\ntail\n";
     std::fs::write(&md, before).unwrap();
     let path = md.to_string_lossy().into_owned();
-    let mut args = vec!["bench"];
-    args.extend(QUICK);
-    args.extend([
-        "2",
-        "--layers",
-        "A",
-        "--variants",
-        "dw",
-        "--passes",
-        "forward",
-    ]);
+    let mut args = QUICK.to_vec();
+    args.extend(["--layers", "A", "--variants", "dw", "--passes", "forward"]);
     args.extend(["--batch", "2", "--markdown", &path]);
     let o = run(&args);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));

@@ -224,18 +224,6 @@ fn fast_equals_reference_on_larger_shapes() {
         ([3, 5, 9, 7], [7, 5, 3, 3], same.stride(2, 2)),
         // ... grad-weight by pixel ranges, two per thread (K = 1053: 995-pixel tiles).
         ([1, 117, 40, 50], [4, 117, 3, 3], same),
-        // Pointwise with too few images for the threads: split inside the images.
-        ([1, 16, 40, 52], [24, 16, 1, 1], Conv2dParams::default()),
-        (
-            [1, 20, 45, 46],
-            [12, 10, 1, 1],
-            Conv2dParams::default().groups(2),
-        ),
-        (
-            [3, 12, 9, 10],
-            [9, 4, 1, 1],
-            Conv2dParams::default().groups(3),
-        ),
         // Asymmetric explicit padding on an image too small for Winograd (20 tiles).
         ([4, 16, 9, 8], [8, 16, 3, 3], explicit(2, 0, 1, 2)),
         // Implicit GEMM (at least 256 output pixels, batch per thread): strided, dilated,
@@ -273,6 +261,7 @@ fn fast_equals_reference_on_larger_shapes() {
         .chain(channels_last_cases())
         .chain(shifted_dispatch_cases())
         .chain(phase_grad_weight_cases())
+        .chain(pointwise_split_cases())
         .enumerate()
     {
         let g = ConvGeometry::new(input, weight, &p).unwrap();
@@ -307,12 +296,10 @@ fn pointwise_cases_take_the_image_by_image_backward() {
     ));
 }
 
-/// Pointwise layers with fewer images than the threads can share evenly split inside the
-/// images on two threads: grad-weight by pixel ranges (the first two, at least 1024 pixels per
-/// task) or by rows (the third, whose runs of rows cross groups and images).
-#[test]
-fn pointwise_cases_with_few_images_split_inside_them() {
-    let cases: [Case; 3] = [
+/// Pointwise layers with fewer images than the threads can share evenly (in the larger-shapes
+/// test).
+fn pointwise_split_cases() -> [Case; 3] {
+    [
         ([1, 16, 40, 52], [24, 16, 1, 1], Conv2dParams::default()),
         (
             [1, 20, 45, 46],
@@ -324,8 +311,15 @@ fn pointwise_cases_with_few_images_split_inside_them() {
             [9, 4, 1, 1],
             Conv2dParams::default().groups(3),
         ),
-    ];
-    for (input, weight, p) in cases {
+    ]
+}
+
+/// Pointwise layers with fewer images than the threads can share evenly split inside the
+/// images on two threads: grad-weight by pixel ranges (the first two, at least 1024 pixels per
+/// task) or by rows (the third, whose runs of rows cross groups and images).
+#[test]
+fn pointwise_cases_with_few_images_split_inside_them() {
+    for (input, weight, p) in pointwise_split_cases() {
         let g = ConvGeometry::new(input, weight, &p).unwrap();
         let split = sepconv::kernels::pointwise_split::applies;
         assert!(split(sepconv::Exec::new(2), &g), "{input:?}");

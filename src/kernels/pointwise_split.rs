@@ -62,15 +62,30 @@ pub fn forward(
 ) {
     let s = GroupSlices::new(g);
     let p = s.p;
-    for_each_task(exec.threads(), y, p, &mut [], 0, |rows, yc, _| {
+    product_rows(exec, y, g.out_channels, s.cog, p, |n, grp| {
+        let bias_g = bias.map(|b| &b[grp * s.cog..(grp + 1) * s.cog]);
+        let xg = s.input(x, 0, n, grp);
+        Operands::dense(s.weight_slice(w, grp), s.cog, s.cig, xg, p, p, bias_g)
+    });
+}
+
+/// The rows of `out` (`[batch, channels]` planes of `p` pixels, `per_group` channels per group)
+/// split over the threads in runs: each run is rows `run` of the unpacked product
+/// `ops(image, group)`, whose rows are that image's group's planes.
+fn product_rows<'a>(
+    exec: Exec,
+    out: &mut [f32],
+    channels: usize,
+    per_group: usize,
+    p: usize,
+    ops: impl Fn(usize, usize) -> Operands<'a> + Sync,
+) {
+    for_each_task(exec.threads(), out, p, &mut [], 0, |rows, oc, _| {
         let base = rows.start;
-        for_each_group_run(rows, g.out_channels, s.cog, |n, grp, run| {
-            let first = n * g.out_channels + grp * s.cog + run.start - base;
-            let bias_g = bias.map(|b| &b[grp * s.cog..(grp + 1) * s.cog]);
-            let xg = s.input(x, 0, n, grp);
-            let ops = Operands::dense(s.weight_slice(w, grp), s.cog, s.cig, xg, p, p, bias_g);
-            let out = &mut yc[first * p..(first + run.len()) * p];
-            small_k_gemm(exec.isa(), ops.rows(run), out, p, Store::Stream);
+        for_each_group_run(rows, channels, per_group, |n, grp, run| {
+            let first = n * channels + grp * per_group + run.start - base;
+            let dst = &mut oc[first * p..(first + run.len()) * p];
+            small_k_gemm(exec.isa(), ops(n, grp).rows(run), dst, p, Store::Stream);
         });
     });
 }
@@ -88,14 +103,8 @@ pub fn grad_input(
     let s = GroupSlices::new(g);
     let p = s.p;
     with_transposed_weight(exec, g, w, ws, |tw, _| {
-        for_each_task(exec.threads(), gx, p, &mut [], 0, |rows, gxc, _| {
-            let base = rows.start;
-            for_each_group_run(rows, g.in_channels, s.cig, |n, grp, run| {
-                let first = n * g.in_channels + grp * s.cig + run.start - base;
-                let ops = transposed_weight_times(tw, &s, grp, s.output(gy, 0, n, grp));
-                let out = &mut gxc[first * p..(first + run.len()) * p];
-                small_k_gemm(exec.isa(), ops.rows(run), out, p, Store::Stream);
-            });
+        product_rows(exec, gx, g.in_channels, s.cig, p, |n, grp| {
+            transposed_weight_times(tw, &s, grp, s.output(gy, 0, n, grp))
         });
         Ok(())
     })
