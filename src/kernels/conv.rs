@@ -93,7 +93,7 @@ impl Plan {
         let cap = (COL_TILE_FLOATS / k).max(64);
         // Pointwise needs no im2col: one GEMM per image on the input itself beats batching
         // images through copies, even for small images.
-        if p >= MIN_GEMM_COLS || within_images || g.is_pointwise() {
+        if p >= MIN_GEMM_COLS || g.batch == 1 || within_images || g.is_pointwise() {
             let direct = g.is_pointwise();
             let pixels_per_tile = if direct { p } else { cap.min(p) };
             return Plan {
