@@ -262,6 +262,7 @@ fn fast_equals_reference_on_larger_shapes() {
         .chain(shifted_dispatch_cases())
         .chain(phase_grad_weight_cases())
         .chain(pointwise_split_cases())
+        .chain(implicit_within_images_cases())
         .enumerate()
     {
         let g = ConvGeometry::new(input, weight, &p).unwrap();
@@ -372,6 +373,37 @@ fn assert_for_every_case(
                 "{input:?}, {threads} threads"
             );
         }
+    }
+}
+
+/// Phase-plane implicit GEMMs with too few images for the threads: a k × 1 kernel written
+/// straight into NCHW (one image), a grouped strided layer whose flat output is copied (three
+/// images; odd channel counts per thread).
+fn implicit_within_images_cases() -> [Case; 2] {
+    [
+        (
+            [1, 5, 30, 20],
+            [7, 5, 3, 1],
+            Conv2dParams::with_padding(Padding::symmetric(1, 0)),
+        ),
+        (
+            [3, 6, 33, 20],
+            [10, 3, 3, 3],
+            Conv2dParams::with_padding(Padding::Same)
+                .groups(2)
+                .stride(2, 1),
+        ),
+    ]
+}
+
+/// Their forward splits each image over two threads, and runs image by image on one.
+#[test]
+fn implicit_cases_with_few_images_split_inside_them() {
+    for (input, weight, p) in implicit_within_images_cases() {
+        let g = ConvGeometry::new(input, weight, &p).unwrap();
+        let within = sepconv::kernels::implicit::forward_within_images_applies;
+        assert!(within(sepconv::Exec::new(2), &g), "{input:?}");
+        assert!(!within(sepconv::Exec::new(1), &g), "{input:?}");
     }
 }
 

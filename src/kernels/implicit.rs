@@ -23,7 +23,7 @@ use super::depthwise::{GradInputLayout, PhaseLayout, fill_phases, gather_phases}
 use super::gemm::{MatView, gemm};
 use super::pointwise::{Operands, Rows, Store, small_k_gemm};
 use super::simd::SimdF32;
-use super::{Exec, Workspace, for_each_image_task, for_each_task};
+use super::{Exec, Workspace, for_each_image_task, for_each_task, task_count};
 use crate::error::Result;
 
 use crate::geometry::ConvGeometry;
@@ -114,6 +114,110 @@ pub fn reads_in_place(g: &ConvGeometry) -> bool {
         && g.in_w > g.pad_left + g.pad_right
 }
 
+/// Whether [`forward`] computes `g` with each image split over the threads: where the batch
+/// does not give every thread images of its own (one image, or an odd batch on two threads)
+/// and the product reads padded phase planes (not in place, not transposed; strided layers,
+/// k × 1 kernels), which [`applies`] would give the implicit GEMM with more images. The
+/// planes are filled by input channels, the products and the copy into NCHW by output rows.
+/// Batch 1 on 2 threads (harness, min of 10, alternated, against im2col split inside the
+/// image): reference layer E's 3 × 3 stride 2 2.45–2.47 → 2.30–2.33 ms, C's 3 × 1 half
+/// 1.70–1.75 → 1.52–1.53, the same on 3 images 5.56–5.99 → 4.41–4.44; B's 3 × 1 half
+/// (0.64–0.66 → 0.54–0.73) and E's strided halves a tie.
+pub fn forward_within_images_applies(exec: Exec, g: &ConvGeometry) -> bool {
+    exec.threads() > 1
+        && task_count(exec.threads(), g.batch) == 1
+        && g.in_channels_per_group() > 1
+        && !g.is_pointwise()
+        && g.out_pixels() >= MIN_PIXELS
+        && !reads_in_place(g)
+        && !runs_transposed(g)
+}
+
+/// [`forward`] where [`forward_within_images_applies`].
+#[allow(clippy::too_many_arguments)]
+fn forward_within_images(
+    exec: Exec,
+    g: &ConvGeometry,
+    l: &PhaseLayout,
+    x: &[f32],
+    w: &[f32],
+    bias: Option<&[f32]>,
+    y: &mut [f32],
+    scratch: &mut [f32],
+) {
+    let (cig, cog, k) = (
+        g.in_channels_per_group(),
+        g.out_channels_per_group(),
+        g.col_rows(),
+    );
+    let (hw, ohw, ow, out_len) = (g.in_pixels(), g.out_pixels(), g.out_w, l.out_len());
+    let (ins, outs) = (cig.div_ceil(exec.threads()), cog.div_ceil(exec.threads()));
+    let (planes, flat) = scratch.split_at_mut(cig * l.len);
+    let flat = &mut flat[..cog * out_len];
+    let rows = im2col_rows(cig, l);
+    // Padding positions are zeroed once; after that only pixels are rewritten.
+    planes.fill(0.0);
+    for n in 0..g.batch {
+        for grp in 0..g.groups {
+            let xg = &x[(n * g.in_channels + grp * cig) * hw..][..cig * hw];
+            planes
+                .par_chunks_mut(ins * l.len)
+                .zip(xg.par_chunks(ins * hw))
+                .for_each(|(pc, xc)| fill_planes(exec.isa(), g, l, xc, pc));
+            let planes = &*planes;
+            let ops = Operands::weights_times_rows(
+                &w[grp * cog * k..(grp + 1) * cog * k],
+                cog,
+                k,
+                planes,
+                &rows,
+                l.positions,
+                bias.map(|b| &b[grp * cog..(grp + 1) * cog]),
+            );
+            let at = (n * g.out_channels + grp * cog) * ohw;
+            let y_group = &mut y[at..at + cog * ohw];
+            flat.par_chunks_mut(outs * out_len)
+                .zip(y_group.par_chunks_mut(outs * ohw))
+                .enumerate()
+                .for_each(|(i, (fc, yc))| {
+                    let o = i * outs..i * outs + yc.len() / ohw;
+                    if l.wq == ow {
+                        // No wasted columns: straight into NCHW (as in forward_images_kernel).
+                        small_k_gemm(exec.isa(), ops.rows(o), yc, ohw, Store::Stream);
+                        return;
+                    }
+                    small_k_gemm(exec.isa(), ops.rows(o), fc, out_len, Store::Cached);
+                    for (oc, plane) in yc.chunks_exact_mut(ohw).enumerate() {
+                        for (oh, row) in plane.chunks_exact_mut(ow).enumerate() {
+                            let src = oc * out_len + oh * l.wq;
+                            row.copy_from_slice(&fc[src..src + ow]);
+                        }
+                    }
+                });
+        }
+    }
+}
+
+crate::simd_dispatch!(fn fill_planes => fill_planes_kernel(
+    g: &ConvGeometry, l: &PhaseLayout, x: &[f32], planes: &mut [f32]
+));
+
+/// The padded phase planes of the input planes `x` into `planes` (`l.len` floats each).
+#[inline(always)]
+unsafe fn fill_planes_kernel<S: SimdF32>(
+    g: &ConvGeometry,
+    l: &PhaseLayout,
+    x: &[f32],
+    planes: &mut [f32],
+) {
+    for (plane, buf) in x
+        .chunks_exact(g.in_pixels())
+        .zip(planes.chunks_exact_mut(l.len))
+    {
+        fill_phases::<S>(g, l, plane, buf, false);
+    }
+}
+
 /// Forward pass.
 pub fn forward(
     exec: Exec,
@@ -135,8 +239,13 @@ pub fn forward(
     } else {
         (PhaseLayout::new(g), Layout::PhasePlanes)
     };
-    let tasks = exec.threads().min(g.batch);
     let per_task = scratch_per_task(g, &l, &layout);
+    if forward_within_images_applies(exec, g) {
+        let scratch = ws.take(per_task)?;
+        forward_within_images(exec, g, &l, x, w, bias, y, scratch);
+        return Ok(());
+    }
+    let tasks = exec.threads().min(g.batch);
     let scratch = ws.take(per_task * tasks)?;
     let img_out = g.out_channels * g.out_pixels();
     for_each_task(tasks, y, img_out, scratch, per_task, |images, yc, buf| {

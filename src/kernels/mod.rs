@@ -278,6 +278,10 @@ pub fn conv2d_forward(
         ConvAlgorithm::Depthwise => depthwise::forward(exec, g, x, w, bias, y, ws),
         ConvAlgorithm::Winograd => winograd::forward(exec, g, x, w, bias, y, ws),
         ConvAlgorithm::Implicit => implicit::forward(exec, g, x, w, bias, y, ws),
+        // Too few images for the implicit GEMM's image split, which splits them inside.
+        ConvAlgorithm::Im2colGemm if implicit::forward_within_images_applies(exec, g) => {
+            implicit::forward(exec, g, x, w, bias, y, ws)
+        }
         ConvAlgorithm::Pointwise | ConvAlgorithm::Im2colGemm => {
             conv::forward(exec, g, x, w, bias, y, ws)
         }
