@@ -15,7 +15,9 @@
 //! whose product needs no columns beyond the output's ([`runs_transposed`]).
 //!
 //! Used for convolutions Winograd does not cover (strided, dilated, non-3×3) when the batch
-//! gives every thread images of its own; otherwise im2col + a multithreaded GEMM.
+//! gives every thread images of its own; otherwise the phase-plane forward splits each image
+//! over the threads ([`forward_within_images_applies`]), and the rest runs im2col, split the
+//! same way.
 
 use rayon::prelude::*;
 
