@@ -376,11 +376,17 @@ fn assert_for_every_case(
     }
 }
 
-/// Phase-plane implicit GEMMs with too few images for the threads: a k × 1 kernel written
-/// straight into NCHW (one image), a grouped strided layer whose flat output is copied (three
-/// images; odd channel counts per thread).
-fn implicit_within_images_cases() -> [Case; 2] {
+/// Implicit GEMMs with too few images for the threads: a grouped 1 × k kernel read in place, a
+/// k × 1 kernel written straight into NCHW (one image each), a grouped strided layer whose flat
+/// output is copied (three images; odd channel counts per thread).
+fn implicit_within_images_cases() -> [Case; 3] {
     [
+        // A 1 × k "same" kernel read in place (edge columns recomputed), grouped.
+        (
+            [1, 6, 24, 23],
+            [10, 3, 1, 3],
+            Conv2dParams::with_padding(Padding::symmetric(0, 1)).groups(2),
+        ),
         (
             [1, 5, 30, 20],
             [7, 5, 3, 1],

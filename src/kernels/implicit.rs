@@ -15,9 +15,9 @@
 //! whose product needs no columns beyond the output's ([`runs_transposed`]).
 //!
 //! Used for convolutions Winograd does not cover (strided, dilated, non-3×3) when the batch
-//! gives every thread images of its own; otherwise the phase-plane forward splits each image
-//! over the threads ([`forward_within_images_applies`]), and the rest runs im2col, split the
-//! same way.
+//! gives every thread images of its own; otherwise the forward (but a transposed one) splits
+//! each image over the threads ([`forward_within_images_applies`]), and the rest runs im2col,
+//! split the same way.
 
 use rayon::prelude::*;
 
@@ -118,20 +118,20 @@ pub fn reads_in_place(g: &ConvGeometry) -> bool {
 
 /// Whether [`forward`] computes `g` with each image split over the threads: where the batch
 /// does not give every thread images of its own (one image, or an odd batch on two threads)
-/// and the product reads padded phase planes (not in place, not transposed; strided layers,
-/// k × 1 kernels), which [`applies`] would give the implicit GEMM with more images. The
-/// planes are filled by input channels, the products and the copy into NCHW by output rows.
-/// Batch 1 on 2 threads (harness, min of 10, alternated, against im2col split inside the
-/// image): reference layer E's 3 × 3 stride 2 2.45–2.47 → 2.30–2.33 ms, C's 3 × 1 half
-/// 1.70–1.75 → 1.52–1.53, the same on 3 images 5.56–5.99 → 4.41–4.44; B's 3 × 1 half
-/// (0.64–0.66 → 0.54–0.73) and E's strided halves a tie.
+/// and the product reads padded phase planes or the input in place (not transposed), which
+/// [`applies`] would give the implicit GEMM with more images. Phase planes are filled by
+/// input channels, the products (with their copy into NCHW, or their edge columns) run by
+/// output rows. Batch 1 on 2 threads (harness, min of 10, alternated 3×, against im2col split
+/// inside the image): reference layer B's 1 × 3 half (read in place) 2.58–2.60 → 0.80 ms, C's
+/// 3.23–3.32 → 1.56–1.58 (on 3 images 5.79–5.92 → 4.81–4.99); E's 3 × 3 stride 2 2.45–2.47 →
+/// 2.30–2.33, C's 3 × 1 half 1.70–1.75 → 1.52–1.53 (on 3 images 5.56–5.99 → 4.41–4.44); B's
+/// 3 × 1 half (0.64–0.66 → 0.54–0.73) and E's strided halves a tie.
 pub fn forward_within_images_applies(exec: Exec, g: &ConvGeometry) -> bool {
     exec.threads() > 1
         && task_count(exec.threads(), g.batch) == 1
         && g.in_channels_per_group() > 1
         && !g.is_pointwise()
         && g.out_pixels() >= MIN_PIXELS
-        && !reads_in_place(g)
         && !runs_transposed(g)
 }
 
@@ -244,7 +244,10 @@ pub fn forward(
     let per_task = scratch_per_task(g, &l, &layout);
     if forward_within_images_applies(exec, g) {
         let scratch = ws.take(per_task)?;
-        forward_within_images(exec, g, &l, x, w, bias, y, scratch);
+        match layout {
+            Layout::InPlace => forward_in_place_within_images(exec, g, x, w, bias, y, scratch),
+            _ => forward_within_images(exec, g, &l, x, w, bias, y, scratch),
+        }
         return Ok(());
     }
     let tasks = exec.threads().min(g.batch);
@@ -399,7 +402,7 @@ unsafe fn forward_images_kernel<S: SimdF32>(
     let transposes = match layout {
         Layout::InPlace => {
             // SAFETY: forwarded from this function's contract.
-            unsafe { forward_in_place::<S>(g, x, w, bias, images, y, buf) };
+            forward_in_place(S::ISA, g, x, w, bias, images, y, buf);
             return;
         }
         Layout::PhasePlanes => None,
@@ -468,11 +471,112 @@ unsafe fn forward_images_kernel<S: SimdF32>(
     }
 }
 
-/// [`forward_images_kernel`] where [`reads_in_place`]: one product per image and group over
-/// the interior positions, D's rows being the input planes themselves, then the edge columns
-/// recomputed from their own im2col rows (one small GEMM per image and group).
-#[inline(always)]
-unsafe fn forward_in_place<S: SimdF32>(
+/// Where [`reads_in_place`]: the table of D's rows (c, i, j) relative to output position
+/// `pad_left`, and the edge columns, whose positions read a neighbouring row.
+struct InPlace {
+    rows: Vec<usize>,
+    edge_cols: Vec<usize>,
+}
+
+impl InPlace {
+    fn new(g: &ConvGeometry) -> Self {
+        let (hw, width, kh, kw) = (g.in_pixels(), g.in_w, g.kernel_h, g.kernel_w);
+        let rows = (0..g.in_channels_per_group())
+            .flat_map(|c| {
+                (0..kh * kw).map(move |t| {
+                    c * hw + (t / kw) * g.dilation_h * width + (t % kw) * g.dilation_w
+                })
+            })
+            .collect();
+        let edge_cols = (0..g.pad_left).chain(width - g.pad_right..width).collect();
+        InPlace { rows, edge_cols }
+    }
+
+    /// Edge positions per plane.
+    fn edges(&self, g: &ConvGeometry) -> usize {
+        self.edge_cols.len() * g.out_h
+    }
+
+    /// The im2col rows of the edge positions of one image's group `xg` into `cols` (`K` rows
+    /// of [`Self::edges`]; zeros where a tap leaves the image).
+    fn edge_rows(&self, g: &ConvGeometry, xg: &[f32], cols: &mut [f32]) {
+        let (hw, width, kh, kw) = (g.in_pixels(), g.in_w, g.kernel_h, g.kernel_w);
+        for (kk, row) in cols.chunks_exact_mut(self.edges(g)).enumerate() {
+            let (c, i, j) = (kk / (kh * kw), kk / kw % kh, kk % kw);
+            let plane = &xg[c * hw..(c + 1) * hw];
+            for (e, &u) in self.edge_cols.iter().enumerate() {
+                let col = (u + j * g.dilation_w)
+                    .checked_sub(g.pad_left)
+                    .filter(|&v| v < width);
+                for oh in 0..g.out_h {
+                    row[e * g.out_h + oh] =
+                        col.map_or(0.0, |v| plane[(oh + i * g.dilation_h) * width + v]);
+                }
+            }
+        }
+    }
+
+    /// Output channels `outs` of one image's group (`y_rows`: their planes; `wg`, `bg` the
+    /// group's weights and bias; `cols` from [`Self::edge_rows`]; `products` scratch of
+    /// `outs.len()` × edges): one product over the interior positions, D's rows being the
+    /// input planes themselves, then the edge columns from their own product.
+    #[allow(clippy::too_many_arguments)]
+    fn rows_of_outputs(
+        &self,
+        isa: super::Isa,
+        g: &ConvGeometry,
+        xg: &[f32],
+        wg: &[f32],
+        bg: Option<&[f32]>,
+        outs: std::ops::Range<usize>,
+        cols: &[f32],
+        products: &mut [f32],
+        y_rows: &mut [f32],
+    ) {
+        let (cog, k, ohw, edges) = (
+            g.out_channels_per_group(),
+            g.col_rows(),
+            g.out_pixels(),
+            self.edges(g),
+        );
+        let interior = ohw - g.pad_left - g.pad_right;
+        let ops = Operands::weights_times_rows(wg, cog, k, xg, &self.rows, interior, bg);
+        let n = outs.len();
+        small_k_gemm(
+            isa,
+            ops.rows(outs.clone()),
+            &mut y_rows[g.pad_left..],
+            ohw,
+            Store::Stream,
+        );
+        let products = &mut products[..n * edges];
+        let w_rows = MatView::dense(&wg[outs.start * k..outs.end * k], n, k);
+        gemm(
+            products,
+            edges,
+            w_rows,
+            MatView::dense(cols, k, edges),
+            false,
+            1,
+        );
+        for (o, (plane, prod)) in y_rows
+            .chunks_exact_mut(ohw)
+            .zip(products.chunks_exact(edges))
+            .enumerate()
+        {
+            let b = bg.map_or(0.0, |b| b[outs.start + o]);
+            for (e, &u) in self.edge_cols.iter().enumerate() {
+                for oh in 0..g.out_h {
+                    plane[oh * g.in_w + u] = prod[e * g.out_h + oh] + b;
+                }
+            }
+        }
+    }
+}
+
+/// [`forward_images_kernel`] where [`reads_in_place`], image by image.
+fn forward_in_place(
+    isa: super::Isa,
     g: &ConvGeometry,
     x: &[f32],
     w: &[f32],
@@ -486,64 +590,59 @@ unsafe fn forward_in_place<S: SimdF32>(
         g.out_channels_per_group(),
         g.col_rows(),
     );
-    let (hw, ohw, width) = (g.in_pixels(), g.out_pixels(), g.in_w);
-    let (pl, pr) = (g.pad_left, g.pad_right);
-    let (kh, kw) = (g.kernel_h, g.kernel_w);
-    // Row (c, i, j) of the implicit im2col matrix, relative to output position pad_left.
-    let rows: Vec<usize> = (0..cig)
-        .flat_map(|c| {
-            (0..kh * kw)
-                .map(move |t| c * hw + (t / kw) * g.dilation_h * width + (t % kw) * g.dilation_w)
-        })
-        .collect();
-    let edge_cols: Vec<usize> = (0..pl).chain(width - pr..width).collect();
-    let edges = edge_cols.len() * g.out_h;
-    let (cols, products) = buf.split_at_mut(k * edges);
-    let interior = ohw - pl - pr;
+    let (hw, ohw) = (g.in_pixels(), g.out_pixels());
+    let layout = InPlace::new(g);
+    let (cols, products) = buf.split_at_mut(k * layout.edges(g));
     for (local, n) in images.enumerate() {
         for grp in 0..g.groups {
             let xg = &x[(n * g.in_channels + grp * cig) * hw..][..cig * hw];
             let wg = &w[grp * cog * k..(grp + 1) * cog * k];
             let bg = bias.map(|b| &b[grp * cog..(grp + 1) * cog]);
             let at = local * g.out_channels * ohw + grp * cog * ohw;
+            layout.edge_rows(g, xg, cols);
             let y_group = &mut y[at..at + cog * ohw];
-            let ops = Operands::weights_times_rows(wg, cog, k, xg, &rows, interior, bg);
-            small_k_gemm(S::ISA, ops, &mut y_group[pl..], ohw, Store::Stream);
-            // The edge columns: im2col rows (zeros where a tap leaves the image), one product,
-            // scattered into the output.
-            for (kk, row) in cols.chunks_exact_mut(edges).enumerate() {
-                let (c, i, j) = (kk / (kh * kw), kk / kw % kh, kk % kw);
-                let plane = &xg[c * hw..(c + 1) * hw];
-                for (e, &u) in edge_cols.iter().enumerate() {
-                    let col = (u + j * g.dilation_w)
-                        .checked_sub(pl)
-                        .filter(|&v| v < width);
-                    for oh in 0..g.out_h {
-                        row[e * g.out_h + oh] =
-                            col.map_or(0.0, |v| plane[(oh + i * g.dilation_h) * width + v]);
-                    }
-                }
-            }
-            gemm(
-                products,
-                edges,
-                MatView::dense(wg, cog, k),
-                MatView::dense(cols, k, edges),
-                false,
-                1,
-            );
-            for (o, (plane, prod)) in y_group
-                .chunks_exact_mut(ohw)
-                .zip(products.chunks_exact(edges))
+            layout.rows_of_outputs(isa, g, xg, wg, bg, 0..cog, cols, products, y_group);
+        }
+    }
+}
+
+/// [`forward_in_place`] with each image split over the threads by output channels.
+#[allow(clippy::too_many_arguments)]
+fn forward_in_place_within_images(
+    exec: Exec,
+    g: &ConvGeometry,
+    x: &[f32],
+    w: &[f32],
+    bias: Option<&[f32]>,
+    y: &mut [f32],
+    buf: &mut [f32],
+) {
+    let (cig, cog, k) = (
+        g.in_channels_per_group(),
+        g.out_channels_per_group(),
+        g.col_rows(),
+    );
+    let (hw, ohw) = (g.in_pixels(), g.out_pixels());
+    let layout = InPlace::new(g);
+    let edges = layout.edges(g);
+    let (cols, products) = buf.split_at_mut(k * edges);
+    let outs = cog.div_ceil(exec.threads());
+    for n in 0..g.batch {
+        for grp in 0..g.groups {
+            let xg = &x[(n * g.in_channels + grp * cig) * hw..][..cig * hw];
+            let wg = &w[grp * cog * k..(grp + 1) * cog * k];
+            let bg = bias.map(|b| &b[grp * cog..(grp + 1) * cog]);
+            layout.edge_rows(g, xg, cols);
+            let cols = &*cols;
+            let at = (n * g.out_channels + grp * cog) * ohw;
+            y[at..at + cog * ohw]
+                .par_chunks_mut(outs * ohw)
+                .zip(products[..cog * edges].par_chunks_mut(outs * edges))
                 .enumerate()
-            {
-                let b = bg.map_or(0.0, |b| b[o]);
-                for (e, &u) in edge_cols.iter().enumerate() {
-                    for oh in 0..g.out_h {
-                        plane[oh * width + u] = prod[e * g.out_h + oh] + b;
-                    }
-                }
-            }
+                .for_each(|(i, (yc, pc))| {
+                    let o = i * outs..i * outs + yc.len() / ohw;
+                    layout.rows_of_outputs(exec.isa(), g, xg, wg, bg, o, cols, pc, yc);
+                });
         }
     }
 }
