@@ -245,7 +245,10 @@ pub fn forward(
     if forward_within_images_applies(exec, g) {
         let scratch = ws.take(per_task)?;
         match layout {
-            Layout::InPlace => forward_in_place_within_images(exec, g, x, w, bias, y, scratch),
+            Layout::InPlace => {
+                let (isa, splits) = (exec.isa(), exec.threads());
+                forward_in_place(isa, splits, g, x, w, bias, 0..g.batch, y, scratch)
+            }
             _ => forward_within_images(exec, g, &l, x, w, bias, y, scratch),
         }
         return Ok(());
@@ -402,7 +405,7 @@ unsafe fn forward_images_kernel<S: SimdF32>(
     let transposes = match layout {
         Layout::InPlace => {
             // SAFETY: forwarded from this function's contract.
-            forward_in_place(S::ISA, g, x, w, bias, images, y, buf);
+            forward_in_place(S::ISA, 1, g, x, w, bias, images, y, buf);
             return;
         }
         Layout::PhasePlanes => None,
@@ -574,9 +577,13 @@ impl InPlace {
     }
 }
 
-/// [`forward_images_kernel`] where [`reads_in_place`], image by image.
+/// [`forward_images_kernel`] where [`reads_in_place`], image by image (`y` starts at image
+/// `images.start`), each image's output channels in `splits` runs, run in parallel (one run
+/// inside an image task; the threads' count where the images are split inside).
+#[allow(clippy::too_many_arguments)]
 fn forward_in_place(
     isa: super::Isa,
+    splits: usize,
     g: &ConvGeometry,
     x: &[f32],
     w: &[f32],
@@ -592,56 +599,24 @@ fn forward_in_place(
     );
     let (hw, ohw) = (g.in_pixels(), g.out_pixels());
     let layout = InPlace::new(g);
-    let (cols, products) = buf.split_at_mut(k * layout.edges(g));
-    for (local, n) in images.enumerate() {
-        for grp in 0..g.groups {
-            let xg = &x[(n * g.in_channels + grp * cig) * hw..][..cig * hw];
-            let wg = &w[grp * cog * k..(grp + 1) * cog * k];
-            let bg = bias.map(|b| &b[grp * cog..(grp + 1) * cog]);
-            let at = local * g.out_channels * ohw + grp * cog * ohw;
-            layout.edge_rows(g, xg, cols);
-            let y_group = &mut y[at..at + cog * ohw];
-            layout.rows_of_outputs(isa, g, xg, wg, bg, 0..cog, cols, products, y_group);
-        }
-    }
-}
-
-/// [`forward_in_place`] with each image split over the threads by output channels.
-#[allow(clippy::too_many_arguments)]
-fn forward_in_place_within_images(
-    exec: Exec,
-    g: &ConvGeometry,
-    x: &[f32],
-    w: &[f32],
-    bias: Option<&[f32]>,
-    y: &mut [f32],
-    buf: &mut [f32],
-) {
-    let (cig, cog, k) = (
-        g.in_channels_per_group(),
-        g.out_channels_per_group(),
-        g.col_rows(),
-    );
-    let (hw, ohw) = (g.in_pixels(), g.out_pixels());
-    let layout = InPlace::new(g);
     let edges = layout.edges(g);
     let (cols, products) = buf.split_at_mut(k * edges);
-    let outs = cog.div_ceil(exec.threads());
-    for n in 0..g.batch {
+    let outs = cog.div_ceil(splits.max(1));
+    for (local, n) in images.enumerate() {
         for grp in 0..g.groups {
             let xg = &x[(n * g.in_channels + grp * cig) * hw..][..cig * hw];
             let wg = &w[grp * cog * k..(grp + 1) * cog * k];
             let bg = bias.map(|b| &b[grp * cog..(grp + 1) * cog]);
             layout.edge_rows(g, xg, cols);
             let cols = &*cols;
-            let at = (n * g.out_channels + grp * cog) * ohw;
+            let at = (local * g.out_channels + grp * cog) * ohw;
             y[at..at + cog * ohw]
                 .par_chunks_mut(outs * ohw)
                 .zip(products[..cog * edges].par_chunks_mut(outs * edges))
                 .enumerate()
                 .for_each(|(i, (yc, pc))| {
                     let o = i * outs..i * outs + yc.len() / ohw;
-                    layout.rows_of_outputs(exec.isa(), g, xg, wg, bg, o, cols, pc, yc);
+                    layout.rows_of_outputs(isa, g, xg, wg, bg, o, cols, pc, yc);
                 });
         }
     }
