@@ -152,7 +152,7 @@ fn forward_within_images(
         g.out_channels_per_group(),
         g.col_rows(),
     );
-    let (hw, ohw, ow, out_len) = (g.in_pixels(), g.out_pixels(), g.out_w, l.out_len());
+    let (hw, ohw, out_len) = (g.in_pixels(), g.out_pixels(), l.out_len());
     let (ins, outs) = (cig.div_ceil(exec.threads()), cog.div_ceil(exec.threads()));
     let (planes, flat) = scratch.split_at_mut(cig * l.len);
     let flat = &mut flat[..cog * out_len];
@@ -183,18 +183,7 @@ fn forward_within_images(
                 .enumerate()
                 .for_each(|(i, (fc, yc))| {
                     let o = i * outs..i * outs + yc.len() / ohw;
-                    if l.wq == ow {
-                        // No wasted columns: straight into NCHW (as in forward_images_kernel).
-                        small_k_gemm(exec.isa(), ops.rows(o), yc, ohw, Store::Stream);
-                        return;
-                    }
-                    small_k_gemm(exec.isa(), ops.rows(o), fc, out_len, Store::Cached);
-                    for (oc, plane) in yc.chunks_exact_mut(ohw).enumerate() {
-                        for (oh, row) in plane.chunks_exact_mut(ow).enumerate() {
-                            let src = oc * out_len + oh * l.wq;
-                            row.copy_from_slice(&fc[src..src + ow]);
-                        }
-                    }
+                    phase_plane_product(exec.isa(), g, l, ops.rows(o), fc, yc);
                 });
         }
     }
@@ -401,7 +390,7 @@ unsafe fn forward_images_kernel<S: SimdF32>(
         g.out_channels_per_group(),
         g.col_rows(),
     );
-    let (hw, ohw, ow) = (g.in_pixels(), g.out_pixels(), g.out_w);
+    let (hw, ohw) = (g.in_pixels(), g.out_pixels());
     let transposes = match layout {
         Layout::InPlace => {
             // SAFETY: forwarded from this function's contract.
@@ -416,7 +405,6 @@ unsafe fn forward_images_kernel<S: SimdF32>(
     let rows = im2col_rows(cig, l);
 
     debug_assert_eq!(rows.len(), k);
-    let out_len = l.out_len();
     // Padding positions are zeroed once; after that only pixels are rewritten.
     planes.fill(0.0);
     for (local, n) in images.enumerate() {
@@ -451,25 +439,42 @@ unsafe fn forward_images_kernel<S: SimdF32>(
                     // SAFETY: as above.
                     unsafe { transpose_plane::<S>(src, g.out_w, g.out_h, dst, &t.output) };
                 }
-            } else if l.wq == ow {
-                // No wasted columns (no left/right padding, stride 1 across): the flat output
-                // is the NCHW plane, so the product writes it directly. Saves the copy, which
-                // reads back what the streaming stores just sent to memory (B's 3×1 half of
-                // the spatially separable layer: 3.6–3.8 → 3.3 ms).
-                small_k_gemm(S::ISA, ops, y_group, ohw, Store::Stream);
             } else {
-                // Dropping the wasted columns with a copy measured faster than one product per
-                // output row straight into NCHW (C's 1×3 half: 12.4 → 15.6 ms row by row).
-                // Scratch read back at once goes through the caches (a tie with streamed
-                // stores on E's strided 1 × 3 half, whose flat output is larger than L2).
-                small_k_gemm(S::ISA, ops, flat, out_len, Store::Cached);
-                for (oc, plane) in y_group.chunks_exact_mut(ohw).enumerate() {
-                    for (oh, row) in plane.chunks_exact_mut(ow).enumerate() {
-                        let src = oc * out_len + oh * l.wq;
-                        row.copy_from_slice(&flat[src..src + ow]);
-                    }
-                }
+                phase_plane_product(S::ISA, g, l, ops, flat, y_group);
             }
+        }
+    }
+}
+
+/// The product `ops` over phase planes (its rows: output channels) into their NCHW planes
+/// `y_rows`, through the scratch `flat` (`ops.n` rows of `l.out_len()`) where the flat output
+/// has wasted columns.
+fn phase_plane_product(
+    isa: super::Isa,
+    g: &ConvGeometry,
+    l: &PhaseLayout,
+    ops: Operands<'_>,
+    flat: &mut [f32],
+    y_rows: &mut [f32],
+) {
+    let (ohw, ow, out_len) = (g.out_pixels(), g.out_w, l.out_len());
+    if l.wq == ow {
+        // No wasted columns (no left/right padding, stride 1 across): the flat output is the
+        // NCHW plane, so the product writes it directly. Saves the copy, which reads back what
+        // the streaming stores just sent to memory (B's 3×1 half of the spatially separable
+        // layer: 3.6–3.8 → 3.3 ms).
+        small_k_gemm(isa, ops, y_rows, ohw, Store::Stream);
+        return;
+    }
+    // Dropping the wasted columns with a copy measured faster than one product per output row
+    // straight into NCHW (C's 1×3 half: 12.4 → 15.6 ms row by row). Scratch read back at once
+    // goes through the caches (a tie with streamed stores on E's strided 1 × 3 half, whose flat
+    // output is larger than L2).
+    small_k_gemm(isa, ops, flat, out_len, Store::Cached);
+    for (oc, plane) in y_rows.chunks_exact_mut(ohw).enumerate() {
+        for (oh, row) in plane.chunks_exact_mut(ow).enumerate() {
+            let src = oc * out_len + oh * l.wq;
+            row.copy_from_slice(&flat[src..src + ow]);
         }
     }
 }
