@@ -36,7 +36,10 @@ use super::gemm::{MatView, gemm};
 use super::pointwise::{Operands, Rows, Store, small_k_gemm, wants_row_major_c};
 use super::pointwise_split;
 
-use super::{Exec, ImageSums, Workspace, for_each_image_task, for_each_task, task_count};
+use super::{
+    Exec, ImageSums, Workspace, for_each_image_task, for_each_task, splits_inside_images,
+    task_count,
+};
 use crate::error::Result;
 use crate::geometry::ConvGeometry;
 
@@ -89,7 +92,7 @@ impl Plan {
     fn new(g: &ConvGeometry, threads: usize) -> Self {
         let (p, k) = (g.out_pixels(), g.col_rows());
         let tasks = task_count(threads, g.batch);
-        let within_images = tasks == 1 && threads > 1;
+        let within_images = splits_inside_images(threads, g.batch);
         let cap = (COL_TILE_FLOATS / k).max(64);
         // Pointwise needs no im2col: one GEMM per image on the input itself beats batching
         // images through copies, even for small images.

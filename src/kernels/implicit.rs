@@ -25,7 +25,7 @@ use super::depthwise::{GradInputLayout, PhaseLayout, fill_phases, gather_phases}
 use super::gemm::{MatView, gemm};
 use super::pointwise::{Operands, Rows, Store, small_k_gemm};
 use super::simd::SimdF32;
-use super::{Exec, Workspace, for_each_image_task, for_each_task, task_count};
+use super::{Exec, Workspace, for_each_image_task, for_each_task, splits_inside_images};
 use crate::error::Result;
 
 use crate::geometry::ConvGeometry;
@@ -127,8 +127,7 @@ pub fn reads_in_place(g: &ConvGeometry) -> bool {
 /// 2.30–2.33, C's 3 × 1 half 1.70–1.75 → 1.52–1.53 (on 3 images 5.56–5.99 → 4.41–4.44); B's
 /// 3 × 1 half (0.64–0.66 → 0.54–0.73) and E's strided halves a tie.
 pub fn forward_within_images_applies(exec: Exec, g: &ConvGeometry) -> bool {
-    exec.threads() > 1
-        && task_count(exec.threads(), g.batch) == 1
+    splits_inside_images(exec.threads(), g.batch)
         && g.in_channels_per_group() > 1
         && !g.is_pointwise()
         && g.out_pixels() >= MIN_PIXELS

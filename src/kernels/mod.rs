@@ -141,7 +141,8 @@ impl Workspace {
 }
 
 /// How `items` independent work items are spread over `threads`: item-parallel when the items
-/// divide evenly (or are many), otherwise one task whose inner GEMM uses all the threads.
+/// divide evenly (or are many), otherwise one task (whose images the kernels then split over
+/// the threads: [`splits_inside_images`]).
 pub(crate) fn task_count(threads: usize, items: usize) -> usize {
     if threads <= 1 || items <= 1 {
         1
@@ -150,6 +151,12 @@ pub(crate) fn task_count(threads: usize, items: usize) -> usize {
     } else {
         1
     }
+}
+
+/// Whether `batch` images leave several threads without images of their own ([`task_count`]
+/// gives one task): the kernels then split each image over the threads instead of the batch.
+pub(crate) fn splits_inside_images(threads: usize, batch: usize) -> bool {
+    threads > 1 && task_count(threads, batch) == 1
 }
 
 /// Splits `out` into chunks of whole items (`item_len` elements each) over `tasks` tasks, each

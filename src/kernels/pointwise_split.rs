@@ -21,7 +21,7 @@ use super::conv::{
 };
 use super::gemm::{MatView, gemm};
 use super::pointwise::{Operands, Store, small_k_gemm};
-use super::{Exec, Workspace, for_each_task, task_count};
+use super::{Exec, Workspace, for_each_task, splits_inside_images};
 use crate::error::Result;
 use crate::geometry::ConvGeometry;
 
@@ -29,7 +29,7 @@ use crate::geometry::ConvGeometry;
 /// a thread of their own: one image, or a count the threads do not divide (below four per
 /// thread).
 pub fn applies(exec: Exec, g: &ConvGeometry) -> bool {
-    g.is_pointwise() && exec.threads() > 1 && task_count(exec.threads(), g.batch) == 1
+    g.is_pointwise() && splits_inside_images(exec.threads(), g.batch)
 }
 
 /// Calls `f(n, grp, channels)` for each run of one image's group within the rows `rows` of a

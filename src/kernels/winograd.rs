@@ -24,7 +24,7 @@ use super::elementwise;
 use super::gemm::{MatView, gemm};
 use super::pointwise::{Operands, Rows, Store, small_k_gemm};
 use super::simd::SimdF32;
-use super::{Exec, Workspace, for_each_task, task_count};
+use super::{Exec, Workspace, for_each_task, splits_inside_images};
 use crate::error::Result;
 use crate::geometry::{Conv2dParams, ConvGeometry, Padding};
 use rayon::prelude::*;
@@ -182,7 +182,7 @@ pub fn forward(
     let t = Tiling::new(g)?;
     let (m_in, n_out) = (g.in_channels, g.out_channels);
     let u_len = 16 * n_out * m_in;
-    let within_images = exec.threads() > 1 && task_count(exec.threads(), g.batch) == 1;
+    let within_images = splits_inside_images(exec.threads(), g.batch);
     let tasks = if within_images {
         1
     } else {
