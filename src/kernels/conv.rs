@@ -604,8 +604,9 @@ pub fn grad_weight(
     gw: &mut [f32],
     ws: &mut Workspace,
 ) -> Result<()> {
-    if pointwise_split::applies(exec, g) {
-        return pointwise_split::grad_weight(exec, g, x, gy, gw, ws);
+    if pointwise_split::grad_weight_by_rows_applies(exec, g) {
+        pointwise_split::grad_weight_by_rows(exec, g, x, gy, gw);
+        return Ok(());
     }
     let plan = Plan::new(g, exec.threads());
     let (col_len, tmp_len) = plan.scratch(g);
@@ -615,9 +616,11 @@ pub fn grad_weight(
         for grp in 0..g.groups {
             let gwg = &mut gw[grp * s.cog * s.k..(grp + 1) * s.cog * s.k];
             if plan.direct {
-                let xt = MatView::dense(s.input(x, 0, t.n0, grp), s.cig, s.p).t();
-                let gyg = MatView::dense(s.output(gy, 0, t.n0, grp), s.cog, s.p);
-                gemm(gwg, s.k, gyg, xt, true, threads);
+                // The input is the column matrix: its pixels p0 .. p0 + len in place.
+                let xt = MatView::row_major(&s.input(x, 0, t.n0, grp)[t.p0..], s.cig, t.len, s.p);
+                let gyv =
+                    MatView::row_major(&s.output(gy, 0, t.n0, grp)[t.p0..], s.cog, t.len, s.p);
+                gemm(gwg, s.k, gyv, xt.t(), true, threads);
                 continue;
             }
             let cols = t.cols();
@@ -636,9 +639,13 @@ pub fn grad_weight(
     let per_task = wlen + col_len + tmp_len;
     let tasks = exec.threads();
     if plan.within_images && s.p >= tasks * MIN_GRAD_WEIGHT_PIXELS_PER_TASK {
-        // Each task sums its own pixel ranges of every image, the ranges cut evenly.
+        // Each task sums its own pixel ranges of every image, the ranges cut evenly (in whole
+        // cache lines where the tiles allow, so no line of a plane is read by two tasks).
         let pieces = tasks * s.p.div_ceil(tasks * plan.pixels_per_tile);
-        let len = s.p.div_ceil(pieces);
+        let len =
+            s.p.div_ceil(pieces)
+                .next_multiple_of(16)
+                .min(plan.pixels_per_tile);
         let scratch = ws.take(per_task * tasks)?;
         scratch
             .par_chunks_mut(per_task)
@@ -694,7 +701,7 @@ pub fn grad_weight(
 
 /// `gw` = the sum of the tasks' private grad-weight copies, each the first `gw.len()` floats of
 /// its `per_task` floats of `scratch`; in parallel over the weight, tasks in order.
-pub(super) fn sum_weight_copies(exec: Exec, scratch: &[f32], per_task: usize, gw: &mut [f32]) {
+fn sum_weight_copies(exec: Exec, scratch: &[f32], per_task: usize, gw: &mut [f32]) {
     let tasks = scratch.len() / per_task;
     let chunk = gw.len().div_ceil(exec.threads()).max(1);
     gw.par_chunks_mut(chunk).enumerate().for_each(|(ci, out)| {

@@ -8,17 +8,13 @@
 //! threads meet at a barrier for every block of the product.
 //!
 //! Here forward and grad-input give each task a run of output rows (image, channel) of the
-//! unpacked product, and grad-weight gives each task a range of pixels of every image, summed
-//! into a private copy of the gradient (the copies are added at the end, as the image split's),
-//! or on small images a run of the gradient's rows.
+//! unpacked product; grad-weight gives each task a run of the gradient's rows on small images,
+//! and on larger ones a range of pixels of every image summed into a private copy of the
+//! gradient, in `conv::grad_weight` (the same split as for any layer with too few images).
 
 use std::ops::Range;
 
-use rayon::prelude::*;
-
-use super::conv::{
-    GroupSlices, sum_weight_copies, transposed_weight_times, with_transposed_weight,
-};
+use super::conv::{GroupSlices, transposed_weight_times, with_transposed_weight};
 use super::gemm::{MatView, gemm};
 use super::pointwise::{Operands, Store, small_k_gemm};
 use super::{Exec, Workspace, for_each_task, splits_inside_images};
@@ -111,64 +107,37 @@ pub fn grad_input(
 }
 
 /// Pixels per task from which grad-weight splits the pixels rather than the rows: below it the
-/// per-task products got too short. Reference-like layers at batch 1 (2 threads, harness, min
+/// per-task products got too short (pixel ranges: `conv::grad_weight`). Reference-like layers at batch 1 (2 threads, harness, min
 /// of 30): 32 → 64 at 112 × 112 0.255 ms by pixels against 0.274 by rows, 144 → 24 at 56 × 56
 /// 0.133 against 0.299, 64 → 128 at 56 × 56 a tie (0.25); 128 → 256 at 28 × 28 0.41 against
 /// 0.24, 512 → 512 at 14 × 14 0.69 against 0.47, 960 → 160 at 7 × 7 0.23 against 0.08.
 const MIN_PIXELS_PER_TASK: usize = 1024;
 
-/// `gw = Σ gy · xᵀ` over images and pixels (overwritten). Each task takes either a range of
-/// pixels of every image, summed into its own copy of the gradient (the copies are added at
-/// the end), or, on small images, a run of the gradient's rows (output channels).
-pub fn grad_weight(
-    exec: Exec,
-    g: &ConvGeometry,
-    x: &[f32],
-    gy: &[f32],
-    gw: &mut [f32],
-    ws: &mut Workspace,
-) -> Result<()> {
+/// Whether [`grad_weight_by_rows`] computes `g`'s grad-weight: where [`applies`], on images too
+/// small for pixel ranges (under 1024 pixels per thread). On larger images each task sums a range
+/// of pixels of every image into its own copy, as `conv::grad_weight` does for any layer with
+/// too few images.
+pub fn grad_weight_by_rows_applies(exec: Exec, g: &ConvGeometry) -> bool {
+    applies(exec, g) && g.out_pixels().div_ceil(exec.threads()) < MIN_PIXELS_PER_TASK
+}
+
+/// `gw = Σ gy · xᵀ` over images and pixels (overwritten), each task a run of the gradient's
+/// rows (output channels, `K` weights each) over every pixel.
+pub fn grad_weight_by_rows(exec: Exec, g: &ConvGeometry, x: &[f32], gy: &[f32], gw: &mut [f32]) {
     let s = GroupSlices::new(g);
     let p = s.p;
-    let tasks = exec.threads();
-    if p.div_ceil(tasks) < MIN_PIXELS_PER_TASK {
-        for_each_task(tasks, gw, s.k, &mut [], 0, |rows, gwc, _| {
-            gwc.fill(0.0);
-            let base = rows.start;
-            for n in 0..g.batch {
-                // The gradient's rows are the output channels, `s.k` weights each.
-                for_each_group_run(rows.clone(), g.out_channels, s.cog, |_, grp, run| {
-                    let first = grp * s.cog + run.start - base;
-                    let gyg = &s.output(gy, 0, n, grp)[run.start * p..run.end * p];
-                    let gyv = MatView::dense(gyg, run.len(), p);
-                    let xt = MatView::dense(s.input(x, 0, n, grp), s.cig, p).t();
-                    let out = &mut gwc[first * s.k..(first + run.len()) * s.k];
-                    gemm(out, s.k, gyv, xt, true, 1);
-                });
-            }
-        });
-        return Ok(());
-    }
-    // Ranges in whole cache lines, so no line of a plane is read by two tasks.
-    let chunk = p.div_ceil(tasks).next_multiple_of(16);
-    let wlen = gw.len();
-    let scratch = ws.take(wlen * tasks)?;
-    scratch
-        .par_chunks_mut(wlen)
-        .enumerate()
-        .for_each(|(t, part)| {
-            part.fill(0.0);
-            let p0 = (t * chunk).min(p);
-            let len = chunk.min(p - p0);
-            for n in 0..g.batch {
-                for grp in 0..g.groups {
-                    let gyv = MatView::row_major(&s.output(gy, 0, n, grp)[p0..], s.cog, len, p);
-                    let xt = MatView::row_major(&s.input(x, 0, n, grp)[p0..], s.cig, len, p).t();
-                    let gwg = &mut part[grp * s.cog * s.k..(grp + 1) * s.cog * s.k];
-                    gemm(gwg, s.k, gyv, xt, true, 1);
-                }
-            }
-        });
-    sum_weight_copies(exec, scratch, wlen, gw);
-    Ok(())
+    for_each_task(exec.threads(), gw, s.k, &mut [], 0, |rows, gwc, _| {
+        gwc.fill(0.0);
+        let base = rows.start;
+        for n in 0..g.batch {
+            for_each_group_run(rows.clone(), g.out_channels, s.cog, |_, grp, run| {
+                let first = grp * s.cog + run.start - base;
+                let gyg = &s.output(gy, 0, n, grp)[run.start * p..run.end * p];
+                let gyv = MatView::dense(gyg, run.len(), p);
+                let xt = MatView::dense(s.input(x, 0, n, grp), s.cig, p).t();
+                let out = &mut gwc[first * s.k..(first + run.len()) * s.k];
+                gemm(out, s.k, gyv, xt, true, 1);
+            });
+        }
+    });
 }
