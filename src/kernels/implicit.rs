@@ -146,11 +146,7 @@ fn forward_within_images(
     y: &mut [f32],
     scratch: &mut [f32],
 ) {
-    let (cig, cog, k) = (
-        g.in_channels_per_group(),
-        g.out_channels_per_group(),
-        g.col_rows(),
-    );
+    let (cig, cog) = (g.in_channels_per_group(), g.out_channels_per_group());
     let (hw, ohw, out_len) = (g.in_pixels(), g.out_pixels(), l.out_len());
     let (ins, outs) = (cig.div_ceil(exec.threads()), cog.div_ceil(exec.threads()));
     let (planes, flat) = scratch.split_at_mut(cig * l.len);
@@ -166,15 +162,7 @@ fn forward_within_images(
                 .zip(xg.par_chunks(ins * hw))
                 .for_each(|(pc, xc)| fill_planes(exec.isa(), g, l, xc, pc));
             let planes = &*planes;
-            let ops = Operands::weights_times_rows(
-                &w[grp * cog * k..(grp + 1) * cog * k],
-                cog,
-                k,
-                planes,
-                &rows,
-                l.positions,
-                bias.map(|b| &b[grp * cog..(grp + 1) * cog]),
-            );
+            let ops = group_product(g, l, w, bias, grp, planes, &rows);
             let at = (n * g.out_channels + grp * cog) * ohw;
             let y_group = &mut y[at..at + cog * ohw];
             flat.par_chunks_mut(outs * out_len)
@@ -418,15 +406,7 @@ unsafe fn forward_images_kernel<S: SimdF32>(
                     None => fill_phases::<S>(g, l, plane, buf, false),
                 }
             }
-            let ops = Operands::weights_times_rows(
-                &w[grp * cog * k..(grp + 1) * cog * k],
-                cog,
-                k,
-                planes,
-                &rows,
-                l.positions,
-                bias.map(|b| &b[grp * cog..(grp + 1) * cog]),
-            );
+            let ops = group_product(g, l, w, bias, grp, planes, &rows);
             let at = local * g.out_channels * ohw + grp * cog * ohw;
             let y_group = &mut y[at..at + cog * ohw];
             if let Some(t) = transposes {
@@ -443,6 +423,23 @@ unsafe fn forward_images_kernel<S: SimdF32>(
             }
         }
     }
+}
+
+/// Group `grp`'s product over its phase planes `planes` (D's rows at `rows`): its weights
+/// times the implicit im2col matrix, plus its bias.
+fn group_product<'a>(
+    g: &ConvGeometry,
+    l: &PhaseLayout,
+    w: &'a [f32],
+    bias: Option<&'a [f32]>,
+    grp: usize,
+    planes: &'a [f32],
+    rows: &'a [usize],
+) -> Operands<'a> {
+    let (cog, k) = (g.out_channels_per_group(), g.col_rows());
+    let wg = &w[grp * cog * k..(grp + 1) * cog * k];
+    let bg = bias.map(|b| &b[grp * cog..(grp + 1) * cog]);
+    Operands::weights_times_rows(wg, cog, k, planes, rows, l.positions, bg)
 }
 
 /// The product `ops` over phase planes (its rows: output channels) into their NCHW planes
