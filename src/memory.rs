@@ -45,7 +45,7 @@ pub fn grow_zeroed(v: &mut Vec<f32>, len: usize, what: &str) -> Result<()> {
 fn huge_page_span(start: usize, bytes: usize) -> Option<(usize, usize)> {
     let first = start.checked_next_multiple_of(HUGE_PAGE)?;
     let end = (start.checked_add(bytes)? / HUGE_PAGE) * HUGE_PAGE;
-    (end > first).then_some((first, end - first))
+    (end > first).then(|| (first, end - first))
 }
 
 /// Asks the kernel to back the whole huge pages of the allocation at `start` with huge pages.
@@ -76,6 +76,8 @@ mod tests {
         assert_eq!(huge_page_span(4 * mb, 4 * mb), Some((4 * mb, 4 * mb)));
         // Smaller than a page, or a page's worth that straddles two: nothing to ask for.
         assert_eq!(huge_page_span(mb, mb), None);
+        // Ending before the first boundary (a debug build once overflowed here).
+        assert_eq!(huge_page_span(mb, mb / 2), None);
         assert_eq!(huge_page_span(mb, 2 * mb), None);
         assert_eq!(huge_page_span(usize::MAX - mb, 2 * mb), None);
     }
