@@ -160,7 +160,7 @@ impl ConvPair {
 
     /// Forward for inference: the same result as [`ConvPair::forward`] without keeping the
     /// intermediate. A depthwise-separable pair runs fused (the intermediate never leaves the
-    /// cache) when there are at least as many images as threads; otherwise `mid` is scratch.
+    /// cache, [`kernels::fused`]) and leaves `mid` alone; other pairs use it as scratch.
     pub fn forward_inference(
         &self,
         exec: Exec,
@@ -172,7 +172,7 @@ impl ConvPair {
         mid: &mut Vec<f32>,
         ws: &mut Workspace,
     ) -> Result<()> {
-        if kernels::fused::applies(exec, &self.first, &self.second) {
+        if kernels::fused::applies(&self.first, &self.second) {
             return kernels::fused::depthwise_pointwise_forward(
                 exec,
                 &self.first,

@@ -16,6 +16,7 @@
 //! 11.54–11.65; 12 × 2 was slower on forwards (B 1.93 → 2.21). Instruction sets with 16
 //! vector registers (AVX2, SSE2) use 6 × 2 blocks instead, which fit without spills.
 
+use std::marker::PhantomData;
 use std::ops::Range;
 
 use super::simd::{Isa, SimdF32};
@@ -143,6 +144,27 @@ impl<'a> Operands<'a> {
 }
 
 impl Operands<'_> {
+    /// Panics unless C, D and the bias hold the rows and columns the product reads.
+    fn check(&self) {
+        let c_row_len = if self.k == 0 {
+            0
+        } else {
+            (self.k - 1) * self.c_col + 1
+        };
+        assert!(
+            self.c_rows.fit(self.n, c_row_len, self.c.len()),
+            "C out of range"
+        );
+        assert!(
+            self.d_rows.fit(self.k, self.p, self.d.len()),
+            "D out of range"
+        );
+        assert!(
+            self.bias.is_none_or(|b| b.len() >= self.n),
+            "bias too short"
+        );
+    }
+
     /// Rows `rows` of the product only (of C and the bias, so of Y): one task's share.
     pub fn rows(self, rows: Range<usize>) -> Self {
         assert!(rows.end <= self.n, "rows past the product's");
@@ -179,28 +201,101 @@ pub enum Store {
 
 /// `y (+)= C · D` with `y` row-major N × P at row stride `ldy`, written as `store` says.
 pub fn small_k_gemm(isa: Isa, ops: Operands<'_>, y: &mut [f32], ldy: usize, store: Store) {
-    let c_row_len = if ops.k == 0 {
-        0
-    } else {
-        (ops.k - 1) * ops.c_col + 1
-    };
-    assert!(
-        ops.c_rows.fit(ops.n, c_row_len, ops.c.len()),
-        "C out of range"
-    );
-    assert!(ops.d_rows.fit(ops.k, ops.p, ops.d.len()), "D out of range");
+    ops.check();
     assert!(
         ops.n == 0 || y.len() >= (ops.n - 1) * ldy + ops.p,
         "Y too short"
     );
-    assert!(ops.bias.is_none_or(|b| b.len() >= ops.n), "bias too short");
-    gemm_dispatch(isa, ops, y, ldy, store)
+    let out = Out {
+        ptr: y.as_mut_ptr(),
+        ld: ldy,
+        _y: PhantomData,
+    };
+    gemm_dispatch(isa, ops, out, store)
 }
 
-crate::simd_dispatch!(fn gemm_dispatch => gemm_kernel(ops: Operands<'_>, y: &mut [f32], ldy: usize, store: Store));
+/// Where [`small_k_gemm`]'s kernels write Y: its first element and row stride, for the N × P
+/// extent of the operands. Built only where that extent was checked to lie inside memory the
+/// caller holds exclusively (a `&mut` slice or a [`ColumnWindow`]).
+#[derive(Clone, Copy)]
+struct Out<'a> {
+    ptr: *mut f32,
+    ld: usize,
+    _y: PhantomData<&'a mut [f32]>,
+}
+
+/// Columns `cols` of every row of a row-major matrix, owned by one task. [`ColumnWindow::split`]
+/// cuts a matrix into windows that tasks fill in parallel where `&mut` slices would overlap:
+/// the fused depthwise-separable kernel's bands of pixels, each of every channel of an NCHW
+/// image.
+pub struct ColumnWindow<'a> {
+    ptr: *mut f32,
+    rows: usize,
+    ld: usize,
+    cols: Range<usize>,
+    _y: PhantomData<&'a mut [f32]>,
+}
+
+// SAFETY: a window writes only its own columns, and `split` gives no column to two windows.
+unsafe impl Send for ColumnWindow<'_> {}
+
+impl<'a> ColumnWindow<'a> {
+    /// The windows of `y` (rows of `ld` floats, `y.len()` a multiple of `ld`) between
+    /// consecutive `bounds`, which rise from 0 to at most `ld`.
+    pub fn split(y: &'a mut [f32], ld: usize, bounds: &[usize]) -> Vec<Self> {
+        assert!(ld > 0 && y.len().is_multiple_of(ld), "Y not whole rows");
+        assert!(
+            bounds.first() == Some(&0)
+                && bounds.windows(2).all(|b| b[0] <= b[1])
+                && bounds.last().is_some_and(|&b| b <= ld),
+            "column bounds not rising within a row"
+        );
+        let (ptr, rows) = (y.as_mut_ptr(), y.len() / ld);
+        bounds
+            .windows(2)
+            .map(|b| ColumnWindow {
+                ptr,
+                rows,
+                ld,
+                cols: b[0]..b[1],
+                _y: PhantomData,
+            })
+            .collect()
+    }
+
+    /// All of `y` (rows of `ld` floats) as one window.
+    pub fn whole(y: &'a mut [f32], ld: usize) -> Self {
+        let mut one = Self::split(y, ld, &[0, ld]);
+        one.pop().expect("one window")
+    }
+
+    /// `y (+)= C · D` into rows `row0 ..` and columns `col0 ..` of the matrix (N × P of
+    /// `ops`), inside this window, as [`small_k_gemm`] writes.
+    pub fn product(&mut self, isa: Isa, ops: Operands<'_>, row0: usize, col0: usize, store: Store) {
+        assert!(row0 + ops.n <= self.rows, "rows past the window's");
+        assert!(
+            self.cols.start <= col0 && col0 + ops.p <= self.cols.end,
+            "columns past the window's"
+        );
+        ops.check();
+        let out = Out {
+            // SAFETY: (row0, col0) is inside the matrix (a zero-row product writes nothing).
+            ptr: unsafe {
+                self.ptr
+                    .add((row0 * self.ld + col0).min(self.rows * self.ld))
+            },
+            ld: self.ld,
+            _y: PhantomData,
+        };
+        gemm_dispatch(isa, ops, out, store)
+    }
+}
+
+crate::simd_dispatch!(fn gemm_dispatch => gemm_kernel(ops: Operands<'_>, y: Out<'_>, store: Store));
 
 #[inline(always)]
-unsafe fn gemm_kernel<S: SimdF32>(ops: Operands<'_>, y: &mut [f32], ldy: usize, store: Store) {
+unsafe fn gemm_kernel<S: SimdF32>(ops: Operands<'_>, y: Out<'_>, store: Store) {
+    let (y, ldy) = (y.ptr, y.ld);
     const W: (usize, usize) = WIDE_BLOCK;
     const N: (usize, usize) = NARROW_BLOCK;
     // SAFETY: the caller's (this CPU's ISA).
@@ -219,7 +314,7 @@ unsafe fn gemm_kernel<S: SimdF32>(ops: Operands<'_>, y: &mut [f32], ldy: usize, 
 #[inline(always)]
 unsafe fn blocks<S: SimdF32, const ROWS: usize, const VECS: usize>(
     ops: Operands<'_>,
-    y: &mut [f32],
+    y: *mut f32,
     ldy: usize,
     store: Store,
 ) {
@@ -239,7 +334,7 @@ unsafe fn blocks<S: SimdF32, const ROWS: usize, const VECS: usize>(
     } else {
         l
     };
-    let misaligned = (y.as_ptr() as usize / 4) % align;
+    let misaligned = (y as usize / 4) % align;
     let lead = if misaligned == 0 || !ldy.is_multiple_of(l) {
         0
     } else {
@@ -310,7 +405,7 @@ unsafe fn blocks<S: SimdF32, const ROWS: usize, const VECS: usize>(
 #[inline(always)]
 unsafe fn tile<S: SimdF32, const R: usize, const VECS: usize>(
     ops: Operands<'_>,
-    y: &mut [f32],
+    y: *mut f32,
     ldy: usize,
     n0: usize,
     p0: usize,
@@ -322,7 +417,7 @@ unsafe fn tile<S: SimdF32, const R: usize, const VECS: usize>(
     let l = S::LANES;
     let full = width / l;
     let rest = width % l;
-    let (cp, dp, yp) = (ops.c.as_ptr(), ops.d.as_ptr(), y.as_mut_ptr());
+    let (cp, dp, yp) = (ops.c.as_ptr(), ops.d.as_ptr(), y);
     unsafe {
         // No closures or array::from_fn here: their bodies are compiled outside this
         // function's target features and the intrinsics in them stop being inlined.
@@ -421,7 +516,7 @@ unsafe fn tile<S: SimdF32, const R: usize, const VECS: usize>(
 #[inline(always)]
 unsafe fn tail_by_rows<S: SimdF32>(
     ops: Operands<'_>,
-    y: &mut [f32],
+    y: *mut f32,
     ldy: usize,
     p0: usize,
     accumulate: bool,
@@ -446,13 +541,13 @@ unsafe fn tail_by_rows<S: SimdF32>(
 #[inline(always)]
 unsafe fn tail_columns<S: SimdF32, const NC: usize>(
     ops: Operands<'_>,
-    y: &mut [f32],
+    y: *mut f32,
     ldy: usize,
     p0: usize,
     accumulate: bool,
 ) {
     let l = S::LANES;
-    let (cp, dp, yp) = (ops.c.as_ptr(), ops.d.as_ptr(), y.as_mut_ptr());
+    let (cp, dp, yp) = (ops.c.as_ptr(), ops.d.as_ptr(), y);
     let mut m0 = 0;
     while m0 < ops.n {
         let rows = l.min(ops.n - m0);
@@ -507,7 +602,7 @@ const DOT_DEPTH: usize = 256;
 #[inline(always)]
 unsafe fn tail_by_dots<S: SimdF32>(
     ops: Operands<'_>,
-    y: &mut [f32],
+    y: *mut f32,
     ldy: usize,
     p0: usize,
     accumulate: bool,
@@ -581,14 +676,14 @@ unsafe fn dots<S: SimdF32, const R: usize, const NC: usize>(
     k0: usize,
     m0: usize,
     j0: usize,
-    y: &mut [f32],
+    y: *mut f32,
     ldy: usize,
     p0: usize,
     first: bool,
     accumulate: bool,
 ) {
     let l = S::LANES;
-    let (cp, dtp, yp) = (ops.c.as_ptr(), dt.as_ptr(), y.as_mut_ptr());
+    let (cp, dtp, yp) = (ops.c.as_ptr(), dt.as_ptr(), y);
     unsafe {
         let mut c_row = [0usize; R];
         for (r, c) in c_row.iter_mut().enumerate() {
@@ -699,6 +794,48 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// Windows of one matrix filled in parallel, each its own columns (an empty window among
+    /// them), with products at row and column offsets inside them: every element written once,
+    /// by its own window's product.
+    #[test]
+    fn column_windows_write_only_their_columns() {
+        use rayon::prelude::*;
+        let (rows, ld, k) = (6, 40, 5);
+        let bounds = [0, 7, 7, 23, 40];
+        let c: Vec<f32> = (0..3 * k).map(|i| (i % 5) as f32 - 2.0).collect();
+        let d: Vec<f32> = (0..k * ld).map(|i| ((i * 3) % 11) as f32 * 0.5).collect();
+        for isa in Isa::available() {
+            let mut y = vec![-1.0f32; rows * ld];
+            ColumnWindow::split(&mut y, ld, &bounds)
+                .into_par_iter()
+                .enumerate()
+                .for_each(|(w, mut window)| {
+                    let (c0, c1) = (bounds[w], bounds[w + 1]);
+                    // Rows 0..3 and 3..6 as two products of 3 rows each.
+                    for row0 in [0, 3] {
+                        let ops = Operands::dense(&c, 3, k, &d[c0..], ld, c1 - c0, None);
+                        window.product(isa, ops, row0, c0, Store::Stream);
+                    }
+                });
+            for i in 0..rows {
+                for j in 0..ld {
+                    let want: f32 = (0..k).map(|kk| c[(i % 3) * k + kk] * d[kk * ld + j]).sum();
+                    assert_eq!(y[i * ld + j], want, "{isa} [{i},{j}]");
+                }
+            }
+        }
+    }
+
+    #[test]
+    #[should_panic(expected = "columns past the window's")]
+    fn column_window_refuses_columns_of_another() {
+        let mut y = vec![0.0f32; 2 * 8];
+        let mut windows = ColumnWindow::split(&mut y, 8, &[0, 4, 8]);
+        let (c, d) = ([1.0f32; 2], [1.0f32; 8]);
+        let ops = Operands::dense(&c, 2, 1, &d, 8, 2, None);
+        windows[0].product(Isa::Portable, ops, 0, 3, Store::Cached);
     }
 
     #[test]
