@@ -378,9 +378,16 @@ fn assert_for_every_case(
 
 /// Implicit GEMMs with too few images for the threads: a grouped 1 × k kernel read in place, a
 /// k × 1 kernel written straight into NCHW (one image each), a grouped strided layer whose flat
-/// output is copied (three images; odd channel counts per thread).
-fn implicit_within_images_cases() -> [Case; 3] {
+/// output is copied (three images; odd channel counts per thread), and a 1 × 1 at stride 2
+/// (one image; three input phases get no tap, the threads 3 and 2 input channels). The strided
+/// ones' grad-input splits inside the images too.
+fn implicit_within_images_cases() -> [Case; 4] {
     [
+        (
+            [1, 5, 40, 36],
+            [7, 5, 1, 1],
+            Conv2dParams::default().stride(2, 2),
+        ),
         // A 1 × k "same" kernel read in place (edge columns recomputed), grouped.
         (
             [1, 6, 24, 23],
@@ -402,14 +409,27 @@ fn implicit_within_images_cases() -> [Case; 3] {
     ]
 }
 
-/// Their forward splits each image over two threads, and runs image by image on one.
+/// Their forward (and the strided ones' grad-input) splits each image over two threads, and
+/// runs image by image on one.
 #[test]
 fn implicit_cases_with_few_images_split_inside_them() {
+    use sepconv::kernels::implicit::{
+        forward_within_images_applies, grad_input_within_images_applies,
+    };
     for (input, weight, p) in implicit_within_images_cases() {
         let g = ConvGeometry::new(input, weight, &p).unwrap();
-        let within = sepconv::kernels::implicit::forward_within_images_applies;
-        assert!(within(sepconv::Exec::new(2), &g), "{input:?}");
-        assert!(!within(sepconv::Exec::new(1), &g), "{input:?}");
+        let strided = g.stride_h > 1 || g.stride_w > 1;
+        for (threads, within) in [(1, false), (2, true)] {
+            let exec = sepconv::Exec::new(threads);
+            assert_eq!(forward_within_images_applies(exec, &g), within, "{input:?}");
+            if strided {
+                assert_eq!(
+                    grad_input_within_images_applies(exec, &g),
+                    within,
+                    "{input:?}"
+                );
+            }
+        }
     }
 }
 

@@ -34,11 +34,27 @@ use crate::geometry::ConvGeometry;
 /// per GEMM, single-threaded) and more than one input channel per group (one channel is the
 /// depthwise kernel's job).
 pub fn applies(exec: Exec, g: &ConvGeometry) -> bool {
-    g.batch >= exec.threads()
-        && g.in_channels_per_group() > 1
+    g.batch >= exec.threads() && shape_applies(g)
+}
+
+/// [`applies`] but for the batch: the shapes the implicit GEMM computes.
+fn shape_applies(g: &ConvGeometry) -> bool {
+    g.in_channels_per_group() > 1
         && !g.is_pointwise()
         && (g.out_pixels() >= MIN_PIXELS
             || (g.out_pixels() >= MIN_FLAT_PIXELS && (writes_output_flat(g) || runs_transposed(g))))
+}
+
+/// Whether [`grad_input`] computes `g`'s gradient with each image split over the threads
+/// (output-gradient planes by output channels, products and their interleaving by input
+/// channels): where the batch does not give every thread images of its own, on the shapes
+/// [`applies`] gives the implicit GEMM with more images. These ran im2col + col2im split
+/// inside the images before. Harness, 2 threads, min of 10–20, alternated 3×: reference layer
+/// E's 3 × 3 stride 2 at batch 1 2.55–2.60 → 2.36 ms (per image at batch 8: 2.25), its 3 × 1
+/// half 0.53 → 0.45, a 32 → 64 3 × 3 stride 2 at 112² 1.05 → 0.62; E on 3 images (which gave
+/// the implicit GEMM's image split 2 + 1) 9.08–9.14 → 6.84–6.88; batch 8 unchanged.
+pub fn grad_input_within_images_applies(exec: Exec, g: &ConvGeometry) -> bool {
+    splits_inside_images(exec.threads(), g.batch) && shape_applies(g)
 }
 
 /// Output pixels per image below which im2col (which batches small images into one GEMM) wins.
@@ -665,32 +681,112 @@ pub fn grad_input(
         let mut at = 0;
         for (_, _, tap_ids, _) in &l.phases {
             starts.push(at);
-            for grp in 0..g.groups {
-                for ci in 0..cig {
-                    for co in 0..cog {
+            at += g.groups * cig * cog * tap_ids.len();
+        }
+        // In parallel by rows (group, input channel): on one thread this took 0.17 ms of E's
+        // 2.5 ms grad-input at batch 1.
+        for ((_, _, tap_ids, _), &start) in l.phases.iter().zip(&starts) {
+            let row = cog * tap_ids.len();
+            if row == 0 {
+                continue;
+            }
+            wsel[start..start + g.groups * cig * row]
+                .par_chunks_mut(row)
+                .enumerate()
+                .for_each(|(r, out)| {
+                    let (grp, ci) = (r / cig, r % cig);
+                    for (co, o) in out.chunks_exact_mut(tap_ids.len()).enumerate() {
                         let src = ((grp * cog + co) * cig + ci) * taps;
-                        for &t in tap_ids {
-                            wsel[at] = w[src + t];
-                            at += 1;
+                        for (o, &t) in o.iter_mut().zip(tap_ids) {
+                            *o = w[src + t];
                         }
                     }
-                }
-            }
+                });
         }
-        let tasks = exec.threads().min(g.batch);
-        let per_task = cog * l.gy_len + l.phases.len() * cig * l.out_len();
-        let scratch = ws.take(per_task * tasks)?;
         let weights = PhaseWeights {
             w: wsel,
             starts: &starts,
             rows: &rows,
         };
+        let flat_len = l.phases.len() * cig * l.out_len();
+        if splits_inside_images(exec.threads(), g.batch) {
+            let scratch = ws.take(cog * l.gy_len + flat_len)?;
+            grad_input_within_images(exec, g, &l, &weights, gy, gx, scratch);
+            return Ok(());
+        }
+        let tasks = exec.threads().min(g.batch);
+        let per_task = cog * l.gy_len + flat_len;
+        let scratch = ws.take(per_task * tasks)?;
         let img_in = g.in_channels * g.in_pixels();
         for_each_task(tasks, gx, img_in, scratch, per_task, |images, gxc, buf| {
             grad_input_images(exec.isa(), g, &l, &weights, gy, images, gxc, buf)
         });
         Ok(())
     })
+}
+
+/// [`grad_input`] with too few images for the threads ([`splits_inside_images`]): each image's
+/// padded output-gradient planes filled by output channels, then the phase products and their
+/// interleaving into NCHW by input channels, each thread's channels `[channel][phase][pixel]`
+/// in the flat buffer (one contiguous run per thread).
+fn grad_input_within_images(
+    exec: Exec,
+    g: &ConvGeometry,
+    l: &GradInputLayout,
+    weights: &PhaseWeights<'_>,
+    gy: &[f32],
+    gx: &mut [f32],
+    scratch: &mut [f32],
+) {
+    let (cig, cog, threads) = (
+        g.in_channels_per_group(),
+        g.out_channels_per_group(),
+        exec.threads(),
+    );
+    let (hw, ohw) = (g.in_pixels(), g.out_pixels());
+    let (gbufs, flat) = scratch.split_at_mut(cog * l.gy_len);
+    let strides = FlatStrides {
+        channel: l.phases.len() * l.out_len(),
+        phase: l.out_len(),
+    };
+    let (planes_per_task, channels_per_task) = (cog.div_ceil(threads), cig.div_ceil(threads));
+    for n in 0..g.batch {
+        for grp in 0..g.groups {
+            let gyg = &gy[(n * g.out_channels + grp * cog) * ohw..][..cog * ohw];
+            let first = n == 0 && grp == 0;
+            gbufs
+                .par_chunks_mut(planes_per_task * l.gy_len)
+                .zip(gyg.par_chunks(planes_per_task * ohw))
+                .for_each(|(planes, gyc)| {
+                    if first {
+                        // The padded planes' zero borders are never written after this.
+                        planes.fill(0.0);
+                    }
+                    fill_gradient_planes(exec.isa(), g, l, gyc, planes)
+                });
+            let gbufs = &*gbufs;
+            let gxg = &mut gx[(n * g.in_channels + grp * cig) * hw..][..cig * hw];
+            flat.par_chunks_mut(channels_per_task * strides.channel)
+                .zip(gxg.par_chunks_mut(channels_per_task * hw))
+                .enumerate()
+                .for_each(|(t, (flat, gxc))| {
+                    let c0 = t * channels_per_task;
+                    let channels = c0..c0 + gxc.len() / hw;
+                    phase_gradients(
+                        exec.isa(),
+                        g,
+                        l,
+                        weights,
+                        grp,
+                        gbufs,
+                        channels,
+                        flat,
+                        strides,
+                        gxc,
+                    );
+                });
+        }
+    }
 }
 
 /// The per-phase weight matrices of [`grad_input`] and the row tables of their D operands.
@@ -701,6 +797,16 @@ struct PhaseWeights<'a> {
     starts: &'a [usize],
     /// Per phase, the D row offsets into one group's padded output-gradient planes.
     rows: &'a [Vec<usize>],
+}
+
+/// Where [`phase_gradients`] puts input channel c's gradient at phase ph in its flat buffer:
+/// at `c·channel + ph·phase` (the image split: `[phase][channel][pixel]`, each phase's product
+/// one block; the split inside the images: `[channel][phase][pixel]`, each thread's channels
+/// one block).
+#[derive(Clone, Copy)]
+struct FlatStrides {
+    channel: usize,
+    phase: usize,
 }
 
 crate::simd_dispatch!(fn grad_input_images => grad_input_images_kernel(
@@ -719,54 +825,110 @@ unsafe fn grad_input_images_kernel<S: SimdF32>(
     buf: &mut [f32],
 ) {
     let (cig, cog) = (g.in_channels_per_group(), g.out_channels_per_group());
-    let (hw, ohw, out_len) = (g.in_pixels(), g.out_pixels(), l.out_len());
+    let (hw, ohw) = (g.in_pixels(), g.out_pixels());
     let (gbufs, flat) = buf.split_at_mut(cog * l.gy_len);
-    let phase_stride = cig * out_len;
+    let strides = FlatStrides {
+        channel: l.out_len(),
+        phase: cig * l.out_len(),
+    };
     // The padded planes' zero borders are never written after this.
     gbufs.fill(0.0);
     for (local, n) in images.enumerate() {
         for grp in 0..g.groups {
-            for (co, gb) in gbufs.chunks_exact_mut(l.gy_len).enumerate() {
-                let plane = (n * g.out_channels + grp * cog + co) * ohw;
-                l.fill_gradient::<S>(g, &gy[plane..plane + ohw], gb);
-            }
-            for (ph, &(a, _, ref tap_ids, _)) in l.phases.iter().enumerate() {
-                let out = &mut flat[ph * phase_stride..(ph + 1) * phase_stride];
-                if tap_ids.is_empty() {
-                    // No tap reaches this phase: those input pixels get no gradient.
-                    out.fill(0.0);
-                    continue;
-                }
-                // Only the rows that hold input pixels (a phase row of padding is a 29th of
-                // reference layer E's 3 × 1 half at stride 2 down).
-                let rows = l.input_rows(g, a);
-                let out = &mut out[rows.start..];
-                let k = cog * tap_ids.len();
-                let start = weights.starts[ph] + grp * cig * k;
-                let ops = Operands::weights_times_rows(
-                    &weights.w[start..start + cig * k],
-                    cig,
-                    k,
-                    &gbufs[rows.start..],
-                    &weights.rows[ph],
-                    rows.len(),
-                    None,
-                );
-                // Through the caches: gathered at once (a tie with streamed stores on E's
-                // spatially separable halves).
-                small_k_gemm(S::ISA, ops, out, out_len, Store::Cached);
-            }
-            for ci in 0..cig {
-                let plane = (local * g.in_channels + grp * cig + ci) * hw;
-                gather_phases::<S>(
-                    g,
-                    l,
-                    &flat[ci * out_len..],
-                    phase_stride,
-                    &mut gx[plane..plane + hw],
-                );
-            }
+            let gyg = &gy[(n * g.out_channels + grp * cog) * ohw..][..cog * ohw];
+            // SAFETY: the caller's (this CPU's ISA).
+            unsafe { fill_gradient_planes_kernel::<S>(g, l, gyg, gbufs) };
+            let gxg = &mut gx[(local * g.in_channels + grp * cig) * hw..][..cig * hw];
+            // SAFETY: as above.
+            unsafe {
+                phase_gradients_kernel::<S>(g, l, weights, grp, gbufs, 0..cig, flat, strides, gxg)
+            };
         }
+    }
+}
+
+crate::simd_dispatch!(fn fill_gradient_planes => fill_gradient_planes_kernel(
+    g: &ConvGeometry, l: &GradInputLayout, gy: &[f32], planes: &mut [f32]
+));
+
+/// The padded planes (`l.gy_len` floats each) of the output-gradient planes `gy`, interiors only.
+#[inline(always)]
+unsafe fn fill_gradient_planes_kernel<S: SimdF32>(
+    g: &ConvGeometry,
+    l: &GradInputLayout,
+    gy: &[f32],
+    planes: &mut [f32],
+) {
+    let ohw = g.out_pixels();
+    for (gb, gyp) in planes.chunks_exact_mut(l.gy_len).zip(gy.chunks_exact(ohw)) {
+        l.fill_gradient::<S>(g, gyp, gb);
+    }
+}
+
+crate::simd_dispatch!(fn phase_gradients => phase_gradients_kernel(
+    g: &ConvGeometry, l: &GradInputLayout, weights: &PhaseWeights<'_>, grp: usize,
+    gbufs: &[f32], channels: std::ops::Range<usize>, flat: &mut [f32], strides: FlatStrides,
+    gx: &mut [f32]
+));
+
+/// Input channels `channels` of group `grp`'s gradient: each phase's product from the padded
+/// output-gradient planes `gbufs` into `flat` (from the first channel's row), then the phases
+/// interleaved into the channels' NCHW planes `gx`.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+unsafe fn phase_gradients_kernel<S: SimdF32>(
+    g: &ConvGeometry,
+    l: &GradInputLayout,
+    weights: &PhaseWeights<'_>,
+    grp: usize,
+    gbufs: &[f32],
+    channels: std::ops::Range<usize>,
+    flat: &mut [f32],
+    strides: FlatStrides,
+    gx: &mut [f32],
+) {
+    let (cig, cog, hw, out_len) = (
+        g.in_channels_per_group(),
+        g.out_channels_per_group(),
+        g.in_pixels(),
+        l.out_len(),
+    );
+    for (ph, &(a, _, ref tap_ids, _)) in l.phases.iter().enumerate() {
+        let out = &mut flat[ph * strides.phase..];
+        if tap_ids.is_empty() {
+            // No tap reaches this phase: those input pixels get no gradient.
+            for c in 0..channels.len() {
+                out[c * strides.channel..][..out_len].fill(0.0);
+            }
+            continue;
+        }
+        // Only the rows that hold input pixels (a phase row of padding is a 29th of reference
+        // layer E's 3 × 1 half at stride 2 down).
+        let rows = l.input_rows(g, a);
+        let k = cog * tap_ids.len();
+        let start = weights.starts[ph] + grp * cig * k;
+        let ops = Operands::weights_times_rows(
+            &weights.w[start..start + cig * k],
+            cig,
+            k,
+            &gbufs[rows.start..],
+            &weights.rows[ph],
+            rows.len(),
+            None,
+        )
+        .rows(channels.clone());
+        // Through the caches: gathered at once (a tie with streamed stores on E's spatially
+        // separable halves).
+        small_k_gemm(
+            S::ISA,
+            ops,
+            &mut out[rows.start..],
+            strides.channel,
+            Store::Cached,
+        );
+    }
+    for (c, plane) in gx.chunks_exact_mut(hw).enumerate() {
+        gather_phases::<S>(g, l, &flat[c * strides.channel..], strides.phase, plane);
     }
 }
 

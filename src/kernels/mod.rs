@@ -324,7 +324,9 @@ pub fn conv2d_grad_input(
         }
         (ConvAlgorithm::Depthwise, _) => depthwise::grad_input(exec, g, gy, w, gx, ws),
         // Strided: per input phase, an implicit GEMM (no col2im, no inserted zeros).
-        _ if implicit::applies(exec, g) => implicit::grad_input(exec, g, gy, w, gx, ws),
+        _ if implicit::applies(exec, g) || implicit::grad_input_within_images_applies(exec, g) => {
+            implicit::grad_input(exec, g, gy, w, gx, ws)
+        }
         _ => conv::grad_input(exec, g, gy, w, gx, ws),
     }
 }
