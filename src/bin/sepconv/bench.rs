@@ -5,8 +5,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use sepconv::bench::{
-    MemoryBandwidth, Pass, ReferenceLayer, VARIANTS, Variant, Workload, fma_peak_gmacs,
-    memory_bandwidth, time_runs,
+    MemoryBandwidth, Pass, ReferenceLayer, VARIANTS, Variant, Workload, core_to_core_round_trip_ns,
+    fma_peak_gmacs, memory_bandwidth, time_runs,
 };
 use sepconv::{Error, Exec, Result};
 use serde::Serialize;
@@ -44,7 +44,7 @@ pub struct Args {
     /// Minimum timed runs (more for fast cases, up to 200, to get about 0.25 s of samples).
     #[arg(long, default_value_t = 10)]
     reps: usize,
-    /// Skip the FMA peak and memory bandwidth measurements.
+    /// Skip the FMA peak, memory bandwidth and core-to-core latency measurements.
     #[arg(long)]
     no_peak: bool,
     /// Also write the results as a JSON list of objects.
@@ -143,6 +143,18 @@ pub fn run(exec: Exec, a: Args) -> Result<()> {
         );
         Some(b)
     };
+    let round_trip = |when: &str| {
+        let ns = core_to_core_round_trip_ns();
+        if let Some(ns) = ns {
+            println!("core-to-core round trip{when}: {ns:.0} ns");
+        }
+        ns
+    };
+    let round_trip_before = if a.no_peak || exec.threads() < 2 {
+        None
+    } else {
+        round_trip("")
+    };
     println!(
         "{:<5} {:<4} {:<8} {:>14} {:>10} {:>10} {:>8} {:>6} {:>8} {:>9}",
         "layer",
@@ -230,6 +242,12 @@ pub fn run(exec: Exec, a: Args) -> Result<()> {
         }
         first.max(again)
     });
+    // Measured again too: the spells in which a VM's two vCPUs sit on different dies can start
+    // or end during the runs, and they slow the kernels that split images over the threads.
+    let round_trips = round_trip_before.map(|before| {
+        let after = round_trip(" measured again after the runs").unwrap_or(before);
+        (before, after)
+    });
     let torch_version = if a.compare_torch {
         compare_torch(&a, exec, &layers, &variants, peak, &mut rows)?
     } else {
@@ -241,6 +259,7 @@ pub fn run(exec: Exec, a: Args) -> Result<()> {
             batch: a.batch,
             peak,
             bandwidth,
+            round_trips,
             torch: torch_version.as_deref(),
         };
         write_markdown(path, &rows, &measured)?;
@@ -455,6 +474,8 @@ struct Measured<'a> {
     batch: Option<usize>,
     peak: Option<f64>,
     bandwidth: Option<MemoryBandwidth>,
+    /// Core-to-core round trips in ns, before and after the runs.
+    round_trips: Option<(f64, f64)>,
     /// PyTorch's version, when it ran in the same run.
     torch: Option<&'a str>,
 }
@@ -466,12 +487,13 @@ fn write_markdown(path: &std::path::Path, rows: &[Row], m: &Measured<'_>) -> Res
         batch,
         peak,
         bandwidth,
+        round_trips,
         torch,
     } = *m;
     let mut t = String::new();
     let _ = writeln!(
         t,
-        "Measured by `sepconv bench{}{}` on {}, {} thread(s), {}{}{}{}.\n",
+        "Measured by `sepconv bench{}{}` on {}, {} thread(s), {}{}{}{}{}.\n",
         batch.map_or(String::new(), |n| format!(" --batch {n}")),
         if torch.is_some() {
             " --compare-torch"
@@ -487,6 +509,10 @@ fn write_markdown(path: &std::path::Path, rows: &[Row], m: &Measured<'_>) -> Res
         bandwidth.map_or(String::new(), |b| format!(
             ", memory {:.0} GB/s read and {:.0} GB/s written (measured)",
             b.read_gbs, b.write_gbs
+        )),
+        round_trips.map_or(String::new(), |(before, after)| format!(
+            ", core-to-core round trip {before:.0} ns before the runs and {after:.0} after \
+             (measured)"
         )),
         torch.map_or(String::new(), |v| format!(
             "; {v} in the same run, best of NCHW and channels_last"
