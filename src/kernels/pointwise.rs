@@ -269,6 +269,25 @@ impl<'a> ColumnWindow<'a> {
         one.pop().expect("one window")
     }
 
+    /// Rows of the matrix.
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Columns `cols` of row `row` of the matrix, inside this window.
+    pub fn row_columns(&mut self, row: usize, cols: Range<usize>) -> &mut [f32] {
+        assert!(row < self.rows, "row past the window's");
+        assert!(
+            self.cols.start <= cols.start && cols.start <= cols.end && cols.end <= self.cols.end,
+            "columns past the window's"
+        );
+        // SAFETY: inside the matrix (row < rows, cols.end <= ld), in this window's columns,
+        // which no other window has; `&mut self` keeps this the window's only live slice.
+        unsafe {
+            std::slice::from_raw_parts_mut(self.ptr.add(row * self.ld + cols.start), cols.len())
+        }
+    }
+
     /// `y (+)= C · D` into rows `row0 ..` and columns `col0 ..` of the matrix (N × P of
     /// `ops`), inside this window, as [`small_k_gemm`] writes.
     pub fn product(&mut self, isa: Isa, ops: Operands<'_>, row0: usize, col0: usize, store: Store) {

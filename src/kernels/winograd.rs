@@ -15,14 +15,15 @@
 //!
 //! Work is split over images; each image's transformed input and products live in scratch
 //! (about 4× the image's input and output), so a whole image's GEMMs see wide matrices. Batches
-//! the threads cannot share image by image are split inside each image, by channels.
+//! the threads cannot share image by image are split inside each image: by tile rows where
+//! every thread gets enough tiles, else by channels.
 //! Accuracy: the transforms add a few f32 roundings (relative error ~1e-6 against the f64
 //! reference; the tests hold it to 1e-4).
 
 use super::depthwise::{PhaseLayout, fill_phases};
 use super::elementwise;
 use super::gemm::{MatView, gemm};
-use super::pointwise::{Operands, Rows, Store, small_k_gemm};
+use super::pointwise::{ColumnWindow, Operands, Rows, Store, small_k_gemm};
 use super::simd::SimdF32;
 use super::{Exec, Workspace, for_each_task, splits_inside_images};
 use crate::error::Result;
@@ -163,10 +164,20 @@ fn block_rows(g: &ConvGeometry, t: &Tiling) -> usize {
     by_cache.max(by_width).clamp(1, t.tiles_h)
 }
 
+/// Floats of one block's transformed input and products.
+fn block_len(g: &ConvGeometry, t: &Tiling) -> usize {
+    16 * (g.in_channels + g.out_channels) * block_rows(g, t) * t.tiles_w
+}
+
 /// Floats of scratch per task: the image's phase planes, then a block's transforms.
 fn per_task_len(g: &ConvGeometry, t: &Tiling) -> usize {
-    let tb = block_rows(g, t) * t.tiles_w;
-    g.in_channels * t.layout.len + 16 * (g.in_channels + g.out_channels) * tb
+    g.in_channels * t.layout.len + block_len(g, t)
+}
+
+/// Whether [`forward_by_tile_rows`] splits an image: every thread gets tile rows of at least
+/// [`MIN_BLOCK_TILES`] tiles (else the channel split of [`forward_within_images`]).
+fn splits_by_tile_rows(threads: usize, t: &Tiling) -> bool {
+    t.tiles_h >= threads && t.tiles_h / threads * t.tiles_w >= MIN_BLOCK_TILES
 }
 
 /// Forward pass: `y = conv3x3(x, w) + bias` through F(2×2, 3×3).
@@ -182,19 +193,30 @@ pub fn forward(
     let t = Tiling::new(g)?;
     let (m_in, n_out) = (g.in_channels, g.out_channels);
     let u_len = 16 * n_out * m_in;
-    let within_images = splits_inside_images(exec.threads(), g.batch);
-    let tasks = if within_images {
-        1
-    } else {
-        exec.threads().min(g.batch)
-    };
+    let threads = exec.threads();
+    let within_images = splits_inside_images(threads, g.batch);
+    let by_tiles = within_images && splits_by_tile_rows(threads, &t);
     let rows = block_rows(g, &t);
     let per_task = per_task_len(g, &t);
-    // The transformed weights, then each task's planes and transforms.
-    let scratch = ws.take(u_len + per_task * tasks)?;
+    let tasks = threads.min(g.batch);
+    // The transformed weights, then the phase planes and transforms: each task's, or one
+    // image's planes and the threads' transforms (split by tile rows), or one image's planes
+    // and transforms (split by channels).
+    let scratch_len = if by_tiles {
+        m_in * t.layout.len + threads * block_len(g, &t)
+    } else if within_images {
+        per_task
+    } else {
+        per_task * tasks
+    };
+    let scratch = ws.take(u_len + scratch_len)?;
     let (u, rest) = scratch.split_at_mut(u_len);
     transform_filters(exec, g, w, u);
     let u = &*u;
+    if by_tiles {
+        forward_by_tile_rows(exec, g, &t, u, x, bias, y, rest);
+        return Ok(());
+    }
     if within_images {
         forward_within_images(exec, g, &t, u, x, bias, y, rest);
         return Ok(());
@@ -219,7 +241,8 @@ pub fn forward(
                     let prod = &mut rest[..16 * n_out * tb];
                     transform_input(exec.isa(), &t, phases, ty.clone(), v);
                     products(exec.isa(), g, u, 0..n_out, v, tb, prod);
-                    transform_output(exec.isa(), g, &t, prod, ty, bias, yn);
+                    let mut yn = ColumnWindow::whole(yn, g.out_pixels());
+                    transform_output(exec.isa(), g, &t, prod, ty, bias, &mut yn);
                 }
             }
         },
@@ -256,10 +279,7 @@ fn forward_within_images(
         .zip(y.chunks_exact_mut(n_out * ohw))
         .enumerate()
     {
-        phases
-            .par_chunks_mut(ins * plane)
-            .zip(xn.par_chunks(ins * hw))
-            .for_each(|(ph, xc)| fill_all_phases(isa, g, t, xc, ph, n == 0));
+        fill_phases_by_channels(exec, g, t, xn, phases, n == 0);
         let phases = &*phases;
         for ty0 in (0..t.tiles_h).step_by(rows) {
             let ty = ty0..(ty0 + rows).min(t.tiles_h);
@@ -276,10 +296,85 @@ fn forward_within_images(
                 .for_each(|(i, (pc, yc))| {
                     let o = i * outs..i * outs + yc.len() / ohw;
                     products(isa, g, u, o.clone(), v, tb, pc);
-                    transform_output(isa, g, t, pc, ty.clone(), bias.map(|b| &b[o]), yc);
+                    let mut yc = ColumnWindow::whole(yc, ohw);
+                    transform_output(isa, g, t, pc, ty.clone(), bias.map(|b| &b[o]), &mut yc);
                 });
         }
     }
+}
+
+/// [`forward`] for batches the threads cannot share image by image, on images with enough
+/// tiles ([`splits_by_tile_rows`]): the phase planes are filled by input channels, then each
+/// thread transforms, multiplies and writes back a run of the image's tile rows (its own
+/// output rows of every channel, [`ColumnWindow`]), in blocks as the image split does. Of the
+/// data one thread writes, the other reads only the phase planes; the channel split exchanges
+/// the transformed input too (4× the image's input), which the VM's spells with its vCPUs on
+/// different dies (`bench::core_to_core_round_trip_ns`) made 1.8× slower. Harness, batch 1,
+/// 2 threads, min of 20, channel split against this in pairs run back to back, on quiet
+/// minutes (round trip 53–66 ns): a 32 → 64 layer at 112² 1.76 → 1.39–1.41 ms, 128 → 128 at
+/// 56² 2.54 → 2.47, its grad-input (the adjoint forward) 2.56 → 2.55; in the spells (round
+/// trip 330–366 ns): 4.8–5.0 → 2.03–2.13, 4.57–4.72 → 3.0–3.17, 4.7–4.8 → 3.1–3.26.
+#[allow(clippy::too_many_arguments)]
+fn forward_by_tile_rows(
+    exec: Exec,
+    g: &ConvGeometry,
+    t: &Tiling,
+    u: &[f32],
+    x: &[f32],
+    bias: Option<&[f32]>,
+    y: &mut [f32],
+    scratch: &mut [f32],
+) {
+    let (m_in, n_out, isa, threads) = (g.in_channels, g.out_channels, exec.isa(), exec.threads());
+    let (hw, ohw) = (g.in_pixels(), g.out_pixels());
+    let rows = block_rows(g, t);
+    let (phases, blocks) = scratch.split_at_mut(m_in * t.layout.len);
+    let share = |i: usize| i * t.tiles_h / threads..(i + 1) * t.tiles_h / threads;
+    // Tile row ty writes output rows 2·ty and 2·ty + 1 (the last may be dropped).
+    let bounds: Vec<usize> = (0..=threads)
+        .map(|i| (2 * share(i).start * g.out_w).min(ohw))
+        .collect();
+    for (n, (xn, yn)) in x
+        .chunks_exact(m_in * hw)
+        .zip(y.chunks_exact_mut(n_out * ohw))
+        .enumerate()
+    {
+        fill_phases_by_channels(exec, g, t, xn, phases, n == 0);
+        let phases = &*phases;
+        ColumnWindow::split(yn, ohw, &bounds)
+            .into_par_iter()
+            .zip(blocks.par_chunks_mut(block_len(g, t)))
+            .enumerate()
+            .for_each(|(i, (mut yw, buf))| {
+                let mine = share(i);
+                for ty0 in mine.clone().step_by(rows) {
+                    let ty = ty0..(ty0 + rows).min(mine.end);
+                    let tb = ty.len() * t.tiles_w;
+                    let (v, rest) = buf.split_at_mut(16 * m_in * tb);
+                    let prod = &mut rest[..16 * n_out * tb];
+                    transform_input(isa, t, phases, ty.clone(), v);
+                    products(isa, g, u, 0..n_out, v, tb, prod);
+                    transform_output(isa, g, t, prod, ty, bias, &mut yw);
+                }
+            });
+    }
+}
+
+/// The phase planes of one image's input channels, split over the threads by channels.
+fn fill_phases_by_channels(
+    exec: Exec,
+    g: &ConvGeometry,
+    t: &Tiling,
+    xn: &[f32],
+    phases: &mut [f32],
+    clear: bool,
+) {
+    let ins = g.in_channels.div_ceil(exec.threads());
+    let (hw, plane) = (g.in_pixels(), t.layout.len);
+    phases
+        .par_chunks_mut(ins * plane)
+        .zip(xn.par_chunks(ins * hw))
+        .for_each(|(ph, xc)| fill_all_phases(exec.isa(), g, t, xc, ph, clear));
 }
 
 /// `prod[o][ξ] = U[ξ] · V[ξ]` for the output channels `outs` (`prod` holds theirs only) and
@@ -426,9 +521,10 @@ unsafe fn input_kernel<S: SimdF32>(t: &Tiling, phases: &[f32], ty: Range<usize>,
     }
 }
 
-/// `yn`'s planes = Aᵀ M A (+ bias) for the tiles of tile rows `ty`, written back as output
-/// rows: one plane per output channel whose products (`[o][ξ][tile]`, o counted from the
-/// first) `prod` holds, and `bias` from that channel.
+/// The planes of `y` (a window of whole output planes, one per row) = Aᵀ M A (+ bias) for the
+/// tiles of tile rows `ty`, written back as output rows: one plane per output channel whose
+/// products (`[o][ξ][tile]`, o counted from the first) `prod` holds, and `bias` from that
+/// channel.
 fn transform_output(
     isa: super::Isa,
     g: &ConvGeometry,
@@ -436,19 +532,20 @@ fn transform_output(
     prod: &[f32],
     ty: Range<usize>,
     bias: Option<&[f32]>,
-    yn: &mut [f32],
+    y: &mut ColumnWindow<'_>,
 ) {
-    let channels = yn.len() / g.out_pixels();
+    let channels = y.rows();
     assert!(
         prod.len() >= channels * 16 * ty.len() * t.tiles_w,
         "products too short"
     );
     assert!(bias.is_none_or(|b| b.len() >= channels), "bias too short");
-    output_dispatch(isa, g, t, prod, ty, bias, yn)
+    output_dispatch(isa, g, t, prod, ty, bias, y)
 }
 
 crate::simd_dispatch!(fn output_dispatch => output_kernel(
-    g: &ConvGeometry, t: &Tiling, prod: &[f32], ty: Range<usize>, bias: Option<&[f32]>, yn: &mut [f32]
+    g: &ConvGeometry, t: &Tiling, prod: &[f32], ty: Range<usize>, bias: Option<&[f32]>,
+    y: &mut ColumnWindow<'_>
 ));
 
 #[inline(always)]
@@ -458,7 +555,7 @@ unsafe fn output_kernel<S: SimdF32>(
     prod: &[f32],
     ty_range: Range<usize>,
     bias: Option<&[f32]>,
-    yn: &mut [f32],
+    y: &mut ColumnWindow<'_>,
 ) {
     let (l, ow) = (S::LANES, g.out_w);
     let tiles = ty_range.len() * t.tiles_w;
@@ -466,7 +563,7 @@ unsafe fn output_kernel<S: SimdF32>(
     // Two output rows of one tile row: the even and odd columns of each, before interleaving.
     let mut lanes = [[0f32; STAGING]; 4];
     let tw = t.tiles_w;
-    for (c, plane) in yn.chunks_exact_mut(g.out_pixels()).enumerate() {
+    for c in 0..y.rows() {
         let b = bias.map_or(0.0, |b| b[c]);
         for (r, ty) in ty_range.clone().enumerate() {
             let mut tx = 0;
@@ -504,7 +601,7 @@ unsafe fn output_kernel<S: SimdF32>(
             for k in 0..2 {
                 let oh = 2 * ty + k;
                 if oh < g.out_h {
-                    let row = &mut plane[oh * ow..(oh + 1) * ow];
+                    let row = y.row_columns(c, oh * ow..(oh + 1) * ow);
                     elementwise::interleave2(
                         S::ISA,
                         &lanes[2 * k][..tw],
