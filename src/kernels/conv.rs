@@ -508,7 +508,9 @@ pub fn grad_input(
     let s = GroupSlices::new(g);
     if plan.within_images {
         let col = ws.take(col_len)?;
-        gx.fill(0.0);
+        // Zeroed by the threads, as they will share the scatter.
+        gx.par_chunks_mut(gx.len().div_ceil(exec.threads()).max(1))
+            .for_each(|c| c.fill(0.0));
         let (taps, hw) = (g.kernel_h * g.kernel_w, g.in_pixels());
         let ins = s.cig.div_ceil(exec.threads());
         for_each_tile_within_images(exec, g, &plan, |t, grp| {
