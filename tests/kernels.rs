@@ -382,11 +382,22 @@ fn assert_for_every_case(
 
 /// Implicit GEMMs with too few images for the threads: a grouped 1 × k kernel read in place, a
 /// k × 1 kernel written straight into NCHW (one image each), a grouped strided layer whose flat
-/// output is copied (three images; odd channel counts per thread), and a 1 × 1 at stride 2
-/// (one image; three input phases get no tap, the threads 3 and 2 input channels). The strided
-/// ones' grad-input splits inside the images too.
-fn implicit_within_images_cases() -> [Case; 4] {
+/// output is copied (three images; odd channel counts per thread), a 1 × 1 at stride 2 (one
+/// image; three input phases get no tap, the threads 3 and 2 input channels), and on small
+/// images (128–255 output pixels) a 1 × k kernel run transposed and a k × 1 written flat. The
+/// strided ones' grad-input splits inside the images too.
+fn implicit_within_images_cases() -> [Case; 6] {
     [
+        (
+            [1, 6, 12, 14],
+            [9, 6, 1, 3],
+            Conv2dParams::with_padding(Padding::symmetric(0, 1)),
+        ),
+        (
+            [3, 5, 14, 12],
+            [7, 5, 3, 1],
+            Conv2dParams::with_padding(Padding::symmetric(1, 0)),
+        ),
         (
             [1, 5, 40, 36],
             [7, 5, 1, 1],

@@ -8,7 +8,7 @@
 //! of the band. A band's input rows include the kernel's halo.
 //!
 //! Work is split over the threads by images, or, with too few images for the threads
-//! ([`super::splits_inside_images`]), by bands: each thread takes a run of every image's bands
+//! (`kernels::splits_inside_images`), by bands: each thread takes a run of every image's bands
 //! and writes its own columns of the output ([`ColumnWindow`]). Either way a thread reads back
 //! only what it wrote itself. The unfused pair at batch 1 splits the depthwise layer by
 //! channels and the pointwise one by output rows, so each thread's depthwise output is read by

@@ -133,21 +133,20 @@ pub fn reads_in_place(g: &ConvGeometry) -> bool {
 }
 
 /// Whether [`forward`] computes `g` with each image split over the threads: where the batch
-/// does not give every thread images of its own (one image, or an odd batch on two threads)
-/// and the product reads padded phase planes or the input in place (not transposed), which
-/// [`applies`] would give the implicit GEMM with more images. Phase planes are filled by
-/// input channels, the products (with their copy into NCHW, or their edge columns) run by
-/// output rows. Batch 1 on 2 threads (harness, min of 10, alternated 3×, against im2col split
+/// does not give every thread images of its own (one image, or an odd batch on two threads),
+/// on the shapes [`applies`] would give the implicit GEMM with more images. Phase planes (or
+/// transposed planes) are filled by input channels, the products (with their copy into NCHW,
+/// their transposes back, or their edge columns) run by output rows. Small images (128–255
+/// output pixels) written flat or run transposed joined later (harness, batch 1, quiet
+/// minutes, against im2col split inside the image): reference layer D's 3 × 1 half forward
+/// 1.51 → 1.38 ms and grad-input (its adjoint) 1.87–1.90 → 1.52–1.53, its 1 × 3 half
+/// 1.52–1.53 → 1.40–1.41 and 2.02–2.04 → 1.54–1.56. Batch 1 on 2 threads (harness, min of 10, alternated 3×, against im2col split
 /// inside the image): reference layer B's 1 × 3 half (read in place) 2.58–2.60 → 0.80 ms, C's
 /// 3.23–3.32 → 1.56–1.58 (on 3 images 5.79–5.92 → 4.81–4.99); E's 3 × 3 stride 2 2.45–2.47 →
 /// 2.30–2.33, C's 3 × 1 half 1.70–1.75 → 1.52–1.53 (on 3 images 5.56–5.99 → 4.41–4.44); B's
 /// 3 × 1 half (0.64–0.66 → 0.54–0.73) and E's strided halves a tie.
 pub fn forward_within_images_applies(exec: Exec, g: &ConvGeometry) -> bool {
-    splits_inside_images(exec.threads(), g.batch)
-        && g.in_channels_per_group() > 1
-        && !g.is_pointwise()
-        && g.out_pixels() >= MIN_PIXELS
-        && !runs_transposed(g)
+    splits_inside_images(exec.threads(), g.batch) && shape_applies(g)
 }
 
 /// [`forward`] where [`forward_within_images_applies`].
@@ -156,6 +155,7 @@ fn forward_within_images(
     exec: Exec,
     g: &ConvGeometry,
     l: &PhaseLayout,
+    transposes: Option<&Transposes>,
     x: &[f32],
     w: &[f32],
     bias: Option<&[f32]>,
@@ -177,7 +177,10 @@ fn forward_within_images(
             planes
                 .par_chunks_mut(ins * l.len)
                 .zip(xg.par_chunks(ins * hw))
-                .for_each(|(pc, xc)| fill_planes(exec.isa(), g, l, xc, pc, clear));
+                .for_each(|(pc, xc)| match transposes {
+                    Some(t) => transpose_planes_in(exec.isa(), g, l, t, xc, pc, clear),
+                    None => fill_planes(exec.isa(), g, l, xc, pc, clear),
+                });
             let planes = &*planes;
             let ops = group_product(g, l, w, bias, grp, planes, &rows);
             let at = (n * g.out_channels + grp * cog) * ohw;
@@ -187,7 +190,10 @@ fn forward_within_images(
                 .enumerate()
                 .for_each(|(i, (fc, yc))| {
                     let o = i * outs..i * outs + yc.len() / ohw;
-                    phase_plane_product(exec.isa(), g, l, ops.rows(o), fc, yc);
+                    match transposes {
+                        Some(t) => transposed_product(exec.isa(), g, t, ops.rows(o), fc, yc),
+                        None => phase_plane_product(exec.isa(), g, l, ops.rows(o), fc, yc),
+                    }
                 });
         }
     }
@@ -212,6 +218,57 @@ unsafe fn fill_planes_kernel<S: SimdF32>(
         .zip(planes.chunks_exact_mut(l.len))
     {
         fill_phases::<S>(g, l, plane, buf, clear);
+    }
+}
+
+crate::simd_dispatch!(fn transpose_planes_in => transpose_planes_in_kernel(
+    g: &ConvGeometry, l: &PhaseLayout, t: &Transposes, x: &[f32], planes: &mut [f32],
+    clear: bool
+));
+
+/// The input planes `x` transposed into the transposed geometry's phase planes `planes` (its
+/// layout `l`, `l.len` floats each), zeroed first where `clear`.
+#[inline(always)]
+unsafe fn transpose_planes_in_kernel<S: SimdF32>(
+    g: &ConvGeometry,
+    l: &PhaseLayout,
+    t: &Transposes,
+    x: &[f32],
+    planes: &mut [f32],
+    clear: bool,
+) {
+    if clear {
+        planes.fill(0.0);
+    }
+    for (plane, buf) in x
+        .chunks_exact(g.in_pixels())
+        .zip(planes.chunks_exact_mut(l.len))
+    {
+        // SAFETY: the ISA is this CPU's (simd_dispatch).
+        unsafe { transpose_plane::<S>(plane, g.in_h, g.in_w, buf, &t.input) };
+    }
+}
+
+crate::simd_dispatch!(fn transposed_product => transposed_product_kernel(
+    g: &ConvGeometry, t: &Transposes, ops: Operands<'_>, flat: &mut [f32], y: &mut [f32]
+));
+
+/// The product `ops` of a transposed geometry into `flat` (rows `flat.len() / n` apart),
+/// through the caches, then each row transposed back into its output plane of `y`.
+#[inline(always)]
+unsafe fn transposed_product_kernel<S: SimdF32>(
+    g: &ConvGeometry,
+    t: &Transposes,
+    ops: Operands<'_>,
+    flat: &mut [f32],
+    y: &mut [f32],
+) {
+    let ohw = g.out_pixels();
+    let ld = flat.len() / ops.n.max(1);
+    small_k_gemm(S::ISA, ops, flat, ld, Store::Cached);
+    for (src, dst) in flat.chunks_exact(ld).zip(y.chunks_exact_mut(ohw)) {
+        // SAFETY: the ISA is this CPU's (simd_dispatch).
+        unsafe { transpose_plane::<S>(&src[..ohw], g.out_w, g.out_h, dst, &t.output) };
     }
 }
 
@@ -244,7 +301,10 @@ pub fn forward(
                 let (isa, splits) = (exec.isa(), exec.threads());
                 forward_in_place(isa, splits, g, x, w, bias, 0..g.batch, y, scratch)
             }
-            _ => forward_within_images(exec, g, &l, x, w, bias, y, scratch),
+            Layout::PhasePlanes => forward_within_images(exec, g, &l, None, x, w, bias, y, scratch),
+            Layout::Transposed(t) => {
+                forward_within_images(exec, g, &l, Some(&t), x, w, bias, y, scratch)
+            }
         }
         return Ok(());
     }
