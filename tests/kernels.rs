@@ -254,6 +254,7 @@ fn fast_equals_reference_on_larger_shapes() {
         .chain(implicit_grad_weight_cases())
         .chain(blocked_depthwise_cases())
         .chain(shifted_grad_weight_cases())
+        .chain(shifted_within_images_cases())
         .chain(in_place_cases())
         .chain(small_column_kernel_cases())
         .chain(transposed_cases())
@@ -667,6 +668,46 @@ fn shifted_grad_weight_cases() -> [Case; 11] {
             explicit(4, 4, 0, 0).dilation(4, 1),
         ),
     ]
+}
+
+/// Shapes whose one image (or three) the shifted grad-weight splits over two threads by output
+/// rows (at least 56 × 56 output pixels per thread): a 3 × 1, a 1 × 3 (row segments), and a
+/// grouped 3 × 3 on three images.
+fn shifted_within_images_cases() -> [Case; 3] {
+    [
+        (
+            [1, 3, 80, 80],
+            [4, 3, 3, 1],
+            Conv2dParams::with_padding(Padding::symmetric(1, 0)),
+        ),
+        (
+            [1, 4, 70, 96],
+            [5, 4, 1, 3],
+            Conv2dParams::with_padding(Padding::symmetric(0, 1)),
+        ),
+        (
+            [3, 4, 64, 100],
+            [6, 2, 3, 3],
+            Conv2dParams::with_padding(Padding::Same).groups(2),
+        ),
+    ]
+}
+
+/// They take the shifted grad-weight split inside the images on two threads, and the image
+/// split (or another kernel) on one.
+#[test]
+fn shifted_within_images_cases_take_that_path() {
+    use sepconv::kernels::shifted_grad_weight::within_images_applies;
+    for (input, weight, p) in shifted_within_images_cases() {
+        let g = ConvGeometry::new(input, weight, &p).unwrap();
+        let two = sepconv::Exec::new(2);
+        assert!(within_images_applies(two, &g), "{input:?}");
+        assert_eq!(GradWeightKernel::choose(two, &g), GradWeightKernel::Shifted);
+        assert!(
+            !within_images_applies(sepconv::Exec::new(1), &g),
+            "{input:?}"
+        );
+    }
 }
 
 /// The shifted kernel covers every shape above, though the dispatch sends most of these small

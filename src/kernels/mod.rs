@@ -478,7 +478,11 @@ impl GradWeightKernel {
             ConvAlgorithm::Depthwise => Self::Depthwise,
             _ if channels_last_grad_weight::applies(exec, g) => Self::ChannelsLast,
             _ if tap_grad_weight::applies(exec, g) => Self::TapGemm,
-            _ if shifted_grad_weight::applies(exec, g) => Self::Shifted,
+            _ if shifted_grad_weight::applies(exec, g)
+                || shifted_grad_weight::within_images_applies(exec, g) =>
+            {
+                Self::Shifted
+            }
             _ if tap_grad_weight::applies_on_phases(exec, g) => Self::TapGemmPhases,
             ConvAlgorithm::Winograd | ConvAlgorithm::Implicit
                 if implicit::grad_weight_applies(exec, g) =>

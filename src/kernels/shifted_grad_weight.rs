@@ -41,7 +41,7 @@
 use rayon::prelude::*;
 
 use super::simd::SimdF32;
-use super::{Exec, ImageSums, Workspace, for_each_image_task};
+use super::{Exec, ImageSums, Workspace, for_each_image_task, splits_inside_images};
 use crate::error::Result;
 use crate::geometry::ConvGeometry;
 
@@ -87,16 +87,40 @@ const MIN_PIXELS: usize = 128;
 /// output pixels, images for every thread, more than one input channel per group (one is the
 /// depthwise kernel's job), and per-lane partial sums of at most 2 MiB.
 pub fn applies(exec: Exec, g: &ConvGeometry) -> bool {
+    g.batch >= exec.threads() && shape_applies(exec, g)
+}
+
+/// [`applies`] but for the batch.
+fn shape_applies(exec: Exec, g: &ConvGeometry) -> bool {
     g.stride_h == 1
         && g.stride_w == 1
         && g.out_w == g.in_w
         && !g.is_pointwise()
         && (g.kernel_w == 1 || g.in_w >= MIN_SEGMENT_WIDTH)
         && g.out_pixels() >= MIN_PIXELS
-        && g.batch >= exec.threads()
         && g.in_channels_per_group() > 1
         && g.weight_len() * exec.isa().lanes() <= MAX_PARTIAL_FLOATS
 }
+
+/// Whether [`grad_weight`] computes `g`'s grad-weight with each image split over the threads
+/// (each a run of its output rows, into its own partial sums): where the batch does not give
+/// every thread images of its own, on the shapes [`applies`] takes with more images, with at
+/// least [`MIN_POSITIONS_PER_THREAD`] output positions per thread. These ran im2col + faer
+/// split by pixel ranges.
+pub fn within_images_applies(exec: Exec, g: &ConvGeometry) -> bool {
+    splits_inside_images(exec.threads(), g.batch)
+        && shape_applies(exec, g)
+        && g.out_pixels() >= MIN_POSITIONS_PER_THREAD * exec.threads()
+}
+
+/// Fewest output positions per thread for [`within_images_applies`]: each thread's partial
+/// sums are read and written once per image, which half a small image does not pay for.
+/// Harness, batch 1, 2 threads, min of 20, im2col + faer against this, back to back: at 112 ×
+/// 112 (6272 positions per thread) 3 × 1 32 → 32 0.49 → 0.37–0.41 ms, 64 → 64 1.65–1.71 →
+/// 1.53, 3 × 3 16 → 32 0.73 → 0.56, 32 → 64 2.50–2.55 → 2.27–2.50, 1 × 3 32 → 64 0.83 →
+/// 0.76–0.83 (3 images 3.0–3.2 → 2.2–2.3); at 56 × 56 (1568 per thread) 3 × 1 32 → 32 0.127 →
+/// 0.215, 64 → 64 0.44 → 0.48–0.83, 1 × 3 32 → 64 a tie.
+const MIN_POSITIONS_PER_THREAD: usize = 56 * 56;
 
 /// One tap's shift and the output positions it covers.
 #[derive(Clone, Copy, Debug)]
@@ -162,6 +186,26 @@ pub fn grad_weight(
     let groups = tap_groups(&taps, per_group, g.out_w);
     let lanes = exec.isa().lanes();
     let partial_len = gw.len() * lanes;
+    if splits_inside_images(exec.threads(), g.batch) {
+        let threads = exec.threads();
+        let scratch = ws.take(partial_len * threads)?;
+        scratch
+            .par_chunks_mut(partial_len)
+            .enumerate()
+            .for_each(|(t, partial)| {
+                partial.fill(0.0);
+                let rows = t * g.out_h / threads..(t + 1) * g.out_h / threads;
+                for n in 0..g.batch {
+                    let (t_count, rows) = (taps.len(), rows.clone());
+                    accumulate_image(exec.isa(), g, t_count, &groups, x, gy, n, rows, partial);
+                }
+            });
+        sum_task_partials(g, scratch, partial_len, lanes, gw);
+        if let Some(gb) = gb {
+            super::conv2d_grad_bias(exec, g, gy, gb);
+        }
+        return Ok(());
+    }
     let tasks = exec.threads().min(g.batch);
     // Per task: its partial sums, then the grad-bias sums of its images.
     let sums = ImageSums::new(g, tasks, partial_len, gb.is_some());
@@ -178,6 +222,7 @@ pub fn grad_weight(
                 x,
                 gy,
                 n,
+                0..g.out_h,
                 &mut st[..partial_len],
             );
             sums.add_image(exec.isa(), st, n - images.start, g, gy, n);
@@ -340,11 +385,12 @@ fn tap_groups(taps: &[Option<Tap>], per_group: usize, width: usize) -> Vec<TapGr
 
 crate::simd_dispatch!(fn accumulate_image => accumulate_image_kernel(
     g: &ConvGeometry, t_count: usize, groups: &[TapGroup], x: &[f32], gy: &[f32], n: usize,
-    partial: &mut [f32]
+    out_rows: std::ops::Range<usize>, partial: &mut [f32]
 ));
 
-/// Adds image `n`'s dot products over each tap's position range to the per-lane partial sums
-/// (`t_count` taps, in `groups`).
+/// Adds image `n`'s dot products over each tap's positions in output rows `out_rows` to the
+/// per-lane partial sums (`t_count` taps, in `groups`).
+#[allow(clippy::too_many_arguments)]
 #[inline(always)]
 unsafe fn accumulate_image_kernel<S: SimdF32>(
     g: &ConvGeometry,
@@ -353,6 +399,7 @@ unsafe fn accumulate_image_kernel<S: SimdF32>(
     x: &[f32],
     gy: &[f32],
     n: usize,
+    out_rows: std::ops::Range<usize>,
     partial: &mut [f32],
 ) {
     let (cig, cog) = (g.in_channels_per_group(), g.out_channels_per_group());
@@ -371,8 +418,9 @@ unsafe fn accumulate_image_kernel<S: SimdF32>(
     for grp in 0..g.groups {
         let xg = (n * g.in_channels + grp * cig) * hw;
         let gyg = (n * g.out_channels + grp * cog) * ohw;
-        for q0 in (0..ohw).step_by(chunk) {
-            let q1 = (q0 + chunk).min(ohw);
+        let (p0, p1) = (out_rows.start * width, out_rows.end.min(g.out_h) * width);
+        for q0 in (p0..p1).step_by(chunk) {
+            let q1 = (q0 + chunk).min(p1);
             for o0 in (0..cog).step_by(tile_out) {
                 for group in groups {
                     let (r0, r1) = (group.rows.0.max(q0 / width), group.rows.1.min(q1 / width));
