@@ -196,7 +196,6 @@ pub fn forward(
     let threads = exec.threads();
     let within_images = splits_inside_images(threads, g.batch);
     let by_tiles = within_images && splits_by_tile_rows(threads, &t);
-    let rows = block_rows(g, &t);
     let per_task = per_task_len(g, &t);
     let tasks = threads.min(g.batch);
     // The transformed weights, then the phase planes and transforms: each task's, or one
@@ -234,16 +233,9 @@ pub fn forward(
                 fill_all_phases(exec.isa(), g, &t, xn, phases, local == 0);
                 let yn =
                     &mut yc[local * n_out * g.out_pixels()..(local + 1) * n_out * g.out_pixels()];
-                for ty0 in (0..t.tiles_h).step_by(rows) {
-                    let ty = ty0..(ty0 + rows).min(t.tiles_h);
-                    let tb = ty.len() * t.tiles_w;
-                    let (v, rest) = rest.split_at_mut(16 * m_in * tb);
-                    let prod = &mut rest[..16 * n_out * tb];
-                    transform_input(exec.isa(), &t, phases, ty.clone(), v);
-                    products(exec.isa(), g, u, 0..n_out, v, tb, prod);
-                    let mut yn = ColumnWindow::whole(yn, g.out_pixels());
-                    transform_output(exec.isa(), g, &t, prod, ty, bias, &mut yn);
-                }
+                let mut yn = ColumnWindow::whole(yn, g.out_pixels());
+                let all = 0..t.tiles_h;
+                tile_rows(exec.isa(), g, &t, u, phases, all, bias, rest, &mut yn);
             }
         },
     );
@@ -327,7 +319,6 @@ fn forward_by_tile_rows(
 ) {
     let (m_in, n_out, isa, threads) = (g.in_channels, g.out_channels, exec.isa(), exec.threads());
     let (hw, ohw) = (g.in_pixels(), g.out_pixels());
-    let rows = block_rows(g, t);
     let (phases, blocks) = scratch.split_at_mut(m_in * t.layout.len);
     let share = |i: usize| i * t.tiles_h / threads..(i + 1) * t.tiles_h / threads;
     // Tile row ty writes output rows 2·ty and 2·ty + 1 (the last may be dropped).
@@ -346,17 +337,35 @@ fn forward_by_tile_rows(
             .zip(blocks.par_chunks_mut(block_len(g, t)))
             .enumerate()
             .for_each(|(i, (mut yw, buf))| {
-                let mine = share(i);
-                for ty0 in mine.clone().step_by(rows) {
-                    let ty = ty0..(ty0 + rows).min(mine.end);
-                    let tb = ty.len() * t.tiles_w;
-                    let (v, rest) = buf.split_at_mut(16 * m_in * tb);
-                    let prod = &mut rest[..16 * n_out * tb];
-                    transform_input(isa, t, phases, ty.clone(), v);
-                    products(isa, g, u, 0..n_out, v, tb, prod);
-                    transform_output(isa, g, t, prod, ty, bias, &mut yw);
-                }
+                tile_rows(isa, g, t, u, phases, share(i), bias, buf, &mut yw)
             });
+    }
+}
+
+/// Tile rows `rows` of one image from its phase planes into `y` (its output planes, at least
+/// those rows' columns), a block of [`block_rows`] at a time: input transform, products and
+/// output transform, with `buf` (at least [`block_len`] floats) for a block's matrices.
+#[allow(clippy::too_many_arguments)]
+fn tile_rows(
+    isa: super::Isa,
+    g: &ConvGeometry,
+    t: &Tiling,
+    u: &[f32],
+    phases: &[f32],
+    rows: Range<usize>,
+    bias: Option<&[f32]>,
+    buf: &mut [f32],
+    y: &mut ColumnWindow<'_>,
+) {
+    let (m_in, n_out, block) = (g.in_channels, g.out_channels, block_rows(g, t));
+    for ty0 in rows.clone().step_by(block) {
+        let ty = ty0..(ty0 + block).min(rows.end);
+        let tb = ty.len() * t.tiles_w;
+        let (v, rest) = buf.split_at_mut(16 * m_in * tb);
+        let prod = &mut rest[..16 * n_out * tb];
+        transform_input(isa, t, phases, ty.clone(), v);
+        products(isa, g, u, 0..n_out, v, tb, prod);
+        transform_output(isa, g, t, prod, ty, bias, y);
     }
 }
 
