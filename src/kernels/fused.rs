@@ -94,28 +94,26 @@ fn bands(dw: &ConvGeometry, rows: usize) -> Result<Vec<Band>> {
     ranges
         .into_iter()
         .map(|out_rows| {
-            let span_h = (dw.kernel_h - 1) * dw.dilation_h + 1;
-            // Padded input rows [pr0, pr1) feed output rows [oh0, oh1).
-            let (pr0, pr1) = (
-                out_rows.start * dw.stride_h,
-                (out_rows.end - 1) * dw.stride_h + span_h,
-            );
+            let padded = padded_input_rows(dw, &out_rows);
             let in_rows = band_input_rows(dw, &out_rows);
-            let top = dw.pad_top.saturating_sub(pr0);
-            let bottom = (pr1 - pr0) - top - in_rows.len();
+            let top = dw.pad_top.saturating_sub(padded.start);
+            let bottom = padded.len() - top - in_rows.len();
             band(dw, out_rows, in_rows, top, bottom)
         })
         .collect()
 }
 
+/// The rows of the padded input that output rows `out_rows` of `dw` read.
+fn padded_input_rows(dw: &ConvGeometry, out_rows: &Range<usize>) -> Range<usize> {
+    let span_h = (dw.kernel_h - 1) * dw.dilation_h + 1;
+    out_rows.start * dw.stride_h..(out_rows.end - 1) * dw.stride_h + span_h
+}
+
 /// The input rows that output rows `out_rows` of `dw` read.
 fn band_input_rows(dw: &ConvGeometry, out_rows: &Range<usize>) -> Range<usize> {
-    let span_h = (dw.kernel_h - 1) * dw.dilation_h + 1;
-    let (pr0, pr1) = (
-        out_rows.start * dw.stride_h,
-        (out_rows.end - 1) * dw.stride_h + span_h,
-    );
-    pr0.saturating_sub(dw.pad_top).min(dw.in_h)..pr1.saturating_sub(dw.pad_top).min(dw.in_h)
+    let padded = padded_input_rows(dw, out_rows);
+    let clip = |r: usize| r.saturating_sub(dw.pad_top).min(dw.in_h);
+    clip(padded.start)..clip(padded.end)
 }
 
 /// The band of `out_rows` reading `in_rows` with `top` and `bottom` rows of padding.

@@ -196,8 +196,8 @@ pub fn grad_weight(
                 partial.fill(0.0);
                 let rows = t * g.out_h / threads..(t + 1) * g.out_h / threads;
                 for n in 0..g.batch {
-                    let (t_count, rows) = (taps.len(), rows.clone());
-                    accumulate_image(exec.isa(), g, t_count, &groups, x, gy, n, rows, partial);
+                    let rows = rows.clone();
+                    accumulate_image(exec.isa(), g, taps.len(), &groups, x, gy, n, rows, partial);
                 }
             });
         sum_task_partials(g, scratch, partial_len, lanes, gw);
