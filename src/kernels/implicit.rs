@@ -23,7 +23,7 @@ use rayon::prelude::*;
 
 use super::depthwise::{GradInputLayout, PhaseLayout, fill_phases, gather_phases};
 use super::gemm::{MatView, gemm};
-use super::pointwise::{ColumnWindow, Operands, Rows, Store, small_k_gemm};
+use super::pointwise::{Operands, Rows, Store, small_k_gemm};
 use super::simd::SimdF32;
 use super::{Exec, Workspace, for_each_image_task, for_each_task, splits_inside_images};
 use crate::error::Result;
@@ -1037,149 +1037,6 @@ pub fn grad_weight(
     Ok(())
 }
 
-/// Whether [`grad_weight_within_images`] computes `g`'s grad-weight: where the batch does not
-/// give every thread images of its own, on the shapes the implicit GEMM computes that are
-/// strided and more than one column wide, with at least [`MIN_CHANNELS_PER_THREAD`] input
-/// channels per group for each thread. These ran im2col + faer split by pixel ranges (one
-/// image) or the per-tap GEMMs on phase planes split 2 + 1 (three images).
-///
-/// Harness, 2 threads, min of 30, back to back: reference layer E's std (3 × 3 stride 2, 128 →
-/// 256 at 56²) at batch 1 2.62–2.72 → 2.35–2.40 ms, on 3 images 9.8 → 7.1–7.5; its 1 × 3
-/// stride (1, 2) half 0.85–1.0 → 0.82–0.95; 3 × 3 stride 2 32 → 64 at 112² 0.89–0.90 →
-/// 0.73–0.79, 64 → 128 at 56² 0.77–0.86 → 0.67–0.72; a 1 × 3 128 → 128 stride (1, 2) 0.62–0.70
-/// → 0.44–0.50; 256 → 512 at 28² a tie. Left out, slower here: k × 1 kernels (E's 3 × 1
-/// stride (2, 1) half 0.77–0.89 → 0.84–0.95, with 256 outputs 1.60–1.67 → 1.76–1.79), 1 × 1
-/// at stride 2 (0.32–0.35 → 0.44–0.64), and stride 1 (C's 3 × 1 and 1 × 3 1.55–1.60 →
-/// 1.67–1.87; D's a tie), where the transposed output gradient each thread builds for itself
-/// is large against its products.
-pub fn grad_weight_within_images_applies(exec: Exec, g: &ConvGeometry) -> bool {
-    splits_inside_images(exec.threads(), g.batch)
-        && shape_applies(g)
-        && (g.stride_h > 1 || g.stride_w > 1)
-        && g.kernel_w > 1
-        && g.in_channels_per_group() >= MIN_CHANNELS_PER_THREAD * exec.threads()
-}
-
-/// Fewest input channels per group for each thread of [`grad_weight_within_images`]: fewer
-/// make its share of the product too short against the transposed gradient it builds.
-const MIN_CHANNELS_PER_THREAD: usize = 16;
-
-/// Grad-weight with each image split over the threads by input channels: thread t fills the
-/// phase planes of its channels only, transposes the whole output gradient (the one operand
-/// both need, small beside the planes), and computes the rows (c, tap) of gWᵀ for its channels
-/// over every image ([`grad_weight`]'s product), which it then writes into its columns of `gw`
-/// ([`ColumnWindow`]). No thread reads what another wrote and no partial sums are added up.
-pub fn grad_weight_within_images(
-    exec: Exec,
-    g: &ConvGeometry,
-    x: &[f32],
-    gy: &[f32],
-    gw: &mut [f32],
-    ws: &mut Workspace,
-) -> Result<()> {
-    let l = PhaseLayout::new(g);
-    let (cig, cog, taps) = (
-        g.in_channels_per_group(),
-        g.out_channels_per_group(),
-        g.kernel_h * g.kernel_w,
-    );
-    let tasks = exec.threads().min(cig);
-    let per_thread = cig.div_ceil(tasks);
-    let per_task = g.groups * per_thread * taps * cog
-        + per_thread * l.len
-        + l.positions * transposed_stride(cog);
-    let scratch = ws.take(per_task * tasks)?;
-    let bounds: Vec<usize> = (0..=tasks)
-        .map(|t| (t * per_thread).min(cig) * taps)
-        .collect();
-    let windows = ColumnWindow::split(gw, cig * taps, &bounds);
-    windows
-        .into_par_iter()
-        .zip(scratch.par_chunks_mut(per_task))
-        .enumerate()
-        .for_each(|(t, (window, s))| {
-            let channels = (t * per_thread).min(cig)..((t + 1) * per_thread).min(cig);
-            grad_weight_channels(exec.isa(), g, &l, x, gy, channels, window, s)
-        });
-    Ok(())
-}
-
-crate::simd_dispatch!(fn grad_weight_channels => grad_weight_channels_kernel(
-    g: &ConvGeometry, l: &PhaseLayout, x: &[f32], gy: &[f32],
-    channels: std::ops::Range<usize>, gw: ColumnWindow<'_>, s: &mut [f32]
-));
-
-/// One thread of [`grad_weight_within_images`]: the columns of `gw` of input channels
-/// `channels` (of every group), from every image.
-#[allow(clippy::too_many_arguments)]
-#[inline(always)]
-unsafe fn grad_weight_channels_kernel<S: SimdF32>(
-    g: &ConvGeometry,
-    l: &PhaseLayout,
-    x: &[f32],
-    gy: &[f32],
-    channels: std::ops::Range<usize>,
-    mut gw: ColumnWindow<'_>,
-    s: &mut [f32],
-) {
-    let (cog, taps) = (g.out_channels_per_group(), g.kernel_h * g.kernel_w);
-    let k = channels.len() * taps;
-    let rows = im2col_rows(channels.len(), l);
-    let (gwt, work) = s.split_at_mut(g.groups * k * cog);
-    for n in 0..g.batch {
-        for grp in 0..g.groups {
-            let gwt_group = &mut gwt[grp * k * cog..][..k * cog];
-            let image = ImageGroup {
-                n,
-                grp,
-                first: n == 0,
-            };
-            let clear = n == 0;
-            let cs = channels.clone();
-            // SAFETY: the caller's ISA.
-            unsafe {
-                add_image_products::<S>(g, l, &rows, x, gy, image, cs, clear, gwt_group, work)
-            };
-        }
-    }
-    // gw[grp·cog + co][c·taps + tap] = gWᵀ[grp][(c − c0)·taps + tap][co], in square tiles
-    // transposed in registers: element by element (reads at a stride of cog floats) took a
-    // third of the time on D's sizes, in scalar tiles still a seventh.
-    let c0 = channels.start * taps;
-    let l = S::LANES;
-    // SAFETY: the ISA is this CPU's (the caller's contract).
-    let mut tile = [unsafe { S::zero() }; 16];
-    for grp in 0..g.groups {
-        let gwt_group = &gwt[grp * k * cog..][..k * cog];
-        for co0 in (0..cog).step_by(l) {
-            for kk0 in (0..k).step_by(l) {
-                let (cos, kks) = (co0..cog.min(co0 + l), kk0..k.min(kk0 + l));
-                if cos.len() < l || kks.len() < l {
-                    for co in cos {
-                        let row = gw.row_columns(grp * cog + co, c0 + kks.start..c0 + kks.end);
-                        for (v, kk) in row.iter_mut().zip(kks.clone()) {
-                            *v = gwt_group[kk * cog + co];
-                        }
-                    }
-                    continue;
-                }
-                for (i, r) in tile[..l].iter_mut().enumerate() {
-                    let src = &gwt_group[(kk0 + i) * cog + co0..][..l];
-                    // SAFETY: src holds l floats.
-                    *r = unsafe { S::load(src.as_ptr()) };
-                }
-                // SAFETY: as above.
-                unsafe { S::transpose(&mut tile[..l]) };
-                for (j, r) in tile[..l].iter().enumerate() {
-                    let row = gw.row_columns(grp * cog + co0 + j, c0 + kk0..c0 + kk0 + l);
-                    // SAFETY: row holds l floats.
-                    unsafe { r.store(row.as_mut_ptr()) };
-                }
-            }
-        }
-    }
-}
-
 /// Row (c, t) of the implicit im2col matrix: channel c's phase planes shifted by tap t's
 /// offset (the order of the OIHW weight's columns).
 fn im2col_rows(cig: usize, l: &PhaseLayout) -> Vec<usize> {
@@ -1208,87 +1065,42 @@ unsafe fn grad_weight_images_kernel<S: SimdF32>(
         g.out_channels_per_group(),
         g.col_rows(),
     );
-    let (gwt, work) = buf.split_at_mut(g.groups * k * cog);
+    let (hw, ohw) = (g.in_pixels(), g.out_pixels());
+    let ld = transposed_stride(cog);
+    let (gwt, rest) = buf.split_at_mut(g.groups * k * cog);
+    let (planes, gyt) = rest.split_at_mut(cig * l.len);
     gwt.fill(0.0);
     for (local, n) in images.enumerate() {
         for grp in 0..g.groups {
-            let gwt_group = &mut gwt[grp * k * cog..][..k * cog];
-            let image = ImageGroup {
-                n,
-                grp,
-                first: false,
-            };
-            // Columns past the planes' pixels are cleared on the task's first image.
-            let clear = local == 0;
-            // SAFETY: the caller's ISA.
-            unsafe {
-                add_image_products::<S>(g, l, rows, x, gy, image, 0..cig, clear, gwt_group, work)
-            };
+            for (c, buf) in planes.chunks_exact_mut(l.len).enumerate() {
+                let plane = (n * g.in_channels + grp * cig + c) * hw;
+                fill_phases::<S>(g, l, &x[plane..plane + hw], buf, local == 0 && grp == 0);
+            }
+            let gy_group = &gy[(n * g.out_channels + grp * cog) * ohw..][..cog * ohw];
+            // SAFETY: gyt holds positions × ld floats.
+            unsafe { transpose_gradient::<S>(g, gy_group, cog, l.wq, ld, gyt) };
+            for p0 in (0..l.positions).step_by(GRAD_WEIGHT_CHUNK) {
+                let pc = GRAD_WEIGHT_CHUNK.min(l.positions - p0);
+                let ops = Operands {
+                    c: &planes[p0..],
+                    c_rows: Rows::Table(rows),
+                    c_col: 1,
+                    d: &gyt[p0 * ld..(p0 + pc) * ld],
+                    d_rows: Rows::Strided(ld),
+                    n: k,
+                    k: pc,
+                    p: cog,
+                    bias: None,
+                };
+                small_k_gemm(
+                    S::ISA,
+                    ops,
+                    &mut gwt[grp * k * cog..(grp + 1) * k * cog],
+                    cog,
+                    Store::Accumulate,
+                );
+            }
         }
-    }
-}
-
-/// One image's group in [`add_image_products`], and whether its products overwrite gWᵀ (the
-/// first image's: saves zeroing it) instead of adding to it.
-#[derive(Clone, Copy)]
-struct ImageGroup {
-    n: usize,
-    grp: usize,
-    first: bool,
-}
-
-/// `gwt (rows (c, tap) of input channels `channels` × cog) (+)= D · gYᵀ` for one image's group:
-/// the channels' phase planes and the transposed output gradient are written into `work`
-/// (planes first; `clear` zeroes their padding, needed once per workspace use), then the
-/// product runs over chunks of [`GRAD_WEIGHT_CHUNK`] positions. `rows` are the im2col rows
-/// of `channels.len()` channels ([`im2col_rows`]).
-///
-/// # Safety
-/// `S` must be supported by this CPU. (Lengths are checked: `work` too short panics.)
-#[allow(clippy::too_many_arguments)]
-#[inline(always)]
-unsafe fn add_image_products<S: SimdF32>(
-    g: &ConvGeometry,
-    l: &PhaseLayout,
-    rows: &[usize],
-    x: &[f32],
-    gy: &[f32],
-    image: ImageGroup,
-    channels: std::ops::Range<usize>,
-    clear: bool,
-    gwt: &mut [f32],
-    work: &mut [f32],
-) {
-    let (cig, cog) = (g.in_channels_per_group(), g.out_channels_per_group());
-    let (hw, ohw, ld) = (g.in_pixels(), g.out_pixels(), transposed_stride(cog));
-    let ImageGroup { n, grp, first } = image;
-    let (planes, gyt) = work.split_at_mut(channels.len() * l.len);
-    for (c, buf) in channels.zip(planes.chunks_exact_mut(l.len)) {
-        let plane = (n * g.in_channels + grp * cig + c) * hw;
-        fill_phases::<S>(g, l, &x[plane..plane + hw], buf, clear && grp == 0);
-    }
-    let gy_group = &gy[(n * g.out_channels + grp * cog) * ohw..][..cog * ohw];
-    // SAFETY: the ISA is this CPU's (the caller's contract); transpose_gradient checks gyt.
-    unsafe { transpose_gradient::<S>(g, gy_group, cog, l.wq, ld, gyt) };
-    for p0 in (0..l.positions).step_by(GRAD_WEIGHT_CHUNK) {
-        let pc = GRAD_WEIGHT_CHUNK.min(l.positions - p0);
-        let ops = Operands {
-            c: &planes[p0..],
-            c_rows: Rows::Table(rows),
-            c_col: 1,
-            d: &gyt[p0 * ld..(p0 + pc) * ld],
-            d_rows: Rows::Strided(ld),
-            n: rows.len(),
-            k: pc,
-            p: cog,
-            bias: None,
-        };
-        let store = if first && p0 == 0 {
-            Store::Cached
-        } else {
-            Store::Accumulate
-        };
-        small_k_gemm(S::ISA, ops, gwt, cog, store);
     }
 }
 

@@ -457,9 +457,6 @@ pub enum GradWeightKernel {
     /// Stride-1 same-width layers, one GEMM per tap on the planes in place
     /// ([`tap_grad_weight`]).
     TapGemm,
-    /// Too few images for the threads: each thread the implicit GEMM's products of a run of
-    /// the input channels ([`implicit::grad_weight_within_images`]).
-    ImplicitWithinImages,
     /// Strided layers, one GEMM per tap over the input's phase planes
     /// ([`tap_grad_weight::grad_weight_on_phases`]).
     TapGemmPhases,
@@ -481,7 +478,6 @@ impl GradWeightKernel {
             ConvAlgorithm::Depthwise => Self::Depthwise,
             _ if channels_last_grad_weight::applies(exec, g) => Self::ChannelsLast,
             _ if tap_grad_weight::applies(exec, g) => Self::TapGemm,
-            _ if implicit::grad_weight_within_images_applies(exec, g) => Self::ImplicitWithinImages,
             _ if shifted_grad_weight::applies(exec, g)
                 || shifted_grad_weight::within_images_applies(exec, g) =>
             {
@@ -608,9 +604,6 @@ fn grad_weight_and_bias(
             tap_grad_weight::grad_weight_on_phases(exec, g, x, gy, gw, gb, ws)
         }
         GradWeightKernel::Implicit => implicit::grad_weight(exec, g, x, gy, gw, ws),
-        GradWeightKernel::ImplicitWithinImages => {
-            implicit::grad_weight_within_images(exec, g, x, gy, gw, ws)
-        }
         GradWeightKernel::Im2colGemm => conv::grad_weight(exec, g, x, gy, gw, ws),
     }
 }
