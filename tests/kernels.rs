@@ -264,6 +264,7 @@ fn fast_equals_reference_on_larger_shapes() {
         .chain(phase_grad_weight_cases())
         .chain(pointwise_split_cases())
         .chain(implicit_within_images_cases())
+        .chain(transposed_grad_weight_cases())
         .enumerate()
     {
         let g = ConvGeometry::new(input, weight, &p).unwrap();
@@ -445,6 +446,89 @@ fn implicit_cases_with_few_images_split_inside_them() {
                     "{input:?}"
                 );
             }
+        }
+    }
+}
+
+/// Layers whose grad-weight splits each image over the threads by input channels, on a
+/// transposed copy of each thread's channels (at least 16 per thread): a 3 × 3 stride 2 like
+/// reference layer E (one image), a grouped 1 × 3 at stride (1, 2) on three images, a dilated
+/// 3 × 2 (six taps: the interleave without a fixed tap count) with asymmetric padding, and a
+/// stride-1 3 × 1 on three images.
+fn transposed_grad_weight_cases() -> [Case; 4] {
+    [
+        (
+            [1, 34, 34, 34],
+            [20, 34, 3, 3],
+            Conv2dParams::with_padding(Padding::Same).stride(2, 2),
+        ),
+        (
+            [3, 64, 20, 40],
+            [18, 32, 1, 3],
+            Conv2dParams::with_padding(Padding::symmetric(0, 1))
+                .groups(2)
+                .stride(1, 2),
+        ),
+        (
+            [1, 40, 36, 30],
+            [32, 40, 3, 2],
+            explicit(2, 0, 1, 3).dilation(1, 2).stride(2, 2),
+        ),
+        (
+            [3, 40, 12, 14],
+            [24, 40, 3, 1],
+            Conv2dParams::with_padding(Padding::symmetric(1, 0)),
+        ),
+    ]
+}
+
+/// They take that kernel on two threads and another on one.
+#[test]
+fn transposed_grad_weight_cases_take_that_path() {
+    for (input, weight, p) in transposed_grad_weight_cases() {
+        let g = ConvGeometry::new(input, weight, &p).unwrap();
+        let (one, two) = (sepconv::Exec::new(1), sepconv::Exec::new(2));
+        assert_eq!(
+            GradWeightKernel::choose(two, &g),
+            GradWeightKernel::TransposedInput,
+            "{input:?}"
+        );
+        assert_ne!(
+            GradWeightKernel::choose(one, &g),
+            GradWeightKernel::TransposedInput,
+            "{input:?}"
+        );
+    }
+}
+
+/// The split by input channels on 3 and 4 threads (uneven shares, down to 7 channels), run
+/// directly: the dispatch gives it at most the threads the tests' machines have. Every
+/// element is written (the output starts as NaN).
+#[test]
+fn transposed_grad_weight_splits_unevenly() {
+    for (input, weight, p) in transposed_grad_weight_cases() {
+        let g = ConvGeometry::new(input, weight, &p).unwrap();
+        let d = data(&g, 7);
+        let mut gw_ref = vec![0.0; g.weight_len()];
+        reference::conv2d_grad_weight(&g, &d.x, &d.gy, &mut gw_ref);
+        for threads in [3, 4] {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            let mut gw = vec![f32::NAN; g.weight_len()];
+            pool.install(|| {
+                sepconv::kernels::transposed_grad_weight::grad_weight(
+                    sepconv::Exec::new(threads),
+                    &g,
+                    &d.x,
+                    &d.gy,
+                    &mut gw,
+                    &mut Workspace::new(),
+                )
+            })
+            .unwrap();
+            assert_close(&gw, &gw_ref, 1e-4, &format!("{threads} threads {g:?}"));
         }
     }
 }

@@ -18,6 +18,8 @@
 //!   k × k) as one GEMM per tap of the gradient planes with the shifted input planes, in place.
 //! - [`shifted_grad_weight`]: the same as register-tiled dot products, for large images with
 //!   few channels.
+//! - [`transposed_grad_weight`]: grad-weight with too few images for the threads, each thread
+//!   a run of the input channels, transposed to pixel-major.
 //! - [`gemm`]: the wrapper over faer's matrix product.
 //! - [`pointwise`]: a register-blocked product for pointwise steps with few input channels.
 //! - [`simd`]: instruction-set dispatch (AVX-512, AVX2, portable).
@@ -40,6 +42,7 @@ pub mod reference;
 pub mod shifted_grad_weight;
 pub mod simd;
 pub mod tap_grad_weight;
+pub mod transposed_grad_weight;
 pub mod winograd;
 
 use std::ops::Range;
@@ -457,6 +460,9 @@ pub enum GradWeightKernel {
     /// Stride-1 same-width layers, one GEMM per tap on the planes in place
     /// ([`tap_grad_weight`]).
     TapGemm,
+    /// Too few images for the threads: each thread a run of the input channels, transposed
+    /// ([`transposed_grad_weight`]).
+    TransposedInput,
     /// Strided layers, one GEMM per tap over the input's phase planes
     /// ([`tap_grad_weight::grad_weight_on_phases`]).
     TapGemmPhases,
@@ -477,12 +483,12 @@ impl GradWeightKernel {
             ConvAlgorithm::Depthwise if depthwise_blocked::applies(g) => Self::DepthwiseBlocked,
             ConvAlgorithm::Depthwise => Self::Depthwise,
             _ if channels_last_grad_weight::applies(exec, g) => Self::ChannelsLast,
+            // Too few images for the threads: large images with few channels split by rows,
+            // the others by input channels.
+            _ if shifted_grad_weight::within_images_applies(exec, g) => Self::Shifted,
+            _ if transposed_grad_weight::applies(exec, g) => Self::TransposedInput,
             _ if tap_grad_weight::applies(exec, g) => Self::TapGemm,
-            _ if shifted_grad_weight::applies(exec, g)
-                || shifted_grad_weight::within_images_applies(exec, g) =>
-            {
-                Self::Shifted
-            }
+            _ if shifted_grad_weight::applies(exec, g) => Self::Shifted,
             _ if tap_grad_weight::applies_on_phases(exec, g) => Self::TapGemmPhases,
             ConvAlgorithm::Winograd | ConvAlgorithm::Implicit
                 if implicit::grad_weight_applies(exec, g) =>
@@ -604,6 +610,9 @@ fn grad_weight_and_bias(
             tap_grad_weight::grad_weight_on_phases(exec, g, x, gy, gw, gb, ws)
         }
         GradWeightKernel::Implicit => implicit::grad_weight(exec, g, x, gy, gw, ws),
+        GradWeightKernel::TransposedInput => {
+            transposed_grad_weight::grad_weight(exec, g, x, gy, gw, ws)
+        }
         GradWeightKernel::Im2colGemm => conv::grad_weight(exec, g, x, gy, gw, ws),
     }
 }

@@ -105,7 +105,7 @@ fn shape_applies(exec: Exec, g: &ConvGeometry) -> bool {
 /// Whether [`grad_weight`] computes `g`'s grad-weight with each image split over the threads
 /// (each a run of its output rows, into its own partial sums): where the batch does not give
 /// every thread images of its own, on the shapes [`applies`] takes with more images, with at
-/// least [`MIN_POSITIONS_PER_THREAD`] output positions per thread. These ran im2col + faer
+/// least `MIN_POSITIONS_PER_THREAD` output positions per thread. These ran im2col + faer
 /// split by pixel ranges.
 pub fn within_images_applies(exec: Exec, g: &ConvGeometry) -> bool {
     splits_inside_images(exec.threads(), g.batch)
