@@ -440,24 +440,24 @@ fn flip_block<const T: usize>(
     // batch 1 (harness, 2 threads, min of 20, alternated 3×) 4.89–5.67 → 4.63–5.22 ms. With
     // runs of 3 the output-channel-major order below was faster (D's 3 × 1 1.53 against
     // 1.59): its 16 rows' runs share the cache lines it reads.
+    // One output channel's run of taps, reversed.
+    let flip = |s: usize, co: usize, out: &mut [f32]| {
+        let src = &w[s + co * step..][..n];
+        for t in 0..n {
+            out[t] = src[n - 1 - t];
+        }
+    };
     if T == 9 {
         for (dst, &s) in rows.chunks_exact_mut(row).zip(starts) {
             for (co, out) in dst[..cog * n].chunks_exact_mut(n).enumerate() {
-                let src = &w[s + co * step..][..n];
-                for t in 0..n {
-                    out[t] = src[n - 1 - t];
-                }
+                flip(s, co, out);
             }
         }
         return;
     }
     for co in 0..cog {
         for (dst, &s) in rows.chunks_exact_mut(row).zip(starts) {
-            let src = &w[s + co * step..][..n];
-            let out = &mut dst[co * n..][..n];
-            for t in 0..n {
-                out[t] = src[n - 1 - t];
-            }
+            flip(s, co, &mut dst[co * n..][..n]);
         }
     }
 }
