@@ -265,6 +265,7 @@ fn fast_equals_reference_on_larger_shapes() {
         .chain(pointwise_split_cases())
         .chain(implicit_within_images_cases())
         .chain(transposed_grad_weight_cases())
+        .chain(band_forward_cases())
         .enumerate()
     {
         let g = ConvGeometry::new(input, weight, &p).unwrap();
@@ -530,6 +531,46 @@ fn transposed_grad_weight_splits_unevenly() {
             .unwrap();
             assert_close(&gw, &gw_ref, 1e-4, &format!("{threads} threads {g:?}"));
         }
+    }
+}
+
+/// Implicit-GEMM forwards with too few images for the threads that split each image by bands
+/// of output rows (at least 512 output positions per thread): a 3 × 3 stride 2 with width
+/// padding (the flat product copied into the band's rows), a 3 × 1 at stride (2, 1) without
+/// (the product written into the band's rows directly), a grouped dilated 3 × 2 with
+/// asymmetric padding on three images, and a padding taller than a band's reach (the rows that
+/// read only padding join the next band: one band).
+fn band_forward_cases() -> [Case; 4] {
+    [
+        (
+            [1, 4, 80, 60],
+            [6, 4, 3, 3],
+            Conv2dParams::with_padding(Padding::Same).stride(2, 2),
+        ),
+        (
+            [1, 8, 64, 40],
+            [8, 8, 3, 1],
+            Conv2dParams::with_padding(Padding::symmetric(1, 0)).stride(2, 1),
+        ),
+        (
+            [3, 6, 50, 30],
+            [8, 3, 3, 2],
+            explicit(3, 0, 1, 2).dilation(2, 1).groups(2),
+        ),
+        ([1, 3, 40, 40], [4, 3, 3, 2], explicit(45, 0, 1, 0)),
+    ]
+}
+
+/// They split by bands on two threads, not on one.
+#[test]
+fn band_forward_cases_split_by_bands() {
+    use sepconv::kernels::implicit::{forward_within_images_applies, splits_by_bands};
+    for (input, weight, p) in band_forward_cases() {
+        let g = ConvGeometry::new(input, weight, &p).unwrap();
+        let (one, two) = (sepconv::Exec::new(1), sepconv::Exec::new(2));
+        assert!(forward_within_images_applies(two, &g), "{input:?}");
+        assert!(splits_by_bands(two, &g), "{input:?}");
+        assert!(!forward_within_images_applies(one, &g), "{input:?}");
     }
 }
 

@@ -62,91 +62,116 @@ pub(crate) struct Band {
     in_rows: Range<usize>,
 }
 
-/// The bands of `dw`, each with `rows` output rows (the last may have fewer). Output rows that
+/// The bands of `dw`, each with `rows` output rows ([`row_bands`]), as geometries of one
+/// channel.
+fn bands(dw: &ConvGeometry, rows: usize) -> Result<Vec<Band>> {
+    row_bands(dw, rows)
+        .into_iter()
+        .map(|rb| {
+            let geometry = band_geometry(dw, &rb, [1, 1, 1])?;
+            Ok(Band {
+                layout: PhaseLayout::new(&geometry),
+                geometry,
+                out_rows: rb.out_rows,
+                in_rows: rb.in_rows,
+            })
+        })
+        .collect()
+}
+
+/// A band of output rows of a convolution, the input rows they read and the padding rows
+/// above and below those.
+#[derive(Clone, Debug)]
+pub(crate) struct RowBand {
+    pub(crate) out_rows: Range<usize>,
+    pub(crate) in_rows: Range<usize>,
+    top: usize,
+    bottom: usize,
+}
+
+/// The bands of `g`'s output rows, `rows` each (the last may have fewer). Output rows that
 /// read only padding (the top or bottom rows under a padding taller than the kernel's reach)
 /// join their neighbour's band: a band needs an input row. One band is the whole image.
-fn bands(dw: &ConvGeometry, rows: usize) -> Result<Vec<Band>> {
+pub(crate) fn row_bands(g: &ConvGeometry, rows: usize) -> Vec<RowBand> {
     let mut ranges: Vec<Range<usize>> = Vec::new();
     let mut pending = None;
-    for oh0 in (0..dw.out_h).step_by(rows) {
+    for oh0 in (0..g.out_h).step_by(rows.max(1)) {
         let start = pending.take().unwrap_or(oh0);
-        let range = start..(oh0 + rows).min(dw.out_h);
-        if band_input_rows(dw, &range).is_empty() {
+        let range = start..(oh0 + rows).min(g.out_h);
+        if band_input_rows(g, &range).is_empty() {
             pending = Some(start);
         } else {
             ranges.push(range);
         }
     }
     match (pending, ranges.last_mut()) {
-        (Some(_), Some(last)) => last.end = dw.out_h,
-        (Some(start), None) => ranges.push(start..dw.out_h),
+        (Some(_), Some(last)) => last.end = g.out_h,
+        (Some(start), None) => ranges.push(start..g.out_h),
         (None, _) => {}
     }
     if ranges.len() == 1 {
-        return Ok(vec![band(
-            dw,
-            0..dw.out_h,
-            0..dw.in_h,
-            dw.pad_top,
-            dw.pad_bottom,
-        )?]);
+        return vec![RowBand {
+            out_rows: 0..g.out_h,
+            in_rows: 0..g.in_h,
+            top: g.pad_top,
+            bottom: g.pad_bottom,
+        }];
     }
     ranges
         .into_iter()
         .map(|out_rows| {
-            let padded = padded_input_rows(dw, &out_rows);
-            let in_rows = band_input_rows(dw, &out_rows);
-            let top = dw.pad_top.saturating_sub(padded.start);
+            let padded = padded_input_rows(g, &out_rows);
+            let in_rows = band_input_rows(g, &out_rows);
+            let top = g.pad_top.saturating_sub(padded.start);
             let bottom = padded.len() - top - in_rows.len();
-            band(dw, out_rows, in_rows, top, bottom)
+            RowBand {
+                out_rows,
+                in_rows,
+                top,
+                bottom,
+            }
         })
         .collect()
 }
 
-/// The rows of the padded input that output rows `out_rows` of `dw` read.
-fn padded_input_rows(dw: &ConvGeometry, out_rows: &Range<usize>) -> Range<usize> {
-    let span_h = (dw.kernel_h - 1) * dw.dilation_h + 1;
-    out_rows.start * dw.stride_h..(out_rows.end - 1) * dw.stride_h + span_h
+/// The rows of the padded input that output rows `out_rows` of `g` read.
+fn padded_input_rows(g: &ConvGeometry, out_rows: &Range<usize>) -> Range<usize> {
+    let span_h = (g.kernel_h - 1) * g.dilation_h + 1;
+    out_rows.start * g.stride_h..(out_rows.end - 1) * g.stride_h + span_h
 }
 
-/// The input rows that output rows `out_rows` of `dw` read.
-fn band_input_rows(dw: &ConvGeometry, out_rows: &Range<usize>) -> Range<usize> {
-    let padded = padded_input_rows(dw, out_rows);
-    let clip = |r: usize| r.saturating_sub(dw.pad_top).min(dw.in_h);
+/// The input rows that output rows `out_rows` of `g` read.
+fn band_input_rows(g: &ConvGeometry, out_rows: &Range<usize>) -> Range<usize> {
+    let padded = padded_input_rows(g, out_rows);
+    let clip = |r: usize| r.saturating_sub(g.pad_top).min(g.in_h);
     clip(padded.start)..clip(padded.end)
 }
 
-/// The band of `out_rows` reading `in_rows` with `top` and `bottom` rows of padding.
-fn band(
-    dw: &ConvGeometry,
-    out_rows: Range<usize>,
-    in_rows: Range<usize>,
-    top: usize,
-    bottom: usize,
-) -> Result<Band> {
+/// The geometry of band `rb` of `g` on one image, with `[in_channels, out_channels, groups]`
+/// (`g`'s own, or one channel for a depthwise band computed channel by channel).
+pub(crate) fn band_geometry(
+    g: &ConvGeometry,
+    rb: &RowBand,
+    [in_channels, out_channels, groups]: [usize; 3],
+) -> Result<ConvGeometry> {
     let params = Conv2dParams {
-        stride: (dw.stride_h, dw.stride_w),
-        dilation: (dw.dilation_h, dw.dilation_w),
+        stride: (g.stride_h, g.stride_w),
+        dilation: (g.dilation_h, g.dilation_w),
         padding: Padding::Explicit {
-            top,
-            bottom,
-            left: dw.pad_left,
-            right: dw.pad_right,
+            top: rb.top,
+            bottom: rb.bottom,
+            left: g.pad_left,
+            right: g.pad_right,
         },
-        groups: 1,
+        groups,
     };
     let geometry = ConvGeometry::new(
-        [1, 1, in_rows.len(), dw.in_w],
-        [1, 1, dw.kernel_h, dw.kernel_w],
+        [1, in_channels, rb.in_rows.len(), g.in_w],
+        [out_channels, in_channels / groups, g.kernel_h, g.kernel_w],
         &params,
     )?;
-    debug_assert_eq!(geometry.out_h, out_rows.len());
-    Ok(Band {
-        layout: PhaseLayout::new(&geometry),
-        geometry,
-        out_rows,
-        in_rows,
-    })
+    debug_assert_eq!(geometry.out_h, rb.out_rows.len());
+    Ok(geometry)
 }
 
 /// The band with the most padded input rows.

@@ -22,8 +22,9 @@
 use rayon::prelude::*;
 
 use super::depthwise::{GradInputLayout, PhaseLayout, fill_phases, gather_phases};
+use super::fused::{band_geometry, row_bands};
 use super::gemm::{MatView, gemm};
-use super::pointwise::{Operands, Rows, Store, small_k_gemm};
+use super::pointwise::{ColumnWindow, Operands, Rows, Store, small_k_gemm};
 use super::simd::SimdF32;
 use super::{Exec, Workspace, for_each_image_task, for_each_task, splits_inside_images};
 use crate::error::Result;
@@ -199,6 +200,140 @@ fn forward_within_images(
     }
 }
 
+/// The forward with each image split over the threads by bands of output rows (where
+/// [`splits_by_bands`]): each thread fills the phase planes of the input rows its band reads
+/// (every channel) and runs the product for every output channel of its rows, writing its own
+/// columns of the output planes. No thread reads what another wrote.
+fn forward_by_bands(
+    exec: Exec,
+    g: &ConvGeometry,
+    x: &[f32],
+    w: &[f32],
+    bias: Option<&[f32]>,
+    y: &mut [f32],
+    ws: &mut Workspace,
+) -> Result<()> {
+    let bands = output_bands(g, exec.threads())?;
+    let (cig, cog) = (g.in_channels_per_group(), g.out_channels_per_group());
+    let per_task = bands
+        .iter()
+        .map(|b| cig * b.layout.len + cog * b.layout.out_len())
+        .max()
+        .unwrap_or(0);
+    let scratch = ws.take(per_task * bands.len())?;
+    let ohw = g.out_pixels();
+    let bounds: Vec<usize> = std::iter::once(0)
+        .chain(bands.iter().map(|b| b.out_rows.end * g.out_w))
+        .collect();
+    for (n, y_image) in y.chunks_exact_mut(g.out_channels * ohw).enumerate() {
+        ColumnWindow::split(y_image, ohw, &bounds)
+            .into_par_iter()
+            .zip(scratch.par_chunks_mut(per_task))
+            .zip(&bands)
+            .for_each(|((window, s), band)| {
+                band_forward(exec.isa(), g, band, x, w, bias, n, window, s)
+            });
+    }
+    Ok(())
+}
+
+/// Whether [`forward`], where the batch leaves threads without images of their own and the
+/// input goes into phase planes (neither read in place nor transposed), splits each image by
+/// bands of output rows, one per thread: with at least 512 output positions per thread. The
+/// split it replaces (planes by input channels, then the products by output channels) passed
+/// the planes between threads.
+///
+/// Harness, batch 1, 2 threads, min of 20, alternated with the VM's core-to-core round trip
+/// read before and after each pair, about 300 pairs: in quiet minutes (53–90 ns) B's 3 × 1 half
+/// 0.40–0.43 → 0.37 ms, E's 3 × 1 stride (2, 1) half 0.73–0.76 → 0.71, C's 3 × 1 half 1.41–1.42
+/// → 1.37; in the spells with the vCPUs on different dies (300–340 ns) 0.72 → 0.37, 1.12–1.18 →
+/// 0.72, 1.73–1.76 → 1.38–1.39. Reference layer D's halves (98 positions per band) were slower
+/// (1.38–1.43 → 1.52–1.55).
+pub fn splits_by_bands(exec: Exec, g: &ConvGeometry) -> bool {
+    g.out_pixels() >= MIN_BAND_POSITIONS * exec.threads()
+}
+
+/// Fewest output positions per thread for [`splits_by_bands`]: shorter products, and the rows
+/// above and below a band that its planes repeat, cost more than the exchange saves.
+const MIN_BAND_POSITIONS: usize = 512;
+
+/// A band of output rows ([`row_bands`]), its geometry on one image with every channel, the
+/// geometry's phase planes and their im2col rows.
+struct OutputBand {
+    out_rows: std::ops::Range<usize>,
+    in_rows: std::ops::Range<usize>,
+    geometry: ConvGeometry,
+    layout: PhaseLayout,
+    rows: Vec<usize>,
+}
+
+/// `bands` bands of output rows of one image (fewer if the image has fewer rows).
+fn output_bands(g: &ConvGeometry, bands: usize) -> Result<Vec<OutputBand>> {
+    row_bands(g, g.out_h.div_ceil(bands.max(1)))
+        .into_iter()
+        .map(|rb| {
+            let geometry = band_geometry(g, &rb, [g.in_channels, g.out_channels, g.groups])?;
+            let layout = PhaseLayout::new(&geometry);
+            let rows = im2col_rows(g.in_channels_per_group(), &layout);
+            Ok(OutputBand {
+                out_rows: rb.out_rows,
+                in_rows: rb.in_rows,
+                geometry,
+                layout,
+                rows,
+            })
+        })
+        .collect()
+}
+
+crate::simd_dispatch!(fn band_forward => band_forward_kernel(
+    g: &ConvGeometry, band: &OutputBand, x: &[f32], w: &[f32], bias: Option<&[f32]>,
+    n: usize, y: ColumnWindow<'_>, s: &mut [f32]
+));
+
+/// One thread of [`forward_by_bands`]: image `n`'s output rows of `band`, every group.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+unsafe fn band_forward_kernel<S: SimdF32>(
+    g: &ConvGeometry,
+    band: &OutputBand,
+    x: &[f32],
+    w: &[f32],
+    bias: Option<&[f32]>,
+    n: usize,
+    mut y: ColumnWindow<'_>,
+    s: &mut [f32],
+) {
+    let (gb, l) = (&band.geometry, &band.layout);
+    let (cig, cog) = (g.in_channels_per_group(), g.out_channels_per_group());
+    let (hw, ow) = (g.in_pixels(), g.out_w);
+    let band_len = band.in_rows.len() * g.in_w;
+    let (planes, flat) = s.split_at_mut(cig * l.len);
+    let flat = &mut flat[..cog * l.out_len()];
+    let col0 = band.out_rows.start * ow;
+    for grp in 0..g.groups {
+        for (c, buf) in planes.chunks_exact_mut(l.len).enumerate() {
+            let plane = (n * g.in_channels + grp * cig + c) * hw + band.in_rows.start * g.in_w;
+            // Padding positions are zeroed on the thread's first use of its planes.
+            fill_phases::<S>(gb, l, &x[plane..plane + band_len], buf, n == 0 && grp == 0);
+        }
+        let ops = group_product(gb, l, w, bias, grp, planes, &band.rows);
+        if l.wq == ow {
+            y.product(S::ISA, ops, grp * cog, col0, Store::Stream);
+            continue;
+        }
+        small_k_gemm(S::ISA, ops, flat, l.out_len(), Store::Cached);
+        for oc in 0..cog {
+            for oh in 0..band.out_rows.len() {
+                let at = col0 + oh * ow;
+                let src = oc * l.out_len() + oh * l.wq;
+                y.row_columns(grp * cog + oc, at..at + ow)
+                    .copy_from_slice(&flat[src..src + ow]);
+            }
+        }
+    }
+}
+
 crate::simd_dispatch!(fn fill_planes => fill_planes_kernel(
     g: &ConvGeometry, l: &PhaseLayout, x: &[f32], planes: &mut [f32], clear: bool
 ));
@@ -297,6 +432,11 @@ pub fn forward(
     };
     let per_task = scratch_per_task(g, &l, &layout);
     if forward_within_images_applies(exec, g) {
+        if let Layout::PhasePlanes = layout
+            && splits_by_bands(exec, g)
+        {
+            return forward_by_bands(exec, g, x, w, bias, y, ws);
+        }
         let scratch = ws.take(per_task)?;
         match layout {
             Layout::InPlace => {
