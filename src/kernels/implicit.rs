@@ -193,7 +193,10 @@ fn forward_within_images(
                     let o = i * outs..i * outs + yc.len() / ohw;
                     match transposes {
                         Some(t) => transposed_product(exec.isa(), g, t, ops.rows(o), fc, yc),
-                        None => phase_plane_product(exec.isa(), g, l, ops.rows(o), fc, yc),
+                        None => {
+                            let mut yc = ColumnWindow::whole(yc, ohw);
+                            phase_plane_product(exec.isa(), g, l, ops.rows(o), fc, &mut yc, 0, 0)
+                        }
                     }
                 });
         }
@@ -318,19 +321,7 @@ unsafe fn band_forward_kernel<S: SimdF32>(
             fill_phases::<S>(gb, l, &x[plane..plane + band_len], buf, n == 0 && grp == 0);
         }
         let ops = group_product(gb, l, w, bias, grp, planes, &band.rows);
-        if l.wq == ow {
-            y.product(S::ISA, ops, grp * cog, col0, Store::Stream);
-            continue;
-        }
-        small_k_gemm(S::ISA, ops, flat, l.out_len(), Store::Cached);
-        for oc in 0..cog {
-            for oh in 0..band.out_rows.len() {
-                let at = col0 + oh * ow;
-                let src = oc * l.out_len() + oh * l.wq;
-                y.row_columns(grp * cog + oc, at..at + ow)
-                    .copy_from_slice(&flat[src..src + ow]);
-            }
-        }
+        phase_plane_product(S::ISA, gb, l, ops, flat, &mut y, grp * cog, col0);
     }
 }
 
@@ -630,7 +621,10 @@ unsafe fn forward_images_kernel<S: SimdF32>(
             let y_group = &mut y[at..at + cog * ohw];
             match transposes {
                 Some(t) => transposed_product(S::ISA, g, t, ops, &mut flat[..cog * ohw], y_group),
-                None => phase_plane_product(S::ISA, g, l, ops, flat, y_group),
+                None => {
+                    let mut y_group = ColumnWindow::whole(y_group, ohw);
+                    phase_plane_product(S::ISA, g, l, ops, flat, &mut y_group, 0, 0)
+                }
             }
         }
     }
@@ -653,35 +647,41 @@ fn group_product<'a>(
     Operands::weights_times_rows(wg, cog, k, planes, rows, l.positions, bg)
 }
 
-/// The product `ops` over phase planes (its rows: output channels) into their NCHW planes
-/// `y_rows`, through the scratch `flat` (`ops.n` rows of `l.out_len()`) where the flat output
-/// has wasted columns.
+/// The product `ops` over phase planes (its rows: output channels; `g`'s output rows, all of
+/// them or a band's) into rows `row0 ..` and columns `col0 ..` of the NCHW planes `y` (a
+/// window of them, one plane per row), through the scratch `flat` (`ops.n` rows of
+/// `l.out_len()`) where the flat output has wasted columns.
+#[allow(clippy::too_many_arguments)]
 fn phase_plane_product(
     isa: super::Isa,
     g: &ConvGeometry,
     l: &PhaseLayout,
     ops: Operands<'_>,
     flat: &mut [f32],
-    y_rows: &mut [f32],
+    y: &mut ColumnWindow<'_>,
+    row0: usize,
+    col0: usize,
 ) {
-    let (ohw, ow, out_len) = (g.out_pixels(), g.out_w, l.out_len());
+    let (ow, out_len) = (g.out_w, l.out_len());
     if l.wq == ow {
         // No wasted columns (no left/right padding, stride 1 across): the flat output is the
         // NCHW plane, so the product writes it directly. Saves the copy, which reads back what
         // the streaming stores just sent to memory (B's 3×1 half of the spatially separable
         // layer: 3.6–3.8 → 3.3 ms).
-        small_k_gemm(isa, ops, y_rows, ohw, Store::Stream);
+        y.product(isa, ops, row0, col0, Store::Stream);
         return;
     }
     // Dropping the wasted columns with a copy measured faster than one product per output row
     // straight into NCHW (C's 1×3 half: 12.4 → 15.6 ms row by row). Scratch read back at once
     // goes through the caches (a tie with streamed stores on E's strided 1 × 3 half, whose flat
     // output is larger than L2).
+    let n = ops.n;
     small_k_gemm(isa, ops, flat, out_len, Store::Cached);
-    for (oc, plane) in y_rows.chunks_exact_mut(ohw).enumerate() {
-        for (oh, row) in plane.chunks_exact_mut(ow).enumerate() {
-            let src = oc * out_len + oh * l.wq;
-            row.copy_from_slice(&flat[src..src + ow]);
+    for (oc, src) in flat[..n * out_len].chunks_exact(out_len).enumerate() {
+        for (oh, src_row) in src.chunks_exact(l.wq).take(g.out_h).enumerate() {
+            let at = col0 + oh * ow;
+            y.row_columns(row0 + oc, at..at + ow)
+                .copy_from_slice(&src_row[..ow]);
         }
     }
 }
