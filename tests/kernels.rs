@@ -266,6 +266,7 @@ fn fast_equals_reference_on_larger_shapes() {
         .chain(implicit_within_images_cases())
         .chain(transposed_grad_weight_cases())
         .chain(band_forward_cases())
+        .chain(row_depthwise_cases())
         .enumerate()
     {
         let g = ConvGeometry::new(input, weight, &p).unwrap();
@@ -1033,6 +1034,61 @@ fn blocked_depthwise_cases() -> [Case; 9] {
             Conv2dParams::default().groups(16).stride(2, 2),
         ),
     ]
+}
+
+/// Stride-1 depthwise layers for the row kernel (`depthwise_rows`, AVX-512): reference layer
+/// D's 3 × 3 on 14 × 14 planes (one partial vector per row, rows not a multiple of the
+/// four-row group); a 5 × 5 with row dilation 2 (two row phases) and asymmetric padding whose
+/// first output rows read only padding through their top taps; depth multiplier 2 on rows of
+/// 30 columns (a whole vector and a partial one); output rows of exactly 16 and 32 columns;
+/// padding wider than the kernel reaches (output columns that read only padding).
+fn row_depthwise_cases() -> [Case; 6] {
+    let same = Conv2dParams::with_padding(Padding::Same);
+    [
+        ([2, 16, 14, 14], [16, 1, 3, 3], same.groups(16)),
+        (
+            [2, 6, 13, 20],
+            [6, 1, 5, 5],
+            explicit(4, 1, 3, 1).groups(6).dilation(2, 1),
+        ),
+        (
+            [3, 5, 9, 30],
+            [10, 1, 3, 3],
+            Conv2dParams::default().groups(5),
+        ),
+        (
+            [1, 8, 7, 18],
+            [8, 1, 3, 3],
+            Conv2dParams::default().groups(8),
+        ),
+        ([2, 4, 11, 32], [4, 1, 3, 3], same.groups(4)),
+        ([2, 3, 5, 6], [3, 1, 3, 3], explicit(3, 2, 4, 3).groups(3)),
+    ]
+}
+
+#[test]
+fn stride_one_depthwise_cases_take_the_row_kernel_with_avx512() {
+    use sepconv::kernels::{Isa, depthwise_rows};
+    for isa in Isa::available() {
+        for (input, weight, p) in row_depthwise_cases() {
+            let g = ConvGeometry::new(input, weight, &p).unwrap();
+            assert_eq!(
+                depthwise_rows::applies(isa, &g),
+                isa == Isa::Avx512,
+                "{input:?} {isa}"
+            );
+        }
+    }
+    // Strided, wider than 32 output columns, or a 3 × 1 kernel: other kernels.
+    let same = Conv2dParams::with_padding(Padding::Same);
+    for (input, weight, p) in [
+        ([2, 16, 14, 14], [16, 1, 3, 3], same.groups(16).stride(2, 2)),
+        ([2, 16, 14, 33], [16, 1, 3, 3], same.groups(16)),
+        ([2, 16, 14, 14], [16, 1, 3, 1], same.groups(16)),
+    ] {
+        let g = ConvGeometry::new(input, weight, &p).unwrap();
+        assert!(!depthwise_rows::applies(Isa::Avx512, &g), "{input:?}");
+    }
 }
 
 #[test]

@@ -10,6 +10,8 @@
 //!   dilation): each plane is one flat correlation over its padded phase planes.
 //! - [`depthwise_blocked`]: depthwise forward and grad-weight on blocks of 16 channels (one
 //!   vector per pixel); stride-1 grad-input runs on it as the adjoint forward.
+//! - [`depthwise_rows`]: stride-1 depthwise forward (and grad-input, its adjoint) reading the
+//!   NCHW rows in place with masked loads (AVX-512).
 //! - [`fused`]: depthwise then pointwise band by band, the intermediate kept in L2.
 //! - [`elementwise`]: the memory-bound kernels of the network layers (BatchNorm, ReLU, pooling).
 //! - [`winograd`]: F(2×2, 3×3) for stride-1 3×3 convolutions (forward and grad-input).
@@ -32,6 +34,7 @@ pub mod channels_last_grad_weight;
 pub mod conv;
 pub mod depthwise;
 pub mod depthwise_blocked;
+pub mod depthwise_rows;
 pub mod elementwise;
 pub mod fused;
 pub mod gemm;
@@ -282,6 +285,9 @@ pub fn conv2d_forward(
         assert_eq!(b.len(), g.out_channels, "bias length");
     }
     match ConvAlgorithm::choose(exec, g) {
+        ConvAlgorithm::Depthwise if depthwise_rows::applies(exec.isa(), g) => {
+            depthwise_rows::forward(exec, g, x, w, bias, y)
+        }
         ConvAlgorithm::Depthwise if depthwise_blocked::applies(g) => {
             depthwise_blocked::forward(exec, g, x, w, bias, y, ws)
         }
@@ -311,10 +317,12 @@ pub fn conv2d_grad_input(
     // The adjoint forward convolution pays where it runs on a faster kernel than the direct
     // grad-input: anything but im2col (an implicit GEMM split inside the images included: at
     // batch 1 on 2 threads, B's 1 × 3 half 0.94–0.96 → 0.75 ms, a 5 × 5 1.84–1.85 → 1.59–1.62),
-    // and for depthwise layers the channel-blocked kernel.
+    // and for depthwise layers the row or the channel-blocked kernel.
     let adjoint_pays = |adj: &ConvGeometry| match ConvAlgorithm::choose(exec, adj) {
         ConvAlgorithm::Im2colGemm => implicit::forward_within_images_applies(exec, adj),
-        ConvAlgorithm::Depthwise => depthwise_blocked::applies(adj),
+        ConvAlgorithm::Depthwise => {
+            depthwise_rows::applies(exec.isa(), adj) || depthwise_blocked::applies(adj)
+        }
         _ => true,
     };
     match (ConvAlgorithm::choose(exec, g), adjoint_geometry(g)) {

@@ -112,9 +112,9 @@ pub trait SimdF32: Copy {
     unsafe fn load(p: *const f32) -> Self;
     /// Stores `LANES` values (unaligned).
     unsafe fn store(self, p: *mut f32);
-    /// Loads the first `n < LANES` values, the rest zero.
+    /// Loads the first `n ≤ LANES` values, the rest zero.
     unsafe fn load_partial(p: *const f32, n: usize) -> Self;
-    /// Stores the first `n < LANES` lanes.
+    /// Stores the first `n ≤ LANES` lanes.
     unsafe fn store_partial(self, p: *mut f32, n: usize);
     /// Lanes `lo .. hi` from `p + lo .. p + hi`, the others zero (`lo ≤ hi ≤ LANES`). Touches
     /// no memory outside those lanes, so `p` itself may point before the buffer (a tap's shifted
@@ -127,6 +127,14 @@ pub trait SimdF32: Copy {
             Self::load(buf.as_ptr())
         }
     }
+    /// Lanes `lo .. hi` as a mask for [`SimdF32::load_masked`]: computed once, used for loads
+    /// at many addresses (a tap's shifted rows), where [`SimdF32::load_lanes`] would build the
+    /// mask again at each.
+    type Lanes: Copy;
+    /// The mask of lanes `lo .. hi` (`lo ≤ hi ≤ LANES`).
+    unsafe fn lanes(lo: usize, hi: usize) -> Self::Lanes;
+    /// [`SimdF32::load_lanes`] with a mask from [`SimdF32::lanes`].
+    unsafe fn load_masked(p: *const f32, lanes: Self::Lanes) -> Self;
     /// Stores `LANES` values bypassing the cache (non-temporal) when `p` is aligned to the
     /// vector size, else a normal store. Call [`SimdF32::fence`] after a run of these.
     ///
@@ -188,6 +196,21 @@ pub trait SimdF32: Copy {
             }
         }
     }
+}
+
+/// Masks as the lane range itself, for instruction sets without masked loads.
+macro_rules! lanes_as_range {
+    () => {
+        type Lanes = (usize, usize);
+        #[inline(always)]
+        unsafe fn lanes(lo: usize, hi: usize) -> (usize, usize) {
+            (lo, hi)
+        }
+        #[inline(always)]
+        unsafe fn load_masked(p: *const f32, (lo, hi): (usize, usize)) -> Self {
+            unsafe { Self::load_lanes(p, lo, hi) }
+        }
+    };
 }
 
 /// Generic fallbacks for partial loads/stores through a stack buffer.
@@ -279,8 +302,16 @@ mod x86 {
         }
         #[inline(always)]
         unsafe fn load_lanes(p: *const f32, lo: usize, hi: usize) -> Self {
-            let mask = ((1u32 << hi) - 1) & !((1u32 << lo) - 1);
-            unsafe { Avx512(_mm512_maskz_loadu_ps(mask as u16, p)) }
+            unsafe { Self::load_masked(p, Self::lanes(lo, hi)) }
+        }
+        type Lanes = __mmask16;
+        #[inline(always)]
+        unsafe fn lanes(lo: usize, hi: usize) -> __mmask16 {
+            (((1u32 << hi) - 1) & !((1u32 << lo) - 1)) as __mmask16
+        }
+        #[inline(always)]
+        unsafe fn load_masked(p: *const f32, lanes: __mmask16) -> Self {
+            unsafe { Avx512(_mm512_maskz_loadu_ps(lanes, p)) }
         }
         #[inline(always)]
         unsafe fn mul_add(a: Self, b: Self, c: Self) -> Self {
@@ -400,10 +431,16 @@ mod x86 {
         }
         #[inline(always)]
         unsafe fn load_lanes(p: *const f32, lo: usize, hi: usize) -> Self {
-            unsafe {
-                let mask = _mm256_andnot_si256(lane_mask(lo), lane_mask(hi));
-                Avx2(_mm256_maskload_ps(p, mask))
-            }
+            unsafe { Self::load_masked(p, Self::lanes(lo, hi)) }
+        }
+        type Lanes = __m256i;
+        #[inline(always)]
+        unsafe fn lanes(lo: usize, hi: usize) -> __m256i {
+            unsafe { _mm256_andnot_si256(lane_mask(lo), lane_mask(hi)) }
+        }
+        #[inline(always)]
+        unsafe fn load_masked(p: *const f32, lanes: __m256i) -> Self {
+            unsafe { Avx2(_mm256_maskload_ps(p, lanes)) }
         }
         #[inline(always)]
         unsafe fn mul_add(a: Self, b: Self, c: Self) -> Self {
@@ -499,6 +536,7 @@ mod x86 {
         const LANES: usize = 4;
         const REGISTERS: usize = 16;
         const ISA: Isa = Isa::Portable;
+        lanes_as_range!();
         #[inline(always)]
         unsafe fn zero() -> Self {
             unsafe { Sse2(_mm_setzero_ps()) }
@@ -575,6 +613,7 @@ impl SimdF32 for Scalar {
     const LANES: usize = 1;
     const REGISTERS: usize = 16;
     const ISA: Isa = Isa::Portable;
+    lanes_as_range!();
     /// A 1 × 1 block is its own transpose.
     #[inline(always)]
     unsafe fn transpose(_rows: &mut [Self]) {}
@@ -595,11 +634,19 @@ impl SimdF32 for Scalar {
         unsafe { *p = self.0 }
     }
     #[inline(always)]
-    unsafe fn load_partial(_p: *const f32, _n: usize) -> Self {
-        Scalar(0.0)
+    unsafe fn load_partial(p: *const f32, n: usize) -> Self {
+        if n == 0 {
+            Scalar(0.0)
+        } else {
+            unsafe { Self::load(p) }
+        }
     }
     #[inline(always)]
-    unsafe fn store_partial(self, _p: *mut f32, _n: usize) {}
+    unsafe fn store_partial(self, p: *mut f32, n: usize) {
+        if n > 0 {
+            unsafe { self.store(p) }
+        }
+    }
     #[inline(always)]
     unsafe fn mul_add(a: Self, b: Self, c: Self) -> Self {
         Scalar(a.0 * b.0 + c.0)

@@ -1,0 +1,208 @@
+//! Depthwise forward at stride 1 reading the NCHW rows in place; stride-1 grad-input runs
+//! here too, as the adjoint forward (see `kernels::conv2d_grad_input`).
+//!
+//! An output row is a few vectors of columns. Tap (i, j) of output row r is input row
+//! `r + i·dh − pad_top` shifted by `j·dw − pad_left` columns: one masked load (lanes whose
+//! column falls in the padding or past the row read as zero and touch no memory), no padded
+//! copy, no transposes. Four output rows are computed together, so each input row is loaded
+//! once for the four and each weight feeds four independent FMA chains; the kernel's taps stay
+//! in registers (3 × 3 and 5 × 5, const-generic).
+//!
+//! The channel-blocked kernel ([`super::depthwise_blocked`]) transposes 16 planes into a
+//! pixel-major layout and back, which on small planes costs more than the arithmetic. This
+//! kernel measured faster on every shape tried (2 threads, min of 100–300, AVX-512): 3 × 3 on
+//! 8 × 512 × 14² (reference layer D) 0.185–0.19 → 0.117–0.122 ms, 8 × 1024 × 7² 0.141 →
+//! 0.131, 8 × 256 × 28² 0.323 → 0.197, 8 × 128 × 56² 0.735 → 0.643–0.659, 8 × 32 × 112²
+//! 0.637 → 0.550, 2 × 32 × 224² 1.170 → 1.051, batch 1 of D 0.023 → 0.015, of 32 × 112²
+//! 0.082 → 0.053; 5 × 5 on D 0.556 → 0.508, on 8 × 128 × 56² 2.19 → 1.95. With AVX2 it is
+//! 1.3–8× slower than the blocked kernel (AVX2's masked loads are slow on this machine), so
+//! only AVX-512 takes it. Its grad-weight counterpart (one accumulator vector per tap) beat
+//! the blocked grad-weight only on 14² and 28² planes and lost on 7² and 56², so grad-weight
+//! and the one-pass stride-1 backward stay on the blocked kernel.
+
+use std::ops::Range;
+
+use super::simd::{Isa, SimdF32};
+use super::{Exec, for_each_task};
+use crate::error::Result;
+use crate::geometry::ConvGeometry;
+
+/// Output rows computed together in the forward pass.
+const ROWS: usize = 4;
+
+/// Output columns up to which this kernel runs. Wider planes measured faster here in
+/// isolation too (see the module), but in training steps whose input comes from memory the
+/// blocked kernel's prefetching won: reference layer B (112 columns) at batch 8, harness, min
+/// of 30, alternated 2×: depthwise training step 2.54–2.66 → 3.08–3.39 ms, forward medians
+/// 0.70–0.93 → 1.54–2.03.
+const MAX_OUTPUT_WIDTH: usize = 32;
+
+/// Whether `g` runs on this kernel with instruction set `isa`: depthwise (any depth
+/// multiplier), stride 1, a 3 × 3 or 5 × 5 kernel (any dilation and padding), output rows of
+/// at most 32 columns (`MAX_OUTPUT_WIDTH`), AVX-512.
+pub fn applies(isa: Isa, g: &ConvGeometry) -> bool {
+    g.is_depthwise()
+        && (g.stride_h, g.stride_w) == (1, 1)
+        && matches!((g.kernel_h, g.kernel_w), (3, 3) | (5, 5))
+        && g.out_w <= MAX_OUTPUT_WIDTH
+        && isa == Isa::Avx512
+}
+
+/// Forward pass (`g` must satisfy [`applies`] for `exec`'s instruction set). Output planes
+/// are split over the threads in runs; each is computed from its input plane alone, so the
+/// threads share nothing however the planes fall.
+pub fn forward(
+    exec: Exec,
+    g: &ConvGeometry,
+    x: &[f32],
+    w: &[f32],
+    bias: Option<&[f32]>,
+    y: &mut [f32],
+) -> Result<()> {
+    assert!(
+        applies(exec.isa(), g),
+        "row depthwise kernel: unsupported geometry"
+    );
+    let planes = g.batch * g.out_channels;
+    let tasks = exec.threads().min(planes);
+    for_each_task(tasks, y, g.out_pixels(), &mut [], 0, |planes, yc, _| {
+        forward_planes(exec.isa(), g, x, w, bias, planes, yc)
+    });
+    Ok(())
+}
+
+crate::simd_dispatch!(fn forward_planes => forward_planes_kernel(
+    g: &ConvGeometry, x: &[f32], w: &[f32], bias: Option<&[f32]>,
+    planes: Range<usize>, y: &mut [f32]
+));
+
+#[inline(always)]
+unsafe fn forward_planes_kernel<S: SimdF32>(
+    g: &ConvGeometry,
+    x: &[f32],
+    w: &[f32],
+    bias: Option<&[f32]>,
+    planes: Range<usize>,
+    y: &mut [f32],
+) {
+    let taps = g.kernel_h * g.kernel_w;
+    let (hw, ohw) = (g.in_pixels(), g.out_pixels());
+    let multiplier = g.depth_multiplier();
+    // Output plane p is channel co of image n; it reads input channel co / multiplier.
+    let (mut n, mut co) = (planes.start / g.out_channels, planes.start % g.out_channels);
+    for yp in y.chunks_exact_mut(ohw).take(planes.len()) {
+        let input = n * g.in_channels + co / multiplier;
+        let xp = &x[input * hw..(input + 1) * hw];
+        let wp = &w[co * taps..(co + 1) * taps];
+        let b = bias.map_or(0.0, |b| b[co]);
+        // SAFETY: xp and yp are whole planes of g's input and output shapes; g's kernel is
+        // 3 × 3 or 5 × 5 (`applies`).
+        unsafe {
+            match g.kernel_h {
+                3 => forward_plane::<S, 3, 3>(g, xp, wp, b, yp),
+                _ => forward_plane::<S, 5, 5>(g, xp, wp, b, yp),
+            }
+        }
+        co += 1;
+        if co == g.out_channels {
+            (n, co) = (n + 1, 0);
+        }
+    }
+}
+
+/// Where tap column `j` reads for a chunk of output columns: `offset` is the input column of
+/// the chunk's lane 0 (negative in the left padding), `lanes` the lanes that read inside the
+/// row.
+#[derive(Clone, Copy)]
+struct TapColumns<S: SimdF32> {
+    offset: isize,
+    lanes: S::Lanes,
+}
+
+/// The reads of tap columns `0 .. KW` for the `n` output columns starting at `c0`.
+#[inline(always)]
+unsafe fn tap_columns<S: SimdF32, const KW: usize>(
+    g: &ConvGeometry,
+    c0: usize,
+    n: usize,
+) -> [TapColumns<S>; KW] {
+    std::array::from_fn(|j| {
+        let offset = (c0 + j * g.dilation_w) as isize - g.pad_left as isize;
+        let lo = (-offset).clamp(0, n as isize) as usize;
+        let hi = (g.in_w as isize - offset).clamp(lo as isize, n as isize) as usize;
+        let lanes = unsafe { S::lanes(lo, hi) };
+        TapColumns { offset, lanes }
+    })
+}
+
+/// One output plane, `S::LANES` columns at a time, in groups of `ROWS` output rows `dh` apart
+/// (`dh` the row dilation): row `r0 + o·dh` reads through tap row `i` input row
+/// `r0 + (o + i)·dh − pad_top`, so the group's `ROWS + KH − 1` input rows are each loaded
+/// once (`KW` shifted loads) and feed every output row of the group that reads them.
+///
+/// Written for the compiler: per-row scalar work is a large share of a narrow plane's time,
+/// so each tap column's start and lane mask are hoisted out of the row loop and rows outside
+/// the plane read as zeros instead of branching around the FMAs (with a loop over the
+/// dilation phases inside each group, bounds-checked stores and the offsets recomputed per
+/// row it measured 1.5× slower on reference layer D's 14 × 14 planes).
+///
+/// # Safety
+/// `xp`, `yp` are whole planes of `g`'s input and output, `w` the plane's `KH × KW` taps.
+#[inline(always)]
+unsafe fn forward_plane<S: SimdF32, const KH: usize, const KW: usize>(
+    g: &ConvGeometry,
+    xp: &[f32],
+    w: &[f32],
+    bias: f32,
+    yp: &mut [f32],
+) {
+    let lanes = S::LANES;
+    let (oh, ow, dh) = (g.out_h, g.out_w, g.dilation_h);
+    // SAFETY (all blocks): input loads read the lanes `tap_columns` found inside a row below
+    // `in_h`; stores write `n ≤ lanes` columns of rows below `oh`.
+    let wv: [[S; KW]; KH] =
+        std::array::from_fn(|i| std::array::from_fn(|j| unsafe { S::splat(w[i * KW + j]) }));
+    let bv = unsafe { S::splat(bias) };
+    let (pad_top, in_h, in_w) = (g.pad_top, g.in_h, g.in_w);
+    for c0 in (0..ow).step_by(lanes) {
+        let n = lanes.min(ow - c0);
+        let cols = unsafe { tap_columns::<S, KW>(g, c0, n) };
+        let starts: [*const f32; KW] =
+            std::array::from_fn(|j| xp.as_ptr().wrapping_offset(cols[j].offset));
+        let masks: [S::Lanes; KW] = std::array::from_fn(|j| cols[j].lanes);
+        // Padded row r: its KW shifted loads, zeros outside the plane.
+        let row = |r: usize| -> [S; KW] {
+            let ir = r.wrapping_sub(pad_top);
+            if ir < in_h {
+                std::array::from_fn(|j| unsafe {
+                    S::load_masked(starts[j].wrapping_add(ir * in_w), masks[j])
+                })
+            } else {
+                [unsafe { S::zero() }; KW]
+            }
+        };
+        for phase in 0..dh.min(oh) {
+            let mut r0 = phase;
+            while r0 < oh {
+                let mut acc = [bv; ROWS];
+                for k in 0..ROWS + KH - 1 {
+                    let v = row(r0 + k * dh);
+                    // Output row o of the group reads this row through tap row k − o.
+                    for (o, a) in acc.iter_mut().enumerate() {
+                        if k >= o && k - o < KH {
+                            for (&wt, &vj) in wv[k - o].iter().zip(&v) {
+                                *a = unsafe { S::mul_add(wt, vj, *a) };
+                            }
+                        }
+                    }
+                }
+                let rows = (oh - r0).div_ceil(dh);
+                for (o, a) in acc.iter().enumerate().take(rows) {
+                    let dst = yp.as_mut_ptr().wrapping_add((r0 + o * dh) * ow + c0);
+                    unsafe { a.store_partial(dst, n) }
+                }
+                r0 += ROWS * dh;
+            }
+        }
+    }
+}
