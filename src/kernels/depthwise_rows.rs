@@ -9,16 +9,17 @@
 //! in registers (3 × 3 and 5 × 5, const-generic).
 //!
 //! The channel-blocked kernel ([`super::depthwise_blocked`]) transposes 16 planes into a
-//! pixel-major layout and back, which on small planes costs more than the arithmetic. This
-//! kernel measured faster on every shape tried (2 threads, min of 100–300, AVX-512): 3 × 3 on
-//! 8 × 512 × 14² (reference layer D) 0.185–0.19 → 0.117–0.122 ms, 8 × 1024 × 7² 0.141 →
-//! 0.131, 8 × 256 × 28² 0.323 → 0.197, 8 × 128 × 56² 0.735 → 0.643–0.659, 8 × 32 × 112²
-//! 0.637 → 0.550, 2 × 32 × 224² 1.170 → 1.051, batch 1 of D 0.023 → 0.015, of 32 × 112²
-//! 0.082 → 0.053; 5 × 5 on D 0.556 → 0.508, on 8 × 128 × 56² 2.19 → 1.95. With AVX2 it is
-//! 1.3–8× slower than the blocked kernel (AVX2's masked loads are slow on this machine), so
-//! only AVX-512 takes it. Its grad-weight counterpart (one accumulator vector per tap) beat
-//! the blocked grad-weight only on 14² and 28² planes and lost on 7² and 56², so grad-weight
-//! and the one-pass stride-1 backward stay on the blocked kernel.
+//! pixel-major layout and back, which on small planes costs more than the arithmetic. Called
+//! over and over on the same tensors (2 threads, min of 100–300, AVX-512), this kernel measured
+//! faster on every shape tried: 3 × 3 on 8 × 512 × 14² (reference layer D) 0.185–0.19 →
+//! 0.117–0.122 ms, 8 × 1024 × 7² 0.141 → 0.131, 8 × 256 × 28² 0.323 → 0.197, 8 × 128 × 56²
+//! 0.735 → 0.643–0.659, 8 × 32 × 112² 0.637 → 0.550, 2 × 32 × 224² 1.170 → 1.051, batch 1 of D
+//! 0.023 → 0.015, of 32 × 112² 0.082 → 0.053; 5 × 5 on D 0.556 → 0.508, on 8 × 128 × 56² 2.19 →
+//! 1.95. Inside training steps it lost on wide planes (see [`applies`]), which stay on the
+//! blocked kernel. With AVX2 it is 1.3–8× slower than the blocked kernel (AVX2's masked loads
+//! are slow on this machine), so only AVX-512 takes it. Its grad-weight counterpart (one
+//! accumulator vector per tap) beat the blocked grad-weight only on 14² and 28² planes and lost
+//! on 7² and 56², so grad-weight and the one-pass stride-1 backward stay on the blocked kernel.
 
 use std::ops::Range;
 
