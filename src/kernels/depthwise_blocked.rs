@@ -318,6 +318,19 @@ impl PackShape {
         }
     }
 
+    /// The output-gradient planes of `g` into the margined block of its strided grad-input.
+    fn gradient_block(g: &ConvGeometry, b: &GradientBlock) -> Self {
+        PackShape {
+            h: g.out_h,
+            w: g.out_w,
+            top: b.top,
+            left: b.left,
+            stride: b.cols,
+            plane_stride: g.out_pixels(),
+            next_block: None,
+        }
+    }
+
     /// The output planes of `g` as one unpadded run of pixels.
     fn output(g: &ConvGeometry) -> Self {
         let p = g.out_pixels();
@@ -680,12 +693,120 @@ pub fn backward(
         backward_applies(g, adj),
         "channel-blocked depthwise backward: unsupported geometry"
     );
+    let plan = GradInput::Adjoint {
+        adj,
+        l: Layout::new(adj),
+        wt,
+    };
+    backward_with(exec, g, &plan, x, gy, gx, gw, ws)
+}
+
+/// Grad-input and grad-weight of a strided depthwise layer (`g` must satisfy
+/// [`grad_input_applies`]) in one pass over the output gradient, as [`backward`] does at
+/// stride 1: each block's output gradient is transposed once into [`grad_input`]'s margined
+/// block, which serves both the tap sums (read at its interior pixels) and the gather per
+/// residue class. Separately, grad-weight and grad-input each read and transposed it, and
+/// each split the work its own way. Harness, 2 threads, min of 100–200, alternated: reference
+/// layer E's two gradients (3 × 3, stride 2, batch 8) 0.873–0.909 → 0.861–0.874 ms, 8 × 256
+/// × 28² 0.420–0.428 → 0.397–0.412, 8 × 64 × 112² 2.32–2.36 → 2.12–2.33, E at batch 1
+/// 0.097–0.098 → 0.094; E's depthwise-separable training step 7.54–7.60 → 7.33–7.58.
+#[allow(clippy::too_many_arguments)]
+pub fn strided_backward(
+    exec: Exec,
+    g: &ConvGeometry,
+    x: &[f32],
+    gy: &[f32],
+    w: &[f32],
+    gx: &mut [f32],
+    gw: &mut [f32],
+    ws: &mut Workspace,
+) -> Result<()> {
+    assert!(
+        grad_input_applies(g),
+        "channel-blocked strided depthwise backward: unsupported geometry"
+    );
+    let plan = GradInput::Strided {
+        s: StridedGradInput::new(g),
+        w,
+    };
+    backward_with(exec, g, &plan, x, gy, gx, gw, ws)
+}
+
+/// How [`backward_with`] turns a block's packed output gradient into its grad-input.
+enum GradInput<'a> {
+    /// Stride 1: the adjoint forward `adj`, whose padded input layout `l` the output gradient
+    /// is packed into, with the flipped kernel `wt`.
+    Adjoint {
+        adj: &'a ConvGeometry,
+        l: Layout,
+        wt: &'a [f32],
+    },
+    /// Strided: the gather per residue class ([`grad_input`]) with the layer's kernel `w`.
+    Strided { s: StridedGradInput, w: &'a [f32] },
+}
+
+impl GradInput<'_> {
+    /// Floats of the output-gradient block, and of the pixels it produces before they go back
+    /// to NCHW.
+    fn blocks(&self, g: &ConvGeometry, lanes: usize) -> (usize, usize) {
+        match self {
+            GradInput::Adjoint { adj, l, .. } => {
+                (l.hp * l.wp * lanes, l.out_pixels(adj, lanes) * lanes)
+            }
+            GradInput::Strided { s, .. } => (
+                s.block.rows * s.block.cols * lanes,
+                band_pixels(g.in_w, g.in_h, lanes) * lanes,
+            ),
+        }
+    }
+
+    /// Where the output-gradient block holds `g`'s output pixel (0, 0), and its row stride.
+    fn pixels(&self) -> GradientPixels {
+        match self {
+            // g's output pixel (oh, ow) is the adjoint's padded input pixel (oh + top, ow +
+            // left).
+            GradInput::Adjoint { adj, l, .. } => GradientPixels {
+                first: adj.pad_top * l.wp + adj.pad_left,
+                row: l.wp,
+            },
+            GradInput::Strided { s, .. } => GradientPixels {
+                first: s.block.top * s.block.cols + s.block.left,
+                row: s.block.cols,
+            },
+        }
+    }
+
+    /// The kernel whose tap vectors the grad-input multiplies.
+    fn weights(&self) -> &[f32] {
+        match self {
+            GradInput::Adjoint { wt, .. } => wt,
+            GradInput::Strided { w, .. } => w,
+        }
+    }
+}
+
+/// [`backward`] and [`strided_backward`]: tasks take runs of (image, block) items; each sums
+/// its items' tap sums in f64 (per-image sums in f32 lanes, as [`grad_weight`]), and the
+/// tasks' sums are added in task order at the end.
+#[allow(clippy::too_many_arguments)]
+fn backward_with(
+    exec: Exec,
+    g: &ConvGeometry,
+    plan: &GradInput<'_>,
+    x: &[f32],
+    gy: &[f32],
+    gx: &mut [f32],
+    gw: &mut [f32],
+    ws: &mut Workspace,
+) -> Result<()> {
     let lanes = exec.isa().lanes();
-    let (lx, lg) = (Layout::new(g), Layout::new(adj));
+    let lx = Layout::new(g);
     let taps = g.kernel_h * g.kernel_w;
     let items = g.batch * g.in_channels / lanes;
     let tasks = exec.threads().min(items);
-    let per_task = lx.hp * lx.wp * lanes + lg.scratch(adj, lanes);
+    // The input block, the gradient block, its grad-input pixels, tap vectors and a bias.
+    let (gradient, pixels) = plan.blocks(g, lanes);
+    let per_task = lx.hp * lx.wp * lanes + gradient + pixels + (taps + 1) * lanes;
     let scratch = ws.take(per_task * tasks)?;
     let per_items = items.div_ceil(tasks);
     let sums: Vec<Vec<f64>> = gx
@@ -696,17 +817,14 @@ pub fn backward(
             let start = t * per_items;
             let end = (start + per_items).min(items);
             let mut acc = vec![0f64; g.in_channels * taps];
-            let run = start..end;
             backward_items(
                 exec.isa(),
                 g,
-                adj,
+                plan,
                 &lx,
-                &lg,
                 x,
                 gy,
-                wt,
-                run,
+                start..end,
                 gxc,
                 buf,
                 &mut acc,
@@ -724,22 +842,20 @@ pub fn backward(
 }
 
 crate::simd_dispatch!(fn backward_items => backward_items_kernel(
-    g: &ConvGeometry, adj: &ConvGeometry, lx: &Layout, lg: &Layout, x: &[f32], gy: &[f32],
-    wt: &[f32], items: Range<usize>, gx: &mut [f32], buf: &mut [f32], acc64: &mut [f64]
+    g: &ConvGeometry, plan: &GradInput<'_>, lx: &Layout, x: &[f32], gy: &[f32],
+    items: Range<usize>, gx: &mut [f32], buf: &mut [f32], acc64: &mut [f64]
 ));
 
-/// [`backward`] for items (image, block) `items`, whose grad-input planes are `gx`; adds the
-/// items' weight gradients to `acc64` (`[channel][tap]`, all channels).
+/// [`backward_with`] for items (image, block) `items`, whose grad-input planes are `gx`; adds
+/// the items' weight gradients to `acc64` (`[channel][tap]`, all channels).
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 unsafe fn backward_items_kernel<S: SimdF32>(
     g: &ConvGeometry,
-    adj: &ConvGeometry,
+    plan: &GradInput<'_>,
     lx: &Layout,
-    lg: &Layout,
     x: &[f32],
     gy: &[f32],
-    wt: &[f32],
     items: Range<usize>,
     gx: &mut [f32],
     buf: &mut [f32],
@@ -748,46 +864,58 @@ unsafe fn backward_items_kernel<S: SimdF32>(
     let lanes = S::LANES;
     let (hw, ohw, taps) = (g.in_pixels(), g.out_pixels(), g.kernel_h * g.kernel_w);
     let blocks = g.in_channels / lanes;
+    let (gradient, pixels) = plan.blocks(g, lanes);
     let (xb, rest) = buf.split_at_mut(lx.hp * lx.wp * lanes);
-    let (gb, rest) = rest.split_at_mut(lg.hp * lg.wp * lanes);
-    let (ob, rest) = rest.split_at_mut(lg.out_pixels(adj, lanes) * lanes);
+    let (gb, rest) = rest.split_at_mut(gradient);
+    let (ob, rest) = rest.split_at_mut(pixels);
     let (wb, bb) = rest.split_at_mut(taps * lanes);
-    // The paddings are never written after this; the bias of the adjoint is zero.
+    // The paddings and margins are never written after this; the bias of the adjoint is zero.
     xb.fill(0.0);
     gb.fill(0.0);
     bb[..lanes].fill(0.0);
     let (offsets, count) = tap_offsets(g, lx, lanes);
     let unit_3x3 = is_3x3_unit_stride(g);
-    // g's output pixel (oh, ow) is the adjoint's padded input pixel (oh + top, ow + left).
-    let gpix = GradientPixels {
-        first: adj.pad_top * lg.wp + adj.pad_left,
-        row: lg.wp,
-    };
+    let gpix = plan.pixels();
     for (local, item) in items.enumerate() {
         let c0 = item % blocks * lanes;
         let first = item / blocks * g.in_channels + c0;
-        tap_vectors(&wt[c0 * taps..], taps, lanes, wb);
+        tap_vectors(&plan.weights()[c0 * taps..], taps, lanes, wb);
         let mut sums = [0f32; MAX_TAPS * 16];
+        let gy_block = &gy[first * ohw..(first + lanes) * ohw];
         // SAFETY: x, gy hold planes first .. first + lanes; gx the item's planes; the block
-        // buffers have their layouts' sizes.
+        // buffers have their layouts' sizes (`GradInput::blocks`); every class read of the
+        // strided gather lands in its margined block.
         unsafe {
             pack::<S>(
                 PackShape::input(g, lx, hw),
                 &x[first * hw..(first + lanes) * hw],
                 xb,
             );
-            pack::<S>(
-                PackShape::input(adj, lg, ohw),
-                &gy[first * ohw..(first + lanes) * ohw],
-                gb,
-            );
+            match plan {
+                GradInput::Adjoint { adj, l, .. } => {
+                    pack::<S>(PackShape::input(adj, l, ohw), gy_block, gb)
+                }
+                GradInput::Strided { s, .. } => {
+                    pack::<S>(PackShape::gradient_block(g, &s.block), gy_block, gb)
+                }
+            }
             if unit_3x3 {
                 tap_sums_3x3::<S>(g, lx, xb, gb, gpix, &mut sums);
             } else {
                 tap_sums::<S>(g, lx, &offsets[..count], xb, gb, gpix, &mut sums);
             }
             let gx_item = &mut gx[local * lanes * hw..(local + 1) * lanes * hw];
-            compute_in_bands::<S>(adj, lg, gb, wb, bb, ob, gx_item);
+            match plan {
+                GradInput::Adjoint { adj, l, .. } => {
+                    compute_in_bands::<S>(adj, l, gb, wb, bb, ob, gx_item)
+                }
+                GradInput::Strided { s, .. } => {
+                    for (rows, pixels) in row_bands(g.in_w, g.in_h, lanes) {
+                        gather_classes::<S>(g, s, gb, wb, rows, ob);
+                        unpack::<S>(pixels, hw, ob, gx_item);
+                    }
+                }
+            }
         }
         // sums is [tap][lane].
         for lane in 0..lanes {
@@ -935,15 +1063,7 @@ unsafe fn grad_input_blocks_kernel<S: SimdF32>(
     let (ob, wb) = rest.split_at_mut(band_pixels(g.in_w, g.in_h, lanes) * lanes);
     // The margins are never written after this.
     gb.fill(0.0);
-    let shape = PackShape {
-        h: g.out_h,
-        w: g.out_w,
-        top: s.block.top,
-        left: s.block.left,
-        stride: s.block.cols,
-        plane_stride: ohw,
-        next_block: None,
-    };
+    let shape = PackShape::gradient_block(g, &s.block);
     for (local, item) in items.enumerate() {
         let first = item * lanes;
         let c0 = first % g.in_channels;

@@ -539,9 +539,9 @@ pub fn conv2d_grad_weight(
 
 /// The gradients of one convolution, all overwritten: `gw`, and `gx` and `gb` when given.
 /// [`conv2d_grad_weight`], [`conv2d_grad_input`] and [`conv2d_grad_bias`], except where one
-/// pass computes several: stride-1 depthwise layers on the channel-blocked kernel, whose
-/// weight and input gradients come from one pass over the output gradient
-/// ([`depthwise_blocked::backward`]), pointwise layers split by images, whose three gradients
+/// pass computes several: depthwise layers on the channel-blocked kernel, whose weight and
+/// input gradients come from one pass over the output gradient ([`depthwise_blocked::backward`]
+/// at stride 1, [`depthwise_blocked::strided_backward`] strided), pointwise layers split by images, whose three gradients
 /// are computed image by image ([`conv::pointwise_backward`]), and layers whose grad-weight
 /// runs on the shifted kernel or the per-tap GEMMs, which sum grad-bias image by image as they
 /// go ([`shifted_grad_weight::grad_weight`], [`tap_grad_weight::grad_weight`],
@@ -581,6 +581,12 @@ pub fn conv2d_backward(
             with_adjoint_weight(exec, g, w, ws, |wt, ws| {
                 depthwise_blocked::backward(exec, g, &adj, x, gy, wt, gx, gw, ws)
             })
+        }
+        None if depthwise_blocked::grad_input_applies(g) => {
+            if let Some(gb) = gb {
+                conv2d_grad_bias(exec, g, gy, gb);
+            }
+            depthwise_blocked::strided_backward(exec, g, x, gy, w, gx, gw, ws)
         }
         None => {
             grad_weight_and_bias(exec, g, x, gy, gw, gb, ws)?;
@@ -641,9 +647,10 @@ fn grad_weight_and_bias(
 }
 
 /// Whether [`conv2d_backward`] computes a depthwise layer's weight and input gradients in one
-/// pass over the output gradient (pointwise layers: [`conv::pointwise_backward_applies`]).
+/// pass over the output gradient (pointwise layers: [`conv::pointwise_backward_applies`]): at
+/// stride 1 with the adjoint forward, strided with the gather per residue class.
 pub fn backward_is_fused(g: &ConvGeometry) -> bool {
-    fused_backward(g).is_some()
+    fused_backward(g).is_some() || depthwise_blocked::grad_input_applies(g)
 }
 
 /// The adjoint geometry of `g` where its gradients are fused.
