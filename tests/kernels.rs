@@ -1041,8 +1041,9 @@ fn blocked_depthwise_cases() -> [Case; 9] {
 /// four-row group); a 5 × 5 with row dilation 2 (two row phases) and asymmetric padding whose
 /// first output rows read only padding through their top taps; depth multiplier 2 on rows of
 /// 30 columns (a whole vector and a partial one); output rows of exactly 16 and 32 columns;
-/// padding wider than the kernel reaches (output columns that read only padding).
-fn row_depthwise_cases() -> [Case; 6] {
+/// padding wider than the kernel reaches (output columns that read only padding); a 5 × 5 on
+/// rows of 70 columns (four whole vectors and a partial one on AVX-512), a small input.
+fn row_depthwise_cases() -> [Case; 7] {
     let same = Conv2dParams::with_padding(Padding::Same);
     [
         ([2, 16, 14, 14], [16, 1, 3, 3], same.groups(16)),
@@ -1063,6 +1064,7 @@ fn row_depthwise_cases() -> [Case; 6] {
         ),
         ([2, 4, 11, 32], [4, 1, 3, 3], same.groups(4)),
         ([2, 3, 5, 6], [3, 1, 3, 3], explicit(3, 2, 4, 3).groups(3)),
+        ([2, 4, 9, 70], [4, 1, 5, 5], same.groups(4)),
     ]
 }
 
@@ -1079,11 +1081,12 @@ fn stride_one_depthwise_cases_take_the_row_kernel_with_avx512() {
             );
         }
     }
-    // Strided, wider than 32 output columns, or a 3 × 1 kernel: other kernels.
+    // Strided, wider than 32 output columns on an input of more than 2^20 floats, or a 3 × 1
+    // kernel: other kernels.
     let same = Conv2dParams::with_padding(Padding::Same);
     for (input, weight, p) in [
         ([2, 16, 14, 14], [16, 1, 3, 3], same.groups(16).stride(2, 2)),
-        ([2, 16, 14, 33], [16, 1, 3, 3], same.groups(16)),
+        ([2, 16, 180, 200], [16, 1, 3, 3], same.groups(16)),
         ([2, 16, 14, 14], [16, 1, 3, 1], same.groups(16)),
     ] {
         let g = ConvGeometry::new(input, weight, &p).unwrap();

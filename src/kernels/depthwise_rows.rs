@@ -15,11 +15,12 @@
 //! 0.117–0.122 ms, 8 × 1024 × 7² 0.141 → 0.131, 8 × 256 × 28² 0.323 → 0.197, 8 × 128 × 56²
 //! 0.735 → 0.643–0.659, 8 × 32 × 112² 0.637 → 0.550, 2 × 32 × 224² 1.170 → 1.051, batch 1 of D
 //! 0.023 → 0.015, of 32 × 112² 0.082 → 0.053; 5 × 5 on D 0.556 → 0.508, on 8 × 128 × 56² 2.19 →
-//! 1.95. Inside training steps it lost on wide planes (see [`applies`]), which stay on the
-//! blocked kernel. With AVX2 it is 1.3–8× slower than the blocked kernel (AVX2's masked loads
-//! are slow on this machine), so only AVX-512 takes it. Its grad-weight counterpart (one
-//! accumulator vector per tap) beat the blocked grad-weight only on 14² and 28² planes and lost
-//! on 7² and 56², so grad-weight and the one-pass stride-1 backward stay on the blocked kernel.
+//! 1.95. Inside training steps it lost on wide planes with large inputs (see [`applies`]),
+//! which stay on the blocked kernel. With AVX2 it is 1.3–8× slower than the blocked kernel
+//! (AVX2's masked loads are slow on this machine), so only AVX-512 takes it. Its grad-weight
+//! counterpart (one accumulator vector per tap) beat the blocked grad-weight only on 14² and
+//! 28² planes and lost on 7² and 56², so grad-weight and the one-pass stride-1 backward stay on
+//! the blocked kernel.
 
 use std::ops::Range;
 
@@ -31,21 +32,30 @@ use crate::geometry::ConvGeometry;
 /// Output rows computed together in the forward pass.
 const ROWS: usize = 4;
 
-/// Output columns up to which this kernel runs. Wider planes measured faster here in
-/// isolation too (see the module), but in training steps whose input comes from memory the
-/// blocked kernel's prefetching won: reference layer B (112 columns) at batch 8, harness, min
-/// of 30, alternated 2×: depthwise training step 2.54–2.66 → 3.08–3.39 ms, forward medians
-/// 0.70–0.93 → 1.54–2.03.
+/// Output columns up to which this kernel runs on any input.
 const MAX_OUTPUT_WIDTH: usize = 32;
 
+/// Input floats up to which it runs on wider rows too: an input this small stays in cache
+/// through a training step. Wider planes were faster here in isolation (see the module), but
+/// in training steps whose input comes from memory the blocked kernel's prefetching won:
+/// reference layer B (112 columns) at batch 8, 12.8 MB of input (harness, min of 30,
+/// alternated 2×): depthwise training step 2.54–2.66 → 3.08–3.39 ms, forward medians 0.70–0.93
+/// → 1.54–2.03. On one or two images of B and C (1.6 and 3.2 MB; min of 100–200, alternated
+/// 2×): B's depthwise training step 0.231–0.236 → 0.201–0.203 ms at batch 1 and 0.448–0.454 →
+/// 0.387–0.401 at batch 2, its depthwise-separable step 1.084–1.097 → 0.989–0.996 and
+/// 2.25–2.35 → 2.17–2.23; C's depthwise step 0.207–0.211 → 0.185–0.186 and 0.410 → 0.367–0.368,
+/// its depthwise-separable step 1.702–1.705 → 1.637 and 3.31–3.41 → 3.32–3.33.
+const MAX_WIDE_INPUT_FLOATS: usize = 1 << 20;
+
 /// Whether `g` runs on this kernel with instruction set `isa`: depthwise (any depth
-/// multiplier), stride 1, a 3 × 3 or 5 × 5 kernel (any dilation and padding), output rows of
-/// at most 32 columns (`MAX_OUTPUT_WIDTH`), AVX-512.
+/// multiplier), stride 1, a 3 × 3 or 5 × 5 kernel (any dilation and padding), AVX-512, and
+/// output rows of at most 32 columns (`MAX_OUTPUT_WIDTH`) or an input of at most 2²⁰ floats
+/// (`MAX_WIDE_INPUT_FLOATS`).
 pub fn applies(isa: Isa, g: &ConvGeometry) -> bool {
     g.is_depthwise()
         && (g.stride_h, g.stride_w) == (1, 1)
         && matches!((g.kernel_h, g.kernel_w), (3, 3) | (5, 5))
-        && g.out_w <= MAX_OUTPUT_WIDTH
+        && (g.out_w <= MAX_OUTPUT_WIDTH || g.input_len() <= MAX_WIDE_INPUT_FLOATS)
         && isa == Isa::Avx512
 }
 
