@@ -15,7 +15,7 @@
 //! the flipped kernel (see `kernels::conv2d_grad_input`), so it runs here too; grad-weight has
 //! its own blocked kernel ([`grad_weight`]), and [`backward`] computes both in one pass over
 //! the output gradient. Grad-input of strided layers gathers per residue class of the input
-//! pixels ([`grad_input`]).
+//! pixels ([`grad_input`]), and [`strided_backward`] computes it and grad-weight in one pass.
 
 use std::ops::Range;
 

@@ -9,7 +9,8 @@
 //! - [`depthwise`]: a direct SIMD kernel for groups = in-channels (any depth multiplier, stride,
 //!   dilation): each plane is one flat correlation over its padded phase planes.
 //! - [`depthwise_blocked`]: depthwise forward and grad-weight on blocks of 16 channels (one
-//!   vector per pixel); stride-1 grad-input runs on it as the adjoint forward.
+//!   vector per pixel); stride-1 grad-input runs on it as the adjoint forward, strided as a
+//!   gather; both gradients in one pass.
 //! - [`depthwise_rows`]: stride-1 depthwise forward (and grad-input, its adjoint) reading the
 //!   NCHW rows in place with masked loads (AVX-512).
 //! - [`fused`]: depthwise then pointwise band by band, the intermediate kept in L2.
@@ -541,12 +542,12 @@ pub fn conv2d_grad_weight(
 /// [`conv2d_grad_weight`], [`conv2d_grad_input`] and [`conv2d_grad_bias`], except where one
 /// pass computes several: depthwise layers on the channel-blocked kernel, whose weight and
 /// input gradients come from one pass over the output gradient ([`depthwise_blocked::backward`]
-/// at stride 1, [`depthwise_blocked::strided_backward`] strided), pointwise layers split by images, whose three gradients
-/// are computed image by image ([`conv::pointwise_backward`]), and layers whose grad-weight
-/// runs on the shifted kernel or the per-tap GEMMs, which sum grad-bias image by image as they
-/// go ([`shifted_grad_weight::grad_weight`], [`tap_grad_weight::grad_weight`],
-/// [`tap_grad_weight::grad_weight_on_phases`]). Results are the same either way (grad-bias bit
-/// for bit).
+/// at stride 1, [`depthwise_blocked::strided_backward`] strided), pointwise layers split by
+/// images, whose three gradients are computed image by image ([`conv::pointwise_backward`]),
+/// and layers whose grad-weight runs on the shifted kernel or the per-tap GEMMs, which sum
+/// grad-bias image by image as they go ([`shifted_grad_weight::grad_weight`],
+/// [`tap_grad_weight::grad_weight`], [`tap_grad_weight::grad_weight_on_phases`]). Results are
+/// the same either way (grad-bias bit for bit).
 #[allow(clippy::too_many_arguments)]
 pub fn conv2d_backward(
     exec: Exec,
