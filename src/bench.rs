@@ -458,6 +458,27 @@ pub fn fma_peak_gmacs(exec: Exec) -> f64 {
     (threads * macs_per_thread) as f64 / best / 1e9
 }
 
+/// What a core-to-core round trip of `ns` nanoseconds ([`core_to_core_round_trip_ns`]) says
+/// about where the threads run, when that makes timings incomparable with a usual run: under
+/// 40 ns the two CPUs are hyperthreads of one core (they share its FMA units: the measured peak
+/// halves, and the bench's floors with it), over 200 ns they share no cache (different dies or
+/// sockets: kernels that split an image over the threads slow down) or another process holds
+/// one of the CPUs (a build running beside the bench read 516–788 ns). On this project's VM the
+/// usual state reads 53–90 ns, the shared core 29, the split dies 315–370. `None` in between.
+pub fn round_trip_note(ns: f64) -> Option<&'static str> {
+    if ns < 40.0 {
+        Some(
+            "the threads run on hyperthreads of one core: peak and floors are halved, times not comparable with other runs",
+        )
+    } else if ns > 200.0 {
+        Some(
+            "the threads share no cache (different dies or sockets), or another process holds a CPU: kernels that split images over the threads are slower than usual",
+        )
+    } else {
+        None
+    }
+}
+
 /// One cache line's round trip between two threads on two different CPUs, in nanoseconds: the
 /// best of 5 trials of 20 000 round trips (one thread writes a counter, the other answers).
 /// It is what a kernel pays when one thread reads what another just wrote, as the kernels that
@@ -662,6 +683,13 @@ unsafe fn fma_loop_kernel<S: SimdF32>(iters: usize, sink: &mut f32) {
 mod tests {
     use super::*;
     use crate::kernels::simd::Isa;
+
+    #[test]
+    fn round_trip_notes_flag_a_shared_core_and_split_dies() {
+        assert!(round_trip_note(29.0).unwrap().contains("one core"));
+        assert_eq!(round_trip_note(63.0), None);
+        assert!(round_trip_note(326.0).unwrap().contains("no cache"));
+    }
 
     #[test]
     fn bandwidth_kernels_cover_the_whole_vectors() {

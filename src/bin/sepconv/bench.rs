@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use sepconv::bench::{
     MemoryBandwidth, Pass, ReferenceLayer, VARIANTS, Variant, Workload, core_to_core_round_trip_ns,
-    fma_peak_gmacs, memory_bandwidth, time_runs,
+    fma_peak_gmacs, memory_bandwidth, round_trip_note, time_runs,
 };
 use sepconv::{Error, Exec, Result};
 use serde::Serialize;
@@ -147,6 +147,9 @@ pub fn run(exec: Exec, a: Args) -> Result<()> {
         let ns = core_to_core_round_trip_ns();
         if let Some(ns) = ns {
             println!("core-to-core round trip{when}: {ns:.0} ns");
+            if let Some(note) = round_trip_note(ns) {
+                println!("note: {note}");
+            }
         }
         ns
     };
