@@ -123,29 +123,24 @@ unsafe fn forward_planes_kernel<S: SimdF32>(
     }
 }
 
-/// Where tap column `j` reads for a chunk of output columns: `offset` is the input column of
-/// the chunk's lane 0 (negative in the left padding), `lanes` the lanes that read inside the
-/// row.
-#[derive(Clone, Copy)]
-struct TapColumns<S: SimdF32> {
-    offset: isize,
-    lanes: S::Lanes,
-}
-
-/// The reads of tap columns `0 .. KW` for the `n` output columns starting at `c0`.
+/// Where each tap column `j < KW` reads for the `n` output columns from `c0`: the address of
+/// lane 0 in input row 0 of `xp` (before the row where it falls in the left padding, so only
+/// ever the base of a masked load) and the mask of the lanes that read inside the row.
 #[inline(always)]
 unsafe fn tap_columns<S: SimdF32, const KW: usize>(
     g: &ConvGeometry,
+    xp: &[f32],
     c0: usize,
     n: usize,
-) -> [TapColumns<S>; KW] {
-    std::array::from_fn(|j| {
-        let offset = (c0 + j * g.dilation_w) as isize - g.pad_left as isize;
-        let lo = (-offset).clamp(0, n as isize) as usize;
-        let hi = (g.in_w as isize - offset).clamp(lo as isize, n as isize) as usize;
-        let lanes = unsafe { S::lanes(lo, hi) };
-        TapColumns { offset, lanes }
-    })
+) -> ([*const f32; KW], [S::Lanes; KW]) {
+    let offset = |j: usize| (c0 + j * g.dilation_w) as isize - g.pad_left as isize;
+    let starts = std::array::from_fn(|j| xp.as_ptr().wrapping_offset(offset(j)));
+    let masks = std::array::from_fn(|j| {
+        let lo = (-offset(j)).clamp(0, n as isize) as usize;
+        let hi = (g.in_w as isize - offset(j)).clamp(lo as isize, n as isize) as usize;
+        unsafe { S::lanes(lo, hi) }
+    });
+    (starts, masks)
 }
 
 /// One output plane, `S::LANES` columns at a time, in groups of `ROWS` output rows `dh` apart
@@ -179,10 +174,7 @@ unsafe fn forward_plane<S: SimdF32, const KH: usize, const KW: usize>(
     let (pad_top, in_h, in_w) = (g.pad_top, g.in_h, g.in_w);
     for c0 in (0..ow).step_by(lanes) {
         let n = lanes.min(ow - c0);
-        let cols = unsafe { tap_columns::<S, KW>(g, c0, n) };
-        let starts: [*const f32; KW] =
-            std::array::from_fn(|j| xp.as_ptr().wrapping_offset(cols[j].offset));
-        let masks: [S::Lanes; KW] = std::array::from_fn(|j| cols[j].lanes);
+        let (starts, masks) = unsafe { tap_columns::<S, KW>(g, xp, c0, n) };
         // Padded row r: its KW shifted loads, zeros outside the plane.
         let row = |r: usize| -> [S; KW] {
             let ir = r.wrapping_sub(pad_top);

@@ -574,24 +574,19 @@ pub fn conv2d_backward(
     let Some(gx) = gx else {
         return grad_weight_and_bias(exec, g, x, gy, gw, gb, ws);
     };
-    match fused_backward(g) {
-        Some(adj) => {
-            if let Some(gb) = gb {
-                conv2d_grad_bias(exec, g, gy, gb);
-            }
-            with_adjoint_weight(exec, g, w, ws, |wt, ws| {
-                depthwise_blocked::backward(exec, g, &adj, x, gy, wt, gx, gw, ws)
-            })
-        }
-        None if depthwise_blocked::grad_input_applies(g) => {
-            if let Some(gb) = gb {
-                conv2d_grad_bias(exec, g, gy, gb);
-            }
+    let Some(one_pass) = fused_backward(g) else {
+        grad_weight_and_bias(exec, g, x, gy, gw, gb, ws)?;
+        return conv2d_grad_input(exec, g, gy, w, gx, ws);
+    };
+    if let Some(gb) = gb {
+        conv2d_grad_bias(exec, g, gy, gb);
+    }
+    match one_pass {
+        FusedBackward::Adjoint(adj) => with_adjoint_weight(exec, g, w, ws, |wt, ws| {
+            depthwise_blocked::backward(exec, g, &adj, x, gy, wt, gx, gw, ws)
+        }),
+        FusedBackward::Strided => {
             depthwise_blocked::strided_backward(exec, g, x, gy, w, gx, gw, ws)
-        }
-        None => {
-            grad_weight_and_bias(exec, g, x, gy, gw, gb, ws)?;
-            conv2d_grad_input(exec, g, gy, w, gx, ws)
         }
     }
 }
@@ -651,12 +646,26 @@ fn grad_weight_and_bias(
 /// pass over the output gradient (pointwise layers: [`conv::pointwise_backward_applies`]): at
 /// stride 1 with the adjoint forward, strided with the gather per residue class.
 pub fn backward_is_fused(g: &ConvGeometry) -> bool {
-    fused_backward(g).is_some() || depthwise_blocked::grad_input_applies(g)
+    fused_backward(g).is_some()
 }
 
-/// The adjoint geometry of `g` where its gradients are fused.
-fn fused_backward(g: &ConvGeometry) -> Option<ConvGeometry> {
-    adjoint_geometry(g).filter(|adj| depthwise_blocked::backward_applies(g, adj))
+/// How [`conv2d_backward`] computes both gradients of a depthwise layer in one pass.
+enum FusedBackward {
+    /// Stride 1: the grad-input is the forward of this adjoint geometry.
+    Adjoint(ConvGeometry),
+    /// Strided: the grad-input gathers per residue class.
+    Strided,
+}
+
+/// The one-pass backward of `g`, where the channel-blocked kernel computes both gradients.
+fn fused_backward(g: &ConvGeometry) -> Option<FusedBackward> {
+    match adjoint_geometry(g) {
+        Some(adj) if depthwise_blocked::backward_applies(g, &adj) => {
+            Some(FusedBackward::Adjoint(adj))
+        }
+        _ if depthwise_blocked::grad_input_applies(g) => Some(FusedBackward::Strided),
+        _ => None,
+    }
 }
 
 /// One channel's grad-bias from its per-image sums (each [`elementwise::sum`] in f32 lanes),
