@@ -455,9 +455,10 @@ fn implicit_cases_with_few_images_split_inside_them() {
 /// Layers whose grad-weight splits each image over the threads by input channels, on a
 /// transposed copy of each thread's channels (at least 16 per thread): a 3 × 3 stride 2 like
 /// reference layer E (one image), a grouped 1 × 3 at stride (1, 2) on three images, a dilated
-/// 3 × 2 (six taps: the interleave without a fixed tap count) with asymmetric padding, and a
-/// stride-1 3 × 1 on three images.
-fn transposed_grad_weight_cases() -> [Case; 4] {
+/// 3 × 2 (six taps: the interleave without a fixed tap count) with asymmetric padding, a
+/// stride-1 3 × 1 on three images, and a 3 × 1 whose grad-weight is large enough to be
+/// streamed (294 912 floats, like reference layer D's halves at batch 1).
+fn transposed_grad_weight_cases() -> [Case; 5] {
     [
         (
             [1, 34, 34, 34],
@@ -479,6 +480,11 @@ fn transposed_grad_weight_cases() -> [Case; 4] {
         (
             [3, 40, 12, 14],
             [24, 40, 3, 1],
+            Conv2dParams::with_padding(Padding::symmetric(1, 0)),
+        ),
+        (
+            [1, 256, 6, 7],
+            [384, 256, 3, 1],
             Conv2dParams::with_padding(Padding::symmetric(1, 0)),
         ),
     ]

@@ -673,6 +673,29 @@ impl SimdF32 for Scalar {
     }
 }
 
+/// Copies `src` into `dst` (equal lengths) with non-temporal stores from `dst`'s first 64-byte
+/// boundary on (ordinary ones before it and for the last floats short of a vector), for
+/// outputs written once and not read again soon: no read for ownership of their lines, and
+/// they do not push what will be read out of the caches. The caller orders the stores with
+/// [`SimdF32::fence`] before anything reads `dst`.
+///
+/// # Safety
+/// `S` must be supported by this CPU.
+#[inline(always)]
+pub(crate) unsafe fn copy_streaming<S: SimdF32>(src: &[f32], dst: &mut [f32]) {
+    assert_eq!(src.len(), dst.len(), "copy lengths");
+    let (len, l) = (src.len(), S::LANES);
+    let head = ((64 - dst.as_ptr() as usize % 64) % 64 / 4).min(len);
+    dst[..head].copy_from_slice(&src[..head]);
+    let end = head + (len - head) / l * l;
+    for i in (head..end).step_by(l) {
+        // SAFETY: floats i .. i + LANES of both (i + LANES <= end <= len); the ISA is the
+        // caller's.
+        unsafe { S::load(src.as_ptr().add(i)).store_stream(dst.as_mut_ptr().add(i)) };
+    }
+    dst[end..].copy_from_slice(&src[end..]);
+}
+
 /// The vector type of the portable fallback on this target.
 #[cfg(target_arch = "x86_64")]
 pub type Portable = Sse2;
@@ -758,6 +781,38 @@ mod tests {
             }
             for (n, got) in out.chunks_exact(l).enumerate() {
                 assert_eq!(got, &src[n..n + l], "{isa} shift {n}");
+            }
+        }
+    }
+
+    crate::simd_dispatch!(fn streamed => streamed_kernel(src: &[f32], dst: &mut [f32]));
+
+    #[inline(always)]
+    unsafe fn streamed_kernel<S: SimdF32>(src: &[f32], dst: &mut [f32]) {
+        unsafe {
+            copy_streaming::<S>(src, dst);
+            S::fence();
+        }
+    }
+
+    /// Every float lands, whatever the destination's offset from a cache line (the head before
+    /// it, the streamed vectors, the tail short of a vector) and nothing around it is written.
+    #[test]
+    fn copy_streaming_writes_exactly_its_destination() {
+        let src: Vec<f32> = (0..100).map(|i| i as f32 + 0.5).collect();
+        for isa in Isa::available() {
+            for offset in 0..17 {
+                for len in [0, 1, 3, 15, 16, 17, 33, 48, 70, 83] {
+                    // `offset` floats past a line boundary.
+                    let mut buf = vec![-1f32; 200];
+                    let start = (64 - buf.as_ptr() as usize % 64) % 64 / 4 + offset;
+                    streamed(isa, &src[..len], &mut buf[start..start + len]);
+                    let (before, rest) = buf.split_at(start);
+                    let (copy, after) = rest.split_at(len);
+                    let case = format!("{isa}, {offset} past a line, {len} floats");
+                    assert_eq!(copy, &src[..len], "{case}");
+                    assert!(before.iter().chain(after).all(|&v| v == -1.0), "{case}");
+                }
             }
         }
     }

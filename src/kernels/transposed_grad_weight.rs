@@ -10,7 +10,7 @@
 //! (positions × (tap, channel)), and multiplies:
 //! `G (cout × (tap, channel)) (+)= gY[:, chunk] · colᵀ`, with [`small_k_gemm`] reading gY's rows
 //! by broadcasts where they lie. A last pass interleaves G's columns into `gw`'s (channel, tap)
-//! order.
+//! order, streamed into `gw` where it is large.
 //!
 //! It replaces, where too few images leave threads without images of their own, im2col + faer
 //! split by pixel ranges (each thread a whole copy of the gradient, summed at the end, and
@@ -33,7 +33,7 @@ use rayon::prelude::*;
 
 use super::implicit::{PixelRows, transpose_planes, transposed_stride};
 use super::pointwise::{ColumnWindow, Operands, Rows, Store, small_k_gemm};
-use super::simd::SimdF32;
+use super::simd::{SimdF32, copy_streaming};
 use super::{Exec, Workspace, splits_inside_images};
 use crate::error::Result;
 use crate::geometry::ConvGeometry;
@@ -212,29 +212,47 @@ unsafe fn thread_columns_kernel<S: SimdF32>(
         }
     }
     // gw[grp·cog + co][c·taps + t] = G[grp][co][t·nc + c − c0].
-    // Row by row, channel by channel, tap by tap: gw's lines are written in order (with a
-    // runtime tap count, through a copy in L1: strided writes straight into gw's lines, not
-    // cached yet, stalled on them).
+    // Row by row, each interleaved in L1 (`colᵀ`'s first row, free now) and copied into gw,
+    // streamed where gw is large (see STREAM_MIN_FLOATS).
     let cols = channels.start * taps..channels.end * taps;
+    let stream = g.weight_len() >= STREAM_MIN_FLOATS;
+    let tmp = &mut col[..p];
     for grp in 0..g.groups {
         for (co, src) in grad[grp * cog * p..][..cog * p].chunks_exact(p).enumerate() {
-            let row = gw.row_columns(grp * cog + co, cols.clone());
             match taps {
-                3 => interleave_taps::<3>(src, nc, row),
-                9 => interleave_taps::<9>(src, nc, row),
+                3 => interleave_taps::<3>(src, nc, tmp),
+                9 => interleave_taps::<9>(src, nc, tmp),
                 _ => {
-                    let tmp = &mut col[..p];
                     for (t, src_tap) in src.chunks_exact(nc).enumerate() {
                         for (v, &s) in tmp[t..].iter_mut().step_by(taps).zip(src_tap) {
                             *v = s;
                         }
                     }
-                    row.copy_from_slice(tmp);
                 }
+            }
+            let row = gw.row_columns(grp * cog + co, cols.clone());
+            if stream {
+                // SAFETY: the ISA is this CPU's (the caller's contract).
+                unsafe { copy_streaming::<S>(tmp, row) };
+            } else {
+                row.copy_from_slice(tmp);
             }
         }
     }
+    // SAFETY: as above; orders the streaming stores before whatever reads gw next.
+    unsafe { S::fence() };
 }
+
+/// Fewest floats of grad-weight that [`grad_weight`] streams into memory (non-temporal
+/// stores): gw is written once and read by nothing until the optimizer, and a large one has
+/// left the caches since the last step, so ordinary stores read each of its lines in first.
+/// Reference layer D's 3 × 1 and 1 × 3 halves at batch 1 (786 432 floats of gw each),
+/// grad-weight inside the training step (harness, min of 40, alternated 3×): 2.04–2.11 →
+/// 1.87–1.93 ms with the vCPUs on different dies; the step (min of 60–150, alternated 8×)
+/// 9.43–9.62 → 9.23–9.50 ms; E's standard layer (294 912 floats) a tie (6.95–7.05 →
+/// 6.96–6.97). Smaller ones stay in the caches between steps: C's halves (49 152 floats)
+/// measured 9.11–9.29 → 9.21–9.34 ms streamed (9.03–9.05 → 9.02–9.05 not).
+const STREAM_MIN_FLOATS: usize = 1 << 18;
 
 /// `out[c·T + t] = src[t·nc + c]`: one row of G in gw's (channel, tap) order, with the tap
 /// count known to the compiler (a runtime count left a loop of index arithmetic per element).
