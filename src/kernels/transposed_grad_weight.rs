@@ -239,8 +239,10 @@ unsafe fn thread_columns_kernel<S: SimdF32>(
             }
         }
     }
-    // SAFETY: as above; orders the streaming stores before whatever reads gw next.
-    unsafe { S::fence() };
+    if stream {
+        // SAFETY: as above; orders the streaming stores before whatever reads gw next.
+        unsafe { S::fence() };
+    }
 }
 
 /// Fewest floats of grad-weight that [`grad_weight`] streams into memory (non-temporal
