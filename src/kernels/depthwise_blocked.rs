@@ -776,6 +776,14 @@ impl GradInput<'_> {
         }
     }
 
+    /// How a block's output-gradient planes (`g`'s) are packed into the gradient block.
+    fn pack_shape(&self, g: &ConvGeometry) -> PackShape {
+        match self {
+            GradInput::Adjoint { adj, l, .. } => PackShape::input(adj, l, g.out_pixels()),
+            GradInput::Strided { s, .. } => PackShape::gradient_block(g, &s.block),
+        }
+    }
+
     /// The kernel whose tap vectors the grad-input multiplies.
     fn weights(&self) -> &[f32] {
         match self {
@@ -875,7 +883,7 @@ unsafe fn backward_items_kernel<S: SimdF32>(
     bb[..lanes].fill(0.0);
     let (offsets, count) = tap_offsets(g, lx, lanes);
     let unit_3x3 = is_3x3_unit_stride(g);
-    let gpix = plan.pixels();
+    let (gpix, gshape) = (plan.pixels(), plan.pack_shape(g));
     for (local, item) in items.enumerate() {
         let c0 = item % blocks * lanes;
         let first = item / blocks * g.in_channels + c0;
@@ -891,14 +899,7 @@ unsafe fn backward_items_kernel<S: SimdF32>(
                 &x[first * hw..(first + lanes) * hw],
                 xb,
             );
-            match plan {
-                GradInput::Adjoint { adj, l, .. } => {
-                    pack::<S>(PackShape::input(adj, l, ohw), gy_block, gb)
-                }
-                GradInput::Strided { s, .. } => {
-                    pack::<S>(PackShape::gradient_block(g, &s.block), gy_block, gb)
-                }
-            }
+            pack::<S>(gshape, gy_block, gb);
             if unit_3x3 {
                 tap_sums_3x3::<S>(g, lx, xb, gb, gpix, &mut sums);
             } else {
@@ -909,12 +910,7 @@ unsafe fn backward_items_kernel<S: SimdF32>(
                 GradInput::Adjoint { adj, l, .. } => {
                     compute_in_bands::<S>(adj, l, gb, wb, bb, ob, gx_item)
                 }
-                GradInput::Strided { s, .. } => {
-                    for (rows, pixels) in row_bands(g.in_w, g.in_h, lanes) {
-                        gather_classes::<S>(g, s, gb, wb, rows, ob);
-                        unpack::<S>(pixels, hw, ob, gx_item);
-                    }
-                }
+                GradInput::Strided { s, .. } => gather_into_planes::<S>(g, s, gb, wb, ob, gx_item),
             }
         }
         // sums is [tap][lane].
@@ -1074,10 +1070,7 @@ unsafe fn grad_input_blocks_kernel<S: SimdF32>(
         unsafe {
             pack::<S>(shape, &gy[first * ohw..(first + lanes) * ohw], gb);
             let gx_item = &mut gx[local * lanes * hw..(local + 1) * lanes * hw];
-            for (rows, pixels) in row_bands(g.in_w, g.in_h, lanes) {
-                gather_classes::<S>(g, s, gb, wb, rows, ob);
-                unpack::<S>(pixels, hw, ob, gx_item);
-            }
+            gather_into_planes::<S>(g, s, gb, wb, ob, gx_item);
         }
     }
 }
@@ -1125,6 +1118,30 @@ fn row_bands(
 /// Pixels a band buffer holds: the tallest band's, rounded up to whole runs of `lanes`.
 fn band_pixels(width: usize, height: usize, lanes: usize) -> usize {
     (band_rows(width, height, lanes) * width).next_multiple_of(lanes)
+}
+
+/// A block's strided grad-input from its packed output gradient `gb` (tap vectors `wb`) into
+/// its `LANES` NCHW planes `gx`, band by band through `ob` (see [`BAND_PIXELS`]).
+///
+/// # Safety
+/// As [`gather_classes`] and [`unpack`]: `gb` is the margined block of `s`, `ob` holds a band,
+/// `gx` the block's planes.
+#[inline(always)]
+unsafe fn gather_into_planes<S: SimdF32>(
+    g: &ConvGeometry,
+    s: &StridedGradInput,
+    gb: &[f32],
+    wb: &[f32],
+    ob: &mut [f32],
+    gx: &mut [f32],
+) {
+    for (rows, pixels) in row_bands(g.in_w, g.in_h, S::LANES) {
+        // SAFETY: the caller's.
+        unsafe {
+            gather_classes::<S>(g, s, gb, wb, rows, ob);
+            unpack::<S>(pixels, g.in_pixels(), ob, gx);
+        }
+    }
 }
 
 /// Every input pixel of rows `rows`: `Σ w_t · gy[base − off_t]` over its class's taps, one

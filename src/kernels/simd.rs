@@ -121,11 +121,7 @@ pub trait SimdF32: Copy {
     /// row whose first columns fall in the padding).
     #[inline(always)]
     unsafe fn load_lanes(p: *const f32, lo: usize, hi: usize) -> Self {
-        let mut buf = [0f32; 16];
-        unsafe {
-            std::ptr::copy_nonoverlapping(p.wrapping_add(lo), buf.as_mut_ptr().add(lo), hi - lo);
-            Self::load(buf.as_ptr())
-        }
+        unsafe { Self::load_masked(p, Self::lanes(lo, hi)) }
     }
     /// Lanes `lo .. hi` as a mask for [`SimdF32::load_masked`]: computed once, used for loads
     /// at many addresses (a tap's shifted rows), where [`SimdF32::load_lanes`] would build the
@@ -198,7 +194,8 @@ pub trait SimdF32: Copy {
     }
 }
 
-/// Masks as the lane range itself, for instruction sets without masked loads.
+/// Masks as the lane range itself, for instruction sets without masked loads: the lanes go
+/// through a stack buffer.
 macro_rules! lanes_as_range {
     () => {
         type Lanes = (usize, usize);
@@ -208,7 +205,12 @@ macro_rules! lanes_as_range {
         }
         #[inline(always)]
         unsafe fn load_masked(p: *const f32, (lo, hi): (usize, usize)) -> Self {
-            unsafe { Self::load_lanes(p, lo, hi) }
+            let mut buf = [0f32; 16];
+            unsafe {
+                let (src, dst) = (p.wrapping_add(lo), buf.as_mut_ptr().add(lo));
+                std::ptr::copy_nonoverlapping(src, dst, hi - lo);
+                Self::load(buf.as_ptr())
+            }
         }
     };
 }
@@ -299,10 +301,6 @@ mod x86 {
         #[inline(always)]
         unsafe fn store_partial(self, p: *mut f32, n: usize) {
             unsafe { _mm512_mask_storeu_ps(p, ((1u32 << n) - 1) as u16, self.0) }
-        }
-        #[inline(always)]
-        unsafe fn load_lanes(p: *const f32, lo: usize, hi: usize) -> Self {
-            unsafe { Self::load_masked(p, Self::lanes(lo, hi)) }
         }
         type Lanes = __mmask16;
         #[inline(always)]
@@ -428,10 +426,6 @@ mod x86 {
         #[inline(always)]
         unsafe fn store_partial(self, p: *mut f32, n: usize) {
             unsafe { _mm256_maskstore_ps(p, lane_mask(n), self.0) }
-        }
-        #[inline(always)]
-        unsafe fn load_lanes(p: *const f32, lo: usize, hi: usize) -> Self {
-            unsafe { Self::load_masked(p, Self::lanes(lo, hi)) }
         }
         type Lanes = __m256i;
         #[inline(always)]
