@@ -1042,14 +1042,20 @@ fn blocked_depthwise_cases() -> [Case; 9] {
     ]
 }
 
-/// Stride-1 depthwise layers for the row kernel (`depthwise_rows`, AVX-512): reference layer
+/// Depthwise layers for the row kernel (`depthwise_rows`, AVX-512). Stride 1: reference layer
 /// D's 3 × 3 on 14 × 14 planes (one partial vector per row, rows not a multiple of the
 /// four-row group); a 5 × 5 with row dilation 2 (two row phases) and asymmetric padding whose
 /// first output rows read only padding through their top taps; depth multiplier 2 on rows of
 /// 30 columns (a whole vector and a partial one); output rows of exactly 16 and 32 columns;
 /// padding wider than the kernel reaches (output columns that read only padding); a 5 × 5 on
 /// rows of 70 columns (four whole vectors and a partial one on AVX-512), a small input.
-fn row_depthwise_cases() -> [Case; 7] {
+/// Stride 2: a 3 × 3 "same" on odd and even sizes (as reference layer E: the right and bottom
+/// padding only); a 5 × 5 with asymmetric padding on rows of 70 columns (33 outputs: two whole
+/// vectors and one column, the second vector of each tap's pair partly past the row); depth
+/// multiplier 2 without padding on 19 output columns; output rows of exactly 16 and 32
+/// columns (the last input column read only by the last output's third tap); padding wider
+/// than the kernel reaches.
+fn row_depthwise_cases() -> [Case; 14] {
     let same = Conv2dParams::with_padding(Padding::Same);
     [
         ([2, 16, 14, 14], [16, 1, 3, 3], same.groups(16)),
@@ -1071,11 +1077,38 @@ fn row_depthwise_cases() -> [Case; 7] {
         ([2, 4, 11, 32], [4, 1, 3, 3], same.groups(4)),
         ([2, 3, 5, 6], [3, 1, 3, 3], explicit(3, 2, 4, 3).groups(3)),
         ([2, 4, 9, 70], [4, 1, 5, 5], same.groups(4)),
+        ([2, 8, 15, 14], [8, 1, 3, 3], same.groups(8).stride(2, 2)),
+        ([1, 4, 56, 56], [4, 1, 3, 3], same.groups(4).stride(2, 2)),
+        (
+            [2, 4, 11, 70],
+            [4, 1, 5, 5],
+            explicit(2, 1, 3, 2).groups(4).stride(2, 2),
+        ),
+        (
+            [2, 3, 9, 40],
+            [6, 1, 3, 3],
+            Conv2dParams::default().groups(3).stride(2, 2),
+        ),
+        (
+            [1, 4, 7, 33],
+            [4, 1, 3, 3],
+            Conv2dParams::default().groups(4).stride(2, 2),
+        ),
+        (
+            [1, 4, 9, 65],
+            [4, 1, 3, 3],
+            Conv2dParams::default().groups(4).stride(2, 2),
+        ),
+        (
+            [2, 3, 5, 6],
+            [3, 1, 3, 3],
+            explicit(3, 2, 4, 3).groups(3).stride(2, 2),
+        ),
     ]
 }
 
 #[test]
-fn stride_one_depthwise_cases_take_the_row_kernel_with_avx512() {
+fn row_depthwise_cases_take_the_row_kernel_with_avx512() {
     use sepconv::kernels::{Isa, depthwise_rows};
     for isa in Isa::available() {
         for (input, weight, p) in row_depthwise_cases() {
@@ -1087,12 +1120,23 @@ fn stride_one_depthwise_cases_take_the_row_kernel_with_avx512() {
             );
         }
     }
-    // Strided, wider than 32 output columns on an input of more than 2^20 floats, or a 3 × 1
-    // kernel: other kernels.
+    // Strided on one axis only, at stride 2 dilated, at stride 3, at stride 2 or wider than 32
+    // output columns on an input of more than 2^20 floats, or a 3 × 1 kernel: other kernels.
     let same = Conv2dParams::with_padding(Padding::Same);
     for (input, weight, p) in [
-        ([2, 16, 14, 14], [16, 1, 3, 3], same.groups(16).stride(2, 2)),
+        ([2, 16, 14, 14], [16, 1, 3, 3], same.groups(16).stride(2, 1)),
+        (
+            [2, 16, 14, 14],
+            [16, 1, 3, 3],
+            same.groups(16).stride(2, 2).dilation(2, 2),
+        ),
+        ([2, 16, 14, 14], [16, 1, 3, 3], same.groups(16).stride(3, 3)),
         ([2, 16, 180, 200], [16, 1, 3, 3], same.groups(16)),
+        (
+            [2, 16, 180, 200],
+            [16, 1, 3, 3],
+            same.groups(16).stride(2, 2),
+        ),
         ([2, 16, 14, 14], [16, 1, 3, 1], same.groups(16)),
     ] {
         let g = ConvGeometry::new(input, weight, &p).unwrap();

@@ -1,5 +1,5 @@
-//! Depthwise forward at stride 1 reading the NCHW rows in place; stride-1 grad-input runs
-//! here too, as the adjoint forward (see `kernels::conv2d_grad_input`).
+//! Depthwise forward at stride 1 or 2 reading the NCHW rows in place; stride-1 grad-input
+//! runs here too, as the adjoint forward (see `kernels::conv2d_grad_input`).
 //!
 //! An output row is a few vectors of columns. Tap (i, j) of output row r is input row
 //! `r + i·dh − pad_top` shifted by `j·dw − pad_left` columns: one masked load (lanes whose
@@ -7,6 +7,15 @@
 //! copy, no transposes. Four output rows are computed together, so each input row is loaded
 //! once for the four and each weight feeds four independent FMA chains; the kernel's taps stay
 //! in registers (3 × 3 and 5 × 5, const-generic).
+//!
+//! At stride 2 (dilation 1) output row r reads input rows `2·r + i − pad_top`, and a vector of
+//! output columns from c0 reads the `2·16 + kw − 2` input columns from `2·c0 − pad_left`:
+//! three contiguous masked loads per input row, split into even and odd lanes by two
+//! permutes, and shifted by one lane (`valignd`) for tap columns 2 to 4. The blocked kernel
+//! transposes every input pixel there, four times as many as it computes: reference layer E's
+//! 3 × 3 on one image (128 × 56², 2 threads, min of 300, alternated 3×) 0.040–0.053 →
+//! 0.030–0.032 ms, on one thread 0.078–0.102 → 0.048–0.063; a 5 × 5 there on one thread
+//! 0.181–0.186 → 0.096–0.123.
 //!
 //! The channel-blocked kernel ([`super::depthwise_blocked`]) transposes 16 planes into a
 //! pixel-major layout and back, which on small planes costs more than the arithmetic. Called
@@ -50,14 +59,21 @@ const MAX_OUTPUT_WIDTH: usize = 32;
 const MAX_WIDE_INPUT_FLOATS: usize = 1 << 20;
 
 /// Whether `g` runs on this kernel with instruction set `isa`: depthwise (any depth
-/// multiplier), stride 1, a 3 × 3 or 5 × 5 kernel (any dilation and padding), AVX-512, and
-/// output rows of at most 32 columns (`MAX_OUTPUT_WIDTH`) or an input of at most 2²⁰ floats
-/// (`MAX_WIDE_INPUT_FLOATS`).
+/// multiplier), a 3 × 3 or 5 × 5 kernel, any padding, AVX-512, and either stride 1 (any
+/// dilation) with output rows of at most 32 columns (`MAX_OUTPUT_WIDTH`) or an input of at
+/// most 2²⁰ floats (`MAX_WIDE_INPUT_FLOATS`), or stride 2 on both axes (dilation 1) with an
+/// input of at most 2²⁰ floats: a larger one comes from memory in a training step, where the
+/// blocked kernel's prefetching won at stride 1 (and at stride 2 on reference layer E at batch
+/// 8 this kernel measured a tie in its depthwise training step).
 pub fn applies(isa: Isa, g: &ConvGeometry) -> bool {
+    let small_input = g.input_len() <= MAX_WIDE_INPUT_FLOATS;
     g.is_depthwise()
-        && (g.stride_h, g.stride_w) == (1, 1)
+        && match (g.stride_h, g.stride_w, g.dilation_h, g.dilation_w) {
+            (1, 1, _, _) => g.out_w <= MAX_OUTPUT_WIDTH || small_input,
+            (2, 2, 1, 1) => small_input,
+            _ => false,
+        }
         && matches!((g.kernel_h, g.kernel_w), (3, 3) | (5, 5))
-        && (g.out_w <= MAX_OUTPUT_WIDTH || g.input_len() <= MAX_WIDE_INPUT_FLOATS)
         && isa == Isa::Avx512
 }
 
@@ -111,9 +127,11 @@ unsafe fn forward_planes_kernel<S: SimdF32>(
         // SAFETY: xp and yp are whole planes of g's input and output shapes; g's kernel is
         // 3 × 3 or 5 × 5 (`applies`).
         unsafe {
-            match g.kernel_h {
-                3 => forward_plane::<S, 3, 3>(g, xp, wp, b, yp),
-                _ => forward_plane::<S, 5, 5>(g, xp, wp, b, yp),
+            match (g.kernel_h, g.stride_h) {
+                (3, 1) => forward_plane::<S, 3, 3, 1>(g, xp, wp, b, yp),
+                (3, _) => forward_plane::<S, 3, 3, 2>(g, xp, wp, b, yp),
+                (_, 1) => forward_plane::<S, 5, 5, 1>(g, xp, wp, b, yp),
+                _ => forward_plane::<S, 5, 5, 2>(g, xp, wp, b, yp),
             }
         }
         co += 1;
@@ -123,30 +141,82 @@ unsafe fn forward_planes_kernel<S: SimdF32>(
     }
 }
 
-/// Where each tap column `j < KW` reads for the `n` output columns from `c0`: the address of
-/// lane 0 in input row 0 of `xp` (before the row where it falls in the left padding, so only
-/// ever the base of a masked load) and the mask of the lanes that read inside the row.
-#[inline(always)]
-unsafe fn tap_columns<S: SimdF32, const KW: usize>(
-    g: &ConvGeometry,
-    xp: &[f32],
-    c0: usize,
-    n: usize,
-) -> ([*const f32; KW], [S::Lanes; KW]) {
-    let offset = |j: usize| (c0 + j * g.dilation_w) as isize - g.pad_left as isize;
-    let starts = std::array::from_fn(|j| xp.as_ptr().wrapping_offset(offset(j)));
-    let masks = std::array::from_fn(|j| {
-        let lo = (-offset(j)).clamp(0, n as isize) as usize;
-        let hi = (g.in_w as isize - offset(j)).clamp(lo as isize, n as isize) as usize;
-        unsafe { S::lanes(lo, hi) }
-    });
-    (starts, masks)
+/// Where one output column block's input rows are read: the loads of each padded row
+/// ([`Columns::row`]) at the addresses and lane masks worked out once per block.
+struct Columns<S: SimdF32, const KW: usize, const STRIDE: usize> {
+    /// The address of lane 0 in input row 0 (before the row where it falls in the left
+    /// padding, so only ever the base of a masked load): of each tap column `j`'s load at
+    /// stride 1, of the block's first vector at stride 2.
+    starts: [*const f32; KW],
+    /// The lanes that read inside the row: of each tap column's load at stride 1, of the
+    /// block's three contiguous vectors at stride 2 (in `masks[0]`).
+    masks: [[S::Lanes; 3]; KW],
 }
 
-/// One output plane, `S::LANES` columns at a time, in groups of `ROWS` output rows `dh` apart
-/// (`dh` the row dilation): row `r0 + o·dh` reads through tap row `i` input row
-/// `r0 + (o + i)·dh − pad_top`, so the group's `ROWS + KH − 1` input rows are each loaded
-/// once (`KW` shifted loads) and feed every output row of the group that reads them.
+impl<S: SimdF32, const KW: usize, const STRIDE: usize> Columns<S, KW, STRIDE> {
+    /// The block of `n` output columns from `c0` of plane `xp`. At stride 2, tap column `j` of
+    /// output column `c0 + l` reads element `2·l + j` of the block's `2·n + KW − 2` contiguous
+    /// input elements: three vectors (`2·16 + 3 ≤ 48`) hold them all.
+    #[inline(always)]
+    unsafe fn new(g: &ConvGeometry, xp: &[f32], c0: usize, n: usize) -> Self {
+        let lanes = S::LANES as isize;
+        // Where element 0 of tap column j (at stride 2, of the block) lies in the row, and how
+        // many elements it reads.
+        let offset = |j: usize| (c0 * STRIDE + j * g.dilation_w) as isize - g.pad_left as isize;
+        let len = if STRIDE == 1 { n } else { 2 * n + KW - 2 } as isize;
+        let starts = std::array::from_fn(|j| xp.as_ptr().wrapping_offset(offset(j)));
+        let masks = std::array::from_fn(|j| {
+            // Elements lo .. hi lie inside the row.
+            let lo = (-offset(j)).clamp(0, len);
+            let hi = (g.in_w as isize - offset(j)).clamp(lo, len);
+            std::array::from_fn(|v| {
+                let base = v as isize * lanes;
+                let (vlo, vhi) = ((lo - base).clamp(0, lanes), (hi - base).clamp(0, lanes));
+                unsafe { S::lanes(vlo as usize, vhi.max(vlo) as usize) }
+            })
+        });
+        Columns { starts, masks }
+    }
+
+    /// Input row `ir` (inside the plane of row length `in_w`) as seen by each tap column.
+    #[inline(always)]
+    unsafe fn row(&self, ir: usize, in_w: usize) -> [S; KW] {
+        let lanes = S::LANES;
+        unsafe {
+            if STRIDE == 1 {
+                return std::array::from_fn(|j| {
+                    S::load_masked(self.starts[j].wrapping_add(ir * in_w), self.masks[j][0])
+                });
+            }
+            let at = self.starts[0].wrapping_add(ir * in_w);
+            let m = &self.masks[0];
+            let v: [S; 3] =
+                std::array::from_fn(|k| S::load_masked(at.wrapping_add(k * lanes), m[k]));
+            let (even, odd) = S::deinterleave(v[0], v[1]);
+            // Tap columns 2 to 4 continue the even and odd lanes into the third vector.
+            let (even2, odd2) = if KW > 3 {
+                S::deinterleave(v[2], v[2])
+            } else {
+                (v[2], v[2])
+            };
+            std::array::from_fn(|j| match j {
+                0 => even,
+                1 => odd,
+                2 => S::shift_lanes::<1>(even, even2),
+                3 => S::shift_lanes::<1>(odd, odd2),
+                _ => S::shift_lanes::<2>(even, even2),
+            })
+        }
+    }
+}
+
+/// One output plane, `S::LANES` columns at a time, in groups of `ROWS` output rows: at stride
+/// 1 rows `r0 + o·dh` (`dh` the row dilation), where tap row `i` of output row `r0 + o·dh`
+/// reads input row `r0 + (o + i)·dh − pad_top`; at stride 2 (dilation 1) rows `r0 + o`, whose
+/// tap row `i` reads input row `2·(r0 + o) + i − pad_top`. Either way the group's
+/// `(ROWS − 1)·STRIDE + KH` input rows are each loaded once (`KW` shifted loads; at stride 2
+/// two contiguous vectors and their even lanes) and feed every output row of the group that
+/// reads them.
 ///
 /// Written for the compiler: per-row scalar work is a large share of a narrow plane's time,
 /// so each tap column's start and lane mask are hoisted out of the row loop and rows outside
@@ -155,9 +225,10 @@ unsafe fn tap_columns<S: SimdF32, const KW: usize>(
 /// row it measured 1.5× slower on reference layer D's 14 × 14 planes).
 ///
 /// # Safety
-/// `xp`, `yp` are whole planes of `g`'s input and output, `w` the plane's `KH × KW` taps.
+/// `xp`, `yp` are whole planes of `g`'s input and output, `w` the plane's `KH × KW` taps, `g`'s
+/// stride `STRIDE` on both axes (1 or 2; dilation 1 at 2).
 #[inline(always)]
-unsafe fn forward_plane<S: SimdF32, const KH: usize, const KW: usize>(
+unsafe fn forward_plane<S: SimdF32, const KH: usize, const KW: usize, const STRIDE: usize>(
     g: &ConvGeometry,
     xp: &[f32],
     w: &[f32],
@@ -165,7 +236,9 @@ unsafe fn forward_plane<S: SimdF32, const KH: usize, const KW: usize>(
     yp: &mut [f32],
 ) {
     let lanes = S::LANES;
-    let (oh, ow, dh) = (g.out_h, g.out_w, g.dilation_h);
+    let (oh, ow) = (g.out_h, g.out_w);
+    // Output rows of a group lie `step` apart; at stride 2 the dilation is 1.
+    let step = g.dilation_h;
     // SAFETY (all blocks): input loads read the lanes `tap_columns` found inside a row below
     // `in_h`; stores write `n ≤ lanes` columns of rows below `oh`.
     let wv: [[S; KW]; KH] =
@@ -174,39 +247,38 @@ unsafe fn forward_plane<S: SimdF32, const KH: usize, const KW: usize>(
     let (pad_top, in_h, in_w) = (g.pad_top, g.in_h, g.in_w);
     for c0 in (0..ow).step_by(lanes) {
         let n = lanes.min(ow - c0);
-        let (starts, masks) = unsafe { tap_columns::<S, KW>(g, xp, c0, n) };
-        // Padded row r: its KW shifted loads, zeros outside the plane.
+        let columns = unsafe { Columns::<S, KW, STRIDE>::new(g, xp, c0, n) };
+        // Padded row r as seen by each tap column, zeros outside the plane.
         let row = |r: usize| -> [S; KW] {
             let ir = r.wrapping_sub(pad_top);
             if ir < in_h {
-                std::array::from_fn(|j| unsafe {
-                    S::load_masked(starts[j].wrapping_add(ir * in_w), masks[j])
-                })
+                unsafe { columns.row(ir, in_w) }
             } else {
                 [unsafe { S::zero() }; KW]
             }
         };
-        for phase in 0..dh.min(oh) {
+        for phase in 0..step.min(oh) {
             let mut r0 = phase;
             while r0 < oh {
                 let mut acc = [bv; ROWS];
-                for k in 0..ROWS + KH - 1 {
-                    let v = row(r0 + k * dh);
-                    // Output row o of the group reads this row through tap row k − o.
+                for k in 0..(ROWS - 1) * STRIDE + KH {
+                    let v = row(r0 * STRIDE + k * step);
+                    // Output row o of the group reads this row through tap row k − o·STRIDE.
                     for (o, a) in acc.iter_mut().enumerate() {
-                        if k >= o && k - o < KH {
-                            for (&wt, &vj) in wv[k - o].iter().zip(&v) {
+                        let i = k.wrapping_sub(o * STRIDE);
+                        if i < KH {
+                            for (&wt, &vj) in wv[i].iter().zip(&v) {
                                 *a = unsafe { S::mul_add(wt, vj, *a) };
                             }
                         }
                     }
                 }
-                let rows = (oh - r0).div_ceil(dh);
+                let rows = (oh - r0).div_ceil(step);
                 for (o, a) in acc.iter().enumerate().take(rows) {
-                    let dst = yp.as_mut_ptr().wrapping_add((r0 + o * dh) * ow + c0);
+                    let dst = yp.as_mut_ptr().wrapping_add((r0 + o * step) * ow + c0);
                     unsafe { a.store_partial(dst, n) }
                 }
-                r0 += ROWS * dh;
+                r0 += ROWS * step;
             }
         }
     }

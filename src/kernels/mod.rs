@@ -11,8 +11,8 @@
 //! - [`depthwise_blocked`]: depthwise forward and grad-weight on blocks of 16 channels (one
 //!   vector per pixel); stride-1 grad-input runs on it as the adjoint forward, strided as a
 //!   gather; both gradients in one pass.
-//! - [`depthwise_rows`]: stride-1 depthwise forward (and grad-input, its adjoint) reading the
-//!   NCHW rows in place with masked loads (AVX-512).
+//! - [`depthwise_rows`]: depthwise forward at stride 1 or 2 (and the stride-1 grad-input, its
+//!   adjoint) reading the NCHW rows in place with masked loads (AVX-512).
 //! - [`fused`]: depthwise then pointwise band by band, the intermediate kept in L2.
 //! - [`elementwise`]: the memory-bound kernels of the network layers (BatchNorm, ReLU, pooling).
 //! - [`winograd`]: F(2×2, 3×3) for stride-1 3×3 convolutions (forward and grad-input).

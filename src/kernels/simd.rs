@@ -158,6 +158,22 @@ pub trait SimdF32: Copy {
             Self::load(buf.as_ptr().add(N as usize))
         }
     }
+    /// The even and the odd lanes of the concatenation `lo ‖ hi` (lanes 0, 2, …, 2·LANES − 2
+    /// and 1, 3, …, 2·LANES − 1): the vectors one would load at stride 2 from `lo`'s address
+    /// and one element after it when `hi` follows `lo` in memory (a stride-2 row read with two
+    /// contiguous loads). AVX-512 does each with one permute (`vpermt2ps`).
+    #[inline(always)]
+    unsafe fn deinterleave(lo: Self, hi: Self) -> (Self, Self) {
+        let (mut buf, mut even, mut odd) = ([0f32; 32], [0f32; 16], [0f32; 16]);
+        unsafe {
+            lo.store(buf.as_mut_ptr());
+            hi.store(buf.as_mut_ptr().add(Self::LANES));
+            for l in 0..Self::LANES {
+                (even[l], odd[l]) = (buf[2 * l], buf[2 * l + 1]);
+            }
+            (Self::load(even.as_ptr()), Self::load(odd.as_ptr()))
+        }
+    }
     /// `a * b + c`.
     unsafe fn mul_add(a: Self, b: Self, c: Self) -> Self;
     /// `self + o`.
@@ -290,6 +306,19 @@ mod x86 {
             }
         }
 
+        #[inline(always)]
+        unsafe fn deinterleave(lo: Self, hi: Self) -> (Self, Self) {
+            unsafe {
+                let even =
+                    _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+                let odd =
+                    _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+                (
+                    Avx512(_mm512_permutex2var_ps(lo.0, even, hi.0)),
+                    Avx512(_mm512_permutex2var_ps(lo.0, odd, hi.0)),
+                )
+            }
+        }
         #[inline(always)]
         unsafe fn prefetch(p: *const f32) {
             unsafe { _mm_prefetch::<_MM_HINT_T0>(p as *const i8) }
@@ -776,6 +805,36 @@ mod tests {
             for (n, got) in out.chunks_exact(l).enumerate() {
                 assert_eq!(got, &src[n..n + l], "{isa} shift {n}");
             }
+        }
+    }
+
+    crate::simd_dispatch!(fn deinterleaved => deinterleaved_kernel(src: &[f32], out: &mut Vec<f32>));
+
+    #[inline(always)]
+    unsafe fn deinterleaved_kernel<S: SimdF32>(src: &[f32], out: &mut Vec<f32>) {
+        let mut buf = [0f32; 16];
+        out.clear();
+        unsafe {
+            let l = S::LANES;
+            let (even, odd) = S::deinterleave(S::load(src.as_ptr()), S::load(src.as_ptr().add(l)));
+            for v in [even, odd] {
+                v.store(buf.as_mut_ptr());
+                out.extend_from_slice(&buf[..l]);
+            }
+        }
+    }
+
+    #[test]
+    fn deinterleave_splits_both_vectors_into_even_and_odd_lanes() {
+        let src: Vec<f32> = (0..32).map(|i| i as f32 + 0.25).collect();
+        for isa in Isa::available() {
+            let mut out = Vec::new();
+            deinterleaved(isa, &src, &mut out);
+            let l = out.len() / 2;
+            let even: Vec<f32> = src.iter().step_by(2).take(l).copied().collect();
+            let odd: Vec<f32> = src.iter().skip(1).step_by(2).take(l).copied().collect();
+            assert_eq!(out[..l], even, "{isa} even");
+            assert_eq!(out[l..], odd, "{isa} odd");
         }
     }
 
