@@ -1054,7 +1054,7 @@ fn blocked_depthwise_cases() -> [Case; 9] {
 /// vectors and one column, the second vector of each tap's pair partly past the row); depth
 /// multiplier 2 without padding on 19 output columns; output rows of exactly 16 and 32
 /// columns (the last input column read only by the last output's third tap); padding wider
-/// than the kernel reaches.
+/// than the kernel reaches. At stride 2 with depth multiplier 1 their gradients run on it too.
 fn row_depthwise_cases() -> [Case; 14] {
     let same = Conv2dParams::with_padding(Padding::Same);
     [
@@ -1109,13 +1109,26 @@ fn row_depthwise_cases() -> [Case; 14] {
 
 #[test]
 fn row_depthwise_cases_take_the_row_kernel_with_avx512() {
-    use sepconv::kernels::{Isa, depthwise_rows};
+    use sepconv::kernels::{GradWeightKernel, Isa, depthwise_rows};
     for isa in Isa::available() {
         for (input, weight, p) in row_depthwise_cases() {
             let g = ConvGeometry::new(input, weight, &p).unwrap();
             assert_eq!(
                 depthwise_rows::applies(isa, &g),
                 isa == Isa::Avx512,
+                "{input:?} {isa}"
+            );
+            // Its gradients too at stride 2 with depth multiplier 1 (grad-weight named so).
+            let backward = isa == Isa::Avx512 && g.stride_h == 2 && g.depth_multiplier() == 1;
+            assert_eq!(
+                depthwise_rows::backward_applies(isa, &g),
+                backward,
+                "{input:?} {isa}"
+            );
+            let exec = sepconv::Exec::new(2).with_isa(isa).unwrap();
+            assert_eq!(
+                GradWeightKernel::choose(exec, &g) == GradWeightKernel::DepthwiseRows,
+                backward,
                 "{input:?} {isa}"
             );
         }

@@ -17,6 +17,13 @@
 //! 0.030–0.032 ms, on one thread 0.078–0.102 → 0.048–0.063; a 5 × 5 there on one thread
 //! 0.181–0.186 → 0.096–0.123.
 //!
+//! Both gradients of such a layer (depth multiplier 1) run here too ([`strided_backward`]),
+//! for the same reason: the grad-weight reads the input rows as the forward does, the
+//! grad-input writes each input row's even and odd columns from shifted output-gradient rows
+//! and interleaves them. On E's image (alternated 3×) grad-input 0.057–0.067 → 0.050–0.054 ms,
+//! grad-weight 0.054–0.061 → 0.043–0.045, both 0.127–0.135 → 0.106–0.116; with the forward,
+//! E's batch-1 depthwise training step 0.160–0.181 → 0.132–0.136 (alternated 4×).
+//!
 //! The channel-blocked kernel ([`super::depthwise_blocked`]) transposes 16 planes into a
 //! pixel-major layout and back, which on small planes costs more than the arithmetic. Called
 //! over and over on the same tensors (2 threads, min of 100–300, AVX-512), this kernel measured
@@ -37,6 +44,7 @@ use super::simd::{Isa, SimdF32};
 use super::{Exec, for_each_task};
 use crate::error::Result;
 use crate::geometry::ConvGeometry;
+use rayon::prelude::*;
 
 /// Output rows computed together in the forward pass.
 const ROWS: usize = 4;
@@ -281,5 +289,223 @@ unsafe fn forward_plane<S: SimdF32, const KH: usize, const KW: usize, const STRI
                 r0 += ROWS * step;
             }
         }
+    }
+}
+
+/// Whether [`strided_backward`] computes `g`'s gradients with `isa`: a depthwise layer of depth
+/// multiplier 1 that [`applies`] at stride 2.
+pub fn backward_applies(isa: Isa, g: &ConvGeometry) -> bool {
+    applies(isa, g) && g.stride_h == 2 && g.depth_multiplier() == 1
+}
+
+/// Gradients of a stride-2 depthwise layer (`g` must satisfy [`backward_applies`] for `exec`'s
+/// instruction set) reading the NCHW planes in place, in one pass over the output gradient
+/// `gy`: the input gradient when `grad_input` = `(w, gx)` is given, the weight gradient when
+/// `grad_weight` = `(x, gw)` is. Planes are split over the threads in runs (each plane's
+/// grad-input depends on its own output gradient alone); each thread sums its planes' weight
+/// gradients in f64 (per plane in f32 lanes, as the blocked kernels do), and the threads' sums
+/// are added in order.
+pub fn strided_backward(
+    exec: Exec,
+    g: &ConvGeometry,
+    gy: &[f32],
+    grad_input: Option<(&[f32], &mut [f32])>,
+    grad_weight: Option<(&[f32], &mut [f32])>,
+) -> Result<()> {
+    assert!(
+        backward_applies(exec.isa(), g),
+        "row depthwise backward: unsupported geometry"
+    );
+    let planes = g.batch * g.in_channels;
+    let tasks = exec.threads().min(planes).max(1);
+    let per_task = planes.div_ceil(tasks);
+    let (x, gw) = grad_weight.map_or((None, None), |(x, gw)| (Some(x), Some(gw)));
+    let acc_len = if x.is_some() { g.weight_len() } else { 0 };
+    let run = |t: usize, gi: Option<(&[f32], &mut [f32])>| -> Vec<f64> {
+        let range = t * per_task..((t + 1) * per_task).min(planes);
+        let mut acc = vec![0f64; acc_len];
+        backward_planes(exec.isa(), g, x, gy, range, gi, &mut acc);
+        acc
+    };
+    let sums: Vec<Vec<f64>> = match grad_input {
+        Some((w, gx)) => gx
+            .par_chunks_mut(per_task * g.in_pixels())
+            .enumerate()
+            .map(|(t, gxc)| run(t, Some((w, gxc))))
+            .collect(),
+        None => (0..tasks).into_par_iter().map(|t| run(t, None)).collect(),
+    };
+    if let Some(gw) = gw {
+        for (k, out) in gw.iter_mut().enumerate() {
+            *out = sums.iter().map(|s| s[k]).sum::<f64>() as f32;
+        }
+    }
+    Ok(())
+}
+
+crate::simd_dispatch!(fn backward_planes => backward_planes_kernel(
+    g: &ConvGeometry, x: Option<&[f32]>, gy: &[f32], planes: Range<usize>,
+    grad_input: Option<(&[f32], &mut [f32])>, acc: &mut [f64]
+));
+
+/// [`strided_backward`] for planes `planes` (image-major): their grad-input planes when
+/// `grad_input` = `(w, gx)` is given, and their weight gradients added to `acc`
+/// (`[channel][tap]`) when `x` is.
+#[inline(always)]
+unsafe fn backward_planes_kernel<S: SimdF32>(
+    g: &ConvGeometry,
+    x: Option<&[f32]>,
+    gy: &[f32],
+    planes: Range<usize>,
+    mut grad_input: Option<(&[f32], &mut [f32])>,
+    acc: &mut [f64],
+) {
+    let taps = g.kernel_h * g.kernel_w;
+    let (hw, ohw) = (g.in_pixels(), g.out_pixels());
+    for (k, p) in planes.enumerate() {
+        let c = p % g.in_channels;
+        let gyp = &gy[p * ohw..(p + 1) * ohw];
+        // SAFETY: whole planes of g's shapes; g's kernel is 3 × 3 or 5 × 5 at stride 2 and
+        // dilation 1 (`backward_applies`).
+        unsafe {
+            if let Some((w, gx)) = grad_input.as_mut() {
+                let wp = &w[c * taps..(c + 1) * taps];
+                let gxp = &mut gx[k * hw..(k + 1) * hw];
+                match g.kernel_h {
+                    3 => grad_input_plane::<S, 3, 3>(g, gyp, wp, gxp),
+                    _ => grad_input_plane::<S, 5, 5>(g, gyp, wp, gxp),
+                }
+            }
+            if let Some(x) = x {
+                let xp = &x[p * hw..(p + 1) * hw];
+                let out = &mut acc[c * taps..(c + 1) * taps];
+                match g.kernel_h {
+                    3 => grad_weight_plane::<S, 3, 3>(g, xp, gyp, out),
+                    _ => grad_weight_plane::<S, 5, 5>(g, xp, gyp, out),
+                }
+            }
+        }
+    }
+}
+
+/// One input plane's gradient at stride 2, `2·S::LANES` padded columns at a time. Padded
+/// column `2·c + j` is read by output column `c` through tap column `j`, so of a block from
+/// padded column `2·c0` the even columns `2·(c0 + l)` take the even taps `j` from output column
+/// `c0 + l − j/2`, the odd ones the odd taps from `c0 + l − (j − 1)/2`: per contributing output
+/// row, `(KW + 1)/2` shifted masked loads (lanes outside the output row read as zero), FMAs into
+/// an even and an odd vector, interleaved into the two vectors stored (masked to the input
+/// row). Padded row `ih + pad_top = 2·r + i` takes tap row `i` from output row `r`.
+///
+/// # Safety
+/// `gyp`, `gxp` are whole planes of `g`'s output and input, `w` the plane's `KH × KW` taps, `g`
+/// at stride 2 and dilation 1.
+#[inline(always)]
+unsafe fn grad_input_plane<S: SimdF32, const KH: usize, const KW: usize>(
+    g: &ConvGeometry,
+    gyp: &[f32],
+    w: &[f32],
+    gxp: &mut [f32],
+) {
+    let lanes = S::LANES as isize;
+    let (oh, ow, in_h, in_w) = (g.out_h, g.out_w, g.in_h, g.in_w);
+    let (pt, pl) = (g.pad_top, g.pad_left);
+    // SAFETY (all blocks): loads read the lanes inside an output row below `oh`, stores write
+    // the lanes inside an input row below `in_h`.
+    let wv: [[S; KW]; KH] =
+        std::array::from_fn(|i| std::array::from_fn(|j| unsafe { S::splat(w[i * KW + j]) }));
+    for p0 in (0..pl + in_w).step_by(2 * S::LANES) {
+        let c0 = (p0 / 2) as isize;
+        // Output columns c0 − s + l inside the row, for shifts s = 0, 1, 2.
+        let gy_masks: [S::Lanes; 3] = std::array::from_fn(|s| {
+            let lo = (s as isize - c0).clamp(0, lanes);
+            let hi = (ow as isize + s as isize - c0).clamp(lo, lanes);
+            unsafe { S::lanes(lo as usize, hi as usize) }
+        });
+        // Padded columns p0 + v·lanes + l, input columns inside the row.
+        let gx_masks: [S::Lanes; 2] = std::array::from_fn(|v| {
+            let base = (p0 + v * S::LANES) as isize;
+            let lo = (pl as isize - base).clamp(0, lanes);
+            let hi = ((pl + in_w) as isize - base).clamp(lo, lanes);
+            unsafe { S::lanes(lo as usize, hi as usize) }
+        });
+        let out = gxp.as_mut_ptr().wrapping_add(p0).wrapping_sub(pl);
+        for ih in 0..in_h {
+            let (mut even, mut odd) = unsafe { (S::zero(), S::zero()) };
+            let t = ih + pt;
+            for (i, wi) in wv.iter().enumerate() {
+                let r = t.wrapping_sub(i) / 2;
+                if t < i || (t - i) % 2 == 1 || r >= oh {
+                    continue;
+                }
+                let row = gyp.as_ptr().wrapping_add(r * ow + c0 as usize);
+                for s in 0..KW.div_ceil(2) {
+                    let v = unsafe { S::load_masked(row.wrapping_sub(s), gy_masks[s]) };
+                    even = unsafe { S::mul_add(wi[2 * s], v, even) };
+                    if 2 * s + 1 < KW {
+                        odd = unsafe { S::mul_add(wi[2 * s + 1], v, odd) };
+                    }
+                }
+            }
+            let (lo, hi) = unsafe { S::interleave(even, odd) };
+            let dst = out.wrapping_add(ih * in_w);
+            unsafe {
+                lo.store_masked(dst, gx_masks[0]);
+                hi.store_masked(dst.wrapping_add(S::LANES), gx_masks[1]);
+            }
+        }
+    }
+}
+
+/// One plane's weight gradient at stride 2, added to `acc` (`KH × KW` taps): `gw[i, j] = Σ
+/// gy[r, c] · x[2·r + i − pad_top, 2·c + j − pad_left]`, a vector of output columns at a time
+/// with the input rows read as the forward reads them ([`Columns`]), summed in `KH × KW`
+/// accumulator vectors (lanes past the output row multiply zeros). As in the forward, `ROWS`
+/// output rows go together, so each of their `2·(ROWS − 1) + KH` input rows is read once.
+///
+/// # Safety
+/// `xp`, `gyp` are whole planes of `g`'s input and output, `g` at stride 2 and dilation 1.
+#[inline(always)]
+unsafe fn grad_weight_plane<S: SimdF32, const KH: usize, const KW: usize>(
+    g: &ConvGeometry,
+    xp: &[f32],
+    gyp: &[f32],
+    acc: &mut [f64],
+) {
+    let (oh, ow, in_h, in_w, pt) = (g.out_h, g.out_w, g.in_h, g.in_w, g.pad_top);
+    let mut sums = [[unsafe { S::zero() }; KW]; KH];
+    for c0 in (0..ow).step_by(S::LANES) {
+        let n = S::LANES.min(ow - c0);
+        // SAFETY (all blocks): loads read the lanes inside rows below `in_h` and `oh`.
+        let columns = unsafe { Columns::<S, KW, 2>::new(g, xp, c0, n) };
+        let inside = unsafe { S::lanes(0, n) };
+        for r0 in (0..oh).step_by(ROWS) {
+            // The group's output-gradient rows, zeros past the plane.
+            let gv: [S; ROWS] = std::array::from_fn(|o| unsafe {
+                if r0 + o < oh {
+                    S::load_masked(gyp.as_ptr().wrapping_add((r0 + o) * ow + c0), inside)
+                } else {
+                    S::zero()
+                }
+            });
+            for k in 0..2 * (ROWS - 1) + KH {
+                let ir = (2 * r0 + k).wrapping_sub(pt);
+                if ir >= in_h {
+                    continue;
+                }
+                let v = unsafe { columns.row(ir, in_w) };
+                // Output row o of the group reads this row through tap row k − 2·o.
+                for (o, &gvo) in gv.iter().enumerate() {
+                    let i = k.wrapping_sub(2 * o);
+                    if i < KH {
+                        for (s, &vj) in sums[i].iter_mut().zip(&v) {
+                            *s = unsafe { S::mul_add(gvo, vj, *s) };
+                        }
+                    }
+                }
+            }
+        }
+    }
+    for (a, s) in acc.iter_mut().zip(sums.iter().flatten()) {
+        *a += unsafe { s.reduce_sum() } as f64;
     }
 }

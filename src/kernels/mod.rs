@@ -12,7 +12,8 @@
 //!   vector per pixel); stride-1 grad-input runs on it as the adjoint forward, strided as a
 //!   gather; both gradients in one pass.
 //! - [`depthwise_rows`]: depthwise forward at stride 1 or 2 (and the stride-1 grad-input, its
-//!   adjoint) reading the NCHW rows in place with masked loads (AVX-512).
+//!   adjoint), and both gradients at stride 2, reading the NCHW rows in place with masked
+//!   loads (AVX-512).
 //! - [`fused`]: depthwise then pointwise band by band, the intermediate kept in L2.
 //! - [`elementwise`]: the memory-bound kernels of the network layers (BatchNorm, ReLU, pooling).
 //! - [`winograd`]: F(2×2, 3×3) for stride-1 3×3 convolutions (forward and grad-input).
@@ -332,6 +333,9 @@ pub fn conv2d_grad_input(
         (_, Some(adj)) if adjoint_pays(&adj) => with_adjoint_weight(exec, g, w, ws, |wt, ws| {
             conv2d_forward(exec, &adj, gy, wt, None, gx, ws)
         }),
+        (ConvAlgorithm::Depthwise, _) if depthwise_rows::backward_applies(exec.isa(), g) => {
+            depthwise_rows::strided_backward(exec, g, gy, Some((w, gx)), None)
+        }
         (ConvAlgorithm::Depthwise, _) if depthwise_blocked::grad_input_applies(g) => {
             depthwise_blocked::grad_input(exec, g, gy, w, gx, ws)
         }
@@ -498,6 +502,8 @@ const PREFETCH_AHEAD: usize = 8;
 /// Which kernel computes a convolution's grad-weight ([`conv2d_grad_weight`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum GradWeightKernel {
+    /// Stride-2 depthwise layers the row kernel covers ([`depthwise_rows`]).
+    DepthwiseRows,
     /// Depthwise layers the channel-blocked kernel covers ([`depthwise_blocked`]).
     DepthwiseBlocked,
     /// Other depthwise layers ([`depthwise`]).
@@ -528,6 +534,9 @@ impl GradWeightKernel {
     /// The kernel [`conv2d_grad_weight`] runs for `g`, in order of preference.
     pub fn choose(exec: Exec, g: &ConvGeometry) -> Self {
         match ConvAlgorithm::choose(exec, g) {
+            ConvAlgorithm::Depthwise if depthwise_rows::backward_applies(exec.isa(), g) => {
+                Self::DepthwiseRows
+            }
             ConvAlgorithm::Depthwise if depthwise_blocked::applies(g) => Self::DepthwiseBlocked,
             ConvAlgorithm::Depthwise => Self::Depthwise,
             _ if channels_last_grad_weight::applies(exec, g) => Self::ChannelsLast,
@@ -566,7 +575,8 @@ pub fn conv2d_grad_weight(
 /// [`conv2d_grad_weight`], [`conv2d_grad_input`] and [`conv2d_grad_bias`], except where one
 /// pass computes several: depthwise layers on the channel-blocked kernel, whose weight and
 /// input gradients come from one pass over the output gradient ([`depthwise_blocked::backward`]
-/// at stride 1, [`depthwise_blocked::strided_backward`] strided), pointwise layers split by
+/// at stride 1, [`depthwise_blocked::strided_backward`] strided, or at stride 2 on the row
+/// kernel [`depthwise_rows::strided_backward`]), pointwise layers split by
 /// images, whose three gradients are computed image by image ([`conv::pointwise_backward`]),
 /// and layers whose grad-weight runs on the shifted kernel or the per-tap GEMMs, which sum
 /// grad-bias image by image as they go ([`shifted_grad_weight::grad_weight`],
@@ -594,6 +604,13 @@ pub fn conv2d_backward(
     }
     if conv::pointwise_backward_applies(exec, g) {
         return conv::pointwise_backward(exec, g, x, gy, w, gx, gw, gb, ws);
+    }
+    if depthwise_rows::backward_applies(exec.isa(), g) {
+        if let Some(gb) = gb {
+            conv2d_grad_bias(exec, g, gy, gb);
+        }
+        let grad_input = gx.map(|gx| (w, gx));
+        return depthwise_rows::strided_backward(exec, g, gy, grad_input, Some((x, gw)));
     }
     let Some(gx) = gx else {
         return grad_weight_and_bias(exec, g, x, gy, gw, gb, ws);
@@ -646,6 +663,9 @@ fn grad_weight_and_bias(
         }
     };
     match kernel {
+        GradWeightKernel::DepthwiseRows => {
+            depthwise_rows::strided_backward(exec, g, gy, None, Some((x, gw)))
+        }
         GradWeightKernel::DepthwiseBlocked => {
             depthwise_blocked::grad_weight(exec, g, x, gy, gw, ws)
         }

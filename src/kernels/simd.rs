@@ -131,6 +131,9 @@ pub trait SimdF32: Copy {
     unsafe fn lanes(lo: usize, hi: usize) -> Self::Lanes;
     /// [`SimdF32::load_lanes`] with a mask from [`SimdF32::lanes`].
     unsafe fn load_masked(p: *const f32, lanes: Self::Lanes) -> Self;
+    /// Stores the lanes of a mask from [`SimdF32::lanes`] to their addresses from `p`, and
+    /// touches no memory outside them (so `p` may point before the buffer).
+    unsafe fn store_masked(self, p: *mut f32, lanes: Self::Lanes);
     /// Stores `LANES` values bypassing the cache (non-temporal) when `p` is aligned to the
     /// vector size, else a normal store. Call [`SimdF32::fence`] after a run of these.
     ///
@@ -172,6 +175,23 @@ pub trait SimdF32: Copy {
                 (even[l], odd[l]) = (buf[2 * l], buf[2 * l + 1]);
             }
             (Self::load(even.as_ptr()), Self::load(odd.as_ptr()))
+        }
+    }
+    /// The inverse of [`SimdF32::deinterleave`]: `lo ‖ hi` holds `even`'s and `odd`'s lanes
+    /// alternately (`even[0], odd[0], even[1], …`), the two vectors one would store
+    /// contiguously to write a stride-2 row's even and odd elements. One permute each on
+    /// AVX-512.
+    #[inline(always)]
+    unsafe fn interleave(even: Self, odd: Self) -> (Self, Self) {
+        let (mut e, mut o, mut buf) = ([0f32; 16], [0f32; 16], [0f32; 32]);
+        unsafe {
+            even.store(e.as_mut_ptr());
+            odd.store(o.as_mut_ptr());
+            for l in 0..Self::LANES {
+                (buf[2 * l], buf[2 * l + 1]) = (e[l], o[l]);
+            }
+            let hi = buf.as_ptr().add(Self::LANES);
+            (Self::load(buf.as_ptr()), Self::load(hi))
         }
     }
     /// `a * b + c`.
@@ -226,6 +246,15 @@ macro_rules! lanes_as_range {
                 let (src, dst) = (p.wrapping_add(lo), buf.as_mut_ptr().add(lo));
                 std::ptr::copy_nonoverlapping(src, dst, hi - lo);
                 Self::load(buf.as_ptr())
+            }
+        }
+        #[inline(always)]
+        unsafe fn store_masked(self, p: *mut f32, (lo, hi): (usize, usize)) {
+            let mut buf = [0f32; 16];
+            unsafe {
+                self.store(buf.as_mut_ptr());
+                let (src, dst) = (buf.as_ptr().add(lo), p.wrapping_add(lo));
+                std::ptr::copy_nonoverlapping(src, dst, hi - lo);
             }
         }
     };
@@ -339,6 +368,22 @@ mod x86 {
         #[inline(always)]
         unsafe fn load_masked(p: *const f32, lanes: __mmask16) -> Self {
             unsafe { Avx512(_mm512_maskz_loadu_ps(lanes, p)) }
+        }
+        #[inline(always)]
+        unsafe fn store_masked(self, p: *mut f32, lanes: __mmask16) {
+            unsafe { _mm512_mask_storeu_ps(p, lanes, self.0) }
+        }
+        #[inline(always)]
+        unsafe fn interleave(even: Self, odd: Self) -> (Self, Self) {
+            unsafe {
+                let lo = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+                let hi =
+                    _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+                (
+                    Avx512(_mm512_permutex2var_ps(even.0, lo, odd.0)),
+                    Avx512(_mm512_permutex2var_ps(even.0, hi, odd.0)),
+                )
+            }
         }
         #[inline(always)]
         unsafe fn mul_add(a: Self, b: Self, c: Self) -> Self {
@@ -464,6 +509,10 @@ mod x86 {
         #[inline(always)]
         unsafe fn load_masked(p: *const f32, lanes: __m256i) -> Self {
             unsafe { Avx2(_mm256_maskload_ps(p, lanes)) }
+        }
+        #[inline(always)]
+        unsafe fn store_masked(self, p: *mut f32, lanes: __m256i) {
+            unsafe { _mm256_maskstore_ps(p, lanes, self.0) }
         }
         #[inline(always)]
         unsafe fn mul_add(a: Self, b: Self, c: Self) -> Self {
@@ -817,24 +866,27 @@ mod tests {
         unsafe {
             let l = S::LANES;
             let (even, odd) = S::deinterleave(S::load(src.as_ptr()), S::load(src.as_ptr().add(l)));
-            for v in [even, odd] {
+            let (lo, hi) = S::interleave(even, odd);
+            for v in [even, odd, lo, hi] {
                 v.store(buf.as_mut_ptr());
                 out.extend_from_slice(&buf[..l]);
             }
         }
     }
 
+    /// And `interleave` puts them back.
     #[test]
     fn deinterleave_splits_both_vectors_into_even_and_odd_lanes() {
         let src: Vec<f32> = (0..32).map(|i| i as f32 + 0.25).collect();
         for isa in Isa::available() {
             let mut out = Vec::new();
             deinterleaved(isa, &src, &mut out);
-            let l = out.len() / 2;
+            let l = out.len() / 4;
             let even: Vec<f32> = src.iter().step_by(2).take(l).copied().collect();
             let odd: Vec<f32> = src.iter().skip(1).step_by(2).take(l).copied().collect();
             assert_eq!(out[..l], even, "{isa} even");
-            assert_eq!(out[l..], odd, "{isa} odd");
+            assert_eq!(out[l..2 * l], odd, "{isa} odd");
+            assert_eq!(out[2 * l..], src[..2 * l], "{isa} interleaved");
         }
     }
 
@@ -918,6 +970,50 @@ mod tests {
                         })
                         .collect();
                     assert_eq!(got.next(), Some(&want[..]), "{isa} lanes {lo}..{hi}");
+                }
+            }
+        }
+    }
+
+    crate::simd_dispatch!(fn lanes_stored => lanes_stored_kernel(out: &mut Vec<f32>));
+
+    /// `store_masked` of the vector 1, 2, …, LANES under the mask of every `lo ≤ hi ≤ LANES`,
+    /// each into a fresh NaN-filled window of three vectors at the middle one.
+    #[inline(always)]
+    unsafe fn lanes_stored_kernel<S: SimdF32>(out: &mut Vec<f32>) {
+        let l = S::LANES;
+        let values: Vec<f32> = (1..=l).map(|k| k as f32).collect();
+        out.clear();
+        for lo in 0..=l {
+            for hi in lo..=l {
+                let mut window = vec![f32::NAN; 3 * l];
+                unsafe {
+                    let v = S::load(values.as_ptr());
+                    v.store_masked(window.as_mut_ptr().add(l), S::lanes(lo, hi));
+                }
+                out.extend_from_slice(&window);
+            }
+        }
+    }
+
+    #[test]
+    fn store_masked_writes_only_the_lanes_of_its_mask() {
+        for isa in Isa::available() {
+            let mut out = Vec::new();
+            lanes_stored(isa, &mut out);
+            let l = isa.lanes();
+            let mut got = out.chunks_exact(3 * l);
+            for lo in 0..=l {
+                for hi in lo..=l {
+                    let window = got.next().unwrap();
+                    for (k, v) in window.iter().enumerate() {
+                        let lane = k.wrapping_sub(l);
+                        if (lo..hi).contains(&lane) {
+                            assert_eq!(*v, (lane + 1) as f32, "{isa} lanes {lo}..{hi} at {k}");
+                        } else {
+                            assert!(v.is_nan(), "{isa} lanes {lo}..{hi} wrote {k}");
+                        }
+                    }
                 }
             }
         }
