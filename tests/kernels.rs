@@ -1133,8 +1133,8 @@ fn row_depthwise_cases_take_the_row_kernel_with_avx512() {
             );
         }
     }
-    // Strided on one axis only, at stride 2 dilated, at stride 3, at stride 2 or wider than 32
-    // output columns on an input of more than 2^20 floats, or a 3 × 1 kernel: other kernels.
+    // Strided on one axis only, at stride 2 dilated, at stride 3, wider than 32 output columns
+    // at stride 1 on an input of more than 2^20 floats, or a 3 × 1 kernel: other kernels.
     let same = Conv2dParams::with_padding(Padding::Same);
     for (input, weight, p) in [
         ([2, 16, 14, 14], [16, 1, 3, 3], same.groups(16).stride(2, 1)),
@@ -1145,11 +1145,6 @@ fn row_depthwise_cases_take_the_row_kernel_with_avx512() {
         ),
         ([2, 16, 14, 14], [16, 1, 3, 3], same.groups(16).stride(3, 3)),
         ([2, 16, 180, 200], [16, 1, 3, 3], same.groups(16)),
-        (
-            [2, 16, 180, 200],
-            [16, 1, 3, 3],
-            same.groups(16).stride(2, 2),
-        ),
         ([2, 16, 14, 14], [16, 1, 3, 1], same.groups(16)),
     ] {
         let g = ConvGeometry::new(input, weight, &p).unwrap();

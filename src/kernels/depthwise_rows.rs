@@ -69,16 +69,16 @@ const MAX_WIDE_INPUT_FLOATS: usize = 1 << 20;
 /// Whether `g` runs on this kernel with instruction set `isa`: depthwise (any depth
 /// multiplier), a 3 × 3 or 5 × 5 kernel, any padding, AVX-512, and either stride 1 (any
 /// dilation) with output rows of at most 32 columns (`MAX_OUTPUT_WIDTH`) or an input of at
-/// most 2²⁰ floats (`MAX_WIDE_INPUT_FLOATS`), or stride 2 on both axes (dilation 1) with an
-/// input of at most 2²⁰ floats: a larger one comes from memory in a training step, where the
-/// blocked kernel's prefetching won at stride 1 (and at stride 2 on reference layer E at batch
-/// 8 this kernel measured a tie in its depthwise training step).
+/// most 2²⁰ floats (`MAX_WIDE_INPUT_FLOATS`), or stride 2 on both axes (dilation 1), where it
+/// won at every size: reference layer E at batch 8 (12.8 MB of input; harness, alternated
+/// 3–6×) forward 0.319–0.328 → 0.272–0.281 ms, both gradients 1.53–1.63 → 0.95–1.34, its
+/// depthwise training step 1.24–1.29 → 1.17–1.22 (min of 200), its depthwise-separable step a
+/// tie (medians 7.58–7.87 → 7.45–7.65 in five of six).
 pub fn applies(isa: Isa, g: &ConvGeometry) -> bool {
-    let small_input = g.input_len() <= MAX_WIDE_INPUT_FLOATS;
     g.is_depthwise()
         && match (g.stride_h, g.stride_w, g.dilation_h, g.dilation_w) {
-            (1, 1, _, _) => g.out_w <= MAX_OUTPUT_WIDTH || small_input,
-            (2, 2, 1, 1) => small_input,
+            (1, 1, _, _) => g.out_w <= MAX_OUTPUT_WIDTH || g.input_len() <= MAX_WIDE_INPUT_FLOATS,
+            (2, 2, 1, 1) => true,
             _ => false,
         }
         && matches!((g.kernel_h, g.kernel_w), (3, 3) | (5, 5))
