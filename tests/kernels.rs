@@ -1054,8 +1054,9 @@ fn blocked_depthwise_cases() -> [Case; 9] {
 /// vectors and one column, the second vector of each tap's pair partly past the row); depth
 /// multiplier 2 without padding on 19 output columns; output rows of exactly 16 and 32
 /// columns (the last input column read only by the last output's third tap); padding wider
-/// than the kernel reaches. At stride 2 with depth multiplier 1 their gradients run on it too.
-fn row_depthwise_cases() -> [Case; 14] {
+/// than the kernel reaches; an even number of rows without padding (the last input row read
+/// by no output). At stride 2 with depth multiplier 1 their gradients run on it too.
+fn row_depthwise_cases() -> [Case; 15] {
     let same = Conv2dParams::with_padding(Padding::Same);
     [
         ([2, 16, 14, 14], [16, 1, 3, 3], same.groups(16)),
@@ -1103,6 +1104,11 @@ fn row_depthwise_cases() -> [Case; 14] {
             [2, 3, 5, 6],
             [3, 1, 3, 3],
             explicit(3, 2, 4, 3).groups(3).stride(2, 2),
+        ),
+        (
+            [2, 4, 10, 21],
+            [4, 1, 3, 3],
+            Conv2dParams::default().groups(4).stride(2, 2),
         ),
     ]
 }

@@ -19,10 +19,14 @@
 //!
 //! Both gradients of such a layer (depth multiplier 1) run here too ([`strided_backward`]),
 //! for the same reason: the grad-weight reads the input rows as the forward does, the
-//! grad-input writes each input row's even and odd columns from shifted output-gradient rows
-//! and interleaves them. On E's image (alternated 3×) grad-input 0.057–0.067 → 0.050–0.054 ms,
-//! grad-weight 0.054–0.061 → 0.043–0.045, both 0.127–0.135 → 0.106–0.116; with the forward,
-//! E's batch-1 depthwise training step 0.160–0.181 → 0.132–0.136 (alternated 4×).
+//! grad-input adds each output-gradient row, loaded once, into the even and odd columns of the
+//! input rows it reaches and interleaves each row once complete. On E's image (alternated 3×)
+//! grad-input 0.057–0.067 → 0.050–0.054 ms, grad-weight 0.054–0.061 → 0.043–0.045; with the
+//! forward, E's batch-1 depthwise training step 0.160–0.181 → 0.132–0.136 (alternated 4×). The
+//! grad-input first summed, input row by input row, the output-gradient rows that reach it
+//! (each loaded up to three times); added row by row it took 0.071 → 0.038–0.044 ms on one
+//! thread, 0.30–0.45 → 0.16–0.20 at batch 8, and E's batch-1 depthwise step 0.134–0.138 →
+//! 0.111–0.118 (alternated 3×).
 //!
 //! The channel-blocked kernel ([`super::depthwise_blocked`]) transposes 16 planes into a
 //! pixel-major layout and back, which on small planes costs more than the arithmetic. Called
@@ -391,10 +395,12 @@ unsafe fn backward_planes_kernel<S: SimdF32>(
 /// One input plane's gradient at stride 2, `2·S::LANES` padded columns at a time. Padded
 /// column `2·c + j` is read by output column `c` through tap column `j`, so of a block from
 /// padded column `2·c0` the even columns `2·(c0 + l)` take the even taps `j` from output column
-/// `c0 + l − j/2`, the odd ones the odd taps from `c0 + l − (j − 1)/2`: per contributing output
-/// row, `(KW + 1)/2` shifted masked loads (lanes outside the output row read as zero), FMAs into
-/// an even and an odd vector, interleaved into the two vectors stored (masked to the input
-/// row). Padded row `ih + pad_top = 2·r + i` takes tap row `i` from output row `r`.
+/// `c0 + l − j/2`, the odd ones the odd taps from `c0 + l − (j − 1)/2`; padded row `2·r + i`
+/// takes tap row `i` from output row `r`. Each output-gradient row is loaded once
+/// (`(KW + 1)/2` shifted masked loads, lanes outside the row read as zero) and added into the
+/// `KH` padded rows it reaches, kept as even and odd vectors; after row `r`, padded rows `2·r`
+/// and `2·r + 1` are complete: interleaved and stored (masked to the input row). Input rows
+/// no output reads get zeros.
 ///
 /// # Safety
 /// `gyp`, `gxp` are whole planes of `g`'s output and input, `w` the plane's `KH × KW` taps, `g`
@@ -413,6 +419,7 @@ unsafe fn grad_input_plane<S: SimdF32, const KH: usize, const KW: usize>(
     // the lanes inside an input row below `in_h`.
     let wv: [[S; KW]; KH] =
         std::array::from_fn(|i| std::array::from_fn(|j| unsafe { S::splat(w[i * KW + j]) }));
+    let zero = unsafe { S::zero() };
     for p0 in (0..pl + in_w).step_by(2 * S::LANES) {
         let c0 = (p0 / 2) as isize;
         // Output columns c0 − s + l inside the row, for shifts s = 0, 1, 2.
@@ -429,29 +436,43 @@ unsafe fn grad_input_plane<S: SimdF32, const KH: usize, const KW: usize>(
             unsafe { S::lanes(lo as usize, hi as usize) }
         });
         let out = gxp.as_mut_ptr().wrapping_add(p0).wrapping_sub(pl);
-        for ih in 0..in_h {
-            let (mut even, mut odd) = unsafe { (S::zero(), S::zero()) };
-            let t = ih + pt;
-            for (i, wi) in wv.iter().enumerate() {
-                let r = t.wrapping_sub(i) / 2;
-                if t < i || (t - i) % 2 == 1 || r >= oh {
-                    continue;
+        // Stores padded row t (even and odd columns) where it is an input row.
+        let store = |t: usize, (even, odd): (S, S)| {
+            let ih = t.wrapping_sub(pt);
+            if ih < in_h {
+                let dst = out.wrapping_add(ih * in_w);
+                unsafe {
+                    let (lo, hi) = S::interleave(even, odd);
+                    lo.store_masked(dst, gx_masks[0]);
+                    hi.store_masked(dst.wrapping_add(S::LANES), gx_masks[1]);
                 }
-                let row = gyp.as_ptr().wrapping_add(r * ow + c0 as usize);
-                for s in 0..KW.div_ceil(2) {
-                    let v = unsafe { S::load_masked(row.wrapping_sub(s), gy_masks[s]) };
-                    even = unsafe { S::mul_add(wi[2 * s], v, even) };
+            }
+        };
+        // rows[i]: padded row 2·r + i so far.
+        let mut rows = [(zero, zero); KH];
+        for r in 0..oh {
+            let row = gyp.as_ptr().wrapping_add(r * ow + c0 as usize);
+            for s in 0..KW.div_ceil(2) {
+                let v = unsafe { S::load_masked(row.wrapping_sub(s), gy_masks[s]) };
+                for ((even, odd), wi) in rows.iter_mut().zip(&wv) {
+                    *even = unsafe { S::mul_add(wi[2 * s], v, *even) };
                     if 2 * s + 1 < KW {
-                        odd = unsafe { S::mul_add(wi[2 * s + 1], v, odd) };
+                        *odd = unsafe { S::mul_add(wi[2 * s + 1], v, *odd) };
                     }
                 }
             }
-            let (lo, hi) = unsafe { S::interleave(even, odd) };
-            let dst = out.wrapping_add(ih * in_w);
-            unsafe {
-                lo.store_masked(dst, gx_masks[0]);
-                hi.store_masked(dst.wrapping_add(S::LANES), gx_masks[1]);
-            }
+            store(2 * r, rows[0]);
+            store(2 * r + 1, rows[1]);
+            rows.copy_within(2.., 0);
+            rows[KH - 2] = (zero, zero);
+            rows[KH - 1] = (zero, zero);
+        }
+        // The rows the last output rows reach past 2·oh, then zeros to the plane's end.
+        for (i, &pair) in rows.iter().enumerate().take(KH - 2) {
+            store(2 * oh + i, pair);
+        }
+        for t in 2 * oh + KH - 2..pt + in_h {
+            store(t, (zero, zero));
         }
     }
 }
