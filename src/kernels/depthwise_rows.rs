@@ -226,9 +226,9 @@ impl<S: SimdF32, const KW: usize, const STRIDE: usize> Columns<S, KW, STRIDE> {
 /// 1 rows `r0 + o·dh` (`dh` the row dilation), where tap row `i` of output row `r0 + o·dh`
 /// reads input row `r0 + (o + i)·dh − pad_top`; at stride 2 (dilation 1) rows `r0 + o`, whose
 /// tap row `i` reads input row `2·(r0 + o) + i − pad_top`. Either way the group's
-/// `(ROWS − 1)·STRIDE + KH` input rows are each loaded once (`KW` shifted loads; at stride 2
-/// two contiguous vectors and their even lanes) and feed every output row of the group that
-/// reads them.
+/// `(ROWS − 1)·STRIDE + KH` input rows are each loaded once ([`Columns::row`]: `KW` shifted
+/// loads, at stride 2 three contiguous ones split into even and odd lanes) and feed every
+/// output row of the group that reads them.
 ///
 /// Written for the compiler: per-row scalar work is a large share of a narrow plane's time,
 /// so each tap column's start and lane mask are hoisted out of the row loop and rows outside
@@ -251,7 +251,7 @@ unsafe fn forward_plane<S: SimdF32, const KH: usize, const KW: usize, const STRI
     let (oh, ow) = (g.out_h, g.out_w);
     // Output rows of a group lie `step` apart; at stride 2 the dilation is 1.
     let step = g.dilation_h;
-    // SAFETY (all blocks): input loads read the lanes `tap_columns` found inside a row below
+    // SAFETY (all blocks): input loads read the lanes `Columns` found inside a row below
     // `in_h`; stores write `n ≤ lanes` columns of rows below `oh`.
     let wv: [[S; KW]; KH] =
         std::array::from_fn(|i| std::array::from_fn(|j| unsafe { S::splat(w[i * KW + j]) }));
