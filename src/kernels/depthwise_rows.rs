@@ -200,24 +200,29 @@ impl<S: SimdF32, const KW: usize, const STRIDE: usize> Columns<S, KW, STRIDE> {
                     S::load_masked(self.starts[j].wrapping_add(ir * in_w), self.masks[j][0])
                 });
             }
+            // No intrinsics inside closures below: a closure `from_fn` does not inline is
+            // compiled without the caller's target features, and every intrinsic in it
+            // becomes a call (the 5 × 5 forward measured 10× slower so).
             let at = self.starts[0].wrapping_add(ir * in_w);
             let m = &self.masks[0];
-            let v: [S; 3] =
-                std::array::from_fn(|k| S::load_masked(at.wrapping_add(k * lanes), m[k]));
-            let (even, odd) = S::deinterleave(v[0], v[1]);
+            let v0 = S::load_masked(at, m[0]);
+            let v1 = S::load_masked(at.wrapping_add(lanes), m[1]);
+            let v2 = S::load_masked(at.wrapping_add(2 * lanes), m[2]);
+            let (even, odd) = S::deinterleave(v0, v1);
             // Tap columns 2 to 4 continue the even and odd lanes into the third vector.
             let (even2, odd2) = if KW > 3 {
-                S::deinterleave(v[2], v[2])
+                S::deinterleave(v2, v2)
             } else {
-                (v[2], v[2])
+                (v2, v2)
             };
-            std::array::from_fn(|j| match j {
-                0 => even,
-                1 => odd,
-                2 => S::shift_lanes::<1>(even, even2),
-                3 => S::shift_lanes::<1>(odd, odd2),
-                _ => S::shift_lanes::<2>(even, even2),
-            })
+            let taps = [
+                even,
+                odd,
+                S::shift_lanes::<1>(even, even2),
+                S::shift_lanes::<1>(odd, odd2),
+                S::shift_lanes::<2>(even, even2),
+            ];
+            std::array::from_fn(|j| taps[j])
         }
     }
 }
@@ -509,11 +514,14 @@ unsafe fn grad_weight_plane<S: SimdF32, const KH: usize, const KW: usize>(
                 }
             });
             for k in 0..2 * (ROWS - 1) + KH {
+                // Zeros outside the plane rather than a branch around the FMAs: the loop
+                // unrolls, and the accumulators stay in registers.
                 let ir = (2 * r0 + k).wrapping_sub(pt);
-                if ir >= in_h {
-                    continue;
-                }
-                let v = unsafe { columns.row(ir, in_w) };
+                let v = if ir < in_h {
+                    unsafe { columns.row(ir, in_w) }
+                } else {
+                    [unsafe { S::zero() }; KW]
+                };
                 // Output row o of the group reads this row through tap row k − 2·o.
                 for (o, &gvo) in gv.iter().enumerate() {
                     let i = k.wrapping_sub(2 * o);
