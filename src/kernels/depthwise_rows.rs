@@ -161,8 +161,8 @@ struct Columns<S: SimdF32, const KW: usize, const STRIDE: usize> {
     /// stride 1, of the block's first vector at stride 2.
     starts: [*const f32; KW],
     /// The lanes that read inside the row: of each tap column's load at stride 1, of the
-    /// block's three contiguous vectors at stride 2 (in `masks[0]`).
-    masks: [[S::Lanes; 3]; KW],
+    /// block's three contiguous vectors at stride 2.
+    masks: [S::Lanes; 5],
 }
 
 impl<S: SimdF32, const KW: usize, const STRIDE: usize> Columns<S, KW, STRIDE> {
@@ -177,15 +177,17 @@ impl<S: SimdF32, const KW: usize, const STRIDE: usize> Columns<S, KW, STRIDE> {
         let offset = |j: usize| (c0 * STRIDE + j * g.dilation_w) as isize - g.pad_left as isize;
         let len = if STRIDE == 1 { n } else { 2 * n + KW - 2 } as isize;
         let starts = std::array::from_fn(|j| xp.as_ptr().wrapping_offset(offset(j)));
-        let masks = std::array::from_fn(|j| {
-            // Elements lo .. hi lie inside the row.
+        // The lanes of the vector `base` elements into tap column j's that lie inside the row.
+        let mask = |j: usize, base: isize| {
             let lo = (-offset(j)).clamp(0, len);
             let hi = (g.in_w as isize - offset(j)).clamp(lo, len);
-            std::array::from_fn(|v| {
-                let base = v as isize * lanes;
-                let (vlo, vhi) = ((lo - base).clamp(0, lanes), (hi - base).clamp(0, lanes));
-                unsafe { S::lanes(vlo as usize, vhi.max(vlo) as usize) }
-            })
+            let (vlo, vhi) = ((lo - base).clamp(0, lanes), (hi - base).clamp(0, lanes));
+            unsafe { S::lanes(vlo as usize, vhi.max(vlo) as usize) }
+        };
+        let masks = std::array::from_fn(|k| match (STRIDE, k) {
+            (1, j) if j < KW => mask(j, 0),
+            (2, v) if v < 3 => mask(0, v as isize * lanes),
+            _ => unsafe { S::lanes(0, 0) },
         });
         Columns { starts, masks }
     }
@@ -197,14 +199,14 @@ impl<S: SimdF32, const KW: usize, const STRIDE: usize> Columns<S, KW, STRIDE> {
         unsafe {
             if STRIDE == 1 {
                 return std::array::from_fn(|j| {
-                    S::load_masked(self.starts[j].wrapping_add(ir * in_w), self.masks[j][0])
+                    S::load_masked(self.starts[j].wrapping_add(ir * in_w), self.masks[j])
                 });
             }
             // No intrinsics inside closures below: a closure `from_fn` does not inline is
             // compiled without the caller's target features, and every intrinsic in it
             // becomes a call (the 5 × 5 forward measured 10× slower so).
             let at = self.starts[0].wrapping_add(ir * in_w);
-            let m = &self.masks[0];
+            let m = &self.masks;
             let v0 = S::load_masked(at, m[0]);
             let v1 = S::load_masked(at.wrapping_add(lanes), m[1]);
             let v2 = S::load_masked(at.wrapping_add(2 * lanes), m[2]);
