@@ -1055,8 +1055,9 @@ fn blocked_depthwise_cases() -> [Case; 9] {
 /// multiplier 2 without padding on 19 output columns; output rows of exactly 16 and 32
 /// columns (the last input column read only by the last output's third tap); padding wider
 /// than the kernel reaches; an even number of rows without padding (the last input row read
-/// by no output). At stride 2 with depth multiplier 1 their gradients run on it too.
-fn row_depthwise_cases() -> [Case; 15] {
+/// by no output); five planes (split 3 + 2 over two threads). At stride 2 with depth
+/// multiplier 1 their gradients run on it too.
+fn row_depthwise_cases() -> [Case; 16] {
     let same = Conv2dParams::with_padding(Padding::Same);
     [
         ([2, 16, 14, 14], [16, 1, 3, 3], same.groups(16)),
@@ -1110,6 +1111,7 @@ fn row_depthwise_cases() -> [Case; 15] {
             [4, 1, 3, 3],
             Conv2dParams::default().groups(4).stride(2, 2),
         ),
+        ([1, 5, 9, 12], [5, 1, 3, 3], same.groups(5).stride(2, 2)),
     ]
 }
 
