@@ -328,7 +328,7 @@ pub fn strided_backward(
         "row depthwise backward: unsupported geometry"
     );
     let planes = g.batch * g.in_channels;
-    let tasks = exec.threads().min(planes).max(1);
+    let tasks = exec.threads().min(planes);
     let per_task = planes.div_ceil(tasks);
     let (x, gw) = grad_weight.map_or((None, None), |(x, gw)| (Some(x), Some(gw)));
     let acc_len = if x.is_some() { g.weight_len() } else { 0 };

@@ -605,17 +605,15 @@ pub fn conv2d_backward(
     if conv::pointwise_backward_applies(exec, g) {
         return conv::pointwise_backward(exec, g, x, gy, w, gx, gw, gb, ws);
     }
-    if depthwise_rows::backward_applies(exec.isa(), g) {
-        if let Some(gb) = gb {
-            conv2d_grad_bias(exec, g, gy, gb);
-        }
-        let grad_input = gx.map(|gx| (w, gx));
-        return depthwise_rows::strided_backward(exec, g, gy, grad_input, Some((x, gw)));
-    }
     let Some(gx) = gx else {
         return grad_weight_and_bias(exec, g, x, gy, gw, gb, ws);
     };
-    let Some(one_pass) = fused_backward(g) else {
+    let one_pass = if depthwise_rows::backward_applies(exec.isa(), g) {
+        Some(FusedBackward::Rows)
+    } else {
+        fused_backward(g)
+    };
+    let Some(one_pass) = one_pass else {
         grad_weight_and_bias(exec, g, x, gy, gw, gb, ws)?;
         return conv2d_grad_input(exec, g, gy, w, gx, ws);
     };
@@ -628,6 +626,9 @@ pub fn conv2d_backward(
         }),
         FusedBackward::Strided => {
             depthwise_blocked::strided_backward(exec, g, x, gy, w, gx, gw, ws)
+        }
+        FusedBackward::Rows => {
+            depthwise_rows::strided_backward(exec, g, gy, Some((w, gx)), Some((x, gw)))
         }
     }
 }
@@ -699,6 +700,9 @@ enum FusedBackward {
     Adjoint(ConvGeometry),
     /// Strided: the grad-input gathers per residue class.
     Strided,
+    /// Stride 2 on the row kernel ([`depthwise_rows::strided_backward`]), chosen before the
+    /// other two where it applies to the instruction set.
+    Rows,
 }
 
 /// The one-pass backward of `g`, where the channel-blocked kernel computes both gradients.
