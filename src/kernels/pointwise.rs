@@ -199,8 +199,92 @@ pub enum Store {
     Accumulate,
 }
 
+/// Memory the caller touches right after a product, prefetched while the product computes:
+/// up to two spans of floats (such as the next pass's input and output). A product near the
+/// FMA peak leaves the memory system idle, and the pass after it, if memory-bound, waits on
+/// its misses; one line of each span per few steps of the register blocks spreads them over
+/// the product instead. Only addresses are kept: a prefetch reads nothing the program sees.
+#[derive(Clone, Copy, Debug)]
+pub struct Ahead {
+    spans: [(*const f32, *const f32); 2],
+}
+
+impl Ahead {
+    /// Nothing to prefetch.
+    pub const NONE: Ahead = Ahead {
+        spans: [(std::ptr::null(), std::ptr::null()); 2],
+    };
+
+    /// The lines of `first` and of `second`.
+    pub fn of(first: &[f32], second: &[f32]) -> Self {
+        let span = |s: &[f32]| (s.as_ptr(), s.as_ptr().wrapping_add(s.len()));
+        Ahead {
+            spans: [span(first), span(second)],
+        }
+    }
+
+    /// Cache lines of the longer span.
+    fn lines(&self) -> usize {
+        self.spans
+            .iter()
+            .map(|&(start, end)| (end as usize - start as usize).div_ceil(LINE_FLOATS * 4))
+            .max()
+            .unwrap_or(0)
+    }
+}
+
+/// An [`Ahead`]'s progress through a product: the next line of each span, prefetched every
+/// `every` steps along K of the full register blocks.
+#[derive(Clone, Copy)]
+struct Prefetcher {
+    next: [*const f32; 2],
+    end: [*const f32; 2],
+    every: usize,
+    countdown: usize,
+}
+
+impl Prefetcher {
+    /// Spreads `ahead`'s lines evenly over `steps` steps.
+    fn new(ahead: Ahead, steps: usize) -> Self {
+        Prefetcher {
+            next: ahead.spans.map(|s| s.0),
+            end: ahead.spans.map(|s| s.1),
+            every: (steps / ahead.lines().max(1)).max(1),
+            countdown: 0,
+        }
+    }
+
+    /// One step: a line of each unfinished span when the countdown runs out.
+    #[inline(always)]
+    unsafe fn step<S: SimdF32>(&mut self) {
+        if self.countdown == 0 {
+            self.countdown = self.every;
+            for (next, &end) in self.next.iter_mut().zip(&self.end) {
+                if *next < end {
+                    // SAFETY: a prefetch is a hint; it reads nothing and cannot fault.
+                    unsafe { S::prefetch(*next) };
+                    *next = next.wrapping_add(LINE_FLOATS);
+                }
+            }
+        }
+        self.countdown -= 1;
+    }
+}
+
 /// `y (+)= C · D` with `y` row-major N × P at row stride `ldy`, written as `store` says.
 pub fn small_k_gemm(isa: Isa, ops: Operands<'_>, y: &mut [f32], ldy: usize, store: Store) {
+    small_k_gemm_ahead(isa, ops, y, ldy, store, Ahead::NONE)
+}
+
+/// [`small_k_gemm`], prefetching `ahead`'s lines as it computes.
+pub fn small_k_gemm_ahead(
+    isa: Isa,
+    ops: Operands<'_>,
+    y: &mut [f32],
+    ldy: usize,
+    store: Store,
+    ahead: Ahead,
+) {
     ops.check();
     assert!(
         ops.n == 0 || y.len() >= (ops.n - 1) * ldy + ops.p,
@@ -211,7 +295,7 @@ pub fn small_k_gemm(isa: Isa, ops: Operands<'_>, y: &mut [f32], ldy: usize, stor
         ld: ldy,
         _y: PhantomData,
     };
-    gemm_dispatch(isa, ops, out, store)
+    gemm_dispatch(isa, ops, out, store, ahead)
 }
 
 /// Where [`small_k_gemm`]'s kernels write Y: its first element and row stride, for the N × P
@@ -306,36 +390,43 @@ impl<'a> ColumnWindow<'a> {
             ld: self.ld,
             _y: PhantomData,
         };
-        gemm_dispatch(isa, ops, out, store)
+        gemm_dispatch(isa, ops, out, store, Ahead::NONE)
     }
 }
 
-crate::simd_dispatch!(fn gemm_dispatch => gemm_kernel(ops: Operands<'_>, y: Out<'_>, store: Store));
+crate::simd_dispatch!(fn gemm_dispatch => gemm_kernel(
+    ops: Operands<'_>, y: Out<'_>, store: Store, ahead: Ahead
+));
 
 #[inline(always)]
-unsafe fn gemm_kernel<S: SimdF32>(ops: Operands<'_>, y: Out<'_>, store: Store) {
+unsafe fn gemm_kernel<S: SimdF32>(ops: Operands<'_>, y: Out<'_>, store: Store, ahead: Ahead) {
     let (y, ldy) = (y.ptr, y.ld);
     const W: (usize, usize) = WIDE_BLOCK;
     const N: (usize, usize) = NARROW_BLOCK;
     // SAFETY: the caller's (this CPU's ISA).
     debug_assert_eq!(S::REGISTERS, S::ISA.registers());
+    // The prefetching blocks are a copy of their own: the countdown costs the plain ones
+    // nothing.
+    let prefetch = ahead.lines() > 0;
     unsafe {
-        if S::REGISTERS >= 32 {
-            blocks::<S, { W.0 }, { W.1 }>(ops, y, ldy, store)
-        } else {
-            blocks::<S, { N.0 }, { N.1 }>(ops, y, ldy, store)
+        match (S::REGISTERS >= 32, prefetch) {
+            (true, false) => blocks::<S, { W.0 }, { W.1 }, false>(ops, y, ldy, store, ahead),
+            (true, true) => blocks::<S, { W.0 }, { W.1 }, true>(ops, y, ldy, store, ahead),
+            (false, false) => blocks::<S, { N.0 }, { N.1 }, false>(ops, y, ldy, store, ahead),
+            (false, true) => blocks::<S, { N.0 }, { N.1 }, true>(ops, y, ldy, store, ahead),
         }
     }
 }
 
 /// The product in `ROWS × VECS`-vector register blocks: column blocks outside, row blocks
-/// inside, the last rows in a shorter block.
+/// inside, the last rows in a shorter block. With `AHEAD`, the full blocks prefetch `ahead`.
 #[inline(always)]
-unsafe fn blocks<S: SimdF32, const ROWS: usize, const VECS: usize>(
+unsafe fn blocks<S: SimdF32, const ROWS: usize, const VECS: usize, const AHEAD: bool>(
     ops: Operands<'_>,
     y: *mut f32,
     ldy: usize,
     store: Store,
+    ahead: Ahead,
 ) {
     let accumulate = store == Store::Accumulate;
     let l = S::LANES;
@@ -374,6 +465,8 @@ unsafe fn blocks<S: SimdF32, const ROWS: usize, const VECS: usize>(
     };
     let lead = lead.min(ops.p - dot_tail);
     let p_end = ops.p - row_tail - dot_tail;
+    let full_blocks = (p_end - lead) / block * (ops.n / ROWS);
+    let mut prefetcher = Prefetcher::new(ahead, full_blocks * ops.k);
     let mut p0 = 0;
     while p0 < p_end {
         let width = if p0 == 0 && lead > 0 {
@@ -385,20 +478,33 @@ unsafe fn blocks<S: SimdF32, const ROWS: usize, const VECS: usize>(
         while n0 + ROWS <= ops.n {
             // SAFETY: rows n0 .. n0 + ROWS and columns p0 .. p0 + width are inside all three
             // matrices (checked lengths in small_k_gemm).
-            unsafe { tile::<S, ROWS, VECS>(ops, y, ldy, n0, p0, width, store, n0 == 0) };
+            unsafe {
+                tile::<S, ROWS, VECS, AHEAD>(
+                    ops,
+                    y,
+                    ldy,
+                    n0,
+                    p0,
+                    width,
+                    store,
+                    n0 == 0,
+                    &mut prefetcher,
+                )
+            };
             n0 += ROWS;
         }
         // SAFETY: as above, for the remaining rows.
+        let pf = &mut prefetcher;
         unsafe {
             match ops.n - n0 {
                 0 => {}
-                1 => tile::<S, 1, VECS>(ops, y, ldy, n0, p0, width, store, false),
-                2 => tile::<S, 2, VECS>(ops, y, ldy, n0, p0, width, store, false),
-                3 => tile::<S, 3, VECS>(ops, y, ldy, n0, p0, width, store, false),
-                4 => tile::<S, 4, VECS>(ops, y, ldy, n0, p0, width, store, false),
-                5 => tile::<S, 5, VECS>(ops, y, ldy, n0, p0, width, store, false),
-                6 => tile::<S, 6, VECS>(ops, y, ldy, n0, p0, width, store, false),
-                _ => tile::<S, 7, VECS>(ops, y, ldy, n0, p0, width, store, false),
+                1 => tile::<S, 1, VECS, false>(ops, y, ldy, n0, p0, width, store, false, pf),
+                2 => tile::<S, 2, VECS, false>(ops, y, ldy, n0, p0, width, store, false, pf),
+                3 => tile::<S, 3, VECS, false>(ops, y, ldy, n0, p0, width, store, false, pf),
+                4 => tile::<S, 4, VECS, false>(ops, y, ldy, n0, p0, width, store, false, pf),
+                5 => tile::<S, 5, VECS, false>(ops, y, ldy, n0, p0, width, store, false, pf),
+                6 => tile::<S, 6, VECS, false>(ops, y, ldy, n0, p0, width, store, false, pf),
+                _ => tile::<S, 7, VECS, false>(ops, y, ldy, n0, p0, width, store, false, pf),
             }
         }
         p0 += width;
@@ -420,9 +526,11 @@ unsafe fn blocks<S: SimdF32, const ROWS: usize, const VECS: usize>(
 /// block of every D row: D's K rows are K separate streams, more than the hardware prefetcher
 /// follows. Reference layer B's pointwise layer (K = 32 forward, 64 grad-input; harness, min of
 /// 40–60, alternated 3×): forward 2.20–2.59 → 2.00–2.27 ms, grad-input 2.77–3.02 → 2.41–2.58;
-/// C's (K = 128) and D's (K = 512) unchanged within noise.
+/// C's (K = 128) and D's (K = 512) unchanged within noise. With `AHEAD`, a full block also
+/// takes its steps of `prefetcher`.
+#[allow(clippy::too_many_arguments)]
 #[inline(always)]
-unsafe fn tile<S: SimdF32, const R: usize, const VECS: usize>(
+unsafe fn tile<S: SimdF32, const R: usize, const VECS: usize, const AHEAD: bool>(
     ops: Operands<'_>,
     y: *mut f32,
     ldy: usize,
@@ -431,6 +539,7 @@ unsafe fn tile<S: SimdF32, const R: usize, const VECS: usize>(
     width: usize,
     store: Store,
     prefetch_next: bool,
+    prefetcher: &mut Prefetcher,
 ) {
     let accumulate = store == Store::Accumulate;
     let l = S::LANES;
@@ -455,7 +564,12 @@ unsafe fn tile<S: SimdF32, const R: usize, const VECS: usize>(
             for (row, &v) in acc.iter_mut().zip(&init) {
                 *row = [v; VECS];
             }
+            // In registers for the loop, not behind the reference.
+            let mut pf = *prefetcher;
             for kk in 0..ops.k {
+                if AHEAD {
+                    pf.step::<S>();
+                }
                 let drow = dp.add(ops.d_rows.start(kk) + p0);
                 let mut dv = [S::zero(); VECS];
                 for (v, d) in dv.iter_mut().enumerate() {
@@ -473,6 +587,7 @@ unsafe fn tile<S: SimdF32, const R: usize, const VECS: usize>(
                     }
                 }
             }
+            *prefetcher = pf;
             for (r, row) in acc.iter().enumerate() {
                 let out = yp.add((n0 + r) * ldy + p0);
                 // Streaming part of a cache line leaves the memory system to merge the rest
@@ -752,6 +867,39 @@ unsafe fn dots<S: SimdF32, const R: usize, const NC: usize>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A product's prefetcher reaches the end of both spans within the product's steps when
+    /// they have at most as many lines as there are steps (one line of each span per `every`
+    /// steps), and never moves past a span's last line; with more lines than steps it
+    /// prefetches one line per step.
+    #[test]
+    fn prefetcher_covers_its_spans_within_the_steps() {
+        let buf = vec![0.0f32; 64 * 1024];
+        let lines = |n: usize| n.div_ceil(LINE_FLOATS);
+        for (a, b, steps) in [
+            (1000, 0, 10_000),
+            (5000, 3000, 2_000),
+            (16, 17, 2),
+            (64 * 1024 - 5000, 5000, 4_096),
+            (40_000, 16, 1_000),
+        ] {
+            let (first, second) = buf.split_at(a);
+            let second = &second[..b];
+            let mut p = Prefetcher::new(Ahead::of(first, second), steps);
+            for _ in 0..steps {
+                // SAFETY: prefetches are hints.
+                unsafe { p.step::<crate::kernels::simd::Portable>() };
+            }
+            for (k, (span, len)) in [(first, a), (second, b)].into_iter().enumerate() {
+                let issued = (p.next[k] as usize - span.as_ptr() as usize) / (LINE_FLOATS * 4);
+                assert_eq!(
+                    issued,
+                    lines(len).min(steps),
+                    "span {k} of {a}, {b} over {steps}"
+                );
+            }
+        }
+    }
 
     /// C given as a transposed matrix (rows at stride 1): the layout whose last columns short
     /// of a vector run along the rows (`tail_by_rows`). Shapes with and without such columns,
