@@ -33,8 +33,11 @@ use std::ops::Range;
 use rayon::prelude::*;
 
 use super::gemm::{MatView, gemm};
-use super::pointwise::{Operands, Rows, Store, small_k_gemm, wants_row_major_c};
+use super::pointwise::{
+    Ahead, Operands, Rows, Store, small_k_gemm, small_k_gemm_ahead, wants_row_major_c,
+};
 use super::pointwise_split;
+use super::simd::Isa;
 
 use super::{
     Exec, ImageSums, Workspace, for_each_image_task, for_each_task, splits_inside_images,
@@ -748,59 +751,128 @@ pub fn pointwise_backward(
     gb: Option<&mut [f32]>,
     ws: &mut Workspace,
 ) -> Result<()> {
-    assert!(
-        pointwise_backward_applies(exec, g),
-        "pointwise_backward called where it does not apply"
-    );
-    let plan = Plan::new(g, exec.threads());
-    let s = GroupSlices::new(g);
-    let isa = exec.isa();
-    let wlen = gw.len();
-    // Per task: its grad-weight copy, then the grad-bias sums of its images.
-    let sums = ImageSums::new(g, plan.tasks, wlen, gb.is_some());
-    let per_task = sums.per_task();
+    let images = PointwiseImages::new(exec, g, x, gy, gb.is_some());
+    let (tasks, per_task) = (images.tasks, images.per_task());
+    let img_in = g.in_channels * g.in_pixels();
     let with_grad_input = gx.is_some();
     let run = |tw: TransposedWeight<'_>, ws: &mut Workspace| -> Result<()> {
-        let scratch = ws.take(per_task * plan.tasks)?;
-        let task = |images: Range<usize>, mut gxc: Option<&mut [f32]>, st: &mut [f32]| {
-            st[..wlen].fill(0.0);
-            for n in images.clone() {
-                for grp in 0..g.groups {
-                    let gyg = s.output(gy, 0, n, grp);
-                    sums.add_planes(isa, st, n - images.start, grp * s.cog, gyg, s.p);
-                    let gwg = &mut st[grp * s.cog * s.k..][..s.cog * s.k];
-                    let xt = MatView::dense(s.input(x, 0, n, grp), s.cig, s.p).t();
-                    let gy_rows = MatView::dense(gyg, s.cog, s.p);
-                    gemm(gwg, s.k, gy_rows, xt, true, 1);
-                    if let Some(gxc) = gxc.as_deref_mut() {
-                        let at = (n - images.start) * s.img_in + grp * s.in_group;
-                        small_k_gemm(
-                            isa,
-                            transposed_weight_times(tw, &s, grp, gyg),
-                            &mut gxc[at..at + s.in_group],
-                            s.p,
-                            Store::Stream,
-                        );
-                    }
-                }
-            }
-        };
+        let scratch = ws.take(per_task * tasks)?;
         match gx {
-            Some(gx) => for_each_task(plan.tasks, gx, s.img_in, scratch, per_task, |n, gxc, st| {
-                task(n, Some(gxc), st)
+            Some(gx) => for_each_task(tasks, gx, img_in, scratch, per_task, |run, gxc, st| {
+                for (n, gxn) in run.zip(gxc.chunks_exact_mut(img_in)) {
+                    images.image(st, n, Some((tw, gxn, Store::Stream, Ahead::NONE)));
+                }
             }),
-            None => for_each_image_task(g.batch, scratch, per_task, |n, st| task(n, None, st)),
+            None => for_each_image_task(g.batch, scratch, per_task, |run, st| {
+                run.for_each(|n| images.image(st, n, None))
+            }),
         }
-        sum_weight_copies(exec, scratch, per_task, gw);
-        if let Some(gb) = gb {
-            sums.grad_bias(g.batch, scratch, gb);
-        }
+        images.finish(exec, scratch, gw, gb);
         Ok(())
     };
     if with_grad_input {
         with_transposed_weight(exec, g, w, ws, run)
     } else {
         run(TransposedWeight::View(w), ws)
+    }
+}
+
+/// A pointwise layer's gradients image by image, each image's on one thread in one go
+/// ([`pointwise_backward`], and the fused depthwise-separable backward, which follows each
+/// image with its depthwise layer's). The batch splits into [`Self::tasks`] runs of images as
+/// [`for_each_task`] splits it; each task's scratch ([`Self::per_task`] floats) holds its
+/// grad-weight copy, then its images' grad-bias sums.
+pub(super) struct PointwiseImages<'a> {
+    g: &'a ConvGeometry,
+    s: GroupSlices,
+    sums: ImageSums,
+    isa: Isa,
+    x: &'a [f32],
+    gy: &'a [f32],
+    /// Tasks the batch splits into.
+    pub(super) tasks: usize,
+    images_per_task: usize,
+}
+
+impl<'a> PointwiseImages<'a> {
+    /// `g`'s gradients from its input `x` and output gradient `gy` (and its grad-bias with
+    /// `with_bias`); `g` must satisfy [`pointwise_backward_applies`].
+    pub(super) fn new(
+        exec: Exec,
+        g: &'a ConvGeometry,
+        x: &'a [f32],
+        gy: &'a [f32],
+        with_bias: bool,
+    ) -> Self {
+        assert!(
+            pointwise_backward_applies(exec, g),
+            "pointwise_backward called where it does not apply"
+        );
+        let tasks = Plan::new(g, exec.threads()).tasks;
+        PointwiseImages {
+            g,
+            s: GroupSlices::new(g),
+            sums: ImageSums::new(g, tasks, g.weight_len(), with_bias),
+            isa: exec.isa(),
+            x,
+            gy,
+            tasks,
+            images_per_task: g.batch.div_ceil(tasks),
+        }
+    }
+
+    /// Scratch floats per task.
+    pub(super) fn per_task(&self) -> usize {
+        self.sums.per_task()
+    }
+
+    /// Image `n`'s grad-bias sums and grad-weight product into its task's scratch `st`
+    /// (cleared at the task's first image), and with `grad_input` = `(Wᵀ, gx, store, ahead)`
+    /// its input gradient into `gx` (one image), stored as `store`, prefetching `ahead`.
+    pub(super) fn image(
+        &self,
+        st: &mut [f32],
+        n: usize,
+        mut grad_input: Option<(TransposedWeight<'_>, &mut [f32], Store, Ahead)>,
+    ) {
+        let (g, s) = (self.g, &self.s);
+        let local = n % self.images_per_task;
+        if local == 0 {
+            st[..g.weight_len()].fill(0.0);
+        }
+        for grp in 0..g.groups {
+            let gyg = s.output(self.gy, 0, n, grp);
+            self.sums
+                .add_planes(self.isa, st, local, grp * s.cog, gyg, s.p);
+            let gwg = &mut st[grp * s.cog * s.k..][..s.cog * s.k];
+            let xt = MatView::dense(s.input(self.x, 0, n, grp), s.cig, s.p).t();
+            let gy_rows = MatView::dense(gyg, s.cog, s.p);
+            gemm(gwg, s.k, gy_rows, xt, true, 1);
+            if let Some((tw, gx, store, ahead)) = grad_input.as_mut() {
+                small_k_gemm_ahead(
+                    self.isa,
+                    transposed_weight_times(*tw, s, grp, gyg),
+                    &mut gx[grp * s.in_group..][..s.in_group],
+                    s.p,
+                    *store,
+                    *ahead,
+                );
+            }
+        }
+    }
+
+    /// `gw` (and `gb`) from the tasks' scratch (`scratch`, [`Self::per_task`] floats each).
+    pub(super) fn finish(
+        &self,
+        exec: Exec,
+        scratch: &[f32],
+        gw: &mut [f32],
+        gb: Option<&mut [f32]>,
+    ) {
+        sum_weight_copies(exec, scratch, self.per_task(), gw);
+        if let Some(gb) = gb {
+            self.sums.grad_bias(self.g.batch, scratch, gb);
+        }
     }
 }
 
