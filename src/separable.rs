@@ -143,6 +143,7 @@ impl ConvPair {
     }
 
     /// Forward: `mid = first(x, w1)`, `y = second(mid, w2) + bias`. `mid` is kept for backward.
+    /// A depthwise-separable pair runs image by image where [`kernels::fused_training`] applies.
     pub fn forward(
         &self,
         exec: Exec,
@@ -154,6 +155,19 @@ impl ConvPair {
         y: &mut [f32],
         ws: &mut Workspace,
     ) -> Result<()> {
+        if kernels::fused_training::applies(exec, &self.first, &self.second) {
+            return kernels::fused_training::forward(
+                exec,
+                &self.first,
+                &self.second,
+                x,
+                w1,
+                w2,
+                bias,
+                mid,
+                y,
+            );
+        }
         kernels::conv2d_forward(exec, &self.first, x, w1, None, mid, ws)?;
         kernels::conv2d_forward(exec, &self.second, mid, w2, bias, y, ws)
     }
@@ -191,6 +205,8 @@ impl ConvPair {
     }
 
     /// Backward from `gy`, given the forward's `x` and `mid`; `gmid` is scratch of `mid`'s size.
+    /// A depthwise-separable pair runs image by image where [`kernels::fused_training`] applies
+    /// (its depthwise pass's memory prefetched during the pointwise products).
     pub fn backward(
         &self,
         exec: Exec,
@@ -203,6 +219,23 @@ impl ConvPair {
         gmid: &mut [f32],
         ws: &mut Workspace,
     ) -> Result<()> {
+        if kernels::fused_training::applies(exec, &self.first, &self.second) {
+            return kernels::fused_training::backward(
+                exec,
+                &self.first,
+                &self.second,
+                x,
+                w1,
+                w2,
+                mid,
+                gy,
+                grads.input,
+                grads.first_weight,
+                grads.second_weight,
+                grads.bias,
+                ws,
+            );
+        }
         kernels::conv2d_backward(
             exec,
             &self.second,

@@ -236,6 +236,9 @@ fn separable_pair_gradients_match_finite_differences() {
     let pairs = [
         ConvPair::depthwise_separable([2, 3, 8, 7], 1, 4, (3, 3), &same).unwrap(),
         ConvPair::depthwise_separable([1, 2, 9, 9], 3, 3, (3, 2), &same.stride(2, 2)).unwrap(),
+        // Stride 2, multiplier 1, an image per thread: trained image by image on AVX-512
+        // (`kernels::fused_training`).
+        ConvPair::depthwise_separable([2, 3, 9, 10], 1, 4, (3, 3), &same.stride(2, 2)).unwrap(),
         ConvPair::depthwise_separable(
             [3, 2, 10, 8],
             2,
@@ -262,6 +265,7 @@ fn separable_pair_gradients_match_finite_differences() {
         )
         .unwrap(),
     ];
+    let mut image_by_image = 0;
     for (k, pair) in pairs.iter().enumerate() {
         let (g1, g2) = (&pair.first, &pair.second);
         let mut rng = Rng::new(100 + k as u64);
@@ -280,6 +284,7 @@ fn separable_pair_gradients_match_finite_differences() {
             loss(&y, &r)
         };
         for exec in execs() {
+            image_by_image += usize::from(kernels::fused_training::applies(exec, g1, g2));
             let mut ws = Workspace::new();
             let mut mid = vec![0.0; g1.output_len()];
             let mut y = vec![0.0; g2.output_len()];
@@ -317,5 +322,8 @@ fn separable_pair_gradients_match_finite_differences() {
                 assert_grad(g, num, &format!("grad-bias[{i}] {what}"));
             }
         }
+    }
+    if sepconv::kernels::simd::Isa::available().contains(&sepconv::kernels::simd::Isa::Avx512) {
+        assert_eq!(image_by_image, 2, "the stride-2 pair on 1 and 2 threads");
     }
 }

@@ -112,7 +112,7 @@ pub fn forward(
     Ok(())
 }
 
-crate::simd_dispatch!(fn forward_planes => forward_planes_kernel(
+crate::simd_dispatch!(pub(super) fn forward_planes => forward_planes_kernel(
     g: &ConvGeometry, x: &[f32], w: &[f32], bias: Option<&[f32]>,
     planes: Range<usize>, y: &mut [f32]
 ));
@@ -354,7 +354,7 @@ pub fn strided_backward(
     Ok(())
 }
 
-crate::simd_dispatch!(fn backward_planes => backward_planes_kernel(
+crate::simd_dispatch!(pub(super) fn backward_planes => backward_planes_kernel(
     g: &ConvGeometry, x: Option<&[f32]>, gy: &[f32], planes: Range<usize>,
     grad_input: Option<(&[f32], &mut [f32])>, acc: &mut [f64]
 ));

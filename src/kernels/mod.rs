@@ -39,6 +39,7 @@ pub mod depthwise_blocked;
 pub mod depthwise_rows;
 pub mod elementwise;
 pub mod fused;
+pub mod fused_training;
 pub mod gemm;
 pub mod implicit;
 pub mod pointwise;

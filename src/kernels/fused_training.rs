@@ -1,0 +1,400 @@
+//! The depthwise-separable training passes image by image, with the depthwise layer's memory
+//! brought in while the pointwise products compute.
+//!
+//! Unfused, each pointwise pass runs over the whole batch at the FMA peak with the memory
+//! system nearly idle, and each depthwise pass over the whole batch at the memory's pace: on
+//! reference layer E (128 → 256 at 56², stride 2) the depthwise backward reads the 12.8 MB
+//! input and writes the 12.8 MB input gradient with little arithmetic between, about a
+//! millisecond at this VM's 25–50 GB/s, and the forward reads the input again. Here each
+//! thread takes a run of images and interleaves the two layers image by image:
+//!
+//! - forward: the depthwise output of an image (the intermediate the backward needs, written
+//!   to `mid`) goes straight into its pointwise product from L2, and that product prefetches
+//!   the next image's input ([`Ahead`]);
+//! - backward: an image's pointwise gradients ([`PointwiseImages`]) put the depthwise layer's
+//!   output gradient in a one-image buffer in L2, and the grad-input product prefetches the
+//!   image's input and input-gradient lines, which the depthwise gradients
+//!   ([`depthwise_rows`]) then find in the caches.
+//!
+//! Applies where the depthwise layer runs on the stride-2 row kernel (the one reference layer
+//! whose depthwise passes are memory-bound at the batch) and the pointwise layer splits over
+//! images.
+
+use std::ops::Range;
+
+use rayon::prelude::*;
+
+use super::conv::{PointwiseImages, pointwise_backward_applies, with_transposed_weight};
+use super::depthwise_rows;
+use super::pointwise::{Ahead, Operands, Store, small_k_gemm_ahead};
+use super::{Exec, Workspace};
+use crate::error::Result;
+use crate::geometry::ConvGeometry;
+
+/// Whether [`forward`] and [`backward`] compute `dw` then `pw`: a depthwise layer on the
+/// stride-2 row kernel ([`depthwise_rows::backward_applies`]) followed by an ungrouped
+/// pointwise layer whose images go to threads of their own.
+pub fn applies(exec: Exec, dw: &ConvGeometry, pw: &ConvGeometry) -> bool {
+    depthwise_rows::backward_applies(exec.isa(), dw)
+        && pw.groups == 1
+        && pw.input_shape() == dw.output_shape()
+        && pointwise_backward_applies(exec, pw)
+}
+
+/// The runs of images the threads take: as [`PointwiseImages`] splits the batch.
+fn task_images(exec: Exec, pw: &ConvGeometry) -> (usize, impl Fn(usize) -> Range<usize>) {
+    let tasks = super::task_count(exec.threads(), pw.batch);
+    let per_task = pw.batch.div_ceil(tasks);
+    let batch = pw.batch;
+    (tasks, move |t: usize| {
+        let start = (t * per_task).min(batch);
+        start..(start + per_task).min(batch)
+    })
+}
+
+/// `mid = dw(x, w1)`, `y = pw(mid, w2) + bias`, keeping `mid` for [`backward`]: the same values
+/// as the unfused pair's (the same kernels, image by image).
+#[allow(clippy::too_many_arguments)]
+pub fn forward(
+    exec: Exec,
+    dw: &ConvGeometry,
+    pw: &ConvGeometry,
+    x: &[f32],
+    w1: &[f32],
+    w2: &[f32],
+    bias: Option<&[f32]>,
+    mid: &mut [f32],
+    y: &mut [f32],
+) -> Result<()> {
+    assert!(applies(exec, dw, pw), "fused training: unsupported pair");
+    assert_eq!(x.len(), dw.input_len());
+    assert_eq!(w1.len(), dw.weight_len());
+    assert_eq!(w2.len(), pw.weight_len());
+    assert!(bias.is_none_or(|b| b.len() == pw.out_channels));
+    assert_eq!(mid.len(), pw.input_len());
+    assert_eq!(y.len(), pw.output_len());
+    let (img_x, img_mid, img_y) = (
+        dw.in_channels * dw.in_pixels(),
+        pw.in_channels * pw.in_pixels(),
+        pw.out_channels * pw.out_pixels(),
+    );
+    let (p, channels) = (pw.out_pixels(), dw.out_channels);
+    let isa = exec.isa();
+    let (_, images) = task_images(exec, pw);
+    let per_task = images(0).len();
+    let task = |t: usize, midc: &mut [f32], yc: &mut [f32]| {
+        let run = images(t);
+        for (local, n) in run.clone().enumerate() {
+            let midn = &mut midc[local * img_mid..][..img_mid];
+            depthwise_rows::forward_planes(
+                isa,
+                dw,
+                x,
+                w1,
+                None,
+                n * channels..(n + 1) * channels,
+                midn,
+            );
+            // The next image's input, which the next depthwise step reads.
+            let next = if n + 1 < run.end {
+                &x[(n + 1) * img_x..][..img_x]
+            } else {
+                &[]
+            };
+            let ops = Operands::dense(w2, pw.out_channels, channels, midn, p, p, bias);
+            let yn = &mut yc[local * img_y..][..img_y];
+            small_k_gemm_ahead(isa, ops, yn, p, Store::Stream, Ahead::of(next, &[]));
+        }
+    };
+    mid.par_chunks_mut(per_task * img_mid)
+        .zip(y.par_chunks_mut(per_task * img_y))
+        .enumerate()
+        .for_each(|(t, (midc, yc))| task(t, midc, yc));
+    Ok(())
+}
+
+/// Every gradient of `y = pw(dw(x, w1), w2) + bias` from the output gradient `gy`, given the
+/// forward's `x` and intermediate `mid`: `gx` (when given), `gw1`, `gw2` and `gb` (when
+/// given), all overwritten. Equal to the unfused pair's (`conv2d_backward` of `pw`, then of
+/// `dw`) up to the order of the depthwise weight gradient's per-thread sums.
+#[allow(clippy::too_many_arguments)]
+pub fn backward(
+    exec: Exec,
+    dw: &ConvGeometry,
+    pw: &ConvGeometry,
+    x: &[f32],
+    w1: &[f32],
+    w2: &[f32],
+    mid: &[f32],
+    gy: &[f32],
+    gx: Option<&mut [f32]>,
+    gw1: &mut [f32],
+    gw2: &mut [f32],
+    gb: Option<&mut [f32]>,
+    ws: &mut Workspace,
+) -> Result<()> {
+    assert!(applies(exec, dw, pw), "fused training: unsupported pair");
+    assert_eq!(x.len(), dw.input_len());
+    assert_eq!(w1.len(), dw.weight_len());
+    assert_eq!(w2.len(), pw.weight_len());
+    assert_eq!(mid.len(), pw.input_len());
+    assert_eq!(gy.len(), pw.output_len());
+    assert!(gx.as_ref().is_none_or(|gx| gx.len() == dw.input_len()));
+    assert_eq!(gw1.len(), dw.weight_len());
+    assert_eq!(gw2.len(), pw.weight_len());
+    let images = PointwiseImages::new(exec, pw, mid, gy, gb.is_some());
+    let (tasks, task_run) = task_images(exec, pw);
+    let per_task = images.per_task();
+    let (img_x, img_mid) = (
+        dw.in_channels * dw.in_pixels(),
+        pw.in_channels * pw.in_pixels(),
+    );
+    let isa = exec.isa();
+    with_transposed_weight(exec, pw, w2, ws, |tw, ws| {
+        let scratch = ws.take((per_task + img_mid) * tasks)?;
+        let (sums, gmids) = scratch.split_at_mut(per_task * tasks);
+        // One task's images; returns its depthwise weight-gradient sums ([channel][tap], f64,
+        // as the row kernel sums a run of planes).
+        let task = |t: usize, mut gxc: Option<&mut [f32]>, st: &mut [f32], gmid: &mut [f32]| {
+            let mut acc = vec![0f64; dw.weight_len()];
+            for (local, n) in task_run(t).enumerate() {
+                let xn = &x[n * img_x..][..img_x];
+                let gxn = gxc.as_deref_mut().map(|g| &mut g[local * img_x..][..img_x]);
+                let ahead = Ahead::of(xn, gxn.as_deref().unwrap_or(&[]));
+                // Through the caches: the depthwise pass reads it back at once.
+                images.image(st, n, Some((tw, &mut *gmid, Store::Cached, ahead)));
+                depthwise_rows::backward_planes(
+                    isa,
+                    dw,
+                    Some(xn),
+                    gmid,
+                    0..dw.in_channels,
+                    gxn.map(|g| (w1, g)),
+                    &mut acc,
+                );
+            }
+            acc
+        };
+        let tasks_scratch = sums
+            .par_chunks_mut(per_task)
+            .zip(gmids.par_chunks_mut(img_mid));
+        let acc: Vec<Vec<f64>> = match gx {
+            Some(gx) => gx
+                .par_chunks_mut(task_run(0).len() * img_x)
+                .zip(tasks_scratch)
+                .enumerate()
+                .map(|(t, (gxc, (st, gmid)))| task(t, Some(gxc), st, gmid))
+                .collect(),
+            None => tasks_scratch
+                .enumerate()
+                .map(|(t, (st, gmid))| task(t, None, st, gmid))
+                .collect(),
+        };
+        for (k, out) in gw1.iter_mut().enumerate() {
+            *out = acc.iter().map(|a| a[k]).sum::<f64>() as f32;
+        }
+        images.finish(exec, sums, gw2, gb);
+        Ok(())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::geometry::{Conv2dParams, Padding};
+    use crate::kernels::simd::Isa;
+    use crate::kernels::{conv2d_backward, reference};
+
+    /// Deterministic values in [-1, 1).
+    fn values(len: usize, seed: usize) -> Vec<f32> {
+        (0..len)
+            .map(|i| ((i * 7919 + seed * 104_729) % 2000) as f32 / 1000.0 - 1.0)
+            .collect()
+    }
+
+    fn assert_close(got: &[f32], want: &[f32], what: &str) {
+        let scale = want.iter().fold(1f32, |m, v| m.max(v.abs()));
+        for (i, (a, b)) in got.iter().zip(want).enumerate() {
+            assert!((a - b).abs() <= 1e-4 * scale, "{what}[{i}] = {a}, want {b}");
+        }
+    }
+
+    /// The forward (intermediate and output) and every gradient against the reference kernels,
+    /// and against the unfused pair bit for bit (the same kernels image by image), the
+    /// depthwise weight gradient where the unfused row kernel's runs of planes are the fused
+    /// one's runs of images (the same per-task f64 sums). Stride-2 row geometries (3 × 3 and
+    /// 5 × 5, "same" on odd and even sizes, valid), batches that split evenly over 1, 2 and 3
+    /// threads and one (9 on 2) that does not, with and without the input gradient and bias.
+    #[test]
+    fn both_passes_match_the_reference_and_the_unfused_pair() {
+        let same = Conv2dParams::with_padding(Padding::Same).stride(2, 2);
+        let valid = Conv2dParams::default().stride(2, 2);
+        let cases = [
+            ([4, 16, 15, 14], (3, 3), same, 24),
+            ([6, 8, 12, 21], (3, 3), valid, 16),
+            ([4, 5, 13, 18], (5, 5), same, 7),
+            ([9, 16, 9, 10], (3, 3), same, 8),
+        ];
+        let (mut covered, mut exact) = (0, 0);
+        for (input, kernel, params, n) in cases {
+            let dw = ConvGeometry::new(
+                input,
+                [input[1], 1, kernel.0, kernel.1],
+                &params.groups(input[1]),
+            )
+            .unwrap();
+            let pw = ConvGeometry::new(
+                dw.output_shape(),
+                [n, dw.out_channels, 1, 1],
+                &Conv2dParams::default(),
+            )
+            .unwrap();
+            let (x, w1, w2, gy) = (
+                values(dw.input_len(), 1),
+                values(dw.weight_len(), 2),
+                values(pw.weight_len(), 3),
+                values(pw.output_len(), 4),
+            );
+            let mut mid = vec![0.0; dw.output_len()];
+            reference::conv2d_forward(&dw, &x, &w1, None, &mut mid);
+            let bias = values(n, 5);
+            let mut y_ref = vec![0.0; pw.output_len()];
+            reference::conv2d_forward(&pw, &mid, &w2, Some(&bias), &mut y_ref);
+            let mut gmid_ref = vec![0.0; pw.input_len()];
+            reference::conv2d_grad_input(&pw, &gy, &w2, &mut gmid_ref);
+            let mut gx_ref = vec![0.0; dw.input_len()];
+            reference::conv2d_grad_input(&dw, &gmid_ref, &w1, &mut gx_ref);
+            let (mut gw1_ref, mut gw2_ref) = (vec![0.0; w1.len()], vec![0.0; w2.len()]);
+            reference::conv2d_grad_weight(&dw, &x, &gmid_ref, &mut gw1_ref);
+            reference::conv2d_grad_weight(&pw, &mid, &gy, &mut gw2_ref);
+            let mut gb_ref = vec![0.0; n];
+            reference::conv2d_grad_bias(&pw, &gy, &mut gb_ref);
+            for isa in Isa::available() {
+                for threads in [1, 2, 3] {
+                    let exec = Exec::new(threads).with_isa(isa).unwrap();
+                    if !applies(exec, &dw, &pw) {
+                        continue;
+                    }
+                    covered += 1;
+                    let what = format!("{input:?} {kernel:?} {isa} {threads} threads");
+                    let mut ws = Workspace::new();
+                    // Unfused: the pointwise layer's gradients, then the depthwise layer's.
+                    let mut gmid = vec![0.0; pw.input_len()];
+                    let (mut gx_u, mut gw1_u, mut gw2_u, mut gb_u) = (
+                        vec![0.0; x.len()],
+                        vec![0.0; w1.len()],
+                        vec![0.0; w2.len()],
+                        vec![0.0; n],
+                    );
+                    conv2d_backward(
+                        exec,
+                        &pw,
+                        &mid,
+                        &gy,
+                        &w2,
+                        Some(&mut gmid),
+                        &mut gw2_u,
+                        Some(&mut gb_u),
+                        &mut ws,
+                    )
+                    .unwrap();
+                    conv2d_backward(
+                        exec,
+                        &dw,
+                        &x,
+                        &gmid,
+                        &w1,
+                        Some(&mut gx_u),
+                        &mut gw1_u,
+                        None,
+                        &mut ws,
+                    )
+                    .unwrap();
+                    // The forward against the reference and the unfused pair.
+                    let mut mid_u = vec![0.0; pw.input_len()];
+                    let mut y_u = vec![0.0; pw.output_len()];
+                    crate::kernels::conv2d_forward(exec, &dw, &x, &w1, None, &mut mid_u, &mut ws)
+                        .unwrap();
+                    crate::kernels::conv2d_forward(
+                        exec,
+                        &pw,
+                        &mid_u,
+                        &w2,
+                        Some(&bias),
+                        &mut y_u,
+                        &mut ws,
+                    )
+                    .unwrap();
+                    let (mut mid_f, mut y_f) = (
+                        vec![f32::NAN; pw.input_len()],
+                        vec![f32::NAN; pw.output_len()],
+                    );
+                    forward(
+                        exec,
+                        &dw,
+                        &pw,
+                        &x,
+                        &w1,
+                        &w2,
+                        Some(&bias),
+                        &mut mid_f,
+                        &mut y_f,
+                    )
+                    .unwrap();
+                    assert_close(&mid_f, &mid, &format!("{what} mid"));
+                    assert_close(&y_f, &y_ref, &format!("{what} y"));
+                    assert_eq!(mid_f, mid_u, "{what} mid against the unfused pair");
+                    assert_eq!(y_f, y_u, "{what} y against the unfused pair");
+                    for with_input in [true, false] {
+                        let (mut gx, mut gw1, mut gw2, mut gb) = (
+                            vec![f32::NAN; x.len()],
+                            vec![f32::NAN; w1.len()],
+                            vec![f32::NAN; w2.len()],
+                            vec![f32::NAN; n],
+                        );
+                        backward(
+                            exec,
+                            &dw,
+                            &pw,
+                            &x,
+                            &w1,
+                            &w2,
+                            &mid,
+                            &gy,
+                            with_input.then_some(&mut gx[..]),
+                            &mut gw1,
+                            &mut gw2,
+                            with_input.then_some(&mut gb[..]),
+                            &mut ws,
+                        )
+                        .unwrap();
+                        if with_input {
+                            assert_close(&gx, &gx_ref, &format!("{what} gx"));
+                            assert_eq!(gx, gx_u, "{what} gx against the unfused pair");
+                            assert_close(&gb, &gb_ref, &format!("{what} gb"));
+                            assert_eq!(gb, gb_u, "{what} gb against the unfused pair");
+                        } else {
+                            assert!(gx.iter().all(|v| v.is_nan()), "{what}: gx written");
+                        }
+                        assert_close(&gw1, &gw1_ref, &format!("{what} gw1"));
+                        assert_close(&gw2, &gw2_ref, &format!("{what} gw2"));
+                        assert_eq!(gw2, gw2_u, "{what} gw2 against the unfused pair");
+                        // The unfused row kernel's runs of planes, the fused one's of images.
+                        let planes = input[0] * input[1];
+                        let unfused_run = planes.div_ceil(threads.min(planes));
+                        let tasks = crate::kernels::task_count(threads, input[0]);
+                        if unfused_run == input[0].div_ceil(tasks) * input[1] {
+                            exact += 1;
+                            assert_eq!(gw1, gw1_u, "{what} gw1 against the unfused pair");
+                        }
+                    }
+                }
+            }
+        }
+        // The row kernel is AVX-512's: without it the test checks nothing.
+        if Isa::available().contains(&Isa::Avx512) {
+            assert!(covered >= 8, "only {covered} cases took the fused backward");
+            assert!(exact >= 8, "only {exact} exact comparisons of gw1");
+        }
+    }
+}
