@@ -52,6 +52,23 @@ fn task_images(exec: Exec, pw: &ConvGeometry) -> (usize, impl Fn(usize) -> Range
     })
 }
 
+/// Panics unless the pair is one [`applies`] takes and the operands have its shapes.
+fn check_pair(
+    exec: Exec,
+    dw: &ConvGeometry,
+    pw: &ConvGeometry,
+    x: &[f32],
+    w1: &[f32],
+    w2: &[f32],
+    mid: &[f32],
+) {
+    assert!(applies(exec, dw, pw), "fused training: unsupported pair");
+    assert_eq!(x.len(), dw.input_len());
+    assert_eq!(w1.len(), dw.weight_len());
+    assert_eq!(w2.len(), pw.weight_len());
+    assert_eq!(mid.len(), pw.input_len());
+}
+
 /// `mid = dw(x, w1)`, `y = pw(mid, w2) + bias`, keeping `mid` for [`backward`]: the same values
 /// as the unfused pair's (the same kernels, image by image).
 #[allow(clippy::too_many_arguments)]
@@ -66,12 +83,8 @@ pub fn forward(
     mid: &mut [f32],
     y: &mut [f32],
 ) -> Result<()> {
-    assert!(applies(exec, dw, pw), "fused training: unsupported pair");
-    assert_eq!(x.len(), dw.input_len());
-    assert_eq!(w1.len(), dw.weight_len());
-    assert_eq!(w2.len(), pw.weight_len());
+    check_pair(exec, dw, pw, x, w1, w2, mid);
     assert!(bias.is_none_or(|b| b.len() == pw.out_channels));
-    assert_eq!(mid.len(), pw.input_len());
     assert_eq!(y.len(), pw.output_len());
     let (img_x, img_mid, img_y) = (
         dw.in_channels * dw.in_pixels(),
@@ -133,11 +146,7 @@ pub fn backward(
     gb: Option<&mut [f32]>,
     ws: &mut Workspace,
 ) -> Result<()> {
-    assert!(applies(exec, dw, pw), "fused training: unsupported pair");
-    assert_eq!(x.len(), dw.input_len());
-    assert_eq!(w1.len(), dw.weight_len());
-    assert_eq!(w2.len(), pw.weight_len());
-    assert_eq!(mid.len(), pw.input_len());
+    check_pair(exec, dw, pw, x, w1, w2, mid);
     assert_eq!(gy.len(), pw.output_len());
     assert!(gx.as_ref().is_none_or(|gx| gx.len() == dw.input_len()));
     assert_eq!(gw1.len(), dw.weight_len());
@@ -204,6 +213,7 @@ mod tests {
     use crate::geometry::{Conv2dParams, Padding};
     use crate::kernels::simd::Isa;
     use crate::kernels::{conv2d_backward, reference};
+    use crate::separable::ConvPair;
 
     /// Deterministic values in [-1, 1).
     fn values(len: usize, seed: usize) -> Vec<f32> {
@@ -237,18 +247,8 @@ mod tests {
         ];
         let (mut covered, mut exact) = (0, 0);
         for (input, kernel, params, n) in cases {
-            let dw = ConvGeometry::new(
-                input,
-                [input[1], 1, kernel.0, kernel.1],
-                &params.groups(input[1]),
-            )
-            .unwrap();
-            let pw = ConvGeometry::new(
-                dw.output_shape(),
-                [n, dw.out_channels, 1, 1],
-                &Conv2dParams::default(),
-            )
-            .unwrap();
+            let pair = ConvPair::depthwise_separable(input, 1, n, kernel, &params).unwrap();
+            let (dw, pw) = (pair.first, pair.second);
             let (x, w1, w2, gy) = (
                 values(dw.input_len(), 1),
                 values(dw.weight_len(), 2),
