@@ -861,6 +861,23 @@ impl<'a> PointwiseImages<'a> {
         }
     }
 
+    /// Rows `rows` of image `n`'s input gradient (an ungrouped layer's input channels) into
+    /// `gx_rows`, stored as `store`, prefetching `ahead`.
+    pub(super) fn grad_input_rows(
+        &self,
+        tw: TransposedWeight<'_>,
+        n: usize,
+        rows: Range<usize>,
+        gx_rows: &mut [f32],
+        store: Store,
+        ahead: Ahead,
+    ) {
+        assert_eq!(self.g.groups, 1, "grad_input_rows: grouped layer");
+        let s = &self.s;
+        let ops = transposed_weight_times(tw, s, 0, s.output(self.gy, 0, n, 0)).rows(rows);
+        small_k_gemm_ahead(self.isa, ops, gx_rows, s.p, store, ahead);
+    }
+
     /// `gw` (and `gb`) from the tasks' scratch (`scratch`, [`Self::per_task`] floats each).
     pub(super) fn finish(
         &self,

@@ -11,10 +11,11 @@
 //! - forward: the depthwise output of an image (the intermediate the backward needs, written
 //!   to `mid`) goes straight into its pointwise product from L2, and that product prefetches
 //!   the next image's input ([`Ahead`]);
-//! - backward: an image's pointwise gradients ([`PointwiseImages`]) put the depthwise layer's
-//!   output gradient in a one-image buffer in L2, and the grad-input product prefetches the
-//!   image's input and input-gradient lines, which the depthwise gradients
-//!   ([`depthwise_rows`]) then find in the caches.
+//! - backward: an image's pointwise grad-weight and grad-bias ([`PointwiseImages`]), then its
+//!   grad-input product (the depthwise layer's output gradient) a block of channels at a time
+//!   into a one-image buffer, each block followed by that block's depthwise gradients
+//!   ([`depthwise_rows`]); the product prefetches the block's input and input-gradient lines
+//!   (up to 1 MiB, [`BLOCK_FLOATS`]), which the depthwise step then finds in L2.
 //!
 //! Applies where the depthwise layer runs on the stride-2 row kernel (the one reference layer
 //! whose depthwise passes are memory-bound at the batch) and the pointwise layer splits over
@@ -126,6 +127,22 @@ pub fn forward(
     Ok(())
 }
 
+/// Floats of input and input gradient of the depthwise layer that one block of channels of the
+/// backward takes: 2¹⁸ (1 MiB, this machine's L2 per core). The pointwise grad-input product
+/// of a block's rows prefetches them, and the block's depthwise gradients follow at once.
+/// Whole images (3.2 MB on reference layer E) sent the prefetched lines on to L3. E's backward
+/// (harness, 2 threads, min of 20 × 5, alternated 3×) with blocks of 128 (whole images) / 64 /
+/// 48 / 40 / 32 / 16 / 8 channels: 4.65–4.91 / 4.59–4.81 / 4.40–4.48 / 4.45–4.49 / 4.36–4.61 /
+/// 4.54–4.55 / 4.60–4.65 ms.
+const BLOCK_FLOATS: usize = 1 << 18;
+
+/// Channels per block of the backward on planes of `hw` input pixels: as many as
+/// [`BLOCK_FLOATS`] holds twice (input and its gradient), in multiples of 8 (the product's
+/// register block of rows), at least 8.
+fn channel_block(hw: usize) -> usize {
+    (BLOCK_FLOATS / (2 * hw.max(1)) / 8 * 8).max(8)
+}
+
 /// Every gradient of `y = pw(dw(x, w1), w2) + bias` from the output gradient `gy`, given the
 /// forward's `x` and intermediate `mid`: `gx` (when given), `gw1`, `gw2` and `gb` (when
 /// given), all overwritten. Equal to the unfused pair's (`conv2d_backward` of `pw`, then of
@@ -146,6 +163,32 @@ pub fn backward(
     gb: Option<&mut [f32]>,
     ws: &mut Workspace,
 ) -> Result<()> {
+    let block = channel_block(dw.in_pixels());
+    let grads = (gx, gw1, gw2, gb);
+    backward_in_blocks(exec, dw, pw, x, w1, w2, mid, gy, grads, ws, block)
+}
+
+/// The gradients of [`backward`], `(gx, gw1, gw2, gb)`, with blocks of `block` channels: the
+/// tests cut small images into several blocks with it.
+#[allow(clippy::too_many_arguments, clippy::type_complexity)]
+fn backward_in_blocks(
+    exec: Exec,
+    dw: &ConvGeometry,
+    pw: &ConvGeometry,
+    x: &[f32],
+    w1: &[f32],
+    w2: &[f32],
+    mid: &[f32],
+    gy: &[f32],
+    (gx, gw1, gw2, gb): (
+        Option<&mut [f32]>,
+        &mut [f32],
+        &mut [f32],
+        Option<&mut [f32]>,
+    ),
+    ws: &mut Workspace,
+    block: usize,
+) -> Result<()> {
     check_pair(exec, dw, pw, x, w1, w2, mid);
     assert_eq!(gy.len(), pw.output_len());
     assert!(gx.as_ref().is_none_or(|gx| gx.len() == dw.input_len()));
@@ -154,11 +197,10 @@ pub fn backward(
     let images = PointwiseImages::new(exec, pw, mid, gy, gb.is_some());
     let (tasks, task_run) = task_images(exec, pw);
     let per_task = images.per_task();
-    let (img_x, img_mid) = (
-        dw.in_channels * dw.in_pixels(),
-        pw.in_channels * pw.in_pixels(),
-    );
+    let (hw, ohw) = (dw.in_pixels(), dw.out_pixels());
+    let (img_x, img_mid) = (dw.in_channels * hw, pw.in_channels * ohw);
     let isa = exec.isa();
+    let block = block.max(1);
     with_transposed_weight(exec, pw, w2, ws, |tw, ws| {
         let scratch = ws.take((per_task + img_mid) * tasks)?;
         let (sums, gmids) = scratch.split_at_mut(per_task * tasks);
@@ -168,19 +210,26 @@ pub fn backward(
             let mut acc = vec![0f64; dw.weight_len()];
             for (local, n) in task_run(t).enumerate() {
                 let xn = &x[n * img_x..][..img_x];
-                let gxn = gxc.as_deref_mut().map(|g| &mut g[local * img_x..][..img_x]);
-                let ahead = Ahead::of(xn, gxn.as_deref().unwrap_or(&[]));
-                // Through the caches: the depthwise pass reads it back at once.
-                images.image(st, n, Some((tw, &mut *gmid, Store::Cached, ahead)));
-                depthwise_rows::backward_planes(
-                    isa,
-                    dw,
-                    Some(xn),
-                    gmid,
-                    0..dw.in_channels,
-                    gxn.map(|g| (w1, g)),
-                    &mut acc,
-                );
+                let mut gxn = gxc.as_deref_mut().map(|g| &mut g[local * img_x..][..img_x]);
+                images.image(st, n, None);
+                for c0 in (0..dw.in_channels).step_by(block) {
+                    let planes = c0..(c0 + block).min(dw.in_channels);
+                    let span = planes.start * hw..planes.end * hw;
+                    let gxb = gxn.as_deref_mut().map(|g| &mut g[span.clone()]);
+                    let ahead = Ahead::of(&xn[span], gxb.as_deref().unwrap_or(&[]));
+                    // Through the caches: the depthwise step reads it back at once.
+                    let gmid_rows = &mut gmid[planes.start * ohw..planes.end * ohw];
+                    images.grad_input_rows(tw, n, planes.clone(), gmid_rows, Store::Cached, ahead);
+                    depthwise_rows::backward_planes(
+                        isa,
+                        dw,
+                        Some(xn),
+                        gmid,
+                        planes,
+                        gxb.map(|g| (w1, g)),
+                        &mut acc,
+                    );
+                }
             }
             acc
         };
@@ -244,6 +293,7 @@ mod tests {
             ([6, 8, 12, 21], (3, 3), valid, 16),
             ([4, 5, 13, 18], (5, 5), same, 7),
             ([9, 16, 9, 10], (3, 3), same, 8),
+            ([2, 20, 11, 12], (3, 3), same, 16),
         ];
         let (mut covered, mut exact) = (0, 0);
         for (input, kernel, params, n) in cases {
@@ -345,27 +395,25 @@ mod tests {
                     assert_close(&y_f, &y_ref, &format!("{what} y"));
                     assert_eq!(mid_f, mid_u, "{what} mid against the unfused pair");
                     assert_eq!(y_f, y_u, "{what} y against the unfused pair");
-                    for with_input in [true, false] {
+                    // Whole images, and blocks of 8 channels (16 in two, 20 in three, the
+                    // last short; 5 in one).
+                    for (with_input, block) in [(true, usize::MAX), (false, usize::MAX), (true, 8)]
+                    {
+                        let what = format!("{what} blocks of {block}");
                         let (mut gx, mut gw1, mut gw2, mut gb) = (
                             vec![f32::NAN; x.len()],
                             vec![f32::NAN; w1.len()],
                             vec![f32::NAN; w2.len()],
                             vec![f32::NAN; n],
                         );
-                        backward(
-                            exec,
-                            &dw,
-                            &pw,
-                            &x,
-                            &w1,
-                            &w2,
-                            &mid,
-                            &gy,
+                        let grads = (
                             with_input.then_some(&mut gx[..]),
-                            &mut gw1,
-                            &mut gw2,
+                            &mut gw1[..],
+                            &mut gw2[..],
                             with_input.then_some(&mut gb[..]),
-                            &mut ws,
+                        );
+                        backward_in_blocks(
+                            exec, &dw, &pw, &x, &w1, &w2, &mid, &gy, grads, &mut ws, block,
                         )
                         .unwrap();
                         if with_input {
