@@ -15,6 +15,8 @@
 //!   adjoint), and both gradients at stride 2, reading the NCHW rows in place with masked
 //!   loads (AVX-512).
 //! - [`fused`]: depthwise then pointwise band by band, the intermediate kept in L2.
+//! - [`fused_training`]: a strided depthwise-separable pair's training passes image by image,
+//!   the depthwise layer's memory prefetched during the pointwise products.
 //! - [`elementwise`]: the memory-bound kernels of the network layers (BatchNorm, ReLU, pooling).
 //! - [`winograd`]: F(2×2, 3×3) for stride-1 3×3 convolutions (forward and grad-input).
 //! - [`implicit`]: implicit-GEMM convolution (no im2col) for every other geometry, batch permitting.
