@@ -11,11 +11,11 @@
 //! - forward: the depthwise output of an image (the intermediate the backward needs, written
 //!   to `mid`) goes straight into its pointwise product from L2, and that product prefetches
 //!   the next image's input ([`Ahead`]);
-//! - backward: an image's pointwise grad-weight and grad-bias ([`PointwiseImages`]), then its
+//! - backward: an image's pointwise grad-weight and grad-bias (`conv::PointwiseImages`), then its
 //!   grad-input product (the depthwise layer's output gradient) a block of channels at a time
 //!   into a one-image buffer, each block followed by that block's depthwise gradients
 //!   ([`depthwise_rows`]); the product prefetches the block's input and input-gradient lines
-//!   (up to 1 MiB, [`BLOCK_FLOATS`]), which the depthwise step then finds in L2.
+//!   (up to 1 MiB, `BLOCK_FLOATS`), which the depthwise step then finds in L2.
 //!
 //! Applies where the depthwise layer runs on the stride-2 row kernel (the one reference layer
 //! whose depthwise passes are memory-bound at the batch) and the pointwise layer splits over
