@@ -760,7 +760,7 @@ pub fn pointwise_backward(
         match gx {
             Some(gx) => for_each_task(tasks, gx, img_in, scratch, per_task, |run, gxc, st| {
                 for (n, gxn) in run.zip(gxc.chunks_exact_mut(img_in)) {
-                    images.image(st, n, Some((tw, gxn, Store::Stream, Ahead::NONE)));
+                    images.image(st, n, Some((tw, gxn)));
                 }
             }),
             None => for_each_image_task(g.batch, scratch, per_task, |run, st| {
@@ -827,13 +827,13 @@ impl<'a> PointwiseImages<'a> {
     }
 
     /// Image `n`'s grad-bias sums and grad-weight product into its task's scratch `st`
-    /// (cleared at the task's first image), and with `grad_input` = `(Wᵀ, gx, store, ahead)`
-    /// its input gradient into `gx` (one image), stored as `store`, prefetching `ahead`.
+    /// (cleared at the task's first image), and with `grad_input` = `(Wᵀ, gx)` its input
+    /// gradient into `gx` (one image, streamed to memory).
     pub(super) fn image(
         &self,
         st: &mut [f32],
         n: usize,
-        mut grad_input: Option<(TransposedWeight<'_>, &mut [f32], Store, Ahead)>,
+        mut grad_input: Option<(TransposedWeight<'_>, &mut [f32])>,
     ) {
         let (g, s) = (self.g, &self.s);
         let local = n % self.images_per_task;
@@ -848,14 +848,13 @@ impl<'a> PointwiseImages<'a> {
             let xt = MatView::dense(s.input(self.x, 0, n, grp), s.cig, s.p).t();
             let gy_rows = MatView::dense(gyg, s.cog, s.p);
             gemm(gwg, s.k, gy_rows, xt, true, 1);
-            if let Some((tw, gx, store, ahead)) = grad_input.as_mut() {
-                small_k_gemm_ahead(
+            if let Some((tw, gx)) = grad_input.as_mut() {
+                small_k_gemm(
                     self.isa,
                     transposed_weight_times(*tw, s, grp, gyg),
                     &mut gx[grp * s.in_group..][..s.in_group],
                     s.p,
-                    *store,
-                    *ahead,
+                    Store::Stream,
                 );
             }
         }
