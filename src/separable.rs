@@ -155,7 +155,7 @@ impl ConvPair {
         y: &mut [f32],
         ws: &mut Workspace,
     ) -> Result<()> {
-        if kernels::fused_training::applies(exec, &self.first, &self.second) {
+        if kernels::fused_training::forward_applies(exec, &self.first, &self.second) {
             return kernels::fused_training::forward(
                 exec,
                 &self.first,

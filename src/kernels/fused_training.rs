@@ -17,9 +17,14 @@
 //!   ([`depthwise_rows`]); the product prefetches the block's input and input-gradient lines
 //!   (up to 1 MiB, `BLOCK_FLOATS`), which the depthwise step then finds in L2.
 //!
-//! Applies where the depthwise layer runs on the stride-2 row kernel (the one reference layer
-//! whose depthwise passes are memory-bound at the batch) and the pointwise layer splits over
-//! images.
+//! Both passes apply where the depthwise layer runs on the stride-2 row kernel (reference
+//! layer E) and the pointwise layer splits over images; the forward also at stride 1 where the
+//! row kernel takes one image (B, C and D). At stride 1 the backward stays unfused: run the
+//! same way, block by block through the one-image depthwise kernels, it measured a tie on C
+//! (10.52–10.89 against 10.62–10.79 ms) and slower on B (7.69 against 7.23), while the forward
+//! gained on C and D in every alternation of their steps (harness, 2 threads, min of 30,
+//! alternated 4×: C's depthwise-separable step 16.81–17.38 → 16.11–16.80 ms, D's 12.82–12.93 →
+//! 12.52–12.76 on a slow VM; B's mixed, 10.40–11.31 against 10.07–12.04).
 
 use std::ops::Range;
 
@@ -42,6 +47,21 @@ pub fn applies(exec: Exec, dw: &ConvGeometry, pw: &ConvGeometry) -> bool {
         && pointwise_backward_applies(exec, pw)
 }
 
+/// Whether [`forward`] computes `dw` then `pw`: where [`applies`], and at stride 1 where the
+/// row kernel takes one image of the depthwise layer (multiplier 1).
+pub fn forward_applies(exec: Exec, dw: &ConvGeometry, pw: &ConvGeometry) -> bool {
+    let image = ConvGeometry { batch: 1, ..*dw };
+    let stride_1 = dw.stride_h == 1
+        && dw.stride_w == 1
+        && dw.depth_multiplier() == 1
+        && depthwise_rows::applies(exec.isa(), &image);
+    applies(exec, dw, pw)
+        || (stride_1
+            && pw.groups == 1
+            && pw.input_shape() == dw.output_shape()
+            && pointwise_backward_applies(exec, pw))
+}
+
 /// The runs of images the threads take: as [`PointwiseImages`] splits the batch.
 fn task_images(exec: Exec, pw: &ConvGeometry) -> (usize, impl Fn(usize) -> Range<usize>) {
     let tasks = super::task_count(exec.threads(), pw.batch);
@@ -53,9 +73,8 @@ fn task_images(exec: Exec, pw: &ConvGeometry) -> (usize, impl Fn(usize) -> Range
     })
 }
 
-/// Panics unless the pair is one [`applies`] takes and the operands have its shapes.
-fn check_pair(
-    exec: Exec,
+/// Panics unless the operands have the pair's shapes.
+fn check_operands(
     dw: &ConvGeometry,
     pw: &ConvGeometry,
     x: &[f32],
@@ -63,7 +82,6 @@ fn check_pair(
     w2: &[f32],
     mid: &[f32],
 ) {
-    assert!(applies(exec, dw, pw), "fused training: unsupported pair");
     assert_eq!(x.len(), dw.input_len());
     assert_eq!(w1.len(), dw.weight_len());
     assert_eq!(w2.len(), pw.weight_len());
@@ -84,7 +102,11 @@ pub fn forward(
     mid: &mut [f32],
     y: &mut [f32],
 ) -> Result<()> {
-    check_pair(exec, dw, pw, x, w1, w2, mid);
+    assert!(
+        forward_applies(exec, dw, pw),
+        "fused training: unsupported pair"
+    );
+    check_operands(dw, pw, x, w1, w2, mid);
     assert!(bias.is_none_or(|b| b.len() == pw.out_channels));
     assert_eq!(y.len(), pw.output_len());
     let (img_x, img_mid, img_y) = (
@@ -189,7 +211,8 @@ fn backward_in_blocks(
     ws: &mut Workspace,
     block: usize,
 ) -> Result<()> {
-    check_pair(exec, dw, pw, x, w1, w2, mid);
+    assert!(applies(exec, dw, pw), "fused training: unsupported pair");
+    check_operands(dw, pw, x, w1, w2, mid);
     assert_eq!(gy.len(), pw.output_len());
     assert!(gx.as_ref().is_none_or(|gx| gx.len() == dw.input_len()));
     assert_eq!(gw1.len(), dw.weight_len());
@@ -283,19 +306,24 @@ mod tests {
     /// depthwise weight gradient where the unfused row kernel's runs of planes are the fused
     /// one's runs of images (the same per-task f64 sums). Stride-2 row geometries (3 × 3 and
     /// 5 × 5, "same" on odd and even sizes, valid), batches that split evenly over 1, 2 and 3
-    /// threads and one (9 on 2) that does not, with and without the input gradient and bias.
+    /// threads and one (9 on 2) that does not, with and without the input gradient and bias;
+    /// at stride 1 (3 × 3 and 5 × 5) the forward alone.
     #[test]
     fn both_passes_match_the_reference_and_the_unfused_pair() {
-        let same = Conv2dParams::with_padding(Padding::Same).stride(2, 2);
+        let same_1 = Conv2dParams::with_padding(Padding::Same);
+        let same = same_1.stride(2, 2);
         let valid = Conv2dParams::default().stride(2, 2);
         let cases = [
+            // Stride 1: the forward only.
+            ([2, 16, 9, 11], (3, 3), same_1, 8),
+            ([4, 8, 12, 10], (5, 5), same_1, 6),
             ([4, 16, 15, 14], (3, 3), same, 24),
             ([6, 8, 12, 21], (3, 3), valid, 16),
             ([4, 5, 13, 18], (5, 5), same, 7),
             ([9, 16, 9, 10], (3, 3), same, 8),
             ([2, 20, 11, 12], (3, 3), same, 16),
         ];
-        let (mut covered, mut exact) = (0, 0);
+        let (mut forwards, mut covered, mut exact) = (0, 0, 0);
         for (input, kernel, params, n) in cases {
             let pair = ConvPair::depthwise_separable(input, 1, n, kernel, &params).unwrap();
             let (dw, pw) = (pair.first, pair.second);
@@ -322,44 +350,12 @@ mod tests {
             for isa in Isa::available() {
                 for threads in [1, 2, 3] {
                     let exec = Exec::new(threads).with_isa(isa).unwrap();
-                    if !applies(exec, &dw, &pw) {
+                    if !forward_applies(exec, &dw, &pw) {
                         continue;
                     }
-                    covered += 1;
+                    forwards += 1;
                     let what = format!("{input:?} {kernel:?} {isa} {threads} threads");
                     let mut ws = Workspace::new();
-                    // Unfused: the pointwise layer's gradients, then the depthwise layer's.
-                    let mut gmid = vec![0.0; pw.input_len()];
-                    let (mut gx_u, mut gw1_u, mut gw2_u, mut gb_u) = (
-                        vec![0.0; x.len()],
-                        vec![0.0; w1.len()],
-                        vec![0.0; w2.len()],
-                        vec![0.0; n],
-                    );
-                    conv2d_backward(
-                        exec,
-                        &pw,
-                        &mid,
-                        &gy,
-                        &w2,
-                        Some(&mut gmid),
-                        &mut gw2_u,
-                        Some(&mut gb_u),
-                        &mut ws,
-                    )
-                    .unwrap();
-                    conv2d_backward(
-                        exec,
-                        &dw,
-                        &x,
-                        &gmid,
-                        &w1,
-                        Some(&mut gx_u),
-                        &mut gw1_u,
-                        None,
-                        &mut ws,
-                    )
-                    .unwrap();
                     // The forward against the reference and the unfused pair.
                     let mut mid_u = vec![0.0; pw.input_len()];
                     let mut y_u = vec![0.0; pw.output_len()];
@@ -395,6 +391,42 @@ mod tests {
                     assert_close(&y_f, &y_ref, &format!("{what} y"));
                     assert_eq!(mid_f, mid_u, "{what} mid against the unfused pair");
                     assert_eq!(y_f, y_u, "{what} y against the unfused pair");
+                    if !applies(exec, &dw, &pw) {
+                        continue;
+                    }
+                    covered += 1;
+                    // Unfused: the pointwise layer's gradients, then the depthwise layer's.
+                    let mut gmid = vec![0.0; pw.input_len()];
+                    let (mut gx_u, mut gw1_u, mut gw2_u, mut gb_u) = (
+                        vec![0.0; x.len()],
+                        vec![0.0; w1.len()],
+                        vec![0.0; w2.len()],
+                        vec![0.0; n],
+                    );
+                    conv2d_backward(
+                        exec,
+                        &pw,
+                        &mid,
+                        &gy,
+                        &w2,
+                        Some(&mut gmid),
+                        &mut gw2_u,
+                        Some(&mut gb_u),
+                        &mut ws,
+                    )
+                    .unwrap();
+                    conv2d_backward(
+                        exec,
+                        &dw,
+                        &x,
+                        &gmid,
+                        &w1,
+                        Some(&mut gx_u),
+                        &mut gw1_u,
+                        None,
+                        &mut ws,
+                    )
+                    .unwrap();
                     // Whole images, and blocks of 8 channels (16 in two, 20 in three, the
                     // last short; 5 in one).
                     for (with_input, block) in [(true, usize::MAX), (false, usize::MAX), (true, 8)]
@@ -441,7 +473,14 @@ mod tests {
         }
         // The row kernel is AVX-512's: without it the test checks nothing.
         if Isa::available().contains(&Isa::Avx512) {
-            assert!(covered >= 8, "only {covered} cases took the fused backward");
+            assert!(
+                forwards >= 14,
+                "only {forwards} cases took the fused forward"
+            );
+            assert!(
+                covered >= 10,
+                "only {covered} cases took the fused backward"
+            );
             assert!(exact >= 8, "only {exact} exact comparisons of gw1");
         }
     }
