@@ -40,8 +40,8 @@ use super::pointwise_split;
 use super::simd::Isa;
 
 use super::{
-    Exec, ImageSums, Workspace, for_each_image_task, for_each_task, splits_inside_images,
-    task_count,
+    Exec, ImageRuns, ImageSums, Workspace, for_each_image_task, for_each_task,
+    splits_inside_images, task_count,
 };
 use crate::error::Result;
 use crate::geometry::ConvGeometry;
@@ -752,7 +752,7 @@ pub fn pointwise_backward(
     ws: &mut Workspace,
 ) -> Result<()> {
     let images = PointwiseImages::new(exec, g, x, gy, gb.is_some());
-    let (tasks, per_task) = (images.tasks, images.per_task());
+    let (tasks, per_task) = (images.runs.tasks, images.per_task());
     let img_in = g.in_channels * g.in_pixels();
     let with_grad_input = gx.is_some();
     let run = |tw: TransposedWeight<'_>, ws: &mut Workspace| -> Result<()> {
@@ -779,7 +779,7 @@ pub fn pointwise_backward(
 
 /// A pointwise layer's gradients image by image, each image's on one thread in one go
 /// ([`pointwise_backward`], and the fused depthwise-separable backward, which follows each
-/// image with its depthwise layer's). The batch splits into [`Self::tasks`] runs of images as
+/// image with its depthwise layer's). The batch splits into runs of images ([`Self::runs`]) as
 /// [`for_each_task`] splits it; each task's scratch ([`Self::per_task`] floats) holds its
 /// grad-weight copy, then its images' grad-bias sums.
 pub(super) struct PointwiseImages<'a> {
@@ -789,9 +789,8 @@ pub(super) struct PointwiseImages<'a> {
     isa: Isa,
     x: &'a [f32],
     gy: &'a [f32],
-    /// Tasks the batch splits into.
-    pub(super) tasks: usize,
-    images_per_task: usize,
+    /// The runs of images the tasks take.
+    pub(super) runs: ImageRuns,
 }
 
 impl<'a> PointwiseImages<'a> {
@@ -808,16 +807,15 @@ impl<'a> PointwiseImages<'a> {
             pointwise_backward_applies(exec, g),
             "pointwise_backward called where it does not apply"
         );
-        let tasks = Plan::new(g, exec.threads()).tasks;
+        let runs = ImageRuns::new(exec.threads(), g.batch);
         PointwiseImages {
             g,
             s: GroupSlices::new(g),
-            sums: ImageSums::new(g, tasks, g.weight_len(), with_bias),
+            sums: ImageSums::new(g, runs.tasks, g.weight_len(), with_bias),
             isa: exec.isa(),
             x,
             gy,
-            tasks,
-            images_per_task: g.batch.div_ceil(tasks),
+            runs,
         }
     }
 
@@ -836,7 +834,7 @@ impl<'a> PointwiseImages<'a> {
         mut grad_input: Option<(TransposedWeight<'_>, &mut [f32])>,
     ) {
         let (g, s) = (self.g, &self.s);
-        let local = n % self.images_per_task;
+        let local = n % self.runs.per_task;
         if local == 0 {
             st[..g.weight_len()].fill(0.0);
         }

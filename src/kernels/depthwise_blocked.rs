@@ -841,11 +841,7 @@ fn backward_with(
         })
         .collect();
     // sums[task] is [channel][tap], like gw.
-    for (c, out) in gw.chunks_exact_mut(taps).enumerate() {
-        for (t, o) in out.iter_mut().enumerate() {
-            *o = sums.iter().map(|s| s[c * taps + t]).sum::<f64>() as f32;
-        }
-    }
+    super::sum_task_sums(&sums, gw);
     Ok(())
 }
 

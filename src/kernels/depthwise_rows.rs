@@ -347,9 +347,7 @@ pub fn strided_backward(
         None => (0..tasks).into_par_iter().map(|t| run(t, None)).collect(),
     };
     if let Some(gw) = gw {
-        for (k, out) in gw.iter_mut().enumerate() {
-            *out = sums.iter().map(|s| s[k]).sum::<f64>() as f32;
-        }
+        super::sum_task_sums(&sums, gw);
     }
     Ok(())
 }

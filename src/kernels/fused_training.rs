@@ -26,14 +26,12 @@
 //! alternated 4×: C's depthwise-separable step 16.81–17.38 → 16.11–16.80 ms, D's 12.82–12.93 →
 //! 12.52–12.76 on a slow VM; B's mixed, 10.40–11.31 against 10.07–12.04).
 
-use std::ops::Range;
-
 use rayon::prelude::*;
 
 use super::conv::{PointwiseImages, pointwise_backward_applies, with_transposed_weight};
 use super::depthwise_rows;
 use super::pointwise::{Ahead, Operands, Store, small_k_gemm_ahead};
-use super::{Exec, Workspace};
+use super::{Exec, ImageRuns, Workspace, sum_task_sums};
 use crate::error::Result;
 use crate::geometry::ConvGeometry;
 
@@ -60,17 +58,6 @@ pub fn forward_applies(exec: Exec, dw: &ConvGeometry, pw: &ConvGeometry) -> bool
             && pw.groups == 1
             && pw.input_shape() == dw.output_shape()
             && pointwise_backward_applies(exec, pw))
-}
-
-/// The runs of images the threads take: as [`PointwiseImages`] splits the batch.
-fn task_images(exec: Exec, pw: &ConvGeometry) -> (usize, impl Fn(usize) -> Range<usize>) {
-    let tasks = super::task_count(exec.threads(), pw.batch);
-    let per_task = pw.batch.div_ceil(tasks);
-    let batch = pw.batch;
-    (tasks, move |t: usize| {
-        let start = (t * per_task).min(batch);
-        start..(start + per_task).min(batch)
-    })
 }
 
 /// Panics unless the operands have the pair's shapes.
@@ -116,10 +103,10 @@ pub fn forward(
     );
     let (p, channels) = (pw.out_pixels(), dw.out_channels);
     let isa = exec.isa();
-    let (_, images) = task_images(exec, pw);
-    let per_task = images(0).len();
+    let runs = ImageRuns::new(exec.threads(), pw.batch);
+    let per_task = runs.per_task;
     let task = |t: usize, midc: &mut [f32], yc: &mut [f32]| {
-        let run = images(t);
+        let run = runs.run(t);
         for (local, n) in run.clone().enumerate() {
             let midn = &mut midc[local * img_mid..][..img_mid];
             depthwise_rows::forward_planes(
@@ -218,7 +205,7 @@ fn backward_in_blocks(
     assert_eq!(gw1.len(), dw.weight_len());
     assert_eq!(gw2.len(), pw.weight_len());
     let images = PointwiseImages::new(exec, pw, mid, gy, gb.is_some());
-    let (tasks, task_run) = task_images(exec, pw);
+    let (tasks, runs) = (images.runs.tasks, images.runs);
     let per_task = images.per_task();
     let (hw, ohw) = (dw.in_pixels(), dw.out_pixels());
     let (img_x, img_mid) = (dw.in_channels * hw, pw.in_channels * ohw);
@@ -231,7 +218,7 @@ fn backward_in_blocks(
         // as the row kernel sums a run of planes).
         let task = |t: usize, mut gxc: Option<&mut [f32]>, st: &mut [f32], gmid: &mut [f32]| {
             let mut acc = vec![0f64; dw.weight_len()];
-            for (local, n) in task_run(t).enumerate() {
+            for (local, n) in runs.run(t).enumerate() {
                 let xn = &x[n * img_x..][..img_x];
                 let mut gxn = gxc.as_deref_mut().map(|g| &mut g[local * img_x..][..img_x]);
                 images.image(st, n, None);
@@ -261,7 +248,7 @@ fn backward_in_blocks(
             .zip(gmids.par_chunks_mut(img_mid));
         let acc: Vec<Vec<f64>> = match gx {
             Some(gx) => gx
-                .par_chunks_mut(task_run(0).len() * img_x)
+                .par_chunks_mut(runs.per_task * img_x)
                 .zip(tasks_scratch)
                 .enumerate()
                 .map(|(t, (gxc, (st, gmid)))| task(t, Some(gxc), st, gmid))
@@ -271,9 +258,7 @@ fn backward_in_blocks(
                 .map(|(t, (st, gmid))| task(t, None, st, gmid))
                 .collect(),
         };
-        for (k, out) in gw1.iter_mut().enumerate() {
-            *out = acc.iter().map(|a| a[k]).sum::<f64>() as f32;
-        }
+        sum_task_sums(&acc, gw1);
         images.finish(exec, sums, gw2, gb);
         Ok(())
     })

@@ -152,6 +152,43 @@ impl Workspace {
     }
 }
 
+/// A batch split into runs of consecutive images, one per task, as [`task_count`] and
+/// [`for_each_task`] split it.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct ImageRuns {
+    /// Tasks (runs).
+    pub(crate) tasks: usize,
+    /// Images per run (the last may have fewer).
+    pub(crate) per_task: usize,
+    batch: usize,
+}
+
+impl ImageRuns {
+    /// The runs of `batch` images on `threads` threads.
+    pub(crate) fn new(threads: usize, batch: usize) -> Self {
+        let tasks = task_count(threads, batch);
+        ImageRuns {
+            tasks,
+            per_task: batch.div_ceil(tasks),
+            batch,
+        }
+    }
+
+    /// The images of task `t`.
+    pub(crate) fn run(&self, t: usize) -> Range<usize> {
+        let start = (t * self.per_task).min(self.batch);
+        start..(start + self.per_task).min(self.batch)
+    }
+}
+
+/// `gw` = the sum, in task order, of the tasks' f64 weight-gradient sums (each laid out as
+/// `gw`): the depthwise kernels' per-thread partial gradients.
+pub(crate) fn sum_task_sums(sums: &[Vec<f64>], gw: &mut [f32]) {
+    for (k, out) in gw.iter_mut().enumerate() {
+        *out = sums.iter().map(|s| s[k]).sum::<f64>() as f32;
+    }
+}
+
 /// How `items` independent work items are spread over `threads`: item-parallel when the items
 /// divide evenly (or are many), otherwise one task (whose images the kernels then split over
 /// the threads: [`splits_inside_images`]).
