@@ -404,13 +404,13 @@ unsafe fn fused_images_kernel<S: SimdF32>(
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use crate::kernels::reference;
     use crate::kernels::simd::Isa;
 
     /// Deterministic values in [-1, 1).
-    fn values(len: usize, seed: usize) -> Vec<f32> {
+    pub(in crate::kernels) fn values(len: usize, seed: usize) -> Vec<f32> {
         (0..len)
             .map(|i| ((i * 7919 + seed * 104_729) % 2000) as f32 / 1000.0 - 1.0)
             .collect()

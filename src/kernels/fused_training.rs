@@ -268,16 +268,10 @@ fn backward_in_blocks(
 mod tests {
     use super::*;
     use crate::geometry::{Conv2dParams, Padding};
+    use crate::kernels::fused::tests::values;
     use crate::kernels::simd::Isa;
     use crate::kernels::{conv2d_backward, reference};
     use crate::separable::ConvPair;
-
-    /// Deterministic values in [-1, 1).
-    fn values(len: usize, seed: usize) -> Vec<f32> {
-        (0..len)
-            .map(|i| ((i * 7919 + seed * 104_729) % 2000) as f32 / 1000.0 - 1.0)
-            .collect()
-    }
 
     fn assert_close(got: &[f32], want: &[f32], what: &str) {
         let scale = want.iter().fold(1f32, |m, v| m.max(v.abs()));
