@@ -404,8 +404,18 @@ pub fn time_runs(
     warmup: usize,
     min_reps: usize,
     target: Duration,
-    mut f: impl FnMut() -> Result<()>,
+    f: impl FnMut() -> Result<()>,
 ) -> Result<Timing> {
+    Ok(Timing::of(time_samples(warmup, min_reps, target, f)?))
+}
+
+/// The run times in ms of [`time_runs`], in the order they were taken.
+pub fn time_samples(
+    warmup: usize,
+    min_reps: usize,
+    target: Duration,
+    mut f: impl FnMut() -> Result<()>,
+) -> Result<Vec<f64>> {
     for _ in 0..warmup {
         f()?;
     }
@@ -419,17 +429,26 @@ pub fn time_runs(
         f()?;
         samples.push(t.elapsed().as_secs_f64() * 1e3);
     }
-    samples.sort_by(f64::total_cmp);
-    let median = if reps % 2 == 1 {
-        samples[reps / 2]
-    } else {
-        0.5 * (samples[reps / 2 - 1] + samples[reps / 2])
-    };
-    Ok(Timing {
-        median_ms: median,
-        min_ms: samples[0],
-        reps,
-    })
+    Ok(samples)
+}
+
+impl Timing {
+    /// The median and minimum of run times in ms (at least one).
+    pub fn of(mut samples: Vec<f64>) -> Timing {
+        assert!(!samples.is_empty(), "no run times");
+        samples.sort_by(f64::total_cmp);
+        let reps = samples.len();
+        let median = if reps % 2 == 1 {
+            samples[reps / 2]
+        } else {
+            0.5 * (samples[reps / 2 - 1] + samples[reps / 2])
+        };
+        Timing {
+            median_ms: median,
+            min_ms: samples[0],
+            reps,
+        }
+    }
 }
 
 /// Measures this machine's FMA throughput in GMAC/s on `exec.threads()` threads of the current
@@ -683,6 +702,15 @@ unsafe fn fma_loop_kernel<S: SimdF32>(iters: usize, sink: &mut f32) {
 mod tests {
     use super::*;
     use crate::kernels::simd::Isa;
+
+    /// The median of an odd and an even count of runs, and the minimum, whatever their order.
+    #[test]
+    fn timing_of_runs() {
+        let t = Timing::of(vec![3.0, 1.0, 2.0]);
+        assert_eq!((t.min_ms, t.median_ms, t.reps), (1.0, 2.0, 3));
+        let t = Timing::of(vec![4.0, 1.0, 3.0, 2.0]);
+        assert_eq!((t.min_ms, t.median_ms, t.reps), (1.0, 2.5, 4));
+    }
 
     #[test]
     fn round_trip_notes_flag_a_shared_core_and_split_dies() {

@@ -66,11 +66,39 @@ fn the_reference_batches_without_batch() {
     assert_eq!(batches, [1, 8]);
 }
 
+/// Each row keeps the runs of every round: three rounds of at least one run (more where a
+/// run is shorter than the sampling target) give at least three, and the Markdown says so.
+#[test]
+fn rounds_keep_the_runs_of_every_round() {
+    let one = bench_rows("one-round", &DW_FORWARD);
+    let mut args = DW_FORWARD.to_vec();
+    args.extend(["--rounds", "3"]);
+    let three = bench_rows("three-rounds", &args);
+    assert_eq!(three.len(), one.len());
+    for row in &three {
+        let reps = row["reps"].as_u64().unwrap();
+        assert!(reps >= 3, "{row}");
+        assert!(row["min_ms"].as_f64().unwrap() <= row["median_ms"].as_f64().unwrap());
+    }
+    let md = temp_path("rounds.md");
+    let path = md.to_string_lossy().into_owned();
+    let mut args = QUICK.to_vec();
+    args.extend(["--layers", "A", "--variants", "dw", "--passes", "forward"]);
+    args.extend(["--rounds", "2", "--markdown", &path]);
+    let o = run(&args);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let text = std::fs::read_to_string(&md).unwrap();
+    let _ = std::fs::remove_file(&md);
+    assert!(text.contains("`sepconv bench --rounds 2`"), "{text}");
+    assert!(String::from_utf8_lossy(&o.stdout).contains("round 2 of 2"));
+}
+
 #[test]
 fn bad_options_are_one_line_errors_with_status_2() {
     for (args, names) in [
         (vec!["bench", "--batch", "0"], "--batch"),
         (vec!["bench", "--reps", "0"], "--reps"),
+        (vec!["bench", "--rounds", "0"], "--rounds"),
         (vec!["bench", "--layers", "Q"], "'Q'"),
     ] {
         let o = run(&args);
