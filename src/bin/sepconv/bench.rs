@@ -338,7 +338,7 @@ fn report_ds_peak(rows: &[Row], peak: f64) {
     {
         let share = r.gmacs_per_s / peak;
         println!(
-            "{} ds forward: {:.1} GMAC/s, {:.0}% of the FMA peak (asked: at least 80%){}",
+            "{} ds forward: {:.1} GMAC/s, {:.1}% of the FMA peak (asked: at least 80%){}",
             r.layer,
             r.gmacs_per_s,
             100.0 * share,
