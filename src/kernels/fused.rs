@@ -22,7 +22,13 @@
 //! Its transposes cost less here than their count suggests: a 3 × 3 kernel reading the NCHW
 //! rows in place (four output rows per input row load, column shifts in registers, no
 //! transposes) measured the same on B (harness, batch 8: 2.56–2.58 against 2.56–2.61 ms; 2%
-//! faster with the input in cache), also with the next rows prefetched.
+//! faster with the input in cache), also with the next rows prefetched. Tried again later with
+//! each band's input prefetched during the previous band's pointwise product (so that it is
+//! in cache) and bands sized for that: faster in one series on buffers of 4 KiB pages (B 2.82
+//! → 2.53 ms), but on the huge-page buffers the bench and the layers allocate slower and
+//! bimodal across processes (2.70–3.55 against the blocked kernel's 2.53–2.60 ms, min of 10
+//! calls in 10–15 rounds, variants alternated each round); the blocked kernel with the same
+//! prefetch was a wash over 12 shapes (−2% to +2%). Neither kept.
 //! The pointwise product runs on [`super::pointwise`]'s unpacked register-blocked kernel, which
 //! streams the output past the cache (measured faster than the packed GEMM on layers B–E).
 //!
