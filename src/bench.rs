@@ -399,17 +399,8 @@ pub struct Timing {
 }
 
 /// Times `f`: `warmup` untimed runs, then at least `min_reps` timed runs, more for fast cases
-/// so each case gets about `target` of samples (at most 200 runs).
-pub fn time_runs(
-    warmup: usize,
-    min_reps: usize,
-    target: Duration,
-    f: impl FnMut() -> Result<()>,
-) -> Result<Timing> {
-    Ok(Timing::of(time_samples(warmup, min_reps, target, f)?))
-}
-
-/// The run times in ms of [`time_runs`], in the order they were taken.
+/// so each case gets about `target` of samples (at most 200 runs). Returns the run times in
+/// ms, in the order they were taken ([`Timing::of`] sums them up).
 pub fn time_samples(
     warmup: usize,
     min_reps: usize,

@@ -90,7 +90,7 @@ fn rounds_keep_the_runs_of_every_round() {
     let text = std::fs::read_to_string(&md).unwrap();
     let _ = std::fs::remove_file(&md);
     assert!(text.contains("`sepconv bench --rounds 2`"), "{text}");
-    assert!(String::from_utf8_lossy(&o.stdout).contains("round 2 of 2"));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("round 2 of 2: timing A"));
 }
 
 #[test]

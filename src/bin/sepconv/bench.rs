@@ -172,10 +172,15 @@ pub fn run(exec: Exec, a: Args) -> Result<()> {
     let mut macs: HashMap<(char, Variant), (u64, u64)> = HashMap::new();
     let mut torch: Option<TorchBest> = None;
     for round in 1..=a.rounds {
+        // Progress: the rows print once every round has run.
         if a.rounds > 1 {
-            println!("round {round} of {}…", a.rounds);
+            print!("round {round} of {}: timing", a.rounds);
+        } else {
+            print!("timing");
         }
         for layer in &layers {
+            print!(" {}", layer.id);
+            let _ = std::io::Write::flush(&mut std::io::stdout());
             for &variant in &variants {
                 let mut w = Workload::new(layer, variant)?;
                 let cost = w.cost();
@@ -194,6 +199,7 @@ pub fn run(exec: Exec, a: Args) -> Result<()> {
                 }
             }
         }
+        println!();
         if torch_ok {
             let best = run_torch(&a, exec, &layers, &variants)?;
             torch = Some(match torch.take() {
@@ -221,11 +227,8 @@ pub fn run(exec: Exec, a: Args) -> Result<()> {
         for &variant in &variants {
             let (fwd_macs, train_macs) = macs[&(layer.id, variant)];
             for &pass in &a.passes {
-                let t = Timing::of(
-                    samples
-                        .remove(&(layer.id, variant, pass))
-                        .unwrap_or_default(),
-                );
+                let runs = samples.remove(&(layer.id, variant, pass));
+                let t = Timing::of(runs.expect("every row is timed in every round"));
                 let macs = if pass == Pass::Train {
                     train_macs
                 } else {
