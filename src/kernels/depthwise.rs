@@ -152,7 +152,7 @@ pub(crate) fn fill_phases<S: SimdF32>(
 /// of padding, each input row's padding columns, the spare row and the margin. Clearing the
 /// whole buffer wrote every input position twice; on one image, where each call clears once,
 /// that was 2% of reference layer E's spatially separable training step (a profile).
-pub(crate) fn clear_phase_padding(g: &ConvGeometry, l: &PhaseLayout, buf: &mut [f32]) {
+fn clear_phase_padding(g: &ConvGeometry, l: &PhaseLayout, buf: &mut [f32]) {
     let (sh, sw, plane) = (g.stride_h, g.stride_w, l.hq * l.wq);
     let (pl, w) = (g.pad_left, g.in_w);
     for a in 0..sh {
