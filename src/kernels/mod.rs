@@ -166,7 +166,12 @@ pub(crate) struct ImageRuns {
 impl ImageRuns {
     /// The runs of `batch` images on `threads` threads.
     pub(crate) fn new(threads: usize, batch: usize) -> Self {
-        let tasks = task_count(threads, batch);
+        Self::of_tasks(task_count(threads, batch), batch)
+    }
+
+    /// `batch` images in `tasks` runs (at least one).
+    fn of_tasks(tasks: usize, batch: usize) -> Self {
+        let tasks = tasks.max(1);
         ImageRuns {
             tasks,
             per_task: batch.div_ceil(tasks),
@@ -252,15 +257,12 @@ pub(crate) fn for_each_image_task<F>(batch: usize, scratch: &mut [f32], per_task
 where
     F: Fn(Range<usize>, &mut [f32]) + Sync + Send,
 {
-    let tasks = scratch.len().checked_div(per_task).unwrap_or(0).max(1);
-    let per_images = batch.div_ceil(tasks);
+    let tasks = scratch.len().checked_div(per_task).unwrap_or(0);
+    let runs = ImageRuns::of_tasks(tasks, batch);
     scratch
         .par_chunks_mut(per_task.max(1))
         .enumerate()
-        .for_each(|(t, s)| {
-            let start = (t * per_images).min(batch);
-            f(start..(start + per_images).min(batch), s)
-        });
+        .for_each(|(t, s)| f(runs.run(t), s));
 }
 
 /// Which algorithm computes a convolution's forward pass (and, through it, the others: see

@@ -183,11 +183,10 @@ pub fn run(exec: Exec, a: Args) -> Result<()> {
             let _ = std::io::Write::flush(&mut std::io::stdout());
             for &variant in &variants {
                 let mut w = Workload::new(layer, variant)?;
-                let cost = w.cost();
-                macs.insert(
-                    (layer.id, variant),
-                    (cost.forward_macs_nominal, cost.train_macs_nominal()),
-                );
+                macs.entry((layer.id, variant)).or_insert_with(|| {
+                    let cost = w.cost();
+                    (cost.forward_macs_nominal, cost.train_macs_nominal())
+                });
                 for &pass in &a.passes {
                     let runs = time_samples(a.warmup, a.reps, Duration::from_millis(250), || {
                         w.run(exec, pass)
