@@ -27,13 +27,31 @@ pub fn sum_sq_dev(isa: Isa, v: &[f32], center: f32) -> f32 {
     out[0]
 }
 
-/// `(Σ g, Σ g·(x − center))` with `g = gy`, or `gy` where `mask > 0` (the gradient through a
-/// ReLU whose output is `mask`): BatchNorm's two backward sums in one pass over the planes
-/// (two passes read the gradient and the mask twice: a quarter of the backward's traffic).
-pub fn grad_sums(isa: Isa, gy: &[f32], mask: Option<&[f32]>, x: &[f32], center: f32) -> (f32, f32) {
+/// A ReLU applied to `x·scale + shift` (BatchNorm's output, the ReLU fused into it): the
+/// backward kernels recompute where it passed the gradient from `x` rather than reading the
+/// stored output — the same product and sum as [`scale_shift`], so the same sign, bit for bit
+/// — which saves reading one activation-sized tensor per pass (the MNIST network's BatchNorm
+/// backward reads its tensors from memory: two of its seven streams).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct ReluOfAffine {
+    /// Scale of the affine map the ReLU followed.
+    pub scale: f32,
+    /// Shift of the affine map the ReLU followed.
+    pub shift: f32,
+}
+
+/// `(Σ g, Σ g·(x − center))` with `g = gy`, or `gy` where `x·scale + shift > 0` (the gradient
+/// through the ReLU `relu`): BatchNorm's two backward sums in one pass over the planes.
+pub fn grad_sums(
+    isa: Isa,
+    gy: &[f32],
+    relu: Option<ReluOfAffine>,
+    x: &[f32],
+    center: f32,
+) -> (f32, f32) {
     let mut out = [0.0; 2];
-    match mask {
-        Some(m) => grad_sums_masked_dispatch(isa, gy, m, x, center, &mut out),
+    match relu {
+        Some(r) => grad_sums_relu_dispatch(isa, gy, r, x, center, &mut out),
         None => grad_sums_dispatch(isa, gy, x, center, &mut out),
     }
     (out[0], out[1])
@@ -43,8 +61,8 @@ crate::simd_dispatch!(fn sum_dispatch => sum_kernel(v: &[f32], center: f32, out:
 crate::simd_dispatch!(fn grad_sums_dispatch => grad_sums_kernel(
     gy: &[f32], x: &[f32], center: f32, out: &mut [f32; 2]
 ));
-crate::simd_dispatch!(fn grad_sums_masked_dispatch => grad_sums_masked_kernel(
-    gy: &[f32], mask: &[f32], x: &[f32], center: f32, out: &mut [f32; 2]
+crate::simd_dispatch!(fn grad_sums_relu_dispatch => grad_sums_relu_kernel(
+    gy: &[f32], relu: ReluOfAffine, x: &[f32], center: f32, out: &mut [f32; 2]
 ));
 
 #[inline(always)]
@@ -65,26 +83,37 @@ unsafe fn grad_sums_kernel<S: SimdF32>(gy: &[f32], x: &[f32], center: f32, out: 
 }
 
 #[inline(always)]
-unsafe fn grad_sums_masked_kernel<S: SimdF32>(
+unsafe fn grad_sums_relu_kernel<S: SimdF32>(
     gy: &[f32],
-    mask: &[f32],
+    relu: ReluOfAffine,
     x: &[f32],
     center: f32,
     out: &mut [f32; 2],
 ) {
-    let n = gy.len().min(mask.len()).min(x.len());
-    let c = unsafe { S::splat(-center) };
+    let n = gy.len().min(x.len());
+    let (c, scale, shift) = unsafe {
+        (
+            S::splat(-center),
+            S::splat(relu.scale),
+            S::splat(relu.shift),
+        )
+    };
     unsafe {
         reduce::<S, 2>(
             n,
             out,
             |i| {
-                let g =
-                    S::load(gy.as_ptr().add(i)).keep_where_positive(S::load(mask.as_ptr().add(i)));
-                [g, g.mul(S::load(x.as_ptr().add(i)).add(c))]
+                let v = S::load(x.as_ptr().add(i));
+                // Multiply then add, as `scale_shift` computed the output (no fused rounding).
+                let g = S::load(gy.as_ptr().add(i)).keep_where_positive(v.mul(scale).add(shift));
+                [g, g.mul(v.add(c))]
             },
             |i| {
-                let g = if mask[i] > 0.0 { gy[i] } else { 0.0 };
+                let g = if x[i] * relu.scale + relu.shift > 0.0 {
+                    gy[i]
+                } else {
+                    0.0
+                };
                 [g, g * (x[i] - center)]
             },
         )
@@ -182,36 +211,37 @@ unsafe fn scale_shift_kernel<S: SimdF32>(
     }
 }
 
-/// BatchNorm input gradient: `gx = k·(gy − mean_gy − (x − mu)·is·mean_gx̂)`; with a `mask`
-/// (the output of a fused ReLU), `gy` counts only where `mask > 0`.
+/// BatchNorm input gradient: `gx = k·(gy − mean_gy − (x − mu)·is·mean_gx̂)`; through a fused
+/// ReLU `relu`, `gy` counts only where `x·scale + shift > 0`.
 pub fn batchnorm_grad_input(
     isa: Isa,
     gy: &[f32],
-    mask: Option<&[f32]>,
+    relu: Option<ReluOfAffine>,
     x: &[f32],
     coef: [f32; 5],
     gx: &mut [f32],
 ) {
-    match mask {
+    match relu {
         None => bn_grad_dispatch(isa, gy, x, coef, gx),
-        Some(m) => bn_grad_masked_dispatch(isa, gy, m, x, coef, gx),
+        Some(r) => bn_grad_relu_dispatch(isa, gy, r, x, coef, gx),
     }
 }
 
-crate::simd_dispatch!(fn bn_grad_masked_dispatch => bn_grad_masked_kernel(gy: &[f32], mask: &[f32], x: &[f32], coef: [f32; 5], gx: &mut [f32]));
+crate::simd_dispatch!(fn bn_grad_relu_dispatch => bn_grad_relu_kernel(gy: &[f32], relu: ReluOfAffine, x: &[f32], coef: [f32; 5], gx: &mut [f32]));
 
 #[inline(always)]
-unsafe fn bn_grad_masked_kernel<S: SimdF32>(
+unsafe fn bn_grad_relu_kernel<S: SimdF32>(
     gy: &[f32],
-    mask: &[f32],
+    relu: ReluOfAffine,
     x: &[f32],
     coef: [f32; 5],
     gx: &mut [f32],
 ) {
     let [k, mean_gy, mu, is, mean_gxhat] = coef;
     let slope = is * mean_gxhat;
-    for (((o, &g), &m), &v) in gx.iter_mut().zip(gy).zip(mask).zip(x) {
-        let g = if m > 0.0 { g } else { 0.0 };
+    let ReluOfAffine { scale, shift } = relu;
+    for ((o, &g), &v) in gx.iter_mut().zip(gy).zip(x) {
+        let g = if v * scale + shift > 0.0 { g } else { 0.0 };
         *o = k * (g - mean_gy - (v - mu) * slope);
     }
 }
@@ -601,11 +631,16 @@ mod tests {
             for n in [1, 15, 16, 49, 64, 196, 1000] {
                 let gy: Vec<f32> = (0..n).map(|i| ((i * 37 % 11) as f32 - 5.0) * 0.1).collect();
                 let x: Vec<f32> = (0..n).map(|i| (i as f32 * 0.3).sin()).collect();
-                let mask: Vec<f32> = (0..n).map(|i| (i % 3) as f32 - 0.5).collect();
+                let relu = ReluOfAffine {
+                    scale: 1.5,
+                    shift: -0.4,
+                };
                 let center = 0.25f32;
                 for masked in [false, true] {
                     let g = |i: usize| -> f64 {
-                        if masked && mask[i] <= 0.0 {
+                        let mut y = vec![0.0; 1];
+                        scale_shift(isa, &x[i..=i], relu.scale, relu.shift, true, &mut y);
+                        if masked && y[0] <= 0.0 {
                             0.0
                         } else {
                             gy[i] as f64
@@ -613,8 +648,7 @@ mod tests {
                     };
                     let want_s: f64 = (0..n).map(g).sum();
                     let want_sx: f64 = (0..n).map(|i| g(i) * (x[i] - center) as f64).sum();
-                    let m = masked.then_some(&mask[..]);
-                    let (s, sx) = grad_sums(isa, &gy, m, &x, center);
+                    let (s, sx) = grad_sums(isa, &gy, masked.then_some(relu), &x, center);
                     assert!(
                         (s as f64 - want_s).abs() < 1e-4,
                         "{isa} n={n} {masked}: {s} {want_s}"
@@ -623,6 +657,36 @@ mod tests {
                         (sx as f64 - want_sx).abs() < 1e-4,
                         "{isa} n={n} {masked}: {sx} {want_sx}"
                     );
+                }
+            }
+        }
+    }
+
+    /// The BatchNorm input gradient through a fused ReLU equals the formula with the gradient
+    /// kept where the forward's output (`scale_shift`) is positive, on every instruction set,
+    /// for lengths with and without vector tails; without the ReLU, the plain formula.
+    #[test]
+    fn batchnorm_grad_input_masks_where_the_forward_output_was_not_positive() {
+        let coef = [1.3f32, 0.05, 0.1, 2.0, -0.2];
+        let [k, mean_gy, mu, is, mean_gxhat] = coef;
+        for isa in Isa::available() {
+            for n in [1, 15, 16, 49, 64, 196, 1000] {
+                let gy: Vec<f32> = (0..n).map(|i| ((i * 37 % 11) as f32 - 5.0) * 0.1).collect();
+                let x: Vec<f32> = (0..n).map(|i| (i as f32 * 0.3).sin()).collect();
+                let relu = ReluOfAffine {
+                    scale: -0.7,
+                    shift: 0.2,
+                };
+                let mut y = vec![0.0; n];
+                scale_shift(isa, &x, relu.scale, relu.shift, true, &mut y);
+                for masked in [false, true] {
+                    let mut gx = vec![f32::NAN; n];
+                    batchnorm_grad_input(isa, &gy, masked.then_some(relu), &x, coef, &mut gx);
+                    for i in 0..n {
+                        let g = if masked && y[i] <= 0.0 { 0.0 } else { gy[i] };
+                        let want = k * (g - mean_gy - (x[i] - mu) * (is * mean_gxhat));
+                        assert!((gx[i] - want).abs() < 1e-6, "{isa} n={n} {masked} at {i}");
+                    }
                 }
             }
         }

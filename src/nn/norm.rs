@@ -6,7 +6,7 @@ use rayon::prelude::*;
 
 use super::{Buffer, Ctx, Module, Param, chw, par_planes};
 use crate::error::{Error, Result};
-use crate::kernels::elementwise;
+use crate::kernels::elementwise::{self, ReluOfAffine};
 
 /// Batch normalization over the channels of an NCHW activation.
 pub struct BatchNorm2d {
@@ -174,19 +174,26 @@ impl Module for BatchNorm2d {
         ctx: &mut Ctx,
         batch: usize,
         x: &[f32],
-        y: &[f32],
+        _y: &[f32],
         gy: &[f32],
         gx: Option<&mut [f32]>,
     ) -> Result<()> {
         let (ch, plane) = (self.channels(), self.plane());
         let count = (batch * plane) as f64;
         let (mean, inv_std, isa) = (&self.mean, &self.inv_std, ctx.exec.isa());
-        // With a fused ReLU, gy is the gradient at the ReLU's output: it passes where y > 0.
-        let mask = self.relu.then_some(y);
+        // With a fused ReLU, gy is the gradient at the ReLU's output: it passes where the
+        // forward's x·scale + shift was positive, recomputed from x (reading y would cost one
+        // more activation-sized stream per pass; the optimizer has not touched γ and β since).
+        let (relu, scale, shift) = (self.relu, &self.scale, &self.shift);
+        let relu_of = |c: usize| {
+            relu.then(|| ReluOfAffine {
+                scale: scale[c],
+                shift: shift[c],
+            })
+        };
         // Per channel: Σ gy and Σ gy·x̂, in one pass over each plane.
         let sums: Vec<(f64, f64)> = channel_sums(ctx.exec.threads(), batch, ch, plane, |c, r| {
-            let m = mask.map(|m| &m[r.clone()]);
-            let (a, b) = elementwise::grad_sums(isa, &gy[r.clone()], m, &x[r], mean[c]);
+            let (a, b) = elementwise::grad_sums(isa, &gy[r.clone()], relu_of(c), &x[r], mean[c]);
             [a, b]
         })
         .iter()
@@ -214,8 +221,8 @@ impl Module for BatchNorm2d {
                 .collect();
             par_planes(gx, plane, |i, p| {
                 let r = i * plane..(i + 1) * plane;
-                let m = mask.map(|m| &m[r.clone()]);
-                elementwise::batchnorm_grad_input(isa, &gy[r.clone()], m, &x[r], coef[i % ch], p);
+                let (c, gy) = (i % ch, &gy[r.clone()]);
+                elementwise::batchnorm_grad_input(isa, gy, relu_of(c), &x[r], coef[c], p);
             });
         }
         Ok(())
