@@ -211,3 +211,32 @@ out_features = 3
     assert!(checked > 40, "checked {checked} gradients");
     let _ = Workspace::new();
 }
+
+/// A Flatten shares its input's buffer (the network runs nothing for it): as the last layer
+/// the network's output and gradients are those of the network without it, and as the first
+/// (`linear_matches_naive_product`) the input is read through it.
+#[test]
+fn flatten_as_the_last_layer_changes_nothing() {
+    let conv = "[[layers]]\ntype = \"conv2d\"\nout_channels = 2\nkernel = 3\npadding = 1\n";
+    let mut plain = net(conv, [1, 4, 5], 3);
+    let mut flat = net(
+        &format!("{conv}[[layers]]\ntype = \"flatten\"\n"),
+        [1, 4, 5],
+        3,
+    );
+    assert!(flat.is_view(1) && !plain.is_view(0));
+    let batch = 2;
+    let x = common::Rng::new(4).vec(batch * 20);
+    let g = common::Rng::new(5).vec(batch * 40);
+    let run = |n: &mut Network| {
+        let mut rng = Rng::new(0);
+        let y = n
+            .forward(exec(), &x, batch, true, &mut rng)
+            .unwrap()
+            .to_vec();
+        n.backward(exec(), &g, batch, &mut rng).unwrap();
+        let grads: Vec<Vec<f32>> = n.params_mut().iter().map(|(_, p)| p.grad.clone()).collect();
+        (y, grads)
+    };
+    assert_eq!(run(&mut plain), run(&mut flat));
+}

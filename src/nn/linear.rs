@@ -25,6 +25,11 @@ impl Module for Flatten {
     fn out_shape(&self) -> &[usize] {
         &self.out_shape
     }
+    fn is_view(&self) -> bool {
+        true
+    }
+    /// The copy, for a caller that runs the layer on its own (a [`Network`](super::Network)
+    /// shares the buffer instead, see [`Module::is_view`]).
     fn forward(&mut self, _ctx: &mut Ctx, _batch: usize, x: &[f32], y: &mut [f32]) -> Result<()> {
         y.copy_from_slice(x);
         Ok(())

@@ -128,6 +128,11 @@ pub trait Module: Send {
     fn fuse_relu(&mut self) -> bool {
         false
     }
+    /// Whether the output is the input's memory under another shape (Flatten): the network
+    /// then gives the layer its input's buffer and runs nothing, forward or backward.
+    fn is_view(&self) -> bool {
+        false
+    }
 }
 
 /// PyTorch's default initialization of conv and linear layers: weights
@@ -186,8 +191,10 @@ pub struct Network {
     timings: Vec<(f64, f64)>,
     /// Layers run inside the layer before them (a ReLU after a BatchNorm).
     fused: Vec<bool>,
-    /// The activation (and gradient) buffer of each layer boundary: a fused layer's output is
-    /// its input's buffer.
+    /// Layers that only reshape (Flatten): their output is their input's buffer.
+    views: Vec<bool>,
+    /// The activation (and gradient) buffer of each layer boundary: a fused layer's or a
+    /// view's output is its input's buffer.
     buffer: Vec<usize>,
 }
 
@@ -223,9 +230,16 @@ impl Network {
                 fused[i] = true;
             }
         }
+        // A reshape shares its input's buffer: Flatten's copies, forward and backward, were
+        // 2.4% of the MNIST ds network's training step.
+        let views: Vec<bool> = layers.iter().map(|l| l.module.is_view()).collect();
         let mut buffer = vec![0; n + 1];
         for i in 0..n {
-            buffer[i + 1] = if fused[i] { buffer[i] } else { i + 1 };
+            buffer[i + 1] = if fused[i] || views[i] {
+                buffer[i]
+            } else {
+                i + 1
+            };
         }
         let param_count = layers
             .iter_mut()
@@ -242,6 +256,7 @@ impl Network {
             param_count,
             timings: vec![(0.0, 0.0); n],
             fused,
+            views,
             buffer,
         })
     }
@@ -313,7 +328,7 @@ impl Network {
             rng,
         };
         for (i, layer) in self.layers.iter_mut().enumerate() {
-            if self.fused[i] {
+            if self.fused[i] || self.views[i] {
                 continue;
             }
             // The output buffer is i + 1 and the input buffer is at most i.
@@ -349,7 +364,7 @@ impl Network {
             rng,
         };
         for i in (0..n).rev() {
-            if self.fused[i] {
+            if self.fused[i] || self.views[i] {
                 continue;
             }
             // gy lives in buffer i + 1 (never shared with a lower boundary: the next layer up,
@@ -382,6 +397,12 @@ impl Network {
     /// Whether layer `i` runs inside the layer before it (a ReLU fused into a BatchNorm).
     pub fn is_fused(&self, i: usize) -> bool {
         self.fused[i]
+    }
+
+    /// Whether layer `i` is a view of its input (Flatten): it shares the input's buffer and
+    /// runs nothing.
+    pub fn is_view(&self, i: usize) -> bool {
+        self.views[i]
     }
 
     /// Seconds spent in each layer's forward and backward since the last call (then reset).

@@ -108,13 +108,15 @@ pub fn print_profile(net: &mut sepconv::nn::Network) {
         "layer", "type", "fwd s", "bwd s", "share"
     );
     for (i, (l, (f, b))) in net.layers().iter().zip(&t).enumerate() {
-        if net.is_fused(i) {
-            println!(
-                "{:<12} {:<28} {:>21}",
-                l.name,
-                l.module.kind(),
-                "(runs inside the layer above)"
-            );
+        let note = if net.is_fused(i) {
+            Some("(runs inside the layer above)")
+        } else if net.is_view(i) {
+            Some("(a view of its input: no copy)")
+        } else {
+            None
+        };
+        if let Some(note) = note {
+            println!("{:<12} {:<28} {:>21}", l.name, l.module.kind(), note);
             continue;
         }
         println!(
