@@ -240,3 +240,39 @@ fn flatten_as_the_last_layer_changes_nothing() {
     };
     assert_eq!(run(&mut plain), run(&mut flat));
 }
+
+/// BatchNorm, ReLU and a 2 × 2 max pool run as one layer (each plane through a scratch plane)
+/// give exactly what the three layers give one by one (kept apart here by a dropout with
+/// p = 0, an exact identity): outputs in training and evaluation, every parameter gradient,
+/// on planes with an odd last row and column that the pool leaves out.
+#[test]
+fn batchnorm_relu_maxpool_fused_equals_the_layers_one_by_one() {
+    let head = "[[layers]]\ntype = \"conv2d\"\nout_channels = 3\nkernel = 3\npadding = 1\n[[layers]]\ntype = \"batchnorm2d\"\n[[layers]]\ntype = \"relu\"\n";
+    let tail = "[[layers]]\ntype = \"maxpool2d\"\nkernel = 2\n[[layers]]\ntype = \"flatten\"\n[[layers]]\ntype = \"linear\"\nout_features = 2\n";
+    let apart = "[[layers]]\ntype = \"dropout\"\np = 0.0\n";
+    for (h, w) in [(6, 8), (7, 9), (23, 25)] {
+        let mut fused = net(&format!("{head}{tail}"), [2, h, w], 11);
+        let mut layered = net(&format!("{head}{apart}{tail}"), [2, h, w], 11);
+        assert!(fused.is_fused(2) && fused.is_fused(3));
+        assert!(layered.is_fused(2) && !layered.is_fused(4));
+        let batch = 3;
+        let x = common::Rng::new(6).vec(batch * 2 * h * w);
+        let g = common::Rng::new(7).vec(batch * 2);
+        let run = |n: &mut Network| {
+            let mut rng = Rng::new(0);
+            let mut out = Vec::new();
+            for train in [true, false] {
+                out.push(
+                    n.forward(exec(), &x, batch, train, &mut rng)
+                        .unwrap()
+                        .to_vec(),
+                );
+            }
+            n.forward(exec(), &x, batch, true, &mut rng).unwrap();
+            n.backward(exec(), &g, batch, &mut rng).unwrap();
+            let grads: Vec<Vec<f32>> = n.params_mut().iter().map(|(_, p)| p.grad.clone()).collect();
+            (out, grads)
+        };
+        assert_eq!(run(&mut fused), run(&mut layered), "{h}×{w}");
+    }
+}

@@ -128,6 +128,16 @@ pub trait Module: Send {
     fn fuse_relu(&mut self) -> bool {
         false
     }
+    /// Takes over a 2 × 2 stride-2 max pool that follows the ReLU this layer took over (returns
+    /// whether it did; the network then skips the pool, and this layer's output is the pooled
+    /// one).
+    fn fuse_maxpool2x2(&mut self) -> bool {
+        false
+    }
+    /// Whether this layer is a 2 × 2 stride-2 max pool without padding.
+    fn is_maxpool2x2(&self) -> bool {
+        false
+    }
     /// Whether the output is the input's memory under another shape (Flatten): the network
     /// then gives the layer its input's buffer and runs nothing, forward or backward.
     fn is_view(&self) -> bool {
@@ -193,6 +203,9 @@ pub struct Network {
     fused: Vec<bool>,
     /// Layers that only reshape (Flatten): their output is their input's buffer.
     views: Vec<bool>,
+    /// The last layer of the group each layer starts (itself unless layers are fused into it):
+    /// the layer writes that layer's output.
+    group_end: Vec<usize>,
     /// The activation (and gradient) buffer of each layer boundary: a fused layer's or a
     /// view's output is its input's buffer.
     buffer: Vec<usize>,
@@ -221,13 +234,28 @@ impl Network {
         let n = layers.len();
         // A ReLU right after a layer that can absorb it (BatchNorm) runs inside that layer;
         // its own activation buffer is then the previous one.
+        // And a 2 × 2 max pool right after such a ReLU runs inside the same layer (BatchNorm,
+        // ReLU and pool in one pass over each plane). The layer a group starts with writes the
+        // group's last output.
         let mut fused = vec![false; n];
+        let mut group_end: Vec<usize> = (0..n).collect();
         for i in 1..n {
-            if layers[i].module.kind() == "relu"
-                && !fused[i - 1]
-                && layers[i - 1].module.fuse_relu()
+            let head = if fused[i - 1] { None } else { Some(i - 1) };
+            if let Some(h) = head
+                && layers[i].module.kind() == "relu"
+                && layers[h].module.fuse_relu()
             {
                 fused[i] = true;
+                group_end[h] = i;
+            } else if i >= 2
+                && fused[i - 1]
+                && !fused[i - 2]
+                && group_end[i - 2] == i - 1
+                && layers[i].module.is_maxpool2x2()
+                && layers[i - 2].module.fuse_maxpool2x2()
+            {
+                fused[i] = true;
+                group_end[i - 2] = i;
             }
         }
         // A reshape shares its input's buffer: Flatten's copies, forward and backward, were
@@ -257,6 +285,7 @@ impl Network {
             timings: vec![(0.0, 0.0); n],
             fused,
             views,
+            group_end,
             buffer,
         })
     }
@@ -334,7 +363,8 @@ impl Network {
             // The output buffer is i + 1 and the input buffer is at most i.
             let (done, rest) = self.acts.split_at_mut(i + 1);
             let out = &mut rest[0];
-            resize(out, batch * self.shapes[i + 1].iter().product::<usize>())?;
+            let last = self.group_end[i];
+            resize(out, batch * self.shapes[last + 1].iter().product::<usize>())?;
             let t = std::time::Instant::now();
             layer
                 .module

@@ -6,6 +6,7 @@ use rayon::prelude::*;
 
 use super::{Buffer, Ctx, Module, Param, chw, par_planes};
 use crate::error::{Error, Result};
+use crate::kernels::Isa;
 use crate::kernels::elementwise::{self, ReluOfAffine};
 
 /// Batch normalization over the channels of an NCHW activation.
@@ -26,6 +27,20 @@ pub struct BatchNorm2d {
     /// A ReLU that followed this layer in the spec runs inside it (the network skips the ReLU
     /// layer): one pass over the activation instead of two, forward and backward.
     relu: bool,
+    /// A 2 × 2 stride-2 max pool that followed the fused ReLU runs inside this layer too.
+    pool: Option<FusedPool>,
+}
+
+/// The state of a max pool fused into a BatchNorm: the window position of each maximum (as
+/// [`MaxPool2d`](super::MaxPool2d) keeps it). The layer's output is then the pooled one, and
+/// each plane goes BatchNorm → ReLU → pool through a scratch plane that stays in L1: the
+/// unpooled activation is never written, nor read back by the pool, nor its gradient written
+/// by the pool's backward and read twice by the BatchNorm's. On the MNIST network's first
+/// block (64 × 32 × 28 × 28), counting activation-sized reads and writes, about 34 → 21 MB
+/// moved forward and 41 → 22 MB backward; measured, that block's BatchNorm and pool took
+/// 1.15–1.17 → 0.71–0.75 ms of a training step (min of 150 steps, alternated 3×).
+struct FusedPool {
+    argmax: Vec<u8>,
 }
 
 impl BatchNorm2d {
@@ -55,6 +70,7 @@ impl BatchNorm2d {
             scale: vec![0.0; c],
             shift: vec![0.0; c],
             relu: false,
+            pool: None,
         })
     }
 
@@ -67,8 +83,9 @@ impl BatchNorm2d {
     }
 }
 
-/// Per channel c, Σ over images of `f(c, plane range)` (K sums at once; each plane reduced in
-/// f32 lanes, the planes summed in f64).
+/// Per channel c, Σ over images of `f(c, plane range, scratch)` (K sums at once; each plane
+/// reduced in f32 lanes, the planes summed in f64); each task gets its own piece of `scratch`
+/// (`scratch.len() / tasks` floats, none if it is empty).
 ///
 /// The activation is read in memory order, image after image, each task over its own images
 /// (then the tasks' sums are added in order): going channel by channel instead jumps between
@@ -79,18 +96,20 @@ fn channel_sums<const K: usize>(
     batch: usize,
     channels: usize,
     plane: usize,
-    f: impl Fn(usize, std::ops::Range<usize>) -> [f32; K] + Sync,
+    scratch: &mut [f32],
+    f: impl Fn(usize, std::ops::Range<usize>, &mut [f32]) -> [f32; K] + Sync,
 ) -> Vec<[f64; K]> {
     let tasks = threads.clamp(1, batch.max(1));
     let per_task = batch.div_ceil(tasks).max(1);
-    let partial: Vec<Vec<[f64; K]>> = (0..tasks)
+    let partial: Vec<Vec<[f64; K]>> = scratch_pieces(scratch, tasks)
         .into_par_iter()
-        .map(|t| {
+        .enumerate()
+        .map(|(t, buf)| {
             let mut acc = vec![[0.0f64; K]; channels];
             for n in (t * per_task).min(batch)..((t + 1) * per_task).min(batch) {
                 for (c, a) in acc.iter_mut().enumerate() {
                     let base = (n * channels + c) * plane;
-                    for (sum, v) in a.iter_mut().zip(f(c, base..base + plane)) {
+                    for (sum, v) in a.iter_mut().zip(f(c, base..base + plane, buf)) {
                         *sum += v as f64;
                     }
                 }
@@ -109,6 +128,70 @@ fn channel_sums<const K: usize>(
     total
 }
 
+/// `tasks` equal pieces of `scratch` (empty ones if it is empty).
+fn scratch_pieces(scratch: &mut [f32], tasks: usize) -> Vec<&mut [f32]> {
+    let piece = scratch.len() / tasks.max(1);
+    let mut pieces = Vec::with_capacity(tasks);
+    let mut rest = scratch;
+    for _ in 0..tasks {
+        let (one, more) = rest.split_at_mut(piece);
+        pieces.push(one);
+        rest = more;
+    }
+    pieces
+}
+
+/// Runs `f(plane index, plane, scratch)` over the `len`-element planes of `out`, one run of
+/// consecutive planes per thread, each with its own piece of `scratch`.
+fn planes_with_scratch(
+    threads: usize,
+    out: &mut [f32],
+    len: usize,
+    scratch: &mut [f32],
+    f: impl Fn(usize, &mut [f32], &mut [f32]) + Sync + Send,
+) {
+    let tasks = threads.max(1);
+    let per_task = (out.len() / len.max(1)).div_ceil(tasks).max(1);
+    out.par_chunks_mut(per_task * len)
+        .zip(scratch_pieces(scratch, tasks))
+        .enumerate()
+        .for_each(|(t, (run, buf))| {
+            for (k, p) in run.chunks_exact_mut(len).enumerate() {
+                f(t * per_task + k, p, buf);
+            }
+        });
+}
+
+/// The gradient at the output of the BatchNorm (and its ReLU) in plane `i`: `gy`'s plane, or
+/// with a fused pool the pooled gradient routed to each window's maximum, written into
+/// `scratch` (the pool's own backward, so the same values as unfused).
+#[allow(clippy::too_many_arguments)]
+fn output_grad<'a>(
+    isa: Isa,
+    pool: Option<&FusedPool>,
+    gy: &'a [f32],
+    i: usize,
+    plane: usize,
+    pooled: usize,
+    w: usize,
+    scratch: &'a mut [f32],
+) -> &'a [f32] {
+    match pool {
+        None => &gy[i * plane..(i + 1) * plane],
+        Some(p) => {
+            let r = i * pooled..(i + 1) * pooled;
+            let g = &mut scratch[..plane];
+            elementwise::maxpool2x2_backward(isa, &gy[r.clone()], &p.argmax[r], w, g);
+            g
+        }
+    }
+}
+
+/// Elements of a 2 × 2 stride-2 pooled plane of the per-image shape [C, H, W] (floor mode).
+fn pooled_plane(shape: &[usize]) -> usize {
+    shape[1] / 2 * (shape[2] / 2)
+}
+
 impl Module for BatchNorm2d {
     fn kind(&self) -> &'static str {
         "batchnorm2d"
@@ -122,13 +205,13 @@ impl Module for BatchNorm2d {
             let count = (batch * plane) as f64;
             // Two passes (mean, then squared deviations) for accuracy.
             let (isa, threads) = (ctx.exec.isa(), ctx.exec.threads());
-            let means: Vec<f64> = channel_sums(threads, batch, ch, plane, |_, r| {
+            let means: Vec<f64> = channel_sums(threads, batch, ch, plane, &mut [], |_, r, _| {
                 [elementwise::sum(isa, &x[r])]
             })
             .iter()
             .map(|[s]| s / count)
             .collect();
-            let vars = channel_sums(threads, batch, ch, plane, |c, r| {
+            let vars = channel_sums(threads, batch, ch, plane, &mut [], |c, r, _| {
                 [elementwise::sum_sq_dev(isa, &x[r], means[c] as f32)]
             });
             let m = self.momentum;
@@ -157,16 +240,44 @@ impl Module for BatchNorm2d {
             self.shift[c] = self.beta.value[c] - self.mean[c] * self.scale[c];
         }
         let (scale, shift, isa, relu) = (&self.scale, &self.shift, ctx.exec.isa(), self.relu);
-        par_planes(y, plane, |i, p| {
-            elementwise::scale_shift(
-                isa,
-                &x[i * plane..(i + 1) * plane],
-                scale[i % ch],
-                shift[i % ch],
-                relu,
-                p,
-            );
-        });
+        let Some(pool) = &mut self.pool else {
+            par_planes(y, plane, |i, p| {
+                elementwise::scale_shift(
+                    isa,
+                    &x[i * plane..(i + 1) * plane],
+                    scale[i % ch],
+                    shift[i % ch],
+                    relu,
+                    p,
+                );
+            });
+            return Ok(());
+        };
+        // BatchNorm and ReLU into a scratch plane, then the pool from it.
+        let (w, pooled) = (self.shape[2], pooled_plane(&self.shape));
+        let rows = self.shape[1] / 2 * 2;
+        pool.argmax.resize(y.len(), 0);
+        let threads = ctx.exec.threads();
+        let scratch = ctx.ws.take(threads * plane)?;
+        let argmax = &mut pool.argmax[..];
+        let per_task = (y.len() / pooled.max(1)).div_ceil(threads).max(1) * pooled;
+        y.par_chunks_mut(per_task)
+            .zip(argmax.par_chunks_mut(per_task))
+            .zip(scratch_pieces(scratch, threads))
+            .enumerate()
+            .for_each(|(t, ((yr, ar), buf))| {
+                let first = t * per_task / pooled;
+                for (k, (p, a)) in yr
+                    .chunks_exact_mut(pooled)
+                    .zip(ar.chunks_exact_mut(pooled))
+                    .enumerate()
+                {
+                    let i = first + k;
+                    let xp = &x[i * plane..(i + 1) * plane];
+                    elementwise::scale_shift(isa, xp, scale[i % ch], shift[i % ch], true, buf);
+                    elementwise::maxpool2x2(isa, &buf[..rows * w], w, p, a);
+                }
+            });
         Ok(())
     }
     fn backward(
@@ -191,15 +302,23 @@ impl Module for BatchNorm2d {
                 shift: shift[c],
             })
         };
+        let (w, pooled, pool) = (self.shape[2], pooled_plane(&self.shape), self.pool.as_ref());
+        let threads = ctx.exec.threads();
+        // One scratch plane per task for the pooled gradient routed to the window maxima.
+        let scratch = ctx
+            .ws
+            .take(if pool.is_some() { threads * plane } else { 0 })?;
         // Per channel: Σ gy and Σ gy·x̂, in one pass over each plane.
-        let sums: Vec<(f64, f64)> = channel_sums(ctx.exec.threads(), batch, ch, plane, |c, r| {
-            let (a, b) = elementwise::grad_sums(isa, &gy[r.clone()], relu_of(c), &x[r], mean[c]);
-            [a, b]
-        })
-        .iter()
-        .enumerate()
-        .map(|(c, &[s, sx])| (s, sx * inv_std[c] as f64))
-        .collect();
+        let sums: Vec<(f64, f64)> =
+            channel_sums(threads, batch, ch, plane, scratch, |c, r, buf| {
+                let g = output_grad(isa, pool, gy, r.start / plane, plane, pooled, w, buf);
+                let (a, b) = elementwise::grad_sums(isa, g, relu_of(c), &x[r], mean[c]);
+                [a, b]
+            })
+            .iter()
+            .enumerate()
+            .map(|(c, &[s, sx])| (s, sx * inv_std[c] as f64))
+            .collect();
         for (c, &(s, sx)) in sums.iter().enumerate() {
             self.beta.grad[c] = s as f32;
             self.gamma.grad[c] = sx as f32;
@@ -219,10 +338,11 @@ impl Module for BatchNorm2d {
                     ]
                 })
                 .collect();
-            par_planes(gx, plane, |i, p| {
-                let r = i * plane..(i + 1) * plane;
-                let (c, gy) = (i % ch, &gy[r.clone()]);
-                elementwise::batchnorm_grad_input(isa, gy, relu_of(c), &x[r], coef[c], p);
+            planes_with_scratch(threads, gx, plane, scratch, |i, p, buf| {
+                let c = i % ch;
+                let g = output_grad(isa, pool, gy, i, plane, pooled, w, buf);
+                let xp = &x[i * plane..(i + 1) * plane];
+                elementwise::batchnorm_grad_input(isa, g, relu_of(c), xp, coef[c], p);
             });
         }
         Ok(())
@@ -232,6 +352,13 @@ impl Module for BatchNorm2d {
     }
     fn fuse_relu(&mut self) -> bool {
         self.relu = true;
+        true
+    }
+    fn fuse_maxpool2x2(&mut self) -> bool {
+        if !self.relu || self.shape[1] < 2 || self.shape[2] < 2 {
+            return false;
+        }
+        self.pool = Some(FusedPool { argmax: Vec::new() });
         true
     }
     fn buffers(&mut self) -> Vec<&mut Buffer> {

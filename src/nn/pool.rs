@@ -109,6 +109,9 @@ impl Module for MaxPool2d {
     fn out_shape(&self) -> &[usize] {
         &self.out_shape
     }
+    fn is_maxpool2x2(&self) -> bool {
+        self.is_2x2()
+    }
     fn forward(&mut self, ctx: &mut Ctx, _batch: usize, x: &[f32], y: &mut [f32]) -> Result<()> {
         let [_, h, w] = self.in_shape;
         let plane_out = self.out_shape[1] * self.out_shape[2];

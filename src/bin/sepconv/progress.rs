@@ -109,9 +109,11 @@ pub fn print_profile(net: &mut sepconv::nn::Network) {
     );
     for (i, (l, (f, b))) in net.layers().iter().zip(&t).enumerate() {
         let note = if net.is_fused(i) {
-            Some("(runs inside the layer above)")
+            // The layer it runs inside: the nearest one above that is not fused itself.
+            let head = (0..i).rev().find(|&j| !net.is_fused(j)).unwrap_or(0);
+            Some(format!("(runs inside {})", net.layers()[head].name))
         } else if net.is_view(i) {
-            Some("(a view of its input: no copy)")
+            Some("(a view of its input: no copy)".to_string())
         } else {
             None
         };
