@@ -84,8 +84,8 @@ impl BatchNorm2d {
 }
 
 /// Per channel c, Σ over images of `f(c, plane range, scratch)` (K sums at once; each plane
-/// reduced in f32 lanes, the planes summed in f64); each task gets its own piece of `scratch`
-/// (`scratch.len() / tasks` floats, none if it is empty).
+/// reduced in f32 lanes, the planes summed in f64); each task gets its own plane of `scratch`
+/// ([`scratch_pieces`]).
 ///
 /// The activation is read in memory order, image after image, each task over its own images
 /// (then the tasks' sums are added in order): going channel by channel instead jumps between
@@ -101,7 +101,7 @@ fn channel_sums<const K: usize>(
 ) -> Vec<[f64; K]> {
     let tasks = threads.clamp(1, batch.max(1));
     let per_task = batch.div_ceil(tasks).max(1);
-    let partial: Vec<Vec<[f64; K]>> = scratch_pieces(scratch, tasks)
+    let partial: Vec<Vec<[f64; K]>> = scratch_pieces(scratch, tasks, plane)
         .into_par_iter()
         .enumerate()
         .map(|(t, buf)| {
@@ -128,21 +128,34 @@ fn channel_sums<const K: usize>(
     total
 }
 
-/// `tasks` equal pieces of `scratch` (empty ones if it is empty).
-fn scratch_pieces(scratch: &mut [f32], tasks: usize) -> Vec<&mut [f32]> {
-    let piece = scratch.len() / tasks.max(1);
+/// Floats of scratch a task takes for `len` floats: whole 128-byte blocks, so that no two
+/// threads write one cache line or one adjacent-line pair (the 14 × 14 planes of the MNIST
+/// network's second block, 784 bytes each, shared a line: with the VM's vCPUs on different
+/// dies its BatchNorm took 1.9–2.0 ms instead of 0.7).
+fn scratch_stride(len: usize) -> usize {
+    len.next_multiple_of(32)
+}
+
+/// `tasks` pieces of `len` floats of `scratch` (which holds `tasks × scratch_stride(len)`), one
+/// stride apart; empty pieces if `scratch` is empty.
+fn scratch_pieces(scratch: &mut [f32], tasks: usize, len: usize) -> Vec<&mut [f32]> {
+    let stride = if scratch.is_empty() {
+        0
+    } else {
+        scratch_stride(len)
+    };
     let mut pieces = Vec::with_capacity(tasks);
     let mut rest = scratch;
     for _ in 0..tasks {
-        let (one, more) = rest.split_at_mut(piece);
-        pieces.push(one);
+        let (one, more) = rest.split_at_mut(stride);
+        pieces.push(&mut one[..stride.min(len)]);
         rest = more;
     }
     pieces
 }
 
 /// Runs `f(plane index, plane, scratch)` over the `len`-element planes of `out`, one run of
-/// consecutive planes per thread, each with its own piece of `scratch`.
+/// consecutive planes per thread, each with its own plane of `scratch` ([`scratch_pieces`]).
 fn planes_with_scratch(
     threads: usize,
     out: &mut [f32],
@@ -153,7 +166,7 @@ fn planes_with_scratch(
     let tasks = threads.max(1);
     let per_task = (out.len() / len.max(1)).div_ceil(tasks).max(1);
     out.par_chunks_mut(per_task * len)
-        .zip(scratch_pieces(scratch, tasks))
+        .zip(scratch_pieces(scratch, tasks, len))
         .enumerate()
         .for_each(|(t, (run, buf))| {
             for (k, p) in run.chunks_exact_mut(len).enumerate() {
@@ -258,12 +271,12 @@ impl Module for BatchNorm2d {
         let rows = self.shape[1] / 2 * 2;
         pool.argmax.resize(y.len(), 0);
         let threads = ctx.exec.threads();
-        let scratch = ctx.ws.take(threads * plane)?;
+        let scratch = ctx.ws.take(threads * scratch_stride(plane))?;
         let argmax = &mut pool.argmax[..];
         let per_task = (y.len() / pooled.max(1)).div_ceil(threads).max(1) * pooled;
         y.par_chunks_mut(per_task)
             .zip(argmax.par_chunks_mut(per_task))
-            .zip(scratch_pieces(scratch, threads))
+            .zip(scratch_pieces(scratch, threads, plane))
             .enumerate()
             .for_each(|(t, ((yr, ar), buf))| {
                 let first = t * per_task / pooled;
@@ -305,9 +318,11 @@ impl Module for BatchNorm2d {
         let (w, pooled, pool) = (self.shape[2], pooled_plane(&self.shape), self.pool.as_ref());
         let threads = ctx.exec.threads();
         // One scratch plane per task for the pooled gradient routed to the window maxima.
-        let scratch = ctx
-            .ws
-            .take(if pool.is_some() { threads * plane } else { 0 })?;
+        let scratch = ctx.ws.take(if pool.is_some() {
+            threads * scratch_stride(plane)
+        } else {
+            0
+        })?;
         // Per channel: Σ gy and Σ gy·x̂, in one pass over each plane.
         let sums: Vec<(f64, f64)> =
             channel_sums(threads, batch, ch, plane, scratch, |c, r, buf| {
