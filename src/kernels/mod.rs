@@ -36,6 +36,7 @@
 
 pub mod channels_last_grad_weight;
 pub mod conv;
+pub mod dense;
 pub mod depthwise;
 pub mod depthwise_blocked;
 pub mod depthwise_rows;

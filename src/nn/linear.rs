@@ -2,6 +2,7 @@
 
 use super::{Ctx, LayerMacs, Module, Param, default_init};
 use crate::error::{Error, Result};
+use crate::kernels::dense;
 use crate::kernels::gemm::{MatView, gemm};
 
 /// [C, H, W] → [C·H·W] (row-major, so a copy).
@@ -101,21 +102,9 @@ impl Module for Linear {
         &self.out_shape
     }
     fn forward(&mut self, ctx: &mut Ctx, batch: usize, x: &[f32], y: &mut [f32]) -> Result<()> {
-        let (i, o) = (self.in_features, self.out_shape[0]);
-        if let Some(b) = &self.bias {
-            for row in y.chunks_exact_mut(o) {
-                row.copy_from_slice(&b.value);
-            }
-        }
-        let w = MatView::dense(&self.weight.value, o, i).t();
-        gemm(
-            y,
-            o,
-            MatView::dense(x, batch, i),
-            w,
-            self.bias.is_some(),
-            ctx.exec.threads(),
-        );
+        debug_assert_eq!(x.len(), batch * self.in_features);
+        let bias = self.bias.as_ref().map(|b| &b.value[..]);
+        dense::forward(ctx.exec, x, &self.weight.value, bias, self.in_features, y);
         Ok(())
     }
     fn backward(
@@ -147,14 +136,7 @@ impl Module for Linear {
             }
         }
         if let Some(gx) = gx {
-            gemm(
-                gx,
-                i,
-                gy_m,
-                MatView::dense(&self.weight.value, o, i),
-                false,
-                t,
-            );
+            dense::grad_input(ctx.exec, gy, &self.weight.value, i, gx);
         }
         Ok(())
     }
