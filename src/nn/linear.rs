@@ -5,7 +5,8 @@ use crate::error::{Error, Result};
 use crate::kernels::dense;
 use crate::kernels::gemm::{MatView, gemm};
 
-/// [C, H, W] → [C·H·W] (row-major, so a copy).
+/// [C, H, W] → [C·H·W]: row-major, the same memory (a [`Network`](super::Network) gives it its
+/// input's buffer; run on its own, it copies).
 pub struct Flatten {
     out_shape: Vec<usize>,
 }
