@@ -254,6 +254,10 @@ fn batchnorm_relu_maxpool_fused_equals_the_layers_one_by_one() {
         let mut fused = net(&format!("{head}{tail}"), [2, h, w], 11);
         let mut layered = net(&format!("{head}{apart}{tail}"), [2, h, w], 11);
         assert!(fused.is_fused(2) && fused.is_fused(3));
+        assert_eq!(
+            (fused.runs_inside(3), fused.runs_inside(1)),
+            (Some(1), None)
+        );
         assert!(layered.is_fused(2) && !layered.is_fused(4));
         let batch = 3;
         let x = common::Rng::new(6).vec(batch * 2 * h * w);

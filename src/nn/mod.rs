@@ -241,13 +241,12 @@ impl Network {
         let mut fused = vec![false; n];
         let mut group_end: Vec<usize> = (0..n).collect();
         for i in 1..n {
-            let head = if fused[i - 1] { None } else { Some(i - 1) };
-            if let Some(h) = head
+            if !fused[i - 1]
                 && layers[i].module.kind() == "relu"
-                && layers[h].module.fuse_relu()
+                && layers[i - 1].module.fuse_relu()
             {
                 fused[i] = true;
-                group_end[h] = i;
+                group_end[i - 1] = i;
             } else if i >= 2
                 && fused[i - 1]
                 && !fused[i - 2]
@@ -429,6 +428,14 @@ impl Network {
     /// max pool after that ReLU).
     pub fn is_fused(&self, i: usize) -> bool {
         self.fused[i]
+    }
+
+    /// The layer that layer `i` runs inside, if it is fused into one (the first layer of its
+    /// group).
+    pub fn runs_inside(&self, i: usize) -> Option<usize> {
+        (0..i)
+            .rev()
+            .find(|&h| self.group_end[h] >= i && !self.fused[h])
     }
 
     /// Whether layer `i` is a view of its input (Flatten): it shares the input's buffer and

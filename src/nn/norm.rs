@@ -175,27 +175,40 @@ fn planes_with_scratch(
         });
 }
 
-/// The gradient at the output of the BatchNorm (and its ReLU) in plane `i`: `gy`'s plane, or
-/// with a fused pool the pooled gradient routed to each window's maximum, written into
-/// `scratch` (the pool's own backward, so the same values as unfused).
-#[allow(clippy::too_many_arguments)]
-fn output_grad<'a>(
+/// The gradient at the output of the BatchNorm (and its ReLU), plane by plane: `gy`'s planes,
+/// or with a fused pool the pooled gradient routed to each window's maximum.
+struct OutputGrad<'a> {
     isa: Isa,
-    pool: Option<&FusedPool>,
+    pool: Option<&'a FusedPool>,
     gy: &'a [f32],
-    i: usize,
+    /// Elements of a plane of the BatchNorm's input, and of a pooled plane.
     plane: usize,
     pooled: usize,
+    /// Width of the input planes.
     w: usize,
-    scratch: &'a mut [f32],
-) -> &'a [f32] {
-    match pool {
-        None => &gy[i * plane..(i + 1) * plane],
-        Some(p) => {
-            let r = i * pooled..(i + 1) * pooled;
-            let g = &mut scratch[..plane];
-            elementwise::maxpool2x2_backward(isa, &gy[r.clone()], &p.argmax[r], w, g);
-            g
+}
+
+impl<'a> OutputGrad<'a> {
+    /// Plane `i`: a slice of `gy`, or written into `scratch` by the pool's own backward (so the
+    /// same values as unfused).
+    fn plane<'s>(&self, i: usize, scratch: &'s mut [f32]) -> &'s [f32]
+    where
+        'a: 's,
+    {
+        match self.pool {
+            None => &self.gy[i * self.plane..(i + 1) * self.plane],
+            Some(p) => {
+                let r = i * self.pooled..(i + 1) * self.pooled;
+                let g = &mut scratch[..self.plane];
+                elementwise::maxpool2x2_backward(
+                    self.isa,
+                    &self.gy[r.clone()],
+                    &p.argmax[r],
+                    self.w,
+                    g,
+                );
+                g
+            }
         }
     }
 }
@@ -315,7 +328,15 @@ impl Module for BatchNorm2d {
                 shift: shift[c],
             })
         };
-        let (w, pooled, pool) = (self.shape[2], pooled_plane(&self.shape), self.pool.as_ref());
+        let pool = self.pool.as_ref();
+        let grad = OutputGrad {
+            isa,
+            pool,
+            gy,
+            plane,
+            pooled: pooled_plane(&self.shape),
+            w: self.shape[2],
+        };
         let threads = ctx.exec.threads();
         // One scratch plane per task for the pooled gradient routed to the window maxima.
         let scratch = ctx.ws.take(if pool.is_some() {
@@ -326,7 +347,7 @@ impl Module for BatchNorm2d {
         // Per channel: Σ gy and Σ gy·x̂, in one pass over each plane.
         let sums: Vec<(f64, f64)> =
             channel_sums(threads, batch, ch, plane, scratch, |c, r, buf| {
-                let g = output_grad(isa, pool, gy, r.start / plane, plane, pooled, w, buf);
+                let g = grad.plane(r.start / plane, buf);
                 let (a, b) = elementwise::grad_sums(isa, g, relu_of(c), &x[r], mean[c]);
                 [a, b]
             })
@@ -355,7 +376,7 @@ impl Module for BatchNorm2d {
                 .collect();
             planes_with_scratch(threads, gx, plane, scratch, |i, p, buf| {
                 let c = i % ch;
-                let g = output_grad(isa, pool, gy, i, plane, pooled, w, buf);
+                let g = grad.plane(i, buf);
                 let xp = &x[i * plane..(i + 1) * plane];
                 elementwise::batchnorm_grad_input(isa, g, relu_of(c), xp, coef[c], p);
             });

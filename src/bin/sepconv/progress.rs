@@ -108,9 +108,7 @@ pub fn print_profile(net: &mut sepconv::nn::Network) {
         "layer", "type", "fwd s", "bwd s", "share"
     );
     for (i, (l, (f, b))) in net.layers().iter().zip(&t).enumerate() {
-        let note = if net.is_fused(i) {
-            // The layer it runs inside: the nearest one above that is not fused itself.
-            let head = (0..i).rev().find(|&j| !net.is_fused(j)).unwrap_or(0);
+        let note = if let Some(head) = net.runs_inside(i) {
             Some(format!("(runs inside {})", net.layers()[head].name))
         } else if net.is_view(i) {
             Some("(a view of its input: no copy)".to_string())
