@@ -44,7 +44,7 @@ impl ConvCost {
     pub fn of(g: &ConvGeometry, has_bias: bool) -> Self {
         let b = g.batch as u64;
         let per_tap = b * g.out_channels as u64 * g.in_channels_per_group() as u64;
-        let nominal = per_tap * (g.out_h * g.out_w) as u64 * (g.kernel_h * g.kernel_w) as u64;
+        let nominal = g.macs();
         // Σ over (output pixel, tap) of "tap inside the input" factorizes over the two axes.
         let rows: u64 = (0..g.kernel_h)
             .map(|i| g.valid_out_rows(i).len() as u64)

@@ -386,6 +386,12 @@ impl ConvGeometry {
         self.in_channels_per_group() * self.kernel_h * self.kernel_w
     }
 
+    /// Nominal multiply-accumulates of the forward pass (every tap of every output, padding
+    /// included); grad-input and grad-weight take as many.
+    pub fn macs(&self) -> u64 {
+        (self.batch * self.out_channels) as u64 * self.col_rows() as u64 * self.out_pixels() as u64
+    }
+
     /// Output pixels per channel.
     pub fn out_pixels(&self) -> usize {
         self.out_h * self.out_w

@@ -137,6 +137,11 @@ impl ConvPair {
         self.second.output_shape()
     }
 
+    /// Nominal forward multiply-accumulates of both convolutions.
+    fn macs(&self) -> u64 {
+        self.first.macs() + self.second.macs()
+    }
+
     /// The pair's cost; the bias (if any) belongs to the second conv.
     pub fn cost(&self, has_bias: bool) -> ConvCost {
         ConvCost::of(&self.first, false).then(ConvCost::of(&self.second, has_bias))
@@ -155,6 +160,7 @@ impl ConvPair {
         y: &mut [f32],
         ws: &mut Workspace,
     ) -> Result<()> {
+        let exec = exec.for_work(self.macs());
         if kernels::fused_training::forward_applies(exec, &self.first, &self.second) {
             return kernels::fused_training::forward(
                 exec,
@@ -186,6 +192,7 @@ impl ConvPair {
         mid: &mut Vec<f32>,
         ws: &mut Workspace,
     ) -> Result<()> {
+        let exec = exec.for_work(self.macs());
         if kernels::fused::applies(&self.first, &self.second) {
             return kernels::fused::depthwise_pointwise_forward(
                 exec,
@@ -219,6 +226,8 @@ impl ConvPair {
         gmid: &mut [f32],
         ws: &mut Workspace,
     ) -> Result<()> {
+        // Both gradients of both convolutions.
+        let exec = exec.for_work(2 * self.macs());
         if kernels::fused_training::applies(exec, &self.first, &self.second) {
             return kernels::fused_training::backward(
                 exec,

@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{Rng, assert_close, execs};
+use common::{Rng, assert_close, exec, execs};
 use proptest::prelude::*;
 use sepconv::kernels::{self, ConvAlgorithm, GradWeightKernel, Workspace, reference};
 use sepconv::{Conv2dParams, ConvCost, ConvGeometry, Padding};
@@ -292,11 +292,11 @@ fn pointwise_cases_take_the_image_by_image_backward() {
     });
     let odd = ConvGeometry::new([7, 12, 5, 6], [9, 12, 1, 1], &Conv2dParams::default()).unwrap();
     assert!(sepconv::kernels::conv::pointwise_backward_applies(
-        sepconv::Exec::new(1),
+        exec(1),
         &odd
     ));
     assert!(!sepconv::kernels::conv::pointwise_backward_applies(
-        sepconv::Exec::new(2),
+        exec(2),
         &odd
     ));
 }
@@ -327,8 +327,8 @@ fn pointwise_cases_with_few_images_split_inside_them() {
     for (input, weight, p) in pointwise_split_cases() {
         let g = ConvGeometry::new(input, weight, &p).unwrap();
         let split = sepconv::kernels::pointwise_split::applies;
-        assert!(split(sepconv::Exec::new(2), &g), "{input:?}");
-        assert!(!split(sepconv::Exec::new(1), &g), "{input:?}");
+        assert!(split(exec(2), &g), "{input:?}");
+        assert!(!split(exec(1), &g), "{input:?}");
     }
 }
 
@@ -376,10 +376,7 @@ fn assert_for_every_case(
     for (input, weight, p) in cases {
         let g = ConvGeometry::new(input, weight, &p).unwrap();
         for threads in [1, 2] {
-            assert!(
-                holds(sepconv::Exec::new(threads), &g),
-                "{input:?}, {threads} threads"
-            );
+            assert!(holds(exec(threads), &g), "{input:?}, {threads} threads");
         }
     }
 }
@@ -439,7 +436,7 @@ fn implicit_cases_with_few_images_split_inside_them() {
         let g = ConvGeometry::new(input, weight, &p).unwrap();
         let strided = g.stride_h > 1 || g.stride_w > 1;
         for (threads, within) in [(1, false), (2, true)] {
-            let exec = sepconv::Exec::new(threads);
+            let exec = exec(threads);
             assert_eq!(forward_within_images_applies(exec, &g), within, "{input:?}");
             if strided {
                 assert_eq!(
@@ -495,7 +492,7 @@ fn transposed_grad_weight_cases() -> [Case; 5] {
 fn transposed_grad_weight_cases_take_that_path() {
     for (input, weight, p) in transposed_grad_weight_cases() {
         let g = ConvGeometry::new(input, weight, &p).unwrap();
-        let (one, two) = (sepconv::Exec::new(1), sepconv::Exec::new(2));
+        let (one, two) = (exec(1), exec(2));
         assert_eq!(
             GradWeightKernel::choose(two, &g),
             GradWeightKernel::TransposedInput,
@@ -527,7 +524,7 @@ fn transposed_grad_weight_splits_unevenly() {
             let mut gw = vec![f32::NAN; g.weight_len()];
             pool.install(|| {
                 sepconv::kernels::transposed_grad_weight::grad_weight(
-                    sepconv::Exec::new(threads),
+                    exec(threads),
                     &g,
                     &d.x,
                     &d.gy,
@@ -574,7 +571,7 @@ fn band_forward_cases_split_by_bands() {
     use sepconv::kernels::implicit::{forward_within_images_applies, splits_by_bands};
     for (input, weight, p) in band_forward_cases() {
         let g = ConvGeometry::new(input, weight, &p).unwrap();
-        let (one, two) = (sepconv::Exec::new(1), sepconv::Exec::new(2));
+        let (one, two) = (exec(1), exec(2));
         assert!(forward_within_images_applies(two, &g), "{input:?}");
         assert!(splits_by_bands(two, &g), "{input:?}");
         assert!(!forward_within_images_applies(one, &g), "{input:?}");
@@ -832,13 +829,10 @@ fn shifted_within_images_cases_take_that_path() {
     use sepconv::kernels::shifted_grad_weight::within_images_applies;
     for (input, weight, p) in shifted_within_images_cases() {
         let g = ConvGeometry::new(input, weight, &p).unwrap();
-        let two = sepconv::Exec::new(2);
+        let two = exec(2);
         assert!(within_images_applies(two, &g), "{input:?}");
         assert_eq!(GradWeightKernel::choose(two, &g), GradWeightKernel::Shifted);
-        assert!(
-            !within_images_applies(sepconv::Exec::new(1), &g),
-            "{input:?}"
-        );
+        assert!(!within_images_applies(exec(1), &g), "{input:?}");
     }
 }
 
@@ -1133,7 +1127,7 @@ fn row_depthwise_cases_take_the_row_kernel_with_avx512() {
                 backward,
                 "{input:?} {isa}"
             );
-            let exec = sepconv::Exec::new(2).with_isa(isa).unwrap();
+            let exec = exec(2).with_isa(isa).unwrap();
             assert_eq!(
                 GradWeightKernel::choose(exec, &g) == GradWeightKernel::DepthwiseRows,
                 backward,
@@ -1180,4 +1174,56 @@ fn depthwise_cases_take_the_blocked_kernel_where_it_applies() {
             "{input:?}"
         );
     }
+}
+
+/// A call splits over the threads only from [`sepconv::Exec::MIN_SPLIT_MACS`] up, unless the
+/// threshold is lowered.
+#[test]
+fn exec_splits_only_calls_of_enough_work() {
+    let min = sepconv::Exec::MIN_SPLIT_MACS;
+    let two = sepconv::Exec::new(2);
+    assert_eq!(two.for_work(min - 1).threads(), 1);
+    assert_eq!(two.for_work(min).threads(), 2);
+    assert_eq!(two.with_min_split_macs(0).for_work(1).threads(), 2);
+    assert_eq!(sepconv::Exec::new(1).for_work(1 << 40).threads(), 1);
+    assert_eq!(two.for_work(1).isa(), two.isa());
+}
+
+/// The entry points ask the rule: a small backward on a default two-thread `Exec` gives the
+/// one-thread result bit for bit, where splitting it sums the images' weight gradients in
+/// another order (checked, so that the comparison can tell the two apart).
+#[test]
+fn small_calls_run_on_one_thread() {
+    let g = ConvGeometry::new([2, 4, 8, 8], [8, 4, 3, 3], &Conv2dParams::default()).unwrap();
+    assert!(g.macs() < sepconv::Exec::MIN_SPLIT_MACS);
+    let d = data(&g, 3);
+    let grads = |exec: sepconv::Exec| {
+        let (mut gx, mut gw, mut gb) = (
+            vec![0.0; g.input_len()],
+            vec![0.0; g.weight_len()],
+            vec![0.0; g.out_channels],
+        );
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(2)
+            .build()
+            .unwrap();
+        pool.install(|| {
+            kernels::conv2d_backward(
+                exec,
+                &g,
+                &d.x,
+                &d.gy,
+                &d.w,
+                Some(&mut gx),
+                &mut gw,
+                Some(&mut gb),
+                &mut Workspace::new(),
+            )
+        })
+        .unwrap();
+        [gx, gw, gb]
+    };
+    let one = grads(sepconv::Exec::new(1));
+    assert_ne!(grads(exec(2)), one, "splitting should sum in another order");
+    assert_eq!(grads(sepconv::Exec::new(2)), one);
 }

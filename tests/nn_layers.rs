@@ -13,8 +13,9 @@ fn net(toml_layers: &str, input: [usize; 3], seed: u64) -> Network {
     Network::new(&ModelSpec::parse(&text, "test").unwrap(), seed).unwrap()
 }
 
+/// Two threads splitting every call (the layers' shapes here are small).
 fn exec() -> Exec {
-    Exec::new(2)
+    common::exec(2)
 }
 
 #[test]

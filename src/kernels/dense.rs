@@ -164,7 +164,10 @@ mod tests {
     fn dense_products_match_f64_sums() {
         for isa in Isa::available() {
             for threads in [1, 2, 3] {
-                let exec = Exec::new(threads).with_isa(isa).expect("available");
+                let exec = Exec::new(threads)
+                    .with_min_split_macs(0)
+                    .with_isa(isa)
+                    .expect("available");
                 for (batch, k, out) in [
                     (1, 7, 1),
                     (3, 16, 10),

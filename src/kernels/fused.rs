@@ -500,7 +500,10 @@ pub(super) mod tests {
             let row = dw.out_channels * dw.out_w;
             for isa in Isa::available() {
                 for threads in [1, 2, 3] {
-                    let exec = Exec::new(threads).with_isa(isa).unwrap();
+                    let exec = Exec::new(threads)
+                        .with_min_split_macs(0)
+                        .with_isa(isa)
+                        .unwrap();
                     for band_rows in [1, 2, 3, dw.out_h] {
                         let mut y = vec![f32::NAN; pw.output_len()];
                         let mut ws = Workspace::new();

@@ -328,7 +328,12 @@ mod tests {
             reference::conv2d_grad_bias(&pw, &gy, &mut gb_ref);
             for isa in Isa::available() {
                 for threads in [1, 2, 3] {
-                    let exec = Exec::new(threads).with_isa(isa).unwrap();
+                    // Every call split, as the fused passes split: the unfused pair's entry
+                    // points would run these small shapes on one thread.
+                    let exec = Exec::new(threads)
+                        .with_min_split_macs(0)
+                        .with_isa(isa)
+                        .unwrap();
                     if !forward_applies(exec, &dw, &pw) {
                         continue;
                     }

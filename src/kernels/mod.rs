@@ -69,14 +69,27 @@ use simd::{Portable, SimdF32};
 pub struct Exec {
     threads: usize,
     isa: Isa,
+    /// Calls with fewer multiply-accumulates run on the calling thread ([`Exec::for_work`]).
+    min_split_macs: u64,
 }
 
 impl Exec {
-    /// `threads` threads (at least 1) with the best instruction set of this CPU.
+    /// Calls below this many multiply-accumulates run on one thread by default: a few
+    /// microseconds of work, less than handing half of it to another thread costs. Measured on
+    /// 2 threads, one thread against two, every variant and pass of small layers (15 × 15 to
+    /// 28 × 28, batch 1 and 8): under 64 K MACs per call one thread won everywhere (its median
+    /// 1.3–5.9× faster: a sleeping worker takes longer to wake than the work takes), up to about
+    /// 150 K it tied or won, and from 400 K (a 16 → 32 pointwise layer at 28 × 28: 7.7 → 4.4 µs)
+    /// two threads won.
+    pub const MIN_SPLIT_MACS: u64 = 128 * 1024;
+
+    /// `threads` threads (at least 1) with the best instruction set of this CPU; calls smaller
+    /// than [`Exec::MIN_SPLIT_MACS`] run on one.
     pub fn new(threads: usize) -> Self {
         Exec {
             threads: threads.max(1),
             isa: Isa::detect(),
+            min_split_macs: Self::MIN_SPLIT_MACS,
         }
     }
 
@@ -91,6 +104,27 @@ impl Exec {
             return Err(Error::invalid(format!("this CPU does not support {isa}")));
         }
         Ok(Exec { isa, ..self })
+    }
+
+    /// The same, splitting only calls of at least `macs` multiply-accumulates over the threads
+    /// (0: every call, as the tests do to cover the split kernels on small shapes).
+    pub fn with_min_split_macs(self, macs: u64) -> Self {
+        Exec {
+            min_split_macs: macs,
+            ..self
+        }
+    }
+
+    /// How a call of `macs` multiply-accumulates runs: on one thread when it is smaller than
+    /// the split threshold, otherwise as `self`. The convolutions' entry points
+    /// ([`conv2d_forward`] and the others, the separable pairs, the network's layers) ask it
+    /// once; the kernels below them split as their `Exec` says.
+    pub fn for_work(self, macs: u64) -> Self {
+        if macs < self.min_split_macs {
+            Exec { threads: 1, ..self }
+        } else {
+            self
+        }
     }
 
     /// Threads the kernels split work into.
@@ -330,6 +364,7 @@ pub fn conv2d_forward(
     if let Some(b) = bias {
         assert_eq!(b.len(), g.out_channels, "bias length");
     }
+    let exec = exec.for_work(g.macs());
     match ConvAlgorithm::choose(exec, g) {
         ConvAlgorithm::Depthwise if depthwise_rows::applies(exec.isa(), g) => {
             depthwise_rows::forward(exec, g, x, w, bias, y)
@@ -360,6 +395,7 @@ pub fn conv2d_grad_input(
     ws: &mut Workspace,
 ) -> Result<()> {
     check_lengths(g, gx.len(), w.len(), gy.len());
+    let exec = exec.for_work(g.macs());
     // The adjoint forward convolution pays where it runs on a faster kernel than the direct
     // grad-input: anything but im2col (an implicit GEMM split inside the images included: at
     // batch 1 on 2 threads, B's 1 × 3 half 0.94–0.96 → 0.75 ms, a 5 × 5 1.84–1.85 → 1.59–1.62),
@@ -611,7 +647,7 @@ pub fn conv2d_grad_weight(
     ws: &mut Workspace,
 ) -> Result<()> {
     check_lengths(g, x.len(), gw.len(), gy.len());
-    grad_weight_and_bias(exec, g, x, gy, gw, None, ws)
+    grad_weight_and_bias(exec.for_work(g.macs()), g, x, gy, gw, None, ws)
 }
 
 /// The gradients of one convolution, all overwritten: `gw`, and `gx` and `gb` when given.
@@ -645,6 +681,7 @@ pub fn conv2d_backward(
     if let Some(gb) = &gb {
         assert_eq!(gb.len(), g.out_channels, "grad-bias length");
     }
+    let exec = exec.for_work(g.macs() * if gx.is_some() { 2 } else { 1 });
     if conv::pointwise_backward_applies(exec, g) {
         return conv::pointwise_backward(exec, g, x, gy, w, gx, gw, gb, ws);
     }
@@ -852,6 +889,8 @@ impl ImageSums {
 pub fn conv2d_grad_bias(exec: Exec, g: &ConvGeometry, gy: &[f32], gb: &mut [f32]) {
     assert_eq!(gy.len(), g.output_len(), "grad-output length");
     assert_eq!(gb.len(), g.out_channels, "grad-bias length");
+    // One add per output element, weighed like a multiply-accumulate.
+    let exec = exec.for_work(gy.len() as u64);
     let plane = g.out_pixels();
     let channels = g.out_channels;
     let sum_channel = |c: usize| -> f32 {

@@ -93,6 +93,11 @@ impl Linear {
             first,
         })
     }
+
+    /// Multiply-accumulates of the forward product over `batch` rows.
+    fn batch_macs(&self, batch: usize) -> u64 {
+        (batch * self.in_features * self.out_shape[0]) as u64
+    }
 }
 
 impl Module for Linear {
@@ -105,7 +110,8 @@ impl Module for Linear {
     fn forward(&mut self, ctx: &mut Ctx, batch: usize, x: &[f32], y: &mut [f32]) -> Result<()> {
         debug_assert_eq!(x.len(), batch * self.in_features);
         let bias = self.bias.as_ref().map(|b| &b.value[..]);
-        dense::forward(ctx.exec, x, &self.weight.value, bias, self.in_features, y);
+        let exec = ctx.exec.for_work(self.batch_macs(batch));
+        dense::forward(exec, x, &self.weight.value, bias, self.in_features, y);
         Ok(())
     }
     fn backward(
@@ -118,7 +124,9 @@ impl Module for Linear {
         gx: Option<&mut [f32]>,
     ) -> Result<()> {
         let (i, o) = (self.in_features, self.out_shape[0]);
-        let t = ctx.exec.threads();
+        // Each of the two products takes the forward's multiply-accumulates.
+        let exec = ctx.exec.for_work(self.batch_macs(batch));
+        let t = exec.threads();
         let gy_m = MatView::dense(gy, batch, o);
         gemm(
             &mut self.weight.grad,
@@ -137,7 +145,7 @@ impl Module for Linear {
             }
         }
         if let Some(gx) = gx {
-            dense::grad_input(ctx.exec, gy, &self.weight.value, i, gx);
+            dense::grad_input(exec, gy, &self.weight.value, i, gx);
         }
         Ok(())
     }

@@ -31,12 +31,19 @@ impl Rng {
     }
 }
 
+/// `threads` threads that split every call, however small: the tests' shapes are small, and
+/// the split kernels are what they are there to cover (by default calls under
+/// [`Exec::MIN_SPLIT_MACS`] run on one thread).
+pub fn exec(threads: usize) -> Exec {
+    Exec::new(threads).with_min_split_macs(0)
+}
+
 /// Every fast-kernel variant this CPU can run: each instruction set, 1 and 2 threads.
 pub fn execs() -> Vec<Exec> {
     let mut v = Vec::new();
     for isa in Isa::available() {
         for threads in [1, 2] {
-            v.push(Exec::new(threads).with_isa(isa).unwrap());
+            v.push(exec(threads).with_isa(isa).unwrap());
         }
     }
     v

@@ -184,11 +184,13 @@ pub fn run(exec: Exec, a: Args) -> Result<()> {
             g.pad_right,
             g.groups
         );
+        // As the forward ran: a call too small to split runs on one thread.
+        let ran = exec.for_work(g.macs());
         println!(
             "algorithm {:?}, {} thread(s), {}",
-            kernels::ConvAlgorithm::choose(exec, &g),
-            exec.threads(),
-            exec.isa()
+            kernels::ConvAlgorithm::choose(ran, &g),
+            ran.threads(),
+            ran.isa()
         );
         println!(
             "forward:     {:>14} MACs nominal, {:>14} MACs executed, {:>10} bias adds, {:9.3} ms, {:7.2} GMAC/s",

@@ -19,7 +19,8 @@ use clap::{Parser, Subcommand};
 #[derive(Parser)]
 #[command(name = "sepconv", version, about, long_about = None)]
 struct Cli {
-    /// Worker threads (default: all cores).
+    /// Worker threads (default: all cores). A convolution under 128 K multiply-accumulates
+    /// runs on one of them: less work than waking a second thread costs.
     #[arg(long, global = true, value_name = "N")]
     threads: Option<usize>,
     /// Instruction set of the kernels: avx512, avx2 or portable (default: the best this CPU
