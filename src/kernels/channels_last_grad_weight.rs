@@ -16,7 +16,7 @@
 use super::implicit::{PixelRows, transpose_planes, transposed_stride};
 use super::pointwise::{Operands, Rows, Store, small_k_gemm};
 use super::simd::SimdF32;
-use super::{Exec, Workspace};
+use super::{Exec, Workspace, collect_exact};
 use crate::error::Result;
 use crate::geometry::ConvGeometry;
 use rayon::prelude::*;
@@ -59,16 +59,18 @@ impl Layout {
         let hp = g.in_h + g.pad_top + g.pad_bottom;
         let wp = g.in_w + g.pad_left + g.pad_right;
         let ld = transposed_stride(g.in_channels_per_group());
-        let table = (0..g.out_h)
-            .flat_map(|oh| {
+        let table = collect_exact(
+            g.out_pixels(),
+            (0..g.out_h).flat_map(|oh| {
                 (0..g.out_w).map(move |ow| (oh * g.stride_h * wp + ow * g.stride_w) * ld)
-            })
-            .collect();
-        let taps = (0..g.kernel_h)
-            .flat_map(|i| {
+            }),
+        );
+        let taps = collect_exact(
+            g.kernel_h * g.kernel_w,
+            (0..g.kernel_h).flat_map(|i| {
                 (0..g.kernel_w).map(move |j| (i * g.dilation_h * wp + j * g.dilation_w) * ld)
-            })
-            .collect();
+            }),
+        );
         Layout {
             rows: PixelRows {
                 top: g.pad_top,

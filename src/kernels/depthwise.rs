@@ -26,7 +26,7 @@ use std::ops::Range;
 
 use super::elementwise;
 use super::simd::SimdF32;
-use super::{Exec, Workspace, for_each_task};
+use super::{Exec, Workspace, collect_exact, for_each_task};
 use crate::error::Result;
 use crate::geometry::ConvGeometry;
 
@@ -58,10 +58,12 @@ impl PhaseLayout {
         let hq = (g.in_h + g.pad_top + g.pad_bottom).div_ceil(sh);
         let wq = Self::phase_width(g);
         let plane = hq * wq;
-        let offsets = (0..g.kernel_h)
-            .flat_map(|i| (0..g.kernel_w).map(move |j| (i * g.dilation_h, j * g.dilation_w)))
-            .map(|(di, dj)| ((di % sh) * sw + dj % sw) * plane + (di / sh) * wq + dj / sw)
-            .collect();
+        let offsets = collect_exact(
+            g.kernel_h * g.kernel_w,
+            (0..g.kernel_h)
+                .flat_map(|i| (0..g.kernel_w).map(move |j| (i * g.dilation_h, j * g.dilation_w)))
+                .map(|(di, dj)| ((di % sh) * sw + dj % sw) * plane + (di / sh) * wq + dj / sw),
+        );
         PhaseLayout {
             hq,
             wq,
@@ -673,10 +675,10 @@ impl GradInputLayout {
         // 6.32–6.53 → 6.14–6.53, the 3 × 3 19.1–19.9 → 18.2–18.3.
         let wg = wq;
         let hg = (hq + qh).max(g.out_h + qh);
-        let mut phases = Vec::new();
+        let mut phases = Vec::with_capacity(sh * sw);
         for a in 0..sh {
             for b in 0..sw {
-                let mut pairs = Vec::new();
+                let mut pairs = Vec::with_capacity(g.kernel_h * g.kernel_w);
                 for i in 0..g.kernel_h {
                     for j in 0..g.kernel_w {
                         let (di, dj) = (i * g.dilation_h, j * g.dilation_w);

@@ -26,7 +26,9 @@ use super::fused::{band_geometry, row_bands};
 use super::gemm::{MatView, gemm};
 use super::pointwise::{ColumnWindow, Operands, Rows, Store, small_k_gemm};
 use super::simd::SimdF32;
-use super::{Exec, Workspace, for_each_image_task, for_each_task, splits_inside_images};
+use super::{
+    Exec, Workspace, collect_exact, for_each_image_task, for_each_task, splits_inside_images,
+};
 use crate::error::Result;
 
 use crate::geometry::ConvGeometry;
@@ -444,8 +446,25 @@ pub fn forward(
     let tasks = exec.threads().min(g.batch);
     let scratch = ws.take(per_task * tasks)?;
     let img_out = g.out_channels * g.out_pixels();
+    // One table for all tasks (the in-place product reads the input planes without one).
+    let rows = match layout {
+        Layout::InPlace => Vec::new(),
+        _ => im2col_rows(g.in_channels_per_group(), &l),
+    };
     for_each_task(tasks, y, img_out, scratch, per_task, |images, yc, buf| {
-        forward_images(exec.isa(), g, &l, &layout, x, w, bias, images, yc, buf)
+        forward_images(
+            exec.isa(),
+            g,
+            &l,
+            &layout,
+            &rows,
+            x,
+            w,
+            bias,
+            images,
+            yc,
+            buf,
+        )
     });
     Ok(())
 }
@@ -567,7 +586,7 @@ unsafe fn transpose_plane<S: SimdF32>(
 }
 
 crate::simd_dispatch!(fn forward_images => forward_images_kernel(
-    g: &ConvGeometry, l: &PhaseLayout, layout: &Layout, x: &[f32], w: &[f32],
+    g: &ConvGeometry, l: &PhaseLayout, layout: &Layout, rows: &[usize], x: &[f32], w: &[f32],
     bias: Option<&[f32]>, images: std::ops::Range<usize>, y: &mut [f32], buf: &mut [f32]
 ));
 
@@ -577,6 +596,7 @@ unsafe fn forward_images_kernel<S: SimdF32>(
     g: &ConvGeometry,
     l: &PhaseLayout,
     layout: &Layout,
+    rows: &[usize],
     x: &[f32],
     w: &[f32],
     bias: Option<&[f32]>,
@@ -600,9 +620,6 @@ unsafe fn forward_images_kernel<S: SimdF32>(
         Layout::Transposed(t) => Some(t),
     };
     let (planes, flat) = buf.split_at_mut(cig * l.len);
-    // One small table per call.
-    let rows = im2col_rows(cig, l);
-
     debug_assert_eq!(rows.len(), k);
     for (local, n) in images.enumerate() {
         for grp in 0..g.groups {
@@ -616,7 +633,7 @@ unsafe fn forward_images_kernel<S: SimdF32>(
                     None => fill_planes_kernel::<S>(g, l, xg, planes, clear),
                 }
             }
-            let ops = group_product(g, l, w, bias, grp, planes, &rows);
+            let ops = group_product(g, l, w, bias, grp, planes, rows);
             let at = local * g.out_channels * ohw + grp * cog * ohw;
             let y_group = &mut y[at..at + cog * ohw];
             match transposes {
@@ -696,13 +713,15 @@ struct InPlace {
 impl InPlace {
     fn new(g: &ConvGeometry) -> Self {
         let (hw, width, kh, kw) = (g.in_pixels(), g.in_w, g.kernel_h, g.kernel_w);
-        let rows = (0..g.in_channels_per_group())
-            .flat_map(|c| {
+        let cig = g.in_channels_per_group();
+        let rows = collect_exact(
+            cig * kh * kw,
+            (0..cig).flat_map(|c| {
                 (0..kh * kw).map(move |t| {
                     c * hw + (t / kw) * g.dilation_h * width + (t % kw) * g.dilation_w
                 })
-            })
-            .collect();
+            }),
+        );
         let edge_cols = (0..g.pad_left).chain(width - g.pad_right..width).collect();
         InPlace { rows, edge_cols }
     }
@@ -864,9 +883,10 @@ pub fn grad_input(
         .phases
         .iter()
         .map(|(_, _, _, offsets)| {
-            (0..cog)
-                .flat_map(|co| offsets.iter().map(move |&off| co * l.gy_len + off))
-                .collect()
+            collect_exact(
+                cog * offsets.len(),
+                (0..cog).flat_map(|co| offsets.iter().map(move |&off| co * l.gy_len + off)),
+            )
         })
         .collect();
     // Per phase and group, the weights of its taps as a cig × (cog·T) matrix, column
@@ -1180,9 +1200,10 @@ pub fn grad_weight(
 /// Row (c, t) of the implicit im2col matrix: channel c's phase planes shifted by tap t's
 /// offset (the order of the OIHW weight's columns).
 fn im2col_rows(cig: usize, l: &PhaseLayout) -> Vec<usize> {
-    (0..cig)
-        .flat_map(|c| l.offsets.iter().map(move |&off| c * l.len + off))
-        .collect()
+    collect_exact(
+        cig * l.offsets.len(),
+        (0..cig).flat_map(|c| l.offsets.iter().map(move |&off| c * l.len + off)),
+    )
 }
 
 crate::simd_dispatch!(fn grad_weight_images => grad_weight_images_kernel(

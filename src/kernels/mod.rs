@@ -229,6 +229,16 @@ pub(crate) fn sum_task_sums(sums: &[Vec<f64>], gw: &mut [f32]) {
     }
 }
 
+/// `items`, `len` of them, collected into a vector allocated once: collecting a flat map (whose
+/// size hint is 0) grows the vector by doubling, one allocation per doubling (ten for the
+/// implicit GEMM's row table of a 512-channel layer).
+pub(crate) fn collect_exact<T>(len: usize, items: impl IntoIterator<Item = T>) -> Vec<T> {
+    let mut v = Vec::with_capacity(len);
+    v.extend(items);
+    debug_assert_eq!(v.len(), len, "collect_exact: wrong length");
+    v
+}
+
 /// How `items` independent work items are spread over `threads`: item-parallel when the items
 /// divide evenly (or are many), otherwise one task (whose images the kernels then split over
 /// the threads: [`splits_inside_images`]).

@@ -347,10 +347,17 @@ impl<'a> ColumnWindow<'a> {
             .collect()
     }
 
-    /// All of `y` (rows of `ld` floats) as one window.
+    /// All of `y` (rows of `ld` floats) as one window. Built directly, not through `split`'s
+    /// vector: the implicit GEMM and Winograd take one per image and group.
     pub fn whole(y: &'a mut [f32], ld: usize) -> Self {
-        let mut one = Self::split(y, ld, &[0, ld]);
-        one.pop().expect("one window")
+        assert!(ld > 0 && y.len().is_multiple_of(ld), "Y not whole rows");
+        ColumnWindow {
+            ptr: y.as_mut_ptr(),
+            rows: y.len() / ld,
+            ld,
+            cols: 0..ld,
+            _y: PhantomData,
+        }
     }
 
     /// Rows of the matrix.

@@ -140,10 +140,15 @@ impl TapSpan {
         let wrapped = if tap.whole_rows(width) {
             Vec::new()
         } else {
-            (r0..r1)
-                .flat_map(|r| (0..c0).chain(c1..width).map(move |u| r * width + u))
-                .filter(|p| (first..end).contains(p))
-                .collect()
+            // Allocated once for every candidate (collected, the filtered flat map grew the
+            // vector by doubling).
+            let mut wrapped = Vec::with_capacity((r1 - r0) * (width - (c1 - c0)));
+            wrapped.extend(
+                (r0..r1)
+                    .flat_map(|r| (0..c0).chain(c1..width).map(move |u| r * width + u))
+                    .filter(|p| (first..end).contains(p)),
+            );
+            wrapped
         };
         TapSpan {
             off: tap.off,
