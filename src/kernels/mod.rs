@@ -116,9 +116,9 @@ impl Exec {
     }
 
     /// How a call of `macs` multiply-accumulates runs: on one thread when it is smaller than
-    /// the split threshold, otherwise as `self`. The convolutions' entry points
-    /// ([`conv2d_forward`] and the others, the separable pairs, the network's layers) ask it
-    /// once; the kernels below them split as their `Exec` says.
+    /// the split threshold, otherwise as `self`. The entry points ask it once — the
+    /// convolutions' ([`conv2d_forward`] and the others), [`crate::ConvPair`]'s and the network's
+    /// Linear layer's — and the kernels below them split as their `Exec` says.
     pub fn for_work(self, macs: u64) -> Self {
         if macs < self.min_split_macs {
             Exec { threads: 1, ..self }
