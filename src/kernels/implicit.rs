@@ -97,8 +97,8 @@ pub fn grad_weight_applies(exec: Exec, g: &ConvGeometry) -> bool {
 
 /// How [`forward`] reads each image's input, chosen once per call.
 enum Layout {
-    /// The input planes themselves ([`reads_in_place`]).
-    InPlace,
+    /// The input planes themselves ([`reads_in_place`]), with their row table.
+    InPlace(InPlace),
     /// Copies in padded phase planes ([`fill_phases`]).
     PhasePlanes,
     /// Transposed into the transposed geometry's phase planes ([`runs_transposed`]).
@@ -108,7 +108,7 @@ enum Layout {
 /// Per-task scratch of [`forward`]: the phase planes of one group's channels, then the flat
 /// output; or, where the input is read in place, the edge columns' im2col rows and products.
 fn scratch_per_task(g: &ConvGeometry, l: &PhaseLayout, layout: &Layout) -> usize {
-    if let Layout::InPlace = layout {
+    if let Layout::InPlace(_) = layout {
         let edges = (g.pad_left + g.pad_right) * g.out_h;
         (g.col_rows() + g.out_channels_per_group()) * edges
     } else {
@@ -419,7 +419,7 @@ pub fn forward(
         let t = Transposes::new(g, &gt, &l);
         (l, Layout::Transposed(t))
     } else if reads_in_place(g) {
-        (PhaseLayout::new(g), Layout::InPlace)
+        (PhaseLayout::new(g), Layout::InPlace(InPlace::new(g)))
     } else {
         (PhaseLayout::new(g), Layout::PhasePlanes)
     };
@@ -432,9 +432,9 @@ pub fn forward(
         }
         let scratch = ws.take(per_task)?;
         match layout {
-            Layout::InPlace => {
+            Layout::InPlace(t) => {
                 let (isa, splits) = (exec.isa(), exec.threads());
-                forward_in_place(isa, splits, g, x, w, bias, 0..g.batch, y, scratch)
+                forward_in_place(isa, splits, g, &t, x, w, bias, 0..g.batch, y, scratch)
             }
             Layout::PhasePlanes => forward_within_images(exec, g, &l, None, x, w, bias, y, scratch),
             Layout::Transposed(t) => {
@@ -448,7 +448,7 @@ pub fn forward(
     let img_out = g.out_channels * g.out_pixels();
     // One table for all tasks (the in-place product reads the input planes without one).
     let rows = match layout {
-        Layout::InPlace => Vec::new(),
+        Layout::InPlace(_) => Vec::new(),
         _ => im2col_rows(g.in_channels_per_group(), &l),
     };
     for_each_task(tasks, y, img_out, scratch, per_task, |images, yc, buf| {
@@ -611,9 +611,9 @@ unsafe fn forward_images_kernel<S: SimdF32>(
     );
     let (hw, ohw) = (g.in_pixels(), g.out_pixels());
     let transposes = match layout {
-        Layout::InPlace => {
+        Layout::InPlace(t) => {
             // SAFETY: forwarded from this function's contract.
-            forward_in_place(S::ISA, 1, g, x, w, bias, images, y, buf);
+            forward_in_place(S::ISA, 1, g, t, x, w, bias, images, y, buf);
             return;
         }
         Layout::PhasePlanes => None,
@@ -808,14 +808,16 @@ impl InPlace {
     }
 }
 
-/// [`forward_images_kernel`] where [`reads_in_place`], image by image (`y` starts at image
-/// `images.start`), each image's output channels in `splits` runs, run in parallel (one run
-/// inside an image task; the threads' count where the images are split inside).
+/// [`forward_images_kernel`] where [`reads_in_place`] (`layout` built once per call), image by
+/// image (`y` starts at image `images.start`), each image's output channels in `splits` runs,
+/// run in parallel (one run inside an image task; the threads' count where the images are split
+/// inside).
 #[allow(clippy::too_many_arguments)]
 fn forward_in_place(
     isa: super::Isa,
     splits: usize,
     g: &ConvGeometry,
+    layout: &InPlace,
     x: &[f32],
     w: &[f32],
     bias: Option<&[f32]>,
@@ -829,7 +831,6 @@ fn forward_in_place(
         g.col_rows(),
     );
     let (hw, ohw) = (g.in_pixels(), g.out_pixels());
-    let layout = InPlace::new(g);
     let edges = layout.edges(g);
     let (cols, products) = buf.split_at_mut(k * edges);
     let outs = cog.div_ceil(splits.max(1));
