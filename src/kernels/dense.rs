@@ -16,11 +16,9 @@
 //! version reading W in 512-float column chunks (to keep W in L1) was no faster. The
 //! grad-weight (K = batch) stays on faer, which runs it at 85 GMAC/s.
 
-use rayon::prelude::*;
-
-use super::Exec;
 use super::pointwise::{Operands, Store, small_k_gemm};
 use super::simd::SimdF32;
+use super::{Exec, for_each_task};
 
 /// `y (batch × out) = x (batch × k) · Wᵀ (+ bias)` with `w` row-major `out × k`.
 pub fn forward(exec: Exec, x: &[f32], w: &[f32], bias: Option<&[f32]>, k: usize, y: &mut [f32]) {
@@ -31,20 +29,17 @@ pub fn forward(exec: Exec, x: &[f32], w: &[f32], bias: Option<&[f32]>, k: usize,
     let (rows, out) = (x.len() / k, w.len() / k);
     assert_eq!(y.len(), rows * out, "dense output length");
     assert!(bias.is_none_or(|b| b.len() == out), "dense bias length");
-    let per_task = rows.div_ceil(exec.threads()).max(1);
     let isa = exec.isa();
-    y.par_chunks_mut(per_task * out.max(1))
-        .zip(x.par_chunks(per_task * k))
-        .for_each(|(yc, xc)| {
-            rows_dot_rows(isa, xc, w, k, yc);
-            if let Some(b) = bias {
-                for row in yc.chunks_exact_mut(out) {
-                    for (v, &bv) in row.iter_mut().zip(b) {
-                        *v += bv;
-                    }
+    for_each_task(exec.threads(), y, out, &mut [], 0, |r, yc, _| {
+        rows_dot_rows(isa, &x[r.start * k..r.end * k], w, k, yc);
+        if let Some(b) = bias {
+            for row in yc.chunks_exact_mut(out) {
+                for (v, &bv) in row.iter_mut().zip(b) {
+                    *v += bv;
                 }
             }
-        });
+        }
+    });
 }
 
 /// `gx (batch × k) = gy (batch × out) · W` with `w` row-major `out × k`.
@@ -56,16 +51,13 @@ pub fn grad_input(exec: Exec, gy: &[f32], w: &[f32], k: usize, gx: &mut [f32]) {
     let rows = gx.len() / k;
     let out = gy.len() / rows.max(1);
     assert!(gy.len() == rows * out && w.len() == out * k, "dense shapes");
-    let per_task = rows.div_ceil(exec.threads()).max(1);
     let isa = exec.isa();
-    gx.par_chunks_mut(per_task * k)
-        .zip(gy.par_chunks(per_task * out.max(1)))
-        .for_each(|(gxc, gyc)| {
-            let n = gxc.len() / k;
-            let ops = Operands::dense(gyc, n, out, w, k, k, None);
-            // Read back soon by the layer below's backward: through the caches.
-            small_k_gemm(isa, ops, gxc, k, Store::Cached);
-        });
+    for_each_task(exec.threads(), gx, k, &mut [], 0, |r, gxc, _| {
+        let gyc = &gy[r.start * out..r.end * out];
+        let ops = Operands::dense(gyc, r.len(), out, w, k, k, None);
+        // Read back soon by the layer below's backward: through the caches.
+        small_k_gemm(isa, ops, gxc, k, Store::Cached);
+    });
 }
 
 crate::simd_dispatch!(fn rows_dot_rows => rows_dot_rows_kernel(x: &[f32], w: &[f32], k: usize, y: &mut [f32]));
