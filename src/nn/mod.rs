@@ -199,9 +199,9 @@ pub struct Network {
     param_count: usize,
     /// Seconds spent per layer in forward and backward since the last [`Network::take_timings`].
     timings: Vec<(f64, f64)>,
-    /// Layers run inside an earlier layer (a ReLU after a BatchNorm, a 2 × 2 max pool after
-    /// that ReLU).
-    fused: Vec<bool>,
+    /// The layer each layer runs inside: itself, or for a layer fused into an earlier one (a
+    /// ReLU after a BatchNorm, a 2 × 2 max pool after that ReLU) the first layer of its group.
+    head: Vec<usize>,
     /// Layers that only reshape (Flatten): their output is their input's buffer.
     views: Vec<bool>,
     /// The last layer of the group each layer starts (itself unless layers are fused into it):
@@ -238,32 +238,32 @@ impl Network {
         // And a 2 × 2 max pool right after such a ReLU runs inside the same layer (BatchNorm,
         // ReLU and pool in one pass over each plane). The layer a group starts with writes the
         // group's last output.
-        let mut fused = vec![false; n];
+        let mut head: Vec<usize> = (0..n).collect();
         let mut group_end: Vec<usize> = (0..n).collect();
         for i in 1..n {
-            if !fused[i - 1]
+            if head[i - 1] == i - 1
                 && layers[i].module.kind() == "relu"
                 && layers[i - 1].module.fuse_relu()
             {
-                fused[i] = true;
+                head[i] = i - 1;
                 group_end[i - 1] = i;
             } else if i >= 2
-                && fused[i - 1]
-                && !fused[i - 2]
+                && head[i - 1] == i - 2
                 && group_end[i - 2] == i - 1
                 && layers[i].module.is_maxpool2x2()
                 && layers[i - 2].module.fuse_maxpool2x2()
             {
-                fused[i] = true;
+                head[i] = i - 2;
                 group_end[i - 2] = i;
             }
         }
+        let fused = |i: usize| head[i] != i;
         // A reshape shares its input's buffer: Flatten's copies, forward and backward, were 2–3%
         // of the MNIST ds network's training step.
         let views: Vec<bool> = layers.iter().map(|l| l.module.is_view()).collect();
         let mut buffer = vec![0; n + 1];
         for i in 0..n {
-            buffer[i + 1] = if fused[i] || views[i] {
+            buffer[i + 1] = if fused(i) || views[i] {
                 buffer[i]
             } else {
                 i + 1
@@ -283,7 +283,7 @@ impl Network {
             ws: Workspace::new(),
             param_count,
             timings: vec![(0.0, 0.0); n],
-            fused,
+            head,
             views,
             group_end,
             buffer,
@@ -357,7 +357,7 @@ impl Network {
             rng,
         };
         for (i, layer) in self.layers.iter_mut().enumerate() {
-            if self.fused[i] || self.views[i] {
+            if self.head[i] != i || self.views[i] {
                 continue;
             }
             // The output buffer is i + 1 and the input buffer is at most i.
@@ -394,7 +394,7 @@ impl Network {
             rng,
         };
         for i in (0..n).rev() {
-            if self.fused[i] || self.views[i] {
+            if self.head[i] != i || self.views[i] {
                 continue;
             }
             // gy lives in buffer i + 1 (never shared with a lower boundary: the next layer up,
@@ -427,15 +427,13 @@ impl Network {
     /// Whether layer `i` runs inside an earlier layer (a ReLU fused into a BatchNorm, a 2 × 2
     /// max pool after that ReLU).
     pub fn is_fused(&self, i: usize) -> bool {
-        self.fused[i]
+        self.head[i] != i
     }
 
     /// The layer that layer `i` runs inside, if it is fused into one (the first layer of its
     /// group).
     pub fn runs_inside(&self, i: usize) -> Option<usize> {
-        (0..i)
-            .rev()
-            .find(|&h| self.group_end[h] >= i && !self.fused[h])
+        self.is_fused(i).then_some(self.head[i])
     }
 
     /// Whether layer `i` is a view of its input (Flatten): it shares the input's buffer and
