@@ -64,7 +64,8 @@ use crate::memory::grow_zeroed;
 pub use simd::Isa;
 use simd::{Portable, SimdF32};
 
-/// How a kernel may run: how many threads (of the current rayon pool) and which instruction set.
+/// How a kernel or a network layer may run: how many threads (of the current rayon pool) and
+/// which instruction set. Work split over one thread runs on the calling thread, never in a pool.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Exec {
     threads: usize,

@@ -1,13 +1,8 @@
 //! Element-wise layers: ReLU and Dropout.
 
-use rayon::prelude::*;
-
-use super::{Ctx, Module};
+use super::{Ctx, Module, Side, plane_runs};
 use crate::error::{Error, Result};
 use crate::kernels::elementwise;
-
-/// Chunk of elements per parallel task.
-const CHUNK: usize = 16 * 1024;
 
 /// max(x, 0).
 pub struct Relu {
@@ -32,9 +27,9 @@ impl Module for Relu {
     }
     fn forward(&mut self, ctx: &mut Ctx, _batch: usize, x: &[f32], y: &mut [f32]) -> Result<()> {
         let isa = ctx.exec.isa();
-        y.par_chunks_mut(CHUNK)
-            .zip(x.par_chunks(CHUNK))
-            .for_each(|(y, x)| elementwise::relu(isa, x, y));
+        plane_runs::<u8>(ctx.exec, y, 1, Side::none(), Side::none(), |i, y, _, _| {
+            elementwise::relu(isa, &x[i..i + y.len()], y)
+        });
         Ok(())
     }
     fn backward(
@@ -48,9 +43,17 @@ impl Module for Relu {
     ) -> Result<()> {
         if let Some(gx) = gx {
             let isa = ctx.exec.isa();
-            gx.par_chunks_mut(CHUNK)
-                .zip(gy.par_chunks(CHUNK).zip(y.par_chunks(CHUNK)))
-                .for_each(|(gx, (gy, y))| elementwise::relu_backward(isa, y, gy, gx));
+            plane_runs::<u8>(
+                ctx.exec,
+                gx,
+                1,
+                Side::none(),
+                Side::none(),
+                |i, gx, _, _| {
+                    let r = i..i + gx.len();
+                    elementwise::relu_backward(isa, &y[r.clone()], &gy[r], gx)
+                },
+            );
         }
         Ok(())
     }

@@ -12,8 +12,6 @@ mod norm;
 mod pool;
 pub mod spec;
 
-use rayon::prelude::*;
-
 pub use conv::{Conv2d, SeparableConv2d};
 pub use elementwise::{Dropout, Relu};
 pub use linear::{Flatten, Linear};
@@ -162,21 +160,126 @@ pub(crate) fn chw(in_shape: &[usize]) -> Result<[usize; 3]> {
     }
 }
 
-/// Runs `f(plane_index, plane)` over the `len`-element planes of `data` in parallel, grouping
-/// small planes so each task has a few thousand elements.
+/// Runs `f(plane_index, plane)` over the `len`-element planes of `data`, one run of planes per
+/// thread of `exec` ([`plane_runs`]).
 pub(crate) fn par_planes(
+    exec: Exec,
     data: &mut [f32],
     len: usize,
     f: impl Fn(usize, &mut [f32]) + Sync + Send,
 ) {
-    if len == 0 {
+    plane_runs::<u8>(
+        exec,
+        data,
+        len,
+        Side::none(),
+        Side::none(),
+        |first, run, _, _| {
+            for (k, p) in run.chunks_exact_mut(len).enumerate() {
+                f(first + k, p)
+            }
+        },
+    );
+}
+
+/// A buffer split alongside the planes of [`plane_runs`]: `len` elements per plane of `data`
+/// (a pool's argmax), or per task (scratch).
+pub(crate) struct Side<'a, T> {
+    data: &'a mut [T],
+    len: usize,
+}
+
+impl<'a, T> Side<'a, T> {
+    /// `len` elements of `data` per plane or task.
+    pub(crate) fn new(data: &'a mut [T], len: usize) -> Self {
+        Side { data, len }
+    }
+}
+
+impl<T> Side<'static, T> {
+    /// No buffer.
+    pub(crate) fn none() -> Self {
+        Side {
+            data: &mut [],
+            len: 0,
+        }
+    }
+}
+
+/// The element-wise layers' split, the kernels' too (`kernels::for_each_task`): `data`'s
+/// `len`-element planes in one run of consecutive planes per thread of `exec`, each run with
+/// its planes' elements of `side` and its own `scratch` piece; `f(first_plane, planes,
+/// side, scratch)`. With one thread, or one plane, the run goes on the calling thread: an
+/// `Exec` of one thread never reaches for the pool (from outside one, rayon would start its
+/// global pool and wait on it), and one of N threads splits N ways whatever pool it runs in.
+pub(crate) fn plane_runs<T: Send>(
+    exec: Exec,
+    data: &mut [f32],
+    len: usize,
+    side: Side<'_, T>,
+    scratch: Side<'_, f32>,
+    f: impl Fn(usize, &mut [f32], &mut [T], &mut [f32]) + Sync + Send,
+) {
+    let planes = data.len().checked_div(len).unwrap_or(0);
+    if planes == 0 {
         return;
     }
-    let min = (4096 / len).max(1);
-    data.par_chunks_mut(len)
-        .with_min_len(min)
-        .enumerate()
-        .for_each(|(i, p)| f(i, p));
+    let per_task = planes.div_ceil(exec.threads().clamp(1, planes));
+    let tasks = planes.div_ceil(per_task);
+    assert!(
+        side.data.len() >= planes * side.len,
+        "side buffer too short"
+    );
+    assert!(
+        scratch.data.len() >= tasks * scratch.len,
+        "scratch too short"
+    );
+    let runs = Runs {
+        per_task,
+        len,
+        side_len: side.len,
+        scratch_len: scratch.len,
+        f: &f,
+    };
+    runs.split(tasks, 0, &mut data[..planes * len], side.data, scratch.data);
+}
+
+/// [`plane_runs`]'s split, halving the tasks (and the buffers) until one is left.
+struct Runs<'f, F> {
+    per_task: usize,
+    len: usize,
+    side_len: usize,
+    scratch_len: usize,
+    f: &'f F,
+}
+
+impl<F> Runs<'_, F> {
+    fn split<T: Send>(
+        &self,
+        tasks: usize,
+        first: usize,
+        data: &mut [f32],
+        side: &mut [T],
+        scratch: &mut [f32],
+    ) where
+        F: Fn(usize, &mut [f32], &mut [T], &mut [f32]) + Sync + Send,
+    {
+        let planes = data.len() / self.len;
+        if tasks <= 1 {
+            let side = &mut side[..planes * self.side_len];
+            (self.f)(first, data, side, &mut scratch[..self.scratch_len]);
+            return;
+        }
+        let left = tasks / 2;
+        let at = left * self.per_task;
+        let (d1, d2) = data.split_at_mut(at * self.len);
+        let (s1, s2) = side.split_at_mut(at * self.side_len);
+        let (c1, c2) = scratch.split_at_mut(left * self.scratch_len);
+        rayon::join(
+            || self.split(left, first, d1, s1, c1),
+            || self.split(tasks - left, first + at, d2, s2, c2),
+        );
+    }
 }
 
 /// A layer with its name (from the spec, or `layer{i}`).
@@ -521,4 +624,80 @@ impl Network {
 fn resize(v: &mut Vec<f32>, len: usize) -> Result<()> {
     v.truncate(len);
     grow_zeroed(v, len, "an activation buffer")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    /// Each run of `plane_runs` as (first plane, planes, side elements, scratch floats, whether
+    /// it ran on the calling thread, the rayon worker it ran on).
+    type Run = (usize, usize, usize, usize, bool, Option<usize>);
+
+    fn runs_of(exec: Exec, planes: usize, len: usize) -> Vec<Run> {
+        let mut data = vec![0.0f32; planes * len];
+        let mut side = vec![0u8; planes * 2];
+        let mut scratch = vec![0.0f32; exec.threads() * 3];
+        let caller = std::thread::current().id();
+        let seen = Mutex::new(Vec::new());
+        let (side, scratch) = (Side::new(&mut side[..], 2), Side::new(&mut scratch[..], 3));
+        plane_runs(
+            exec,
+            &mut data,
+            len,
+            side,
+            scratch,
+            |first, run, side, buf| {
+                // Every plane written by exactly one run: its index, checked below.
+                for (k, p) in run.chunks_exact_mut(len).enumerate() {
+                    p.fill((first + k) as f32);
+                }
+                side.fill(1);
+                let here = std::thread::current().id() == caller;
+                let worker = rayon::current_thread_index();
+                let planes = run.len() / len;
+                seen.lock()
+                    .unwrap()
+                    .push((first, planes, side.len(), buf.len(), here, worker));
+            },
+        );
+        for (i, p) in data.chunks_exact(len).enumerate() {
+            assert!(
+                p.iter().all(|&v| v == i as f32),
+                "plane {i} not written once"
+            );
+        }
+        let mut seen = seen.into_inner().unwrap();
+        seen.sort();
+        seen
+    }
+
+    /// One run per thread of the `Exec`, of consecutive planes with their side elements and a
+    /// scratch piece each; with one thread the run stays on the calling thread, outside a pool
+    /// (rayon's global pool is not started) and inside a pool of two (the other worker gets
+    /// nothing): the network's element-wise layers split as the `Exec` says.
+    #[test]
+    fn plane_runs_split_over_the_exec_threads() {
+        assert_eq!(runs_of(Exec::new(1), 5, 4), [(0, 5, 10, 3, true, None)]);
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(2)
+            .build()
+            .unwrap();
+        pool.install(|| {
+            let worker = rayon::current_thread_index();
+            assert_eq!(runs_of(Exec::new(1), 5, 4), [(0, 5, 10, 3, true, worker)]);
+            let two = runs_of(Exec::new(2), 5, 4);
+            let shapes: Vec<_> = two.iter().map(|r| (r.0, r.1, r.2, r.3)).collect();
+            assert_eq!(shapes, [(0, 3, 6, 3), (3, 2, 4, 3)]);
+            let three = runs_of(Exec::new(3), 7, 1);
+            let shapes: Vec<_> = three.iter().map(|r| (r.0, r.1)).collect();
+            assert_eq!(shapes, [(0, 3), (3, 3), (6, 1)]);
+            assert_eq!(
+                runs_of(Exec::new(4), 2, 4).len(),
+                2,
+                "no more runs than planes"
+            );
+        });
+    }
 }

@@ -4,10 +4,10 @@
 
 use rayon::prelude::*;
 
-use super::{Buffer, Ctx, Module, Param, chw, par_planes};
+use super::{Buffer, Ctx, Module, Param, Side, chw, par_planes, plane_runs};
 use crate::error::{Error, Result};
-use crate::kernels::Isa;
 use crate::kernels::elementwise::{self, ReluOfAffine};
+use crate::kernels::{Exec, Isa};
 
 /// Batch normalization over the channels of an NCHW activation.
 pub struct BatchNorm2d {
@@ -92,31 +92,34 @@ impl BatchNorm2d {
 /// short planes (a 28 × 28 plane is 48 cache lines) and the prefetchers never get going
 /// (the MNIST network's first BatchNorm spent 9% of the training step in such a loop).
 fn channel_sums<const K: usize>(
-    threads: usize,
+    exec: Exec,
     batch: usize,
     channels: usize,
     plane: usize,
     scratch: &mut [f32],
     f: impl Fn(usize, std::ops::Range<usize>, &mut [f32]) -> [f32; K] + Sync,
 ) -> Vec<[f64; K]> {
-    let tasks = threads.clamp(1, batch.max(1));
+    let tasks = exec.threads().clamp(1, batch.max(1));
     let per_task = batch.div_ceil(tasks).max(1);
-    let partial: Vec<Vec<[f64; K]>> = scratch_pieces(scratch, tasks, plane)
-        .into_par_iter()
-        .enumerate()
-        .map(|(t, buf)| {
-            let mut acc = vec![[0.0f64; K]; channels];
-            for n in (t * per_task).min(batch)..((t + 1) * per_task).min(batch) {
-                for (c, a) in acc.iter_mut().enumerate() {
-                    let base = (n * channels + c) * plane;
-                    for (sum, v) in a.iter_mut().zip(f(c, base..base + plane, buf)) {
-                        *sum += v as f64;
-                    }
+    let task = |(t, buf): (usize, &mut [f32])| {
+        let mut acc = vec![[0.0f64; K]; channels];
+        for n in (t * per_task).min(batch)..((t + 1) * per_task).min(batch) {
+            for (c, a) in acc.iter_mut().enumerate() {
+                let base = (n * channels + c) * plane;
+                for (sum, v) in a.iter_mut().zip(f(c, base..base + plane, buf)) {
+                    *sum += v as f64;
                 }
             }
-            acc
-        })
-        .collect();
+        }
+        acc
+    };
+    // One task on the calling thread, as `plane_runs` does.
+    let pieces = scratch_pieces(scratch, tasks, plane);
+    let partial: Vec<Vec<[f64; K]>> = if tasks == 1 {
+        pieces.into_iter().enumerate().map(task).collect()
+    } else {
+        pieces.into_par_iter().enumerate().map(task).collect()
+    };
     let mut total = vec![[0.0f64; K]; channels];
     for part in &partial {
         for (t, p) in total.iter_mut().zip(part) {
@@ -155,24 +158,34 @@ fn scratch_pieces(scratch: &mut [f32], tasks: usize, len: usize) -> Vec<&mut [f3
 }
 
 /// Runs `f(plane index, plane, scratch)` over the `len`-element planes of `out`, one run of
-/// consecutive planes per thread, each with its own plane of `scratch` ([`scratch_pieces`]).
+/// consecutive planes per thread ([`plane_runs`]), each with its own plane of `scratch`
+/// ([`scratch_stride`] apart).
 fn planes_with_scratch(
-    threads: usize,
+    exec: Exec,
     out: &mut [f32],
     len: usize,
     scratch: &mut [f32],
     f: impl Fn(usize, &mut [f32], &mut [f32]) + Sync + Send,
 ) {
-    let tasks = threads.max(1);
-    let per_task = (out.len() / len.max(1)).div_ceil(tasks).max(1);
-    out.par_chunks_mut(per_task * len)
-        .zip(scratch_pieces(scratch, tasks, len))
-        .enumerate()
-        .for_each(|(t, (run, buf))| {
+    let stride = if scratch.is_empty() {
+        0
+    } else {
+        scratch_stride(len)
+    };
+    let scratch = Side::new(scratch, stride);
+    plane_runs::<u8>(
+        exec,
+        out,
+        len,
+        Side::none(),
+        scratch,
+        |first, run, _, buf| {
+            let buf = &mut buf[..stride.min(len)];
             for (k, p) in run.chunks_exact_mut(len).enumerate() {
-                f(t * per_task + k, p, buf);
+                f(first + k, p, buf);
             }
-        });
+        },
+    );
 }
 
 /// The gradient at the output of the BatchNorm (and its ReLU), plane by plane: `gy`'s planes,
@@ -230,14 +243,14 @@ impl Module for BatchNorm2d {
         if ctx.train {
             let count = (batch * plane) as f64;
             // Two passes (mean, then squared deviations) for accuracy.
-            let (isa, threads) = (ctx.exec.isa(), ctx.exec.threads());
-            let means: Vec<f64> = channel_sums(threads, batch, ch, plane, &mut [], |_, r, _| {
+            let (isa, exec) = (ctx.exec.isa(), ctx.exec);
+            let means: Vec<f64> = channel_sums(exec, batch, ch, plane, &mut [], |_, r, _| {
                 [elementwise::sum(isa, &x[r])]
             })
             .iter()
             .map(|[s]| s / count)
             .collect();
-            let vars = channel_sums(threads, batch, ch, plane, &mut [], |c, r, _| {
+            let vars = channel_sums(exec, batch, ch, plane, &mut [], |c, r, _| {
                 [elementwise::sum_sq_dev(isa, &x[r], means[c] as f32)]
             });
             let m = self.momentum;
@@ -267,7 +280,7 @@ impl Module for BatchNorm2d {
         }
         let (scale, shift, isa, relu) = (&self.scale, &self.shift, ctx.exec.isa(), self.relu);
         let Some(pool) = &mut self.pool else {
-            par_planes(y, plane, |i, p| {
+            par_planes(ctx.exec, y, plane, |i, p| {
                 elementwise::scale_shift(
                     isa,
                     &x[i * plane..(i + 1) * plane],
@@ -283,27 +296,22 @@ impl Module for BatchNorm2d {
         let (w, pooled) = (self.shape[2], pooled_plane(&self.shape));
         let rows = self.shape[1] / 2 * 2;
         pool.argmax.resize(y.len(), 0);
-        let threads = ctx.exec.threads();
-        let scratch = ctx.ws.take(threads * scratch_stride(plane))?;
-        let argmax = &mut pool.argmax[..];
-        let per_task = (y.len() / pooled.max(1)).div_ceil(threads).max(1) * pooled;
-        y.par_chunks_mut(per_task)
-            .zip(argmax.par_chunks_mut(per_task))
-            .zip(scratch_pieces(scratch, threads, plane))
-            .enumerate()
-            .for_each(|(t, ((yr, ar), buf))| {
-                let first = t * per_task / pooled;
-                for (k, (p, a)) in yr
-                    .chunks_exact_mut(pooled)
-                    .zip(ar.chunks_exact_mut(pooled))
-                    .enumerate()
-                {
-                    let i = first + k;
-                    let xp = &x[i * plane..(i + 1) * plane];
-                    elementwise::scale_shift(isa, xp, scale[i % ch], shift[i % ch], true, buf);
-                    elementwise::maxpool2x2(isa, &buf[..rows * w], w, p, a);
-                }
-            });
+        let stride = scratch_stride(plane);
+        let scratch = ctx.ws.take(ctx.exec.threads() * stride)?;
+        let (side, scratch) = (
+            Side::new(&mut pool.argmax[..], pooled),
+            Side::new(scratch, stride),
+        );
+        plane_runs(ctx.exec, y, pooled, side, scratch, |first, yr, ar, buf| {
+            let planes = yr.chunks_exact_mut(pooled).zip(ar.chunks_exact_mut(pooled));
+            for (k, (p, a)) in planes.enumerate() {
+                let i = first + k;
+                let xp = &x[i * plane..(i + 1) * plane];
+                let buf = &mut buf[..plane];
+                elementwise::scale_shift(isa, xp, scale[i % ch], shift[i % ch], true, buf);
+                elementwise::maxpool2x2(isa, &buf[..rows * w], w, p, a);
+            }
+        });
         Ok(())
     }
     fn backward(
@@ -346,7 +354,7 @@ impl Module for BatchNorm2d {
         })?;
         // Per channel: Σ gy and Σ gy·x̂, in one pass over each plane.
         let sums: Vec<(f64, f64)> =
-            channel_sums(threads, batch, ch, plane, scratch, |c, r, buf| {
+            channel_sums(ctx.exec, batch, ch, plane, scratch, |c, r, buf| {
                 let g = grad.plane(r.start / plane, buf);
                 let (a, b) = elementwise::grad_sums(isa, g, relu_of(c), &x[r], mean[c]);
                 [a, b]
@@ -374,7 +382,7 @@ impl Module for BatchNorm2d {
                     ]
                 })
                 .collect();
-            planes_with_scratch(threads, gx, plane, scratch, |i, p, buf| {
+            planes_with_scratch(ctx.exec, gx, plane, scratch, |i, p, buf| {
                 let c = i % ch;
                 let g = grad.plane(i, buf);
                 let xp = &x[i * plane..(i + 1) * plane];

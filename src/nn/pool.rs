@@ -1,9 +1,7 @@
 //! Pooling: MaxPool2d (PyTorch semantics: floor mode, padding never wins, the first maximum
 //! in scan order takes the gradient on ties) and GlobalAvgPool.
 
-use rayon::prelude::*;
-
-use super::{Ctx, Module, chw, par_planes};
+use super::{Ctx, Module, Side, chw, par_planes, plane_runs};
 use crate::error::{Error, Result};
 use crate::kernels::elementwise;
 
@@ -118,23 +116,32 @@ impl Module for MaxPool2d {
         if self.argmax.len() != y.len() {
             self.argmax.resize(y.len(), 0);
         }
-        let min = (4096 / plane_out.max(1)).max(1);
         let mut argmax = std::mem::take(&mut self.argmax);
         let isa = ctx.exec.isa();
         let this = &*self;
-        y.par_chunks_mut(plane_out)
-            .zip(argmax.par_chunks_mut(plane_out))
-            .with_min_len(min)
-            .enumerate()
-            .for_each(|(i, (yp, ap))| {
-                let xp = &x[i * h * w..(i + 1) * h * w];
-                if this.is_2x2() {
-                    let rows = this.out_shape[1] * 2;
-                    elementwise::maxpool2x2(isa, &xp[..rows * w], w, yp, ap);
-                } else {
-                    this.forward_plane(xp, yp, ap);
+        let side = Side::new(&mut argmax[..], plane_out);
+        plane_runs(
+            ctx.exec,
+            y,
+            plane_out,
+            side,
+            Side::none(),
+            |first, yr, ar, _| {
+                let planes = yr
+                    .chunks_exact_mut(plane_out)
+                    .zip(ar.chunks_exact_mut(plane_out));
+                for (k, (yp, ap)) in planes.enumerate() {
+                    let i = first + k;
+                    let xp = &x[i * h * w..(i + 1) * h * w];
+                    if this.is_2x2() {
+                        let rows = this.out_shape[1] * 2;
+                        elementwise::maxpool2x2(isa, &xp[..rows * w], w, yp, ap);
+                    } else {
+                        this.forward_plane(xp, yp, ap);
+                    }
                 }
-            });
+            },
+        );
         self.argmax = argmax;
         Ok(())
     }
@@ -151,7 +158,7 @@ impl Module for MaxPool2d {
         let [_, h, w] = self.in_shape;
         let plane_out = self.out_shape[1] * self.out_shape[2];
         let (argmax, isa) = (&self.argmax, ctx.exec.isa());
-        par_planes(gx, h * w, |i, gp| {
+        par_planes(ctx.exec, gx, h * w, |i, gp| {
             let r = i * plane_out..(i + 1) * plane_out;
             if self.is_2x2() {
                 elementwise::maxpool2x2_backward(isa, &gy[r.clone()], &argmax[r], w, gp);
