@@ -64,8 +64,11 @@ use crate::memory::grow_zeroed;
 pub use simd::Isa;
 use simd::{Portable, SimdF32};
 
-/// How a kernel or a network layer may run: how many threads (of the current rayon pool) and
-/// which instruction set. Work split over one thread runs on the calling thread, never in a pool.
+/// How a kernel or a network layer may run: how many threads of the current rayon pool to split
+/// work into, and which instruction set. Call them inside a pool of that many threads
+/// (`rayon::ThreadPool::install`, as the CLI does): there work for one thread runs on the
+/// calling worker, where from outside any pool rayon hands each parallel loop to its global
+/// pool (the element-wise layers and `for_each_task`'s kernels run one task inline either way).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Exec {
     threads: usize,
