@@ -22,25 +22,23 @@
 //! Its transposes cost less here than their count suggests: a 3 × 3 kernel reading the NCHW
 //! rows in place (four output rows per input row load, column shifts in registers, no
 //! transposes) measured the same on B (harness, batch 8: 2.56–2.58 against 2.56–2.61 ms; 2%
-//! faster with the input in cache), also with the next rows prefetched. Tried again later
-//! with each band's input prefetched during the previous band's pointwise product (so that it
-//! is in cache) and bands sized for that: faster in one series on buffers of 4 KiB pages (B
-//! 2.82 → 2.53 ms), but on the huge-page buffers the bench and the layers allocate slower and
-//! bimodal across processes (2.70–3.55 against the blocked kernel's 2.53–2.60 ms). Not kept;
-//! the row kernel, which takes a plane column block by column block, reads its input from
-//! memory down one column of lines at a time (3.5–4.4 ms on B inside this kernel; row group by
-//! row group 2.8–3.0, with the next rows prefetched too 2.6–2.8 in one process and 2.7–3.5 in
-//! others, against the blocked kernel's 2.6–2.7).
-//!
-//! The blocked kernel does take that prefetch: while a band's pointwise product computes, it
-//! prefetches the input rows of every channel that the next band reads (the next band of the
-//! image, or the next image's first; [`Ahead::runs`], one run of rows per channel plane), so
-//! the next depthwise step finds them in cache. At batch 8 (harness, 2 threads, min of 60,
-//! builds alternated 3–9×): B 2.58–2.95 → 2.56–2.75 ms (better in 5 of 6), C 4.27–4.48 →
-//! 4.30–4.41 (better in 6 of 9, worse in 3 by up to 1.7%), D 3.84–3.91 → 3.81–3.86, E a tie
-//! (2.15); at batch 1 and 2, where the input stays in cache, a tie. (An earlier version of
-//! this prefetch, on the same bands, measured a wash over 12 shapes: −2% to +2%.)
-//!
+//! faster with the input in cache), also with the next rows prefetched. Tried again later with
+//! each band's input prefetched during the previous band's pointwise product (so that it is
+//! in cache) and bands sized for that: faster in one series on buffers of 4 KiB pages (B 2.82
+//! → 2.53 ms), but on the huge-page buffers the bench and the layers allocate slower and
+//! bimodal across processes (2.70–3.55 against the blocked kernel's 2.53–2.60 ms, min of 10
+//! calls in 10–15 rounds, variants alternated each round); the blocked kernel with the same
+//! prefetch was a wash over 12 shapes (−2% to +2%). Neither kept. Tried a third time (the
+//! prefetch spread over the product as one run of rows per channel plane): in a harness in a
+//! quiet phase B 2.61–2.66 → 2.55 ms, C and D 1–2% faster, E a tie, but `sepconv bench`
+//! alternated against the build before it (B's ds forward, six pairs) 2.53–2.68 ms before
+//! against 2.59–2.66 after, the build before faster in four; C slower in four of four. The row
+//! kernel takes a plane column block by column block and so reads an input from memory down
+//! one column of lines at a time (3.5–4.4 ms on B inside this kernel); row group by row group
+//! it took 2.8–3.0, with its next rows prefetched 2.6–3.5 depending on the process, with the
+//! band prefetch 2.63–2.70 against the blocked kernel's 2.62–2.64: alone on a cached image of
+//! B it is 1.45× faster (0.13 against 0.19 ms, one thread), but here both spend about 0.7 ms
+//! per thread on the depthwise step of four images, which waits on memory.
 //! The pointwise product runs on [`super::pointwise`]'s unpacked register-blocked kernel, which
 //! streams the output past the cache (measured faster than the packed GEMM on layers B–E).
 //!
@@ -53,7 +51,7 @@ use super::depthwise::{PhaseLayout, channel_outputs, fill_phases};
 use super::depthwise_blocked;
 use rayon::prelude::*;
 
-use super::pointwise::{Ahead, ColumnWindow, Operands, Store};
+use super::pointwise::{ColumnWindow, Operands, Store};
 use super::simd::SimdF32;
 use super::{Exec, Workspace, for_each_task, splits_inside_images};
 use crate::error::Result;
@@ -364,9 +362,8 @@ unsafe fn fused_images_kernel<S: SimdF32>(
     );
     let phase_len = bands.iter().map(|b| b.layout.len).max().unwrap_or(0);
     let mut first = true;
-    let last_image = images.end.saturating_sub(1);
     for (local, img) in images.enumerate() {
-        for (b, band) in bands.iter().enumerate() {
+        for band in bands {
             let (g, l) = (&band.geometry, &band.layout);
             let bp = band.out_rows.len() * ow;
             if let Some(tallest) = blocked {
@@ -415,19 +412,9 @@ unsafe fn fused_images_kernel<S: SimdF32>(
                     };
                 }
             }
-            // The input rows of every channel that the next band reads (this image's next band,
-            // or the next image's first), prefetched while this band's product computes.
-            let next = match bands.get(b + 1) {
-                Some(next) => Some((img, next)),
-                None => (img < last_image).then(|| (img + 1, &bands[0])),
-            };
-            let ahead = next.map_or(Ahead::NONE, |(n, next)| {
-                let (rows, offset) = (next.in_rows.len() * w_in, next.in_rows.start * w_in);
-                Ahead::runs(x, n * m * hw + offset, rows, m, hw)
-            });
             let col0 = band.out_rows.start * ow;
             let ops = Operands::dense(wp, n_out, mk, &dbuf[..mk * bp], bp, bp, bias);
-            y.product(S::ISA, ops, (local * n_out, col0), Store::Stream, ahead);
+            y.product(S::ISA, ops, local * n_out, col0, Store::Stream);
         }
     }
 }

@@ -24,7 +24,7 @@ use rayon::prelude::*;
 use super::depthwise::{GradInputLayout, PhaseLayout, fill_phases, gather_phases};
 use super::fused::{band_geometry, row_bands};
 use super::gemm::{MatView, gemm};
-use super::pointwise::{Ahead, ColumnWindow, Operands, Rows, Store, small_k_gemm};
+use super::pointwise::{ColumnWindow, Operands, Rows, Store, small_k_gemm};
 use super::simd::SimdF32;
 use super::{
     Exec, Workspace, collect_exact, for_each_image_task, for_each_task, splits_inside_images,
@@ -685,7 +685,7 @@ fn phase_plane_product(
         // NCHW plane, so the product writes it directly. Saves the copy, which reads back what
         // the streaming stores just sent to memory (B's 3×1 half of the spatially separable
         // layer: 3.6–3.8 → 3.3 ms).
-        y.product(isa, ops, (row0, col0), Store::Stream, Ahead::NONE);
+        y.product(isa, ops, row0, col0, Store::Stream);
         return;
     }
     // Dropping the wasted columns with a copy measured faster than one product per output row

@@ -200,86 +200,36 @@ pub enum Store {
 }
 
 /// Memory the caller touches right after a product, prefetched while the product computes:
-/// up to two spans of floats (such as the next pass's input and output), each one run of
-/// memory or several equal runs a fixed stride apart (the same rows of every channel plane).
-/// A product near the FMA peak leaves the memory system idle, and the pass after it, if
-/// memory-bound, waits on its misses; one line of each span per few steps of the register
-/// blocks spreads them over the product instead. Only addresses are kept: a prefetch reads
-/// nothing the program sees.
+/// up to two spans of floats (such as the next pass's input and output). A product near the
+/// FMA peak leaves the memory system idle, and the pass after it, if memory-bound, waits on
+/// its misses; one line of each span per few steps of the register blocks spreads them over
+/// the product instead. Only addresses are kept: a prefetch reads nothing the program sees.
 #[derive(Clone, Copy, Debug)]
 pub struct Ahead {
-    spans: [Span; 2],
-}
-
-/// `pieces` runs of `len` floats from `start`, `stride` floats apart.
-#[derive(Clone, Copy, Debug)]
-struct Span {
-    start: *const f32,
-    len: usize,
-    pieces: usize,
-    stride: usize,
-}
-
-impl Span {
-    const EMPTY: Span = Span {
-        start: std::ptr::null(),
-        len: 0,
-        pieces: 0,
-        stride: 0,
-    };
-
-    /// The floats of `s`, one run.
-    fn of(s: &[f32]) -> Self {
-        Span {
-            start: s.as_ptr(),
-            len: s.len(),
-            pieces: 1,
-            stride: 0,
-        }
-    }
-
-    /// Cache lines in all its runs.
-    fn lines(&self) -> usize {
-        self.len.div_ceil(LINE_FLOATS) * self.pieces
-    }
+    spans: [(*const f32, *const f32); 2],
 }
 
 impl Ahead {
     /// Nothing to prefetch.
     pub const NONE: Ahead = Ahead {
-        spans: [Span::EMPTY; 2],
+        spans: [(std::ptr::null(), std::ptr::null()); 2],
     };
 
     /// The lines of `first` and of `second`.
     pub fn of(first: &[f32], second: &[f32]) -> Self {
+        let span = |s: &[f32]| (s.as_ptr(), s.as_ptr().wrapping_add(s.len()));
         Ahead {
-            spans: [Span::of(first), Span::of(second)],
-        }
-    }
-
-    /// The lines of `pieces` runs of `len` floats of `x`, from `offset` and `stride` floats
-    /// apart: the same rows of consecutive planes.
-    pub fn runs(x: &[f32], offset: usize, len: usize, pieces: usize, stride: usize) -> Self {
-        let last_end = pieces
-            .checked_sub(1)
-            .map_or(0, |p| offset + p * stride + len);
-        assert!(last_end <= x.len(), "prefetched runs past the slice");
-        Ahead {
-            spans: [
-                Span {
-                    start: x.as_ptr().wrapping_add(offset),
-                    len,
-                    pieces,
-                    stride,
-                },
-                Span::EMPTY,
-            ],
+            spans: [span(first), span(second)],
         }
     }
 
     /// Cache lines of the longer span.
     fn lines(&self) -> usize {
-        self.spans.iter().map(Span::lines).max().unwrap_or(0)
+        self.spans
+            .iter()
+            .map(|&(start, end)| (end as usize - start as usize).div_ceil(LINE_FLOATS * 4))
+            .max()
+            .unwrap_or(0)
     }
 }
 
@@ -287,13 +237,8 @@ impl Ahead {
 /// `every` steps along K of the full register blocks.
 #[derive(Clone, Copy)]
 struct Prefetcher {
-    /// The next line of each span, the end of its current run and the runs after it.
     next: [*const f32; 2],
     end: [*const f32; 2],
-    runs_left: [usize; 2],
-    /// Floats per run of each span, and between the starts of its runs.
-    len: [usize; 2],
-    stride: [usize; 2],
     every: usize,
     countdown: usize,
 }
@@ -301,14 +246,9 @@ struct Prefetcher {
 impl Prefetcher {
     /// Spreads `ahead`'s lines evenly over `steps` steps.
     fn new(ahead: Ahead, steps: usize) -> Self {
-        let [a, b] = ahead.spans;
-        let runs = |s: Span| if s.len == 0 { 0 } else { s.pieces };
         Prefetcher {
-            next: [a.start, b.start],
-            end: [a.start.wrapping_add(a.len), b.start.wrapping_add(b.len)],
-            runs_left: [runs(a).saturating_sub(1), runs(b).saturating_sub(1)],
-            len: [a.len, b.len],
-            stride: [a.stride, b.stride],
+            next: ahead.spans.map(|s| s.0),
+            end: ahead.spans.map(|s| s.1),
             every: (steps / ahead.lines().max(1)).max(1),
             countdown: 0,
         }
@@ -319,30 +259,15 @@ impl Prefetcher {
     unsafe fn step<S: SimdF32>(&mut self) {
         if self.countdown == 0 {
             self.countdown = self.every;
-            for k in 0..2 {
-                if let Some(line) = self.next_line(k) {
+            for (next, &end) in self.next.iter_mut().zip(&self.end) {
+                if *next < end {
                     // SAFETY: a prefetch is a hint; it reads nothing and cannot fault.
-                    unsafe { S::prefetch(line) };
+                    unsafe { S::prefetch(*next) };
+                    *next = next.wrapping_add(LINE_FLOATS);
                 }
             }
         }
         self.countdown -= 1;
-    }
-
-    /// The next line of span `k` to prefetch, if any is left.
-    #[inline(always)]
-    fn next_line(&mut self, k: usize) -> Option<*const f32> {
-        if self.next[k] >= self.end[k] && self.runs_left[k] > 0 {
-            // The next run starts a stride past the current run's start.
-            self.runs_left[k] -= 1;
-            self.end[k] = self.end[k].wrapping_add(self.stride[k]);
-            self.next[k] = self.end[k].wrapping_sub(self.len[k]);
-        }
-        (self.next[k] < self.end[k]).then(|| {
-            let line = self.next[k];
-            self.next[k] = line.wrapping_add(LINE_FLOATS);
-            line
-        })
     }
 }
 
@@ -455,15 +380,8 @@ impl<'a> ColumnWindow<'a> {
     }
 
     /// `y (+)= C · D` into rows `row0 ..` and columns `col0 ..` of the matrix (N × P of
-    /// `ops`), inside this window, as [`small_k_gemm`] writes, prefetching `ahead`.
-    pub fn product(
-        &mut self,
-        isa: Isa,
-        ops: Operands<'_>,
-        (row0, col0): (usize, usize),
-        store: Store,
-        ahead: Ahead,
-    ) {
+    /// `ops`), inside this window, as [`small_k_gemm`] writes.
+    pub fn product(&mut self, isa: Isa, ops: Operands<'_>, row0: usize, col0: usize, store: Store) {
         assert!(row0 + ops.n <= self.rows, "rows past the window's");
         assert!(
             self.cols.start <= col0 && col0 + ops.p <= self.cols.end,
@@ -479,7 +397,7 @@ impl<'a> ColumnWindow<'a> {
             ld: self.ld,
             _y: PhantomData,
         };
-        gemm_dispatch(isa, ops, out, store, ahead)
+        gemm_dispatch(isa, ops, out, store, Ahead::NONE)
     }
 }
 
@@ -990,38 +908,6 @@ mod tests {
         }
     }
 
-    /// Runs a stride apart: every line of every run, in order, and nothing else (each run
-    /// starts one stride past the last, whatever its length's remainder of a line).
-    #[test]
-    fn prefetcher_walks_runs_a_stride_apart() {
-        let buf = vec![0.0f32; 64 * 1024];
-        for (offset, len, runs, stride) in [
-            (0, 100, 5, 1000),
-            (7, 16, 32, 16),
-            (300, 1, 3, 4096),
-            (40, 5000, 2, 5001),
-            (0, 0, 4, 64),
-            (100, 64, 1, 0),
-        ] {
-            let mut p = Prefetcher::new(Ahead::runs(&buf, offset, len, runs, stride), 1);
-            let walked: Vec<usize> = std::iter::from_fn(|| p.next_line(0))
-                .map(|line| (line as usize - buf.as_ptr() as usize) / 4)
-                .collect();
-            let want: Vec<usize> = (0..runs)
-                .flat_map(|r| {
-                    (0..len)
-                        .step_by(LINE_FLOATS)
-                        .map(move |l| offset + r * stride + l)
-                })
-                .collect();
-            assert_eq!(
-                walked, want,
-                "{runs} runs of {len} from {offset}, {stride} apart"
-            );
-            assert_eq!(p.next_line(1), None, "second span empty");
-        }
-    }
-
     /// C given as a transposed matrix (rows at stride 1): the layout whose last columns short
     /// of a vector run along the rows (`tail_by_rows`). Shapes with and without such columns,
     /// fewer rows than a vector and not a multiple of it, bias, accumulation, and Y offset from
@@ -1104,7 +990,7 @@ mod tests {
                     // Rows 0..3 and 3..6 as two products of 3 rows each.
                     for row0 in [0, 3] {
                         let ops = Operands::dense(&c, 3, k, &d[c0..], ld, c1 - c0, None);
-                        window.product(isa, ops, (row0, c0), Store::Stream, Ahead::NONE);
+                        window.product(isa, ops, row0, c0, Store::Stream);
                     }
                 });
             for i in 0..rows {
@@ -1123,7 +1009,7 @@ mod tests {
         let mut windows = ColumnWindow::split(&mut y, 8, &[0, 4, 8]);
         let (c, d) = ([1.0f32; 2], [1.0f32; 8]);
         let ops = Operands::dense(&c, 2, 1, &d, 8, 2, None);
-        windows[0].product(Isa::Portable, ops, (0, 3), Store::Cached, Ahead::NONE);
+        windows[0].product(Isa::Portable, ops, 0, 3, Store::Cached);
     }
 
     #[test]
