@@ -27,6 +27,7 @@ impl Module for Relu {
     }
     fn forward(&mut self, ctx: &mut Ctx, _batch: usize, x: &[f32], y: &mut [f32]) -> Result<()> {
         let isa = ctx.exec.isa();
+        // Elements as planes of one: a run of them per thread.
         plane_runs::<u8>(ctx.exec, y, 1, Side::none(), Side::none(), |i, y, _, _| {
             elementwise::relu(isa, &x[i..i + y.len()], y)
         });

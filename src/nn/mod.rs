@@ -206,12 +206,13 @@ impl<T> Side<'static, T> {
     }
 }
 
-/// The element-wise layers' split, the kernels' too (`kernels::for_each_task`): `data`'s
-/// `len`-element planes in one run of consecutive planes per thread of `exec`, each run with
-/// its planes' elements of `side` and its own `scratch` piece; `f(first_plane, planes,
-/// side, scratch)`. With one thread, or one plane, the run goes on the calling thread: an
-/// `Exec` of one thread never reaches for the pool (from outside one, rayon would start its
-/// global pool and wait on it), and one of N threads splits N ways whatever pool it runs in.
+/// How the element-wise layers split their work, as `kernels::for_each_task` splits the
+/// kernels': `data`'s `len`-element planes in one run of consecutive planes per thread of
+/// `exec`, each run with its planes' elements of `side` and its own `scratch` piece;
+/// `f(first_plane, planes, side, scratch)`. With one thread, or one plane, the run goes on the
+/// calling thread: an `Exec` of one thread never reaches for the pool (from outside one, rayon
+/// would start its global pool and wait on it), and one of N threads splits N ways whatever pool
+/// it runs in.
 pub(crate) fn plane_runs<T: Send>(
     exec: Exec,
     data: &mut [f32],
