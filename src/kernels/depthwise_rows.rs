@@ -28,6 +28,14 @@
 //! thread, 0.30–0.45 → 0.16–0.20 at batch 8, and E's batch-1 depthwise step 0.134–0.138 →
 //! 0.111–0.118 (alternated 3×).
 //!
+//! At 3 × 3 and stride 2 the forward goes two output rows at a time and the grad-weight one
+//! (carrying the input row two consecutive output rows share): four rows' nine input rows, three
+//! vectors each after the even/odd split, were spilled to the stack. Reference layer E (`sepconv
+//! --threads 2 bench --layers E --variants dw,ds`, the build before alternated 4×): depthwise
+//! forward 0.188–0.214 → 0.160–0.163 ms, training step 0.57–0.87 → 0.50–0.83; at batch 1 0.029
+//! → 0.023 and 0.077–0.079 → 0.067–0.068, E's depthwise-separable step 0.888–0.898 →
+//! 0.873–0.879; at batch 8 the depthwise-separable passes a tie (their depthwise share is small).
+//!
 //! The channel-blocked kernel ([`super::depthwise_blocked`]) transposes 16 planes into a
 //! pixel-major layout and back, which on small planes costs more than the arithmetic. Called
 //! over and over on the same tensors (2 threads, min of 100–300, AVX-512), this kernel measured
@@ -50,8 +58,15 @@ use crate::error::Result;
 use crate::geometry::ConvGeometry;
 use rayon::prelude::*;
 
-/// Output rows computed together in the forward pass.
+/// Output rows computed together in the forward pass and the 5 × 5 grad-weight.
 const ROWS: usize = 4;
+
+/// Output rows computed together in the 3 × 3 stride-2 forward: its nine input rows of a
+/// group of four (three vectors each after the even/odd split) did not fit the registers, and
+/// the compiler spilled them to the stack. Reference layer E's image (128 × 56², one thread,
+/// min of 2000, in cache): 0.051–0.052 → 0.046 ms; three rows 0.048. Stride 1 (B's 32 × 112²
+/// and D's 512 × 14² images) and 5 × 5 at stride 2 measured faster with four.
+const ROWS_3X3_STRIDE_2: usize = 2;
 
 /// Output columns up to which this kernel runs on any input: on narrow planes the blocked
 /// kernel's transposes cost the most, and reference layer D (14 columns, 3.2 MB at batch 8)
@@ -140,10 +155,10 @@ unsafe fn forward_planes_kernel<S: SimdF32>(
         // 3 × 3 or 5 × 5 (`applies`).
         unsafe {
             match (g.kernel_h, g.stride_h) {
-                (3, 1) => forward_plane::<S, 3, 3, 1>(g, xp, wp, b, yp),
-                (3, _) => forward_plane::<S, 3, 3, 2>(g, xp, wp, b, yp),
-                (_, 1) => forward_plane::<S, 5, 5, 1>(g, xp, wp, b, yp),
-                _ => forward_plane::<S, 5, 5, 2>(g, xp, wp, b, yp),
+                (3, 1) => forward_plane::<S, 3, 3, 1, ROWS>(g, xp, wp, b, yp),
+                (3, _) => forward_plane::<S, 3, 3, 2, ROWS_3X3_STRIDE_2>(g, xp, wp, b, yp),
+                (_, 1) => forward_plane::<S, 5, 5, 1, ROWS>(g, xp, wp, b, yp),
+                _ => forward_plane::<S, 5, 5, 2, ROWS>(g, xp, wp, b, yp),
             }
         }
         co += 1;
@@ -229,11 +244,11 @@ impl<S: SimdF32, const KW: usize, const STRIDE: usize> Columns<S, KW, STRIDE> {
     }
 }
 
-/// One output plane, `S::LANES` columns at a time, in groups of `ROWS` output rows: at stride
+/// One output plane, `S::LANES` columns at a time, in groups of `R` output rows: at stride
 /// 1 rows `r0 + o·dh` (`dh` the row dilation), where tap row `i` of output row `r0 + o·dh`
 /// reads input row `r0 + (o + i)·dh − pad_top`; at stride 2 (dilation 1) rows `r0 + o`, whose
 /// tap row `i` reads input row `2·(r0 + o) + i − pad_top`. Either way the group's
-/// `(ROWS − 1)·STRIDE + KH` input rows are each loaded once ([`Columns::row`]: `KW` shifted
+/// `(R − 1)·STRIDE + KH` input rows are each loaded once ([`Columns::row`]: `KW` shifted
 /// loads, at stride 2 three contiguous ones split into even and odd lanes) and feed every
 /// output row of the group that reads them.
 ///
@@ -247,7 +262,13 @@ impl<S: SimdF32, const KW: usize, const STRIDE: usize> Columns<S, KW, STRIDE> {
 /// `xp`, `yp` are whole planes of `g`'s input and output, `w` the plane's `KH × KW` taps, `g`'s
 /// stride `STRIDE` on both axes (1 or 2; dilation 1 at 2).
 #[inline(always)]
-unsafe fn forward_plane<S: SimdF32, const KH: usize, const KW: usize, const STRIDE: usize>(
+unsafe fn forward_plane<
+    S: SimdF32,
+    const KH: usize,
+    const KW: usize,
+    const STRIDE: usize,
+    const R: usize,
+>(
     g: &ConvGeometry,
     xp: &[f32],
     w: &[f32],
@@ -268,19 +289,12 @@ unsafe fn forward_plane<S: SimdF32, const KH: usize, const KW: usize, const STRI
         let n = lanes.min(ow - c0);
         let columns = unsafe { Columns::<S, KW, STRIDE>::new(g, xp, c0, n) };
         // Padded row r as seen by each tap column, zeros outside the plane.
-        let row = |r: usize| -> [S; KW] {
-            let ir = r.wrapping_sub(pad_top);
-            if ir < in_h {
-                unsafe { columns.row(ir, in_w) }
-            } else {
-                [unsafe { S::zero() }; KW]
-            }
-        };
+        let row = |r: usize| unsafe { padded_row(&columns, r, pad_top, in_h, in_w) };
         for phase in 0..step.min(oh) {
             let mut r0 = phase;
             while r0 < oh {
-                let mut acc = [bv; ROWS];
-                for k in 0..(ROWS - 1) * STRIDE + KH {
+                let mut acc = [bv; R];
+                for k in 0..(R - 1) * STRIDE + KH {
                     let v = row(r0 * STRIDE + k * step);
                     // Output row o of the group reads this row through tap row k − o·STRIDE.
                     for (o, a) in acc.iter_mut().enumerate() {
@@ -297,7 +311,7 @@ unsafe fn forward_plane<S: SimdF32, const KH: usize, const KW: usize, const STRI
                     let dst = yp.as_mut_ptr().wrapping_add((r0 + o * step) * ow + c0);
                     unsafe { a.store_partial(dst, n) }
                 }
-                r0 += ROWS * step;
+                r0 += R * step;
             }
         }
     }
@@ -389,7 +403,7 @@ unsafe fn backward_planes_kernel<S: SimdF32>(
                 let xp = &x[p * hw..(p + 1) * hw];
                 let out = &mut acc[c * taps..(c + 1) * taps];
                 match g.kernel_h {
-                    3 => grad_weight_plane::<S, 3, 3>(g, xp, gyp, out),
+                    3 => grad_weight_plane_3x3::<S>(g, xp, gyp, out),
                     _ => grad_weight_plane::<S, 5, 5>(g, xp, gyp, out),
                 }
             }
@@ -482,11 +496,76 @@ unsafe fn grad_input_plane<S: SimdF32, const KH: usize, const KW: usize>(
     }
 }
 
+/// Padded row `t` of a plane as each tap column of `columns` sees it: zeros outside the plane
+/// (rows `pt` to `pt + in_h` are the input's).
+///
+/// # Safety
+/// `columns` was built for a plane of `in_h` rows of `in_w` floats.
+#[inline(always)]
+unsafe fn padded_row<S: SimdF32, const KW: usize, const STRIDE: usize>(
+    columns: &Columns<S, KW, STRIDE>,
+    t: usize,
+    pt: usize,
+    in_h: usize,
+    in_w: usize,
+) -> [S; KW] {
+    let ir = t.wrapping_sub(pt);
+    if ir < in_h {
+        // SAFETY: row ir lies inside the plane.
+        unsafe { columns.row(ir, in_w) }
+    } else {
+        [unsafe { S::zero() }; KW]
+    }
+}
+
+/// [`grad_weight_plane`] for a 3 × 3 kernel, one output row at a time: output row `r` reads
+/// padded rows `2·r`, `2·r + 1` and `2·r + 2`, and the last is the next row's first, so it is
+/// carried over and each input row is loaded once (two per output row, where groups of four
+/// output rows load nine). Every tap's lanes add the output rows in the same order as the
+/// grouped kernel's, so the sums are the same. The grouped kernel's nine rows of three vectors
+/// did not fit the registers (the compiler spilled them to the stack): reference layer E's
+/// image (128 × 56², one thread, min of 2000, in cache) 0.0483–0.0486 → 0.0415 ms.
+///
+/// # Safety
+/// As [`grad_weight_plane`], with a 3 × 3 kernel.
+#[inline(always)]
+unsafe fn grad_weight_plane_3x3<S: SimdF32>(
+    g: &ConvGeometry,
+    xp: &[f32],
+    gyp: &[f32],
+    acc: &mut [f64],
+) {
+    let (oh, ow, in_h, in_w, pt) = (g.out_h, g.out_w, g.in_h, g.in_w, g.pad_top);
+    let mut sums = [[unsafe { S::zero() }; 3]; 3];
+    for c0 in (0..ow).step_by(S::LANES) {
+        let n = S::LANES.min(ow - c0);
+        // SAFETY (all blocks): loads read the lanes inside rows below `in_h` and `oh`.
+        let columns = unsafe { Columns::<S, 3, 2>::new(g, xp, c0, n) };
+        let inside = unsafe { S::lanes(0, n) };
+        let mut top = unsafe { padded_row(&columns, 0, pt, in_h, in_w) };
+        for r in 0..oh {
+            let gv = unsafe { S::load_masked(gyp.as_ptr().wrapping_add(r * ow + c0), inside) };
+            let middle = unsafe { padded_row(&columns, 2 * r + 1, pt, in_h, in_w) };
+            let bottom = unsafe { padded_row(&columns, 2 * r + 2, pt, in_h, in_w) };
+            for (i, v) in [top, middle, bottom].iter().enumerate() {
+                for (s, &vj) in sums[i].iter_mut().zip(v) {
+                    *s = unsafe { S::mul_add(gv, vj, *s) };
+                }
+            }
+            top = bottom;
+        }
+    }
+    for (a, s) in acc.iter_mut().zip(sums.iter().flatten()) {
+        *a += unsafe { s.reduce_sum() } as f64;
+    }
+}
+
 /// One plane's weight gradient at stride 2, added to `acc` (`KH × KW` taps): `gw[i, j] = Σ
 /// gy[r, c] · x[2·r + i − pad_top, 2·c + j − pad_left]`, a vector of output columns at a time
 /// with the input rows read as the forward reads them ([`Columns`]), summed in `KH × KW`
 /// accumulator vectors (lanes past the output row multiply zeros). As in the forward, `ROWS`
-/// output rows go together, so each of their `2·(ROWS − 1) + KH` input rows is read once.
+/// output rows go together, so each of their `2·(ROWS − 1) + KH` input rows is read once (the
+/// 5 × 5 kernel's; the 3 × 3 one goes row by row, [`grad_weight_plane_3x3`]).
 ///
 /// # Safety
 /// `xp`, `gyp` are whole planes of `g`'s input and output, `g` at stride 2 and dilation 1.
@@ -516,12 +595,7 @@ unsafe fn grad_weight_plane<S: SimdF32, const KH: usize, const KW: usize>(
             for k in 0..2 * (ROWS - 1) + KH {
                 // Zeros outside the plane rather than a branch around the FMAs: the loop
                 // unrolls, and the accumulators stay in registers.
-                let ir = (2 * r0 + k).wrapping_sub(pt);
-                let v = if ir < in_h {
-                    unsafe { columns.row(ir, in_w) }
-                } else {
-                    [unsafe { S::zero() }; KW]
-                };
+                let v = unsafe { padded_row(&columns, 2 * r0 + k, pt, in_h, in_w) };
                 // Output row o of the group reads this row through tap row k − 2·o.
                 for (o, &gvo) in gv.iter().enumerate() {
                     let i = k.wrapping_sub(2 * o);
