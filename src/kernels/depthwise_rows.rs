@@ -64,8 +64,10 @@ const ROWS: usize = 4;
 /// Output rows computed together in the 3 × 3 stride-2 forward: its nine input rows of a
 /// group of four (three vectors each after the even/odd split) did not fit the registers, and
 /// the compiler spilled them to the stack. Reference layer E's image (128 × 56², one thread,
-/// min of 2000, in cache): 0.051–0.052 → 0.046 ms; three rows 0.048. Stride 1 (B's 32 × 112²
-/// and D's 512 × 14² images) and 5 × 5 at stride 2 measured faster with four.
+/// min of 2000, in cache; the build before alternated 2×): 0.052–0.065 → 0.041 ms (in one
+/// build two rows 0.046, three 0.048, four 0.055). Stride 1 (B's 32 × 112² and D's 512 × 14²
+/// images: 0.106–0.108 and 0.037–0.038 ms with four, 0.136–0.138 and 0.042–0.043 with two) and
+/// 5 × 5 at stride 2 (0.116–0.118 against 0.140) measured faster with four.
 const ROWS_3X3_STRIDE_2: usize = 2;
 
 /// Output columns up to which this kernel runs on any input: on narrow planes the blocked
@@ -524,7 +526,8 @@ unsafe fn padded_row<S: SimdF32, const KW: usize, const STRIDE: usize>(
 /// output rows load nine). Every tap's lanes add the output rows in the same order as the
 /// grouped kernel's, so the sums are the same. The grouped kernel's nine rows of three vectors
 /// did not fit the registers (the compiler spilled them to the stack): reference layer E's
-/// image (128 × 56², one thread, min of 2000, in cache) 0.0483–0.0486 → 0.0415 ms.
+/// image (128 × 56², one thread, min of 3000, in cache; the build before alternated 3×)
+/// 0.0485–0.0488 → 0.0409–0.0410 ms.
 ///
 /// # Safety
 /// As [`grad_weight_plane`], with a 3 × 3 kernel.
