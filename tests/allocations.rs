@@ -9,6 +9,8 @@ use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 
 use sepconv::bench::{Pass, ReferenceLayer, Variant, Workload};
 
+mod common;
+
 struct Counting;
 
 static ALLOCATIONS: AtomicUsize = AtomicUsize::new(0);
@@ -35,7 +37,7 @@ static COUNTING: Counting = Counting;
 /// the fewest of five runs, because the thread pool itself allocates now and then (a work
 /// queue grows when a worker is slow to steal), which a kernel's own allocations do every run.
 fn allocations(layer: ReferenceLayer, batch: usize, variant: Variant, pass: Pass) -> usize {
-    let exec = sepconv::Exec::new(2).with_min_split_macs(0);
+    let exec = common::exec(2);
     let mut w = Workload::new(&layer.with_batch(batch), variant).unwrap();
     for _ in 0..2 {
         w.run(exec, pass).unwrap();

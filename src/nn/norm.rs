@@ -139,14 +139,20 @@ fn scratch_stride(len: usize) -> usize {
     len.next_multiple_of(32)
 }
 
-/// `tasks` pieces of `len` floats of `scratch` (which holds `tasks × scratch_stride(len)`), one
-/// stride apart; empty pieces if `scratch` is empty.
-fn scratch_pieces(scratch: &mut [f32], tasks: usize, len: usize) -> Vec<&mut [f32]> {
-    let stride = if scratch.is_empty() {
+/// Floats between two tasks' pieces of `scratch` for `len`-float planes: [`scratch_stride`], or
+/// 0 where there is no scratch.
+fn task_stride(scratch: &[f32], len: usize) -> usize {
+    if scratch.is_empty() {
         0
     } else {
         scratch_stride(len)
-    };
+    }
+}
+
+/// `tasks` pieces of `len` floats of `scratch` (which holds `tasks × scratch_stride(len)`), one
+/// stride apart; empty pieces if `scratch` is empty.
+fn scratch_pieces(scratch: &mut [f32], tasks: usize, len: usize) -> Vec<&mut [f32]> {
+    let stride = task_stride(scratch, len);
     let mut pieces = Vec::with_capacity(tasks);
     let mut rest = scratch;
     for _ in 0..tasks {
@@ -167,11 +173,7 @@ fn planes_with_scratch(
     scratch: &mut [f32],
     f: impl Fn(usize, &mut [f32], &mut [f32]) + Sync + Send,
 ) {
-    let stride = if scratch.is_empty() {
-        0
-    } else {
-        scratch_stride(len)
-    };
+    let stride = task_stride(scratch, len);
     let scratch = Side::new(scratch, stride);
     plane_runs::<u8>(
         exec,
