@@ -43,17 +43,21 @@
 //! streams the output past the cache (measured faster than the packed GEMM on layers B–E).
 //!
 //! Used for inference (no intermediate is kept for a backward pass) on every
-//! depthwise-separable pair.
+//! depthwise-separable pair, except where one image's depthwise output fits in a band and the
+//! row depthwise kernel takes the image: there each thread runs its images one by one as the
+//! training forward does ([`super::fused_training`]), into a one-image buffer of its own
+//! (measurements at `runs_image_by_image`).
 
 use std::ops::Range;
 
 use super::depthwise::{PhaseLayout, channel_outputs, fill_phases};
-use super::depthwise_blocked;
+use super::fused_training::{self, Intermediate};
+use super::{depthwise_blocked, depthwise_rows};
 use rayon::prelude::*;
 
 use super::pointwise::{ColumnWindow, Operands, Store};
 use super::simd::SimdF32;
-use super::{Exec, Workspace, for_each_task, splits_inside_images};
+use super::{Exec, ImageRuns, Workspace, for_each_task, splits_inside_images};
 use crate::error::Result;
 use crate::geometry::{Conv2dParams, ConvGeometry, Padding};
 
@@ -225,7 +229,33 @@ pub fn depthwise_pointwise_forward(
     assert_eq!(wp.len(), pw.weight_len());
     assert_eq!(y.len(), pw.output_len());
     assert_eq!(pw.input_shape(), dw.output_shape());
+    assert!(bias.is_none_or(|b| b.len() == pw.out_channels));
+    if runs_image_by_image(exec, dw, pw) {
+        let tasks = ImageRuns::new(exec.threads(), dw.batch).tasks;
+        let mid = ws.take(tasks * pw.in_channels * pw.in_pixels())?;
+        let mid = Intermediate::PerTask(mid);
+        fused_training::forward_images(exec, dw, pw, x, wd, wp, bias, mid, y);
+        return Ok(());
+    }
     forward_in_bands(exec, dw, pw, x, wd, wp, bias, y, ws, BAND_FLOATS)
+}
+
+/// Whether [`depthwise_pointwise_forward`] runs image by image on the row depthwise kernel
+/// ([`fused_training::forward_images`], each image's depthwise output in a buffer of its
+/// thread's, the next image's input prefetched during the pointwise product) rather than in
+/// bands: where the row kernel takes one image, every thread has images of its own and one
+/// image's depthwise output fits in a band (so the bands would be whole images too).
+///
+/// Harness, 2 threads, batch 8, min of 20–30, bands against image by image (writing the
+/// intermediate to memory, as the training forward does): reference layer E 2.14–2.16 against
+/// 2.02–2.03 ms, D 3.96–4.00 against 3.85; where an image takes two bands, C 4.29–4.33 against
+/// 4.38–4.42 and B 2.54–2.63 against 3.07–3.09.
+fn runs_image_by_image(exec: Exec, dw: &ConvGeometry, pw: &ConvGeometry) -> bool {
+    let image = ConvGeometry { batch: 1, ..*dw };
+    depthwise_rows::applies(exec.isa(), &image)
+        && pw.groups == 1
+        && !splits_inside_images(exec.threads(), dw.batch)
+        && dw.out_channels * dw.out_pixels() <= BAND_FLOATS
 }
 
 /// [`depthwise_pointwise_forward`] with bands of at most `band_floats` floats of depthwise
@@ -541,6 +571,83 @@ pub(super) mod tests {
                     }
                 }
             }
+        }
+    }
+
+    /// [`depthwise_pointwise_forward`] where it runs image by image (the row kernel; checked
+    /// to be taken on AVX-512): against the reference pair, with and without bias, at stride 1
+    /// and 2, 3 × 3 and 5 × 5, depth multipliers 1 and 2, batches that give 1, 2 and 3 threads
+    /// runs of two or more images (the last run shorter on 9 images over 2 threads), each thread's buffer
+    /// reused image after image.
+    #[test]
+    fn image_by_image_matches_the_reference() {
+        let same = Conv2dParams::with_padding(Padding::Same);
+        let mut taken = 0;
+        for (input, mult, n, kernel, params) in [
+            ([6, 16, 9, 11], 1, 8, (3, 3), same),
+            ([9, 8, 13, 10], 1, 12, (3, 3), same.stride(2, 2)),
+            ([6, 4, 12, 9], 2, 5, (5, 5), same),
+            (
+                [12, 6, 11, 14],
+                2,
+                7,
+                (5, 5),
+                Conv2dParams::default().stride(2, 2),
+            ),
+        ] {
+            let dw = ConvGeometry::new(
+                input,
+                [input[1] * mult, 1, kernel.0, kernel.1],
+                &params.groups(input[1]),
+            )
+            .unwrap();
+            let pw = ConvGeometry::new(
+                dw.output_shape(),
+                [n, dw.out_channels, 1, 1],
+                &Conv2dParams::default(),
+            )
+            .unwrap();
+            let (x, wd, wp, bias) = (
+                values(dw.input_len(), 5),
+                values(dw.weight_len(), 6),
+                values(pw.weight_len(), 7),
+                values(n, 8),
+            );
+            let mut mid = vec![0.0; dw.output_len()];
+            reference::conv2d_forward(&dw, &x, &wd, None, &mut mid);
+            for isa in Isa::available() {
+                for threads in [1, 2, 3] {
+                    let exec = Exec::new(threads)
+                        .with_min_split_macs(0)
+                        .with_isa(isa)
+                        .unwrap();
+                    let image_by_image = runs_image_by_image(exec, &dw, &pw);
+                    assert_eq!(image_by_image, isa == Isa::Avx512, "{input:?} {isa}");
+                    taken += usize::from(image_by_image);
+                    for b in [None, Some(&bias[..])] {
+                        let mut want = vec![0.0; pw.output_len()];
+                        reference::conv2d_forward(&pw, &mid, &wp, b, &mut want);
+                        let mut y = vec![f32::NAN; pw.output_len()];
+                        let mut ws = Workspace::new();
+                        depthwise_pointwise_forward(
+                            exec, &dw, &pw, &x, &wd, &wp, b, &mut y, &mut ws,
+                        )
+                        .unwrap();
+                        let scale = want.iter().fold(1f32, |m, v| m.max(v.abs()));
+                        for (i, (a, w)) in y.iter().zip(&want).enumerate() {
+                            assert!(
+                                (a - w).abs() <= 1e-4 * scale,
+                                "{input:?} {isa} {threads} threads, bias {}, y[{i}] = {a}, \
+                                 want {w}",
+                                b.is_some()
+                            );
+                        }
+                    }
+                }
+            }
+        }
+        if Isa::available().contains(&Isa::Avx512) {
+            assert_eq!(taken, 12, "every case on AVX-512 runs image by image");
         }
     }
 }

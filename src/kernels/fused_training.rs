@@ -17,6 +17,10 @@
 //!   ([`depthwise_rows`]); the product prefetches the block's input and input-gradient lines
 //!   (up to 1 MiB, `BLOCK_FLOATS`), which the depthwise step then finds in L2.
 //!
+//! The inference forward ([`super::fused::depthwise_pointwise_forward`]) runs the same image
+//! by image pass where one image's depthwise output fits in L2, into a one-image buffer per
+//! thread.
+//!
 //! Both passes apply where the depthwise layer runs on the stride-2 row kernel (reference
 //! layer E) and the pointwise layer splits over images; the forward also at stride 1 where the
 //! row kernel takes one image (B, C and D). At stride 1 the backward stays unfused: run the
@@ -96,6 +100,35 @@ pub fn forward(
     check_operands(dw, pw, x, w1, w2, mid);
     assert!(bias.is_none_or(|b| b.len() == pw.out_channels));
     assert_eq!(y.len(), pw.output_len());
+    forward_images(exec, dw, pw, x, w1, w2, bias, Intermediate::Kept(mid), y);
+    Ok(())
+}
+
+/// Where [`forward_images`] writes each image's depthwise output.
+pub(super) enum Intermediate<'a> {
+    /// The whole batch's, kept for the backward.
+    Kept(&'a mut [f32]),
+    /// One image's per task ([`ImageRuns::new`]'s tasks), overwritten image after image: the
+    /// inference forward ([`super::fused::depthwise_pointwise_forward`]).
+    PerTask(&'a mut [f32]),
+}
+
+/// `y = pw(dw(x, w1), w2) + bias` image by image, each thread a run of images: an image's
+/// depthwise output on the row kernel, then its pointwise product from L2 while the next
+/// image's input is prefetched. `dw` must satisfy [`depthwise_rows::applies`] for one image
+/// and `pw` split over images ([`pointwise_backward_applies`]); the callers check the operands.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn forward_images(
+    exec: Exec,
+    dw: &ConvGeometry,
+    pw: &ConvGeometry,
+    x: &[f32],
+    w1: &[f32],
+    w2: &[f32],
+    bias: Option<&[f32]>,
+    mid: Intermediate<'_>,
+    y: &mut [f32],
+) {
     let (img_x, img_mid, img_y) = (
         dw.in_channels * dw.in_pixels(),
         pw.in_channels * pw.in_pixels(),
@@ -105,10 +138,21 @@ pub fn forward(
     let isa = exec.isa();
     let runs = ImageRuns::new(exec.threads(), pw.batch);
     let per_task = runs.per_task;
+    // Kept: a slot per image of each task's run; per task: one slot, reused.
+    let (mid, mid_chunk, slot_stride) = match mid {
+        Intermediate::Kept(mid) => {
+            assert_eq!(mid.len(), pw.input_len(), "intermediate length");
+            (mid, per_task * img_mid, img_mid)
+        }
+        Intermediate::PerTask(mid) => {
+            assert!(mid.len() >= runs.tasks * img_mid, "intermediate too short");
+            (mid, img_mid, 0)
+        }
+    };
     let task = |t: usize, midc: &mut [f32], yc: &mut [f32]| {
         let run = runs.run(t);
         for (local, n) in run.clone().enumerate() {
-            let midn = &mut midc[local * img_mid..][..img_mid];
+            let midn = &mut midc[local * slot_stride..][..img_mid];
             depthwise_rows::forward_planes(
                 isa,
                 dw,
@@ -129,11 +173,10 @@ pub fn forward(
             small_k_gemm_ahead(isa, ops, yn, p, Store::Stream, Ahead::of(next, &[]));
         }
     };
-    mid.par_chunks_mut(per_task * img_mid)
+    mid.par_chunks_mut(mid_chunk)
         .zip(y.par_chunks_mut(per_task * img_y))
         .enumerate()
         .for_each(|(t, (midc, yc))| task(t, midc, yc));
-    Ok(())
 }
 
 /// Floats of input and input gradient of the depthwise layer that one block of channels of the
