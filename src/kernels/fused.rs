@@ -243,20 +243,31 @@ pub fn depthwise_pointwise_forward(
 /// Whether [`depthwise_pointwise_forward`] runs image by image on the row depthwise kernel
 /// ([`fused_training::forward_images`], each image's depthwise output in a buffer of its
 /// thread's, the next image's input prefetched during the pointwise product) rather than in
-/// bands: where the row kernel takes one image, every thread has images of its own and one
-/// image's depthwise output fits in a band (so the bands would be whole images too).
+/// bands: where the row kernel takes one image, every thread has images of its own, and one
+/// image's depthwise output fits in a band (so the bands would be whole images too) or its
+/// input planes fit in L1 ([`L1_PLANE_FLOATS`]).
 ///
-/// Harness, 2 threads, batch 8, min of 20–30, bands against image by image (writing the
-/// intermediate to memory, as the training forward does): reference layer E 2.14–2.16 against
-/// 2.02–2.03 ms, D 3.96–4.00 against 3.85; where an image takes two bands, C 4.29–4.33 against
-/// 4.38–4.42 and B 2.54–2.63 against 3.07–3.09.
+/// Measured against the bands (2 threads, batch 8): `sepconv bench --layers D,E --variants ds
+/// --passes forward`, alternated 3×, reference layer D 3.88–3.92 → 3.74–3.82 ms, E 2.12–2.19 →
+/// 2.01–2.07; C (two bands per image, 56² planes), alternated 3× in a quiet phase, 4.37–4.43 →
+/// 4.12–4.37 (better in five of six). Harness, min of 20, three rounds in a quiet phase:
+/// 256 → 256 at 56² 16.33–16.49 → 15.87–16.06, 512 → 512 at 28² 16.14–16.29 → 15.24–15.52,
+/// 64 → 128 at 112² stride 2 2.75–3.36 → 2.55–2.70. B (112² planes, two bands per image) was
+/// slower image by image in the bench (2.63–3.27 against 2.53–2.70 ms in four alternations)
+/// and stays on bands.
 fn runs_image_by_image(exec: Exec, dw: &ConvGeometry, pw: &ConvGeometry) -> bool {
     let image = ConvGeometry { batch: 1, ..*dw };
     depthwise_rows::applies(exec.isa(), &image)
         && pw.groups == 1
         && !splits_inside_images(exec.threads(), dw.batch)
-        && dw.out_channels * dw.out_pixels() <= BAND_FLOATS
+        && (dw.out_channels * dw.out_pixels() <= BAND_FLOATS || dw.in_pixels() <= L1_PLANE_FLOATS)
 }
+
+/// Input plane floats up to which an image's depthwise output may exceed a band and still run
+/// image by image: 16 KiB, half of L1. The row kernel walks a plane one column vector at a
+/// time, top to bottom, so a plane larger than L1 comes from L2 or beyond once per column
+/// vector (seven times on B's 112 columns).
+const L1_PLANE_FLOATS: usize = 4096;
 
 /// [`depthwise_pointwise_forward`] with bands of at most `band_floats` floats of depthwise
 /// output (at least one row): the tests cut small images into many bands with it.
