@@ -15,14 +15,22 @@
 //! both, and in some processes the next depthwise pass then ran 8× slower (0.61 against
 //! 0.077 ms on B's, its lines owned by the other core's cache). Harness, 2 threads, min of
 //! 200, alternated: B at batch 1 0.37–0.90 → 0.31–0.32 ms, C 0.60–1.13 → 0.52–0.53, E 0.29–0.30 →
-//! 0.28, D 0.49 → 0.48.
+//! 0.28, D 0.49 → 0.48. Since the row kernel took the unfused depthwise layer at stride 2 and
+//! the bands' depthwise step below, `sepconv bench --batch 1` (which reports the fused pass
+//! against the two layers) measured B 1.05×, C 1.07×, D 1.00× and E 0.98× (0.263–0.264 ms
+//! against 0.258–0.259, two runs): kept for E too, for the threads that never read each other's
+//! intermediate.
 //!
-//! The depthwise step runs on the channel-blocked kernel ([`super::depthwise_blocked`]) where
-//! it applies (B ds forward 3.36–3.69 → 3.11–3.43 ms in one sitting), else on the plane kernel.
-//! Its transposes cost less here than their count suggests: a 3 × 3 kernel reading the NCHW
-//! rows in place (four output rows per input row load, column shifts in registers, no
-//! transposes) measured the same on B (harness, batch 8: 2.56–2.58 against 2.56–2.61 ms; 2%
-//! faster with the input in cache), also with the next rows prefetched. Tried again later with
+//! The depthwise step runs on the row kernel ([`depthwise_rows`], channel by channel on the
+//! band's rows in place) where its planes fit in L1 with output rows of a vector or more (C
+//! and E at batch 1, `sepconv bench --batch 1` alternated 3× with the blocked kernel: 0.521–0.527
+//! → 0.509–0.514 ms and 0.277–0.280 → 0.263–0.267; D a tie), else on the channel-blocked kernel
+//! ([`super::depthwise_blocked`]) where it applies (B ds forward 3.36–3.69 → 3.11–3.43 ms in one
+//! sitting), else on the plane kernel. The blocked kernel's transposes cost less here than
+//! their count suggests: a 3 × 3 kernel reading the NCHW rows in place (four output rows per
+//! input row load, column shifts in registers, no transposes) measured the same on B
+//! (harness, batch 8: 2.56–2.58 against 2.56–2.61 ms; 2% faster with the input in cache), also
+//! with the next rows prefetched. Tried again later with
 //! each band's input prefetched during the previous band's pointwise product (so that it is
 //! in cache) and bands sized for that: faster in one series on buffers of 4 KiB pages (B 2.82
 //! → 2.53 ms), but on the huge-page buffers the bench and the layers allocate slower and
@@ -294,23 +302,19 @@ fn forward_in_bands(
     }
     let rows = dw.out_h.div_ceil(count.min(dw.out_h));
     let bands = bands(dw, rows)?;
-    // One blocked layout for every band: the tallest band's, so the buffer's padding columns
-    // stay where the first call cleared them whatever the band's height.
-    let blocked = depthwise_blocked::applies(dw)
-        .then(|| depthwise_blocked::Layout::new(&tallest_band(&bands).geometry));
-    let depthwise_len = depthwise_scratch(&bands, blocked.as_ref(), exec.isa().lanes());
+    let step = DepthwiseStep::choose(exec, dw, &bands);
+    let depthwise_len = depthwise_scratch(&bands, &step, exec.isa().lanes());
     // Bands joined to rows that read only padding are taller than `rows`.
     let tallest_rows = bands.iter().map(|b| b.out_rows.len()).max().unwrap_or(0);
     let per_task = mk * tallest_rows * dw.out_w + depthwise_len;
     let p = pw.out_pixels();
     let run = |bands: &[Band], images: Range<usize>, y: ColumnWindow, buf: &mut [f32]| {
-        let blocked = blocked.as_ref();
         fused_images(
             exec.isa(),
             dw,
             pw,
             bands,
-            blocked,
+            &step,
             x,
             wd,
             wp,
@@ -347,38 +351,72 @@ fn forward_in_bands(
     Ok(())
 }
 
-/// Floats of scratch the depthwise step of `bands` needs with `lanes`-float vectors: the
-/// blocked layout's, or the largest phase planes and flat output of the plane kernel.
-fn depthwise_scratch(
-    bands: &[Band],
-    blocked: Option<&depthwise_blocked::Layout>,
-    lanes: usize,
-) -> usize {
+/// Which kernel computes the bands' depthwise step.
+enum DepthwiseStep {
+    /// The row kernel, channel by channel on the band's rows in place
+    /// ([`depthwise_rows::forward_planes`]): where it takes the image, at depth multiplier 1,
+    /// on planes that fit in L1 ([`L1_PLANE_FLOATS`]; on larger planes it walks each from
+    /// memory once per column vector) with output rows of a vector or more (narrower rows
+    /// leave lanes idle, where the blocked kernel fills every lane with a channel: the MNIST
+    /// network's 7² and 14² blocks at batch 1 measured 4–5 µs slower per image on it).
+    Rows,
+    /// The channel-blocked kernel, with the tallest band's layout for every band, so the
+    /// buffer's padding columns stay where the first call cleared them whatever the band's
+    /// height.
+    Blocked(depthwise_blocked::Layout),
+    /// The plane kernel on phase planes.
+    Planes,
+}
+
+impl DepthwiseStep {
+    fn choose(exec: Exec, dw: &ConvGeometry, bands: &[Band]) -> Self {
+        let image = ConvGeometry { batch: 1, ..*dw };
+        if depthwise_rows::applies(exec.isa(), &image)
+            && dw.depth_multiplier() == 1
+            && dw.in_pixels() <= L1_PLANE_FLOATS
+            && dw.out_w >= exec.isa().lanes()
+        {
+            DepthwiseStep::Rows
+        } else if depthwise_blocked::applies(dw) {
+            DepthwiseStep::Blocked(depthwise_blocked::Layout::new(
+                &tallest_band(bands).geometry,
+            ))
+        } else {
+            DepthwiseStep::Planes
+        }
+    }
+}
+
+/// Floats of scratch the depthwise step of `bands` needs with `lanes`-float vectors: none on
+/// the row kernel, the blocked layout's, or the largest phase planes and flat output of the
+/// plane kernel.
+fn depthwise_scratch(bands: &[Band], step: &DepthwiseStep, lanes: usize) -> usize {
     let largest = |len: fn(&Band) -> usize| bands.iter().map(len).max().unwrap_or(0);
-    match blocked {
-        Some(tallest) => bands
+    match step {
+        DepthwiseStep::Rows => 0,
+        DepthwiseStep::Blocked(tallest) => bands
             .iter()
             .map(|b| tallest.scratch(&b.geometry, lanes))
             .max()
             .unwrap_or(0),
-        None => largest(|b| b.layout.len) + largest(|b| b.layout.out_len()),
+        DepthwiseStep::Planes => largest(|b| b.layout.len) + largest(|b| b.layout.out_len()),
     }
 }
 
 crate::simd_dispatch!(fn fused_images => fused_images_kernel(
     dw: &ConvGeometry, pw: &ConvGeometry, bands: &[Band],
-    blocked: Option<&depthwise_blocked::Layout>, x: &[f32], wd: &[f32], wp: &[f32],
+    step: &DepthwiseStep, x: &[f32], wd: &[f32], wp: &[f32],
     bias: Option<&[f32]>, images: Range<usize>, y: ColumnWindow<'_>, buf: &mut [f32]
 ));
 
 /// `bands` of every image of `images` into `y` (the images' output rows, at least the bands'
-/// columns). `blocked`: the channel-blocked layout all bands share, where that kernel applies.
+/// columns), the depthwise step on `step`.
 #[inline(always)]
 unsafe fn fused_images_kernel<S: SimdF32>(
     dw: &ConvGeometry,
     pw: &ConvGeometry,
     bands: &[Band],
-    blocked: Option<&depthwise_blocked::Layout>,
+    step: &DepthwiseStep,
     x: &[f32],
     wd: &[f32],
     wp: &[f32],
@@ -398,7 +436,7 @@ unsafe fn fused_images_kernel<S: SimdF32>(
     let (dbuf, rest) = buf.split_at_mut(mk * max_band);
     // The depthwise kernels below write their scratch unchecked.
     assert!(
-        rest.len() >= depthwise_scratch(bands, blocked, S::LANES),
+        rest.len() >= depthwise_scratch(bands, step, S::LANES),
         "fused scratch too short"
     );
     let phase_len = bands.iter().map(|b| b.layout.len).max().unwrap_or(0);
@@ -407,50 +445,64 @@ unsafe fn fused_images_kernel<S: SimdF32>(
         for band in bands {
             let (g, l) = (&band.geometry, &band.layout);
             let bp = band.out_rows.len() * ow;
-            if let Some(tallest) = blocked {
-                // The channel-blocked kernel, a block of channels at a time (see its module).
-                let lanes = S::LANES;
-                for c0 in (0..m).step_by(lanes) {
-                    let plane = (img * m + c0) * hw + band.in_rows.start * w_in;
-                    // SAFETY: x holds `lanes` planes from `plane` at stride hw; dbuf has the
-                    // block's bp-pixel planes; rest has the blocked scratch of every band.
-                    unsafe {
-                        depthwise_blocked::forward_block::<S>(
-                            g,
-                            tallest,
-                            &x[plane..],
-                            hw,
-                            &wd[c0 * taps..(c0 + lanes) * taps],
-                            None,
-                            &mut dbuf[c0 * bp..(c0 + lanes) * bp],
-                            rest,
-                            first,
-                        )
-                    };
-                    first = false;
+            match step {
+                DepthwiseStep::Rows => {
+                    for c in 0..m {
+                        let plane = (img * m + c) * hw + band.in_rows.start * w_in;
+                        let xb = &x[plane..plane + band.in_rows.len() * w_in];
+                        let d = &mut dbuf[c * bp..(c + 1) * bp];
+                        let w = &wd[c * taps..(c + 1) * taps];
+                        depthwise_rows::forward_planes(S::ISA, g, xb, w, None, 0..1, d);
+                    }
                 }
-            } else {
-                let (xbuf, obuf) = rest.split_at_mut(phase_len);
-                for c in 0..m {
-                    let plane = (img * m + c) * hw;
-                    let xb = &x[plane + band.in_rows.start * w_in..plane + band.in_rows.end * w_in];
-                    // Band layouts differ only in their top and bottom padding rows, so the buffer
-                    // is cleared for every band's first channel.
-                    fill_phases::<S>(g, l, xb, xbuf, first || c == 0);
-                    first = false;
-                    let d = &mut dbuf[c * mult * bp..(c + 1) * mult * bp];
-                    // SAFETY: xbuf was just filled for layout `l`; obuf has the largest out_len.
-                    unsafe {
-                        channel_outputs::<S>(
-                            g,
-                            l,
-                            &wd[c * mult * taps..(c + 1) * mult * taps],
-                            None,
-                            xbuf,
-                            obuf,
-                            d,
-                        )
-                    };
+                DepthwiseStep::Blocked(tallest) => {
+                    // The channel-blocked kernel, a block of channels at a time (see its module).
+                    let lanes = S::LANES;
+                    for c0 in (0..m).step_by(lanes) {
+                        let plane = (img * m + c0) * hw + band.in_rows.start * w_in;
+                        // SAFETY: x holds `lanes` planes from `plane` at stride hw; dbuf has the
+                        // block's bp-pixel planes; rest has the blocked scratch of every band.
+                        unsafe {
+                            depthwise_blocked::forward_block::<S>(
+                                g,
+                                tallest,
+                                &x[plane..],
+                                hw,
+                                &wd[c0 * taps..(c0 + lanes) * taps],
+                                None,
+                                &mut dbuf[c0 * bp..(c0 + lanes) * bp],
+                                rest,
+                                first,
+                            )
+                        };
+                        first = false;
+                    }
+                }
+                DepthwiseStep::Planes => {
+                    let (xbuf, obuf) = rest.split_at_mut(phase_len);
+                    for c in 0..m {
+                        let plane = (img * m + c) * hw;
+                        let xb =
+                            &x[plane + band.in_rows.start * w_in..plane + band.in_rows.end * w_in];
+                        // Band layouts differ only in their top and bottom padding rows, so the
+                        // buffer is cleared for every band's first channel.
+                        fill_phases::<S>(g, l, xb, xbuf, first || c == 0);
+                        first = false;
+                        let d = &mut dbuf[c * mult * bp..(c + 1) * mult * bp];
+                        // SAFETY: xbuf was just filled for layout `l`; obuf has the largest
+                        // out_len.
+                        unsafe {
+                            channel_outputs::<S>(
+                                g,
+                                l,
+                                &wd[c * mult * taps..(c + 1) * mult * taps],
+                                None,
+                                xbuf,
+                                obuf,
+                                d,
+                            )
+                        };
+                    }
                 }
             }
             let col0 = band.out_rows.start * ow;
@@ -477,12 +529,28 @@ pub(super) mod tests {
     /// from one row to whole images, on one thread and split by images or by bands (batches 1,
     /// 3 and 5 leave threads without images of their own; 3 threads on 2 rows of output leave
     /// one without bands), on every geometry the bands must handle: strides, dilations, asymmetric
-    /// padding, depth multipliers, heights that the bands do not divide.
+    /// padding, depth multipliers, heights that the bands do not divide; and on each kernel of
+    /// the depthwise step (the row kernel on AVX-512, the channel-blocked and the plane kernels).
     #[test]
     fn bands_match_the_reference_on_every_split() {
         let same = Conv2dParams::with_padding(Padding::Same);
+        // The depthwise steps taken, per instruction set: (rows, blocked, planes).
+        let mut steps: Vec<(Isa, [bool; 3])> = Vec::new();
         for (input, mult, n, kernel, params) in [
             ([1, 16, 9, 11], 1, 8, (3, 3), same),
+            // The channel-blocked kernel (16 channels, a kernel the row kernel does not take).
+            ([2, 16, 9, 11], 1, 8, (5, 3), same),
+            // The row kernel (output rows of 16 or more), at stride 1 and 2, dilated.
+            ([1, 4, 9, 19], 1, 8, (3, 3), same),
+            ([2, 8, 13, 35], 1, 5, (3, 3), same.stride(2, 2)),
+            (
+                [1, 4, 12, 37],
+                1,
+                6,
+                (5, 5),
+                Conv2dParams::default().stride(2, 2),
+            ),
+            ([1, 4, 11, 20], 1, 3, (3, 3), same.dilation(2, 2)),
             ([3, 8, 13, 7], 2, 5, (3, 3), same.stride(2, 2)),
             ([5, 4, 10, 6], 1, 3, (5, 3), same.dilation(2, 1)),
             (
@@ -550,6 +618,16 @@ pub(super) mod tests {
             reference::conv2d_forward(&pw, &mid, &wp, Some(&bias), &mut want);
             let row = dw.out_channels * dw.out_w;
             for isa in Isa::available() {
+                let exec = Exec::new(1).with_isa(isa).unwrap();
+                let kind = match DepthwiseStep::choose(exec, &dw, &bands(&dw, 1).unwrap()) {
+                    DepthwiseStep::Rows => 0,
+                    DepthwiseStep::Blocked(_) => 1,
+                    DepthwiseStep::Planes => 2,
+                };
+                match steps.iter_mut().find(|(i, _)| *i == isa) {
+                    Some((_, seen)) => seen[kind] = true,
+                    None => steps.push((isa, std::array::from_fn(|k| k == kind))),
+                }
                 for threads in [1, 2, 3] {
                     let exec = Exec::new(threads)
                         .with_min_split_macs(0)
@@ -583,13 +661,17 @@ pub(super) mod tests {
                 }
             }
         }
+        // Every kernel of the depthwise step ran: the row kernel where AVX-512 has it.
+        for (isa, seen) in steps {
+            assert_eq!(seen, [isa == Isa::Avx512, true, true], "{isa}");
+        }
     }
 
     /// [`depthwise_pointwise_forward`] where it runs image by image (the row kernel; checked
     /// to be taken on AVX-512): against the reference pair, with and without bias, at stride 1
     /// and 2, 3 × 3 and 5 × 5, depth multipliers 1 and 2, batches that give 1, 2 and 3 threads
-    /// runs of two or more images (the last run shorter on 9 images over 2 threads), each thread's buffer
-    /// reused image after image.
+    /// runs of two or more images (the last run shorter on 9 images over 2 threads), each
+    /// thread's buffer reused image after image.
     #[test]
     fn image_by_image_matches_the_reference() {
         let same = Conv2dParams::with_padding(Padding::Same);
