@@ -385,6 +385,45 @@ impl Workload {
         }
         Ok(())
     }
+
+    /// Whether [`Workload::run`] runs fused kernels for `pass` ([`ConvPair::runs_fused`]): a
+    /// pair's two convolutions in one pass. A single convolution never does.
+    pub fn runs_fused(&self, exec: Exec, pass: Pass) -> bool {
+        match self.ops {
+            Ops::Single(_) => false,
+            Ops::Pair(pair) => pair.runs_fused(exec, pass == Pass::Train),
+        }
+    }
+
+    /// Runs one pass with a pair's convolutions as two layers, each on its own kernels, the
+    /// intermediate written to memory and read back: the work [`Workload::run`] does, without
+    /// the fusion, whose gain `sepconv bench` reports. A single convolution runs as in
+    /// [`Workload::run`].
+    pub fn run_unfused(&mut self, exec: Exec, pass: Pass) -> Result<()> {
+        let Ops::Pair(pair) = self.ops else {
+            return self.run(exec, pass);
+        };
+        // The pair's threads, as `ConvPair`'s unfused passes take them.
+        let (forward, backward) = (exec.for_work(pair.macs()), exec.for_work(2 * pair.macs()));
+        let (first, second) = (&pair.first, &pair.second);
+        let bias = self.has_bias.then_some(&self.bias[..]);
+        let ws = &mut self.ws;
+        kernels::conv2d_forward(forward, first, &self.x, &self.w1, None, &mut self.mid, ws)?;
+        kernels::conv2d_forward(forward, second, &self.mid, &self.w2, bias, &mut self.y, ws)?;
+        if pass == Pass::Train {
+            let exec = backward;
+            let gb = self.has_bias.then_some(&mut self.gb[..]);
+            let (gmid, gw2) = (Some(&mut self.gmid[..]), &mut self.gw2);
+            kernels::conv2d_backward(
+                exec, second, &self.mid, &self.gy, &self.w2, gmid, gw2, gb, ws,
+            )?;
+            let (gx, gw1) = (Some(&mut self.gx[..]), &mut self.gw1);
+            kernels::conv2d_backward(
+                exec, first, &self.x, &self.gmid, &self.w1, gx, gw1, None, ws,
+            )?;
+        }
+        Ok(())
+    }
 }
 
 /// Timing summary of repeated runs.
@@ -693,6 +732,45 @@ unsafe fn fma_loop_kernel<S: SimdF32>(iters: usize, sink: &mut f32) {
 mod tests {
     use super::*;
     use crate::kernels::simd::Isa;
+
+    /// The unfused pair computes what the fused passes do (so `sepconv bench` compares the same
+    /// work): the output, and after a training step every gradient, of the depthwise-separable
+    /// variant of layer A on four images, two threads splitting every call, on each instruction
+    /// set, where the fused kernels run (inference always, training on AVX-512's row kernel).
+    #[test]
+    fn unfused_runs_compute_what_the_fused_ones_do() {
+        let layer = ReferenceLayer::by_id("A").unwrap().with_batch(4);
+        for isa in Isa::available() {
+            let exec = Exec::new(2).with_min_split_macs(0).with_isa(isa).unwrap();
+            for pass in [Pass::Forward, Pass::Train] {
+                let mut w = Workload::new(&layer, Variant::Ds).unwrap();
+                let fused = pass == Pass::Forward || isa == Isa::Avx512;
+                assert_eq!(w.runs_fused(exec, pass), fused, "{isa} {pass}");
+                w.run(exec, pass).unwrap();
+                let outputs =
+                    |w: &Workload| [&w.y, &w.gx, &w.gw1, &w.gw2, &w.gb].map(|v| v.to_vec());
+                let want = outputs(&w);
+                for v in [&mut w.y, &mut w.gx, &mut w.gw1, &mut w.gw2, &mut w.gb] {
+                    v.fill(f32::NAN);
+                }
+                w.run_unfused(exec, pass).unwrap();
+                let got = outputs(&w);
+                let names = ["y", "gx", "gw1", "gw2", "gb"];
+                let checked = if pass == Pass::Train { 5 } else { 1 };
+                for ((name, got), want) in names.iter().zip(&got).zip(&want).take(checked) {
+                    let scale = want.iter().fold(1f32, |m, v| m.max(v.abs()));
+                    for (i, (a, b)) in got.iter().zip(want).enumerate() {
+                        assert!(
+                            (a - b).abs() <= 1e-4 * scale,
+                            "{isa} {pass} {name}[{i}] = {a}, fused {b}"
+                        );
+                    }
+                }
+            }
+        }
+        let sp = Workload::new(&layer, Variant::Sp).unwrap();
+        assert!(!sp.runs_fused(Exec::new(2), Pass::Forward));
+    }
 
     /// The median of an odd and an even count of runs, and the minimum, whatever their order.
     #[test]

@@ -138,13 +138,27 @@ impl ConvPair {
     }
 
     /// Nominal forward multiply-accumulates of both convolutions.
-    fn macs(&self) -> u64 {
+    pub(crate) fn macs(&self) -> u64 {
         self.first.macs() + self.second.macs()
     }
 
     /// The pair's cost; the bias (if any) belongs to the second conv.
     pub fn cost(&self, has_bias: bool) -> ConvCost {
         ConvCost::of(&self.first, false).then(ConvCost::of(&self.second, has_bias))
+    }
+
+    /// Whether the pair runs fused kernels on `exec`: [`ConvPair::forward_inference`] with
+    /// `training` false (every depthwise-separable pair, [`kernels::fused`]), or
+    /// [`ConvPair::forward`] and [`ConvPair::backward`] with `training` true (where
+    /// [`kernels::fused_training`] applies to either). Elsewhere they run the two convolutions
+    /// one after the other, the intermediate through memory.
+    pub fn runs_fused(&self, exec: Exec, training: bool) -> bool {
+        let (first, second) = (&self.first, &self.second);
+        if !training {
+            return kernels::fused::applies(first, second);
+        }
+        kernels::fused_training::forward_applies(exec.for_work(self.macs()), first, second)
+            || kernels::fused_training::applies(exec.for_work(2 * self.macs()), first, second)
     }
 
     /// Forward: `mid = first(x, w1)`, `y = second(mid, w2) + bias`. `mid` is kept for backward.

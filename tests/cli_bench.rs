@@ -133,3 +133,56 @@ fn markdown_replaces_only_its_batch_between_the_markers() {
     assert!(after.contains("`sepconv bench --batch 2`"), "{after}");
     assert!(after.contains("| A | dw | forward | 9126 |"), "{after}");
 }
+
+/// The depthwise-separable rows say whether they ran fused and, where they did, the same pass's
+/// time as two layers (the fusion's gain, printed and in the Markdown); the other variants
+/// carry neither.
+#[test]
+fn ds_rows_report_the_fusion_against_two_layers() {
+    let md = temp_path("fusion.md");
+    let md_path = md.to_string_lossy().into_owned();
+    let json = temp_path("fusion.json");
+    let json_path = json.to_string_lossy().into_owned();
+    let mut args = QUICK.to_vec();
+    args.extend(["--layers", "A", "--variants", "ds", "--markdown", &md_path]);
+    args.extend(["--json", &json_path]);
+    let o = run(&args);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let rows: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let text = std::fs::read_to_string(&md).unwrap();
+    let _ = (std::fs::remove_file(&json), std::fs::remove_file(&md));
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    let rows = rows.as_array().unwrap();
+    // std runs too, for the speedup; it fuses nothing.
+    assert_eq!(rows.len(), 4);
+    for row in rows {
+        let (variant, pass) = (
+            row["variant"].as_str().unwrap(),
+            row["pass"].as_str().unwrap(),
+        );
+        if variant != "ds" {
+            assert!(
+                row["fused"].is_null() && row["unfused_min_ms"].is_null(),
+                "{row}"
+            );
+            continue;
+        }
+        // Inference always runs fused; training where the fused training kernels apply.
+        let fused = row["fused"].as_bool().unwrap();
+        assert!(fused || pass == "train", "{row}");
+        let line = format!("A ds {pass}: ");
+        if fused {
+            assert!(row["unfused_min_ms"].as_f64().unwrap() > 0.0, "{row}");
+            assert!(stdout.contains(&format!("{line}fused ")), "{stdout}");
+            assert!(text.contains(&format!("A {pass} ")), "{text}");
+        } else {
+            assert!(row["unfused_min_ms"].is_null(), "{row}");
+            assert!(stdout.contains(&format!("{line}not fused")), "{stdout}");
+        }
+    }
+    assert!(
+        text.contains("fused against the same pass as two layers"),
+        "{text}"
+    );
+}

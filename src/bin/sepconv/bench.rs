@@ -20,7 +20,9 @@ use serde::Serialize;
 /// Reports the median and minimum of the timed runs, GMAC/s (nominal MACs / minimum time; a
 /// training step counts 3 × the forward MACs), the share of this machine's FMA peak (measured
 /// before and after the runs, the higher kept), and for ds and sp the realized speedup over std
-/// next to the MAC ratio. Also measured before the runs: the memory bandwidth (GB/s read and
+/// next to the MAC ratio. The depthwise-separable passes that run fused kernels are timed again
+/// as two layers, one after the other (the intermediate through memory), and the fusion's gain
+/// is reported. Also measured before the runs: the memory bandwidth (GB/s read and
 /// written by streaming a 256 MiB buffer), the bound of the passes that move more bytes than
 /// their multiplications take time for.
 #[derive(clap::Args)]
@@ -93,6 +95,11 @@ struct Row {
     torch_min_ms: Option<f64>,
     /// The performance target in ms (with --compare-torch and a measured peak).
     target_ms: Option<f64>,
+    /// ds: whether the pass ran fused kernels (`ConvPair::runs_fused`).
+    fused: Option<bool>,
+    /// ds, where fused: the minimum of the same pass as two layers, the intermediate through
+    /// memory.
+    unfused_min_ms: Option<f64>,
 }
 
 pub fn run(exec: Exec, a: Args) -> Result<()> {
@@ -169,6 +176,8 @@ pub fn run(exec: Exec, a: Args) -> Result<()> {
     let torch_ok = a.compare_torch && torch_importable(&a.python);
     // Every round's run times per (layer, variant, pass), PyTorch's best per row.
     let mut samples: HashMap<(char, Variant, Pass), Vec<f64>> = HashMap::new();
+    // The fused ds passes' runs as two layers.
+    let mut unfused: HashMap<(char, Pass), Vec<f64>> = HashMap::new();
     let mut macs: HashMap<(char, Variant), (u64, u64)> = HashMap::new();
     let mut torch: Option<TorchBest> = None;
     for round in 1..=a.rounds {
@@ -195,6 +204,13 @@ pub fn run(exec: Exec, a: Args) -> Result<()> {
                         .entry((layer.id, variant, pass))
                         .or_default()
                         .extend(runs);
+                    if variant == Variant::Ds && w.runs_fused(exec, pass) {
+                        let runs =
+                            time_samples(a.warmup, a.reps, Duration::from_millis(250), || {
+                                w.run_unfused(exec, pass)
+                            })?;
+                        unfused.entry((layer.id, pass)).or_default().extend(runs);
+                    }
                 }
             }
         }
@@ -258,6 +274,12 @@ pub fn run(exec: Exec, a: Args) -> Result<()> {
                     isa: exec.isa().to_string(),
                     torch_min_ms: None,
                     target_ms: None,
+                    fused: (variant == Variant::Ds)
+                        .then(|| unfused.contains_key(&(layer.id, pass))),
+                    unfused_min_ms: unfused
+                        .get(&(layer.id, pass))
+                        .filter(|_| variant == Variant::Ds)
+                        .map(|runs| Timing::of(runs.clone()).min_ms),
                 };
                 println!(
                     "{:<5} {:<4} {:<8} {:>14} {:>10.3} {:>10.3} {:>8.1} {:>6} {:>8} {:>9}",
@@ -294,6 +316,9 @@ pub fn run(exec: Exec, a: Args) -> Result<()> {
     });
     if let Some(p) = peak {
         report_ds_peak(&rows, p);
+    }
+    for line in fusion_gains(&rows) {
+        println!("{line}");
     }
     // Measured again too: the spells in which a VM's two vCPUs sit on different dies can start
     // or end during the runs, and they slow the kernels that split images over the threads.
@@ -347,6 +372,41 @@ fn report_ds_peak(rows: &[Row], peak: f64) {
             if share < 0.8 { " — below" } else { "" }
         );
     }
+}
+
+/// One line per depthwise-separable row: the fused pass against the same pass as two layers
+/// (the performance issue asks the fusion's gain to be reported), or that nothing is fused there.
+fn fusion_gains(rows: &[Row]) -> Vec<String> {
+    rows.iter()
+        .filter(|r| r.fused.is_some())
+        .map(|r| match r.unfused_min_ms {
+            Some(two) => format!(
+                "{} ds {}: fused {} ms, as two layers {} ms (the intermediate through memory): \
+                 the fused pass {:.2}x as fast",
+                r.layer,
+                r.pass,
+                ms(r.min_ms),
+                ms(two),
+                two / r.min_ms
+            ),
+            None => format!(
+                "{} ds {}: not fused at this batch and thread count (two layers, one after the \
+                 other)",
+                r.layer, r.pass
+            ),
+        })
+        .collect()
+}
+
+/// Milliseconds with three significant digits or three decimals, whichever shows more (layer
+/// A's passes take a microsecond or less).
+fn ms(x: f64) -> String {
+    let decimals = if x > 0.0 {
+        (2 - x.log10().floor() as i32).max(3) as usize
+    } else {
+        3
+    };
+    format!("{x:.decimals$}")
 }
 
 /// Where the repo's copy of the PyTorch peer script is.
@@ -668,6 +728,29 @@ fn write_markdown(path: &std::path::Path, rows: &[Row], m: &Measured<'_>) -> Res
             r.target_ms.map_or("-".into(), |v| format!("{v:.3}")),
             r.target_ms
                 .map_or("-", |v| if r.min_ms <= v { "yes" } else { "no" }),
+        );
+    }
+    let gains: Vec<String> = rows
+        .iter()
+        .filter(|r| r.fused.is_some())
+        .map(|r| match r.unfused_min_ms {
+            Some(two) => format!(
+                "{} {} {} against {} ({:.2}×)",
+                r.layer,
+                r.pass,
+                ms(r.min_ms),
+                ms(two),
+                two / r.min_ms
+            ),
+            None => format!("{} {}: not fused", r.layer, r.pass),
+        })
+        .collect();
+    if !gains.is_empty() {
+        let _ = writeln!(
+            t,
+            "\nThe depthwise-separable rows, fused against the same pass as two layers one after \
+             the other (the intermediate through memory), min ms: {}.",
+            gains.join("; ")
         );
     }
     // The reference batches' table between `bench` markers, another batch's between its own.
