@@ -252,8 +252,9 @@ pub fn depthwise_pointwise_forward(
 /// ([`fused_training::forward_images`], each image's depthwise output in a buffer of its
 /// thread's, the next image's input prefetched during the pointwise product) rather than in
 /// bands: where the row kernel takes one image, every thread has images of its own, and one
-/// image's depthwise output fits in a band (so the bands would be whole images too) or its
-/// input planes fit in L1 ([`L1_PLANE_FLOATS`]).
+/// image's depthwise output fits in a band (so the bands would be whole images too), its
+/// input planes fit in L1 ([`L1_PLANE_FLOATS`]) or its stride is 2 (where the blocked kernel
+/// the bands would take transposes four input pixels per output).
 ///
 /// Measured against the bands (2 threads, batch 8): `sepconv bench --layers D,E --variants ds
 /// --passes forward`, alternated 3×, reference layer D 3.88–3.92 → 3.74–3.82 ms, E 2.12–2.19 →
@@ -262,13 +263,16 @@ pub fn depthwise_pointwise_forward(
 /// 256 → 256 at 56² 16.33–16.49 → 15.87–16.06, 512 → 512 at 28² 16.14–16.29 → 15.24–15.52,
 /// 64 → 128 at 112² stride 2 2.75–3.36 → 2.55–2.70. B (112² planes, two bands per image) was
 /// slower image by image in the bench (2.63–3.27 against 2.53–2.70 ms in four alternations)
-/// and stays on bands.
+/// and stays on bands. At stride 2 on 224² planes (32 → 64, harness, min of 10, alternated
+/// 3×): 4.65–5.10 → 4.32–4.50 ms.
 fn runs_image_by_image(exec: Exec, dw: &ConvGeometry, pw: &ConvGeometry) -> bool {
     let image = ConvGeometry { batch: 1, ..*dw };
     depthwise_rows::applies(exec.isa(), &image)
         && pw.groups == 1
         && !splits_inside_images(exec.threads(), dw.batch)
-        && (dw.out_channels * dw.out_pixels() <= BAND_FLOATS || dw.in_pixels() <= L1_PLANE_FLOATS)
+        && (dw.out_channels * dw.out_pixels() <= BAND_FLOATS
+            || dw.in_pixels() <= L1_PLANE_FLOATS
+            || dw.stride_h == 2)
 }
 
 /// Input plane floats up to which an image's depthwise output may exceed a band and still run
@@ -355,9 +359,11 @@ fn forward_in_bands(
 enum DepthwiseStep {
     /// The row kernel, channel by channel on the band's rows in place
     /// ([`depthwise_rows::forward_planes`]): where it takes the image, at depth multiplier 1,
-    /// on planes that fit in L1 ([`L1_PLANE_FLOATS`]; on larger planes it walks each from
-    /// memory once per column vector) with output rows of a vector or more (narrower rows
-    /// leave lanes idle, where the blocked kernel fills every lane with a channel: the MNIST
+    /// at stride 2 (where the blocked kernel transposes four input pixels per output: 32 → 64
+    /// at 224², batch 1, 0.52 → 0.34 ms; 64 → 128 at 112² 0.31 → 0.28) and at stride 1 on
+    /// planes that fit in L1 ([`L1_PLANE_FLOATS`]; on larger planes it walks each from memory
+    /// once per column vector) with output rows of a vector or more (narrower rows leave
+    /// lanes idle, where the blocked kernel fills every lane with a channel: the MNIST
     /// network's 7² and 14² blocks at batch 1 measured 4–5 µs slower per image on it).
     Rows,
     /// The channel-blocked kernel, with the tallest band's layout for every band, so the
@@ -371,10 +377,10 @@ enum DepthwiseStep {
 impl DepthwiseStep {
     fn choose(exec: Exec, dw: &ConvGeometry, bands: &[Band]) -> Self {
         let image = ConvGeometry { batch: 1, ..*dw };
+        let stride_1_fits = dw.in_pixels() <= L1_PLANE_FLOATS && dw.out_w >= exec.isa().lanes();
         if depthwise_rows::applies(exec.isa(), &image)
             && dw.depth_multiplier() == 1
-            && dw.in_pixels() <= L1_PLANE_FLOATS
-            && dw.out_w >= exec.isa().lanes()
+            && (dw.stride_h == 2 || stride_1_fits)
         {
             DepthwiseStep::Rows
         } else if depthwise_blocked::applies(dw) {
