@@ -19,7 +19,13 @@
 //! the bands' depthwise step below, `sepconv bench --batch 1` (which reports the fused pass
 //! against the two layers) measured B 1.05×, C 1.07×, D 1.00× and E 0.98× (0.263–0.264 ms
 //! against 0.258–0.259, two runs): kept for E too, for the threads that never read each other's
-//! intermediate.
+//! intermediate. A harness alternating the two on nine shapes at batch 1 (min of 200, six
+//! processes) found the unfused pair 3–8% faster in four processes (E 0.253–0.255 against
+//! 0.271–0.274 ms, D 0.473–0.475 against 0.488–0.493) and 1.1–1.6× slower in two (B 0.495–0.505
+//! against 0.314–0.320, C 0.69–0.74 against 0.51–0.56, 32 → 64 at 224² stride 2 0.67–0.69
+//! against 0.42): the mode above. Putting the product's narrow edge blocks (E's columns split
+//! at 392, 8 past a line) in register tiles of up to three vectors instead of one vector at a
+//! time did not change E's fused time (0.271–0.282 against 0.274–0.283); not kept.
 //!
 //! The depthwise step runs on the row kernel ([`depthwise_rows`], channel by channel on the
 //! band's rows in place) where its planes fit in L1 with output rows of a vector or more (C
