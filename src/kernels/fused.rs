@@ -530,6 +530,39 @@ pub(super) mod tests {
     use crate::kernels::reference;
     use crate::kernels::simd::Isa;
 
+    /// A depthwise-separable pair (depth multiplier `mult`, `n` outputs) on `input`: its two
+    /// geometries, its operands (input, depthwise and pointwise weights, bias) from seeds
+    /// `seed ..= seed + 3`, and the reference depthwise output.
+    fn case(
+        input: [usize; 4],
+        mult: usize,
+        n: usize,
+        kernel: (usize, usize),
+        params: &Conv2dParams,
+        seed: usize,
+    ) -> (ConvGeometry, ConvGeometry, [Vec<f32>; 4], Vec<f32>) {
+        let dw = ConvGeometry::new(
+            input,
+            [input[1] * mult, 1, kernel.0, kernel.1],
+            &params.groups(input[1]),
+        )
+        .unwrap();
+        let pw = ConvGeometry::new(
+            dw.output_shape(),
+            [n, dw.out_channels, 1, 1],
+            &Conv2dParams::default(),
+        )
+        .unwrap();
+        let (x, wd) = (
+            values(dw.input_len(), seed),
+            values(dw.weight_len(), seed + 1),
+        );
+        let (wp, bias) = (values(pw.weight_len(), seed + 2), values(n, seed + 3));
+        let mut mid = vec![0.0; dw.output_len()];
+        reference::conv2d_forward(&dw, &x, &wd, None, &mut mid);
+        (dw, pw, [x, wd, wp, bias], mid)
+    }
+
     /// Deterministic values in [-1, 1).
     pub(in crate::kernels) fn values(len: usize, seed: usize) -> Vec<f32> {
         (0..len)
@@ -606,26 +639,7 @@ pub(super) mod tests {
                 .stride(10, 1),
             ),
         ] {
-            let dw = ConvGeometry::new(
-                input,
-                [input[1] * mult, 1, kernel.0, kernel.1],
-                &params.groups(input[1]),
-            )
-            .unwrap();
-            let pw = ConvGeometry::new(
-                dw.output_shape(),
-                [n, dw.out_channels, 1, 1],
-                &Conv2dParams::default(),
-            )
-            .unwrap();
-            let (x, wd, wp, bias) = (
-                values(dw.input_len(), 1),
-                values(dw.weight_len(), 2),
-                values(pw.weight_len(), 3),
-                values(n, 4),
-            );
-            let mut mid = vec![0.0; dw.output_len()];
-            reference::conv2d_forward(&dw, &x, &wd, None, &mut mid);
+            let (dw, pw, [x, wd, wp, bias], mid) = case(input, mult, n, kernel, &params, 1);
             let mut want = vec![0.0; pw.output_len()];
             reference::conv2d_forward(&pw, &mid, &wp, Some(&bias), &mut want);
             let row = dw.out_channels * dw.out_w;
@@ -700,26 +714,7 @@ pub(super) mod tests {
                 Conv2dParams::default().stride(2, 2),
             ),
         ] {
-            let dw = ConvGeometry::new(
-                input,
-                [input[1] * mult, 1, kernel.0, kernel.1],
-                &params.groups(input[1]),
-            )
-            .unwrap();
-            let pw = ConvGeometry::new(
-                dw.output_shape(),
-                [n, dw.out_channels, 1, 1],
-                &Conv2dParams::default(),
-            )
-            .unwrap();
-            let (x, wd, wp, bias) = (
-                values(dw.input_len(), 5),
-                values(dw.weight_len(), 6),
-                values(pw.weight_len(), 7),
-                values(n, 8),
-            );
-            let mut mid = vec![0.0; dw.output_len()];
-            reference::conv2d_forward(&dw, &x, &wd, None, &mut mid);
+            let (dw, pw, [x, wd, wp, bias], mid) = case(input, mult, n, kernel, &params, 5);
             for isa in Isa::available() {
                 for threads in [1, 2, 3] {
                     let exec = Exec::new(threads)
