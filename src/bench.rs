@@ -411,16 +411,13 @@ impl Workload {
         kernels::conv2d_forward(forward, first, &self.x, &self.w1, None, &mut self.mid, ws)?;
         kernels::conv2d_forward(forward, second, &self.mid, &self.w2, bias, &mut self.y, ws)?;
         if pass == Pass::Train {
-            let exec = backward;
             let gb = self.has_bias.then_some(&mut self.gb[..]);
             let (gmid, gw2) = (Some(&mut self.gmid[..]), &mut self.gw2);
-            kernels::conv2d_backward(
-                exec, second, &self.mid, &self.gy, &self.w2, gmid, gw2, gb, ws,
-            )?;
+            let (mid, gy, w2) = (&self.mid, &self.gy, &self.w2);
+            kernels::conv2d_backward(backward, second, mid, gy, w2, gmid, gw2, gb, ws)?;
             let (gx, gw1) = (Some(&mut self.gx[..]), &mut self.gw1);
-            kernels::conv2d_backward(
-                exec, first, &self.x, &self.gmid, &self.w1, gx, gw1, None, ws,
-            )?;
+            let (x, gmid, w1) = (&self.x, &self.gmid, &self.w1);
+            kernels::conv2d_backward(backward, first, x, gmid, w1, gx, gw1, None, ws)?;
         }
         Ok(())
     }
