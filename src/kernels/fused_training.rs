@@ -18,8 +18,9 @@
 //!   (up to 1 MiB, `BLOCK_FLOATS`), which the depthwise step then finds in L2.
 //!
 //! The inference forward ([`super::fused::depthwise_pointwise_forward`]) runs the same image
-//! by image pass where one image's depthwise output fits in L2, into a one-image buffer per
-//! thread.
+//! by image pass, into a one-image buffer per thread, where every thread has images of its own
+//! and one image's depthwise output fits in L2, its input planes fit in L1 or its stride is 2
+//! (reference layers C, D and E at batch 8; the measurements are at `fused`'s rule).
 //!
 //! Both passes apply where the depthwise layer runs on the stride-2 row kernel (reference
 //! layer E) and the pointwise layer splits over images; the forward also at stride 1 where the
