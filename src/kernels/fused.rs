@@ -28,17 +28,17 @@
 //! time did not change E's fused time (0.271–0.282 against 0.274–0.283); not kept.
 //!
 //! The depthwise step runs on the row kernel ([`depthwise_rows`], channel by channel on the
-//! band's rows in place) where its planes fit in L1 with output rows of a vector or more (C
-//! and E at batch 1, `sepconv bench --batch 1` alternated 3× with the blocked kernel: 0.521–0.527
-//! → 0.509–0.514 ms and 0.277–0.280 → 0.263–0.267; D a tie), else on the channel-blocked kernel
+//! band's rows in place) at stride 2 and where its planes fit in L1 with output rows of a
+//! vector or more (C and E at batch 1, `sepconv bench --batch 1` alternated 3× with the blocked
+//! kernel: 0.521–0.527 → 0.509–0.514 ms and 0.277–0.280 → 0.263–0.267; D a tie; see
+//! `DepthwiseStep`), else on the channel-blocked kernel
 //! ([`super::depthwise_blocked`]) where it applies (B ds forward 3.36–3.69 → 3.11–3.43 ms in one
 //! sitting), else on the plane kernel. The blocked kernel's transposes cost less here than
 //! their count suggests: a 3 × 3 kernel reading the NCHW rows in place (four output rows per
 //! input row load, column shifts in registers, no transposes) measured the same on B
 //! (harness, batch 8: 2.56–2.58 against 2.56–2.61 ms; 2% faster with the input in cache), also
-//! with the next rows prefetched. Tried again later with
-//! each band's input prefetched during the previous band's pointwise product (so that it is
-//! in cache) and bands sized for that: faster in one series on buffers of 4 KiB pages (B 2.82
+//! with the next rows prefetched. Tried again later with each band's input prefetched during
+//! the previous band's pointwise product (so that it is in cache) and bands sized for that: faster in one series on buffers of 4 KiB pages (B 2.82
 //! → 2.53 ms), but on the huge-page buffers the bench and the layers allocate slower and
 //! bimodal across processes (2.70–3.55 against the blocked kernel's 2.53–2.60 ms, min of 10
 //! calls in 10–15 rounds, variants alternated each round); the blocked kernel with the same
@@ -57,10 +57,11 @@
 //! streams the output past the cache (measured faster than the packed GEMM on layers B–E).
 //!
 //! Used for inference (no intermediate is kept for a backward pass) on every
-//! depthwise-separable pair, except where one image's depthwise output fits in a band and the
-//! row depthwise kernel takes the image: there each thread runs its images one by one as the
+//! depthwise-separable pair, except where the row depthwise kernel takes an image, every
+//! thread has images of its own, and one image's depthwise output fits in a band, its input
+//! planes fit in L1 or its stride is 2: there each thread runs its images one by one as the
 //! training forward does ([`super::fused_training`]), into a one-image buffer of its own
-//! (measurements at `runs_image_by_image`).
+//! (the rule and its measurements at `runs_image_by_image`).
 
 use std::ops::Range;
 
