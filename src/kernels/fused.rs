@@ -38,10 +38,11 @@
 //! input row load, column shifts in registers, no transposes) measured the same on B
 //! (harness, batch 8: 2.56–2.58 against 2.56–2.61 ms; 2% faster with the input in cache), also
 //! with the next rows prefetched. Tried again later with each band's input prefetched during
-//! the previous band's pointwise product (so that it is in cache) and bands sized for that: faster in one series on buffers of 4 KiB pages (B 2.82
-//! → 2.53 ms), but on the huge-page buffers the bench and the layers allocate slower and
-//! bimodal across processes (2.70–3.55 against the blocked kernel's 2.53–2.60 ms, min of 10
-//! calls in 10–15 rounds, variants alternated each round); the blocked kernel with the same
+//! the previous band's pointwise product (so that it is in cache) and bands sized for that:
+//! faster in one series on buffers of 4 KiB pages (B 2.82 → 2.53 ms), but on the huge-page
+//! buffers the bench and the layers allocate slower and bimodal across processes (2.70–3.55
+//! against the blocked kernel's 2.53–2.60 ms, min of 10 calls in 10–15 rounds, variants
+//! alternated each round); the blocked kernel with the same
 //! prefetch was a wash over 12 shapes (−2% to +2%). Neither kept. Tried a third time (the
 //! prefetch spread over the product as one run of rows per channel plane): in a harness in a
 //! quiet phase B 2.61–2.66 → 2.55 ms, C and D 1–2% faster, E a tie, but `sepconv bench`
