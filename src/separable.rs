@@ -184,7 +184,7 @@ impl ConvPair {
                 w1,
                 w2,
                 bias,
-                mid,
+                kernels::fused_training::Intermediate::Kept(mid),
                 y,
             );
         }

@@ -73,7 +73,7 @@ use rayon::prelude::*;
 
 use super::pointwise::{ColumnWindow, Operands, Store};
 use super::simd::SimdF32;
-use super::{Exec, ImageRuns, Workspace, for_each_task, splits_inside_images};
+use super::{Exec, Workspace, for_each_task, splits_inside_images};
 use crate::error::Result;
 use crate::geometry::{Conv2dParams, ConvGeometry, Padding};
 
@@ -247,17 +247,14 @@ pub fn depthwise_pointwise_forward(
     assert_eq!(pw.input_shape(), dw.output_shape());
     assert!(bias.is_none_or(|b| b.len() == pw.out_channels));
     if runs_image_by_image(exec, dw, pw) {
-        let tasks = ImageRuns::new(exec.threads(), dw.batch).tasks;
-        let mid = ws.take(tasks * pw.in_channels * pw.in_pixels())?;
-        let mid = Intermediate::PerTask(mid);
-        fused_training::forward_images(exec, dw, pw, x, wd, wp, bias, mid, y);
-        return Ok(());
+        let mid = Intermediate::Scratch(ws);
+        return fused_training::forward(exec, dw, pw, x, wd, wp, bias, mid, y);
     }
     forward_in_bands(exec, dw, pw, x, wd, wp, bias, y, ws, BAND_FLOATS)
 }
 
 /// Whether [`depthwise_pointwise_forward`] runs image by image on the row depthwise kernel
-/// ([`fused_training::forward_images`], each image's depthwise output in a buffer of its
+/// ([`fused_training::forward`], each image's depthwise output in a buffer of its
 /// thread's, the next image's input prefetched during the pointwise product) rather than in
 /// bands: where the row kernel takes one image, every thread has images of its own, and one
 /// image's depthwise output fits in a band (so the bands would be whole images too), its

@@ -80,8 +80,23 @@ fn check_operands(
     assert_eq!(mid.len(), pw.input_len());
 }
 
-/// `mid = dw(x, w1)`, `y = pw(mid, w2) + bias`, keeping `mid` for [`backward`]: the same values
-/// as the unfused pair's (the same kernels, image by image).
+/// Where [`forward`] writes each image's depthwise output.
+pub enum Intermediate<'a> {
+    /// The whole batch's, kept for [`backward`] (the training forward; the pair must satisfy
+    /// [`forward_applies`]).
+    Kept(&'a mut [f32]),
+    /// One image's per thread, taken from the workspace and overwritten image after image
+    /// (the inference forward, [`super::fused::depthwise_pointwise_forward`], which decides
+    /// where it runs this way).
+    Scratch(&'a mut Workspace),
+}
+
+/// `y = pw(dw(x, w1), w2) + bias` image by image, each thread a run of images: an image's
+/// depthwise output (into `mid`) on the row kernel, then its pointwise product from L2 while
+/// the next image's input is prefetched. The same values as the unfused pair's (the same
+/// kernels, image by image). `dw` must take the row kernel for one image
+/// ([`depthwise_rows::applies`]) and `pw` be ungrouped and split over images
+/// ([`pointwise_backward_applies`]).
 #[allow(clippy::too_many_arguments)]
 pub fn forward(
     exec: Exec,
@@ -91,45 +106,22 @@ pub fn forward(
     w1: &[f32],
     w2: &[f32],
     bias: Option<&[f32]>,
-    mid: &mut [f32],
-    y: &mut [f32],
-) -> Result<()> {
-    assert!(
-        forward_applies(exec, dw, pw),
-        "fused training: unsupported pair"
-    );
-    check_operands(dw, pw, x, w1, w2, mid);
-    assert!(bias.is_none_or(|b| b.len() == pw.out_channels));
-    assert_eq!(y.len(), pw.output_len());
-    forward_images(exec, dw, pw, x, w1, w2, bias, Intermediate::Kept(mid), y);
-    Ok(())
-}
-
-/// Where [`forward_images`] writes each image's depthwise output.
-pub(super) enum Intermediate<'a> {
-    /// The whole batch's, kept for the backward.
-    Kept(&'a mut [f32]),
-    /// One image's per task ([`ImageRuns::new`]'s tasks), overwritten image after image: the
-    /// inference forward ([`super::fused::depthwise_pointwise_forward`]).
-    PerTask(&'a mut [f32]),
-}
-
-/// `y = pw(dw(x, w1), w2) + bias` image by image, each thread a run of images: an image's
-/// depthwise output on the row kernel, then its pointwise product from L2 while the next
-/// image's input is prefetched. `dw` must satisfy [`depthwise_rows::applies`] for one image
-/// and `pw` split over images ([`pointwise_backward_applies`]); the callers check the operands.
-#[allow(clippy::too_many_arguments)]
-pub(super) fn forward_images(
-    exec: Exec,
-    dw: &ConvGeometry,
-    pw: &ConvGeometry,
-    x: &[f32],
-    w1: &[f32],
-    w2: &[f32],
-    bias: Option<&[f32]>,
     mid: Intermediate<'_>,
     y: &mut [f32],
-) {
+) -> Result<()> {
+    let image = ConvGeometry { batch: 1, ..*dw };
+    assert!(
+        depthwise_rows::applies(exec.isa(), &image)
+            && pw.groups == 1
+            && pw.input_shape() == dw.output_shape()
+            && pointwise_backward_applies(exec, pw),
+        "fused forward: unsupported pair"
+    );
+    assert_eq!(x.len(), dw.input_len());
+    assert_eq!(w1.len(), dw.weight_len());
+    assert_eq!(w2.len(), pw.weight_len());
+    assert!(bias.is_none_or(|b| b.len() == pw.out_channels));
+    assert_eq!(y.len(), pw.output_len());
     let (img_x, img_mid, img_y) = (
         dw.in_channels * dw.in_pixels(),
         pw.in_channels * pw.in_pixels(),
@@ -139,16 +131,17 @@ pub(super) fn forward_images(
     let isa = exec.isa();
     let runs = ImageRuns::new(exec.threads(), pw.batch);
     let per_task = runs.per_task;
-    // Kept: a slot per image of each task's run; per task: one slot, reused.
+    // Kept: a slot per image of each task's run; scratch: one slot per task, reused.
     let (mid, mid_chunk, slot_stride) = match mid {
         Intermediate::Kept(mid) => {
+            assert!(
+                forward_applies(exec, dw, pw),
+                "fused training: unsupported pair"
+            );
             assert_eq!(mid.len(), pw.input_len(), "intermediate length");
             (mid, per_task * img_mid, img_mid)
         }
-        Intermediate::PerTask(mid) => {
-            assert!(mid.len() >= runs.tasks * img_mid, "intermediate too short");
-            (mid, img_mid, 0)
-        }
+        Intermediate::Scratch(ws) => (ws.take(runs.tasks * img_mid)?, img_mid, 0),
     };
     let task = |t: usize, midc: &mut [f32], yc: &mut [f32]| {
         let run = runs.run(t);
@@ -178,6 +171,7 @@ pub(super) fn forward_images(
         .zip(y.par_chunks_mut(per_task * img_y))
         .enumerate()
         .for_each(|(t, (midc, yc))| task(t, midc, yc));
+    Ok(())
 }
 
 /// Floats of input and input gradient of the depthwise layer that one block of channels of the
@@ -411,7 +405,7 @@ mod tests {
                         &w1,
                         &w2,
                         Some(&bias),
-                        &mut mid_f,
+                        Intermediate::Kept(&mut mid_f),
                         &mut y_f,
                     )
                     .unwrap();
