@@ -738,7 +738,7 @@ mod tests {
     fn unfused_runs_compute_what_the_fused_ones_do() {
         let layer = ReferenceLayer::by_id("A").unwrap().with_batch(4);
         for isa in Isa::available() {
-            let exec = Exec::new(2).with_min_split_macs(0).with_isa(isa).unwrap();
+            let exec = Exec::splitting_every_call(2, isa);
             for pass in [Pass::Forward, Pass::Train] {
                 let mut w = Workload::new(&layer, Variant::Ds).unwrap();
                 let fused = pass == Pass::Forward || isa == Isa::Avx512;

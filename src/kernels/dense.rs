@@ -156,10 +156,7 @@ mod tests {
     fn dense_products_match_f64_sums() {
         for isa in Isa::available() {
             for threads in [1, 2, 3] {
-                let exec = Exec::new(threads)
-                    .with_min_split_macs(0)
-                    .with_isa(isa)
-                    .expect("available");
+                let exec = Exec::splitting_every_call(threads, isa);
                 for (batch, k, out) in [
                     (1, 7, 1),
                     (3, 16, 10),

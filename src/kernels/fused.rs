@@ -654,10 +654,7 @@ pub(super) mod tests {
                     None => steps.push((isa, std::array::from_fn(|k| k == kind))),
                 }
                 for threads in [1, 2, 3] {
-                    let exec = Exec::new(threads)
-                        .with_min_split_macs(0)
-                        .with_isa(isa)
-                        .unwrap();
+                    let exec = Exec::splitting_every_call(threads, isa);
                     for band_rows in [1, 2, 3, dw.out_h] {
                         let mut y = vec![f32::NAN; pw.output_len()];
                         let mut ws = Workspace::new();
@@ -716,10 +713,7 @@ pub(super) mod tests {
             let (dw, pw, [x, wd, wp, bias], mid) = case(input, mult, n, kernel, &params, 5);
             for isa in Isa::available() {
                 for threads in [1, 2, 3] {
-                    let exec = Exec::new(threads)
-                        .with_min_split_macs(0)
-                        .with_isa(isa)
-                        .unwrap();
+                    let exec = Exec::splitting_every_call(threads, isa);
                     let image_by_image = runs_image_by_image(exec, &dw, &pw);
                     assert_eq!(image_by_image, isa == Isa::Avx512, "{input:?} {isa}");
                     taken += usize::from(image_by_image);

@@ -368,10 +368,7 @@ mod tests {
                 for threads in [1, 2, 3] {
                     // Every call split, as the fused passes split: the unfused pair's entry
                     // points would run these small shapes on one thread.
-                    let exec = Exec::new(threads)
-                        .with_min_split_macs(0)
-                        .with_isa(isa)
-                        .unwrap();
+                    let exec = Exec::splitting_every_call(threads, isa);
                     if !forward_applies(exec, &dw, &pw) {
                         continue;
                     }

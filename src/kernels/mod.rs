@@ -110,6 +110,16 @@ impl Exec {
         Ok(Exec { isa, ..self })
     }
 
+    /// Tests: `threads` threads on `isa` (available on this CPU), splitting every call however
+    /// small, so that small shapes cover the split kernels.
+    #[cfg(test)]
+    pub(crate) fn splitting_every_call(threads: usize, isa: Isa) -> Self {
+        Exec::new(threads)
+            .with_min_split_macs(0)
+            .with_isa(isa)
+            .expect("an available instruction set")
+    }
+
     /// The same, splitting only calls of at least `macs` multiply-accumulates over the threads
     /// (0: every call, as the tests do to cover the split kernels on small shapes).
     pub fn with_min_split_macs(self, macs: u64) -> Self {
