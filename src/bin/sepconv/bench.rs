@@ -253,6 +253,11 @@ pub fn run(exec: Exec, a: Args) -> Result<()> {
                 if variant == Variant::Std {
                     std_times.insert((layer.id, pass), (t.min_ms, fwd_macs));
                 }
+                // ds: the same pass as two layers, where it ran fused.
+                let two_layers = (variant == Variant::Ds).then(|| {
+                    let runs = unfused.remove(&(layer.id, pass));
+                    runs.map(|runs| Timing::of(runs).min_ms)
+                });
                 let vs_std = matches!(variant, Variant::Ds | Variant::Sp)
                     .then(|| std_times.get(&(layer.id, pass)))
                     .flatten();
@@ -274,12 +279,8 @@ pub fn run(exec: Exec, a: Args) -> Result<()> {
                     isa: exec.isa().to_string(),
                     torch_min_ms: None,
                     target_ms: None,
-                    fused: (variant == Variant::Ds)
-                        .then(|| unfused.contains_key(&(layer.id, pass))),
-                    unfused_min_ms: unfused
-                        .get(&(layer.id, pass))
-                        .filter(|_| variant == Variant::Ds)
-                        .map(|runs| Timing::of(runs.clone()).min_ms),
+                    fused: two_layers.map(|t| t.is_some()),
+                    unfused_min_ms: two_layers.flatten(),
                 };
                 println!(
                     "{:<5} {:<4} {:<8} {:>14} {:>10.3} {:>10.3} {:>8.1} {:>6} {:>8} {:>9}",
