@@ -381,12 +381,13 @@ fn assert_for_every_case(
     }
 }
 
-/// Implicit GEMMs with too few images for the threads: a grouped 1 × k kernel read in place, a
-/// k × 1 kernel written straight into NCHW (one image each), a grouped strided layer whose flat
-/// output is copied (three images; odd channel counts per thread), a 1 × 1 at stride 2 (one
-/// image; three input phases get no tap, the threads 3 and 2 input channels), and on small
-/// images (128–255 output pixels) a 1 × k kernel run transposed and a k × 1 written flat. The
-/// strided ones' grad-input splits inside the images too.
+/// Implicit GEMMs with too few images for the threads: on small images (128–255 output
+/// pixels) a 1 × k kernel run transposed (one image) and a k × 1 written flat (three images);
+/// a 1 × 1 at stride 2 (one image; three input phases get no tap, the threads 3 and 2 input
+/// channels); read in place, a grouped 1 × k kernel (edge columns recomputed) and a k × 1
+/// kernel (padding rows from strips), one image each; and a grouped strided layer whose flat
+/// output is copied (three images; odd channel counts per thread). The strided ones'
+/// grad-input splits inside the images too.
 fn implicit_within_images_cases() -> [Case; 6] {
     [
         (
@@ -404,7 +405,8 @@ fn implicit_within_images_cases() -> [Case; 6] {
             [7, 5, 1, 1],
             Conv2dParams::default().stride(2, 2),
         ),
-        // A 1 × k "same" kernel read in place (edge columns recomputed), grouped.
+        // Read in place: a grouped 1 × k "same" kernel (edge columns recomputed), then a k × 1
+        // (padding rows from strips).
         (
             [1, 6, 24, 23],
             [10, 3, 1, 3],
@@ -659,10 +661,13 @@ fn long_products_take_the_implicit_grad_weight() {
     });
 }
 
-/// Implicit-GEMM shapes whose forward reads the input in place (stride 1, no padding above or
-/// below, output as wide as the input): a 1 × 3 kernel dilated across with asymmetric width
-/// padding (its adjoint grad-input runs in place too), and a grouped 2 × 3 kernel.
-fn in_place_cases() -> [Case; 2] {
+/// Implicit-GEMM shapes whose forward reads the input in place (stride 1, output as wide as the
+/// input, padding one way only): a 1 × 3 kernel dilated across with asymmetric width padding
+/// (its adjoint grad-input runs in place too) and a grouped 2 × 3 kernel, whose edge columns
+/// are recomputed; then k × 1 kernels, whose padding rows run from strips: a 3 × 1 with
+/// symmetric padding, a grouped, dilated 2 × 1 padded unevenly (one row above, two below), and
+/// a 5 × 1 on planes five rows high, whose strips reach past the plane at both ends.
+fn in_place_cases() -> [Case; 5] {
     [
         (
             [2, 6, 17, 40],
@@ -670,15 +675,39 @@ fn in_place_cases() -> [Case; 2] {
             explicit(0, 0, 1, 3).dilation(1, 2),
         ),
         ([2, 8, 20, 24], [6, 4, 2, 3], explicit(0, 0, 2, 0).groups(2)),
+        (
+            [2, 6, 40, 20],
+            [4, 6, 3, 1],
+            Conv2dParams::with_padding(Padding::symmetric(1, 0)),
+        ),
+        (
+            [3, 8, 36, 24],
+            [6, 4, 2, 1],
+            explicit(1, 2, 0, 0).groups(2).dilation(3, 1),
+        ),
+        (
+            [2, 4, 5, 60],
+            [3, 4, 5, 1],
+            Conv2dParams::with_padding(Padding::symmetric(2, 0)),
+        ),
     ]
 }
 
 #[test]
-fn unpadded_rows_take_the_in_place_forward() {
+fn one_way_padded_kernels_take_the_in_place_forward() {
     assert_for_every_case(in_place_cases(), |exec, g| {
         ConvAlgorithm::choose(exec, g) == ConvAlgorithm::Implicit
             && sepconv::kernels::implicit::reads_in_place(g)
     });
+    // Where a k × 1 kernel's weights are large against its planes (reference layer D's 3 × 1
+    // half), its padding-row products would read them again for a few columns: phase planes.
+    let d = ConvGeometry::new(
+        [8, 512, 14, 14],
+        [512, 512, 3, 1],
+        &Conv2dParams::with_padding(Padding::symmetric(1, 0)),
+    )
+    .unwrap();
+    assert!(!sepconv::kernels::implicit::reads_in_place(&d));
 }
 
 /// k × 1 kernels on images of 128 to 255 output pixels, which the implicit GEMM computes only

@@ -7,10 +7,12 @@
 //! register-blocked GEMM ([`super::pointwise`]) into the whole convolution,
 //! `Y_flat (N × out_h·wq) = W (N × K) · D`, with D's rows read straight from the planes (all
 //! taps of a channel hit the same few cache lines). The flat output has `wq − out_w` wasted
-//! columns per row, dropped when it is copied into NCHW. Where no row padding is needed and the
-//! output is as wide as the input (1 × k kernels with "same" width padding), the product reads
-//! the input planes in place and writes NCHW directly, and only the edge columns, whose taps
-//! would wrap into the neighbouring row, are recomputed separately ([`reads_in_place`]). A 1 × k
+//! columns per row, dropped when it is copied into NCHW. Where the output is as wide as the
+//! input and the padding runs one way only (1 × k kernels with "same" width padding, k × 1
+//! kernels with height padding whose weights are small against their planes), the product
+//! reads the input planes in place and writes NCHW directly, and only the edge columns, whose
+//! taps would wrap into the neighbouring row, or the padding rows, which run from small
+//! zero-padded strips, are computed separately ([`reads_in_place`]). A 1 × k
 //! kernel on a small image runs as its transpose, a k × 1 kernel on the transposed planes,
 //! whose product needs no columns beyond the output's ([`runs_transposed`]).
 //!
@@ -108,32 +110,43 @@ enum Layout {
 /// Per-task scratch of [`forward`]: the phase planes of one group's channels, then the flat
 /// output; or, where the input is read in place, the edge columns' im2col rows and products.
 fn scratch_per_task(g: &ConvGeometry, l: &PhaseLayout, layout: &Layout) -> usize {
-    if let Layout::InPlace(_) = layout {
-        let edges = (g.pad_left + g.pad_right) * g.out_h;
-        (g.col_rows() + g.out_channels_per_group()) * edges
+    if let Layout::InPlace(t) = layout {
+        t.scratch(g, g.out_channels_per_group())
     } else {
         g.in_channels_per_group() * l.len + g.out_channels_per_group() * l.out_len()
     }
 }
 
 /// Whether [`forward`] reads the input planes in place instead of copying them into padded
-/// phase planes: stride 1, no padding above or below and an output as wide as the input (a
-/// 1 × k kernel with "same" width padding, as the second half of a spatially separable layer,
-/// and its adjoint). Tap (i, j) of output position p then reads input position
-/// `p + i·dh·W + j·dw − pad_left`, inside the plane for every p in
-/// `pad_left .. out_h·W − pad_right`; only the positions of the `pad_left + pad_right` edge
-/// columns read a neighbouring row there (or lie outside that range), and are recomputed
-/// afterwards. Saves the phase-plane copy and the copy that drops the padded layout's wasted
-/// columns (together a fifth of the time of reference layer B's 1 × 3 half).
+/// phase planes: stride 1, an output as wide as the input, and padding one way only — a 1 × k
+/// kernel with "same" width padding (the second half of a spatially separable layer) or a
+/// k × 1 kernel with height padding (the first half), and their adjoints. Tap (i, j) of output
+/// position p then reads input position `p + (i·dh − pad_top)·W + j·dw − pad_left`, inside the
+/// plane for every p from `pad_top·W + pad_left` to `out_h·W − pad_bottom·W − pad_right`; only
+/// the positions in the padding columns (which read a neighbouring row there) or padding rows
+/// (outside that range) are left, and are computed separately ([`Edges`]). Saves the
+/// phase-plane copy and the copy that drops the padded layout's wasted columns (together a
+/// fifth of the time of reference layer B's 1 × 3 half).
 pub fn reads_in_place(g: &ConvGeometry) -> bool {
+    let (rows, cols) = (g.pad_top + g.pad_bottom, g.pad_left + g.pad_right);
     g.stride_h == 1
         && g.stride_w == 1
-        && g.pad_top == 0
-        && g.pad_bottom == 0
         && g.out_w == g.in_w
-        && g.pad_left + g.pad_right > 0
-        && g.in_w > g.pad_left + g.pad_right
+        && ((rows == 0 && cols > 0 && g.in_w > cols)
+            || (cols == 0
+                && rows > 0
+                && g.out_h > rows
+                && STRIP_WEIGHT_RATIO * g.out_channels_per_group() * g.kernel_h <= g.in_pixels()))
 }
+
+/// How many times a k × 1 kernel's input plane must outweigh its output channels' taps
+/// (`cog · kh`) for [`reads_in_place`]: per image, the copy into phase planes moves `cig · HW`
+/// floats, and each padding-row strip's product reads the group's `cog · cig · kh` weights
+/// once more, a few columns at a time. Harness (2 threads, min of 10–20, alternated 3×),
+/// forward of the spatially separable layers' 3 × 1 halves at batch 8: reference layer B's
+/// (ratio 130) 2.98–3.14 → 2.73–2.78 ms, C's (8) 11.09–11.27 → 11.12, D's (0.1) 11.1–11.2 →
+/// 12.2–12.5.
+const STRIP_WEIGHT_RATIO: usize = 16;
 
 /// Whether [`forward`] computes `g` with each image split over the threads: where the batch
 /// does not give every thread images of its own (one image, or an odd batch on two threads),
@@ -703,11 +716,66 @@ fn phase_plane_product(
     }
 }
 
-/// Where [`reads_in_place`]: the table of D's rows (c, i, j) relative to output position
-/// `pad_left`, and the edge columns, whose positions read a neighbouring row.
+/// Where [`reads_in_place`]: the table of D's rows (c, i, j) relative to the first interior
+/// output position (`pad_top` rows and `pad_left` columns in), and how the edge positions,
+/// whose taps read outside the plane or a neighbouring row, are computed.
 struct InPlace {
     rows: Vec<usize>,
-    edge_cols: Vec<usize>,
+    edges: Edges,
+}
+
+/// The edge positions of an in-place product.
+enum Edges {
+    /// A 1 × k kernel's edge columns: the im2col rows of their positions (column by column,
+    /// `out_h` each) gathered and multiplied by the weights on their own.
+    Columns(Vec<usize>),
+    /// A k × 1 kernel's padding rows, above and below ([`RowStrip`]): whole rows, products as
+    /// fast as the interior's.
+    Rows([RowStrip; 2]),
+}
+
+/// Output rows `out_rows` of a k × 1 kernel without width padding, computed from a copy of
+/// the input rows they read, zero-padded: strip row r of channel c is input row
+/// `first_row + r` (zero outside the plane), `rows` the table of D's rows (c, i) in the
+/// strips, `len` the floats of one channel's strip.
+struct RowStrip {
+    out_rows: std::ops::Range<usize>,
+    first_row: isize,
+    rows: Vec<usize>,
+    len: usize,
+}
+
+impl RowStrip {
+    fn new(g: &ConvGeometry, out_rows: std::ops::Range<usize>) -> Self {
+        let height = out_rows.len() + (g.kernel_h - 1) * g.dilation_h;
+        let len = height * g.in_w;
+        let rows = collect_exact(
+            g.in_channels_per_group() * g.kernel_h,
+            (0..g.in_channels_per_group())
+                .flat_map(|c| (0..g.kernel_h).map(move |i| c * len + i * g.dilation_h * g.in_w)),
+        );
+        RowStrip {
+            first_row: out_rows.start as isize - g.pad_top as isize,
+            out_rows,
+            rows,
+            len,
+        }
+    }
+
+    /// Copies the strip's input rows of one image's group `xg` into `strip` (`cig · len`).
+    fn fill(&self, g: &ConvGeometry, xg: &[f32], strip: &mut [f32]) {
+        let (hw, width) = (g.in_pixels(), g.in_w);
+        for (plane, dst) in xg.chunks_exact(hw).zip(strip.chunks_exact_mut(self.len)) {
+            for (r, row) in dst.chunks_exact_mut(width).enumerate() {
+                match usize::try_from(self.first_row + r as isize) {
+                    Ok(ih) if ih < g.in_h => {
+                        row.copy_from_slice(&plane[ih * width..(ih + 1) * width])
+                    }
+                    _ => row.fill(0.0),
+                }
+            }
+        }
+    }
 }
 
 impl InPlace {
@@ -722,38 +790,75 @@ impl InPlace {
                 })
             }),
         );
-        let edge_cols = (0..g.pad_left).chain(width - g.pad_right..width).collect();
-        InPlace { rows, edge_cols }
+        let edges = if g.pad_left + g.pad_right == 0 {
+            Edges::Rows([
+                RowStrip::new(g, 0..g.pad_top),
+                RowStrip::new(g, g.out_h - g.pad_bottom..g.out_h),
+            ])
+        } else {
+            Edges::Columns((0..g.pad_left).chain(width - g.pad_right..width).collect())
+        };
+        InPlace { rows, edges }
     }
 
-    /// Edge positions per plane.
-    fn edges(&self, g: &ConvGeometry) -> usize {
-        self.edge_cols.len() * g.out_h
+    /// The interior's flat output positions: every position from the first one with all its
+    /// taps inside the plane to the last one (those between in edge columns included: their
+    /// taps wrap into the neighbouring row, and the edge product overwrites them).
+    fn interior(g: &ConvGeometry) -> std::ops::Range<usize> {
+        let start = g.pad_top * g.out_w + g.pad_left;
+        start..g.out_pixels() - g.pad_bottom * g.out_w - g.pad_right
     }
 
-    /// The im2col rows of the edge positions of one image's group `xg` into `cols` (`K` rows
-    /// of [`Self::edges`]; zeros where a tap leaves the image).
-    fn edge_rows(&self, g: &ConvGeometry, xg: &[f32], cols: &mut [f32]) {
+    /// Scratch floats for one image's group: the edge columns' im2col rows and the products
+    /// of `outs` output channels there, or the row strips.
+    fn scratch(&self, g: &ConvGeometry, outs: usize) -> usize {
+        match &self.edges {
+            Edges::Columns(e) => (g.col_rows() + outs) * e.len() * g.out_h,
+            Edges::Rows(strips) => strips
+                .iter()
+                .map(|s| g.in_channels_per_group() * s.len)
+                .sum(),
+        }
+    }
+
+    /// Prepares the edges of one image's group `xg` in `buf` (its first [`Self::scratch`]
+    /// floats for `outs` output channels): the edge columns' im2col rows (zeros where a tap
+    /// leaves the image), or the row strips' copies.
+    fn fill_edges(&self, g: &ConvGeometry, xg: &[f32], buf: &mut [f32]) {
         let (hw, width, kh, kw) = (g.in_pixels(), g.in_w, g.kernel_h, g.kernel_w);
-        for (kk, row) in cols.chunks_exact_mut(self.edges(g)).enumerate() {
-            let (c, i, j) = (kk / (kh * kw), kk / kw % kh, kk % kw);
-            let plane = &xg[c * hw..(c + 1) * hw];
-            for (e, &u) in self.edge_cols.iter().enumerate() {
-                let col = (u + j * g.dilation_w)
-                    .checked_sub(g.pad_left)
-                    .filter(|&v| v < width);
-                for oh in 0..g.out_h {
-                    row[e * g.out_h + oh] =
-                        col.map_or(0.0, |v| plane[(oh + i * g.dilation_h) * width + v]);
+        match &self.edges {
+            Edges::Columns(edge_cols) => {
+                let count = edge_cols.len() * g.out_h;
+                let cols = &mut buf[..g.col_rows() * count];
+                for (kk, row) in cols.chunks_exact_mut(count).enumerate() {
+                    let (c, i, j) = (kk / (kh * kw), kk / kw % kh, kk % kw);
+                    let plane = &xg[c * hw..(c + 1) * hw];
+                    for (e, &u) in edge_cols.iter().enumerate() {
+                        let col = (u + j * g.dilation_w)
+                            .checked_sub(g.pad_left)
+                            .filter(|&v| v < width);
+                        for oh in 0..g.out_h {
+                            row[e * g.out_h + oh] =
+                                col.map_or(0.0, |v| plane[(oh + i * g.dilation_h) * width + v]);
+                        }
+                    }
+                }
+            }
+            Edges::Rows(strips) => {
+                let mut rest = buf;
+                for strip in strips {
+                    let (mine, next) = rest.split_at_mut(g.in_channels_per_group() * strip.len);
+                    strip.fill(g, xg, mine);
+                    rest = next;
                 }
             }
         }
     }
 
     /// Output channels `outs` of one image's group (`y_rows`: their planes; `wg`, `bg` the
-    /// group's weights and bias; `cols` from [`Self::edge_rows`]; `products` scratch of
-    /// `outs.len()` × edges): one product over the interior positions, D's rows being the
-    /// input planes themselves, then the edge columns from their own product.
+    /// group's weights and bias; `edges` from [`Self::fill_edges`]; `products` scratch of
+    /// `outs.len()` × edge columns): one product over the interior positions, D's rows being
+    /// the input planes themselves, then the edge positions from their own products.
     #[allow(clippy::too_many_arguments)]
     fn rows_of_outputs(
         &self,
@@ -763,45 +868,58 @@ impl InPlace {
         wg: &[f32],
         bg: Option<&[f32]>,
         outs: std::ops::Range<usize>,
-        cols: &[f32],
+        edges: &[f32],
         products: &mut [f32],
         y_rows: &mut [f32],
     ) {
-        let (cog, k, ohw, edges) = (
-            g.out_channels_per_group(),
-            g.col_rows(),
-            g.out_pixels(),
-            self.edges(g),
-        );
-        let interior = ohw - g.pad_left - g.pad_right;
-        let ops = Operands::weights_times_rows(wg, cog, k, xg, &self.rows, interior, bg);
-        let n = outs.len();
+        let (cog, k, ohw) = (g.out_channels_per_group(), g.col_rows(), g.out_pixels());
+        let interior = Self::interior(g);
+        let ops = Operands::weights_times_rows(wg, cog, k, xg, &self.rows, interior.len(), bg);
         small_k_gemm(
             isa,
             ops.rows(outs.clone()),
-            &mut y_rows[g.pad_left..],
+            &mut y_rows[interior.start..],
             ohw,
             Store::Stream,
         );
-        let products = &mut products[..n * edges];
-        let w_rows = MatView::dense(&wg[outs.start * k..outs.end * k], n, k);
-        gemm(
-            products,
-            edges,
-            w_rows,
-            MatView::dense(cols, k, edges),
-            false,
-            1,
-        );
-        for (o, (plane, prod)) in y_rows
-            .chunks_exact_mut(ohw)
-            .zip(products.chunks_exact(edges))
-            .enumerate()
-        {
-            let b = bg.map_or(0.0, |b| b[outs.start + o]);
-            for (e, &u) in self.edge_cols.iter().enumerate() {
-                for oh in 0..g.out_h {
-                    plane[oh * g.in_w + u] = prod[e * g.out_h + oh] + b;
+        match &self.edges {
+            Edges::Columns(edge_cols) => {
+                let (n, count) = (outs.len(), edge_cols.len() * g.out_h);
+                let products = &mut products[..n * count];
+                let w_rows = MatView::dense(&wg[outs.start * k..outs.end * k], n, k);
+                let cols = MatView::dense(&edges[..k * count], k, count);
+                gemm(products, count, w_rows, cols, false, 1);
+                for (o, (plane, prod)) in y_rows
+                    .chunks_exact_mut(ohw)
+                    .zip(products.chunks_exact(count))
+                    .enumerate()
+                {
+                    let b = bg.map_or(0.0, |b| b[outs.start + o]);
+                    for (e, &u) in edge_cols.iter().enumerate() {
+                        for oh in 0..g.out_h {
+                            plane[oh * g.in_w + u] = prod[e * g.out_h + oh] + b;
+                        }
+                    }
+                }
+            }
+            Edges::Rows(strips) => {
+                let mut rest = edges;
+                for strip in strips {
+                    let (mine, next) = rest.split_at(g.in_channels_per_group() * strip.len);
+                    rest = next;
+                    if strip.out_rows.is_empty() {
+                        continue;
+                    }
+                    let columns = strip.out_rows.len() * g.out_w;
+                    let ops =
+                        Operands::weights_times_rows(wg, cog, k, mine, &strip.rows, columns, bg);
+                    small_k_gemm(
+                        isa,
+                        ops.rows(outs.clone()),
+                        &mut y_rows[strip.out_rows.start * g.out_w..],
+                        ohw,
+                        Store::Stream,
+                    );
                 }
             }
         }
@@ -831,25 +949,31 @@ fn forward_in_place(
         g.col_rows(),
     );
     let (hw, ohw) = (g.in_pixels(), g.out_pixels());
-    let edges = layout.edges(g);
-    let (cols, products) = buf.split_at_mut(k * edges);
     let outs = cog.div_ceil(splits.max(1));
+    // The edges' shared part (im2col rows or strips), then each run's edge-column products.
+    let shared = layout.scratch(g, 0);
+    let per_run = layout.scratch(g, outs) - shared;
+    let (edges, products) = buf.split_at_mut(shared);
     for (local, n) in images.enumerate() {
         for grp in 0..g.groups {
             let xg = &x[(n * g.in_channels + grp * cig) * hw..][..cig * hw];
             let wg = &w[grp * cog * k..(grp + 1) * cog * k];
             let bg = bias.map(|b| &b[grp * cog..(grp + 1) * cog]);
-            layout.edge_rows(g, xg, cols);
-            let cols = &*cols;
+            layout.fill_edges(g, xg, edges);
+            let edges = &*edges;
             let at = (local * g.out_channels + grp * cog) * ohw;
-            y[at..at + cog * ohw]
-                .par_chunks_mut(outs * ohw)
-                .zip(products[..cog * edges].par_chunks_mut(outs * edges))
-                .enumerate()
-                .for_each(|(i, (yc, pc))| {
-                    let o = i * outs..i * outs + yc.len() / ohw;
-                    layout.rows_of_outputs(isa, g, xg, wg, bg, o, cols, pc, yc);
-                });
+            let runs = y[at..at + cog * ohw].par_chunks_mut(outs * ohw).enumerate();
+            let run = |i: usize, yc: &mut [f32], pc: &mut [f32]| {
+                let o = i * outs..i * outs + yc.len() / ohw;
+                layout.rows_of_outputs(isa, g, xg, wg, bg, o, edges, pc, yc);
+            };
+            // Row strips need no products of their own.
+            if per_run == 0 {
+                runs.for_each(|(i, yc)| run(i, yc, &mut []));
+            } else {
+                runs.zip(products.par_chunks_mut(per_run))
+                    .for_each(|((i, yc), pc)| run(i, yc, pc));
+            }
         }
     }
 }
