@@ -541,13 +541,19 @@ fn transposed_grad_weight_splits_unevenly() {
 }
 
 /// Implicit-GEMM forwards with too few images for the threads that split each image by bands
-/// of output rows (at least 512 output positions per thread): a 3 × 3 stride 2 with width
+/// of output rows (at least 256 output positions per thread): a 3 × 3 stride 2 with width
 /// padding (the flat product copied into the band's rows), a 3 × 1 at stride (2, 1) without
 /// (the product written into the band's rows directly), a grouped dilated 3 × 2 with
-/// asymmetric padding on three images, and a padding taller than a band's reach (the rows that
-/// read only padding join the next band: one band).
-fn band_forward_cases() -> [Case; 4] {
+/// asymmetric padding on three images, a padding taller than a band's reach (the rows that
+/// read only padding join the next band: one band), and a 1 × 3 at stride (1, 2) like reference
+/// layer E's half with 280 positions per band.
+fn band_forward_cases() -> [Case; 5] {
     [
+        (
+            [1, 6, 20, 56],
+            [8, 6, 1, 3],
+            Conv2dParams::with_padding(Padding::Same).stride(1, 2),
+        ),
         (
             [1, 4, 80, 60],
             [6, 4, 3, 3],

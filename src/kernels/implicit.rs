@@ -257,7 +257,7 @@ fn forward_by_bands(
 
 /// Whether [`forward`], where the batch leaves threads without images of their own and the
 /// input goes into phase planes (neither read in place nor transposed), splits each image by
-/// bands of output rows, one per thread: with at least 512 output positions per thread. The
+/// bands of output rows, one per thread: with at least 256 output positions per thread. The
 /// split it replaces (planes by input channels, then the products by output channels) passed
 /// the planes between threads.
 ///
@@ -266,14 +266,18 @@ fn forward_by_bands(
 /// 0.40–0.43 → 0.37 ms, E's 3 × 1 stride (2, 1) half 0.73–0.76 → 0.71, C's 3 × 1 half 1.41–1.42
 /// → 1.37; in the spells with the vCPUs on different dies (300–340 ns) 0.72 → 0.37, 1.12–1.18 →
 /// 0.72, 1.73–1.76 → 1.38–1.39. Reference layer D's halves (98 positions per band) were slower
-/// (1.38–1.43 → 1.52–1.55).
+/// (1.38–1.43 → 1.52–1.55). Bands of 256–511 positions joined later (harness, the same way,
+/// 12 quiet pairs): reference layer E's 1 × 3 stride (1, 2) half (392 per band) 0.758–0.826 →
+/// 0.749–0.754 ms, a 64 → 128 3 × 3 stride 2 at 56² 0.587–0.592 → 0.565–0.568, E's 3 × 3
+/// stride 2 a tie (2.20–2.23 against 2.18–2.34); with the vCPUs on different dies 0.84 → 0.64
+/// and 2.76 → 2.36.
 pub fn splits_by_bands(exec: Exec, g: &ConvGeometry) -> bool {
     g.out_pixels() >= MIN_BAND_POSITIONS * exec.threads()
 }
 
 /// Fewest output positions per thread for [`splits_by_bands`]: shorter products, and the rows
 /// above and below a band that its planes repeat, cost more than the exchange saves.
-const MIN_BAND_POSITIONS: usize = 512;
+const MIN_BAND_POSITIONS: usize = 256;
 
 /// A band of output rows ([`row_bands`]), its geometry on one image with every channel, the
 /// geometry's phase planes and their im2col rows.
