@@ -108,7 +108,7 @@ enum Layout {
 }
 
 /// Per-task scratch of [`forward`]: the phase planes of one group's channels, then the flat
-/// output; or, where the input is read in place, the edge columns' im2col rows and products.
+/// output; or, where the input is read in place, what its edges take ([`InPlace::scratch`]).
 fn scratch_per_task(g: &ConvGeometry, l: &PhaseLayout, layout: &Layout) -> usize {
     if let Layout::InPlace(t) = layout {
         t.scratch(g, g.out_channels_per_group())
@@ -825,9 +825,9 @@ impl InPlace {
         }
     }
 
-    /// Prepares the edges of one image's group `xg` in `buf` (its first [`Self::scratch`]
-    /// floats for `outs` output channels): the edge columns' im2col rows (zeros where a tap
-    /// leaves the image), or the row strips' copies.
+    /// Prepares the edges of one image's group `xg` in `buf` (the part of [`Self::scratch`]
+    /// all output channels share, `scratch(g, 0)` floats): the edge columns' im2col rows
+    /// (zeros where a tap leaves the image), or the row strips' copies.
     fn fill_edges(&self, g: &ConvGeometry, xg: &[f32], buf: &mut [f32]) {
         let (hw, width, kh, kw) = (g.in_pixels(), g.in_w, g.kernel_h, g.kernel_w);
         match &self.edges {
