@@ -51,8 +51,8 @@ fn shape_applies(g: &ConvGeometry) -> bool {
 }
 
 /// Whether [`grad_input`] computes `g`'s gradient with each image split over the threads
-/// (output-gradient planes by output channels, products and their interleaving by input
-/// channels): where the batch does not give every thread images of its own, on the shapes
+/// (each thread its input channels' products and their interleaving, from its own copy of the
+/// output-gradient planes): where the batch does not give every thread images of its own, on the shapes
 /// [`applies`] gives the implicit GEMM with more images. These ran im2col + col2im split
 /// inside the images before. Harness, 2 threads, min of 10–20, alternated 3×: reference layer
 /// E's 3 × 3 stride 2 at batch 1 2.55–2.60 → 2.36 ms (per image at batch 8: 2.25), its 3 × 1
@@ -1054,7 +1054,7 @@ pub fn grad_input(
         };
         let flat_len = l.phases.len() * cig * l.out_len();
         if splits_inside_images(exec.threads(), g.batch) {
-            let scratch = ws.take(cog * l.gy_len + flat_len)?;
+            let scratch = ws.take(exec.threads() * cog * l.gy_len + flat_len)?;
             grad_input_within_images(exec, g, &l, &weights, gy, gx, scratch);
             return Ok(());
         }
@@ -1069,10 +1069,16 @@ pub fn grad_input(
     })
 }
 
-/// [`grad_input`] with too few images for the threads ([`splits_inside_images`]): each image's
-/// padded output-gradient planes filled by output channels, then the phase products and their
-/// interleaving into NCHW by input channels, each thread's channels `[channel][phase][pixel]`
-/// in the flat buffer (one contiguous run per thread).
+/// [`grad_input`] with too few images for the threads ([`splits_inside_images`]): each thread
+/// fills every padded output-gradient plane of the image into its own buffer (`scratch` holds
+/// one per thread, then the flat buffer), then computes the phase products of its input
+/// channels and their interleaving into NCHW, its channels `[channel][phase][pixel]` in the
+/// flat buffer (one contiguous run per thread). No thread reads what another wrote: the planes
+/// filled by output channels, a half by each thread, and read whole by both, measured slower
+/// (harness, batch 1, 2 threads, min of 60–150, 10 pairs alternated, round trip 61–68 ns):
+/// reference layer E's 1 × 3 stride (1, 2) half 0.835–0.836 → 0.824–0.826 ms, a 64 → 128
+/// 3 × 3 stride 2 at 56² 0.620–0.625 → 0.615–0.621, E's 3 × 3 a tie at batch 1 and 3; with
+/// the vCPUs on different dies E's 3 × 3 2.70 → 2.49 ms at batch 1, 7.68 → 7.21 at batch 3.
 fn grad_input_within_images(
     exec: Exec,
     g: &ConvGeometry,
@@ -1088,32 +1094,27 @@ fn grad_input_within_images(
         exec.threads(),
     );
     let (hw, ohw) = (g.in_pixels(), g.out_pixels());
-    let (gbufs, flat) = scratch.split_at_mut(cog * l.gy_len);
+    let tasks = cig.div_ceil(cig.div_ceil(threads));
+    let (gbufs, flat) = scratch.split_at_mut(tasks * cog * l.gy_len);
     let strides = FlatStrides {
         channel: l.phases.len() * l.out_len(),
         phase: l.out_len(),
     };
-    let (planes_per_task, channels_per_task) = (cog.div_ceil(threads), cig.div_ceil(threads));
+    let channels_per_task = cig.div_ceil(threads);
     for n in 0..g.batch {
         for grp in 0..g.groups {
             let gyg = &gy[(n * g.out_channels + grp * cog) * ohw..][..cog * ohw];
             let first = n == 0 && grp == 0;
-            gbufs
-                .par_chunks_mut(planes_per_task * l.gy_len)
-                .zip(gyg.par_chunks(planes_per_task * ohw))
-                .for_each(|(planes, gyc)| {
-                    if first {
-                        // The padded planes' zero borders are never written after this.
-                        planes.fill(0.0);
-                    }
-                    fill_gradient_planes(exec.isa(), g, l, gyc, planes)
-                });
-            let gbufs = &*gbufs;
             let gxg = &mut gx[(n * g.in_channels + grp * cig) * hw..][..cig * hw];
             flat.par_chunks_mut(channels_per_task * strides.channel)
                 .zip(gxg.par_chunks_mut(channels_per_task * hw))
+                .zip(gbufs.par_chunks_mut(cog * l.gy_len))
                 .enumerate()
-                .for_each(|(t, (flat, gxc))| {
+                .for_each(|(t, ((flat, gxc), planes))| {
+                    if first {
+                        planes.fill(0.0);
+                    }
+                    fill_gradient_planes(exec.isa(), g, l, gyg, planes);
                     let c0 = t * channels_per_task;
                     let channels = c0..c0 + gxc.len() / hw;
                     phase_gradients(
@@ -1122,7 +1123,7 @@ fn grad_input_within_images(
                         l,
                         weights,
                         grp,
-                        gbufs,
+                        planes,
                         channels,
                         flat,
                         strides,
