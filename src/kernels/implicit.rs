@@ -270,7 +270,10 @@ fn forward_by_bands(
 /// 12 quiet pairs): reference layer E's 1 × 3 stride (1, 2) half (392 per band) 0.758–0.826 →
 /// 0.749–0.754 ms, a 64 → 128 3 × 3 stride 2 at 56² 0.587–0.592 → 0.565–0.568, E's 3 × 3
 /// stride 2 a tie (2.20–2.23 against 2.18–2.34); with the vCPUs on different dies 0.84 → 0.64
-/// and 2.76 → 2.36.
+/// and 2.76 → 2.36. Inside E's spatially separable training step at batch 1 its 1 × 3 forward
+/// was slower on bands (0.775–0.780 → 0.810–0.815 ms) and the step a tie in quiet minutes
+/// (4.95–4.97 against 4.97, harness, min of 100), faster in the spells (5.19 → 5.08, 6.59 →
+/// 6.15).
 pub fn splits_by_bands(exec: Exec, g: &ConvGeometry) -> bool {
     g.out_pixels() >= MIN_BAND_POSITIONS * exec.threads()
 }
