@@ -1097,8 +1097,7 @@ fn grad_input_within_images(
         exec.threads(),
     );
     let (hw, ohw) = (g.in_pixels(), g.out_pixels());
-    let tasks = cig.div_ceil(cig.div_ceil(threads));
-    let (gbufs, flat) = scratch.split_at_mut(tasks * cog * l.gy_len);
+    let (gbufs, flat) = scratch.split_at_mut(threads * cog * l.gy_len);
     let strides = FlatStrides {
         channel: l.phases.len() * l.out_len(),
         phase: l.out_len(),
@@ -1115,6 +1114,7 @@ fn grad_input_within_images(
                 .enumerate()
                 .for_each(|(t, ((flat, gxc), planes))| {
                     if first {
+                        // The padded planes' zero borders are never written after this.
                         planes.fill(0.0);
                     }
                     fill_gradient_planes(exec.isa(), g, l, gyg, planes);
