@@ -100,6 +100,10 @@ fn bad_options_are_one_line_errors_with_status_2() {
         (vec!["bench", "--reps", "0"], "--reps"),
         (vec!["bench", "--rounds", "0"], "--rounds"),
         (vec!["bench", "--layers", "Q"], "'Q'"),
+        (
+            vec!["bench", "--compare-torch", "--python", "/no/such/python"],
+            "/no/such/python",
+        ),
     ] {
         let o = run(&args);
         assert_eq!(o.status.code(), Some(2), "{args:?}");

@@ -61,7 +61,8 @@ pub struct Args {
     /// time ratios against the performance targets; skipped with a message if torch is missing.
     #[arg(long)]
     compare_torch: bool,
-    /// The Python interpreter for --compare-torch.
+    /// The Python interpreter for --compare-torch: a command on PATH or a path to the file
+    /// (which must exist).
     #[arg(long, default_value = "python3", value_name = "PATH")]
     python: String,
     /// Write the results as a Markdown table (with the machine they were measured on). If FILE
@@ -111,6 +112,17 @@ pub fn run(exec: Exec, a: Args) -> Result<()> {
     }
     if a.batch == Some(0) {
         return Err(Error::invalid("--batch must be at least 1"));
+    }
+    // A path the user gave that names no file is a mistake to report, not a missing torch to
+    // skip (a bare name is looked up on PATH when the probe runs).
+    if a.compare_torch
+        && a.python.contains(std::path::MAIN_SEPARATOR)
+        && !std::path::Path::new(&a.python).is_file()
+    {
+        return Err(Error::invalid(format!(
+            "--python {}: no such file",
+            a.python
+        )));
     }
     let layers: Vec<ReferenceLayer> = a
         .layers
