@@ -124,7 +124,8 @@ fn scratch_per_task(g: &ConvGeometry, l: &PhaseLayout, layout: &Layout) -> usize
 /// position p then reads input position `p + (i·dh − pad_top)·W + j·dw − pad_left`, inside the
 /// plane for every p from `pad_top·W + pad_left` to `out_h·W − pad_bottom·W − pad_right`; only
 /// the positions in the padding columns (which read a neighbouring row there) or padding rows
-/// (outside that range) are left, and are computed separately ([`Edges`]). Saves the
+/// (outside that range) are left, and are computed separately (the edge columns recomputed,
+/// the padding rows from strips). Saves the
 /// phase-plane copy and the copy that drops the padded layout's wasted columns (together a
 /// fifth of the time of reference layer B's 1 × 3 half).
 pub fn reads_in_place(g: &ConvGeometry) -> bool {
