@@ -672,8 +672,9 @@ fn long_products_take_the_implicit_grad_weight() {
 /// (its adjoint grad-input runs in place too) and a grouped 2 × 3 kernel, whose edge columns
 /// are recomputed; then k × 1 kernels, whose padding rows run from strips: a 3 × 1 with
 /// symmetric padding, a grouped, dilated 2 × 1 padded unevenly (one row above, two below), and
-/// a 5 × 1 on planes five rows high, whose strips reach past the plane at both ends.
-fn in_place_cases() -> [Case; 5] {
+/// a 5 × 1 on planes five rows high, whose strips reach past the plane at both ends, and a
+/// 1 × 1 padded above only (one strip of one row, the other empty).
+fn in_place_cases() -> [Case; 6] {
     [
         (
             [2, 6, 17, 40],
@@ -696,6 +697,7 @@ fn in_place_cases() -> [Case; 5] {
             [3, 4, 5, 1],
             Conv2dParams::with_padding(Padding::symmetric(2, 0)),
         ),
+        ([2, 3, 20, 16], [2, 3, 1, 1], explicit(1, 0, 0, 0)),
     ]
 }
 

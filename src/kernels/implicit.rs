@@ -755,7 +755,12 @@ struct RowStrip {
 
 impl RowStrip {
     fn new(g: &ConvGeometry, out_rows: std::ops::Range<usize>) -> Self {
-        let height = out_rows.len() + (g.kernel_h - 1) * g.dilation_h;
+        // No padding on this side: an empty strip (no rows to copy, no product).
+        let height = if out_rows.is_empty() {
+            0
+        } else {
+            out_rows.len() + (g.kernel_h - 1) * g.dilation_h
+        };
         let len = height * g.in_w;
         let rows = collect_exact(
             g.in_channels_per_group() * g.kernel_h,
@@ -772,6 +777,9 @@ impl RowStrip {
 
     /// Copies the strip's input rows of one image's group `xg` into `strip` (`cig · len`).
     fn fill(&self, g: &ConvGeometry, xg: &[f32], strip: &mut [f32]) {
+        if self.len == 0 {
+            return;
+        }
         let (hw, width) = (g.in_pixels(), g.in_w);
         for (plane, dst) in xg.chunks_exact(hw).zip(strip.chunks_exact_mut(self.len)) {
             for (r, row) in dst.chunks_exact_mut(width).enumerate() {
