@@ -111,7 +111,7 @@ enum Layout {
 /// output; or, where the input is read in place, what its edges take ([`InPlace::scratch`]).
 fn scratch_per_task(g: &ConvGeometry, l: &PhaseLayout, layout: &Layout) -> usize {
     if let Layout::InPlace(t) = layout {
-        t.scratch(g, g.out_channels_per_group())
+        t.shared_scratch(g) + t.run_scratch(g, g.out_channels_per_group())
     } else {
         g.in_channels_per_group() * l.len + g.out_channels_per_group() * l.out_len()
     }
@@ -737,9 +737,9 @@ enum Edges {
     /// A 1 × k kernel's edge columns: the im2col rows of their positions (column by column,
     /// `out_h` each) gathered and multiplied by the weights on their own.
     Columns(Vec<usize>),
-    /// A k × 1 kernel's padding rows, above and below ([`RowStrip`]): whole rows, products as
-    /// fast as the interior's.
-    Rows([RowStrip; 2]),
+    /// A k × 1 kernel's padding rows, above and below where there are any ([`RowStrip`]):
+    /// whole rows, products as fast as the interior's.
+    Rows(Vec<RowStrip>),
 }
 
 /// Output rows `out_rows` of a k × 1 kernel without width padding, computed from a copy of
@@ -755,12 +755,7 @@ struct RowStrip {
 
 impl RowStrip {
     fn new(g: &ConvGeometry, out_rows: std::ops::Range<usize>) -> Self {
-        // No padding on this side: an empty strip (no rows to copy, no product).
-        let height = if out_rows.is_empty() {
-            0
-        } else {
-            out_rows.len() + (g.kernel_h - 1) * g.dilation_h
-        };
+        let height = out_rows.len() + (g.kernel_h - 1) * g.dilation_h;
         let len = height * g.in_w;
         let rows = collect_exact(
             g.in_channels_per_group() * g.kernel_h,
@@ -775,11 +770,13 @@ impl RowStrip {
         }
     }
 
+    /// Floats of one image's group's strips (`cig · len`).
+    fn floats(&self, g: &ConvGeometry) -> usize {
+        g.in_channels_per_group() * self.len
+    }
+
     /// Copies the strip's input rows of one image's group `xg` into `strip` (`cig · len`).
     fn fill(&self, g: &ConvGeometry, xg: &[f32], strip: &mut [f32]) {
-        if self.len == 0 {
-            return;
-        }
         let (hw, width) = (g.in_pixels(), g.in_w);
         for (plane, dst) in xg.chunks_exact(hw).zip(strip.chunks_exact_mut(self.len)) {
             for (r, row) in dst.chunks_exact_mut(width).enumerate() {
@@ -807,10 +804,15 @@ impl InPlace {
             }),
         );
         let edges = if g.pad_left + g.pad_right == 0 {
-            Edges::Rows([
-                RowStrip::new(g, 0..g.pad_top),
-                RowStrip::new(g, g.out_h - g.pad_bottom..g.out_h),
-            ])
+            // A side without padding has no strip.
+            let sides = [0..g.pad_top, g.out_h - g.pad_bottom..g.out_h];
+            Edges::Rows(
+                sides
+                    .into_iter()
+                    .filter(|rows| !rows.is_empty())
+                    .map(|rows| RowStrip::new(g, rows))
+                    .collect(),
+            )
         } else {
             Edges::Columns((0..g.pad_left).chain(width - g.pad_right..width).collect())
         };
@@ -825,21 +827,27 @@ impl InPlace {
         start..g.out_pixels() - g.pad_bottom * g.out_w - g.pad_right
     }
 
-    /// Scratch floats for one image's group: the edge columns' im2col rows and the products
-    /// of `outs` output channels there, or the row strips.
-    fn scratch(&self, g: &ConvGeometry, outs: usize) -> usize {
+    /// Scratch floats that all output channels of one image's group share: the edge columns'
+    /// im2col rows, or the row strips.
+    fn shared_scratch(&self, g: &ConvGeometry) -> usize {
         match &self.edges {
-            Edges::Columns(e) => (g.col_rows() + outs) * e.len() * g.out_h,
-            Edges::Rows(strips) => strips
-                .iter()
-                .map(|s| g.in_channels_per_group() * s.len)
-                .sum(),
+            Edges::Columns(e) => g.col_rows() * e.len() * g.out_h,
+            Edges::Rows(strips) => strips.iter().map(|s| s.floats(g)).sum(),
         }
     }
 
-    /// Prepares the edges of one image's group `xg` in `buf` (the part of [`Self::scratch`]
-    /// all output channels share, `scratch(g, 0)` floats): the edge columns' im2col rows
-    /// (zeros where a tap leaves the image), or the row strips' copies.
+    /// Scratch floats of a run of `outs` output channels: their products at the edge columns
+    /// (none for row strips, whose products go straight into the output).
+    fn run_scratch(&self, g: &ConvGeometry, outs: usize) -> usize {
+        match &self.edges {
+            Edges::Columns(e) => outs * e.len() * g.out_h,
+            Edges::Rows(_) => 0,
+        }
+    }
+
+    /// Prepares the edges of one image's group `xg` in `buf` ([`Self::shared_scratch`]
+    /// floats): the edge columns' im2col rows (zeros where a tap leaves the image), or the row
+    /// strips' copies.
     fn fill_edges(&self, g: &ConvGeometry, xg: &[f32], buf: &mut [f32]) {
         let (hw, width, kh, kw) = (g.in_pixels(), g.in_w, g.kernel_h, g.kernel_w);
         match &self.edges {
@@ -863,7 +871,7 @@ impl InPlace {
             Edges::Rows(strips) => {
                 let mut rest = buf;
                 for strip in strips {
-                    let (mine, next) = rest.split_at_mut(g.in_channels_per_group() * strip.len);
+                    let (mine, next) = rest.split_at_mut(strip.floats(g));
                     strip.fill(g, xg, mine);
                     rest = next;
                 }
@@ -921,11 +929,8 @@ impl InPlace {
             Edges::Rows(strips) => {
                 let mut rest = edges;
                 for strip in strips {
-                    let (mine, next) = rest.split_at(g.in_channels_per_group() * strip.len);
+                    let (mine, next) = rest.split_at(strip.floats(g));
                     rest = next;
-                    if strip.out_rows.is_empty() {
-                        continue;
-                    }
                     let columns = strip.out_rows.len() * g.out_w;
                     let ops =
                         Operands::weights_times_rows(wg, cog, k, mine, &strip.rows, columns, bg);
@@ -967,8 +972,7 @@ fn forward_in_place(
     let (hw, ohw) = (g.in_pixels(), g.out_pixels());
     let outs = cog.div_ceil(splits.max(1));
     // The edges' shared part (im2col rows or strips), then each run's edge-column products.
-    let shared = layout.scratch(g, 0);
-    let per_run = layout.scratch(g, outs) - shared;
+    let (shared, per_run) = (layout.shared_scratch(g), layout.run_scratch(g, outs));
     let (edges, products) = buf.split_at_mut(shared);
     for (local, n) in images.enumerate() {
         for grp in 0..g.groups {
