@@ -403,21 +403,37 @@ impl Workload {
         let Ops::Pair(pair) = self.ops else {
             return self.run(exec, pass);
         };
-        // The pair's threads, as `ConvPair`'s unfused passes take them.
-        let (forward, backward) = (exec.for_work(pair.macs()), exec.for_work(2 * pair.macs()));
-        let (first, second) = (&pair.first, &pair.second);
         let bias = self.has_bias.then_some(&self.bias[..]);
-        let ws = &mut self.ws;
-        kernels::conv2d_forward(forward, first, &self.x, &self.w1, None, &mut self.mid, ws)?;
-        kernels::conv2d_forward(forward, second, &self.mid, &self.w2, bias, &mut self.y, ws)?;
+        let (x, w1, w2) = (&self.x, &self.w1, &self.w2);
+        pair.forward_as_two_layers(
+            exec,
+            x,
+            w1,
+            w2,
+            bias,
+            &mut self.mid,
+            &mut self.y,
+            &mut self.ws,
+        )?;
         if pass == Pass::Train {
-            let gb = self.has_bias.then_some(&mut self.gb[..]);
-            let (gmid, gw2) = (Some(&mut self.gmid[..]), &mut self.gw2);
-            let (mid, gy, w2) = (&self.mid, &self.gy, &self.w2);
-            kernels::conv2d_backward(backward, second, mid, gy, w2, gmid, gw2, gb, ws)?;
-            let (gx, gw1) = (Some(&mut self.gx[..]), &mut self.gw1);
-            let (x, gmid, w1) = (&self.x, &self.gmid, &self.w1);
-            kernels::conv2d_backward(backward, first, x, gmid, w1, gx, gw1, None, ws)?;
+            let grads = PairGrads {
+                input: Some(&mut self.gx),
+                first_weight: &mut self.gw1,
+                second_weight: &mut self.gw2,
+                bias: self.has_bias.then_some(&mut self.gb[..]),
+            };
+            let (mid, gy) = (&self.mid, &self.gy);
+            pair.backward_as_two_layers(
+                exec,
+                x,
+                w1,
+                w2,
+                mid,
+                gy,
+                grads,
+                &mut self.gmid,
+                &mut self.ws,
+            )?;
         }
         Ok(())
     }

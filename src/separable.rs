@@ -138,7 +138,7 @@ impl ConvPair {
     }
 
     /// Nominal forward multiply-accumulates of both convolutions.
-    pub(crate) fn macs(&self) -> u64 {
+    fn macs(&self) -> u64 {
         self.first.macs() + self.second.macs()
     }
 
@@ -153,12 +153,26 @@ impl ConvPair {
     /// [`kernels::fused_training`] applies to either). Elsewhere they run the two convolutions
     /// one after the other, the intermediate through memory.
     pub fn runs_fused(&self, exec: Exec, training: bool) -> bool {
-        let (first, second) = (&self.first, &self.second);
         if !training {
-            return kernels::fused::applies(first, second);
+            return kernels::fused::applies(&self.first, &self.second);
         }
-        kernels::fused_training::forward_applies(exec.for_work(self.macs()), first, second)
-            || kernels::fused_training::applies(exec.for_work(2 * self.macs()), first, second)
+        self.forward_plan(exec).1 || self.backward_plan(exec).1
+    }
+
+    /// The forward's `Exec` (for its work) and whether it runs image by image
+    /// ([`kernels::fused_training::forward_applies`]).
+    fn forward_plan(&self, exec: Exec) -> (Exec, bool) {
+        let exec = exec.for_work(self.macs());
+        let fused = kernels::fused_training::forward_applies(exec, &self.first, &self.second);
+        (exec, fused)
+    }
+
+    /// The backward's `Exec` (both gradients of both convolutions) and whether it runs image
+    /// by image ([`kernels::fused_training::applies`]).
+    fn backward_plan(&self, exec: Exec) -> (Exec, bool) {
+        let exec = exec.for_work(2 * self.macs());
+        let fused = kernels::fused_training::applies(exec, &self.first, &self.second);
+        (exec, fused)
     }
 
     /// Forward: `mid = first(x, w1)`, `y = second(mid, w2) + bias`. `mid` is kept for backward.
@@ -174,8 +188,8 @@ impl ConvPair {
         y: &mut [f32],
         ws: &mut Workspace,
     ) -> Result<()> {
-        let exec = exec.for_work(self.macs());
-        if kernels::fused_training::forward_applies(exec, &self.first, &self.second) {
+        let (exec, fused) = self.forward_plan(exec);
+        if fused {
             return kernels::fused_training::forward(
                 exec,
                 &self.first,
@@ -188,6 +202,24 @@ impl ConvPair {
                 y,
             );
         }
+        self.forward_as_two_layers(exec, x, w1, w2, bias, mid, y, ws)
+    }
+
+    /// [`ConvPair::forward`] as two layers on their own kernels whatever the pair, the
+    /// intermediate written to `mid` and read back (what `sepconv bench` compares the fused
+    /// passes with).
+    pub fn forward_as_two_layers(
+        &self,
+        exec: Exec,
+        x: &[f32],
+        w1: &[f32],
+        w2: &[f32],
+        bias: Option<&[f32]>,
+        mid: &mut [f32],
+        y: &mut [f32],
+        ws: &mut Workspace,
+    ) -> Result<()> {
+        let exec = exec.for_work(self.macs());
         kernels::conv2d_forward(exec, &self.first, x, w1, None, mid, ws)?;
         kernels::conv2d_forward(exec, &self.second, mid, w2, bias, y, ws)
     }
@@ -240,9 +272,8 @@ impl ConvPair {
         gmid: &mut [f32],
         ws: &mut Workspace,
     ) -> Result<()> {
-        // Both gradients of both convolutions.
-        let exec = exec.for_work(2 * self.macs());
-        if kernels::fused_training::applies(exec, &self.first, &self.second) {
+        let (exec, fused) = self.backward_plan(exec);
+        if fused {
             return kernels::fused_training::backward(
                 exec,
                 &self.first,
@@ -259,6 +290,24 @@ impl ConvPair {
                 ws,
             );
         }
+        self.backward_as_two_layers(exec, x, w1, w2, mid, gy, grads, gmid, ws)
+    }
+
+    /// [`ConvPair::backward`] as two layers on their own kernels whatever the pair: the second
+    /// convolution's gradients, its input gradient written to `gmid`, then the first's.
+    pub fn backward_as_two_layers(
+        &self,
+        exec: Exec,
+        x: &[f32],
+        w1: &[f32],
+        w2: &[f32],
+        mid: &[f32],
+        gy: &[f32],
+        grads: PairGrads<'_>,
+        gmid: &mut [f32],
+        ws: &mut Workspace,
+    ) -> Result<()> {
+        let exec = exec.for_work(2 * self.macs());
         kernels::conv2d_backward(
             exec,
             &self.second,
