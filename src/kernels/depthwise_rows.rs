@@ -106,6 +106,13 @@ pub fn applies(isa: Isa, g: &ConvGeometry) -> bool {
         && isa == Isa::Avx512
 }
 
+/// Whether [`applies`] holds for one image of `g`: the passes that run image by image
+/// (`fused_training`, and `fused`'s bands and images) call this kernel one image at a time,
+/// where the rule's input size is one image's.
+pub fn applies_per_image(isa: Isa, g: &ConvGeometry) -> bool {
+    applies(isa, &ConvGeometry { batch: 1, ..*g })
+}
+
 /// Forward pass (`g` must satisfy [`applies`] for `exec`'s instruction set). Output planes
 /// are split over the threads in runs; each is computed from its input plane alone, so the
 /// threads share nothing however the planes fall.

@@ -271,10 +271,7 @@ pub fn depthwise_pointwise_forward(
 /// and stays on bands. At stride 2 on 224² planes (32 → 64, harness, min of 10, alternated
 /// 3×): 4.65–5.10 → 4.32–4.50 ms.
 fn runs_image_by_image(exec: Exec, dw: &ConvGeometry, pw: &ConvGeometry) -> bool {
-    let image = ConvGeometry { batch: 1, ..*dw };
-    depthwise_rows::applies(exec.isa(), &image)
-        && pw.groups == 1
-        && !splits_inside_images(exec.threads(), dw.batch)
+    fused_training::runs_per_image(exec, dw, pw)
         && (dw.out_channels * dw.out_pixels() <= BAND_FLOATS
             || dw.in_pixels() <= L1_PLANE_FLOATS
             || dw.stride_h == 2)
@@ -381,9 +378,8 @@ enum DepthwiseStep {
 
 impl DepthwiseStep {
     fn choose(exec: Exec, dw: &ConvGeometry, bands: &[Band]) -> Self {
-        let image = ConvGeometry { batch: 1, ..*dw };
         let stride_1_fits = dw.in_pixels() <= L1_PLANE_FLOATS && dw.out_w >= exec.isa().lanes();
-        if depthwise_rows::applies(exec.isa(), &image)
+        if depthwise_rows::applies_per_image(exec.isa(), dw)
             && dw.depth_multiplier() == 1
             && (dw.stride_h == 2 || stride_1_fits)
         {

@@ -50,19 +50,21 @@ pub fn applies(exec: Exec, dw: &ConvGeometry, pw: &ConvGeometry) -> bool {
         && pointwise_backward_applies(exec, pw)
 }
 
-/// Whether [`forward`] computes `dw` then `pw`: where [`applies`], and at stride 1 where the
-/// row kernel takes one image of the depthwise layer (multiplier 1).
+/// Whether [`forward`] computes `dw` then `pw` for training: where [`applies`], and at stride
+/// 1 (multiplier 1) where [`runs_per_image`].
 pub fn forward_applies(exec: Exec, dw: &ConvGeometry, pw: &ConvGeometry) -> bool {
-    let image = ConvGeometry { batch: 1, ..*dw };
-    let stride_1 = dw.stride_h == 1
-        && dw.stride_w == 1
-        && dw.depth_multiplier() == 1
-        && depthwise_rows::applies(exec.isa(), &image);
-    applies(exec, dw, pw)
-        || (stride_1
-            && pw.groups == 1
-            && pw.input_shape() == dw.output_shape()
-            && pointwise_backward_applies(exec, pw))
+    let stride_1 = dw.stride_h == 1 && dw.stride_w == 1 && dw.depth_multiplier() == 1;
+    applies(exec, dw, pw) || (stride_1 && runs_per_image(exec, dw, pw))
+}
+
+/// Whether [`forward`] can compute `dw` then `pw` image by image at all: the row kernel takes
+/// one image of `dw` ([`depthwise_rows::applies_per_image`]) and `pw`, ungrouped on `dw`'s
+/// output, gives every thread images of its own ([`pointwise_backward_applies`]).
+pub fn runs_per_image(exec: Exec, dw: &ConvGeometry, pw: &ConvGeometry) -> bool {
+    depthwise_rows::applies_per_image(exec.isa(), dw)
+        && pw.groups == 1
+        && pw.input_shape() == dw.output_shape()
+        && pointwise_backward_applies(exec, pw)
 }
 
 /// Panics unless the operands have the pair's shapes.
@@ -94,9 +96,7 @@ pub enum Intermediate<'a> {
 /// `y = pw(dw(x, w1), w2) + bias` image by image, each thread a run of images: an image's
 /// depthwise output (into `mid`) on the row kernel, then its pointwise product from L2 while
 /// the next image's input is prefetched. The same values as the unfused pair's (the same
-/// kernels, image by image). `dw` must take the row kernel for one image
-/// ([`depthwise_rows::applies`]) and `pw` be ungrouped and split over images
-/// ([`pointwise_backward_applies`]).
+/// kernels, image by image). The pair must satisfy [`runs_per_image`].
 #[allow(clippy::too_many_arguments)]
 pub fn forward(
     exec: Exec,
@@ -109,12 +109,8 @@ pub fn forward(
     mid: Intermediate<'_>,
     y: &mut [f32],
 ) -> Result<()> {
-    let image = ConvGeometry { batch: 1, ..*dw };
     assert!(
-        depthwise_rows::applies(exec.isa(), &image)
-            && pw.groups == 1
-            && pw.input_shape() == dw.output_shape()
-            && pointwise_backward_applies(exec, pw),
+        runs_per_image(exec, dw, pw),
         "fused forward: unsupported pair"
     );
     assert_eq!(x.len(), dw.input_len());
