@@ -67,19 +67,12 @@ pub fn runs_per_image(exec: Exec, dw: &ConvGeometry, pw: &ConvGeometry) -> bool 
         && pointwise_backward_applies(exec, pw)
 }
 
-/// Panics unless the operands have the pair's shapes.
-fn check_operands(
-    dw: &ConvGeometry,
-    pw: &ConvGeometry,
-    x: &[f32],
-    w1: &[f32],
-    w2: &[f32],
-    mid: &[f32],
-) {
+/// Panics unless the input and the two weights have the pair's shapes (both passes read them;
+/// each checks its intermediate itself, which the inference forward takes from scratch).
+fn check_inputs(dw: &ConvGeometry, pw: &ConvGeometry, x: &[f32], w1: &[f32], w2: &[f32]) {
     assert_eq!(x.len(), dw.input_len());
     assert_eq!(w1.len(), dw.weight_len());
     assert_eq!(w2.len(), pw.weight_len());
-    assert_eq!(mid.len(), pw.input_len());
 }
 
 /// Where [`forward`] writes each image's depthwise output.
@@ -113,9 +106,7 @@ pub fn forward(
         runs_per_image(exec, dw, pw),
         "fused forward: unsupported pair"
     );
-    assert_eq!(x.len(), dw.input_len());
-    assert_eq!(w1.len(), dw.weight_len());
-    assert_eq!(w2.len(), pw.weight_len());
+    check_inputs(dw, pw, x, w1, w2);
     assert!(bias.is_none_or(|b| b.len() == pw.out_channels));
     assert_eq!(y.len(), pw.output_len());
     let (img_x, img_mid, img_y) = (
@@ -233,7 +224,8 @@ fn backward_in_blocks(
     block: usize,
 ) -> Result<()> {
     assert!(applies(exec, dw, pw), "fused training: unsupported pair");
-    check_operands(dw, pw, x, w1, w2, mid);
+    check_inputs(dw, pw, x, w1, w2);
+    assert_eq!(mid.len(), pw.input_len(), "intermediate length");
     assert_eq!(gy.len(), pw.output_len());
     assert!(gx.as_ref().is_none_or(|gx| gx.len() == dw.input_len()));
     assert_eq!(gw1.len(), dw.weight_len());

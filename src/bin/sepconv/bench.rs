@@ -387,12 +387,20 @@ fn report_ds_peak(rows: &[Row], peak: f64) {
     }
 }
 
+/// The depthwise-separable rows that were timed for the fusion, each with the same pass's
+/// minimum as two layers where it ran fused (`None`: not fused at this batch and thread count).
+/// The console and Markdown reports word them differently from this one list.
+fn fusion_comparisons(rows: &[Row]) -> impl Iterator<Item = (&Row, Option<f64>)> {
+    rows.iter()
+        .filter(|r| r.fused.is_some())
+        .map(|r| (r, r.unfused_min_ms))
+}
+
 /// One line per depthwise-separable row: the fused pass against the same pass as two layers
 /// (the performance issue asks the fusion's gain to be reported), or that nothing is fused there.
 fn fusion_gains(rows: &[Row]) -> Vec<String> {
-    rows.iter()
-        .filter(|r| r.fused.is_some())
-        .map(|r| match r.unfused_min_ms {
+    fusion_comparisons(rows)
+        .map(|(r, two_layers)| match two_layers {
             Some(two) => format!(
                 "{} ds {}: fused {} ms, as two layers {} ms (the intermediate through memory): \
                  the fused pass {:.2}x as fast",
@@ -743,10 +751,8 @@ fn write_markdown(path: &std::path::Path, rows: &[Row], m: &Measured<'_>) -> Res
                 .map_or("-", |v| if r.min_ms <= v { "yes" } else { "no" }),
         );
     }
-    let gains: Vec<String> = rows
-        .iter()
-        .filter(|r| r.fused.is_some())
-        .map(|r| match r.unfused_min_ms {
+    let gains: Vec<String> = fusion_comparisons(rows)
+        .map(|(r, two_layers)| match two_layers {
             Some(two) => format!(
                 "{} {} {} against {} ({:.2}×)",
                 r.layer,
