@@ -190,3 +190,88 @@ fn ds_rows_report_the_fusion_against_two_layers() {
         "{text}"
     );
 }
+
+/// A stand-in for PyTorch's peer script: `python -c ...` (the import probe) succeeds, and a run
+/// writes the given results where `--json` says, in the script's format.
+#[cfg(unix)]
+fn fake_python(name: &str, results: &str) -> std::path::PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let path = temp_path(name);
+    let script = format!(
+        "#!/bin/sh\n\
+         [ \"$1\" = -c ] && exit 0\n\
+         while [ $# -gt 0 ]; do [ \"$1\" = --json ] && out=\"$2\"; shift; done\n\
+         printf '%s' '{{\"meta\": {{\"torch\": \"0.0-fake\"}}, \"results\": {results}}}' > \"$out\"\n"
+    );
+    std::fs::write(&path, script).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    path
+}
+
+/// Each row's target is max(f × PyTorch, MACs at 85% of the measured peak), and the report says
+/// which of the two set it: a slow peer leaves the factor (0.9 forward for dw), a peer faster
+/// than the machine could be leaves the floor.
+#[cfg(unix)]
+#[test]
+fn targets_say_whether_pytorch_or_the_peak_set_them() {
+    let python = fake_python(
+        "python",
+        r#"[{"config": "D", "variant": "dw", "mode": "fwd", "min_ms": 1000.0},
+            {"config": "A", "variant": "dw", "mode": "fwd_cl", "min_ms": 0.000001}]"#,
+    );
+    let json = temp_path("targets.json");
+    let o = run(&[
+        "bench",
+        "--reps",
+        "1",
+        "--warmup",
+        "0",
+        "--threads",
+        "2",
+        "--layers",
+        "A,D",
+        "--variants",
+        "dw",
+        "--passes",
+        "forward",
+        "--compare-torch",
+        "--python",
+        &python.to_string_lossy(),
+        "--json",
+        &json.to_string_lossy(),
+    ]);
+    let _ = std::fs::remove_file(&python);
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let rows: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let _ = std::fs::remove_file(&json);
+    let row = |layer: &str| {
+        rows.as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["layer"] == layer)
+            .unwrap()
+            .clone()
+    };
+    let (d, a) = (row("D"), row("A"));
+    assert_eq!(d["torch_min_ms"].as_f64(), Some(1000.0), "{d}");
+    assert!(
+        (d["target_ms"].as_f64().unwrap() - 900.0).abs() < 1e-9,
+        "{d}"
+    );
+    assert_eq!(d["target_by"], "0.9 × PyTorch", "{d}");
+    let macs = a["macs"].as_f64().unwrap();
+    let target = a["target_ms"].as_f64().unwrap();
+    assert!(target > 0.000001, "{a}");
+    assert_eq!(a["target_by"], "85% of peak", "{a}");
+    // The floor is the MACs at 85% of a peak between the two measurements' plausible range.
+    let peak_gmacs = macs / (0.85 * target * 1e-3) / 1e9;
+    assert!(
+        (1.0..10_000.0).contains(&peak_gmacs),
+        "{a}: peak {peak_gmacs}"
+    );
+    assert!(stdout.contains("0.9 × PyTorch"), "{stdout}");
+    assert!(stdout.contains("85% of peak"), "{stdout}");
+    assert!(stdout.contains("of 2 targets met"), "{stdout}");
+}
