@@ -188,10 +188,10 @@ impl ConvPair {
         y: &mut [f32],
         ws: &mut Workspace,
     ) -> Result<()> {
-        let (exec, fused) = self.forward_plan(exec);
-        if fused {
+        // The fallback sizes its own threads for the work: it is callable on its own.
+        if let (fused_exec, true) = self.forward_plan(exec) {
             return kernels::fused_training::forward(
-                exec,
+                fused_exec,
                 &self.first,
                 &self.second,
                 x,
@@ -272,10 +272,9 @@ impl ConvPair {
         gmid: &mut [f32],
         ws: &mut Workspace,
     ) -> Result<()> {
-        let (exec, fused) = self.backward_plan(exec);
-        if fused {
+        if let (fused_exec, true) = self.backward_plan(exec) {
             return kernels::fused_training::backward(
-                exec,
+                fused_exec,
                 &self.first,
                 &self.second,
                 x,

@@ -671,8 +671,8 @@ fn long_products_take_the_implicit_grad_weight() {
 /// input, padding one way only): a 1 × 3 kernel dilated across with asymmetric width padding
 /// (its adjoint grad-input runs in place too) and a grouped 2 × 3 kernel, whose edge columns
 /// are recomputed; then k × 1 kernels, whose padding rows run from strips: a 3 × 1 with
-/// symmetric padding, a grouped, dilated 2 × 1 padded unevenly (one row above, two below), and
-/// a 5 × 1 on planes five rows high, whose strips reach past the plane at both ends, and a
+/// symmetric padding, a grouped, dilated 2 × 1 padded unevenly (one row above, two below), a
+/// 5 × 1 on planes five rows high, whose strips reach past the plane at both ends, and a
 /// 1 × 1 padded above only (one strip of one row, the other empty).
 fn in_place_cases() -> [Case; 6] {
     [

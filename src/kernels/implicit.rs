@@ -108,7 +108,8 @@ enum Layout {
 }
 
 /// Per-task scratch of [`forward`]: the phase planes of one group's channels, then the flat
-/// output; or, where the input is read in place, what its edges take ([`InPlace::scratch`]).
+/// output; or, where the input is read in place, what its edges take
+/// ([`InPlace::shared_scratch`], [`InPlace::run_scratch`]).
 fn scratch_per_task(g: &ConvGeometry, l: &PhaseLayout, layout: &Layout) -> usize {
     if let Layout::InPlace(t) = layout {
         t.shared_scratch(g) + t.run_scratch(g, g.out_channels_per_group())
@@ -791,6 +792,19 @@ impl RowStrip {
     }
 }
 
+/// Each row strip with its span of the edges buffer ([`InPlace::fill_edges`]), one after the
+/// other.
+fn strip_spans<'a>(
+    strips: &'a [RowStrip],
+    g: &'a ConvGeometry,
+) -> impl Iterator<Item = (&'a RowStrip, std::ops::Range<usize>)> + 'a {
+    strips.iter().scan(0, move |at, strip| {
+        let span = *at..*at + strip.floats(g);
+        *at = span.end;
+        Some((strip, span))
+    })
+}
+
 impl InPlace {
     fn new(g: &ConvGeometry) -> Self {
         let (hw, width, kh, kw) = (g.in_pixels(), g.in_w, g.kernel_h, g.kernel_w);
@@ -869,11 +883,8 @@ impl InPlace {
                 }
             }
             Edges::Rows(strips) => {
-                let mut rest = buf;
-                for strip in strips {
-                    let (mine, next) = rest.split_at_mut(strip.floats(g));
-                    strip.fill(g, xg, mine);
-                    rest = next;
+                for (strip, span) in strip_spans(strips, g) {
+                    strip.fill(g, xg, &mut buf[span]);
                 }
             }
         }
@@ -927,10 +938,8 @@ impl InPlace {
                 }
             }
             Edges::Rows(strips) => {
-                let mut rest = edges;
-                for strip in strips {
-                    let (mine, next) = rest.split_at(strip.floats(g));
-                    rest = next;
+                for (strip, span) in strip_spans(strips, g) {
+                    let mine = &edges[span];
                     let columns = strip.out_rows.len() * g.out_w;
                     let ops =
                         Operands::weights_times_rows(wg, cog, k, mine, &strip.rows, columns, bg);
