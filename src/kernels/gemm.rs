@@ -97,6 +97,33 @@ pub fn gemm(
         Par::Seq
     };
     faer::linalg::matmul::matmul(dst, accum, a.as_faer(), b.as_faer(), 1.0f32, par);
+    if threads > 1 {
+        // The threads of the pool faer split the product over (the current one).
+        rayon::broadcast(|_| clear_upper_vector_state());
+    } else {
+        clear_upper_vector_state();
+    }
+}
+
+/// `vzeroupper` where the CPU has AVX. faer's AVX microkernels return with the upper halves of
+/// the vector registers in use (no `vzeroupper` after them); on Intel cores every legacy-SSE
+/// instruction that follows — all the code compiled for the baseline target, such as im2col's
+/// copies, gathers and fills — then pays a transition penalty, until one of the crate's own
+/// AVX kernels returns (the compiler ends those with `vzeroupper`). AMD's cores have no such
+/// penalty, which is why it went unseen on the Zen 4 VM. On an Intel Xeon (Emerald Rapids) VM,
+/// 1 thread: the MNIST network's block3 forward (64 images, 64 → 128 channels at 7 × 7: im2col
+/// tiles, each followed by a faer product) 46–48 → 6.5 ms; the same build compiled for the
+/// native CPU (no legacy-SSE code at all) took 6.2–6.4.
+fn clear_upper_vector_state() {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx") {
+        #[target_feature(enable = "avx")]
+        fn zero_upper() {
+            std::arch::x86_64::_mm256_zeroupper();
+        }
+        // SAFETY: the CPU has AVX (checked above).
+        unsafe { zero_upper() };
+    }
 }
 
 #[cfg(test)]
