@@ -162,11 +162,15 @@ fn for_each_row_segment(
 ) {
     let end = p0 + len;
     let mut p = p0;
+    // One division for the first segment; every later one starts a row. (A division per
+    // segment was a fifth of im2col's time on 7 × 7 images, whose segments are 7 pixels.)
+    let (mut oh, mut ow0) = (p0 / out_w.max(1), p0 % out_w.max(1));
     while p < end {
-        let (oh, ow0) = (p / out_w, p % out_w);
         let seg = (out_w - ow0).min(end - p);
         f(p - p0, seg, oh, ow0);
         p += seg;
+        oh += 1;
+        ow0 = 0;
     }
 }
 
