@@ -430,21 +430,18 @@ fn gemm_in_depth_slices(isa: Isa, ops: Operands<'_>, out: Out<'_>, store: Store,
     for i in 0..slices {
         let k1 = (i + 1) * ops.k / slices;
         let first = i == 0;
-        let d = match ops.d_rows {
-            Rows::Strided(stride) => Operands {
-                d: &ops.d[k0 * stride..],
-                ..ops
-            },
-            Rows::Table(table) => Operands {
-                d_rows: Rows::Table(&table[k0..]),
-                ..ops
-            },
+        // Rows k0 .. k1 of D: strided rows by moving its start, table rows by the table's.
+        let (d, d_rows) = match ops.d_rows {
+            Rows::Strided(stride) => (&ops.d[k0 * stride..], ops.d_rows),
+            Rows::Table(table) => (ops.d, Rows::Table(&table[k0..])),
         };
         let slice = Operands {
             c: &ops.c[k0 * ops.c_col..],
+            d,
+            d_rows,
             k: k1 - k0,
             bias: if first { ops.bias } else { None },
-            ..d
+            ..ops
         };
         let store = if first && store != Store::Accumulate {
             Store::Cached
