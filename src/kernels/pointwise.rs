@@ -4,10 +4,11 @@
 //!
 //! General GEMMs pack both operands and are tuned for large K; with K = 32 the packing and the
 //! short inner loop cost about half the time (faer reaches under half of this machine's peak
-//! there). Here nothing is packed: each 8 × 3-vector block of Y keeps 24 accumulators in
+//! there). Here C is never packed: each 8 × 3-vector block of Y keeps 24 accumulators in
 //! registers while k runs over all of K, reading 3 vectors of a D row and broadcasting 8
 //! scalars of C per step (24 FMAs per 11 loads). Column blocks are the outer loop so the
-//! K × 48 slice of D they read stays in L1 (L2 for the largest K) across all row blocks.
+//! K × 48 slice of D they read stays in L1 across all row blocks; deeper slices (K > 128),
+//! which do not, are first copied into one aligned panel (see `packs`).
 //!
 //! Eight rows rather than six (with 4 vectors): channel counts are multiples of 8, so no
 //! short remainder block, and the narrower D slice fits L1 at K = 128. Harness, 2 threads,
@@ -528,6 +529,9 @@ unsafe fn blocks<S: SimdF32, const ROWS: usize, const VECS: usize, const AHEAD: 
     let p_end = ops.p - row_tail - dot_tail;
     let full_blocks = (p_end - lead) / block * (ops.n / ROWS);
     let mut prefetcher = Prefetcher::new(ahead, full_blocks * ops.k);
+    let pack = S::REGISTERS >= 32 && packs(ops.n, ops.k, block);
+    let mut panel = std::mem::MaybeUninit::<Panel>::uninit();
+    let panel_ptr = panel.as_mut_ptr().cast::<f32>();
     let mut p0 = 0;
     while p0 < p_end {
         let width = if p0 == 0 && lead > 0 {
@@ -535,20 +539,41 @@ unsafe fn blocks<S: SimdF32, const ROWS: usize, const VECS: usize, const AHEAD: 
         } else {
             block.min(p_end - p0)
         };
+        // The block's operands, Y and first D column: the panel's when packed.
+        let packed = pack && width == block;
+        let (block_ops, block_y, block_p0) = if packed {
+            // SAFETY: k·block ≤ PANEL_FLOATS (packs), and columns p0 .. p0 + block of every
+            // D row are inside D (checked lengths in small_k_gemm); once written, the panel's
+            // k·block floats are initialized.
+            unsafe {
+                pack_panel::<S, VECS>(ops, p0, panel_ptr);
+                let panel = std::slice::from_raw_parts(panel_ptr, ops.k * block);
+                let packed = Operands {
+                    d: panel,
+                    d_rows: Rows::Strided(block),
+                    ..ops
+                };
+                (packed, y.add(p0), 0)
+            }
+        } else {
+            (ops, y, p0)
+        };
+        // The unpacked blocks prefetch the next column block of D's rows themselves; the
+        // packing does it for the packed ones.
         let mut n0 = 0;
         while n0 + ROWS <= ops.n {
             // SAFETY: rows n0 .. n0 + ROWS and columns p0 .. p0 + width are inside all three
-            // matrices (checked lengths in small_k_gemm).
+            // matrices (checked lengths in small_k_gemm), or the panel's columns.
             unsafe {
                 tile::<S, ROWS, VECS, AHEAD>(
-                    ops,
-                    y,
+                    block_ops,
+                    block_y,
                     ldy,
                     n0,
-                    p0,
+                    block_p0,
                     width,
                     store,
-                    n0 == 0,
+                    !packed && n0 == 0,
                     &mut prefetcher,
                 )
             };
@@ -556,16 +581,17 @@ unsafe fn blocks<S: SimdF32, const ROWS: usize, const VECS: usize, const AHEAD: 
         }
         // SAFETY: as above, for the remaining rows.
         let pf = &mut prefetcher;
+        let (o, y, c0) = (block_ops, block_y, block_p0);
         unsafe {
             match ops.n - n0 {
                 0 => {}
-                1 => tile::<S, 1, VECS, false>(ops, y, ldy, n0, p0, width, store, false, pf),
-                2 => tile::<S, 2, VECS, false>(ops, y, ldy, n0, p0, width, store, false, pf),
-                3 => tile::<S, 3, VECS, false>(ops, y, ldy, n0, p0, width, store, false, pf),
-                4 => tile::<S, 4, VECS, false>(ops, y, ldy, n0, p0, width, store, false, pf),
-                5 => tile::<S, 5, VECS, false>(ops, y, ldy, n0, p0, width, store, false, pf),
-                6 => tile::<S, 6, VECS, false>(ops, y, ldy, n0, p0, width, store, false, pf),
-                _ => tile::<S, 7, VECS, false>(ops, y, ldy, n0, p0, width, store, false, pf),
+                1 => tile::<S, 1, VECS, false>(o, y, ldy, n0, c0, width, store, false, pf),
+                2 => tile::<S, 2, VECS, false>(o, y, ldy, n0, c0, width, store, false, pf),
+                3 => tile::<S, 3, VECS, false>(o, y, ldy, n0, c0, width, store, false, pf),
+                4 => tile::<S, 4, VECS, false>(o, y, ldy, n0, c0, width, store, false, pf),
+                5 => tile::<S, 5, VECS, false>(o, y, ldy, n0, c0, width, store, false, pf),
+                6 => tile::<S, 6, VECS, false>(o, y, ldy, n0, c0, width, store, false, pf),
+                _ => tile::<S, 7, VECS, false>(o, y, ldy, n0, c0, width, store, false, pf),
             }
         }
         p0 += width;
@@ -580,6 +606,55 @@ unsafe fn blocks<S: SimdF32, const ROWS: usize, const VECS: usize, const AHEAD: 
     }
     // SAFETY: orders the streaming stores before whatever reads Y next.
     unsafe { S::fence() };
+}
+
+/// Floats of the packed D panel: K ≤ 512 (deeper products run in slices) times 48 columns.
+const PANEL_FLOATS: usize = SLICE_ABOVE * 48;
+
+/// The packed panel's storage, aligned to a cache line so that no vector load splits lines.
+#[repr(C, align(64))]
+struct Panel([f32; PANEL_FLOATS]);
+
+/// Depth above which [`blocks`] packs D's column blocks: a 128-row slice of 48 columns (24 KiB)
+/// stays in L1 across the row blocks as it is.
+const PACK_ABOVE_DEPTH: usize = 128;
+/// Rows of Y from which [`blocks`] packs: eight register blocks share each packed panel.
+const PACK_FROM_ROWS: usize = 64;
+
+/// Whether [`blocks`] copies each full column block of D (K × `block`) into a contiguous,
+/// aligned panel before its row blocks run over it. Unpacked, each step of a block reads its
+/// 48 columns of one D row: K rows at a stride of P floats (or a table's offsets), each row's
+/// 48 floats straddling four cache lines instead of three unless P is a multiple of 16, every
+/// vector load then splitting two lines, and a deep slice (K > 128) falls out of L1 before the
+/// next row block reads it again. Packed, every row block streams one aligned panel.
+/// Measured on the Intel Xeon VM (harness alternating the two in one process, min of 10–12,
+/// 1 thread): 512 × 512 × 196 products (reference layer D's pointwise) 5.94 → 5.61 ms, 256 ×
+/// 192 × 812 (E's 3 × 3 stride 2 slices) 6.40 → 5.08, 64 × 576 × 196 6.57 → 5.08; 256 × 256 ×
+/// 784 (aligned rows) tied (6.40 against 6.57); depths of 32–128 lost 2–7% (the panel fits L1
+/// anyway, and the copy is not free), and so did 64 rows at K = 32 (9.1 → 13.5 ms: eight row
+/// blocks do not pay for the copy).
+fn packs(n: usize, k: usize, block: usize) -> bool {
+    n >= PACK_FROM_ROWS && k > PACK_ABOVE_DEPTH && k * block <= PANEL_FLOATS
+}
+
+/// Copies columns `p0 .. p0 + VECS·LANES` of every D row into `panel`, row after row, and
+/// prefetches the next column block of each row.
+#[inline(always)]
+unsafe fn pack_panel<S: SimdF32, const VECS: usize>(ops: Operands<'_>, p0: usize, panel: *mut f32) {
+    let l = S::LANES;
+    let dp = ops.d.as_ptr();
+    unsafe {
+        for kk in 0..ops.k {
+            let src = dp.add(ops.d_rows.start(kk) + p0);
+            let dst = panel.add(kk * VECS * l);
+            for v in 0..VECS {
+                S::load(src.add(v * l)).store(dst.add(v * l));
+            }
+            for v in 0..VECS {
+                S::prefetch(src.add((VECS + v) * l));
+            }
+        }
+    }
 }
 
 /// One block: R rows of Y, `width` ≤ VECS·LANES columns (partial vectors masked).
@@ -1123,7 +1198,22 @@ mod tests {
     /// skips, repeats or misplaces a row of K, or adds the bias twice, fails.
     #[test]
     fn deep_products_in_slices_match_the_naive_product() {
-        let (n, k, p, ldd) = (11, 2 * SLICE_ABOVE + 37, 53, 60);
+        assert_exact_against_naive_product(11, 2 * SLICE_ABOVE + 37, 53, 60);
+    }
+
+    #[test]
+    fn packed_panels_match_the_naive_product() {
+        // Rows for eight full register blocks and a short one, a depth that packs, and columns
+        // for several full column blocks, a lead and a tail.
+        let (n, k) = (PACK_FROM_ROWS + 3, PACK_ABOVE_DEPTH + 45);
+        assert!(packs(n, k, WIDE_BLOCK.1 * 16));
+        assert_exact_against_naive_product(n, k, 157, 171);
+    }
+
+    /// Every ISA, store, C layout (row-major, transposed) and D layout (strided, a permuting
+    /// table) of an `n × k × p` product with D rows `ldd` apart, against the naive sums. The
+    /// values are small multiples of 1/4, so every sum is exact in any order.
+    fn assert_exact_against_naive_product(n: usize, k: usize, p: usize, ldd: usize) {
         let c: Vec<f32> = (0..n * k).map(|i| ((i * 37) % 11) as f32 - 5.0).collect();
         let ct: Vec<f32> = (0..k * n).map(|i| c[(i % n) * k + i / n]).collect();
         let d: Vec<f32> = (0..k * ldd)
