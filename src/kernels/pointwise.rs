@@ -529,7 +529,7 @@ unsafe fn blocks<S: SimdF32, const ROWS: usize, const VECS: usize, const AHEAD: 
     let p_end = ops.p - row_tail - dot_tail;
     let full_blocks = (p_end - lead) / block * (ops.n / ROWS);
     let mut prefetcher = Prefetcher::new(ahead, full_blocks * ops.k);
-    let pack = S::REGISTERS >= 32 && packs(ops.n, ops.k, block);
+    let pack = S::REGISTERS >= 32 && packs(ops, block);
     let mut panel = std::mem::MaybeUninit::<Panel>::uninit();
     let panel_ptr = panel.as_mut_ptr().cast::<f32>();
     let mut p0 = 0;
@@ -615,26 +615,52 @@ const PANEL_FLOATS: usize = SLICE_ABOVE * 48;
 #[repr(C, align(64))]
 struct Panel([f32; PANEL_FLOATS]);
 
-/// Depth above which [`blocks`] packs D's column blocks: a 128-row slice of 48 columns (24 KiB)
+/// Distinct cache lines at which D's rows start, above which [`blocks`] packs its column
+/// blocks: each row's 48 columns span up to four lines, and 4 × 128 lines (32 KiB) is what
 /// stays in L1 across the row blocks as it is.
-const PACK_ABOVE_DEPTH: usize = 128;
+const PACK_ABOVE_LINES: usize = 128;
 /// Rows of Y from which [`blocks`] packs: eight register blocks share each packed panel.
 const PACK_FROM_ROWS: usize = 64;
 
-/// Whether [`blocks`] copies each full column block of D (K × `block`) into a contiguous,
-/// aligned panel before its row blocks run over it. Unpacked, each step of a block reads its
-/// 48 columns of one D row: K rows at a stride of P floats (or a table's offsets), each row's
-/// 48 floats straddling four cache lines instead of three unless P is a multiple of 16, every
-/// vector load then splitting two lines, and a deep slice (K > 128) falls out of L1 before the
-/// next row block reads it again. Packed, every row block streams one aligned panel.
+/// Whether [`blocks`] copies each column block of D (K × `block`) into a contiguous, aligned
+/// panel before its row blocks run over it. Unpacked, each step of a block reads its 48
+/// columns of one D row: a row whose start is not a multiple of 16 floats straddles four
+/// cache lines instead of three, every vector load splitting two, and rows starting on more
+/// than [`PACK_ABOVE_LINES`] distinct lines fall out of L1 before the next row block reads
+/// them again. Packed, every row block streams one aligned panel. An implicit GEMM's rows are
+/// shifted views of a few planes (a 5 × 5 kernel's 25 taps of a channel start on 6 or 7
+/// lines), so what counts is the lines, not K.
 /// Measured on the Intel Xeon VM (harness alternating the two in one process, min of 10–12,
 /// 1 thread): 512 × 512 × 196 products (reference layer D's pointwise) 5.94 → 5.61 ms, 256 ×
-/// 192 × 812 (E's 3 × 3 stride 2 slices) 6.40 → 5.08, 64 × 576 × 196 6.57 → 5.08; 256 × 256 ×
-/// 784 (aligned rows) tied (6.40 against 6.57); depths of 32–128 lost 2–7% (the panel fits L1
-/// anyway, and the copy is not free), and so did 64 rows at K = 32 (9.1 → 13.5 ms: eight row
-/// blocks do not pay for the copy).
-fn packs(n: usize, k: usize, block: usize) -> bool {
-    n >= PACK_FROM_ROWS && k > PACK_ABOVE_DEPTH && k * block <= PANEL_FLOATS
+/// 192 × 812 6.40 → 5.08, 64 × 576 × 196 6.57 → 5.08; 256 × 256 × 784 (aligned rows) tied;
+/// depths of 32–128 lost 2–7% (the panel fits L1 anyway, and the copy is not free), and so
+/// did 64 rows at K = 32 (9.1 → 13.5 ms: eight row blocks do not pay for the copy). Layers,
+/// two builds alternated: C's 3 × 1 forward 19.8 → 18.1 (1 thread), 16.5 → 14.0 (2); D's
+/// pointwise 5.64 → 5.31; E's 3 × 3 stride 2 and D's 3 × 1 2–3% faster; 5 × 5 kernels on 32
+/// and 64 channels, packed by depth alone, 3–7% slower (a slice's rows start on about 40 lines).
+fn packs(ops: Operands<'_>, block: usize) -> bool {
+    ops.n >= PACK_FROM_ROWS
+        && ops.k * block <= PANEL_FLOATS
+        && row_start_lines(ops.d_rows, ops.k) > PACK_ABOVE_LINES
+}
+
+/// How many cache lines the first `k` rows of D start on, counting a line once for a run of
+/// consecutive rows on it: an implicit GEMM's table lists each channel's taps together, so
+/// the taps of one kernel row (shifts of a few floats) share their line. One pass, no sort:
+/// it runs for every product.
+fn row_start_lines(rows: Rows<'_>, k: usize) -> usize {
+    match rows {
+        Rows::Strided(stride) if stride >= LINE_FLOATS => k,
+        Rows::Strided(stride) => (k * stride).div_ceil(LINE_FLOATS),
+        Rows::Table(table) => {
+            let table = &table[..k.min(table.len())];
+            let changes = table
+                .windows(2)
+                .filter(|w| w[0] / LINE_FLOATS != w[1] / LINE_FLOATS)
+                .count();
+            usize::from(!table.is_empty()) + changes
+        }
+    }
 }
 
 /// Copies columns `p0 .. p0 + VECS·LANES` of every D row into `panel`, row after row, and
@@ -1202,12 +1228,26 @@ mod tests {
     }
 
     #[test]
+    fn row_start_lines_counts_shared_lines_once() {
+        assert_eq!(row_start_lines(Rows::Strided(LINE_FLOATS + 1), 300), 300);
+        assert_eq!(row_start_lines(Rows::Strided(4), 300), 75);
+        // Five taps of each of 3 planes, shifted by 0..5 floats: one line per plane.
+        let table: Vec<usize> = (0..15).map(|r| (r / 5) * 1024 + r % 5).collect();
+        assert_eq!(row_start_lines(Rows::Table(&table), 15), 3);
+        assert_eq!(row_start_lines(Rows::Table(&table), 0), 0);
+    }
+
+    #[test]
     fn packed_panels_match_the_naive_product() {
         // Rows for eight full register blocks and a short one, a depth that packs, and columns
         // for several full column blocks, a lead and a tail.
-        let (n, k) = (PACK_FROM_ROWS + 3, PACK_ABOVE_DEPTH + 45);
-        assert!(packs(n, k, WIDE_BLOCK.1 * 16));
-        assert_exact_against_naive_product(n, k, 157, 171);
+        let (n, k, p, ldd) = (PACK_FROM_ROWS + 3, PACK_ABOVE_LINES + 45, 157, 171);
+        let (c, d) = (vec![0.0; n * k], vec![0.0; k * ldd]);
+        assert!(packs(
+            Operands::dense(&c, n, k, &d, ldd, p, None),
+            WIDE_BLOCK.1 * 16
+        ));
+        assert_exact_against_naive_product(n, k, p, ldd);
     }
 
     /// Every ISA, store, C layout (row-major, transposed) and D layout (strided, a permuting
