@@ -303,8 +303,8 @@ crate::simd_dispatch!(fn im2col_unit_stride => im2col_unit_stride_kernel(
 /// memset calls per segment did it before. On 7-pixel segments those calls took 14% of the
 /// MNIST network's block3 forward (64 × 64 → 128 at 7 × 7, batch 64) besides im2col's own 26%;
 /// Intel Xeon VM, two builds alternated, min of 20: 5.44 → 4.92 ms on 1 thread, 2.80–2.84 →
-/// 2.46–2.47 on 2; its training step 15.4–15.7 → 15.2–15.4 (1 thread), 16.5 → 15.5 (2). On
-/// larger images (segments of 14 and more) unchanged within noise.
+/// 2.46–2.47 on 2; its training step 15.4–15.7 → 15.2–15.4 (1 thread), 16.5 → 15.5 (2).
+/// Larger images (long segments, where the calls cost little) were not measured apart.
 #[inline(always)]
 unsafe fn im2col_unit_stride_kernel<S: SimdF32>(
     g: &ConvGeometry,

@@ -7,8 +7,9 @@
 //! there). Here C is never packed: each 8 × 3-vector block of Y keeps 24 accumulators in
 //! registers while k runs over all of K, reading 3 vectors of a D row and broadcasting 8
 //! scalars of C per step (24 FMAs per 11 loads). Column blocks are the outer loop so the
-//! K × 48 slice of D they read stays in L1 across all row blocks; deeper slices (K > 128),
-//! which do not, are first copied into one aligned panel (see `packs`).
+//! K × 48 slice of D they read stays in L1 across all row blocks; slices whose rows start on
+//! more than 128 cache lines, which do not, are first copied into one aligned panel (see
+//! `packs`).
 //!
 //! Eight rows rather than six (with 4 vectors): channel counts are multiples of 8, so no
 //! short remainder block, and the narrower D slice fits L1 at K = 128. Harness, 2 threads,
@@ -558,8 +559,6 @@ unsafe fn blocks<S: SimdF32, const ROWS: usize, const VECS: usize, const AHEAD: 
         } else {
             (ops, y, p0)
         };
-        // The unpacked blocks prefetch the next column block of D's rows themselves; the
-        // packing does it for the packed ones.
         let mut n0 = 0;
         while n0 + ROWS <= ops.n {
             // SAFETY: rows n0 .. n0 + ROWS and columns p0 .. p0 + width are inside all three
@@ -573,6 +572,8 @@ unsafe fn blocks<S: SimdF32, const ROWS: usize, const VECS: usize, const AHEAD: 
                     block_p0,
                     width,
                     store,
+                    // Unpacked, the first row block prefetches the next column block of D's
+                    // rows; packing prefetches it itself.
                     !packed && n0 == 0,
                     &mut prefetcher,
                 )
@@ -630,8 +631,8 @@ const PACK_FROM_ROWS: usize = 64;
 /// them again. Packed, every row block streams one aligned panel. An implicit GEMM's rows are
 /// shifted views of a few planes (a 5 × 5 kernel's 25 taps of a channel start on 6 or 7
 /// lines), so what counts is the lines, not K.
-/// Measured on the Intel Xeon VM (harness alternating the two in one process, min of 10–12,
-/// 1 thread): 512 × 512 × 196 products (reference layer D's pointwise) 5.94 → 5.61 ms, 256 ×
+/// Measured on the Intel Xeon VM (harness, packing on and off alternated run by run, min of
+/// 10–12, 1 thread): 512 × 512 × 196 products (reference layer D's pointwise) 5.94 → 5.61 ms, 256 ×
 /// 192 × 812 6.40 → 5.08, 64 × 576 × 196 6.57 → 5.08; 256 × 256 × 784 (aligned rows) tied;
 /// depths of 32–128 lost 2–7% (the panel fits L1 anyway, and the copy is not free), and so
 /// did 64 rows at K = 32 (9.1 → 13.5 ms: eight row blocks do not pay for the copy). Layers,
