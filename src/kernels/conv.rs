@@ -315,9 +315,18 @@ unsafe fn im2col_unit_stride_kernel<S: SimdF32>(
     ld: usize,
 ) {
     let (hw, l) = (g.in_pixels(), S::LANES);
+    // Whole output rows no wider than a vector (small images, several to a tile): every
+    // segment is a whole row with the same valid columns, one masked load and store each.
+    let whole_short_rows =
+        g.out_w <= l && p0.is_multiple_of(g.out_w) && len.is_multiple_of(g.out_w);
     for t in tap_rows(g, xg.len() / hw) {
         let xc = xg[t.plane * hw..].as_ptr();
         let dst = col[t.row * ld..].as_mut_ptr();
+        if whole_short_rows {
+            // SAFETY: as below, for segments that are whole rows.
+            unsafe { whole_short_rows_of_tap::<S>(g, &t, xc, p0, len, dst) };
+            continue;
+        }
         for (at, seg_len, oh, ow0) in RowSegments::new(g.out_w, p0, len) {
             // A padding row reads nothing: an empty range of valid columns.
             let (row, (lo, hi)) = match g.input_row(oh, t.i) {
@@ -338,6 +347,39 @@ unsafe fn im2col_unit_stride_kernel<S: SimdF32>(
                 }
                 q += l;
             }
+        }
+    }
+}
+
+/// [`im2col_unit_stride_kernel`]'s rows of tap `t` for output pixels `[p0, p0 + len)` when
+/// those are whole rows of at most a vector: the valid columns' mask is built once, and each
+/// row is one masked load from its input row (or zeros in the padding rows) and one store,
+/// where the general loop spent ~30 cycles per 7-pixel segment on its bounds and masks. The
+/// MNIST network's block3 forward (Intel Xeon VM, two builds alternated, min of 5 × 20): 5.72
+/// → 4.72 ms on 1 thread, 2.91 → 2.34 on 2; its training step 8.83 → 8.24 (2 threads).
+#[inline(always)]
+unsafe fn whole_short_rows_of_tap<S: SimdF32>(
+    g: &ConvGeometry,
+    t: &TapRow,
+    xc: *const f32,
+    p0: usize,
+    len: usize,
+    dst: *mut f32,
+) {
+    let w = g.out_w;
+    let (lo, hi) = t.valid_in(0, w);
+    unsafe {
+        let (load, store) = (S::lanes(lo, hi), S::lanes(0, w));
+        let rows = g.valid_out_rows(t.i);
+        for r in 0..len / w {
+            let oh = p0 / w + r;
+            let v = if rows.contains(&oh) {
+                let ih = oh * g.stride_h + t.i * g.dilation_h - g.pad_top;
+                S::load_masked(xc.wrapping_add(ih * g.in_w).wrapping_offset(t.shift), load)
+            } else {
+                S::zero()
+            };
+            v.store_masked(dst.add(r * w), store);
         }
     }
 }
