@@ -370,14 +370,12 @@ unsafe fn whole_short_rows_of_tap<S: SimdF32>(
     let (lo, hi) = t.valid_in(0, w);
     unsafe {
         let (load, store) = (S::lanes(lo, hi), S::lanes(0, w));
-        let rows = g.valid_out_rows(t.i);
         for r in 0..len / w {
-            let oh = p0 / w + r;
-            let v = if rows.contains(&oh) {
-                let ih = oh * g.stride_h + t.i * g.dilation_h - g.pad_top;
-                S::load_masked(xc.wrapping_add(ih * g.in_w).wrapping_offset(t.shift), load)
-            } else {
-                S::zero()
+            let v = match g.input_row(p0 / w + r, t.i) {
+                Some(ih) => {
+                    S::load_masked(xc.wrapping_add(ih * g.in_w).wrapping_offset(t.shift), load)
+                }
+                None => S::zero(),
             };
             v.store_masked(dst.add(r * w), store);
         }
