@@ -317,8 +317,7 @@ unsafe fn im2col_unit_stride_kernel<S: SimdF32>(
     let (hw, l) = (g.in_pixels(), S::LANES);
     // Whole output rows no wider than a vector (small images, several to a tile): every
     // segment is a whole row with the same valid columns, one masked load and store each.
-    let whole_short_rows =
-        g.out_w <= l && p0.is_multiple_of(g.out_w) && len.is_multiple_of(g.out_w);
+    let whole_short_rows = short_rows_tile(g, l, p0, len);
     for t in tap_rows(g, xg.len() / hw) {
         let xc = xg[t.plane * hw..].as_ptr();
         let dst = col[t.row * ld..].as_mut_ptr();
@@ -349,6 +348,13 @@ unsafe fn im2col_unit_stride_kernel<S: SimdF32>(
             }
         }
     }
+}
+
+/// Whether pixels `[p0, p0 + len)` are whole output rows of at most `lanes` columns (small
+/// images, several to a tile): the tiles that the whole-row paths below take.
+#[inline]
+fn short_rows_tile(g: &ConvGeometry, lanes: usize, p0: usize, len: usize) -> bool {
+    g.out_w <= lanes && p0.is_multiple_of(g.out_w) && len.is_multiple_of(g.out_w)
 }
 
 /// [`im2col_unit_stride_kernel`]'s rows of tap `t` for output pixels `[p0, p0 + len)` when
@@ -438,6 +444,14 @@ unsafe fn col2im_unit_stride_kernel<S: SimdF32>(
     gxg: &mut [f32],
 ) {
     let (hw, l) = (g.in_pixels(), S::LANES);
+    if short_rows_tile(g, l, p0, len)
+        && g.in_w <= l
+        && g.stride_h == 1
+        && g.kernel_w <= MAX_SHORT_ROW_TAPS
+    {
+        // SAFETY: the tile's whole rows, checked by check_tile as below.
+        return unsafe { col2im_by_input_rows::<S>(g, col, ld, p0, len, gxg) };
+    }
     for t in tap_rows(g, gxg.len() / hw) {
         let gxc = gxg[t.plane * hw..].as_mut_ptr();
         let src = col[t.row * ld..].as_ptr();
@@ -460,6 +474,77 @@ unsafe fn col2im_unit_stride_kernel<S: SimdF32>(
                     sum.store_partial(to, n);
                 }
                 a += l;
+            }
+        }
+    }
+}
+
+/// The widest kernel [`col2im_by_input_rows`] takes (its column masks live in an array).
+const MAX_SHORT_ROW_TAPS: usize = 16;
+
+/// [`col2im_unit_stride_kernel`] when pixels `[p0, p0 + len)` are whole output rows and the
+/// input rows fit a vector too (small images; vertical stride 1): each input row is loaded
+/// once, every tap's contribution added in the register (a masked load of the column row,
+/// shifted to the input columns it lands on) and stored once. Adding tap by tap instead stores
+/// into the same input row once per tap, and each next tap's masked load of it waits for that
+/// store (a masked store does not forward): col2im was 13–14% of the MNIST network's block3
+/// training step (64 × 64 → 128 at 7 × 7) that way.
+#[inline(always)]
+unsafe fn col2im_by_input_rows<S: SimdF32>(
+    g: &ConvGeometry,
+    col: &[f32],
+    ld: usize,
+    p0: usize,
+    len: usize,
+    gxg: &mut [f32],
+) {
+    let (w, hw, kh, kw) = (g.out_w, g.in_pixels(), g.kernel_h, g.kernel_w);
+    let (oh0, oh1) = (p0 / w, (p0 + len) / w);
+    // Per kernel column: the input columns its valid output columns land on, and its shift.
+    let mut taps = [(unsafe { S::lanes(0, 0) }, 0isize); MAX_SHORT_ROW_TAPS];
+    for (j, tap) in taps.iter_mut().enumerate().take(kw) {
+        let valid = g.valid_out_cols(j);
+        let shift = (j * g.dilation_w) as isize - g.pad_left as isize;
+        let (lo, hi) = if valid.is_empty() {
+            (0, 0)
+        } else {
+            let lo = (valid.start as isize + shift) as usize;
+            (lo, lo + valid.len())
+        };
+        *tap = (unsafe { S::lanes(lo, hi) }, shift);
+    }
+    let row = unsafe { S::lanes(0, g.in_w) };
+    // The input rows the tile's output rows reach (all of them for a whole image).
+    let reach = (kh - 1) * g.dilation_h;
+    let rows = oh0.saturating_sub(g.pad_top)..(oh1 + reach).saturating_sub(g.pad_top).min(g.in_h);
+    let (col, gx) = (col.as_ptr(), gxg.as_mut_ptr());
+    for plane in 0..gxg.len() / hw {
+        for ih in rows.clone() {
+            // SAFETY: input row ih of the plane, in_w ≤ LANES columns (masked).
+            unsafe {
+                let to = gx.add(plane * hw + ih * g.in_w);
+                let mut sum = S::load_masked(to, row);
+                // Kernel row i reaches ih from output row ih + pad_top - i·dilation: fewer
+                // as i grows, so the first row before the tile ends the loop.
+                for i in 0..kh {
+                    let Some(oh) = (ih + g.pad_top).checked_sub(i * g.dilation_h) else {
+                        break;
+                    };
+                    if oh < oh0 {
+                        break;
+                    }
+                    if oh >= oh1 {
+                        continue;
+                    }
+                    let src = col.add((plane * kh + i) * kw * ld + (oh - oh0) * w);
+                    for (j, &(lanes, shift)) in taps.iter().enumerate().take(kw) {
+                        // Lane iw reads output column iw - shift of the tap's row, which
+                        // the mask keeps inside the row's valid columns (check_tile).
+                        let from = src.add(j * ld).wrapping_offset(-shift);
+                        sum = sum.add(S::load_masked(from, lanes));
+                    }
+                }
+                sum.store_masked(to, row);
             }
         }
     }
@@ -1156,5 +1241,115 @@ pub(super) fn transposed_weight_times<'a>(
         p: s.p,
         bias: None,
         d_rows: Rows::Strided(s.p),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::geometry::{Conv2dParams, Padding};
+    use crate::rng::Rng;
+
+    /// The im2col rows of `planes` planes of `x` for pixels `[p0, p0 + len)`, one tap and pixel
+    /// at a time from the geometry's own input row and column (zero on padding).
+    fn naive_im2col(g: &ConvGeometry, x: &[f32], p0: usize, len: usize, ld: usize) -> Vec<f32> {
+        let (kh, kw, hw) = (g.kernel_h, g.kernel_w, g.in_pixels());
+        let rows = x.len() / hw * kh * kw;
+        let mut col = vec![0.0; rows * ld];
+        for row in 0..rows {
+            let (plane, i, j) = (row / (kh * kw), row / kw % kh, row % kw);
+            for q in 0..len {
+                let (oh, ow) = ((p0 + q) / g.out_w, (p0 + q) % g.out_w);
+                if let (Some(ih), Some(iw)) = (g.input_row(oh, i), g.input_col(ow, j)) {
+                    col[row * ld + q] = x[plane * hw + ih * g.in_w + iw];
+                }
+            }
+        }
+        col
+    }
+
+    /// Adds the columns back one tap and pixel at a time: the adjoint of [`naive_im2col`].
+    fn naive_col2im(
+        g: &ConvGeometry,
+        col: &[f32],
+        ld: usize,
+        p0: usize,
+        len: usize,
+        gx: &mut [f32],
+    ) {
+        let (kh, kw, hw) = (g.kernel_h, g.kernel_w, g.in_pixels());
+        for row in 0..gx.len() / hw * kh * kw {
+            let (plane, i, j) = (row / (kh * kw), row / kw % kh, row % kw);
+            for q in 0..len {
+                let (oh, ow) = ((p0 + q) / g.out_w, (p0 + q) % g.out_w);
+                if let (Some(ih), Some(iw)) = (g.input_row(oh, i), g.input_col(ow, j)) {
+                    gx[plane * hw + ih * g.in_w + iw] += col[row * ld + q];
+                }
+            }
+        }
+    }
+
+    /// Small integers: every sum below is exact in any order, so the tiles must match the
+    /// naive loops bit for bit.
+    fn integers(rng: &mut Rng, n: usize) -> Vec<f32> {
+        (0..n).map(|_| rng.below(17) as f32 - 8.0).collect()
+    }
+
+    /// Every tile path (whole short rows by input rows or by taps, the segment loop, strided)
+    /// on every instruction set, for whole images and for tiles that start and end inside
+    /// rows or cover only some of them.
+    #[test]
+    fn tiles_match_the_naive_gather_and_scatter() {
+        let pad = |top, bottom, left, right| Padding::Explicit {
+            top,
+            bottom,
+            left,
+            right,
+        };
+        // (input h × w, kernel, stride, dilation, padding)
+        let cases = [
+            ((7, 7), (3, 3), (1, 1), (1, 1), Padding::Same),
+            ((6, 6), (3, 3), (1, 1), (1, 1), Padding::Valid),
+            ((7, 5), (2, 3), (1, 1), (2, 2), pad(2, 0, 1, 3)),
+            ((9, 7), (3, 3), (2, 1), (1, 1), Padding::Same),
+            ((12, 12), (5, 5), (1, 1), (1, 1), Padding::Same),
+            ((4, 16), (1, 17), (1, 1), (1, 1), pad(0, 0, 8, 8)),
+            ((5, 20), (3, 3), (1, 1), (1, 1), Padding::Same),
+            ((8, 9), (3, 3), (1, 2), (1, 1), Padding::Same),
+        ];
+        let mut rng = Rng::new(7);
+        for ((h, w), (kh, kw), stride, dilation, padding) in cases {
+            let params = Conv2dParams {
+                stride,
+                dilation,
+                padding,
+                groups: 1,
+            };
+            let g = ConvGeometry::new([1, 2, h, w], [3, 2, kh, kw], &params).unwrap();
+            let (ow, p) = (g.out_w, g.out_pixels());
+            let tiles = [(0, p), (ow, 2 * ow), (ow, p - ow), (1, p - 2), (p - 1, 1)];
+            let x = integers(&mut rng, g.input_len());
+            for (p0, len) in tiles {
+                let ld = len + 3;
+                let rows = 2 * kh * kw;
+                let col = integers(&mut rng, rows * ld);
+                let gx0 = integers(&mut rng, g.input_len());
+                let want_col = naive_im2col(&g, &x, p0, len, ld);
+                let mut want_gx = gx0.clone();
+                naive_col2im(&g, &col, ld, p0, len, &mut want_gx);
+                for isa in Isa::available() {
+                    let what = format!("{isa:?} {g:?} tile {p0} + {len}");
+                    let mut got = vec![f32::NAN; rows * ld];
+                    im2col_tile(isa, &g, &x, p0, len, &mut got, ld);
+                    for r in 0..rows {
+                        let (a, b) = (r * ld, r * ld + len);
+                        assert_eq!(got[a..b], want_col[a..b], "im2col row {r}: {what}");
+                    }
+                    let mut gx = gx0.clone();
+                    col2im_tile(isa, &g, &col, ld, p0, len, &mut gx);
+                    assert_eq!(gx, want_gx, "col2im: {what}");
+                }
+            }
+        }
     }
 }
