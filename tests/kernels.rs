@@ -335,8 +335,10 @@ fn pointwise_cases_with_few_images_split_inside_them() {
 /// Winograd F(2×2, 3×3) shapes (at least 32 tiles per image): odd and even sizes, valid,
 /// asymmetric and large padding (grad-input falls back past pad 2), the packed-GEMM path (more
 /// than 256 input channels), and images split over two threads by channels (too few tiles) or
-/// by tile rows (one image; three images, an odd output height).
-fn winograd_cases() -> [Case; 8] {
+/// by tile rows (one image; three images, an odd output height); small images several to a
+/// block (49 and 42 tiles: ten images on one thread in blocks of six and four, five or three
+/// per thread on two).
+fn winograd_cases() -> [Case; 10] {
     let same = Conv2dParams::with_padding(Padding::Same);
     [
         ([2, 8, 37, 29], [16, 8, 3, 3], same),
@@ -353,6 +355,8 @@ fn winograd_cases() -> [Case; 8] {
         // Split by tile rows: 35 × 33 tiles, each thread's run in blocks of 8 tile rows.
         ([1, 8, 70, 66], [12, 8, 3, 3], explicit(1, 0, 1, 1)),
         ([3, 10, 45, 47], [9, 10, 3, 3], same),
+        ([10, 8, 14, 14], [16, 8, 3, 3], same),
+        ([6, 9, 13, 11], [8, 9, 3, 3], same),
     ]
 }
 
