@@ -1295,9 +1295,10 @@ mod tests {
         (0..n).map(|_| rng.below(17) as f32 - 8.0).collect()
     }
 
-    /// Every tile path (whole short rows by input rows or by taps, the segment loop, strided)
-    /// on every instruction set, for whole images and for tiles that start and end inside
-    /// rows or cover only some of them.
+    /// Every tile path (im2col's whole short rows, col2im by input rows, the segment loops
+    /// where rows are wider than a vector or the tile does not hold whole rows, the scalar
+    /// strided loops) on every instruction set, for whole images and for tiles that start and
+    /// end inside rows or cover only some of them.
     #[test]
     fn tiles_match_the_naive_gather_and_scatter() {
         let pad = |top, bottom, left, right| Padding::Explicit {
