@@ -500,18 +500,17 @@ unsafe fn col2im_by_input_rows<S: SimdF32>(
 ) {
     let (w, hw, kh, kw) = (g.out_w, g.in_pixels(), g.kernel_h, g.kernel_w);
     let (oh0, oh1) = (p0 / w, (p0 + len) / w);
-    // Per kernel column: the input columns its valid output columns land on, and its shift.
+    // Per kernel column (the first kernel row's taps, as im2col's rows give them): the input
+    // columns its valid output columns land on, and its shift.
     let mut taps = [(unsafe { S::lanes(0, 0) }, 0isize); MAX_SHORT_ROW_TAPS];
-    for (j, tap) in taps.iter_mut().enumerate().take(kw) {
-        let valid = g.valid_out_cols(j);
-        let shift = (j * g.dilation_w) as isize - g.pad_left as isize;
-        let (lo, hi) = if valid.is_empty() {
+    for (tap, t) in taps.iter_mut().zip(tap_rows(g, 1).take(kw)) {
+        let (lo, hi) = if t.valid.is_empty() {
             (0, 0)
         } else {
-            let lo = (valid.start as isize + shift) as usize;
-            (lo, lo + valid.len())
+            let lo = (t.valid.start as isize + t.shift) as usize;
+            (lo, lo + t.valid.len())
         };
-        *tap = (unsafe { S::lanes(lo, hi) }, shift);
+        *tap = (unsafe { S::lanes(lo, hi) }, t.shift);
     }
     let row = unsafe { S::lanes(0, g.in_w) };
     // The input rows the tile's output rows reach (all of them for a whole image).
@@ -1250,43 +1249,28 @@ mod tests {
     use crate::geometry::{Conv2dParams, Padding};
     use crate::rng::Rng;
 
-    /// The im2col rows of `planes` planes of `x` for pixels `[p0, p0 + len)`, one tap and pixel
-    /// at a time from the geometry's own input row and column (zero on padding).
-    fn naive_im2col(g: &ConvGeometry, x: &[f32], p0: usize, len: usize, ld: usize) -> Vec<f32> {
-        let (kh, kw, hw) = (g.kernel_h, g.kernel_w, g.in_pixels());
-        let rows = x.len() / hw * kh * kw;
-        let mut col = vec![0.0; rows * ld];
-        for row in 0..rows {
-            let (plane, i, j) = (row / (kh * kw), row / kw % kh, row % kw);
-            for q in 0..len {
-                let (oh, ow) = ((p0 + q) / g.out_w, (p0 + q) % g.out_w);
-                if let (Some(ih), Some(iw)) = (g.input_row(oh, i), g.input_col(ow, j)) {
-                    col[row * ld + q] = x[plane * hw + ih * g.in_w + iw];
-                }
-            }
-        }
-        col
-    }
-
-    /// Adds the columns back one tap and pixel at a time: the adjoint of [`naive_im2col`].
-    fn naive_col2im(
+    /// Every (column-tile index, input index) pair of `planes` planes for pixels `[p0, p0 +
+    /// len)` at row stride `ld`, one tap and pixel at a time from the geometry's own input row
+    /// and column (taps on padding left out): what im2col gathers and col2im scatters.
+    fn naive_taps(
         g: &ConvGeometry,
-        col: &[f32],
-        ld: usize,
+        planes: usize,
         p0: usize,
         len: usize,
-        gx: &mut [f32],
-    ) {
+        ld: usize,
+    ) -> Vec<(usize, usize)> {
         let (kh, kw, hw) = (g.kernel_h, g.kernel_w, g.in_pixels());
-        for row in 0..gx.len() / hw * kh * kw {
+        let mut pairs = Vec::new();
+        for row in 0..planes * kh * kw {
             let (plane, i, j) = (row / (kh * kw), row / kw % kh, row % kw);
             for q in 0..len {
                 let (oh, ow) = ((p0 + q) / g.out_w, (p0 + q) % g.out_w);
                 if let (Some(ih), Some(iw)) = (g.input_row(oh, i), g.input_col(ow, j)) {
-                    gx[plane * hw + ih * g.in_w + iw] += col[row * ld + q];
+                    pairs.push((row * ld + q, plane * hw + ih * g.in_w + iw));
                 }
             }
         }
+        pairs
     }
 
     /// Small integers: every sum below is exact in any order, so the tiles must match the
@@ -1335,9 +1319,11 @@ mod tests {
                 let rows = 2 * kh * kw;
                 let col = integers(&mut rng, rows * ld);
                 let gx0 = integers(&mut rng, g.input_len());
-                let want_col = naive_im2col(&g, &x, p0, len, ld);
-                let mut want_gx = gx0.clone();
-                naive_col2im(&g, &col, ld, p0, len, &mut want_gx);
+                let (mut want_col, mut want_gx) = (vec![0.0; rows * ld], gx0.clone());
+                for (c, i) in naive_taps(&g, 2, p0, len, ld) {
+                    want_col[c] = x[i];
+                    want_gx[i] += col[c];
+                }
                 for isa in Isa::available() {
                     let what = format!("{isa:?} {g:?} tile {p0} + {len}");
                     let mut got = vec![f32::NAN; rows * ld];
