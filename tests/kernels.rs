@@ -250,6 +250,7 @@ fn fast_equals_reference_on_larger_shapes() {
     for (i, (input, weight, p)) in cases
         .into_iter()
         .chain(winograd_cases())
+        .chain(winograd_f4_cases())
         .chain(strided_implicit_cases())
         .chain(implicit_grad_weight_cases())
         .chain(blocked_depthwise_cases())
@@ -360,10 +361,34 @@ fn winograd_cases() -> [Case; 10] {
     ]
 }
 
-/// Every Winograd shape of the larger-shapes test runs on Winograd.
+/// Winograd F(4, 3) shapes, 3 × 1 (down the columns) and 1 × 3 (along the rows), with the
+/// channels it takes (harmonic mean at least 96): output sizes that are not multiples of the
+/// 4-wide tile, "same", valid, asymmetric and cross-axis padding (rows of zeros above a 1 × 3
+/// kernel, columns beside a 3 × 1), tile rows longer than a vector (1 × 3 across 150 columns:
+/// 38 tiles), the packed GEMM (more than 256 input channels), small images several to a block
+/// (ten 12 × 12), and one image split over two threads by tile rows (3 × 1 on 130 × 66, 33 × 66
+/// tiles) or by channels.
+fn winograd_f4_cases() -> [Case; 10] {
+    let same = Conv2dParams::with_padding(Padding::Same);
+    [
+        ([2, 96, 13, 19], [100, 96, 3, 1], same),
+        ([2, 100, 11, 37], [96, 100, 1, 3], same),
+        ([2, 96, 18, 9], [112, 96, 3, 1], Conv2dParams::default()),
+        ([2, 128, 9, 30], [80, 128, 1, 3], explicit(1, 2, 2, 0)),
+        ([2, 80, 17, 12], [128, 80, 3, 1], explicit(2, 0, 1, 2)),
+        ([1, 96, 6, 150], [96, 96, 1, 3], same),
+        ([2, 300, 12, 11], [96, 300, 1, 3], same),
+        ([10, 96, 12, 12], [96, 96, 3, 1], same),
+        ([10, 96, 12, 12], [96, 96, 1, 3], same),
+        ([1, 96, 130, 66], [100, 96, 3, 1], same),
+    ]
+}
+
+/// Every Winograd shape of the larger-shapes test (F(2×2, 3×3) and F(4, 3)) runs on Winograd.
 #[test]
 fn winograd_cases_take_the_winograd_path() {
-    assert_for_every_case(winograd_cases(), |exec, g| {
+    let cases = winograd_cases().into_iter().chain(winograd_f4_cases());
+    assert_for_every_case(cases, |exec, g| {
         ConvAlgorithm::choose(exec, g) == ConvAlgorithm::Winograd
     });
 }

@@ -1,25 +1,39 @@
-//! Winograd F(2×2, 3×3) for stride-1, undilated 3×3 convolutions (forward, and grad-input as
-//! the adjoint forward convolution, see `kernels::conv2d_grad_input`): 16 multiplications per
-//! 2×2 output tile and input/output channel pair instead of 36 (2.25× fewer).
+//! Winograd convolution for stride-1, undilated 3 × 3, 3 × 1 and 1 × 3 kernels (forward, and
+//! grad-input as the adjoint forward convolution, see `kernels::conv2d_grad_input`).
 //!
-//! With `d` a 4×4 input patch, `g` a 3×3 kernel and the usual matrices
-//! Bᵀ = [1 0 −1 0; 0 1 1 0; 0 −1 1 0; 0 1 0 −1], G = [1 0 0; ½ ½ ½; ½ −½ ½; 0 0 1],
-//! Aᵀ = [1 1 1 0; 0 1 −1 −1], a 2×2 output tile is Y = Aᵀ [(G g Gᵀ) ⊙ (Bᵀ d B)] A. Over channels
-//! the element-wise product becomes 16 independent matrix products
-//! `M[ξ] (N × tiles) = U[ξ] (N × M) · V[ξ] (M × tiles)`, which run on the GEMM kernels.
+//! 3 × 3 kernels run F(2×2, 3×3): 16 multiplications per 2×2 output tile and input/output
+//! channel pair instead of 36 (2.25× fewer). With `d` a 4×4 input patch, `g` a 3×3 kernel and
+//! the usual matrices Bᵀ = [1 0 −1 0; 0 1 1 0; 0 −1 1 0; 0 1 0 −1], G = [1 0 0; ½ ½ ½; ½ −½ ½;
+//! 0 0 1], Aᵀ = [1 1 1 0; 0 1 −1 −1], a 2×2 output tile is Y = Aᵀ [(G g Gᵀ) ⊙ (Bᵀ d B)] A.
 //!
-//! The transforms are vectorized across tiles: the padded input is split into its 2×2 phase
-//! planes (the depthwise kernel's layout with stride 2), where tap (i, j) of the tiles of one
-//! tile row is a contiguous run — 16 vector loads give 16 tiles' patches. Output tiles are
-//! re-interleaved into rows with the (de)interleave kernels.
+//! The halves of a spatially separable layer, 3 × 1 and 1 × 3 kernels, run the one-dimensional
+//! F(4, 3) along the kernel's axis: 6 multiplications per 4 outputs instead of 12 (2× fewer),
+//! `y = Aᵀ [(G g) ⊙ (Bᵀ d)]` for a 6-element patch `d` with
+//! Bᵀ = [4 0 −5 0 1 0; 0 −4 −4 1 1 0; 0 4 −4 −1 1 0; 0 −2 −1 2 1 0; 0 2 −1 −2 1 0; 0 4 0 −5 0 1],
+//! G = [¼ 0 0; −⅙ −⅙ −⅙; −⅙ ⅙ −⅙; 1/24 1/12 ⅙; 1/24 −1/12 ⅙; 0 0 1],
+//! Aᵀ = [1 1 1 1 1 0; 0 1 −1 2 −2 0; 0 1 1 4 4 0; 0 1 −1 8 −8 1] (interpolation points 0, ±1,
+//! ±2 and ∞, as in Lavin and Gray's F(4×4, 3×3)).
+//!
+//! Over channels the element-wise product becomes one independent matrix product per
+//! transformed position ξ (16 or 6), `M[ξ] (N × tiles) = U[ξ] (N × M) · V[ξ] (M × tiles)`, which
+//! run on the GEMM kernels.
+//!
+//! The transforms are vectorized across tiles. For 3 × 3 the padded input is split into its
+//! 2×2 phase planes (the depthwise kernel's layout with stride 2), where tap (i, j) of the
+//! tiles of one tile row is a contiguous run — 16 vector loads give 16 tiles' patches — and
+//! output tiles are re-interleaved into rows with the (de)interleave kernels. For 3 × 1 the
+//! tiles of a tile row are the columns of 4 output rows, so the padded plane's rows are the
+//! patches and the outputs are rows; for 1 × 3 they are runs of 4 columns of one row, taken
+//! apart and put back together in registers (four contiguous loads deinterleaved by stride 4,
+//! and the inverse for the outputs).
 //!
 //! Work is split over images; each image's transformed input and products live in scratch
-//! (about 4× the image's input and output), so a whole image's GEMMs see wide matrices; small
-//! images go several to a block, their tiles side by side. Batches the threads cannot share
-//! image by image are split inside each image: by tile rows where every thread gets enough
-//! tiles, else by channels.
-//! Accuracy: the transforms add a few f32 roundings (relative error ~1e-6 against the f64
-//! reference; the tests hold it to 1e-4).
+//! (about 4× (3 × 3) or 1.5× (F(4, 3)) the image's input and output), so a whole image's GEMMs
+//! see wide matrices; small images go several to a block, their tiles side by side. Batches the
+//! threads cannot share image by image are split inside each image: by tile rows where every
+//! thread gets enough tiles, else by channels.
+//! Accuracy: the transforms add a few f32 roundings (relative error ~1e-6 for F(2×2, 3×3),
+//! a few times that for F(4, 3), against the f64 reference; the tests hold both to 1e-4).
 
 use super::depthwise::{PhaseLayout, fill_phases};
 use super::elementwise;
@@ -35,21 +49,104 @@ use std::ops::Range;
 /// Input channels up to which the products use the unpacked kernel (above, the packed GEMM).
 const UNPACKED_MAX_K: usize = 256;
 
-/// Whether F(2×2, 3×3) computes this convolution: 3×3, stride 1, no dilation, one group, and
-/// enough channels for the transforms to pay off.
+/// Which Winograd algorithm computes a convolution, by its kernel's shape.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Transform {
+    /// F(2×2, 3×3) for 3 × 3 kernels: 4 × 4 patches, 2 × 2 output tiles, 16 products.
+    F2x2,
+    /// F(4, 3) down the columns for 3 × 1 kernels: 6 × 1 patches, 4 × 1 tiles, 6 products.
+    F4Down,
+    /// F(4, 3) along the rows for 1 × 3 kernels: 1 × 6 patches, 1 × 4 tiles, 6 products.
+    F4Across,
+}
+
+impl Transform {
+    /// The transform for `g`'s kernel shape, if any.
+    pub fn of(g: &ConvGeometry) -> Option<Self> {
+        match (g.kernel_h, g.kernel_w) {
+            (3, 3) => Some(Transform::F2x2),
+            (3, 1) => Some(Transform::F4Down),
+            (1, 3) => Some(Transform::F4Across),
+            _ => None,
+        }
+    }
+
+    /// Transformed positions ξ per tile: the number of products.
+    pub fn products(self) -> usize {
+        match self {
+            Transform::F2x2 => 16,
+            Transform::F4Down | Transform::F4Across => 6,
+        }
+    }
+
+    /// Output rows and columns of one tile.
+    fn tile(self) -> (usize, usize) {
+        match self {
+            Transform::F2x2 => (2, 2),
+            Transform::F4Down => (4, 1),
+            Transform::F4Across => (1, 4),
+        }
+    }
+
+    /// Input rows and columns of one tile's patch (the tile plus the kernel's span − 1).
+    fn patch(self) -> (usize, usize) {
+        match self {
+            Transform::F2x2 => (4, 4),
+            Transform::F4Down => (6, 1),
+            Transform::F4Across => (1, 6),
+        }
+    }
+
+    /// Stride of the phase planes the input transform reads: 2 × 2 phases for F(2×2, 3×3),
+    /// whose patches overlap by half; the padded plane itself for F(4, 3).
+    fn phase_stride(self) -> (usize, usize) {
+        match self {
+            Transform::F2x2 => (2, 2),
+            Transform::F4Down | Transform::F4Across => (1, 1),
+        }
+    }
+}
+
+/// Whether Winograd computes this convolution: a 3 × 3, 3 × 1 or 1 × 3 kernel ([`Transform`]),
+/// stride 1, no dilation, one group, and enough channels and tiles for the transforms to pay
+/// off.
 pub fn applies(g: &ConvGeometry) -> bool {
-    g.kernel_h == 3
-        && g.kernel_w == 3
-        && g.stride_h == 1
+    let Some(tr) = Transform::of(g) else {
+        return false;
+    };
+    let (th, tw) = tr.tile();
+    let (tiles_h, tiles_w) = (g.out_h.div_ceil(th), g.out_w.div_ceil(tw));
+    g.stride_h == 1
         && g.stride_w == 1
         && g.dilation_h == 1
         && g.dilation_w == 1
         && g.groups == 1
         && g.in_channels >= 8
         && g.out_channels >= 8
-        && g.out_h.div_ceil(2) * g.out_w.div_ceil(2) >= MIN_IMAGE_TILES
-        && g.out_w <= 2 * (STAGING - 16)
+        && (tr == Transform::F2x2 || f4_has_channels_for_it(g))
+        && tiles_h * tiles_w >= MIN_IMAGE_TILES
+        // The 3 × 3 and 1 × 3 output transforms stage a tile row's outputs.
+        && (tr == Transform::F4Down || tiles_w <= STAGING - 16)
 }
+
+/// Whether a 3 × 1 or 1 × 3 layer has the channels for F(4, 3) to beat the implicit GEMM: the
+/// harmonic mean of its input and output channel counts, 2·M·N / (M + N), at least
+/// [`F4_MIN_CHANNELS`]. The products' work grows with M·N, the transforms' (the input's and
+/// output's traffic through V and the products, 1.5× each) with M + N, and the implicit GEMM
+/// they replace runs near the FMA peak. Intel Xeon VM (harness, 2 threads, batch 8, builds
+/// alternated, min of 10–12; forward and grad-input): 32 → 32 at 112² 2.30 → 4.40 ms and
+/// 2.33 → 4.59 (3 × 1), 32 → 64 5.11 → 6.47 and 5.70 → 7.08 (1 × 3); 64 → 64 at 56² 2.55 →
+/// 2.93 (3 × 1), 2.57 → 2.46 (1 × 3); 96 → 96 at 28² 2.11 → 1.62 (1 × 3); 128 → 128 at 56² 9.13
+/// → 8.93 and 9.34 → 9.16 (3 × 1), 10.83 → 8.23 and 10.85 → 7.90 (1 × 3); 128 → 128 at 28²
+/// 3.14 → 2.03 (3 × 1); 256 → 256 at 28² 9.40 → 6.73 (3 × 1), 11.75 → 6.82 (1 × 3); 512 → 512
+/// at 14² 8.97 → 7.09 (3 × 1), 8.97 → 8.44 (1 × 3).
+fn f4_has_channels_for_it(g: &ConvGeometry) -> bool {
+    let (m, n) = (g.in_channels, g.out_channels);
+    2 * m * n >= F4_MIN_CHANNELS * (m + n)
+}
+
+/// See [`f4_has_channels_for_it`].
+const F4_MIN_CHANNELS: usize = 96;
 
 /// Tiles per image below which im2col wins: a 7×7 image's tile rows are 4 tiles, which the
 /// transforms (vectorized along tile rows) compute in a quarter of a vector. Even with several
@@ -81,24 +178,84 @@ unsafe fn at2<S: SimdF32>(v: [S; 4]) -> [S; 2] {
     unsafe { [v[0].add(v[1]).add(v[2]), v[1].sub(v[2]).sub(v[3])] }
 }
 
-/// Tiles and the phase-plane layout of one padded input plane.
+/// Bᵀ d for one 6-element patch (F(4, 3)), with multiply-adds where a coefficient is not ±1.
+#[inline(always)]
+unsafe fn bt6<S: SimdF32>(d: [S; 6]) -> [S; 6] {
+    unsafe {
+        let (two, four, five) = (S::splat(2.0), S::splat(4.0), S::splat(5.0));
+        let (s12, d12) = (d[1].add(d[2]), d[1].sub(d[2]));
+        let (s34, d43) = (d[3].add(d[4]), d[4].sub(d[3]));
+        let (d42, d31) = (d[4].sub(d[2]), d[3].sub(d[1]));
+        [
+            // 4·d0 − 5·d2 + d4
+            S::mul_add(four, d[0], S::mul_add(five, S::zero().sub(d[2]), d[4])),
+            // (d3 + d4) − 4·(d1 + d2)
+            S::mul_add(four, S::zero().sub(s12), s34),
+            // (d4 − d3) + 4·(d1 − d2)
+            S::mul_add(four, d12, d43),
+            // (d4 − d2) + 2·(d3 − d1)
+            S::mul_add(two, d31, d42),
+            // (d4 − d2) − 2·(d3 − d1)
+            S::mul_add(two, S::zero().sub(d31), d42),
+            // 4·d1 − 5·d3 + d5
+            S::mul_add(four, d[1], S::mul_add(five, S::zero().sub(d[3]), d[5])),
+        ]
+    }
+}
+
+/// Aᵀ m for one 6-element product (F(4, 3)): the tile's 4 outputs.
+#[inline(always)]
+unsafe fn at4<S: SimdF32>(m: [S; 6]) -> [S; 4] {
+    unsafe {
+        let (two, four, eight) = (S::splat(2.0), S::splat(4.0), S::splat(8.0));
+        let (s12, d12) = (m[1].add(m[2]), m[1].sub(m[2]));
+        let (s34, d34) = (m[3].add(m[4]), m[3].sub(m[4]));
+        [
+            m[0].add(s12).add(s34),
+            S::mul_add(two, d34, d12),
+            S::mul_add(four, s34, s12),
+            S::mul_add(eight, d34, d12).add(m[5]),
+        ]
+    }
+}
+
+/// G g for one 3-tap kernel (F(4, 3)): its 6 transformed values.
+fn g6(k: &[f32]) -> [f32; 6] {
+    let (a, b, c) = (k[0], k[1], k[2]);
+    [
+        a / 4.0,
+        -(a + b + c) / 6.0,
+        -(a - b + c) / 6.0,
+        a / 24.0 + b / 12.0 + c / 6.0,
+        a / 24.0 - b / 12.0 + c / 6.0,
+        c,
+    ]
+}
+
+/// The transform, its tiles and the phase-plane layout of one padded input plane.
 struct Tiling {
+    transform: Transform,
+    /// Transformed positions per tile ([`Transform::products`]).
+    xis: usize,
     tiles_h: usize,
     tiles_w: usize,
-    /// The padded input as a stride-2, 4×4-kernel geometry, for [`fill_phases`].
+    /// The padded input as a geometry whose kernel is the patch and whose stride is the
+    /// phase stride ([`Transform::phase_stride`]), for [`fill_phases`].
     phases: ConvGeometry,
     layout: PhaseLayout,
 }
 
 impl Tiling {
     fn new(g: &ConvGeometry) -> Result<Self> {
-        let (tiles_h, tiles_w) = (g.out_h.div_ceil(2), g.out_w.div_ceil(2));
-        // Pad so the padded plane is exactly 2·tiles + 2 on each axis (an odd output size
-        // computes one extra row/column that is dropped).
-        let bottom = 2 * tiles_h + 2 - g.in_h - g.pad_top;
-        let right = 2 * tiles_w + 2 - g.in_w - g.pad_left;
+        let transform = Transform::of(g).expect("a Winograd kernel shape (applies)");
+        let ((th, tw), (ph, pw)) = (transform.tile(), transform.patch());
+        let (tiles_h, tiles_w) = (g.out_h.div_ceil(th), g.out_w.div_ceil(tw));
+        // Pad so the padded plane is exactly tile·tiles + span − 1 on each axis (an output size
+        // that is not a multiple of the tile computes extra rows/columns that are dropped).
+        let bottom = th * tiles_h + ph - th - g.in_h - g.pad_top;
+        let right = tw * tiles_w + pw - tw - g.in_w - g.pad_left;
         let params = Conv2dParams {
-            stride: (2, 2),
+            stride: transform.phase_stride(),
             dilation: (1, 1),
             padding: Padding::Explicit {
                 top: g.pad_top,
@@ -108,8 +265,10 @@ impl Tiling {
             },
             groups: 1,
         };
-        let phases = ConvGeometry::new([1, 1, g.in_h, g.in_w], [1, 1, 4, 4], &params)?;
+        let phases = ConvGeometry::new([1, 1, g.in_h, g.in_w], [1, 1, ph, pw], &params)?;
         Ok(Tiling {
+            transform,
+            xis: transform.products(),
             tiles_h,
             tiles_w,
             layout: PhaseLayout::new(&phases),
@@ -118,21 +277,28 @@ impl Tiling {
     }
 }
 
-/// U[n][ξ][m] = (G g Gᵀ)[ξ] for the kernel g = w[n, m], in parallel over the output
-/// channels n (each one's 16 rows of M are contiguous). Done once per call, and one call may
-/// have a single image: on reference layer D (512 × 512 kernels, 16 MiB of U) the transform on
-/// one thread was 40% of a one-image forward.
-fn transform_filters(exec: Exec, g: &ConvGeometry, w: &[f32], u: &mut [f32]) {
-    let m_in = g.in_channels;
+/// U[n][ξ][m] = (G g Gᵀ)[ξ] (3 × 3) or (G g)[ξ] (3 × 1, 1 × 3) for the kernel g = w[n, m],
+/// in parallel over the output channels n (each one's rows of U are contiguous). Done once
+/// per call, and one call may have a single image: on reference layer D (512 × 512 kernels,
+/// 16 MiB of U) the transform on one thread was 40% of a one-image forward.
+fn transform_filters(exec: Exec, g: &ConvGeometry, t: &Tiling, w: &[f32], u: &mut [f32]) {
+    let (m_in, xis, taps) = (g.in_channels, t.xis, g.kernel_h * g.kernel_w);
     let per_thread = g.out_channels.div_ceil(exec.threads());
-    u.par_chunks_mut(per_thread * 16 * m_in)
-        .zip(w.par_chunks(per_thread * m_in * 9))
+    u.par_chunks_mut(per_thread * xis * m_in)
+        .zip(w.par_chunks(per_thread * m_in * taps))
         .for_each(|(un, wn)| {
             for (u_n, w_n) in un
-                .chunks_exact_mut(16 * m_in)
-                .zip(wn.chunks_exact(m_in * 9))
+                .chunks_exact_mut(xis * m_in)
+                .zip(wn.chunks_exact(m_in * taps))
             {
-                for (m, k) in w_n.chunks_exact(9).enumerate() {
+                for (m, k) in w_n.chunks_exact(taps).enumerate() {
+                    if t.transform != Transform::F2x2 {
+                        // 3 × 1 and 1 × 3 kernels alike: three consecutive taps.
+                        for (xi, v) in g6(k).into_iter().enumerate() {
+                            u_n[xi * m_in + m] = v;
+                        }
+                        continue;
+                    }
                     // G g (4×3), then (G g) Gᵀ (4×4).
                     let mut gg = [[0f32; 3]; 4];
                     for j in 0..3 {
@@ -163,7 +329,7 @@ const MIN_BLOCK_TILES: usize = 256;
 
 /// Tile rows per block for `g`.
 fn block_rows(g: &ConvGeometry, t: &Tiling) -> usize {
-    let per_row = 16 * (g.in_channels + g.out_channels) * t.tiles_w;
+    let per_row = t.xis * (g.in_channels + g.out_channels) * t.tiles_w;
     let by_cache = BLOCK_FLOATS / per_row.max(1);
     let by_width = MIN_BLOCK_TILES.div_ceil(t.tiles_w);
     by_cache.max(by_width).clamp(1, t.tiles_h)
@@ -172,14 +338,14 @@ fn block_rows(g: &ConvGeometry, t: &Tiling) -> usize {
 /// Whole images per block where an image has fewer tiles than a block should
 /// ([`MIN_BLOCK_TILES`]), as many as that width asks and the cache allows (at least one): their
 /// tiles side by side in V and the products, so that each product has several images'
-/// columns. One image's 49 tiles (14 × 14) made each of the 16 products a 48-column register
+/// columns. One image's 49 tiles (14 × 14, 3 × 3) made each of the 16 products a 48-column register
 /// block and one column left over; six images to a block, the MNIST network's 32 → 64 layer at
 /// 14 × 14 (batch 64; Intel Xeon VM, alternated, min of 6–10) runs its forward in 4.07–4.24
 /// ms where it took 4.73–4.93 on one image at a time (and 4.45–4.71 on im2col), 2.08 against
 /// 2.58 on 2 threads; a 64 → 64 layer there 6.60 against 7.93.
 fn images_per_block(g: &ConvGeometry, t: &Tiling) -> usize {
     let tiles = t.tiles_h * t.tiles_w;
-    let by_cache = BLOCK_FLOATS / (16 * (g.in_channels + g.out_channels) * tiles).max(1);
+    let by_cache = BLOCK_FLOATS / (t.xis * (g.in_channels + g.out_channels) * tiles).max(1);
     MIN_BLOCK_TILES.div_ceil(tiles).min(by_cache).max(1)
 }
 
@@ -187,7 +353,7 @@ fn images_per_block(g: &ConvGeometry, t: &Tiling) -> usize {
 /// [`images_per_block`] whole images.
 fn block_len(g: &ConvGeometry, t: &Tiling) -> usize {
     let tiles = (block_rows(g, t) * t.tiles_w).max(images_per_block(g, t) * t.tiles_h * t.tiles_w);
-    16 * (g.in_channels + g.out_channels) * tiles
+    t.xis * (g.in_channels + g.out_channels) * tiles
 }
 
 /// Floats of scratch per task: the image's phase planes, then a block's transforms.
@@ -213,7 +379,7 @@ pub fn forward(
 ) -> Result<()> {
     let t = Tiling::new(g)?;
     let (m_in, n_out) = (g.in_channels, g.out_channels);
-    let u_len = 16 * n_out * m_in;
+    let u_len = t.xis * n_out * m_in;
     let threads = exec.threads();
     let within_images = splits_inside_images(threads, g.batch);
     let by_tiles = within_images && splits_by_tile_rows(threads, &t);
@@ -231,7 +397,7 @@ pub fn forward(
     };
     let scratch = ws.take(u_len + scratch_len)?;
     let (u, rest) = scratch.split_at_mut(u_len);
-    transform_filters(exec, g, w, u);
+    transform_filters(exec, g, &t, w, u);
     let u = &*u;
     if by_tiles {
         forward_by_tile_rows(exec, g, &t, u, x, bias, y, rest);
@@ -297,7 +463,8 @@ fn forward_within_images(
     let (hw, ohw, plane) = (g.in_pixels(), g.out_pixels(), t.layout.len);
     let rows = block_rows(g, t);
     let (phases, rest) = scratch.split_at_mut(m_in * plane);
-    let (v_all, prod_all) = rest.split_at_mut(16 * m_in * rows * t.tiles_w);
+    let xis = t.xis;
+    let (v_all, prod_all) = rest.split_at_mut(xis * m_in * rows * t.tiles_w);
     let ins = m_in.div_ceil(exec.threads());
     let outs = n_out.div_ceil(exec.threads());
     for (n, (xn, yn)) in x
@@ -310,18 +477,18 @@ fn forward_within_images(
         for ty0 in (0..t.tiles_h).step_by(rows) {
             let ty = ty0..(ty0 + rows).min(t.tiles_h);
             let tb = ty.len() * t.tiles_w;
-            let v = &mut v_all[..16 * m_in * tb];
-            v.par_chunks_mut(ins * 16 * tb)
+            let v = &mut v_all[..xis * m_in * tb];
+            v.par_chunks_mut(ins * xis * tb)
                 .zip(phases.par_chunks(ins * plane))
                 .for_each(|(vc, ph)| transform_input(isa, t, ph, ty.clone(), vc, tb));
             let v = &*v;
-            prod_all[..16 * n_out * tb]
-                .par_chunks_mut(outs * 16 * tb)
+            prod_all[..xis * n_out * tb]
+                .par_chunks_mut(outs * xis * tb)
                 .zip(yn.par_chunks_mut(outs * ohw))
                 .enumerate()
                 .for_each(|(i, (pc, yc))| {
                     let o = i * outs..i * outs + yc.len() / ohw;
-                    products(isa, g, u, o.clone(), v, tb, pc);
+                    products(isa, g, t, u, o.clone(), v, tb, pc);
                     let mut yc = ColumnWindow::whole(yc, ohw);
                     let b = bias.map(|b| &b[o]);
                     transform_output(isa, g, t, pc, tb, ty.clone(), b, &mut yc);
@@ -356,9 +523,10 @@ fn forward_by_tile_rows(
     let (hw, ohw) = (g.in_pixels(), g.out_pixels());
     let (phases, blocks) = scratch.split_at_mut(m_in * t.layout.len);
     let share = |i: usize| i * t.tiles_h / threads..(i + 1) * t.tiles_h / threads;
-    // Tile row ty writes output rows 2·ty and 2·ty + 1 (the last may be dropped).
+    // Tile row ty writes output rows th·ty .. th·(ty + 1) (the last ones may be dropped).
+    let th = t.transform.tile().0;
     let bounds: Vec<usize> = (0..=threads)
-        .map(|i| (2 * share(i).start * g.out_w).min(ohw))
+        .map(|i| (th * share(i).start * g.out_w).min(ohw))
         .collect();
     for (n, (xn, yn)) in x
         .chunks_exact(m_in * hw)
@@ -396,10 +564,10 @@ fn tile_rows(
     for ty0 in rows.clone().step_by(block) {
         let ty = ty0..(ty0 + block).min(rows.end);
         let tb = ty.len() * t.tiles_w;
-        let (v, rest) = buf.split_at_mut(16 * m_in * tb);
-        let prod = &mut rest[..16 * n_out * tb];
+        let (v, rest) = buf.split_at_mut(t.xis * m_in * tb);
+        let prod = &mut rest[..t.xis * n_out * tb];
         transform_input(isa, t, phases, ty.clone(), v, tb);
-        products(isa, g, u, 0..n_out, v, tb, prod);
+        products(isa, g, t, u, 0..n_out, v, tb, prod);
         transform_output(isa, g, t, prod, tb, ty, bias, y);
     }
 }
@@ -426,13 +594,13 @@ fn image_batch(
     let tiles = t.tiles_h * t.tiles_w;
     let images = x.len() / (m_in * g.in_pixels());
     let tb = images * tiles;
-    let (v, rest) = buf.split_at_mut(16 * m_in * tb);
-    let prod = &mut rest[..16 * n_out * tb];
+    let (v, rest) = buf.split_at_mut(t.xis * m_in * tb);
+    let prod = &mut rest[..t.xis * n_out * tb];
     for (j, xn) in x.chunks_exact(m_in * g.in_pixels()).enumerate() {
         fill_all_phases(isa, g, t, xn, phases, clear && j == 0);
         transform_input(isa, t, phases, 0..t.tiles_h, &mut v[j * tiles..], tb);
     }
-    products(isa, g, u, 0..n_out, v, tb, prod);
+    products(isa, g, t, u, 0..n_out, v, tb, prod);
     for (j, yn) in y.chunks_exact_mut(n_out * ohw).enumerate() {
         let mut yn = ColumnWindow::whole(yn, ohw);
         transform_output(
@@ -467,44 +635,46 @@ fn fill_phases_by_channels(
 
 /// `prod[o][ξ] = U[ξ] · V[ξ]` for the output channels `outs` (`prod` holds theirs only) and
 /// every ξ: V holds `[m][ξ][tile]` and `prod` `[o][ξ][tile]`, `tb` tiles each, so a product's
-/// operand and result rows are `16·tb` apart.
+/// operand and result rows are `ξs·tb` apart (ξs = 16 or 6).
+#[allow(clippy::too_many_arguments)]
 fn products(
     isa: super::Isa,
     g: &ConvGeometry,
+    t: &Tiling,
     u: &[f32],
     outs: Range<usize>,
     v: &[f32],
     tb: usize,
     prod: &mut [f32],
 ) {
-    let m_in = g.in_channels;
-    for xi in 0..16 {
-        // Rows o of U[ξ] are 16·M apart, from U[outs.start][ξ].
-        let uk = &u[(outs.start * 16 + xi) * m_in..];
+    let (m_in, xis) = (g.in_channels, t.xis);
+    for xi in 0..xis {
+        // Rows o of U[ξ] are ξs·M apart, from U[outs.start][ξ].
+        let uk = &u[(outs.start * xis + xi) * m_in..];
         let (vk, pk) = (&v[xi * tb..], &mut prod[xi * tb..]);
         if m_in <= UNPACKED_MAX_K {
             let ops = Operands {
                 c: uk,
-                c_rows: Rows::Strided(16 * m_in),
+                c_rows: Rows::Strided(xis * m_in),
                 c_col: 1,
                 d: vk,
                 n: outs.len(),
                 k: m_in,
                 p: tb,
                 bias: None,
-                d_rows: Rows::Strided(16 * tb),
+                d_rows: Rows::Strided(xis * tb),
             };
             // Through the caches: the output transform reads the products back at once.
             // Reference layer B's forward (harness, min of 20, alternated 4×): streamed
             // 14.2–14.6 ms, cached 13.2–13.4 (one outlier 15.1); C's a tie (20.5–22.3 against
             // 20.6–21.1).
-            small_k_gemm(isa, ops, pk, 16 * tb, Store::Cached);
+            small_k_gemm(isa, ops, pk, xis * tb, Store::Cached);
         } else {
             gemm(
                 pk,
-                16 * tb,
-                MatView::row_major(uk, outs.len(), m_in, 16 * m_in),
-                MatView::row_major(vk, m_in, tb, 16 * tb),
+                xis * tb,
+                MatView::row_major(uk, outs.len(), m_in, xis * m_in),
+                MatView::row_major(vk, m_in, tb, xis * tb),
                 false,
                 1,
             );
@@ -542,9 +712,10 @@ unsafe fn fill_kernel<S: SimdF32>(
     }
 }
 
-/// V[m][ξ][tile] = (Bᵀ d B)[ξ] for the input channels whose phase planes `phases` holds (m
-/// counted from the first) and the tiles of tile rows `ty`, each (m, ξ) row of V `ld` floats
-/// after the previous (the block's tiles, or several images' side by side).
+/// V[m][ξ][tile] = (Bᵀ d B)[ξ] (3 × 3) or (Bᵀ d)[ξ] (3 × 1, 1 × 3) for the input channels
+/// whose phase planes `phases` holds (m counted from the first) and the tiles of tile rows
+/// `ty`, each (m, ξ) row of V `ld` floats after the previous (the block's tiles, or several
+/// images' side by side).
 fn transform_input(
     isa: super::Isa,
     t: &Tiling,
@@ -556,7 +727,7 @@ fn transform_input(
     let (channels, tiles) = (phases.len() / t.layout.len, ty.len() * t.tiles_w);
     assert!(ld >= tiles, "V rows overlap");
     assert!(
-        channels == 0 || v.len() >= (channels * 16 - 1) * ld + tiles,
+        channels == 0 || v.len() >= (channels * t.xis - 1) * ld + tiles,
         "V too short"
     );
     input_dispatch(isa, t, phases, ty, v, ld)
@@ -583,37 +754,22 @@ unsafe fn input_kernel<S: SimdF32>(
             let mut tx = 0;
             while tx < t.tiles_w {
                 let n = (t.tiles_w - tx).min(l);
-                // SAFETY: reads inside the phase planes (each has tiles + 1 rows and columns,
-                // then the layout's margin covers a full vector past the last tile); writes
-                // n <= LANES values inside V's row for (ξ, m).
+                // SAFETY: reads inside the phase planes (each has tiles + 1 rows and columns
+                // (3 × 3), or the patches' rows and columns (F(4, 3)); then the layout's spare
+                // row and margin cover a vector past the last tile, and the 1 × 3 patches'
+                // 4·LANES + 2 floats); writes n <= LANES values inside V's rows for (m, ξ).
                 unsafe {
-                    // d[i][j] for the tiles tx .. tx + n of tile row `row`. (Plain loops and
-                    // #[inline(always)] helpers only: closures and array::from_fn would be
-                    // compiled outside this function's target features.)
-                    let mut d = [[S::zero(); 4]; 4];
-                    for (i, di) in d.iter_mut().enumerate() {
-                        for (j, dij) in di.iter_mut().enumerate() {
-                            let ph = (i % 2) * 2 + j % 2;
-                            *dij = S::load(pp.add(ph * plane + (row + i / 2) * wq + tx + j / 2));
+                    let at = vp.add(m * t.xis * ld + r * t.tiles_w + tx);
+                    match t.transform {
+                        Transform::F2x2 => {
+                            let d = pp.add((row * wq) + tx);
+                            input_tiles_2x2::<S>(d, plane, wq, at, ld, n)
                         }
-                    }
-                    // Bᵀ d (on each column), then (Bᵀ d) B (on each row of that).
-                    let mut cols = [[S::zero(); 4]; 4];
-                    for (j, c) in cols.iter_mut().enumerate() {
-                        *c = bt4([d[0][j], d[1][j], d[2][j], d[3][j]]);
-                    }
-                    let mut tv = [[S::zero(); 4]; 4];
-                    for (i, row) in tv.iter_mut().enumerate() {
-                        *row = bt4([cols[0][i], cols[1][i], cols[2][i], cols[3][i]]);
-                    }
-                    for (i, out) in tv.iter().enumerate() {
-                        for (j, o) in out.iter().enumerate() {
-                            let at = vp.add((m * 16 + i * 4 + j) * ld + r * t.tiles_w + tx);
-                            if n == l {
-                                o.store(at);
-                            } else {
-                                o.store_partial(at, n);
-                            }
+                        Transform::F4Down => {
+                            input_tiles_down::<S>(pp.add(4 * row * wq + tx), wq, at, ld, n)
+                        }
+                        Transform::F4Across => {
+                            input_tiles_across::<S>(pp.add(row * wq + 4 * tx), at, ld, n)
                         }
                     }
                 }
@@ -623,10 +779,107 @@ unsafe fn input_kernel<S: SimdF32>(
     }
 }
 
-/// The planes of `y` (a window of whole output planes, one per row) = Aᵀ M A (+ bias) for the
-/// tiles of tile rows `ty`, written back as output rows: one plane per output channel whose
-/// products (`[o][ξ][tile]`, o counted from the first, rows `ld` floats apart as in
-/// [`transform_input`]) `prod` holds, and `bias` from that channel.
+/// Stores `n ≤ LANES` lanes of `o` at `at` (a whole vector where n = LANES).
+#[inline(always)]
+unsafe fn store_lanes<S: SimdF32>(o: S, at: *mut f32, n: usize) {
+    // SAFETY: the caller's: `at .. at + n` is writable.
+    unsafe {
+        if n == S::LANES {
+            o.store(at)
+        } else {
+            o.store_partial(at, n)
+        }
+    }
+}
+
+/// F(2×2, 3×3)'s input transform of `n` tiles of one tile row: `d` is their first tile's
+/// top-left tap in phase plane (0, 0) (the other phases `plane` floats apart, rows `wq`);
+/// (Bᵀ d B)[ξ] goes to `at + ξ·ld`.
+#[inline(always)]
+unsafe fn input_tiles_2x2<S: SimdF32>(
+    d: *const f32,
+    plane: usize,
+    wq: usize,
+    at: *mut f32,
+    ld: usize,
+    n: usize,
+) {
+    // SAFETY: the caller's (see input_kernel).
+    unsafe {
+        // d[i][j] for the tiles. (Plain loops and #[inline(always)] helpers only: closures
+        // and array::from_fn would be compiled outside this function's target features.)
+        let mut dv = [[S::zero(); 4]; 4];
+        for (i, di) in dv.iter_mut().enumerate() {
+            for (j, dij) in di.iter_mut().enumerate() {
+                let ph = (i % 2) * 2 + j % 2;
+                *dij = S::load(d.add(ph * plane + (i / 2) * wq + j / 2));
+            }
+        }
+        // Bᵀ d (on each column), then (Bᵀ d) B (on each row of that).
+        let mut cols = [[S::zero(); 4]; 4];
+        for (j, c) in cols.iter_mut().enumerate() {
+            *c = bt4([dv[0][j], dv[1][j], dv[2][j], dv[3][j]]);
+        }
+        let mut tv = [[S::zero(); 4]; 4];
+        for (i, row) in tv.iter_mut().enumerate() {
+            *row = bt4([cols[0][i], cols[1][i], cols[2][i], cols[3][i]]);
+        }
+        for (i, out) in tv.iter().enumerate() {
+            for (j, o) in out.iter().enumerate() {
+                store_lanes(*o, at.add((i * 4 + j) * ld), n);
+            }
+        }
+    }
+}
+
+/// F(4, 3)'s input transform down the columns (3 × 1) of `n` tiles of one tile row: `d` is the
+/// first tile's top tap in the padded plane (rows `wq` apart; a tile is a column, so the tiles'
+/// taps k are one row's contiguous run); (Bᵀ d)[ξ] goes to `at + ξ·ld`.
+#[inline(always)]
+unsafe fn input_tiles_down<S: SimdF32>(
+    d: *const f32,
+    wq: usize,
+    at: *mut f32,
+    ld: usize,
+    n: usize,
+) {
+    // SAFETY: the caller's (see input_kernel).
+    unsafe {
+        let mut dv = [S::zero(); 6];
+        for (k, dk) in dv.iter_mut().enumerate() {
+            *dk = S::load(d.add(k * wq));
+        }
+        for (xi, o) in bt6(dv).into_iter().enumerate() {
+            store_lanes(o, at.add(xi * ld), n);
+        }
+    }
+}
+
+/// F(4, 3)'s input transform along a row (1 × 3) of `n` tiles: `d` is the first tile's first
+/// tap in the padded row, tile t's taps at `d + 4t .. d + 4t + 6`. Four contiguous vectors
+/// deinterleaved twice give taps 0–3 of `LANES` tiles (residues 0–3 mod 4); taps 4 and 5 are
+/// taps 0 and 1 of the next tile, one lane over. (Bᵀ d)[ξ] goes to `at + ξ·ld`.
+#[inline(always)]
+unsafe fn input_tiles_across<S: SimdF32>(d: *const f32, at: *mut f32, ld: usize, n: usize) {
+    let l = S::LANES;
+    // SAFETY: the caller's (see input_kernel): 4·LANES + 2 floats from `d` are readable.
+    unsafe {
+        let (e0, o0) = S::deinterleave(S::load(d), S::load(d.add(l)));
+        let (e1, o1) = S::deinterleave(S::load(d.add(2 * l)), S::load(d.add(3 * l)));
+        let (r0, r2) = S::deinterleave(e0, e1);
+        let (r1, r3) = S::deinterleave(o0, o1);
+        let r4 = S::shift_lanes::<1>(r0, S::splat(*d.add(4 * l)));
+        let r5 = S::shift_lanes::<1>(r1, S::splat(*d.add(4 * l + 1)));
+        for (xi, o) in bt6([r0, r1, r2, r3, r4, r5]).into_iter().enumerate() {
+            store_lanes(o, at.add(xi * ld), n);
+        }
+    }
+}
+
+/// The planes of `y` (a window of whole output planes, one per row) = Aᵀ M A (3 × 3) or Aᵀ M
+/// (3 × 1, 1 × 3), plus bias, for the tiles of tile rows `ty`, written back as output rows:
+/// one plane per output channel whose products (`[o][ξ][tile]`, o counted from the first, rows
+/// `ld` floats apart as in [`transform_input`]) `prod` holds, and `bias` from that channel.
 #[allow(clippy::too_many_arguments)]
 fn transform_output(
     isa: super::Isa,
@@ -641,7 +894,7 @@ fn transform_output(
     let (channels, tiles) = (y.rows(), ty.len() * t.tiles_w);
     assert!(ld >= tiles, "product rows overlap");
     assert!(
-        channels == 0 || prod.len() >= (channels * 16 - 1) * ld + tiles,
+        channels == 0 || prod.len() >= (channels * t.xis - 1) * ld + tiles,
         "products too short"
     );
     assert!(bias.is_none_or(|b| b.len() >= channels), "bias too short");
@@ -655,6 +908,44 @@ crate::simd_dispatch!(fn output_dispatch => output_kernel(
 
 #[inline(always)]
 unsafe fn output_kernel<S: SimdF32>(
+    g: &ConvGeometry,
+    t: &Tiling,
+    prod: &[f32],
+    ld: usize,
+    ty: Range<usize>,
+    bias: Option<&[f32]>,
+    y: &mut ColumnWindow<'_>,
+) {
+    // SAFETY: forwarded from this function's contract (transform_output checked the extents).
+    unsafe {
+        match t.transform {
+            Transform::F2x2 => output_2x2::<S>(g, t, prod, ld, ty, bias, y),
+            Transform::F4Down | Transform::F4Across => output_f4::<S>(g, t, prod, ld, ty, bias, y),
+        }
+    }
+}
+
+/// The `X` products of `n ≤ LANES` tiles from `at` (rows `ld` apart), the lanes past `n` zero.
+#[inline(always)]
+unsafe fn load_products<S: SimdF32, const X: usize>(at: *const f32, ld: usize, n: usize) -> [S; X] {
+    // SAFETY: the caller's: n floats of each of the X rows are readable.
+    unsafe {
+        let mut m = [S::zero(); X];
+        for (xi, v) in m.iter_mut().enumerate() {
+            *v = if n == S::LANES {
+                S::load(at.add(xi * ld))
+            } else {
+                S::load_partial(at.add(xi * ld), n)
+            };
+        }
+        m
+    }
+}
+
+/// [`output_kernel`] for F(2×2, 3×3): each tile row's two output rows staged as their even and
+/// odd columns, then interleaved.
+#[inline(always)]
+unsafe fn output_2x2<S: SimdF32>(
     g: &ConvGeometry,
     t: &Tiling,
     prod: &[f32],
@@ -677,15 +968,7 @@ unsafe fn output_kernel<S: SimdF32>(
                 // SAFETY: loads of n <= LANES products of this channel's tile row (partial at
                 // the end); stores into the staging rows (applies() bounds tiles_w).
                 unsafe {
-                    let mut m = [S::zero(); 16];
-                    for (xi, v) in m.iter_mut().enumerate() {
-                        let at = pp.add((c * 16 + xi) * ld + r * tw + tx);
-                        *v = if n == l {
-                            S::load(at)
-                        } else {
-                            S::load_partial(at, n)
-                        };
-                    }
+                    let m: [S; 16] = load_products(pp.add(c * 16 * ld + r * tw + tx), ld, n);
                     // Aᵀ m: 2 rows of 4.
                     let mut rr = [[S::zero(); 4]; 2];
                     for j in 0..4 {
@@ -714,6 +997,75 @@ unsafe fn output_kernel<S: SimdF32>(
                         row,
                     );
                 }
+            }
+        }
+    }
+}
+
+/// [`output_kernel`] for F(4, 3). Down the columns (3 × 1), a tile row's tiles are the
+/// columns of its 4 output rows, so each output is a contiguous run of one row; along the rows
+/// (1 × 3), a tile's 4 outputs are consecutive columns of one row, so the 4 output vectors of
+/// `LANES` tiles are interleaved by 4 in registers (twice by 2) and stored as 4·LANES
+/// contiguous columns.
+#[inline(always)]
+unsafe fn output_f4<S: SimdF32>(
+    g: &ConvGeometry,
+    t: &Tiling,
+    prod: &[f32],
+    ld: usize,
+    ty_range: Range<usize>,
+    bias: Option<&[f32]>,
+    y: &mut ColumnWindow<'_>,
+) {
+    let (l, ow, tw) = (S::LANES, g.out_w, t.tiles_w);
+    let down = t.transform == Transform::F4Down;
+    let pp = prod.as_ptr();
+    for c in 0..y.rows() {
+        // SAFETY: a register operation.
+        let bv = unsafe { S::splat(bias.map_or(0.0, |b| b[c])) };
+        for (r, ty) in ty_range.clone().enumerate() {
+            // The output rows of the tile row: 4 down the columns (fewer at the bottom of the
+            // image), its own row along the rows.
+            let (first, rows) = if down {
+                (4 * ty, (g.out_h - 4 * ty).min(4))
+            } else {
+                (ty, 1)
+            };
+            let mut out = [std::ptr::null_mut::<f32>(); 4];
+            for (k, o) in out.iter_mut().enumerate().take(rows) {
+                let oh = first + k;
+                *o = y.row_columns(c, oh * ow..(oh + 1) * ow).as_mut_ptr();
+            }
+            let mut tx = 0;
+            while tx < tw {
+                let n = (tw - tx).min(l);
+                // SAFETY: loads of n <= LANES products of this channel's tile row; stores of
+                // n lanes at columns tx .. tx + n <= out_w of the rows inside the window
+                // (3 × 1), or of columns 4·tx .. out_w at most of its row (1 × 3).
+                unsafe {
+                    let m: [S; 6] = load_products(pp.add(c * 6 * ld + r * tw + tx), ld, n);
+                    let [y0, y1, y2, y3] = at4(m);
+                    let v = [y0.add(bv), y1.add(bv), y2.add(bv), y3.add(bv)];
+                    if down {
+                        for (k, v) in v.into_iter().enumerate().take(rows) {
+                            store_lanes(v, out[k].add(tx), n);
+                        }
+                        tx += l;
+                        continue;
+                    }
+                    let (a_lo, a_hi) = S::interleave(v[0], v[2]);
+                    let (b_lo, b_hi) = S::interleave(v[1], v[3]);
+                    let (v0, v1) = S::interleave(a_lo, b_lo);
+                    let (v2, v3) = S::interleave(a_hi, b_hi);
+                    for (q, v) in [v0, v1, v2, v3].into_iter().enumerate() {
+                        let col = 4 * tx + q * l;
+                        let count = ow.saturating_sub(col).min(l);
+                        if count > 0 {
+                            store_lanes(v, out[0].add(col), count);
+                        }
+                    }
+                }
+                tx += l;
             }
         }
     }
