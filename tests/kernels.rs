@@ -333,13 +333,14 @@ fn pointwise_cases_with_few_images_split_inside_them() {
     }
 }
 
-/// Winograd F(2×2, 3×3) shapes (at least 32 tiles per image): odd and even sizes, valid,
-/// asymmetric and large padding (grad-input falls back past pad 2), the packed-GEMM path (more
-/// than 256 input channels), and images split over two threads by channels (too few tiles) or
-/// by tile rows (one image; three images, an odd output height); small images several to a
-/// block (49 and 42 tiles: ten images on one thread in blocks of six and four, five or three
-/// per thread on two).
-fn winograd_cases() -> [Case; 10] {
+/// Winograd 3 × 3 shapes: F(2×2, 3×3) on outputs under 20 columns (at least 32 tiles per
+/// image), F(4×4, 3×3) on wider ones (29, 40, 66, 47, 27 and 23 columns): odd and even sizes
+/// and sizes that are not multiples of the tile, valid, asymmetric and large padding
+/// (grad-input falls back past pad 2), the packed-GEMM path (more than 256 input channels), and
+/// images split over two threads by channels (too few tiles) or by tile rows (one image; three
+/// images, an odd output height); small images several to a block (49 and 42 tiles: ten images
+/// on one thread in blocks of six and four, five or three per thread on two).
+fn winograd_cases() -> [Case; 12] {
     let same = Conv2dParams::with_padding(Padding::Same);
     [
         ([2, 8, 37, 29], [16, 8, 3, 3], same),
@@ -358,6 +359,8 @@ fn winograd_cases() -> [Case; 10] {
         ([3, 10, 45, 47], [9, 10, 3, 3], same),
         ([10, 8, 14, 14], [16, 8, 3, 3], same),
         ([6, 9, 13, 11], [8, 9, 3, 3], same),
+        ([2, 9, 23, 26], [10, 9, 3, 3], explicit(2, 0, 1, 2)),
+        ([2, 8, 30, 25], [8, 8, 3, 3], Conv2dParams::default()),
     ]
 }
 
@@ -391,6 +394,22 @@ fn winograd_cases_take_the_winograd_path() {
     assert_for_every_case(cases, |exec, g| {
         ConvAlgorithm::choose(exec, g) == ConvAlgorithm::Winograd
     });
+}
+
+/// The Winograd cases reach every transform: F(2×2, 3×3) and F(4×4, 3×3) among the 3 × 3
+/// ones, F(4, 3) down and across among the others.
+#[test]
+fn winograd_cases_cover_every_transform() {
+    use sepconv::kernels::winograd::Transform;
+    let of =
+        |(input, weight, p): Case| Transform::of(&ConvGeometry::new(input, weight, &p).unwrap());
+    let count = |cases: &[Option<Transform>], t| cases.iter().filter(|&&c| c == Some(t)).count();
+    let square: Vec<_> = winograd_cases().into_iter().map(of).collect();
+    assert_eq!(count(&square, Transform::F2x2), 6);
+    assert_eq!(count(&square, Transform::F4x4), 6);
+    let axis: Vec<_> = winograd_f4_cases().into_iter().map(of).collect();
+    assert_eq!(count(&axis, Transform::F4Down), 5);
+    assert_eq!(count(&axis, Transform::F4Across), 5);
 }
 
 /// A shape: input NCHW, weight OIHW, parameters.

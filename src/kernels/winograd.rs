@@ -1,10 +1,14 @@
 //! Winograd convolution for stride-1, undilated 3 × 3, 3 × 1 and 1 × 3 kernels (forward, and
 //! grad-input as the adjoint forward convolution, see `kernels::conv2d_grad_input`).
 //!
-//! 3 × 3 kernels run F(2×2, 3×3): 16 multiplications per 2×2 output tile and input/output
-//! channel pair instead of 36 (2.25× fewer). With `d` a 4×4 input patch, `g` a 3×3 kernel and
-//! the usual matrices Bᵀ = [1 0 −1 0; 0 1 1 0; 0 −1 1 0; 0 1 0 −1], G = [1 0 0; ½ ½ ½; ½ −½ ½;
-//! 0 0 1], Aᵀ = [1 1 1 0; 0 1 −1 −1], a 2×2 output tile is Y = Aᵀ [(G g Gᵀ) ⊙ (Bᵀ d B)] A.
+//! 3 × 3 kernels on narrow outputs (under 20 columns) run F(2×2, 3×3): 16 multiplications per
+//! 2×2 output tile and input/output channel pair instead of 36 (2.25× fewer). With `d` a 4×4
+//! input patch, `g` a 3×3 kernel and the usual matrices Bᵀ = [1 0 −1 0; 0 1 1 0; 0 −1 1 0;
+//! 0 1 0 −1], G = [1 0 0; ½ ½ ½; ½ −½ ½; 0 0 1], Aᵀ = [1 1 1 0; 0 1 −1 −1], a 2×2 output tile
+//! is Y = Aᵀ [(G g Gᵀ) ⊙ (Bᵀ d B)] A. Wider ones run F(4×4, 3×3): 36 multiplications per 4×4
+//! tile instead of 144 (4× fewer), Y = Aᵀ [(G g Gᵀ) ⊙ (Bᵀ d B)] A with the F(4, 3) matrices
+//! below; its transformed input and products are 2.25× the image's input and output where
+//! F(2×2, 3×3)'s are 4×, so it moves less memory per multiplication too.
 //!
 //! The halves of a spatially separable layer, 3 × 1 and 1 × 3 kernels, run the one-dimensional
 //! F(4, 3) along the kernel's axis: 6 multiplications per 4 outputs instead of 12 (2× fewer),
@@ -23,17 +27,21 @@
 //! tiles of one tile row is a contiguous run — 16 vector loads give 16 tiles' patches — and
 //! output tiles are re-interleaved into rows with the (de)interleave kernels. For 3 × 1 the
 //! tiles of a tile row are the columns of 4 output rows, so the padded plane's rows are the
-//! patches and the outputs are rows; for 1 × 3 they are runs of 4 columns of one row, taken
-//! apart and put back together in registers (four contiguous loads deinterleaved by stride 4,
-//! and the inverse for the outputs).
+//! patches and the outputs are rows; for 1 × 3 (and each row of F(4×4, 3×3)'s patches and
+//! tiles) they are runs of 4 columns of one row, taken apart and put back together in
+//! registers (four contiguous loads deinterleaved by stride 4, and the inverse for the
+//! outputs).
 //!
 //! Work is split over images; each image's transformed input and products live in scratch
-//! (about 4× (3 × 3) or 1.5× (F(4, 3)) the image's input and output), so a whole image's GEMMs
-//! see wide matrices; small images go several to a block, their tiles side by side. Batches the
-//! threads cannot share image by image are split inside each image: by tile rows where every
-//! thread gets enough tiles, else by channels.
-//! Accuracy: the transforms add a few f32 roundings (relative error ~1e-6 for F(2×2, 3×3),
-//! a few times that for F(4, 3), against the f64 reference; the tests hold both to 1e-4).
+//! (4×, 2.25× or 1.5× the image's input and output), so a whole image's GEMMs see wide
+//! matrices; small images go several to a block, their tiles side by side. Batches the threads
+//! cannot share image by image are split inside each image: by tile rows where every thread gets
+//! enough tiles, else by channels.
+//! Accuracy: the transforms add f32 roundings. Largest error over the output, relative to its
+//! largest value, against the f64 reference (one image, inputs in ±1, weights in ±0.1,
+//! forward and grad-input): F(2×2, 3×3) 8e-7–9e-7 (512 → 512 at 14²); F(4, 3) 2e-6–3e-6 (128
+//! → 128 at 56²); F(4×4, 3×3) 5e-6–8e-6 (32 → 64 at 112²), 8e-6–1.0e-5 (128 → 128 at 56²),
+//! 1.5e-5–1.6e-5 (512 → 512 at 28²). The tests hold all to 1e-4.
 
 use super::depthwise::{PhaseLayout, fill_phases};
 use super::elementwise;
@@ -54,6 +62,9 @@ const UNPACKED_MAX_K: usize = 256;
 pub enum Transform {
     /// F(2×2, 3×3) for 3 × 3 kernels: 4 × 4 patches, 2 × 2 output tiles, 16 products.
     F2x2,
+    /// F(4×4, 3×3) for 3 × 3 kernels on outputs at least 20 columns wide: 6 × 6
+    /// patches, 4 × 4 tiles, 36 products.
+    F4x4,
     /// F(4, 3) down the columns for 3 × 1 kernels: 6 × 1 patches, 4 × 1 tiles, 6 products.
     F4Down,
     /// F(4, 3) along the rows for 1 × 3 kernels: 1 × 6 patches, 1 × 4 tiles, 6 products.
@@ -61,9 +72,10 @@ pub enum Transform {
 }
 
 impl Transform {
-    /// The transform for `g`'s kernel shape, if any.
+    /// The transform for `g`'s kernel shape (and for 3 × 3, its output width), if any.
     pub fn of(g: &ConvGeometry) -> Option<Self> {
         match (g.kernel_h, g.kernel_w) {
+            (3, 3) if g.out_w >= F4X4_MIN_WIDTH => Some(Transform::F4x4),
             (3, 3) => Some(Transform::F2x2),
             (3, 1) => Some(Transform::F4Down),
             (1, 3) => Some(Transform::F4Across),
@@ -75,6 +87,7 @@ impl Transform {
     pub fn products(self) -> usize {
         match self {
             Transform::F2x2 => 16,
+            Transform::F4x4 => 36,
             Transform::F4Down | Transform::F4Across => 6,
         }
     }
@@ -83,6 +96,7 @@ impl Transform {
     fn tile(self) -> (usize, usize) {
         match self {
             Transform::F2x2 => (2, 2),
+            Transform::F4x4 => (4, 4),
             Transform::F4Down => (4, 1),
             Transform::F4Across => (1, 4),
         }
@@ -92,17 +106,19 @@ impl Transform {
     fn patch(self) -> (usize, usize) {
         match self {
             Transform::F2x2 => (4, 4),
+            Transform::F4x4 => (6, 6),
             Transform::F4Down => (6, 1),
             Transform::F4Across => (1, 6),
         }
     }
 
     /// Stride of the phase planes the input transform reads: 2 × 2 phases for F(2×2, 3×3),
-    /// whose patches overlap by half; the padded plane itself for F(4, 3).
+    /// whose patches overlap by half; the padded plane itself for the others (their rows'
+    /// tiles are deinterleaved in registers).
     fn phase_stride(self) -> (usize, usize) {
         match self {
             Transform::F2x2 => (2, 2),
-            Transform::F4Down | Transform::F4Across => (1, 1),
+            Transform::F4x4 | Transform::F4Down | Transform::F4Across => (1, 1),
         }
     }
 }
@@ -123,11 +139,22 @@ pub fn applies(g: &ConvGeometry) -> bool {
         && g.groups == 1
         && g.in_channels >= 8
         && g.out_channels >= 8
-        && (tr == Transform::F2x2 || f4_has_channels_for_it(g))
-        && tiles_h * tiles_w >= MIN_IMAGE_TILES
-        // The 3 × 3 and 1 × 3 output transforms stage a tile row's outputs.
-        && (tr == Transform::F4Down || tiles_w <= STAGING - 16)
+        && (!matches!(tr, Transform::F4Down | Transform::F4Across) || f4_has_channels_for_it(g))
+        && tiles_h * th * tiles_w * tw >= MIN_TILED_PIXELS
+        // F(2×2, 3×3)'s output transform stages a tile row's outputs.
+        && (tr != Transform::F2x2 || tiles_w <= STAGING - 16)
 }
+
+/// Output width from which 3 × 3 layers run F(4×4, 3×3): 5 tiles per tile row, of the vector's
+/// 16 lanes the transforms work on. Intel Xeon VM (harness, 2 threads, builds alternated, min
+/// of 8–18; forward and grad-input, F(2×2, 3×3) → F(4×4, 3×3)): 32 → 64 at 112², batch 8, 19.9
+/// → 14.6 ms and 21.7 → 15.9; 128 → 128 at 56² 28.6 → 19.2 and 28.7 → 15.0; 384 → 384 at 56²
+/// 119 → 82 and 118 → 89; 64 → 64 at 56² 5.82 → 3.85; 32 → 32 at 56² 1.80 → 1.29; 256 → 256 at
+/// 28² 18.7 → 14.1; 64 → 64 at 28² 1.52 → 1.20; 128 → 128 at 20² 4.86 → 3.83; ties where the
+/// products have few columns (one image per block: 512 → 512 at 28², 57.3 against 57.8; 256 →
+/// 256 at 20², 11.5 against 11.4). At 14² (4 tiles per row) it lost: reference layer D (512
+/// → 512) 20.2 → 38.4, the MNIST network's 64 → 64 at batch 64 3.25 → 4.84, its 32 → 64 a tie.
+const F4X4_MIN_WIDTH: usize = 20;
 
 /// Whether a 3 × 1 or 1 × 3 layer has the channels for F(4, 3) to beat the implicit GEMM: the
 /// harmonic mean of its input and output channel counts, 2·M·N / (M + N), at least
@@ -148,13 +175,14 @@ fn f4_has_channels_for_it(g: &ConvGeometry) -> bool {
 /// See [`f4_has_channels_for_it`].
 const F4_MIN_CHANNELS: usize = 96;
 
-/// Tiles per image below which im2col wins: a 7×7 image's tile rows are 4 tiles, which the
-/// transforms (vectorized along tile rows) compute in a quarter of a vector. Even with several
-/// images to a block ([`images_per_block`]), the MNIST network's 64 → 128 layer at 7 × 7 (batch
-/// 64) ran slower on Winograd than on im2col (Intel Xeon VM, alternated, min of 8: forward 4.79
+/// Output pixels per image, counted in whole tiles, below which im2col wins (32 tiles of
+/// F(2×2, 3×3) or F(4, 3)): a 7×7 image's tile rows are 4 tiles, which the transforms
+/// (vectorized along tile rows) compute in a quarter of a vector. Even with several images to
+/// a block ([`images_per_block`]), the MNIST network's 64 → 128 layer at 7 × 7 (batch 64) ran
+/// slower on F(2×2, 3×3) than on im2col (Intel Xeon VM, alternated, min of 8: forward 4.79
 /// against 4.55 ms on 1 thread, 3.87 against 2.97 on 2). Before the images shared blocks, each
 /// image's 16 products had a handful of columns.
-const MIN_IMAGE_TILES: usize = 32;
+const MIN_TILED_PIXELS: usize = 128;
 
 /// Width of the output staging rows (tiles per tile row, plus a vector of slack).
 const STAGING: usize = 256;
@@ -292,32 +320,52 @@ fn transform_filters(exec: Exec, g: &ConvGeometry, t: &Tiling, w: &[f32], u: &mu
                 .zip(wn.chunks_exact(m_in * taps))
             {
                 for (m, k) in w_n.chunks_exact(taps).enumerate() {
-                    if t.transform != Transform::F2x2 {
-                        // 3 × 1 and 1 × 3 kernels alike: three consecutive taps.
-                        for (xi, v) in g6(k).into_iter().enumerate() {
-                            u_n[xi * m_in + m] = v;
-                        }
-                        continue;
-                    }
-                    // G g (4×3), then (G g) Gᵀ (4×4).
-                    let mut gg = [[0f32; 3]; 4];
-                    for j in 0..3 {
-                        let (a, b, c) = (k[j], k[3 + j], k[6 + j]);
-                        gg[0][j] = a;
-                        gg[1][j] = 0.5 * (a + b + c);
-                        gg[2][j] = 0.5 * (a - b + c);
-                        gg[3][j] = c;
-                    }
-                    for (i, row) in gg.iter().enumerate() {
-                        let (a, b, c) = (row[0], row[1], row[2]);
-                        let t = [a, 0.5 * (a + b + c), 0.5 * (a - b + c), c];
-                        for (j, &v) in t.iter().enumerate() {
-                            u_n[(i * 4 + j) * m_in + m] = v;
-                        }
+                    let uk = transform_kernel(t.transform, k);
+                    for (xi, &v) in uk[..xis].iter().enumerate() {
+                        u_n[xi * m_in + m] = v;
                     }
                 }
             }
         });
+}
+
+/// The transformed kernel of one 3 × 3, 3 × 1 or 1 × 3 kernel `k` (row-major), in ξ order
+/// (its first [`Transform::products`] values): G k Gᵀ for 3 × 3, G k for the others.
+fn transform_kernel(tr: Transform, k: &[f32]) -> [f32; 36] {
+    let mut u = [0f32; 36];
+    match tr {
+        Transform::F2x2 => {
+            // G g (4×3), then (G g) Gᵀ (4×4).
+            let mut gg = [[0f32; 3]; 4];
+            for j in 0..3 {
+                let (a, b, c) = (k[j], k[3 + j], k[6 + j]);
+                gg[0][j] = a;
+                gg[1][j] = 0.5 * (a + b + c);
+                gg[2][j] = 0.5 * (a - b + c);
+                gg[3][j] = c;
+            }
+            for (i, row) in gg.iter().enumerate() {
+                let (a, b, c) = (row[0], row[1], row[2]);
+                let t = [a, 0.5 * (a + b + c), 0.5 * (a - b + c), c];
+                u[i * 4..i * 4 + 4].copy_from_slice(&t);
+            }
+        }
+        Transform::F4x4 => {
+            // G g (6×3) column by column, then (G g) Gᵀ (6×6) row by row.
+            let mut gg = [[0f32; 3]; 6];
+            for j in 0..3 {
+                for (i, v) in g6(&[k[j], k[3 + j], k[6 + j]]).into_iter().enumerate() {
+                    gg[i][j] = v;
+                }
+            }
+            for (i, row) in gg.iter().enumerate() {
+                u[i * 6..i * 6 + 6].copy_from_slice(&g6(row));
+            }
+        }
+        // 3 × 1 and 1 × 3 kernels alike: three consecutive taps.
+        Transform::F4Down | Transform::F4Across => u[..6].copy_from_slice(&g6(k)),
+    }
+    u
 }
 
 /// Floats of transformed input and products per block of tile rows: 512K floats (2 MiB), so
@@ -765,6 +813,9 @@ unsafe fn input_kernel<S: SimdF32>(
                             let d = pp.add((row * wq) + tx);
                             input_tiles_2x2::<S>(d, plane, wq, at, ld, n)
                         }
+                        Transform::F4x4 => {
+                            input_tiles_4x4::<S>(pp.add(4 * row * wq + 4 * tx), wq, at, ld, n)
+                        }
                         Transform::F4Down => {
                             input_tiles_down::<S>(pp.add(4 * row * wq + tx), wq, at, ld, n)
                         }
@@ -777,6 +828,16 @@ unsafe fn input_kernel<S: SimdF32>(
             }
         }
     }
+}
+
+/// Column `j` of a small matrix of vectors.
+#[inline(always)]
+fn column<S: Copy, const R: usize, const C: usize>(m: &[[S; C]; R], j: usize) -> [S; R] {
+    let mut c = [m[0][j]; R];
+    for (v, row) in c.iter_mut().zip(m) {
+        *v = row[j];
+    }
+    c
 }
 
 /// Stores `n ≤ LANES` lanes of `o` at `at` (a whole vector where n = LANES).
@@ -855,14 +916,13 @@ unsafe fn input_tiles_down<S: SimdF32>(
     }
 }
 
-/// F(4, 3)'s input transform along a row (1 × 3) of `n` tiles: `d` is the first tile's first
-/// tap in the padded row, tile t's taps at `d + 4t .. d + 4t + 6`. Four contiguous vectors
-/// deinterleaved twice give taps 0–3 of `LANES` tiles (residues 0–3 mod 4); taps 4 and 5 are
-/// taps 0 and 1 of the next tile, one lane over. (Bᵀ d)[ξ] goes to `at + ξ·ld`.
+/// Taps 0–5 of `LANES` consecutive tiles along a row, tile t's taps at `d + 4t .. d + 4t + 6`:
+/// four contiguous vectors deinterleaved twice give taps 0–3 (residues 0–3 mod 4); taps 4 and
+/// 5 are taps 0 and 1 of the next tile, one lane over.
 #[inline(always)]
-unsafe fn input_tiles_across<S: SimdF32>(d: *const f32, at: *mut f32, ld: usize, n: usize) {
+unsafe fn taps_across<S: SimdF32>(d: *const f32) -> [S; 6] {
     let l = S::LANES;
-    // SAFETY: the caller's (see input_kernel): 4·LANES + 2 floats from `d` are readable.
+    // SAFETY: the caller's: 4·LANES + 2 floats from `d` are readable.
     unsafe {
         let (e0, o0) = S::deinterleave(S::load(d), S::load(d.add(l)));
         let (e1, o1) = S::deinterleave(S::load(d.add(2 * l)), S::load(d.add(3 * l)));
@@ -870,8 +930,38 @@ unsafe fn input_tiles_across<S: SimdF32>(d: *const f32, at: *mut f32, ld: usize,
         let (r1, r3) = S::deinterleave(o0, o1);
         let r4 = S::shift_lanes::<1>(r0, S::splat(*d.add(4 * l)));
         let r5 = S::shift_lanes::<1>(r1, S::splat(*d.add(4 * l + 1)));
-        for (xi, o) in bt6([r0, r1, r2, r3, r4, r5]).into_iter().enumerate() {
+        [r0, r1, r2, r3, r4, r5]
+    }
+}
+
+/// F(4, 3)'s input transform along a row (1 × 3) of `n` tiles ([`taps_across`] from `d`, the
+/// first tile's first tap in the padded row); (Bᵀ d)[ξ] goes to `at + ξ·ld`.
+#[inline(always)]
+unsafe fn input_tiles_across<S: SimdF32>(d: *const f32, at: *mut f32, ld: usize, n: usize) {
+    // SAFETY: the caller's (see input_kernel).
+    unsafe {
+        for (xi, o) in bt6(taps_across::<S>(d)).into_iter().enumerate() {
             store_lanes(o, at.add(xi * ld), n);
+        }
+    }
+}
+
+/// F(4×4, 3×3)'s input transform of `n` tiles of one tile row: `d` is the first tile's
+/// top-left tap in the padded plane (rows `wq` apart), each of the patches' 6 rows taken
+/// apart as [`taps_across`] does; (Bᵀ d B)[ξ] goes to `at + ξ·ld`.
+#[inline(always)]
+unsafe fn input_tiles_4x4<S: SimdF32>(d: *const f32, wq: usize, at: *mut f32, ld: usize, n: usize) {
+    // SAFETY: the caller's (see input_kernel).
+    unsafe {
+        // d B for each patch row, then Bᵀ (d B) down each column.
+        let mut rows = [[S::zero(); 6]; 6];
+        for (i, r) in rows.iter_mut().enumerate() {
+            *r = bt6(taps_across::<S>(d.add(i * wq)));
+        }
+        for j in 0..6 {
+            for (i, o) in bt6(column(&rows, j)).into_iter().enumerate() {
+                store_lanes(o, at.add((i * 6 + j) * ld), n);
+            }
         }
     }
 }
@@ -920,7 +1010,7 @@ unsafe fn output_kernel<S: SimdF32>(
     unsafe {
         match t.transform {
             Transform::F2x2 => output_2x2::<S>(g, t, prod, ld, ty, bias, y),
-            Transform::F4Down | Transform::F4Across => output_f4::<S>(g, t, prod, ld, ty, bias, y),
+            _ => output_f4::<S>(g, t, prod, ld, ty, bias, y),
         }
     }
 }
@@ -1002,11 +1092,10 @@ unsafe fn output_2x2<S: SimdF32>(
     }
 }
 
-/// [`output_kernel`] for F(4, 3). Down the columns (3 × 1), a tile row's tiles are the
-/// columns of its 4 output rows, so each output is a contiguous run of one row; along the rows
-/// (1 × 3), a tile's 4 outputs are consecutive columns of one row, so the 4 output vectors of
-/// `LANES` tiles are interleaved by 4 in registers (twice by 2) and stored as 4·LANES
-/// contiguous columns.
+/// [`output_kernel`] for F(4, 3) and F(4×4, 3×3). Down the columns (3 × 1), a tile row's tiles
+/// are the columns of its 4 output rows, so each output is a contiguous run of one row; along
+/// the rows (1 × 3, and each of a 4 × 4 tile's rows), a tile's 4 outputs are consecutive
+/// columns of one row, written by [`store_tiles_across`].
 #[inline(always)]
 unsafe fn output_f4<S: SimdF32>(
     g: &ConvGeometry,
@@ -1017,19 +1106,17 @@ unsafe fn output_f4<S: SimdF32>(
     bias: Option<&[f32]>,
     y: &mut ColumnWindow<'_>,
 ) {
-    let (l, ow, tw) = (S::LANES, g.out_w, t.tiles_w);
-    let down = t.transform == Transform::F4Down;
+    let (l, ow, tw, xis) = (S::LANES, g.out_w, t.tiles_w, t.xis);
     let pp = prod.as_ptr();
     for c in 0..y.rows() {
         // SAFETY: a register operation.
         let bv = unsafe { S::splat(bias.map_or(0.0, |b| b[c])) };
         for (r, ty) in ty_range.clone().enumerate() {
-            // The output rows of the tile row: 4 down the columns (fewer at the bottom of the
-            // image), its own row along the rows.
-            let (first, rows) = if down {
-                (4 * ty, (g.out_h - 4 * ty).min(4))
-            } else {
-                (ty, 1)
+            // The output rows of the tile row: 4 where tiles are 4 high (fewer at the bottom
+            // of the image), else its own row.
+            let (first, rows) = match t.transform {
+                Transform::F4Across => (ty, 1),
+                _ => (4 * ty, (g.out_h - 4 * ty).min(4)),
             };
             let mut out = [std::ptr::null_mut::<f32>(); 4];
             for (k, o) in out.iter_mut().enumerate().take(rows) {
@@ -1041,31 +1128,68 @@ unsafe fn output_f4<S: SimdF32>(
                 let n = (tw - tx).min(l);
                 // SAFETY: loads of n <= LANES products of this channel's tile row; stores of
                 // n lanes at columns tx .. tx + n <= out_w of the rows inside the window
-                // (3 × 1), or of columns 4·tx .. out_w at most of its row (1 × 3).
+                // (3 × 1), or of columns 4·tx .. out_w at most of its rows (the others).
                 unsafe {
-                    let m: [S; 6] = load_products(pp.add(c * 6 * ld + r * tw + tx), ld, n);
-                    let [y0, y1, y2, y3] = at4(m);
-                    let v = [y0.add(bv), y1.add(bv), y2.add(bv), y3.add(bv)];
-                    if down {
-                        for (k, v) in v.into_iter().enumerate().take(rows) {
-                            store_lanes(v, out[k].add(tx), n);
+                    let at = pp.add(c * xis * ld + r * tw + tx);
+                    match t.transform {
+                        Transform::F4Down => {
+                            let m: [S; 6] = load_products(at, ld, n);
+                            for (k, v) in at4(m).into_iter().enumerate().take(rows) {
+                                store_lanes(v.add(bv), out[k].add(tx), n);
+                            }
                         }
-                        tx += l;
-                        continue;
-                    }
-                    let (a_lo, a_hi) = S::interleave(v[0], v[2]);
-                    let (b_lo, b_hi) = S::interleave(v[1], v[3]);
-                    let (v0, v1) = S::interleave(a_lo, b_lo);
-                    let (v2, v3) = S::interleave(a_hi, b_hi);
-                    for (q, v) in [v0, v1, v2, v3].into_iter().enumerate() {
-                        let col = 4 * tx + q * l;
-                        let count = ow.saturating_sub(col).min(l);
-                        if count > 0 {
-                            store_lanes(v, out[0].add(col), count);
+                        Transform::F4Across => {
+                            let m: [S; 6] = load_products(at, ld, n);
+                            store_tiles_across(at4(m), bv, out[0], 4 * tx, ow);
+                        }
+                        _ => {
+                            // Aᵀ m down each of the 6 columns (column j's products are
+                            // 6 rows apart from row j), then each output row's Aᵀ.
+                            let mut by_column = [[S::zero(); 4]; 6];
+                            for (j, c) in by_column.iter_mut().enumerate() {
+                                *c = at4(load_products(at.add(j * ld), 6 * ld, n));
+                            }
+                            for (k, &o) in out.iter().enumerate().take(rows) {
+                                store_tiles_across(at4(column(&by_column, k)), bv, o, 4 * tx, ow);
+                            }
                         }
                     }
                 }
                 tx += l;
+            }
+        }
+    }
+}
+
+/// Writes `LANES` tiles' 4 outputs `v` (each a vector over the tiles), plus `bias`, as the
+/// consecutive columns `col0 ..` of the output row `row` (up to `ow`): the 4 vectors are
+/// interleaved by 4 in registers (twice by 2) and stored as 4·LANES contiguous columns.
+#[inline(always)]
+unsafe fn store_tiles_across<S: SimdF32>(
+    v: [S; 4],
+    bias: S,
+    row: *mut f32,
+    col0: usize,
+    ow: usize,
+) {
+    let l = S::LANES;
+    // SAFETY: the caller's: columns col0 .. ow of `row` are writable.
+    unsafe {
+        let v = [
+            v[0].add(bias),
+            v[1].add(bias),
+            v[2].add(bias),
+            v[3].add(bias),
+        ];
+        let (a_lo, a_hi) = S::interleave(v[0], v[2]);
+        let (b_lo, b_hi) = S::interleave(v[1], v[3]);
+        let (v0, v1) = S::interleave(a_lo, b_lo);
+        let (v2, v3) = S::interleave(a_hi, b_hi);
+        for (q, v) in [v0, v1, v2, v3].into_iter().enumerate() {
+            let col = col0 + q * l;
+            let count = ow.saturating_sub(col).min(l);
+            if count > 0 {
+                store_lanes(v, row.add(col), count);
             }
         }
     }
