@@ -18,8 +18,8 @@
 //! - [`fused_training`]: a strided depthwise-separable pair's training passes image by image,
 //!   the depthwise layer's memory prefetched during the pointwise products.
 //! - [`elementwise`]: the memory-bound kernels of the network layers (BatchNorm, ReLU, pooling).
-//! - [`winograd`]: F(2×2, 3×3) for stride-1 3×3 convolutions, F(4, 3) for 3 × 1 and 1 × 3
-//!   ones with many channels (forward and grad-input).
+//! - [`winograd`]: F(4×4, 3×3) or F(2×2, 3×3) for stride-1 3×3 convolutions, F(4, 3) for
+//!   3 × 1 and 1 × 3 ones with many channels (forward and grad-input).
 //! - [`implicit`]: implicit-GEMM convolution (no im2col) for every other geometry, batch permitting.
 //! - [`tap_grad_weight`]: grad-weight of stride-1 same-width convolutions (kh × 1, 1 × kw,
 //!   k × k) as one GEMM per tap of the gradient planes with the shifted input planes, in place.
@@ -333,7 +333,8 @@ pub enum ConvAlgorithm {
     Depthwise,
     /// A plain GEMM on the input (1×1, stride 1, no padding).
     Pointwise,
-    /// Winograd: F(2×2, 3×3) for 3×3, F(4, 3) for 3×1 and 1×3 (forward and grad-input).
+    /// Winograd: F(4×4, 3×3) or F(2×2, 3×3) for 3×3, F(4, 3) for 3×1 and 1×3 (forward and
+    /// grad-input).
     Winograd,
     /// Implicit GEMM on phase planes (forward, and grad-input per input phase when strided).
     Implicit,
