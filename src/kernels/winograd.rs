@@ -19,8 +19,8 @@
 //! ±2 and ∞, as in Lavin and Gray's F(4×4, 3×3)).
 //!
 //! Over channels the element-wise product becomes one independent matrix product per
-//! transformed position ξ (16 or 6), `M[ξ] (N × tiles) = U[ξ] (N × M) · V[ξ] (M × tiles)`, which
-//! run on the GEMM kernels.
+//! transformed position ξ (16, 36 or 6), `M[ξ] (N × tiles) = U[ξ] (N × M) · V[ξ] (M × tiles)`,
+//! which run on the GEMM kernels.
 //!
 //! The transforms are vectorized across tiles. For 3 × 3 the padded input is split into its
 //! 2×2 phase planes (the depthwise kernel's layout with stride 2), where tap (i, j) of the
@@ -386,11 +386,11 @@ fn block_rows(g: &ConvGeometry, t: &Tiling) -> usize {
 /// Whole images per block where an image has fewer tiles than a block should
 /// ([`MIN_BLOCK_TILES`]), as many as that width asks and the cache allows (at least one): their
 /// tiles side by side in V and the products, so that each product has several images'
-/// columns. One image's 49 tiles (14 × 14, 3 × 3) made each of the 16 products a 48-column register
-/// block and one column left over; six images to a block, the MNIST network's 32 → 64 layer at
-/// 14 × 14 (batch 64; Intel Xeon VM, alternated, min of 6–10) runs its forward in 4.07–4.24
-/// ms where it took 4.73–4.93 on one image at a time (and 4.45–4.71 on im2col), 2.08 against
-/// 2.58 on 2 threads; a 64 → 64 layer there 6.60 against 7.93.
+/// columns. One image's 49 tiles (14 × 14, F(2×2, 3×3)) made each of the 16 products a
+/// 48-column register block and one column left over; six images to a block, the MNIST
+/// network's 32 → 64 layer at 14 × 14 (batch 64; Intel Xeon VM, alternated, min of 6–10) runs
+/// its forward in 4.07–4.24 ms where it took 4.73–4.93 on one image at a time (and 4.45–4.71
+/// on im2col), 2.08 against 2.58 on 2 threads; a 64 → 64 layer there 6.60 against 7.93.
 fn images_per_block(g: &ConvGeometry, t: &Tiling) -> usize {
     let tiles = t.tiles_h * t.tiles_w;
     let by_cache = BLOCK_FLOATS / (t.xis * (g.in_channels + g.out_channels) * tiles).max(1);
@@ -683,7 +683,7 @@ fn fill_phases_by_channels(
 
 /// `prod[o][ξ] = U[ξ] · V[ξ]` for the output channels `outs` (`prod` holds theirs only) and
 /// every ξ: V holds `[m][ξ][tile]` and `prod` `[o][ξ][tile]`, `tb` tiles each, so a product's
-/// operand and result rows are `ξs·tb` apart (ξs = 16 or 6).
+/// operand and result rows are `ξs·tb` apart (ξs = 16, 36 or 6).
 #[allow(clippy::too_many_arguments)]
 fn products(
     isa: super::Isa,
