@@ -102,16 +102,6 @@ impl Transform {
         }
     }
 
-    /// Input rows and columns of one tile's patch (the tile plus the kernel's span − 1).
-    fn patch(self) -> (usize, usize) {
-        match self {
-            Transform::F2x2 => (4, 4),
-            Transform::F4x4 => (6, 6),
-            Transform::F4Down => (6, 1),
-            Transform::F4Across => (1, 6),
-        }
-    }
-
     /// Stride of the phase planes the input transform reads: 2 × 2 phases for F(2×2, 3×3),
     /// whose patches overlap by half; the padded plane itself for the others (their rows'
     /// tiles are deinterleaved in registers).
@@ -276,7 +266,9 @@ struct Tiling {
 impl Tiling {
     fn new(g: &ConvGeometry) -> Result<Self> {
         let transform = Transform::of(g).expect("a Winograd kernel shape (applies)");
-        let ((th, tw), (ph, pw)) = (transform.tile(), transform.patch());
+        let (th, tw) = transform.tile();
+        // A tile's patch: the tile plus the kernel's span − 1.
+        let (ph, pw) = (th + g.kernel_h - 1, tw + g.kernel_w - 1);
         let (tiles_h, tiles_w) = (g.out_h.div_ceil(th), g.out_w.div_ceil(tw));
         // Pad so the padded plane is exactly tile·tiles + span − 1 on each axis (an output size
         // that is not a multiple of the tile computes extra rows/columns that are dropped).
