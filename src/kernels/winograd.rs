@@ -200,23 +200,24 @@ unsafe fn at2<S: SimdF32>(v: [S; 4]) -> [S; 2] {
 #[inline(always)]
 unsafe fn bt6<S: SimdF32>(d: [S; 6]) -> [S; 6] {
     unsafe {
-        let (two, four, five) = (S::splat(2.0), S::splat(4.0), S::splat(5.0));
+        let (two, four) = (S::splat(2.0), S::splat(4.0));
+        let (minus_two, minus_four, minus_five) = (S::splat(-2.0), S::splat(-4.0), S::splat(-5.0));
         let (s12, d12) = (d[1].add(d[2]), d[1].sub(d[2]));
         let (s34, d43) = (d[3].add(d[4]), d[4].sub(d[3]));
         let (d42, d31) = (d[4].sub(d[2]), d[3].sub(d[1]));
         [
             // 4·d0 − 5·d2 + d4
-            S::mul_add(four, d[0], S::mul_add(five, S::zero().sub(d[2]), d[4])),
+            S::mul_add(four, d[0], S::mul_add(minus_five, d[2], d[4])),
             // (d3 + d4) − 4·(d1 + d2)
-            S::mul_add(four, S::zero().sub(s12), s34),
+            S::mul_add(minus_four, s12, s34),
             // (d4 − d3) + 4·(d1 − d2)
             S::mul_add(four, d12, d43),
             // (d4 − d2) + 2·(d3 − d1)
             S::mul_add(two, d31, d42),
             // (d4 − d2) − 2·(d3 − d1)
-            S::mul_add(two, S::zero().sub(d31), d42),
+            S::mul_add(minus_two, d31, d42),
             // 4·d1 − 5·d3 + d5
-            S::mul_add(four, d[1], S::mul_add(five, S::zero().sub(d[3]), d[5])),
+            S::mul_add(four, d[1], S::mul_add(minus_five, d[3], d[5])),
         ]
     }
 }
@@ -253,8 +254,6 @@ fn g6(k: &[f32]) -> [f32; 6] {
 /// The transform, its tiles and the phase-plane layout of one padded input plane.
 struct Tiling {
     transform: Transform,
-    /// Transformed positions per tile ([`Transform::products`]).
-    xis: usize,
     tiles_h: usize,
     tiles_w: usize,
     /// The padded input as a geometry whose kernel is the patch and whose stride is the
@@ -264,6 +263,11 @@ struct Tiling {
 }
 
 impl Tiling {
+    /// Transformed positions per tile ([`Transform::products`]).
+    fn xis(&self) -> usize {
+        self.transform.products()
+    }
+
     fn new(g: &ConvGeometry) -> Result<Self> {
         let transform = Transform::of(g).expect("a Winograd kernel shape (applies)");
         let (th, tw) = transform.tile();
@@ -288,7 +292,6 @@ impl Tiling {
         let phases = ConvGeometry::new([1, 1, g.in_h, g.in_w], [1, 1, ph, pw], &params)?;
         Ok(Tiling {
             transform,
-            xis: transform.products(),
             tiles_h,
             tiles_w,
             layout: PhaseLayout::new(&phases),
@@ -302,7 +305,7 @@ impl Tiling {
 /// per call, and one call may have a single image: on reference layer D (512 × 512 kernels,
 /// 16 MiB of U) the transform on one thread was 40% of a one-image forward.
 fn transform_filters(exec: Exec, g: &ConvGeometry, t: &Tiling, w: &[f32], u: &mut [f32]) {
-    let (m_in, xis, taps) = (g.in_channels, t.xis, g.kernel_h * g.kernel_w);
+    let (m_in, xis, taps) = (g.in_channels, t.xis(), g.kernel_h * g.kernel_w);
     let per_thread = g.out_channels.div_ceil(exec.threads());
     u.par_chunks_mut(per_thread * xis * m_in)
         .zip(w.par_chunks(per_thread * m_in * taps))
@@ -369,7 +372,7 @@ const MIN_BLOCK_TILES: usize = 256;
 
 /// Tile rows per block for `g`.
 fn block_rows(g: &ConvGeometry, t: &Tiling) -> usize {
-    let per_row = t.xis * (g.in_channels + g.out_channels) * t.tiles_w;
+    let per_row = t.xis() * (g.in_channels + g.out_channels) * t.tiles_w;
     let by_cache = BLOCK_FLOATS / per_row.max(1);
     let by_width = MIN_BLOCK_TILES.div_ceil(t.tiles_w);
     by_cache.max(by_width).clamp(1, t.tiles_h)
@@ -385,7 +388,7 @@ fn block_rows(g: &ConvGeometry, t: &Tiling) -> usize {
 /// on im2col), 2.08 against 2.58 on 2 threads; a 64 → 64 layer there 6.60 against 7.93.
 fn images_per_block(g: &ConvGeometry, t: &Tiling) -> usize {
     let tiles = t.tiles_h * t.tiles_w;
-    let by_cache = BLOCK_FLOATS / (t.xis * (g.in_channels + g.out_channels) * tiles).max(1);
+    let by_cache = BLOCK_FLOATS / (t.xis() * (g.in_channels + g.out_channels) * tiles).max(1);
     MIN_BLOCK_TILES.div_ceil(tiles).min(by_cache).max(1)
 }
 
@@ -393,7 +396,7 @@ fn images_per_block(g: &ConvGeometry, t: &Tiling) -> usize {
 /// [`images_per_block`] whole images.
 fn block_len(g: &ConvGeometry, t: &Tiling) -> usize {
     let tiles = (block_rows(g, t) * t.tiles_w).max(images_per_block(g, t) * t.tiles_h * t.tiles_w);
-    t.xis * (g.in_channels + g.out_channels) * tiles
+    t.xis() * (g.in_channels + g.out_channels) * tiles
 }
 
 /// Floats of scratch per task: the image's phase planes, then a block's transforms.
@@ -419,7 +422,7 @@ pub fn forward(
 ) -> Result<()> {
     let t = Tiling::new(g)?;
     let (m_in, n_out) = (g.in_channels, g.out_channels);
-    let u_len = t.xis * n_out * m_in;
+    let u_len = t.xis() * n_out * m_in;
     let threads = exec.threads();
     let within_images = splits_inside_images(threads, g.batch);
     let by_tiles = within_images && splits_by_tile_rows(threads, &t);
@@ -503,7 +506,7 @@ fn forward_within_images(
     let (hw, ohw, plane) = (g.in_pixels(), g.out_pixels(), t.layout.len);
     let rows = block_rows(g, t);
     let (phases, rest) = scratch.split_at_mut(m_in * plane);
-    let xis = t.xis;
+    let xis = t.xis();
     let (v_all, prod_all) = rest.split_at_mut(xis * m_in * rows * t.tiles_w);
     let ins = m_in.div_ceil(exec.threads());
     let outs = n_out.div_ceil(exec.threads());
@@ -604,8 +607,8 @@ fn tile_rows(
     for ty0 in rows.clone().step_by(block) {
         let ty = ty0..(ty0 + block).min(rows.end);
         let tb = ty.len() * t.tiles_w;
-        let (v, rest) = buf.split_at_mut(t.xis * m_in * tb);
-        let prod = &mut rest[..t.xis * n_out * tb];
+        let (v, rest) = buf.split_at_mut(t.xis() * m_in * tb);
+        let prod = &mut rest[..t.xis() * n_out * tb];
         transform_input(isa, t, phases, ty.clone(), v, tb);
         products(isa, g, t, u, 0..n_out, v, tb, prod);
         transform_output(isa, g, t, prod, tb, ty, bias, y);
@@ -634,8 +637,8 @@ fn image_batch(
     let tiles = t.tiles_h * t.tiles_w;
     let images = x.len() / (m_in * g.in_pixels());
     let tb = images * tiles;
-    let (v, rest) = buf.split_at_mut(t.xis * m_in * tb);
-    let prod = &mut rest[..t.xis * n_out * tb];
+    let (v, rest) = buf.split_at_mut(t.xis() * m_in * tb);
+    let prod = &mut rest[..t.xis() * n_out * tb];
     for (j, xn) in x.chunks_exact(m_in * g.in_pixels()).enumerate() {
         fill_all_phases(isa, g, t, xn, phases, clear && j == 0);
         transform_input(isa, t, phases, 0..t.tiles_h, &mut v[j * tiles..], tb);
@@ -687,7 +690,7 @@ fn products(
     tb: usize,
     prod: &mut [f32],
 ) {
-    let (m_in, xis) = (g.in_channels, t.xis);
+    let (m_in, xis) = (g.in_channels, t.xis());
     for xi in 0..xis {
         // Rows o of U[ξ] are ξs·M apart, from U[outs.start][ξ].
         let uk = &u[(outs.start * xis + xi) * m_in..];
@@ -767,7 +770,7 @@ fn transform_input(
     let (channels, tiles) = (phases.len() / t.layout.len, ty.len() * t.tiles_w);
     assert!(ld >= tiles, "V rows overlap");
     assert!(
-        channels == 0 || v.len() >= (channels * t.xis - 1) * ld + tiles,
+        channels == 0 || v.len() >= (channels * t.xis() - 1) * ld + tiles,
         "V too short"
     );
     input_dispatch(isa, t, phases, ty, v, ld)
@@ -799,7 +802,7 @@ unsafe fn input_kernel<S: SimdF32>(
                 // row and margin cover a vector past the last tile, and the 1 × 3 patches'
                 // 4·LANES + 2 floats); writes n <= LANES values inside V's rows for (m, ξ).
                 unsafe {
-                    let at = vp.add(m * t.xis * ld + r * t.tiles_w + tx);
+                    let at = vp.add(m * t.xis() * ld + r * t.tiles_w + tx);
                     match t.transform {
                         Transform::F2x2 => {
                             let d = pp.add((row * wq) + tx);
@@ -976,7 +979,7 @@ fn transform_output(
     let (channels, tiles) = (y.rows(), ty.len() * t.tiles_w);
     assert!(ld >= tiles, "product rows overlap");
     assert!(
-        channels == 0 || prod.len() >= (channels * t.xis - 1) * ld + tiles,
+        channels == 0 || prod.len() >= (channels * t.xis() - 1) * ld + tiles,
         "products too short"
     );
     assert!(bias.is_none_or(|b| b.len() >= channels), "bias too short");
@@ -1098,7 +1101,7 @@ unsafe fn output_f4<S: SimdF32>(
     bias: Option<&[f32]>,
     y: &mut ColumnWindow<'_>,
 ) {
-    let (l, ow, tw, xis) = (S::LANES, g.out_w, t.tiles_w, t.xis);
+    let (l, ow, tw, xis) = (S::LANES, g.out_w, t.tiles_w, t.xis());
     let pp = prod.as_ptr();
     for c in 0..y.rows() {
         // SAFETY: a register operation.
