@@ -412,6 +412,38 @@ fn winograd_cases_cover_every_transform() {
     assert_eq!(count(&axis, Transform::F4Across), 5);
 }
 
+/// The Winograd shapes' grad-weight runs on Winograd too wherever the threads share the batch
+/// image by image: on one thread all but the 8-channel 70 × 66 image (the shifted kernel's); on
+/// two, also not the one- and three-image batches (split inside the images). Both counts reach
+/// every transform.
+#[test]
+fn winograd_cases_take_the_winograd_grad_weight() {
+    use sepconv::kernels::winograd::Transform;
+    let cases: Vec<ConvGeometry> = winograd_cases()
+        .into_iter()
+        .chain(winograd_f4_cases())
+        .map(|(input, weight, p)| ConvGeometry::new(input, weight, &p).unwrap())
+        .collect();
+    for (threads, want) in [(1, 21), (2, 15)] {
+        let on_winograd: Vec<&ConvGeometry> = cases
+            .iter()
+            .filter(|g| GradWeightKernel::choose(exec(threads), g) == GradWeightKernel::Winograd)
+            .collect();
+        assert_eq!(on_winograd.len(), want, "{threads} threads");
+        for t in [
+            Transform::F2x2,
+            Transform::F4x4,
+            Transform::F4Down,
+            Transform::F4Across,
+        ] {
+            assert!(
+                on_winograd.iter().any(|g| Transform::of(g) == Some(t)),
+                "{t:?} on {threads} threads"
+            );
+        }
+    }
+}
+
 /// A shape: input NCHW, weight OIHW, parameters.
 type Case = ([usize; 4], [usize; 4], Conv2dParams);
 
@@ -695,11 +727,15 @@ fn strided_layers_take_the_phase_tap_grad_weight() {
 
 /// Shapes whose grad-weight runs on the implicit GEMM (long im2col rows, at least 128 output
 /// channels per group, stride 1 without "same" padding, which the per-tap GEMMs take): a
-/// channel count and width that leave partial transpose blocks, and grouped (both Winograd
-/// forward).
+/// channel count and width that leave partial transpose blocks (dilated across: undilated, the
+/// grad-weight runs on Winograd), and grouped (a Winograd forward).
 fn implicit_grad_weight_cases() -> [Case; 2] {
     [
-        ([2, 64, 34, 34], [130, 64, 3, 3], Conv2dParams::default()),
+        (
+            [2, 64, 34, 34],
+            [130, 64, 3, 3],
+            Conv2dParams::default().dilation(1, 2),
+        ),
         (
             [2, 128, 18, 20],
             [256, 64, 3, 3],
@@ -1028,7 +1064,8 @@ fn tap_grad_weight_cases() -> [Case; 5] {
 /// Shapes on the channels-last grad-weight (many channels, small images): channel counts that
 /// are not multiples of 16 (a partial transpose block and copy row) or of 8 (a remainder row
 /// block in each thread's share), a strided, dilated 3 × 2 with asymmetric padding, a grouped
-/// 1 × 3, and a 3 × 3 over 980 output positions (two position chunks).
+/// 1 × 3, and a 3 × 3 dilated across over 980 output positions (two position chunks; undilated,
+/// its grad-weight runs on Winograd).
 fn channels_last_cases() -> [Case; 4] {
     let same = Conv2dParams::with_padding(Padding::Same);
     [
@@ -1039,7 +1076,11 @@ fn channels_last_cases() -> [Case; 4] {
             explicit(2, 0, 1, 3).stride(2, 2).dilation(2, 1),
         ),
         ([2, 512, 4, 5], [512, 256, 1, 3], same.groups(2)),
-        ([2, 256, 30, 35], [256, 256, 3, 3], explicit(0, 0, 1, 1)),
+        (
+            [2, 256, 30, 35],
+            [256, 256, 3, 3],
+            explicit(0, 0, 2, 2).dilation(1, 2),
+        ),
     ]
 }
 

@@ -20,6 +20,8 @@
 //! - [`elementwise`]: the memory-bound kernels of the network layers (BatchNorm, ReLU, pooling).
 //! - [`winograd`]: F(4×4, 3×3) or F(2×2, 3×3) for stride-1 3×3 convolutions, F(4, 3) for
 //!   3 × 1 and 1 × 3 ones with many channels (forward and grad-input).
+//! - [`winograd_grad_weight`]: the same layers' grad-weight on the same transforms, the
+//!   tiles as the products' inner dimension.
 //! - [`implicit`]: implicit-GEMM convolution (no im2col) for every other geometry, batch permitting.
 //! - [`tap_grad_weight`]: grad-weight of stride-1 same-width convolutions (kh × 1, 1 × kw,
 //!   k × k) as one GEMM per tap of the gradient planes with the shifted input planes, in place.
@@ -54,6 +56,7 @@ pub mod simd;
 pub mod tap_grad_weight;
 pub mod transposed_grad_weight;
 pub mod winograd;
+pub mod winograd_grad_weight;
 
 use std::ops::Range;
 
@@ -333,8 +336,8 @@ pub enum ConvAlgorithm {
     Depthwise,
     /// A plain GEMM on the input (1×1, stride 1, no padding).
     Pointwise,
-    /// Winograd: F(4×4, 3×3) or F(2×2, 3×3) for 3×3, F(4, 3) for 3×1 and 1×3 (forward and
-    /// grad-input).
+    /// Winograd: F(4×4, 3×3) or F(2×2, 3×3) for 3×3, F(4, 3) for 3×1 and 1×3 (forward,
+    /// grad-input, and grad-weight where [`winograd_grad_weight::applies`]).
     Winograd,
     /// Implicit GEMM on phase planes (forward, and grad-input per input phase when strided).
     Implicit,
@@ -613,6 +616,9 @@ pub enum GradWeightKernel {
     DepthwiseBlocked,
     /// Other depthwise layers ([`depthwise`]).
     Depthwise,
+    /// Layers whose forward runs on Winograd, with a batch the threads share image by image
+    /// ([`winograd_grad_weight`]).
+    Winograd,
     /// Many channels on small images, one unpacked product per tap on a channels-last copy of
     /// the input ([`channels_last_grad_weight`]).
     ChannelsLast,
@@ -644,6 +650,7 @@ impl GradWeightKernel {
             }
             ConvAlgorithm::Depthwise if depthwise_blocked::applies(g) => Self::DepthwiseBlocked,
             ConvAlgorithm::Depthwise => Self::Depthwise,
+            _ if winograd_grad_weight::applies(exec, g) => Self::Winograd,
             _ if channels_last_grad_weight::applies(exec, g) => Self::ChannelsLast,
             // Too few images for the threads: large images with few channels split by rows,
             // the others by input channels.
@@ -777,6 +784,7 @@ fn grad_weight_and_bias(
             depthwise_blocked::grad_weight(exec, g, x, gy, gw, ws)
         }
         GradWeightKernel::Depthwise => depthwise::grad_weight(exec, g, x, gy, gw, ws),
+        GradWeightKernel::Winograd => winograd_grad_weight::grad_weight(exec, g, x, gy, gw, ws),
         GradWeightKernel::ChannelsLast => {
             channels_last_grad_weight::grad_weight(exec, g, x, gy, gw, ws)
         }

@@ -1,5 +1,6 @@
 //! Winograd convolution for stride-1, undilated 3 × 3, 3 × 1 and 1 × 3 kernels (forward, and
-//! grad-input as the adjoint forward convolution, see `kernels::conv2d_grad_input`).
+//! grad-input as the adjoint forward convolution, see `kernels::conv2d_grad_input`; grad-weight
+//! on the same transforms in `kernels::winograd_grad_weight`).
 //!
 //! 3 × 3 kernels on narrow outputs (under 20 columns) run F(2×2, 3×3): 16 multiplications per
 //! 2×2 output tile and input/output channel pair instead of 36 (2.25× fewer). With `d` a 4×4
@@ -93,7 +94,7 @@ impl Transform {
     }
 
     /// Output rows and columns of one tile.
-    fn tile(self) -> (usize, usize) {
+    pub(super) fn tile(self) -> (usize, usize) {
         match self {
             Transform::F2x2 => (2, 2),
             Transform::F4x4 => (4, 4),
@@ -252,23 +253,23 @@ fn g6(k: &[f32]) -> [f32; 6] {
 }
 
 /// The transform, its tiles and the phase-plane layout of one padded input plane.
-struct Tiling {
-    transform: Transform,
-    tiles_h: usize,
-    tiles_w: usize,
+pub(super) struct Tiling {
+    pub(super) transform: Transform,
+    pub(super) tiles_h: usize,
+    pub(super) tiles_w: usize,
     /// The padded input as a geometry whose kernel is the patch and whose stride is the
     /// phase stride ([`Transform::phase_stride`]), for [`fill_phases`].
     phases: ConvGeometry,
-    layout: PhaseLayout,
+    pub(super) layout: PhaseLayout,
 }
 
 impl Tiling {
     /// Transformed positions per tile ([`Transform::products`]).
-    fn xis(&self) -> usize {
+    pub(super) fn xis(&self) -> usize {
         self.transform.products()
     }
 
-    fn new(g: &ConvGeometry) -> Result<Self> {
+    pub(super) fn new(g: &ConvGeometry) -> Result<Self> {
         let transform = Transform::of(g).expect("a Winograd kernel shape (applies)");
         let (th, tw) = transform.tile();
         // A tile's patch: the tile plus the kernel's span − 1.
@@ -326,7 +327,7 @@ fn transform_filters(exec: Exec, g: &ConvGeometry, t: &Tiling, w: &[f32], u: &mu
 
 /// The transformed kernel of one 3 × 3, 3 × 1 or 1 × 3 kernel `k` (row-major), in ξ order
 /// (its first [`Transform::products`] values): G k Gᵀ for 3 × 3, G k for the others.
-fn transform_kernel(tr: Transform, k: &[f32]) -> [f32; 36] {
+pub(super) fn transform_kernel(tr: Transform, k: &[f32]) -> [f32; 36] {
     let mut u = [0f32; 36];
     match tr {
         Transform::F2x2 => {
@@ -371,7 +372,7 @@ const BLOCK_FLOATS: usize = 1 << 19;
 const MIN_BLOCK_TILES: usize = 256;
 
 /// Tile rows per block for `g`.
-fn block_rows(g: &ConvGeometry, t: &Tiling) -> usize {
+pub(super) fn block_rows(g: &ConvGeometry, t: &Tiling) -> usize {
     let per_row = t.xis() * (g.in_channels + g.out_channels) * t.tiles_w;
     let by_cache = BLOCK_FLOATS / per_row.max(1);
     let by_width = MIN_BLOCK_TILES.div_ceil(t.tiles_w);
@@ -386,7 +387,7 @@ fn block_rows(g: &ConvGeometry, t: &Tiling) -> usize {
 /// network's 32 → 64 layer at 14 × 14 (batch 64; Intel Xeon VM, alternated, min of 6–10) runs
 /// its forward in 4.07–4.24 ms where it took 4.73–4.93 on one image at a time (and 4.45–4.71
 /// on im2col), 2.08 against 2.58 on 2 threads; a 64 → 64 layer there 6.60 against 7.93.
-fn images_per_block(g: &ConvGeometry, t: &Tiling) -> usize {
+pub(super) fn images_per_block(g: &ConvGeometry, t: &Tiling) -> usize {
     let tiles = t.tiles_h * t.tiles_w;
     let by_cache = BLOCK_FLOATS / (t.xis() * (g.in_channels + g.out_channels) * tiles).max(1);
     MIN_BLOCK_TILES.div_ceil(tiles).min(by_cache).max(1)
@@ -394,7 +395,7 @@ fn images_per_block(g: &ConvGeometry, t: &Tiling) -> usize {
 
 /// Floats of one block's transformed input and products: a block of tile rows, or of
 /// [`images_per_block`] whole images.
-fn block_len(g: &ConvGeometry, t: &Tiling) -> usize {
+pub(super) fn block_len(g: &ConvGeometry, t: &Tiling) -> usize {
     let tiles = (block_rows(g, t) * t.tiles_w).max(images_per_block(g, t) * t.tiles_h * t.tiles_w);
     t.xis() * (g.in_channels + g.out_channels) * tiles
 }
@@ -726,7 +727,7 @@ fn products(
 }
 
 /// Fills the phase planes of every input channel of one image.
-fn fill_all_phases(
+pub(super) fn fill_all_phases(
     isa: super::Isa,
     g: &ConvGeometry,
     t: &Tiling,
@@ -759,7 +760,7 @@ unsafe fn fill_kernel<S: SimdF32>(
 /// whose phase planes `phases` holds (m counted from the first) and the tiles of tile rows
 /// `ty`, each (m, ξ) row of V `ld` floats after the previous (the block's tiles, or several
 /// images' side by side).
-fn transform_input(
+pub(super) fn transform_input(
     isa: super::Isa,
     t: &Tiling,
     phases: &[f32],
@@ -827,7 +828,7 @@ unsafe fn input_kernel<S: SimdF32>(
 
 /// Column `j` of a small matrix of vectors.
 #[inline(always)]
-fn column<S: Copy, const R: usize, const C: usize>(m: &[[S; C]; R], j: usize) -> [S; R] {
+pub(super) fn column<S: Copy, const R: usize, const C: usize>(m: &[[S; C]; R], j: usize) -> [S; R] {
     let mut c = [m[0][j]; R];
     for (v, row) in c.iter_mut().zip(m) {
         *v = row[j];
@@ -837,7 +838,7 @@ fn column<S: Copy, const R: usize, const C: usize>(m: &[[S; C]; R], j: usize) ->
 
 /// Stores `n ≤ LANES` lanes of `o` at `at` (a whole vector where n = LANES).
 #[inline(always)]
-unsafe fn store_lanes<S: SimdF32>(o: S, at: *mut f32, n: usize) {
+pub(super) unsafe fn store_lanes<S: SimdF32>(o: S, at: *mut f32, n: usize) {
     // SAFETY: the caller's: `at .. at + n` is writable.
     unsafe {
         if n == S::LANES {
@@ -919,13 +920,30 @@ unsafe fn taps_across<S: SimdF32>(d: *const f32) -> [S; 6] {
     let l = S::LANES;
     // SAFETY: the caller's: 4·LANES + 2 floats from `d` are readable.
     unsafe {
-        let (e0, o0) = S::deinterleave(S::load(d), S::load(d.add(l)));
-        let (e1, o1) = S::deinterleave(S::load(d.add(2 * l)), S::load(d.add(3 * l)));
-        let (r0, r2) = S::deinterleave(e0, e1);
-        let (r1, r3) = S::deinterleave(o0, o1);
+        let [r0, r1, r2, r3] = deinterleave4([
+            S::load(d),
+            S::load(d.add(l)),
+            S::load(d.add(2 * l)),
+            S::load(d.add(3 * l)),
+        ]);
         let r4 = S::shift_lanes::<1>(r0, S::splat(*d.add(4 * l)));
         let r5 = S::shift_lanes::<1>(r1, S::splat(*d.add(4 * l + 1)));
         [r0, r1, r2, r3, r4, r5]
+    }
+}
+
+/// Four consecutive vectors (4·LANES values) split by residue mod 4: lane t of result k is
+/// value 4t + k, deinterleaved twice by 2 (the inverse of [`store_tiles_across`]'s
+/// interleave).
+#[inline(always)]
+pub(super) unsafe fn deinterleave4<S: SimdF32>(v: [S; 4]) -> [S; 4] {
+    // SAFETY: register operations.
+    unsafe {
+        let (e0, o0) = S::deinterleave(v[0], v[1]);
+        let (e1, o1) = S::deinterleave(v[2], v[3]);
+        let (r0, r2) = S::deinterleave(e0, e1);
+        let (r1, r3) = S::deinterleave(o0, o1);
+        [r0, r1, r2, r3]
     }
 }
 

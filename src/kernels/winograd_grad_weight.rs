@@ -1,0 +1,414 @@
+//! Grad-weight of the layers whose forward runs on Winograd ([`winograd`]), on Winograd too.
+//!
+//! A tile's output is linear in the kernel: Y = Aᵀ [U ⊙ V] A with U = G g Gᵀ (3 × 3; G g for
+//! 3 × 1 and 1 × 3) and V = Bᵀ d B the transformed input patch. So the gradient of the
+//! transformed kernel is dU = Σ_tiles (A dY Aᵀ) ⊙ V, and that of the kernel is G's adjoint of
+//! it, dg = Gᵀ dU G. Over channels, per transformed position ξ, the sum over tiles is one
+//! matrix product, `dU[ξ] (N × M) += Z[ξ] (N × tiles) · V[ξ]ᵀ (tiles × M)` with
+//! Z = A dY Aᵀ the transformed output gradient: the forward's products with the tiles as the
+//! inner dimension. Per output pixel that is 36 / 16 multiplications per channel pair for
+//! F(4×4, 3×3) instead of 9 (4× fewer), 16 / 4 for F(2×2, 3×3) (2.25×), 6 / 4 for F(4, 3)
+//! instead of 3 (2×).
+//!
+//! The input transform and the blocks (tile rows of one image, or several small images side by
+//! side) are the forward's; Z's transform is the output transform's adjoint: each tile's
+//! output-gradient values read from the planes (zero past the last row and column), `A y` on
+//! the columns and rows. Each task sums its images into its own dU; the tasks' sums are added
+//! and transformed back by the filter transform's adjoint at the end.
+
+use super::gemm::{MatView, gemm};
+use super::simd::SimdF32;
+use super::winograd::{
+    self, Tiling, Transform, block_len, block_rows, column, deinterleave4, fill_all_phases,
+    images_per_block, store_lanes, transform_input, transform_kernel,
+};
+use super::{Exec, Isa, Workspace, for_each_image_task, shifted_grad_weight, splits_inside_images};
+use crate::error::Result;
+use crate::geometry::ConvGeometry;
+use rayon::prelude::*;
+use std::ops::Range;
+
+/// Whether [`grad_weight`] computes `g`'s grad-weight: the forward runs on Winograd, the batch
+/// splits over the threads image by image (each task sums its own images), and the input has
+/// at least 16 channels or the shifted kernel, built for few channels, does not apply (see
+/// `MIN_INPUT_CHANNELS`).
+pub fn applies(exec: Exec, g: &ConvGeometry) -> bool {
+    winograd::applies(g)
+        && !splits_inside_images(exec.threads(), g.batch)
+        && (g.in_channels >= MIN_INPUT_CHANNELS || !shifted_grad_weight::applies(exec, g))
+}
+
+/// Input channels from which Winograd's grad-weight beats the shifted kernel on large images:
+/// with M = 8 each product's result is a thin N × 8 matrix summed over a long inner
+/// dimension. Intel Xeon VM (harness, batch 8, 2 threads, min of 8, 3 × 3 "same" at 112²,
+/// shifted → Winograd): 8 → 16 2.10 → 2.62 ms, 8 → 32 3.35 → 3.80, 8 → 64 7.46 → 7.83; 12 → 16
+/// 2.56 → 2.54; 16 → 16 4.81 → 4.12, 16 → 32 8.55 → 5.77; 32 → 64 44.4 → 20.1.
+const MIN_INPUT_CHANNELS: usize = 16;
+
+/// `gw = ∂L/∂w` from `x` and `gy` (overwritten), on Winograd.
+pub fn grad_weight(
+    exec: Exec,
+    g: &ConvGeometry,
+    x: &[f32],
+    gy: &[f32],
+    gw: &mut [f32],
+    ws: &mut Workspace,
+) -> Result<()> {
+    let t = Tiling::new(g)?;
+    let (m_in, taps) = (g.in_channels, g.kernel_h * g.kernel_w);
+    let du_len = t.xis() * g.out_channels * m_in;
+    let tasks = exec.threads().min(g.batch);
+    // Per task: its dU, its phase planes, a block's V and Z; then each thread's rows for the
+    // final transform.
+    let per_task = du_len + m_in * t.layout.len + block_len(g, &t);
+    let scratch = ws.take(per_task * tasks + exec.threads() * (taps + 1) * m_in)?;
+    let (sums, rows) = scratch.split_at_mut(per_task * tasks);
+    for_each_image_task(g.batch, sums, per_task, |images, s| {
+        let (du, rest) = s.split_at_mut(du_len);
+        du.fill(0.0);
+        let (phases, buf) = rest.split_at_mut(m_in * t.layout.len);
+        sum_images(exec.isa(), g, &t, x, gy, images, phases, buf, du);
+    });
+    kernels_from_sums(exec, g, &t, sums, per_task, rows, gw);
+    Ok(())
+}
+
+/// Adds the images `images` to `du` (`[n][ξ][m]`), a block at a time: tile rows of one image
+/// ([`block_rows`]), or several whole images side by side ([`images_per_block`]). `phases`
+/// holds one image's phase planes, `buf` a block's V and Z ([`block_len`]).
+#[allow(clippy::too_many_arguments)]
+fn sum_images(
+    isa: Isa,
+    g: &ConvGeometry,
+    t: &Tiling,
+    x: &[f32],
+    gy: &[f32],
+    images: Range<usize>,
+    phases: &mut [f32],
+    buf: &mut [f32],
+    du: &mut [f32],
+) {
+    let (m_in, n_out, xis) = (g.in_channels, g.out_channels, t.xis());
+    let (img_in, img_out) = (m_in * g.in_pixels(), n_out * g.out_pixels());
+    let tiles = t.tiles_h * t.tiles_w;
+    let batch = images_per_block(g, t);
+    let mut first_fill = true;
+    if batch > 1 {
+        for first in images.clone().step_by(batch) {
+            let block = first..(first + batch).min(images.end);
+            let tb = block.len() * tiles;
+            let (v, rest) = buf.split_at_mut(xis * m_in * tb);
+            let z = &mut rest[..xis * n_out * tb];
+            for (k, n) in block.enumerate() {
+                fill_all_phases(isa, g, t, &x[n * img_in..][..img_in], phases, first_fill);
+                first_fill = false;
+                let all = 0..t.tiles_h;
+                transform_input(isa, t, phases, all.clone(), &mut v[k * tiles..], tb);
+                let gyn = &gy[n * img_out..][..img_out];
+                transform_grad_output(isa, g, t, gyn, all, &mut z[k * tiles..], tb);
+            }
+            add_products(g, t, z, v, tb, du);
+        }
+        return;
+    }
+    let rows = block_rows(g, t);
+    for n in images {
+        fill_all_phases(isa, g, t, &x[n * img_in..][..img_in], phases, first_fill);
+        first_fill = false;
+        let gyn = &gy[n * img_out..][..img_out];
+        for ty0 in (0..t.tiles_h).step_by(rows) {
+            let ty = ty0..(ty0 + rows).min(t.tiles_h);
+            let tb = ty.len() * t.tiles_w;
+            let (v, rest) = buf.split_at_mut(xis * m_in * tb);
+            let z = &mut rest[..xis * n_out * tb];
+            transform_input(isa, t, phases, ty.clone(), v, tb);
+            transform_grad_output(isa, g, t, gyn, ty, z, tb);
+            add_products(g, t, z, v, tb, du);
+        }
+    }
+}
+
+/// `dU[ξ] += Z[ξ] · V[ξ]ᵀ` for every ξ: Z holds `[n][ξ][tile]` and V `[m][ξ][tile]`, `tb`
+/// tiles each, and dU `[n][ξ][m]`.
+fn add_products(g: &ConvGeometry, t: &Tiling, z: &[f32], v: &[f32], tb: usize, du: &mut [f32]) {
+    let (m_in, n_out, xis) = (g.in_channels, g.out_channels, t.xis());
+    for xi in 0..xis {
+        gemm(
+            &mut du[xi * m_in..],
+            xis * m_in,
+            MatView::row_major(&z[xi * tb..], n_out, tb, xis * tb),
+            MatView::row_major(&v[xi * tb..], m_in, tb, xis * tb).t(),
+            true,
+            1,
+        );
+    }
+}
+
+/// `gw[n][m]` = the filter transform's adjoint of the tasks' summed `dU[n][·][m]` (each task's
+/// dU first in its `per_task` floats of `sums`), in parallel over the output channels, each
+/// thread with `(taps + 1)·M` floats of `rows`.
+fn kernels_from_sums(
+    exec: Exec,
+    g: &ConvGeometry,
+    t: &Tiling,
+    sums: &[f32],
+    per_task: usize,
+    rows: &mut [f32],
+    gw: &mut [f32],
+) {
+    let (m_in, xis, taps) = (g.in_channels, t.xis(), g.kernel_h * g.kernel_w);
+    // Column `tap` of the filter transform: the transformed kernel of a unit kernel, whose
+    // values are ∂U[ξ]/∂g[tap] (the transform is linear).
+    let mut adjoint = [[0f32; 36]; 9];
+    for (tap, a) in adjoint.iter_mut().enumerate().take(taps) {
+        let mut unit = [0f32; 9];
+        unit[tap] = 1.0;
+        *a = transform_kernel(t.transform, &unit[..taps]);
+    }
+    let per_thread = g.out_channels.div_ceil(exec.threads());
+    let du_row = xis * m_in;
+    gw.par_chunks_mut(per_thread * m_in * taps)
+        .zip(rows.par_chunks_mut((taps + 1) * m_in))
+        .enumerate()
+        .for_each(|(i, (gwc, buf))| {
+            let (sum, acc) = buf.split_at_mut(m_in);
+            for (j, gwn) in gwc.chunks_exact_mut(m_in * taps).enumerate() {
+                let at = (i * per_thread + j) * du_row;
+                acc.fill(0.0);
+                for xi in 0..xis {
+                    // Σ over the tasks of dU[n][ξ][·].
+                    sum.fill(0.0);
+                    for task in sums.chunks_exact(per_task) {
+                        let d = &task[at + xi * m_in..][..m_in];
+                        sum.iter_mut().zip(d).for_each(|(s, &v)| *s += v);
+                    }
+                    for (tap, a) in acc.chunks_exact_mut(m_in).enumerate() {
+                        let c = adjoint[tap][xi];
+                        if c != 0.0 {
+                            a.iter_mut().zip(&*sum).for_each(|(a, &s)| *a += c * s);
+                        }
+                    }
+                }
+                for (m, k) in gwn.chunks_exact_mut(taps).enumerate() {
+                    for (tap, v) in k.iter_mut().enumerate() {
+                        *v = acc[tap * m_in + m];
+                    }
+                }
+            }
+        });
+}
+
+/// Z[n][ξ][tile] = (A dY Aᵀ)[ξ] (3 × 3) or (A dY)[ξ] (3 × 1, 1 × 3) for the output-gradient
+/// planes `gy` (one image's, or a run of its channels; n counted from the first) and the tiles
+/// of tile rows `ty`, each (n, ξ) row of Z `ld` floats after the previous: the adjoint of the
+/// forward's output transform, the tiles' values past the last output row and column zero.
+fn transform_grad_output(
+    isa: Isa,
+    g: &ConvGeometry,
+    t: &Tiling,
+    gy: &[f32],
+    ty: Range<usize>,
+    z: &mut [f32],
+    ld: usize,
+) {
+    let (channels, tiles) = (gy.len() / g.out_pixels(), ty.len() * t.tiles_w);
+    assert_eq!(gy.len(), channels * g.out_pixels(), "whole output planes");
+    assert!(ty.end <= t.tiles_h, "tile rows inside the image");
+    assert!(ld >= tiles, "Z rows overlap");
+    assert!(
+        channels == 0 || z.len() >= (channels * t.xis() - 1) * ld + tiles,
+        "Z too short"
+    );
+    grad_output_dispatch(isa, g, t, gy, ty, z, ld)
+}
+
+crate::simd_dispatch!(fn grad_output_dispatch => grad_output_kernel(
+    g: &ConvGeometry, t: &Tiling, gy: &[f32], ty: Range<usize>, z: &mut [f32], ld: usize
+));
+
+#[inline(always)]
+unsafe fn grad_output_kernel<S: SimdF32>(
+    g: &ConvGeometry,
+    t: &Tiling,
+    gy: &[f32],
+    ty: Range<usize>,
+    z: &mut [f32],
+    ld: usize,
+) {
+    let (l, ow, tw, xis) = (S::LANES, g.out_w, t.tiles_w, t.xis());
+    let th = t.transform.tile().0;
+    let zp = z.as_mut_ptr();
+    for (c, plane) in gy.chunks_exact(g.out_pixels()).enumerate() {
+        for (r, tile_row) in ty.clone().enumerate() {
+            // The tile row's output rows inside the image (ty < tiles_h: at least one).
+            let first = th * tile_row;
+            let rows = (g.out_h - first).min(th);
+            let mut row = [plane.as_ptr(); 4];
+            for (k, p) in row.iter_mut().enumerate().take(rows) {
+                *p = plane[(first + k) * ow..].as_ptr();
+            }
+            let mut tx = 0;
+            while tx < tw {
+                let n = (tw - tx).min(l);
+                // SAFETY: reads of columns below `ow` of the rows inside the plane
+                // (load_columns); writes of n lanes inside Z's rows for (c, ξ), checked by
+                // transform_grad_output.
+                unsafe {
+                    let at = zp.add(c * xis * ld + r * tw + tx);
+                    match t.transform {
+                        Transform::F2x2 => grad_tiles_2x2::<S>(&row, rows, 2 * tx, ow, at, ld, n),
+                        Transform::F4x4 => grad_tiles_4x4::<S>(&row, rows, 4 * tx, ow, at, ld, n),
+                        Transform::F4Down => grad_tiles_down::<S>(&row, rows, tx, ow, at, ld, n),
+                        Transform::F4Across => {
+                            let y = tiles_across::<S>(row[0], 4 * tx, ow);
+                            for (xi, v) in at4_adjoint(y).into_iter().enumerate() {
+                                store_lanes(v, at.add(xi * ld), n);
+                            }
+                        }
+                    }
+                }
+                tx += l;
+            }
+        }
+    }
+}
+
+/// A y for one 2-vector (F(2×2, 3×3)'s Aᵀ = [1 1 1 0; 0 1 −1 −1]): [y0, y0 + y1, y0 − y1, −y1].
+#[inline(always)]
+unsafe fn at2_adjoint<S: SimdF32>(y: [S; 2]) -> [S; 4] {
+    // SAFETY: register operations.
+    unsafe { [y[0], y[0].add(y[1]), y[0].sub(y[1]), S::zero().sub(y[1])] }
+}
+
+/// A y for one 4-vector (F(4, 3)'s Aᵀ, see [`winograd`]): [y0, y0 + y1 + y2 + y3,
+/// y0 − y1 + y2 − y3, y0 + 2y1 + 4y2 + 8y3, y0 − 2y1 + 4y2 − 8y3, y3].
+#[inline(always)]
+unsafe fn at4_adjoint<S: SimdF32>(y: [S; 4]) -> [S; 6] {
+    // SAFETY: register operations.
+    unsafe {
+        let (s02, s13) = (y[0].add(y[2]), y[1].add(y[3]));
+        // y0 + 4y2 and y1 + 4y3.
+        let four = S::splat(4.0);
+        let (p, q) = (S::mul_add(four, y[2], y[0]), S::mul_add(four, y[3], y[1]));
+        [
+            y[0],
+            s02.add(s13),
+            s02.sub(s13),
+            S::mul_add(S::splat(2.0), q, p),
+            S::mul_add(S::splat(-2.0), q, p),
+            y[3],
+        ]
+    }
+}
+
+/// Columns `col .. col + LANES` of `row`, zero from column `ow` on.
+#[inline(always)]
+unsafe fn load_columns<S: SimdF32>(row: *const f32, col: usize, ow: usize) -> S {
+    // SAFETY: the caller's: columns below `ow` of `row` are readable.
+    unsafe {
+        match ow.saturating_sub(col).min(S::LANES) {
+            0 => S::zero(),
+            n if n == S::LANES => S::load(row.add(col)),
+            n => S::load_partial(row.add(col), n),
+        }
+    }
+}
+
+/// The 4 values of `LANES` consecutive 1 × 4 tiles of `row` from column `col0` (zero from
+/// `ow` on): value k of each tile in vector k (the adjoint of `store_tiles_across`).
+#[inline(always)]
+unsafe fn tiles_across<S: SimdF32>(row: *const f32, col0: usize, ow: usize) -> [S; 4] {
+    let l = S::LANES;
+    // SAFETY: the caller's (load_columns).
+    unsafe {
+        deinterleave4([
+            load_columns(row, col0, ow),
+            load_columns(row, col0 + l, ow),
+            load_columns(row, col0 + 2 * l, ow),
+            load_columns(row, col0 + 3 * l, ow),
+        ])
+    }
+}
+
+/// F(2×2, 3×3)'s Z for `n` tiles of one tile row, from column `col0` of its `rows` (1 or 2)
+/// output rows `row`: A dY Aᵀ, (i, j) to `at + (4i + j)·ld`.
+#[inline(always)]
+unsafe fn grad_tiles_2x2<S: SimdF32>(
+    row: &[*const f32; 4],
+    rows: usize,
+    col0: usize,
+    ow: usize,
+    at: *mut f32,
+    ld: usize,
+    n: usize,
+) {
+    // SAFETY: the caller's (see grad_output_kernel).
+    unsafe {
+        let mut y = [[S::zero(); 2]; 2];
+        for (k, yk) in y.iter_mut().enumerate().take(rows) {
+            let (even, odd) = S::deinterleave(
+                load_columns(row[k], col0, ow),
+                load_columns(row[k], col0 + S::LANES, ow),
+            );
+            *yk = [even, odd];
+        }
+        // A dY down each column, then Aᵀ along each row of that.
+        let by_column = [at2_adjoint(column(&y, 0)), at2_adjoint(column(&y, 1))];
+        for i in 0..4 {
+            for (j, v) in at2_adjoint(column(&by_column, i)).into_iter().enumerate() {
+                store_lanes(v, at.add((i * 4 + j) * ld), n);
+            }
+        }
+    }
+}
+
+/// F(4×4, 3×3)'s Z for `n` tiles of one tile row, from column `col0` of its `rows` (1–4) output
+/// rows `row`: A dY Aᵀ, (i, j) to `at + (6i + j)·ld`.
+#[inline(always)]
+unsafe fn grad_tiles_4x4<S: SimdF32>(
+    row: &[*const f32; 4],
+    rows: usize,
+    col0: usize,
+    ow: usize,
+    at: *mut f32,
+    ld: usize,
+    n: usize,
+) {
+    // SAFETY: the caller's (see grad_output_kernel).
+    unsafe {
+        // dY Aᵀ along each output row, then A (dY Aᵀ) down each of the 6 columns.
+        let mut by_row = [[S::zero(); 6]; 4];
+        for (k, r) in by_row.iter_mut().enumerate().take(rows) {
+            *r = at4_adjoint(tiles_across::<S>(row[k], col0, ow));
+        }
+        for j in 0..6 {
+            for (i, v) in at4_adjoint(column(&by_row, j)).into_iter().enumerate() {
+                store_lanes(v, at.add((i * 6 + j) * ld), n);
+            }
+        }
+    }
+}
+
+/// F(4, 3)'s Z down the columns (3 × 1) for `n` tiles of one tile row from column `col` (a
+/// tile is one column of the `rows` (1–4) output rows `row`): A dY, ξ to `at + ξ·ld`.
+#[inline(always)]
+unsafe fn grad_tiles_down<S: SimdF32>(
+    row: &[*const f32; 4],
+    rows: usize,
+    col: usize,
+    ow: usize,
+    at: *mut f32,
+    ld: usize,
+    n: usize,
+) {
+    // SAFETY: the caller's (see grad_output_kernel).
+    unsafe {
+        let mut y = [S::zero(); 4];
+        for (k, v) in y.iter_mut().enumerate().take(rows) {
+            *v = load_columns(row[k], col, ow);
+        }
+        for (xi, v) in at4_adjoint(y).into_iter().enumerate() {
+            store_lanes(v, at.add(xi * ld), n);
+        }
+    }
+}
