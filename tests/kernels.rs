@@ -339,8 +339,9 @@ fn pointwise_cases_with_few_images_split_inside_them() {
 /// (grad-input falls back past pad 2), the packed-GEMM path (more than 256 input channels), and
 /// images split over two threads by channels (too few tiles) or by tile rows (one image; three
 /// images, an odd output height); small images several to a block (49 and 42 tiles: ten images
-/// on one thread in blocks of six and four, five or three per thread on two).
-fn winograd_cases() -> [Case; 12] {
+/// on one thread in blocks of six and four, five or three per thread on two); and one image of
+/// 20 × 10 F(2×2) tiles, whose grad-weight two threads split inside it.
+fn winograd_cases() -> [Case; 13] {
     let same = Conv2dParams::with_padding(Padding::Same);
     [
         ([2, 8, 37, 29], [16, 8, 3, 3], same),
@@ -361,6 +362,8 @@ fn winograd_cases() -> [Case; 12] {
         ([6, 9, 13, 11], [8, 9, 3, 3], same),
         ([2, 9, 23, 26], [10, 9, 3, 3], explicit(2, 0, 1, 2)),
         ([2, 8, 30, 25], [8, 8, 3, 3], Conv2dParams::default()),
+        // One image of 20 × 10 tiles: on two threads, its grad-weight split inside it.
+        ([1, 16, 40, 19], [16, 16, 3, 3], same),
     ]
 }
 
@@ -405,17 +408,18 @@ fn winograd_cases_cover_every_transform() {
         |(input, weight, p): Case| Transform::of(&ConvGeometry::new(input, weight, &p).unwrap());
     let count = |cases: &[Option<Transform>], t| cases.iter().filter(|&&c| c == Some(t)).count();
     let square: Vec<_> = winograd_cases().into_iter().map(of).collect();
-    assert_eq!(count(&square, Transform::F2x2), 6);
+    assert_eq!(count(&square, Transform::F2x2), 7);
     assert_eq!(count(&square, Transform::F4x4), 6);
     let axis: Vec<_> = winograd_f4_cases().into_iter().map(of).collect();
     assert_eq!(count(&axis, Transform::F4Down), 5);
     assert_eq!(count(&axis, Transform::F4Across), 5);
 }
 
-/// The Winograd shapes' grad-weight runs on Winograd too wherever the threads share the batch
-/// image by image: on one thread all but the 8-channel 70 × 66 image (the shifted kernel's); on
-/// two, also not the one- and three-image batches (split inside the images). Both counts reach
-/// every transform.
+/// The Winograd shapes' grad-weight runs on Winograd too: on one thread all but the 8-channel
+/// 70 × 66 image (the shifted kernel's); on two all but the one- and three-image batches of
+/// fewer than 128 tiles per image (81, 36 and 100), which the threads would split inside the
+/// images. Each count reaches every transform, and so do, on two threads, the one- and
+/// three-image batches (split inside the images: transforms by channels, products by ξ).
 #[test]
 fn winograd_cases_take_the_winograd_grad_weight() {
     use sepconv::kernels::winograd::Transform;
@@ -424,21 +428,27 @@ fn winograd_cases_take_the_winograd_grad_weight() {
         .chain(winograd_f4_cases())
         .map(|(input, weight, p)| ConvGeometry::new(input, weight, &p).unwrap())
         .collect();
-    for (threads, want) in [(1, 21), (2, 15)] {
+    let every = [
+        Transform::F2x2,
+        Transform::F4x4,
+        Transform::F4Down,
+        Transform::F4Across,
+    ];
+    for (threads, want) in [(1, 22), (2, 20)] {
         let on_winograd: Vec<&ConvGeometry> = cases
             .iter()
             .filter(|g| GradWeightKernel::choose(exec(threads), g) == GradWeightKernel::Winograd)
             .collect();
         assert_eq!(on_winograd.len(), want, "{threads} threads");
-        for t in [
-            Transform::F2x2,
-            Transform::F4x4,
-            Transform::F4Down,
-            Transform::F4Across,
-        ] {
+        let within: Vec<_> = on_winograd.iter().filter(|g| g.batch % 2 == 1).collect();
+        for t in every {
             assert!(
                 on_winograd.iter().any(|g| Transform::of(g) == Some(t)),
                 "{t:?} on {threads} threads"
+            );
+            assert!(
+                threads == 1 || within.iter().any(|g| Transform::of(g) == Some(t)),
+                "{t:?} split inside the images"
             );
         }
     }

@@ -616,8 +616,8 @@ pub enum GradWeightKernel {
     DepthwiseBlocked,
     /// Other depthwise layers ([`depthwise`]).
     Depthwise,
-    /// Layers whose forward runs on Winograd, with a batch the threads share image by image
-    /// ([`winograd_grad_weight`]).
+    /// Layers whose forward runs on Winograd, with enough tiles per image where the threads
+    /// split the images ([`winograd_grad_weight`]).
     Winograd,
     /// Many channels on small images, one unpacked product per tap on a channels-last copy of
     /// the input ([`channels_last_grad_weight`]).

@@ -14,13 +14,14 @@
 //! side) are the forward's; Z's transform is the output transform's adjoint: each tile's
 //! output-gradient values read from the planes (zero past the last row and column), `A y` on
 //! the columns and rows. Each task sums its images into its own dU; the tasks' sums are added
-//! and transformed back by the filter transform's adjoint at the end.
+//! and transformed back by the filter transform's adjoint at the end. With too few images for
+//! the threads, each image's transforms are split by channels and its products by ξ.
 
 use super::gemm::{MatView, gemm};
 use super::simd::SimdF32;
 use super::winograd::{
     self, Tiling, Transform, block_len, block_rows, column, deinterleave4, fill_all_phases,
-    images_per_block, store_lanes, transform_input, transform_kernel,
+    fill_phases_by_channels, images_per_block, store_lanes, transform_input, transform_kernel,
 };
 use super::{Exec, Isa, Workspace, for_each_image_task, shifted_grad_weight, splits_inside_images};
 use crate::error::Result;
@@ -28,21 +29,39 @@ use crate::geometry::ConvGeometry;
 use rayon::prelude::*;
 use std::ops::Range;
 
-/// Whether [`grad_weight`] computes `g`'s grad-weight: the forward runs on Winograd, the batch
-/// splits over the threads image by image (each task sums its own images), and the input has
-/// at least 16 channels or the shifted kernel, built for few channels, does not apply (see
-/// `MIN_INPUT_CHANNELS`).
+/// Whether [`grad_weight`] computes `g`'s grad-weight: the forward runs on Winograd; where the
+/// threads cannot share the batch image by image, each image has at least
+/// `MIN_TILES_WITHIN_IMAGES` tiles; and the input has at least 16 channels or the shifted
+/// kernel, built for few channels, does not apply (see `MIN_INPUT_CHANNELS`).
 pub fn applies(exec: Exec, g: &ConvGeometry) -> bool {
+    let Some(transform) = Transform::of(g) else {
+        return false;
+    };
+    let (th, tw) = transform.tile();
+    let tiles = g.out_h.div_ceil(th) * g.out_w.div_ceil(tw);
     winograd::applies(g)
-        && !splits_inside_images(exec.threads(), g.batch)
-        && (g.in_channels >= MIN_INPUT_CHANNELS || !shifted_grad_weight::applies(exec, g))
+        && (!splits_inside_images(exec.threads(), g.batch) || tiles >= MIN_TILES_WITHIN_IMAGES)
+        && (g.in_channels >= MIN_INPUT_CHANNELS
+            || !(shifted_grad_weight::applies(exec, g)
+                || shifted_grad_weight::within_images_applies(exec, g)))
 }
+
+/// Tiles per image from which an image's products, split over the threads by transformed
+/// position ([`sum_within_images`]), beat the kernels that split the image otherwise: each
+/// product adds its N × M result into dU over an inner dimension of one image's tiles. Intel
+/// Xeon VM (harness, 2 threads, min of 10, alternated in one process; other kernel →
+/// Winograd): one image, 32 → 64 at 112² (784 tiles) 4.85 → 2.70 ms, 128 → 128 at 56² (196)
+/// 6.80 → 3.62, its 3 × 1 and 1 × 3 (784) 2.46 → 1.78 and 2.50 → 1.78, 64 → 64 at 28² (196)
+/// 0.70 → 0.63; three images of 128 → 128 at 56² 20.9 → 9.1; but 512 → 512 at 14² (49 tiles)
+/// 6.71 → 9.24, its 1 × 3 (56) 2.26 → 3.69, three images of 64 → 64 at 14² 0.42 → 0.52.
+const MIN_TILES_WITHIN_IMAGES: usize = 128;
 
 /// Input channels from which Winograd's grad-weight beats the shifted kernel on large images:
 /// with M = 8 each product's result is a thin N × 8 matrix summed over a long inner
 /// dimension. Intel Xeon VM (harness, batch 8, 2 threads, min of 8, 3 × 3 "same" at 112²,
 /// shifted → Winograd): 8 → 16 2.10 → 2.62 ms, 8 → 32 3.35 → 3.80, 8 → 64 7.46 → 7.83; 12 → 16
-/// 2.56 → 2.54; 16 → 16 4.81 → 4.12, 16 → 32 8.55 → 5.77; 32 → 64 44.4 → 20.1.
+/// 2.56 → 2.54; 16 → 16 4.81 → 4.12, 16 → 32 8.55 → 5.77; 32 → 64 44.4 → 20.1. One image
+/// (each split inside): 8 → 16 0.28 → 0.46, 16 → 32 1.09 → 0.95.
 const MIN_INPUT_CHANNELS: usize = 16;
 
 /// `gw = ∂L/∂w` from `x` and `gy` (overwritten), on Winograd.
@@ -57,23 +76,35 @@ pub fn grad_weight(
     let t = Tiling::new(g)?;
     let (m_in, taps) = (g.in_channels, g.kernel_h * g.kernel_w);
     let du_len = t.xis() * g.out_channels * m_in;
-    let tasks = exec.threads().min(g.batch);
+    let within_images = splits_inside_images(exec.threads(), g.batch);
+    let tasks = if within_images {
+        1
+    } else {
+        exec.threads().min(g.batch)
+    };
     // Per task: its dU, its phase planes, a block's V and Z; then each thread's rows for the
     // final transform.
     let per_task = du_len + m_in * t.layout.len + block_len(g, &t);
     let scratch = ws.take(per_task * tasks + exec.threads() * (taps + 1) * m_in)?;
     let (sums, rows) = scratch.split_at_mut(per_task * tasks);
-    for_each_image_task(g.batch, sums, per_task, |images, s| {
-        let (du, rest) = s.split_at_mut(du_len);
+    if within_images {
+        let (du, rest) = sums.split_at_mut(du_len);
         du.fill(0.0);
         let (phases, buf) = rest.split_at_mut(m_in * t.layout.len);
-        sum_images(exec.isa(), g, &t, x, gy, images, phases, buf, du);
-    });
+        sum_within_images(exec, g, &t, x, gy, phases, buf, du);
+    } else {
+        for_each_image_task(g.batch, sums, per_task, |images, s| {
+            let (du, rest) = s.split_at_mut(du_len);
+            du.fill(0.0);
+            let (phases, buf) = rest.split_at_mut(m_in * t.layout.len);
+            sum_images(exec.isa(), g, &t, x, gy, images, phases, buf, du);
+        });
+    }
     kernels_from_sums(exec, g, &t, sums, per_task, rows, gw);
     Ok(())
 }
 
-/// Adds the images `images` to `du` (`[n][ξ][m]`), a block at a time: tile rows of one image
+/// Adds the images `images` to `du` (`[ξ][n][m]`), a block at a time: tile rows of one image
 /// ([`block_rows`]), or several whole images side by side ([`images_per_block`]). `phases`
 /// holds one image's phase planes, `buf` a block's V and Z ([`block_len`]).
 #[allow(clippy::too_many_arguments)]
@@ -128,23 +159,98 @@ fn sum_images(
     }
 }
 
-/// `dU[ξ] += Z[ξ] · V[ξ]ᵀ` for every ξ: Z holds `[n][ξ][tile]` and V `[m][ξ][tile]`, `tb`
-/// tiles each, and dU `[n][ξ][m]`.
-fn add_products(g: &ConvGeometry, t: &Tiling, z: &[f32], v: &[f32], tb: usize, du: &mut [f32]) {
-    let (m_in, n_out, xis) = (g.in_channels, g.out_channels, t.xis());
-    for xi in 0..xis {
-        gemm(
-            &mut du[xi * m_in..],
-            xis * m_in,
-            MatView::row_major(&z[xi * tb..], n_out, tb, xis * tb),
-            MatView::row_major(&v[xi * tb..], m_in, tb, xis * tb).t(),
-            true,
-            1,
-        );
+/// [`sum_images`] for batches the threads cannot share image by image (one image, or an odd
+/// batch on two threads): each block's input transform split over the threads by input
+/// channels and the output gradient's by output channels, then its products by transformed
+/// positions (each thread adds into its own ξs' rows of the one dU: nothing to sum after).
+#[allow(clippy::too_many_arguments)]
+fn sum_within_images(
+    exec: Exec,
+    g: &ConvGeometry,
+    t: &Tiling,
+    x: &[f32],
+    gy: &[f32],
+    phases: &mut [f32],
+    buf: &mut [f32],
+    du: &mut [f32],
+) {
+    let (m_in, n_out, xis, isa) = (g.in_channels, g.out_channels, t.xis(), exec.isa());
+    let (hw, ohw, plane) = (g.in_pixels(), g.out_pixels(), t.layout.len);
+    let threads = exec.threads();
+    let (ins, outs) = (m_in.div_ceil(threads), n_out.div_ceil(threads));
+    let xis_per_thread = xis.div_ceil(threads);
+    let rows = block_rows(g, t);
+    for (n, (xn, gyn)) in x
+        .chunks_exact(m_in * hw)
+        .zip(gy.chunks_exact(n_out * ohw))
+        .enumerate()
+    {
+        fill_phases_by_channels(exec, g, t, xn, phases, n == 0);
+        let phases = &*phases;
+        for ty0 in (0..t.tiles_h).step_by(rows) {
+            let ty = ty0..(ty0 + rows).min(t.tiles_h);
+            let tb = ty.len() * t.tiles_w;
+            let (v, rest) = buf.split_at_mut(xis * m_in * tb);
+            let z = &mut rest[..xis * n_out * tb];
+            rayon::join(
+                || {
+                    v.par_chunks_mut(ins * xis * tb)
+                        .zip(phases.par_chunks(ins * plane))
+                        .for_each(|(vc, ph)| transform_input(isa, t, ph, ty.clone(), vc, tb))
+                },
+                || {
+                    z.par_chunks_mut(outs * xis * tb)
+                        .zip(gyn.par_chunks(outs * ohw))
+                        .for_each(|(zc, gc)| {
+                            transform_grad_output(isa, g, t, gc, ty.clone(), zc, tb)
+                        })
+                },
+            );
+            let (v, z) = (&*v, &*z);
+            du.par_chunks_mut(xis_per_thread * n_out * m_in)
+                .enumerate()
+                .for_each(|(i, dc)| {
+                    for (k, d) in dc.chunks_exact_mut(n_out * m_in).enumerate() {
+                        add_product(g, t, i * xis_per_thread + k, z, v, tb, d);
+                    }
+                });
+        }
     }
 }
 
-/// `gw[n][m]` = the filter transform's adjoint of the tasks' summed `dU[n][·][m]` (each task's
+/// `dU[ξ] += Z[ξ] · V[ξ]ᵀ` for every ξ: Z holds `[n][ξ][tile]` and V `[m][ξ][tile]`, `tb`
+/// tiles each, and dU `[ξ][n][m]`.
+fn add_products(g: &ConvGeometry, t: &Tiling, z: &[f32], v: &[f32], tb: usize, du: &mut [f32]) {
+    for (xi, d) in du
+        .chunks_exact_mut(g.out_channels * g.in_channels)
+        .enumerate()
+    {
+        add_product(g, t, xi, z, v, tb, d);
+    }
+}
+
+/// `du_xi (N × M) += Z[ξ] · V[ξ]ᵀ` for the one ξ `xi` ([`add_products`]).
+fn add_product(
+    g: &ConvGeometry,
+    t: &Tiling,
+    xi: usize,
+    z: &[f32],
+    v: &[f32],
+    tb: usize,
+    du_xi: &mut [f32],
+) {
+    let (m_in, n_out, xis) = (g.in_channels, g.out_channels, t.xis());
+    gemm(
+        du_xi,
+        m_in,
+        MatView::row_major(&z[xi * tb..], n_out, tb, xis * tb),
+        MatView::row_major(&v[xi * tb..], m_in, tb, xis * tb).t(),
+        true,
+        1,
+    );
+}
+
+/// `gw[n][m]` = the filter transform's adjoint of the tasks' summed `dU[·][n][m]` (each task's
 /// dU first in its `per_task` floats of `sums`), in parallel over the output channels, each
 /// thread with `(taps + 1)·M` floats of `rows`.
 fn kernels_from_sums(
@@ -166,20 +272,19 @@ fn kernels_from_sums(
         *a = transform_kernel(t.transform, &unit[..taps]);
     }
     let per_thread = g.out_channels.div_ceil(exec.threads());
-    let du_row = xis * m_in;
     gw.par_chunks_mut(per_thread * m_in * taps)
         .zip(rows.par_chunks_mut((taps + 1) * m_in))
         .enumerate()
         .for_each(|(i, (gwc, buf))| {
             let (sum, acc) = buf.split_at_mut(m_in);
             for (j, gwn) in gwc.chunks_exact_mut(m_in * taps).enumerate() {
-                let at = (i * per_thread + j) * du_row;
+                let n = i * per_thread + j;
                 acc.fill(0.0);
                 for xi in 0..xis {
-                    // Σ over the tasks of dU[n][ξ][·].
+                    // Σ over the tasks of dU[ξ][n][·].
                     sum.fill(0.0);
                     for task in sums.chunks_exact(per_task) {
-                        let d = &task[at + xi * m_in..][..m_in];
+                        let d = &task[(xi * g.out_channels + n) * m_in..][..m_in];
                         sum.iter_mut().zip(d).for_each(|(s, &v)| *s += v);
                     }
                     for (tap, a) in acc.chunks_exact_mut(m_in).enumerate() {
