@@ -504,41 +504,66 @@ fn forward_within_images(
     scratch: &mut [f32],
 ) {
     let (m_in, n_out, isa) = (g.in_channels, g.out_channels, exec.isa());
-    let (hw, ohw, plane) = (g.in_pixels(), g.out_pixels(), t.layout.len);
-    let rows = block_rows(g, t);
-    let (phases, rest) = scratch.split_at_mut(m_in * plane);
+    let ohw = g.out_pixels();
+    let (phases, rest) = scratch.split_at_mut(m_in * t.layout.len);
     let xis = t.xis();
-    let (v_all, prod_all) = rest.split_at_mut(xis * m_in * rows * t.tiles_w);
-    let ins = m_in.div_ceil(exec.threads());
+    let (v_all, prod_all) = rest.split_at_mut(xis * m_in * block_rows(g, t) * t.tiles_w);
     let outs = n_out.div_ceil(exec.threads());
-    for (n, (xn, yn)) in x
-        .chunks_exact(m_in * hw)
-        .zip(y.chunks_exact_mut(n_out * ohw))
-        .enumerate()
-    {
+    for_each_block_within_images(exec, g, t, x, phases, |n, ty, tb, phases| {
+        let v = &mut v_all[..xis * m_in * tb];
+        transform_input_by_channels(exec, t, phases, ty.clone(), v, tb);
+        let v = &*v;
+        let yn = &mut y[n * n_out * ohw..][..n_out * ohw];
+        prod_all[..xis * n_out * tb]
+            .par_chunks_mut(outs * xis * tb)
+            .zip(yn.par_chunks_mut(outs * ohw))
+            .enumerate()
+            .for_each(|(i, (pc, yc))| {
+                let o = i * outs..i * outs + yc.len() / ohw;
+                products(isa, g, t, u, o.clone(), v, tb, pc);
+                let mut yc = ColumnWindow::whole(yc, ohw);
+                let b = bias.map(|b| &b[o]);
+                transform_output(isa, g, t, pc, tb, ty.clone(), b, &mut yc);
+            });
+    });
+}
+
+/// For each image `n` of `x` in turn, its phase planes filled by channels
+/// ([`fill_phases_by_channels`]), then `f(n, ty, tb, phases)` for each block of
+/// [`block_rows`] tile rows `ty` (`tb` tiles): the walk of the kernels that split each image
+/// over the threads.
+pub(super) fn for_each_block_within_images(
+    exec: Exec,
+    g: &ConvGeometry,
+    t: &Tiling,
+    x: &[f32],
+    phases: &mut [f32],
+    mut f: impl FnMut(usize, Range<usize>, usize, &[f32]),
+) {
+    let rows = block_rows(g, t);
+    for (n, xn) in x.chunks_exact(g.in_channels * g.in_pixels()).enumerate() {
         fill_phases_by_channels(exec, g, t, xn, phases, n == 0);
-        let phases = &*phases;
         for ty0 in (0..t.tiles_h).step_by(rows) {
             let ty = ty0..(ty0 + rows).min(t.tiles_h);
-            let tb = ty.len() * t.tiles_w;
-            let v = &mut v_all[..xis * m_in * tb];
-            v.par_chunks_mut(ins * xis * tb)
-                .zip(phases.par_chunks(ins * plane))
-                .for_each(|(vc, ph)| transform_input(isa, t, ph, ty.clone(), vc, tb));
-            let v = &*v;
-            prod_all[..xis * n_out * tb]
-                .par_chunks_mut(outs * xis * tb)
-                .zip(yn.par_chunks_mut(outs * ohw))
-                .enumerate()
-                .for_each(|(i, (pc, yc))| {
-                    let o = i * outs..i * outs + yc.len() / ohw;
-                    products(isa, g, t, u, o.clone(), v, tb, pc);
-                    let mut yc = ColumnWindow::whole(yc, ohw);
-                    let b = bias.map(|b| &b[o]);
-                    transform_output(isa, g, t, pc, tb, ty.clone(), b, &mut yc);
-                });
+            f(n, ty.clone(), ty.len() * t.tiles_w, phases);
         }
     }
+}
+
+/// [`transform_input`] of one image's phase planes, split over the threads by input channels
+/// (each thread's rows of V are contiguous).
+pub(super) fn transform_input_by_channels(
+    exec: Exec,
+    t: &Tiling,
+    phases: &[f32],
+    ty: Range<usize>,
+    v: &mut [f32],
+    tb: usize,
+) {
+    let ins = (phases.len() / t.layout.len).div_ceil(exec.threads());
+    v.par_chunks_mut(ins * t.xis() * tb)
+        .zip(phases.par_chunks(ins * t.layout.len))
+        .for_each(|(vc, ph)| transform_input(exec.isa(), t, ph, ty.clone(), vc, tb));
 }
 
 /// [`forward`] for batches the threads cannot share image by image, on images with enough
@@ -661,7 +686,7 @@ fn image_batch(
 }
 
 /// The phase planes of one image's input channels, split over the threads by channels.
-pub(super) fn fill_phases_by_channels(
+fn fill_phases_by_channels(
     exec: Exec,
     g: &ConvGeometry,
     t: &Tiling,

@@ -21,7 +21,8 @@ use super::gemm::{MatView, gemm};
 use super::simd::SimdF32;
 use super::winograd::{
     self, Tiling, Transform, block_len, block_rows, column, deinterleave4, fill_all_phases,
-    fill_phases_by_channels, images_per_block, store_lanes, transform_input, transform_kernel,
+    for_each_block_within_images, images_per_block, store_lanes, transform_input,
+    transform_input_by_channels, transform_kernel,
 };
 use super::{Exec, Isa, Workspace, for_each_image_task, shifted_grad_weight, splits_inside_images};
 use crate::error::Result;
@@ -174,48 +175,33 @@ fn sum_within_images(
     buf: &mut [f32],
     du: &mut [f32],
 ) {
-    let (m_in, n_out, xis, isa) = (g.in_channels, g.out_channels, t.xis(), exec.isa());
-    let (hw, ohw, plane) = (g.in_pixels(), g.out_pixels(), t.layout.len);
-    let threads = exec.threads();
-    let (ins, outs) = (m_in.div_ceil(threads), n_out.div_ceil(threads));
-    let xis_per_thread = xis.div_ceil(threads);
-    let rows = block_rows(g, t);
-    for (n, (xn, gyn)) in x
-        .chunks_exact(m_in * hw)
-        .zip(gy.chunks_exact(n_out * ohw))
-        .enumerate()
-    {
-        fill_phases_by_channels(exec, g, t, xn, phases, n == 0);
-        let phases = &*phases;
-        for ty0 in (0..t.tiles_h).step_by(rows) {
-            let ty = ty0..(ty0 + rows).min(t.tiles_h);
-            let tb = ty.len() * t.tiles_w;
-            let (v, rest) = buf.split_at_mut(xis * m_in * tb);
-            let z = &mut rest[..xis * n_out * tb];
-            rayon::join(
-                || {
-                    v.par_chunks_mut(ins * xis * tb)
-                        .zip(phases.par_chunks(ins * plane))
-                        .for_each(|(vc, ph)| transform_input(isa, t, ph, ty.clone(), vc, tb))
-                },
-                || {
-                    z.par_chunks_mut(outs * xis * tb)
-                        .zip(gyn.par_chunks(outs * ohw))
-                        .for_each(|(zc, gc)| {
-                            transform_grad_output(isa, g, t, gc, ty.clone(), zc, tb)
-                        })
-                },
-            );
-            let (v, z) = (&*v, &*z);
-            du.par_chunks_mut(xis_per_thread * n_out * m_in)
-                .enumerate()
-                .for_each(|(i, dc)| {
-                    for (k, d) in dc.chunks_exact_mut(n_out * m_in).enumerate() {
-                        add_product(g, t, i * xis_per_thread + k, z, v, tb, d);
-                    }
-                });
-        }
-    }
+    let (m_in, n_out, xis) = (g.in_channels, g.out_channels, t.xis());
+    let ohw = g.out_pixels();
+    let outs = n_out.div_ceil(exec.threads());
+    let xis_per_thread = xis.div_ceil(exec.threads());
+    for_each_block_within_images(exec, g, t, x, phases, |n, ty, tb, phases| {
+        let gyn = &gy[n * n_out * ohw..][..n_out * ohw];
+        let (v, rest) = buf.split_at_mut(xis * m_in * tb);
+        let z = &mut rest[..xis * n_out * tb];
+        rayon::join(
+            || transform_input_by_channels(exec, t, phases, ty.clone(), v, tb),
+            || {
+                z.par_chunks_mut(outs * xis * tb)
+                    .zip(gyn.par_chunks(outs * ohw))
+                    .for_each(|(zc, gc)| {
+                        transform_grad_output(exec.isa(), g, t, gc, ty.clone(), zc, tb)
+                    })
+            },
+        );
+        let (v, z) = (&*v, &*z);
+        du.par_chunks_mut(xis_per_thread * n_out * m_in)
+            .enumerate()
+            .for_each(|(i, dc)| {
+                for (k, d) in dc.chunks_exact_mut(n_out * m_in).enumerate() {
+                    add_product(g, t, i * xis_per_thread + k, z, v, tb, d);
+                }
+            });
+    });
 }
 
 /// `dU[ξ] += Z[ξ] · V[ξ]ᵀ` for every ξ: Z holds `[n][ξ][tile]` and V `[m][ξ][tile]`, `tb`
