@@ -334,27 +334,40 @@ unsafe fn grad_output_kernel<S: SimdF32>(
             // The tile row's output rows inside the image (ty < tiles_h: at least one).
             let first = th * tile_row;
             let rows = (g.out_h - first).min(th);
-            let mut row = [plane.as_ptr(); 4];
-            for (k, p) in row.iter_mut().enumerate().take(rows) {
+            let mut src = GradRows {
+                row: [plane.as_ptr(); 4],
+                rows,
+                ow,
+            };
+            for (k, p) in src.row.iter_mut().enumerate().take(rows) {
                 *p = plane[(first + k) * ow..].as_ptr();
             }
             let mut tx = 0;
             while tx < tw {
-                let n = (tw - tx).min(l);
+                let dst = ZTiles {
+                    // SAFETY: inside Z (transform_grad_output checked its extent).
+                    at: unsafe { zp.add(c * xis * ld + r * tw + tx) },
+                    ld,
+                    n: (tw - tx).min(l),
+                };
                 // SAFETY: reads of columns below `ow` of the rows inside the plane
-                // (load_columns); writes of n lanes inside Z's rows for (c, ξ), checked by
+                // (GradRows::columns); writes of n lanes inside Z's rows for (c, ξ), checked by
                 // transform_grad_output.
                 unsafe {
-                    let at = zp.add(c * xis * ld + r * tw + tx);
                     match t.transform {
-                        Transform::F2x2 => grad_tiles_2x2::<S>(&row, rows, 2 * tx, ow, at, ld, n),
-                        Transform::F4x4 => grad_tiles_4x4::<S>(&row, rows, 4 * tx, ow, at, ld, n),
-                        Transform::F4Down => grad_tiles_down::<S>(&row, rows, tx, ow, at, ld, n),
-                        Transform::F4Across => {
-                            let y = tiles_across::<S>(row[0], 4 * tx, ow);
-                            for (xi, v) in at4_adjoint(y).into_iter().enumerate() {
-                                store_lanes(v, at.add(xi * ld), n);
+                        Transform::F2x2 => grad_tiles_2x2::<S>(&src, 2 * tx, &dst),
+                        Transform::F4x4 => grad_tiles_4x4::<S>(&src, 4 * tx, &dst),
+                        Transform::F4Down => {
+                            // A tile is one column of the 4 rows. (A plain loop: a closure
+                            // would be compiled without this function's target features.)
+                            let mut y = [S::zero(); 4];
+                            for (k, v) in y.iter_mut().enumerate() {
+                                *v = src.columns(k, tx);
                             }
+                            dst.store(at4_adjoint(y));
+                        }
+                        Transform::F4Across => {
+                            dst.store(at4_adjoint(src.tiles_across::<S>(0, 4 * tx)))
                         }
                     }
                 }
@@ -392,114 +405,103 @@ unsafe fn at4_adjoint<S: SimdF32>(y: [S; 4]) -> [S; 6] {
     }
 }
 
-/// Columns `col .. col + LANES` of `row`, zero from column `ow` on.
-#[inline(always)]
-unsafe fn load_columns<S: SimdF32>(row: *const f32, col: usize, ow: usize) -> S {
-    // SAFETY: the caller's: columns below `ow` of `row` are readable.
-    unsafe {
-        match ow.saturating_sub(col).min(S::LANES) {
-            0 => S::zero(),
-            n if n == S::LANES => S::load(row.add(col)),
-            n => S::load_partial(row.add(col), n),
+/// The output-gradient rows of one tile row: `rows` (1–4) rows of one plane, `ow` columns each.
+struct GradRows {
+    row: [*const f32; 4],
+    rows: usize,
+    ow: usize,
+}
+
+impl GradRows {
+    /// Columns `col .. col + LANES` of row `k`, zero from column `ow` on and for rows past
+    /// `rows` (the tiles' part below the image).
+    #[inline(always)]
+    unsafe fn columns<S: SimdF32>(&self, k: usize, col: usize) -> S {
+        // SAFETY: the constructor's: columns below `ow` of the first `rows` rows are readable.
+        unsafe {
+            match self.ow.saturating_sub(col).min(S::LANES) {
+                _ if k >= self.rows => S::zero(),
+                0 => S::zero(),
+                n if n == S::LANES => S::load(self.row[k].add(col)),
+                n => S::load_partial(self.row[k].add(col), n),
+            }
+        }
+    }
+
+    /// The 4 values of `LANES` consecutive 1 × 4 tiles of row `k` from column `col0`: value j
+    /// of each tile in vector j (the adjoint of the forward's `store_tiles_across`).
+    #[inline(always)]
+    unsafe fn tiles_across<S: SimdF32>(&self, k: usize, col0: usize) -> [S; 4] {
+        let l = S::LANES;
+        // SAFETY: as for `columns`.
+        unsafe {
+            deinterleave4([
+                self.columns(k, col0),
+                self.columns(k, col0 + l),
+                self.columns(k, col0 + 2 * l),
+                self.columns(k, col0 + 3 * l),
+            ])
         }
     }
 }
 
-/// The 4 values of `LANES` consecutive 1 × 4 tiles of `row` from column `col0` (zero from
-/// `ow` on): value k of each tile in vector k (the adjoint of `store_tiles_across`).
-#[inline(always)]
-unsafe fn tiles_across<S: SimdF32>(row: *const f32, col0: usize, ow: usize) -> [S; 4] {
-    let l = S::LANES;
-    // SAFETY: the caller's (load_columns).
-    unsafe {
-        deinterleave4([
-            load_columns(row, col0, ow),
-            load_columns(row, col0 + l, ow),
-            load_columns(row, col0 + 2 * l, ow),
-            load_columns(row, col0 + 3 * l, ow),
-        ])
-    }
-}
-
-/// F(2×2, 3×3)'s Z for `n` tiles of one tile row, from column `col0` of its `rows` (1 or 2)
-/// output rows `row`: A dY Aᵀ, (i, j) to `at + (4i + j)·ld`.
-#[inline(always)]
-unsafe fn grad_tiles_2x2<S: SimdF32>(
-    row: &[*const f32; 4],
-    rows: usize,
-    col0: usize,
-    ow: usize,
+/// Where `n ≤ LANES` tiles' transformed values go: value ξ to `at + ξ·ld`.
+struct ZTiles {
     at: *mut f32,
     ld: usize,
     n: usize,
-) {
+}
+
+impl ZTiles {
+    /// Stores the tiles' values (vector ξ: value ξ of each tile).
+    #[inline(always)]
+    unsafe fn store<S: SimdF32, const X: usize>(&self, z: [S; X]) {
+        // SAFETY: the constructor's: n floats at each of the X rows are writable.
+        unsafe {
+            for (xi, v) in z.into_iter().enumerate() {
+                store_lanes(v, self.at.add(xi * self.ld), self.n);
+            }
+        }
+    }
+}
+
+/// F(2×2, 3×3)'s Z (A dY Aᵀ, value (i, j) as ξ = 4i + j) for the tiles of `dst`, from column
+/// `col0` of the tile row's two output rows.
+#[inline(always)]
+unsafe fn grad_tiles_2x2<S: SimdF32>(src: &GradRows, col0: usize, dst: &ZTiles) {
     // SAFETY: the caller's (see grad_output_kernel).
     unsafe {
         let mut y = [[S::zero(); 2]; 2];
-        for (k, yk) in y.iter_mut().enumerate().take(rows) {
-            let (even, odd) = S::deinterleave(
-                load_columns(row[k], col0, ow),
-                load_columns(row[k], col0 + S::LANES, ow),
-            );
+        for (k, yk) in y.iter_mut().enumerate() {
+            let (even, odd) =
+                S::deinterleave(src.columns(k, col0), src.columns(k, col0 + S::LANES));
             *yk = [even, odd];
         }
         // A dY down each column, then Aᵀ along each row of that.
         let by_column = [at2_adjoint(column(&y, 0)), at2_adjoint(column(&y, 1))];
+        let mut z = [S::zero(); 16];
         for i in 0..4 {
-            for (j, v) in at2_adjoint(column(&by_column, i)).into_iter().enumerate() {
-                store_lanes(v, at.add((i * 4 + j) * ld), n);
-            }
+            z[4 * i..4 * i + 4].copy_from_slice(&at2_adjoint(column(&by_column, i)));
         }
+        dst.store(z);
     }
 }
 
-/// F(4×4, 3×3)'s Z for `n` tiles of one tile row, from column `col0` of its `rows` (1–4) output
-/// rows `row`: A dY Aᵀ, (i, j) to `at + (6i + j)·ld`.
+/// F(4×4, 3×3)'s Z (A dY Aᵀ, value (i, j) as ξ = 6i + j) for the tiles of `dst`, from column
+/// `col0` of the tile row's four output rows.
 #[inline(always)]
-unsafe fn grad_tiles_4x4<S: SimdF32>(
-    row: &[*const f32; 4],
-    rows: usize,
-    col0: usize,
-    ow: usize,
-    at: *mut f32,
-    ld: usize,
-    n: usize,
-) {
+unsafe fn grad_tiles_4x4<S: SimdF32>(src: &GradRows, col0: usize, dst: &ZTiles) {
     // SAFETY: the caller's (see grad_output_kernel).
     unsafe {
         // dY Aᵀ along each output row, then A (dY Aᵀ) down each of the 6 columns.
         let mut by_row = [[S::zero(); 6]; 4];
-        for (k, r) in by_row.iter_mut().enumerate().take(rows) {
-            *r = at4_adjoint(tiles_across::<S>(row[k], col0, ow));
+        for (k, r) in by_row.iter_mut().enumerate() {
+            *r = at4_adjoint(src.tiles_across::<S>(k, col0));
         }
         for j in 0..6 {
             for (i, v) in at4_adjoint(column(&by_row, j)).into_iter().enumerate() {
-                store_lanes(v, at.add((i * 6 + j) * ld), n);
+                store_lanes(v, dst.at.add((i * 6 + j) * dst.ld), dst.n);
             }
-        }
-    }
-}
-
-/// F(4, 3)'s Z down the columns (3 × 1) for `n` tiles of one tile row from column `col` (a
-/// tile is one column of the `rows` (1–4) output rows `row`): A dY, ξ to `at + ξ·ld`.
-#[inline(always)]
-unsafe fn grad_tiles_down<S: SimdF32>(
-    row: &[*const f32; 4],
-    rows: usize,
-    col: usize,
-    ow: usize,
-    at: *mut f32,
-    ld: usize,
-    n: usize,
-) {
-    // SAFETY: the caller's (see grad_output_kernel).
-    unsafe {
-        let mut y = [S::zero(); 4];
-        for (k, v) in y.iter_mut().enumerate().take(rows) {
-            *v = load_columns(row[k], col, ow);
-        }
-        for (xi, v) in at4_adjoint(y).into_iter().enumerate() {
-            store_lanes(v, at.add(xi * ld), n);
         }
     }
 }
