@@ -103,6 +103,12 @@ impl Transform {
         }
     }
 
+    /// Tile rows and tiles per tile row of `g`'s output (the last ones may reach past it).
+    pub(super) fn tiles(self, g: &ConvGeometry) -> (usize, usize) {
+        let (th, tw) = self.tile();
+        (g.out_h.div_ceil(th), g.out_w.div_ceil(tw))
+    }
+
     /// Stride of the phase planes the input transform reads: 2 × 2 phases for F(2×2, 3×3),
     /// whose patches overlap by half; the padded plane itself for the others (their rows'
     /// tiles are deinterleaved in registers).
@@ -122,7 +128,7 @@ pub fn applies(g: &ConvGeometry) -> bool {
         return false;
     };
     let (th, tw) = tr.tile();
-    let (tiles_h, tiles_w) = (g.out_h.div_ceil(th), g.out_w.div_ceil(tw));
+    let (tiles_h, tiles_w) = tr.tiles(g);
     g.stride_h == 1
         && g.stride_w == 1
         && g.dilation_h == 1
@@ -239,6 +245,13 @@ unsafe fn at4<S: SimdF32>(m: [S; 6]) -> [S; 4] {
     }
 }
 
+/// G g for one 3-tap kernel (F(2×2, 3×3)'s G = [1 0 0; ½ ½ ½; ½ −½ ½; 0 0 1]): its 4
+/// transformed values.
+fn g4(k: &[f32]) -> [f32; 4] {
+    let (a, b, c) = (k[0], k[1], k[2]);
+    [a, 0.5 * (a + b + c), 0.5 * (a - b + c), c]
+}
+
 /// G g for one 3-tap kernel (F(4, 3)): its 6 transformed values.
 fn g6(k: &[f32]) -> [f32; 6] {
     let (a, b, c) = (k[0], k[1], k[2]);
@@ -274,7 +287,7 @@ impl Tiling {
         let (th, tw) = transform.tile();
         // A tile's patch: the tile plus the kernel's span − 1.
         let (ph, pw) = (th + g.kernel_h - 1, tw + g.kernel_w - 1);
-        let (tiles_h, tiles_w) = (g.out_h.div_ceil(th), g.out_w.div_ceil(tw));
+        let (tiles_h, tiles_w) = transform.tiles(g);
         // Pad so the padded plane is exactly tile·tiles + span − 1 on each axis (an output size
         // that is not a multiple of the tile computes extra rows/columns that are dropped).
         let bottom = th * tiles_h + ph - th - g.in_h - g.pad_top;
@@ -330,38 +343,26 @@ fn transform_filters(exec: Exec, g: &ConvGeometry, t: &Tiling, w: &[f32], u: &mu
 pub(super) fn transform_kernel(tr: Transform, k: &[f32]) -> [f32; 36] {
     let mut u = [0f32; 36];
     match tr {
-        Transform::F2x2 => {
-            // G g (4×3), then (G g) Gᵀ (4×4).
-            let mut gg = [[0f32; 3]; 4];
-            for j in 0..3 {
-                let (a, b, c) = (k[j], k[3 + j], k[6 + j]);
-                gg[0][j] = a;
-                gg[1][j] = 0.5 * (a + b + c);
-                gg[2][j] = 0.5 * (a - b + c);
-                gg[3][j] = c;
-            }
-            for (i, row) in gg.iter().enumerate() {
-                let (a, b, c) = (row[0], row[1], row[2]);
-                let t = [a, 0.5 * (a + b + c), 0.5 * (a - b + c), c];
-                u[i * 4..i * 4 + 4].copy_from_slice(&t);
-            }
-        }
-        Transform::F4x4 => {
-            // G g (6×3) column by column, then (G g) Gᵀ (6×6) row by row.
-            let mut gg = [[0f32; 3]; 6];
-            for j in 0..3 {
-                for (i, v) in g6(&[k[j], k[3 + j], k[6 + j]]).into_iter().enumerate() {
-                    gg[i][j] = v;
-                }
-            }
-            for (i, row) in gg.iter().enumerate() {
-                u[i * 6..i * 6 + 6].copy_from_slice(&g6(row));
-            }
-        }
+        Transform::F2x2 => both_sides(k, g4, &mut u),
+        Transform::F4x4 => both_sides(k, g6, &mut u),
         // 3 × 1 and 1 × 3 kernels alike: three consecutive taps.
         Transform::F4Down | Transform::F4Across => u[..6].copy_from_slice(&g6(k)),
     }
     u
+}
+
+/// G g Gᵀ of a 3 × 3 kernel `k` for the G that `g_of` applies to one 3-vector (P × 3): G g
+/// column by column, then (G g) Gᵀ row by row, into `u` row-major (P × P).
+fn both_sides<const P: usize>(k: &[f32], g_of: fn(&[f32]) -> [f32; P], u: &mut [f32; 36]) {
+    let mut gg = [[0f32; 3]; P];
+    for j in 0..3 {
+        for (i, v) in g_of(&[k[j], k[3 + j], k[6 + j]]).into_iter().enumerate() {
+            gg[i][j] = v;
+        }
+    }
+    for (i, row) in gg.iter().enumerate() {
+        u[i * P..(i + 1) * P].copy_from_slice(&g_of(row));
+    }
 }
 
 /// Floats of transformed input and products per block of tile rows: 512K floats (2 MiB), so
@@ -411,7 +412,7 @@ fn splits_by_tile_rows(threads: usize, t: &Tiling) -> bool {
     t.tiles_h >= threads && t.tiles_h / threads * t.tiles_w >= MIN_BLOCK_TILES
 }
 
-/// Forward pass: `y = conv3x3(x, w) + bias` through F(2×2, 3×3).
+/// Forward pass: `y = conv(x, w) + bias` through the layer's [`Transform`].
 pub fn forward(
     exec: Exec,
     g: &ConvGeometry,

@@ -38,10 +38,10 @@ pub fn applies(exec: Exec, g: &ConvGeometry) -> bool {
     let Some(transform) = Transform::of(g) else {
         return false;
     };
-    let (th, tw) = transform.tile();
-    let tiles = g.out_h.div_ceil(th) * g.out_w.div_ceil(tw);
+    let (tiles_h, tiles_w) = transform.tiles(g);
     winograd::applies(g)
-        && (!splits_inside_images(exec.threads(), g.batch) || tiles >= MIN_TILES_WITHIN_IMAGES)
+        && (!splits_inside_images(exec.threads(), g.batch)
+            || tiles_h * tiles_w >= MIN_TILES_WITHIN_IMAGES)
         && (g.in_channels >= MIN_INPUT_CHANNELS
             || !(shifted_grad_weight::applies(exec, g)
                 || shifted_grad_weight::within_images_applies(exec, g)))
@@ -103,9 +103,10 @@ pub fn grad_weight(
     Ok(())
 }
 
-/// Sums the images `images` into `du` (`[ξ][n][m]`, overwritten), a block at a time: tile rows of one image
-/// ([`block_rows`]), or several whole images side by side ([`images_per_block`]). `phases`
-/// holds one image's phase planes, `buf` a block's V and Z ([`block_len`]).
+/// Sums the images `images` into `du` (`[ξ][n][m]`, overwritten), a block at a time: tile
+/// rows of one image ([`block_rows`]), or several whole images side by side
+/// ([`images_per_block`]). `phases` holds one image's phase planes, `buf` a block's V and Z
+/// ([`block_len`]).
 #[allow(clippy::too_many_arguments)]
 fn sum_images(
     isa: Isa,
