@@ -20,9 +20,9 @@
 use super::gemm::{MatView, gemm};
 use super::simd::SimdF32;
 use super::winograd::{
-    self, Tiling, Transform, block_len, block_rows, column, deinterleave4, fill_all_phases,
-    for_each_block_within_images, images_per_block, store_lanes, transform_input,
-    transform_input_by_channels, transform_kernel,
+    self, FilterMatrix, Tiling, Transform, block_len, block_rows, column, deinterleave4,
+    fill_all_phases, for_each_block_within_images, images_per_block, store_lanes, transform_input,
+    transform_input_by_channels,
 };
 use super::{Exec, Isa, Workspace, for_each_image_task, shifted_grad_weight, splits_inside_images};
 use crate::error::Result;
@@ -269,23 +269,13 @@ fn kernels_from_sums(
     rows: &mut [f32],
     gw: &mut [f32],
 ) {
-    let (m_in, xis, taps) = (g.in_channels, t.xis(), g.kernel_h * g.kernel_w);
-    // Column `tap` of the filter transform: the transformed kernel of a unit kernel, whose
-    // values are ∂U[ξ]/∂g[tap] (the transform is linear).
-    let mut adjoint = [[0f32; 36]; 9];
-    for (tap, a) in adjoint.iter_mut().enumerate().take(taps) {
-        let mut unit = [0f32; 9];
-        unit[tap] = 1.0;
-        *a = transform_kernel(t.transform, &unit[..taps]);
-    }
+    let (m_in, taps) = (g.in_channels, g.kernel_h * g.kernel_w);
     let sums = KernelSums {
         sums,
         per_task,
         n_out: g.out_channels,
         m_in,
-        xis,
-        taps,
-        adjoint,
+        matrix: FilterMatrix::of(t.transform, taps),
     };
     let per_thread = g.out_channels.div_ceil(exec.threads());
     gw.par_chunks_mut(per_thread * m_in * taps)
@@ -305,17 +295,15 @@ struct KernelSums<'a> {
     per_task: usize,
     n_out: usize,
     m_in: usize,
-    xis: usize,
-    taps: usize,
-    /// `adjoint[tap][ξ]` = ∂U[ξ]/∂g[tap].
-    adjoint: [[f32; 36]; 9],
+    /// The filter transform, whose adjoint takes dU to the kernels' gradients.
+    matrix: FilterMatrix,
 }
 
 crate::simd_dispatch!(fn channel_kernels => channel_kernels_kernel(
     d: &KernelSums<'_>, n: usize, buf: &mut [f32], gwn: &mut [f32]
 ));
 
-/// Output channel `n`'s kernels `gwn` (`[m][tap]`): Σ_ξ adjoint[tap][ξ] · Σ_tasks dU[ξ][n][m],
+/// Output channel `n`'s kernels `gwn` (`[m][tap]`): Σ_ξ column[tap][ξ] · Σ_tasks dU[ξ][n][m],
 /// a row of M at a time in `buf` (`(taps + 1)·M` floats). Plain loops, vectorized by the
 /// compiler for the dispatched instruction set (on the baseline target this pass was 17% of
 /// reference layer D's grad-weight).
@@ -331,7 +319,7 @@ unsafe fn channel_kernels_kernel<S: SimdF32>(
     let m = d.m_in;
     let (sum, acc) = buf.split_at_mut(m);
     acc.fill(0.0);
-    for xi in 0..d.xis {
+    for xi in 0..d.matrix.xis {
         let at = (xi * d.n_out + n) * m;
         sum.copy_from_slice(&d.sums[at..at + m]);
         for task in d.sums.chunks_exact(d.per_task).skip(1) {
@@ -340,7 +328,7 @@ unsafe fn channel_kernels_kernel<S: SimdF32>(
             }
         }
         for (tap, a) in acc.chunks_exact_mut(m).enumerate() {
-            let c = d.adjoint[tap][xi];
+            let c = d.matrix.column[tap][xi];
             if c != 0.0 {
                 for (a, &s) in a.iter_mut().zip(&*sum) {
                     *a += c * s;
@@ -348,7 +336,7 @@ unsafe fn channel_kernels_kernel<S: SimdF32>(
             }
         }
     }
-    for (mm, k) in gwn.chunks_exact_mut(d.taps).enumerate() {
+    for (mm, k) in gwn.chunks_exact_mut(d.matrix.taps).enumerate() {
         for (tap, v) in k.iter_mut().enumerate() {
             *v = acc[tap * m + mm];
         }
