@@ -251,6 +251,7 @@ fn fast_equals_reference_on_larger_shapes() {
         .into_iter()
         .chain(winograd_cases())
         .chain(winograd_f4_cases())
+        .chain(winograd_f4_grad_weight_cases())
         .chain(strided_implicit_cases())
         .chain(implicit_grad_weight_cases())
         .chain(blocked_depthwise_cases())
@@ -388,6 +389,29 @@ fn winograd_f4_cases() -> [Case; 10] {
         ([10, 96, 12, 12], [96, 96, 1, 3], same),
         ([1, 96, 130, 66], [100, 96, 3, 1], same),
     ]
+}
+
+/// 3 × 1 and 1 × 3 shapes with too few channels for F(4, 3)'s forward (harmonic mean 40–95)
+/// on images of at least 128 tiles: their grad-weight alone runs on Winograd. Batches of two
+/// (image by image) and one image (split inside it on two threads).
+fn winograd_f4_grad_weight_cases() -> [Case; 3] {
+    let same = Conv2dParams::with_padding(Padding::Same);
+    [
+        // 11 × 12 tiles of 4 × 1.
+        ([2, 40, 44, 12], [48, 40, 3, 1], same),
+        // 12 × 11 tiles of 1 × 4, the last one partial.
+        ([1, 48, 12, 43], [40, 48, 1, 3], same),
+        ([2, 32, 15, 36], [64, 32, 1, 3], explicit(1, 0, 2, 0)),
+    ]
+}
+
+/// The low-channel F(4, 3) shapes take Winograd's grad-weight, and not its forward.
+#[test]
+fn low_channel_f4_cases_take_only_the_winograd_grad_weight() {
+    assert_for_every_case(winograd_f4_grad_weight_cases(), |exec, g| {
+        GradWeightKernel::choose(exec, g) == GradWeightKernel::Winograd
+            && ConvAlgorithm::choose(exec, g) != ConvAlgorithm::Winograd
+    });
 }
 
 /// Every Winograd shape of the larger-shapes test (F(2×2, 3×3) and F(4, 3)) runs on Winograd.

@@ -120,10 +120,21 @@ impl Transform {
     }
 }
 
-/// Whether Winograd computes this convolution: a 3 × 3, 3 × 1 or 1 × 3 kernel ([`Transform`]),
-/// stride 1, no dilation, one group, and enough channels and tiles for the transforms to pay
-/// off.
+/// Whether Winograd computes this convolution's forward (and grad-input): [`tiles_pay`], and
+/// for 3 × 1 and 1 × 3 kernels enough channels ([`f4_has_channels_for_it`]).
 pub fn applies(g: &ConvGeometry) -> bool {
+    tiles_pay(g)
+        && (!matches!(
+            Transform::of(g),
+            Some(Transform::F4Down | Transform::F4Across)
+        ) || f4_has_channels_for_it(g))
+}
+
+/// Whether Winograd can compute this convolution and its tiles pay for the transforms: a
+/// 3 × 3, 3 × 1 or 1 × 3 kernel ([`Transform`]), stride 1, no dilation, one group, at least 8
+/// input and output channels, and enough tiled pixels. The passes add their own conditions
+/// ([`applies`], `winograd_grad_weight::applies`).
+pub(super) fn tiles_pay(g: &ConvGeometry) -> bool {
     let Some(tr) = Transform::of(g) else {
         return false;
     };
@@ -136,7 +147,6 @@ pub fn applies(g: &ConvGeometry) -> bool {
         && g.groups == 1
         && g.in_channels >= 8
         && g.out_channels >= 8
-        && (!matches!(tr, Transform::F4Down | Transform::F4Across) || f4_has_channels_for_it(g))
         && tiles_h * th * tiles_w * tw >= MIN_TILED_PIXELS
         // F(2×2, 3×3)'s output transform stages a tile row's outputs.
         && (tr != Transform::F2x2 || tiles_w <= STAGING - 16)
@@ -165,8 +175,13 @@ const F4X4_MIN_WIDTH: usize = 20;
 /// 3.14 → 2.03 (3 × 1); 256 → 256 at 28² 9.40 → 6.73 (3 × 1), 11.75 → 6.82 (1 × 3); 512 → 512
 /// at 14² 8.97 → 7.09 (3 × 1), 8.97 → 8.44 (1 × 3).
 fn f4_has_channels_for_it(g: &ConvGeometry) -> bool {
+    harmonic_channels_at_least(g, F4_MIN_CHANNELS)
+}
+
+/// Whether 2·M·N / (M + N) ≥ `channels` for `g`'s input and output channel counts M and N.
+pub(super) fn harmonic_channels_at_least(g: &ConvGeometry, channels: usize) -> bool {
     let (m, n) = (g.in_channels, g.out_channels);
-    2 * m * n >= F4_MIN_CHANNELS * (m + n)
+    2 * m * n >= channels * (m + n)
 }
 
 /// See [`f4_has_channels_for_it`].

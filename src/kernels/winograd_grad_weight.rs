@@ -30,22 +30,45 @@ use crate::geometry::ConvGeometry;
 use rayon::prelude::*;
 use std::ops::Range;
 
-/// Whether [`grad_weight`] computes `g`'s grad-weight: the forward runs on Winograd; where the
-/// threads cannot share the batch image by image, each image has at least
-/// `MIN_TILES_WITHIN_IMAGES` tiles; and the input has at least 16 channels or the shifted
-/// kernel, built for few channels, does not apply (see `MIN_INPUT_CHANNELS`).
+/// Whether [`grad_weight`] computes `g`'s grad-weight: Winograd's tiles pay
+/// (`winograd::tiles_pay`); 3 × 3 kernels whose forward runs on Winograd, 3 × 1 and 1 × 3
+/// kernels with fewer channels than their forward needs (see `F4_MIN_CHANNELS`) on images of
+/// at least `MIN_TILES_WITHIN_IMAGES` tiles; where the threads cannot share the batch image by
+/// image, each image has at least that many tiles; and the input has at least 16 channels or
+/// the shifted kernel, built for few channels, does not apply (see `MIN_INPUT_CHANNELS`).
 pub fn applies(exec: Exec, g: &ConvGeometry) -> bool {
     let Some(transform) = Transform::of(g) else {
         return false;
     };
     let (tiles_h, tiles_w) = transform.tiles(g);
-    winograd::applies(g)
-        && (!splits_inside_images(exec.threads(), g.batch)
-            || tiles_h * tiles_w >= MIN_TILES_WITHIN_IMAGES)
+    let many_tiles = tiles_h * tiles_w >= MIN_TILES_WITHIN_IMAGES;
+    let passes = match transform {
+        Transform::F2x2 | Transform::F4x4 => winograd::applies(g),
+        Transform::F4Down | Transform::F4Across => {
+            winograd::tiles_pay(g)
+                && (winograd::applies(g)
+                    || (many_tiles && winograd::harmonic_channels_at_least(g, F4_MIN_CHANNELS)))
+        }
+    };
+    passes
+        && (!splits_inside_images(exec.threads(), g.batch) || many_tiles)
         && (g.in_channels >= MIN_INPUT_CHANNELS
             || !(shifted_grad_weight::applies(exec, g)
                 || shifted_grad_weight::within_images_applies(exec, g)))
 }
+
+/// Harmonic mean of the input and output channel counts from which 3 × 1 and 1 × 3 layers on
+/// images of at least [`MIN_TILES_WITHIN_IMAGES`] tiles take Winograd's grad-weight, below the
+/// forward's 96 (`winograd::F4_MIN_CHANNELS`): its products sum over the tiles, a long inner
+/// dimension, where the forward's run over the input channels, a short one. Intel Xeon VM
+/// (harness, 2 threads, min of 10, alternated in one process; kernel chosen before →
+/// Winograd): batch 8, 32 → 64 at 112² 12.1 → 9.0 and 8.4 → 6.4 ms (1 × 3), 10.2 → 8.8 and 8.0
+/// → 7.4 (3 × 1); 48 → 48 at 56² 3.60 → 2.58 (3 × 1); 64 → 64 at 56² 3.68 → 2.60 (3 × 1), 2.49
+/// → 2.47 (1 × 3); 64 → 64 at 28² 0.69 → 0.62 (1 × 3); one image, 32 → 64 at 112² 1.62 → 1.49
+/// (3 × 1), 64 → 64 at 56² 0.97 → 0.65 and 0.95 → 0.63. Not taken: 32 → 32 at 112² 6.3 → 6.5
+/// (3 × 1); 16 → 32 at 112² 2.09 → 2.48; 56-tile images (32 → 64 at 14², batch 64, 1 × 3: 0.83
+/// → 0.93).
+const F4_MIN_CHANNELS: usize = 40;
 
 /// Tiles per image from which an image's products, split over the threads by transformed
 /// position ([`sum_within_images`]), beat the kernels that split the image otherwise: each
