@@ -356,6 +356,10 @@ pub(super) struct FilterMatrix {
     pub(super) column: [[f32; 36]; 9],
     pub(super) xis: usize,
     pub(super) taps: usize,
+    /// The non-zero coefficients ξ by ξ as (tap, coefficient): ξ's are
+    /// `terms[starts[ξ]..starts[ξ + 1]]` (F(4×4, 3×3) has 196 of its 324).
+    terms: [(usize, f32); 324],
+    starts: [usize; 37],
 }
 
 impl FilterMatrix {
@@ -366,10 +370,23 @@ impl FilterMatrix {
             unit[tap] = 1.0;
             *c = transform_kernel(tr, &unit[..taps]);
         }
+        let xis = tr.products();
+        let (mut terms, mut starts, mut len) = ([(0, 0.0); 324], [0; 37], 0);
+        for xi in 0..xis {
+            for (tap, c) in column.iter().enumerate().take(taps) {
+                if c[xi] != 0.0 {
+                    terms[len] = (tap, c[xi]);
+                    len += 1;
+                }
+            }
+            starts[xi + 1] = len;
+        }
         FilterMatrix {
             column,
-            xis: tr.products(),
+            xis,
             taps,
+            terms,
+            starts,
         }
     }
 }
@@ -383,36 +400,44 @@ crate::simd_dispatch!(fn channel_filters => channel_filters_kernel(
 ));
 
 /// One output channel's transformed kernels `u_n` (`[ξ][m]`) from its kernels `w_n`
-/// (`[m][tap]`): FILTER_LANES kernels at a time, their taps transposed so that each ξ's row is
-/// a sum of tap rows times the matrix's non-zero coefficients (plain loops, vectorized by the
-/// compiler for the dispatched instruction set). Kernel by kernel in scalar code this was 10%
-/// of reference layer D's forward (perf).
+/// (`[m][tap]`). A vector of kernels at a time where a kernel's taps fit a vector: their taps
+/// transposed in registers (each kernel's loaded as a row, under a mask), each ξ's vector a sum
+/// of tap vectors times the matrix's non-zero coefficients (`terms`), stored once. The rest (the last
+/// kernels short of a vector, or 3 × 3 kernels with 8-lane vectors) FILTER_LANES at a time
+/// through rows on the stack, with plain loops the compiler vectorizes. Kernel by kernel in
+/// scalar code this was 10% of reference layer D's forward; element by element, the
+/// compiler's scatters into the rows were 17% of its 3 × 1 halves' (perf).
 #[inline(always)]
 unsafe fn channel_filters_kernel<S: SimdF32>(matrix: &FilterMatrix, w_n: &[f32], u_n: &mut [f32]) {
     let taps = matrix.taps;
     let m_in = w_n.len() / taps;
-    let mut rows = [[0f32; FILTER_LANES]; 9];
-    for m0 in (0..m_in).step_by(FILTER_LANES) {
-        let lanes = FILTER_LANES.min(m_in - m0);
-        let block = &w_n[m0 * taps..(m0 + lanes) * taps];
-        // A vector of kernels at a time by one in-register transpose (each kernel's taps
-        // loaded as a row, under a mask): element by element, the compiler's scatters were
-        // 17% of D's 3 × 1 forward.
-        let l = S::LANES;
-        let by_vectors = if taps <= l { lanes / l * l } else { 0 };
-        for i0 in (0..by_vectors).step_by(l) {
-            unsafe {
-                let mut v = [S::zero(); 16];
-                for (i, r) in v[..l].iter_mut().enumerate() {
-                    *r = S::load_partial(block.as_ptr().add((i0 + i) * taps), taps);
+    let l = S::LANES;
+    let by_vectors = if taps <= l { m_in / l * l } else { 0 };
+    for m0 in (0..by_vectors).step_by(l) {
+        // SAFETY: kernels m0 .. m0 + l are inside w_n (m0 + l ≤ m_in), each load reads only
+        // its kernel's taps, and every store's l floats lie inside ξ's row of u_n.
+        unsafe {
+            let mut v = [S::zero(); 16];
+            for (i, r) in v[..l].iter_mut().enumerate() {
+                *r = S::load_partial(w_n.as_ptr().add((m0 + i) * taps), taps);
+            }
+            S::transpose(&mut v[..l]);
+            for xi in 0..matrix.xis {
+                let mut acc = S::zero();
+                for &(tap, c) in &matrix.terms[matrix.starts[xi]..matrix.starts[xi + 1]] {
+                    acc = S::mul_add(S::splat(c), v[tap], acc);
                 }
-                S::transpose(&mut v[..l]);
-                for (row, t) in rows.iter_mut().zip(&v[..taps]) {
-                    t.store(row.as_mut_ptr().add(i0));
-                }
+                acc.store(u_n[xi * m_in + m0..xi * m_in + m0 + l].as_mut_ptr());
             }
         }
-        for (i, k) in block.chunks_exact(taps).enumerate().skip(by_vectors) {
+    }
+    let mut rows = [[0f32; FILTER_LANES]; 9];
+    for m0 in (by_vectors..m_in).step_by(FILTER_LANES) {
+        let lanes = FILTER_LANES.min(m_in - m0);
+        for (i, k) in w_n[m0 * taps..(m0 + lanes) * taps]
+            .chunks_exact(taps)
+            .enumerate()
+        {
             for (row, &v) in rows.iter_mut().zip(k) {
                 row[i] = v;
             }
