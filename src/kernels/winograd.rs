@@ -349,15 +349,14 @@ fn transform_filters(exec: Exec, g: &ConvGeometry, t: &Tiling, w: &[f32], u: &mu
         });
 }
 
-/// The filter transform as a matrix: `column[tap][ξ]` = ∂U[ξ]/∂g[tap], the transformed kernel
-/// of the unit kernel at `tap` (the transform is linear). The forward applies it; the
-/// grad-weight ([`super::winograd_grad_weight`]) applies its adjoint.
+/// The filter transform as a matrix, U[ξ] = Σ_tap coefficient · g[tap], kept as its non-zero
+/// terms ξ by ξ (F(4×4, 3×3) has 196 of its 324). Built from the transformed kernels of unit
+/// kernels (the transform is linear): the coefficient of (ξ, tap) is ∂U[ξ]/∂g[tap]. The forward
+/// applies it; the grad-weight ([`super::winograd_grad_weight`]) applies its adjoint.
 pub(super) struct FilterMatrix {
-    pub(super) column: [[f32; 36]; 9],
     pub(super) xis: usize,
     pub(super) taps: usize,
-    /// The non-zero coefficients ξ by ξ as (tap, coefficient): ξ's are
-    /// `terms[starts[ξ]..starts[ξ + 1]]` (F(4×4, 3×3) has 196 of its 324).
+    /// ξ's terms as (tap, coefficient), by tap: `terms[starts[ξ]..starts[ξ + 1]]`.
     terms: [(usize, f32); 324],
     starts: [usize; 37],
 }
@@ -382,12 +381,16 @@ impl FilterMatrix {
             starts[xi + 1] = len;
         }
         FilterMatrix {
-            column,
             xis,
             taps,
             terms,
             starts,
         }
+    }
+
+    /// ξ's non-zero terms as (tap, coefficient), by tap.
+    pub(super) fn terms(&self, xi: usize) -> &[(usize, f32)] {
+        &self.terms[self.starts[xi]..self.starts[xi + 1]]
     }
 }
 
@@ -402,7 +405,7 @@ crate::simd_dispatch!(fn channel_filters => channel_filters_kernel(
 /// One output channel's transformed kernels `u_n` (`[ξ][m]`) from its kernels `w_n`
 /// (`[m][tap]`). A vector of kernels at a time where a kernel's taps fit a vector: their taps
 /// transposed in registers (each kernel's loaded as a row, under a mask), each ξ's vector a sum
-/// of tap vectors times the matrix's non-zero coefficients (`terms`), stored once. The rest (the last
+/// of tap vectors times the matrix's non-zero terms, stored once. The rest (the last
 /// kernels short of a vector, or 3 × 3 kernels with 8-lane vectors) FILTER_LANES at a time
 /// through rows on the stack, with plain loops the compiler vectorizes. Kernel by kernel in
 /// scalar code this was 10% of reference layer D's forward; element by element, the
@@ -424,7 +427,7 @@ unsafe fn channel_filters_kernel<S: SimdF32>(matrix: &FilterMatrix, w_n: &[f32],
             S::transpose(&mut v[..l]);
             for xi in 0..matrix.xis {
                 let mut acc = S::zero();
-                for &(tap, c) in &matrix.terms[matrix.starts[xi]..matrix.starts[xi + 1]] {
+                for &(tap, c) in matrix.terms(xi) {
                     acc = S::mul_add(S::splat(c), v[tap], acc);
                 }
                 acc.store(u_n[xi * m_in + m0..xi * m_in + m0 + l].as_mut_ptr());
@@ -445,12 +448,9 @@ unsafe fn channel_filters_kernel<S: SimdF32>(matrix: &FilterMatrix, w_n: &[f32],
         for xi in 0..matrix.xis {
             let out = &mut u_n[xi * m_in + m0..xi * m_in + m0 + lanes];
             out.fill(0.0);
-            for (row, column) in rows[..taps].iter().zip(&matrix.column) {
-                let c = column[xi];
-                if c != 0.0 {
-                    for (o, &v) in out.iter_mut().zip(&row[..lanes]) {
-                        *o += c * v;
-                    }
+            for &(tap, c) in matrix.terms(xi) {
+                for (o, &v) in out.iter_mut().zip(&rows[tap][..lanes]) {
+                    *o += c * v;
                 }
             }
         }

@@ -42,15 +42,11 @@ pub fn applies(exec: Exec, g: &ConvGeometry) -> bool {
     };
     let (tiles_h, tiles_w) = transform.tiles(g);
     let many_tiles = tiles_h * tiles_w >= MIN_TILES_WITHIN_IMAGES;
-    let passes = match transform {
-        Transform::F2x2 | Transform::F4x4 => winograd::applies(g),
-        Transform::F4Down | Transform::F4Across => {
-            winograd::tiles_pay(g)
-                && (winograd::applies(g)
-                    || (many_tiles && winograd::harmonic_channels_at_least(g, F4_MIN_CHANNELS)))
-        }
-    };
-    passes
+    let low_channel_f4 = matches!(transform, Transform::F4Down | Transform::F4Across)
+        && many_tiles
+        && winograd::tiles_pay(g)
+        && winograd::harmonic_channels_at_least(g, F4_MIN_CHANNELS);
+    (winograd::applies(g) || low_channel_f4)
         && (!splits_inside_images(exec.threads(), g.batch) || many_tiles)
         && (g.in_channels >= MIN_INPUT_CHANNELS
             || !(shifted_grad_weight::applies(exec, g)
@@ -326,7 +322,7 @@ crate::simd_dispatch!(fn channel_kernels => channel_kernels_kernel(
     d: &KernelSums<'_>, n: usize, buf: &mut [f32], gwn: &mut [f32]
 ));
 
-/// Output channel `n`'s kernels `gwn` (`[m][tap]`): Σ_ξ column[tap][ξ] · Σ_tasks dU[ξ][n][m],
+/// Output channel `n`'s kernels `gwn` (`[m][tap]`): Σ_ξ ∂U[ξ]/∂g[tap] · Σ_tasks dU[ξ][n][m],
 /// a row of M at a time in `buf` (`(taps + 1)·M` floats). Plain loops, vectorized by the
 /// compiler for the dispatched instruction set (on the baseline target this pass was 17% of
 /// reference layer D's grad-weight).
@@ -350,12 +346,9 @@ unsafe fn channel_kernels_kernel<S: SimdF32>(
                 *s += v;
             }
         }
-        for (tap, a) in acc.chunks_exact_mut(m).enumerate() {
-            let c = d.matrix.column[tap][xi];
-            if c != 0.0 {
-                for (a, &s) in a.iter_mut().zip(&*sum) {
-                    *a += c * s;
-                }
+        for &(tap, c) in d.matrix.terms(xi) {
+            for (a, &s) in acc[tap * m..(tap + 1) * m].iter_mut().zip(&*sum) {
+                *a += c * s;
             }
         }
     }
