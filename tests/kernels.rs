@@ -265,6 +265,7 @@ fn fast_equals_reference_on_larger_shapes() {
         .chain(shifted_dispatch_cases())
         .chain(phase_grad_weight_cases())
         .chain(pointwise_split_cases())
+        .chain(deep_pointwise_cases())
         .chain(implicit_within_images_cases())
         .chain(transposed_grad_weight_cases())
         .chain(band_forward_cases())
@@ -301,6 +302,21 @@ fn pointwise_cases_take_the_image_by_image_backward() {
         exec(2),
         &odd
     ));
+}
+
+/// Pointwise layers with 512 output channels per group (in the larger-shapes test): their
+/// grad-input reads a row-major copy of `Wᵀ` with every instruction set (K = 512), on whole
+/// images (2 images) and split inside one (grouped, 1 image on 2 threads); 35 and 30 pixels
+/// leave columns short of a vector.
+fn deep_pointwise_cases() -> [Case; 2] {
+    [
+        ([2, 24, 5, 7], [512, 24, 1, 1], Conv2dParams::default()),
+        (
+            [1, 16, 6, 5],
+            [1024, 8, 1, 1],
+            Conv2dParams::default().groups(2),
+        ),
+    ]
 }
 
 /// Pointwise layers with fewer images than the threads can share evenly (in the larger-shapes

@@ -31,11 +31,24 @@ const WIDE_BLOCK: (usize, usize) = (8, 3);
 /// 9.1–11.4 → 7.2–8.9 ms, B's 7.1–8.6 → 6.3–7.3, D's 9.1–11.0 → 7.5–9.4.
 const NARROW_BLOCK: (usize, usize) = (6, 2);
 
-/// Whether `small_k_gemm` reads C faster row-major than column-wise on `isa`: true with 16
-/// vector registers, where it runs narrow blocks (see `conv::with_transposed_weight`).
-pub fn wants_row_major_c(isa: Isa) -> bool {
-    isa.registers() < 32
+/// Whether `small_k_gemm` reads a C of depth `k` faster row-major than column-wise on `isa`:
+/// with 16 vector registers, where it runs narrow blocks (see `conv::with_transposed_weight`),
+/// and from [`COLUMN_READ_MAX_K`] on.
+pub fn wants_row_major_c(isa: Isa, k: usize) -> bool {
+    isa.registers() < 32 || k >= COLUMN_READ_MAX_K
 }
+
+/// Depth from which a column-wise C costs more than a row-major copy even with AVX-512's 8 × 3
+/// blocks. A row block reads its 8 rows of column k from one line and column k + 1 from the
+/// line K floats on: at K = 512 those lines are 2 KiB apart and fall on 32 of the 2048 sets of
+/// a 2 MiB 16-way L2, 512 lines for the 512 a row block needs, with D's panel competing, so
+/// the weight keeps coming back from L3. Reference layer D's pointwise grad-input (K = 512)
+/// on the Intel Xeon VM (harness, two builds alternated 4×, min of 10–20): 1 thread 6.09–6.69
+/// → 5.04–5.95 ms (its forward, the same shape read row-major, 5.19–5.48), 2 threads
+/// 3.46–3.95 → 2.94–3.00; its training step, 2 threads, alternated 5× in a slow phase of the
+/// VM, 15.9–17.3 → 14.9–15.9. K = 64, 128 and 256 (B, C, E) tied, so they keep reading the
+/// weight in place.
+const COLUMN_READ_MAX_K: usize = 512;
 
 /// Floats per cache line.
 const LINE_FLOATS: usize = 16;
