@@ -357,8 +357,10 @@ fn pointwise_cases_with_few_images_split_inside_them() {
 /// images split over two threads by channels (too few tiles) or by tile rows (one image; three
 /// images, an odd output height); small images several to a block (49 and 42 tiles: ten images
 /// on one thread in blocks of six and four, five or three per thread on two); and one image of
-/// 20 × 10 F(2×2) tiles, whose grad-weight two threads split inside it.
-fn winograd_cases() -> [Case; 13] {
+/// 20 × 10 F(2×2) tiles, whose grad-weight two threads split inside it; and 128 channels on
+/// 64-tile images, enough channels for blocks past the cache's size (four images to a block:
+/// one thread's five images in blocks of four and one, two threads' three and two).
+fn winograd_cases() -> [Case; 14] {
     let same = Conv2dParams::with_padding(Padding::Same);
     [
         ([2, 8, 37, 29], [16, 8, 3, 3], same),
@@ -381,6 +383,7 @@ fn winograd_cases() -> [Case; 13] {
         ([2, 8, 30, 25], [8, 8, 3, 3], Conv2dParams::default()),
         // One image of 20 × 10 tiles: on two threads, its grad-weight split inside it.
         ([1, 16, 40, 19], [16, 16, 3, 3], same),
+        ([5, 128, 16, 16], [128, 128, 3, 3], same),
     ]
 }
 
@@ -448,7 +451,7 @@ fn winograd_cases_cover_every_transform() {
         |(input, weight, p): Case| Transform::of(&ConvGeometry::new(input, weight, &p).unwrap());
     let count = |cases: &[Option<Transform>], t| cases.iter().filter(|&&c| c == Some(t)).count();
     let square: Vec<_> = winograd_cases().into_iter().map(of).collect();
-    assert_eq!(count(&square, Transform::F2x2), 7);
+    assert_eq!(count(&square, Transform::F2x2), 8);
     assert_eq!(count(&square, Transform::F4x4), 6);
     let axis: Vec<_> = winograd_f4_cases().into_iter().map(of).collect();
     assert_eq!(count(&axis, Transform::F4Down), 5);
@@ -456,9 +459,9 @@ fn winograd_cases_cover_every_transform() {
 }
 
 /// The Winograd shapes' grad-weight runs on Winograd too: on one thread all but the 8-channel
-/// 70 × 66 image (the shifted kernel's); on two all but the one- and three-image batches of
-/// fewer than 128 tiles per image (81, 36 and 100), which the threads would split inside the
-/// images. Each count reaches every transform, and so do, on two threads, the one- and
+/// 70 × 66 image (the shifted kernel's); on two all but the one-, three- and five-image
+/// batches of fewer than 128 tiles per image (81, 36, 100 and 64), which the threads would
+/// split inside the images. Each count reaches every transform, and so do, on two threads, the one- and
 /// three-image batches (split inside the images: transforms by channels, products by ξ).
 #[test]
 fn winograd_cases_take_the_winograd_grad_weight() {
@@ -474,7 +477,7 @@ fn winograd_cases_take_the_winograd_grad_weight() {
         Transform::F4Down,
         Transform::F4Across,
     ];
-    for (threads, want) in [(1, 22), (2, 20)] {
+    for (threads, want) in [(1, 23), (2, 20)] {
         let on_winograd: Vec<&ConvGeometry> = cases
             .iter()
             .filter(|g| GradWeightKernel::choose(exec(threads), g) == GradWeightKernel::Winograd)

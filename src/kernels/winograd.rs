@@ -500,18 +500,39 @@ pub(super) fn block_rows(g: &ConvGeometry, t: &Tiling) -> usize {
 }
 
 /// Whole images per block where an image has fewer tiles than a block should
-/// ([`MIN_BLOCK_TILES`]), as many as that width asks and the cache allows (at least one): their
-/// tiles side by side in V and the products, so that each product has several images'
-/// columns. One image's 49 tiles (14 × 14, F(2×2, 3×3)) made each of the 16 products a
-/// 48-column register block and one column left over; six images to a block, the MNIST
-/// network's 32 → 64 layer at 14 × 14 (batch 64; Intel Xeon VM, alternated, min of 6–10) runs
-/// its forward in 4.07–4.24 ms where it took 4.73–4.93 on one image at a time (and 4.45–4.71
-/// on im2col), 2.08 against 2.58 on 2 threads; a 64 → 64 layer there 6.60 against 7.93.
+/// ([`MIN_BLOCK_TILES`]): as many as fit in that many tiles (at least one), their tiles side by
+/// side in V and the products, so that each product has several images' columns. One image's
+/// 49 tiles (14 × 14, F(2×2, 3×3)) made each of the 16 products a 48-column register block and
+/// one column left over; six images to a block, the MNIST network's 32 → 64 layer at 14 × 14
+/// (batch 64; Intel Xeon VM, alternated, min of 6–10) runs its forward in 4.07–4.24 ms where
+/// it took 4.73–4.93 on one image at a time (and 4.45–4.71 on im2col), 2.08 against 2.58 on 2
+/// threads; a 64 → 64 layer there 6.60 against 7.93.
+///
+/// Layers with fewer channels than [`UNCAPPED_BLOCK_CHANNELS`] also keep a block's V and
+/// products within [`BLOCK_FLOATS`]: they move (M + N) / (M·N) floats of them per
+/// multiply-add, which from L3 costs more than wider products gain (64 → 64 at 14², batch 64:
+/// 2 images 5.6 ms, 8 images 6.6, 16 images 8.5). With more channels the products' weights
+/// U[ξ] (N × M) are what a block must amortize: each product reads its U[ξ] once (faer packs
+/// it) however few its columns, and one image's block is past L2 anyway (reference layer D:
+/// 3.2 MB). Intel Xeon VM, 2 threads, batch 8, harness switching the images per block in one
+/// process (min of 8–10; forward, one image → the rule's): D (512 → 512 at 14², 49 tiles)
+/// 28.8 → 23.0 ms, 256 → 256 at 14² 11.0 → 7.5, 128 → 128 at 14² 2.98 → 2.19, D's 3 × 1 and
+/// 1 × 3 halves (F(4, 3), 56 tiles) 6.65 → 5.95 and 6.60 → 5.93 (grad-input alike, in a slow
+/// phase of the VM). Whole images past [`MIN_BLOCK_TILES`] lose: 256 → 256 at 28², 3 × 1
+/// (196 tiles), 5.2–6.0 ms on one image, 5.8–6.5 on two.
 pub(super) fn images_per_block(g: &ConvGeometry, t: &Tiling) -> usize {
-    let tiles = t.tiles_h * t.tiles_w;
-    let by_cache = BLOCK_FLOATS / (t.xis() * (g.in_channels + g.out_channels) * tiles).max(1);
-    MIN_BLOCK_TILES.div_ceil(tiles).min(by_cache).max(1)
+    let tiles = (t.tiles_h * t.tiles_w).max(1);
+    let wanted = (MIN_BLOCK_TILES / tiles).clamp(1, g.batch.max(1));
+    if harmonic_channels_at_least(g, UNCAPPED_BLOCK_CHANNELS) {
+        return wanted;
+    }
+    let by_cache = BLOCK_FLOATS / (t.xis() * (g.in_channels + g.out_channels) * tiles);
+    wanted.min(by_cache).max(1)
 }
+
+/// The harmonic mean of a layer's channel counts from which [`images_per_block`] fills blocks
+/// to [`MIN_BLOCK_TILES`] whatever their size.
+const UNCAPPED_BLOCK_CHANNELS: usize = 128;
 
 /// Floats of one block's transformed input and products: a block of tile rows, or of
 /// [`images_per_block`] whole images.
