@@ -40,9 +40,12 @@ pub fn wants_row_major_c(isa: Isa, k: usize) -> bool {
 
 /// Depth from which a column-wise C costs more than a row-major copy even with AVX-512's 8 × 3
 /// blocks. A row block reads its 8 rows of column k from one line and column k + 1 from the
-/// line K floats on: at K = 512 those lines are 2 KiB apart and fall on 32 of the 2048 sets of
-/// a 2 MiB 16-way L2, 512 lines for the 512 a row block needs, with D's panel competing, so
-/// the weight keeps coming back from L3. Reference layer D's pointwise grad-input (K = 512)
+/// line K floats on: every step a new line, none of which L1 keeps for the next row block
+/// (which reads the line's other half). At K = 512 those lines are 2 KiB apart, on 2 of L1's
+/// 64 sets and 64 of the L2's 2048, where row-major rows are contiguous; the likely cause of
+/// the difference, which no hardware counter on the VM could confirm, is that the deep
+/// product's packed panel (K × 48 floats, past L1) competes with them in L2 and the prefetchers
+/// do not follow a 2 KiB stride. Reference layer D's pointwise grad-input (K = 512)
 /// on the Intel Xeon VM (harness, two builds alternated 4×, min of 10–20): 1 thread 6.09–6.69
 /// → 5.04–5.95 ms (its forward, the same shape read row-major, 5.19–5.48), 2 threads
 /// 3.46–3.95 → 2.94–3.00; its training step, 2 threads, alternated 5× in a slow phase of the
