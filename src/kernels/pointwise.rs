@@ -588,9 +588,9 @@ unsafe fn blocks<S: SimdF32, const ROWS: usize, const VECS: usize, const AHEAD: 
                     block_p0,
                     width,
                     store,
-                    // Unpacked, the first row block prefetches the next column block of D's
-                    // rows; packing prefetches it itself.
-                    !packed && n0 == 0,
+                    // Unpacked, the row blocks share the prefetches of the next column block
+                    // of D's rows; packing prefetches it itself.
+                    (!packed).then_some((n0 / ROWS, ops.n / ROWS)),
                     &mut prefetcher,
                 )
             };
@@ -602,13 +602,13 @@ unsafe fn blocks<S: SimdF32, const ROWS: usize, const VECS: usize, const AHEAD: 
         unsafe {
             match ops.n - n0 {
                 0 => {}
-                1 => tile::<S, 1, VECS, false>(o, y, ldy, n0, c0, width, store, false, pf),
-                2 => tile::<S, 2, VECS, false>(o, y, ldy, n0, c0, width, store, false, pf),
-                3 => tile::<S, 3, VECS, false>(o, y, ldy, n0, c0, width, store, false, pf),
-                4 => tile::<S, 4, VECS, false>(o, y, ldy, n0, c0, width, store, false, pf),
-                5 => tile::<S, 5, VECS, false>(o, y, ldy, n0, c0, width, store, false, pf),
-                6 => tile::<S, 6, VECS, false>(o, y, ldy, n0, c0, width, store, false, pf),
-                _ => tile::<S, 7, VECS, false>(o, y, ldy, n0, c0, width, store, false, pf),
+                1 => tile::<S, 1, VECS, false>(o, y, ldy, n0, c0, width, store, None, pf),
+                2 => tile::<S, 2, VECS, false>(o, y, ldy, n0, c0, width, store, None, pf),
+                3 => tile::<S, 3, VECS, false>(o, y, ldy, n0, c0, width, store, None, pf),
+                4 => tile::<S, 4, VECS, false>(o, y, ldy, n0, c0, width, store, None, pf),
+                5 => tile::<S, 5, VECS, false>(o, y, ldy, n0, c0, width, store, None, pf),
+                6 => tile::<S, 6, VECS, false>(o, y, ldy, n0, c0, width, store, None, pf),
+                _ => tile::<S, 7, VECS, false>(o, y, ldy, n0, c0, width, store, None, pf),
             }
         }
         p0 += width;
@@ -701,12 +701,18 @@ unsafe fn pack_panel<S: SimdF32, const VECS: usize>(ops: Operands<'_>, p0: usize
 }
 
 /// One block: R rows of Y, `width` ≤ VECS·LANES columns (partial vectors masked).
-/// `prefetch_next` (the first block of rows of each column block) prefetches the next column
-/// block of every D row: D's K rows are K separate streams, more than the hardware prefetcher
-/// follows. Reference layer B's pointwise layer (K = 32 forward, 64 grad-input; harness, min of
-/// 40–60, alternated 3×): forward 2.20–2.59 → 2.00–2.27 ms, grad-input 2.77–3.02 → 2.41–2.58;
-/// C's (K = 128) and D's (K = 512) unchanged within noise. With `AHEAD`, a full block also
-/// takes its steps of `prefetcher`.
+/// `prefetch_next` = `Some((b, blocks))` (row block b of the column block's `blocks` full ones)
+/// prefetches the next column block of the D rows k ≡ b (mod blocks): D's K rows are K
+/// separate streams, more than the hardware prefetcher follows. Reference layer B's pointwise
+/// layer (K = 32 forward, 64 grad-input; harness, min of 40–60, alternated 3×), with the first
+/// row block prefetching every row: forward 2.20–2.59 → 2.00–2.27 ms, grad-input 2.77–3.02 →
+/// 2.41–2.58; C's (K = 128) and D's (K = 512) unchanged within noise. Shared out over the row
+/// blocks (likely: the first block's 3·K prefetches at once had queued behind each other),
+/// Intel Xeon VM, the two ways switched in one process (min of 15–30):
+/// C's pointwise forward 6.19–6.34 → 5.61–5.67 ms on 1 thread, 2.73–2.77 → 2.68–2.72 on 2;
+/// B's grad-input 4.12–4.22 → 3.79–3.83 and 2.10–2.11 → 1.95–1.97; E's (K = 256) and a
+/// 64 → 128 layer at 14 × 14 (batch 64) 1–3%. With `AHEAD`, a full block also takes its steps
+/// of `prefetcher`.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 unsafe fn tile<S: SimdF32, const R: usize, const VECS: usize, const AHEAD: bool>(
@@ -717,7 +723,7 @@ unsafe fn tile<S: SimdF32, const R: usize, const VECS: usize, const AHEAD: bool>
     p0: usize,
     width: usize,
     store: Store,
-    prefetch_next: bool,
+    prefetch_next: Option<(usize, usize)>,
     prefetcher: &mut Prefetcher,
 ) {
     let accumulate = store == Store::Accumulate;
@@ -745,6 +751,7 @@ unsafe fn tile<S: SimdF32, const R: usize, const VECS: usize, const AHEAD: bool>
             }
             // In registers for the loop, not behind the reference.
             let mut pf = *prefetcher;
+            let mut countdown = prefetch_next.map_or(0, |(phase, _)| phase);
             for kk in 0..ops.k {
                 if AHEAD {
                     pf.step::<S>();
@@ -754,10 +761,14 @@ unsafe fn tile<S: SimdF32, const R: usize, const VECS: usize, const AHEAD: bool>
                 for (v, d) in dv.iter_mut().enumerate() {
                     *d = S::load(drow.add(v * l));
                 }
-                if prefetch_next {
-                    for v in 0..VECS {
-                        S::prefetch(drow.add((VECS + v) * l));
+                if let Some((_, every)) = prefetch_next {
+                    if countdown == 0 {
+                        for v in 0..VECS {
+                            S::prefetch(drow.add((VECS + v) * l));
+                        }
+                        countdown = every;
                     }
+                    countdown -= 1;
                 }
                 for (r, row) in acc.iter_mut().enumerate() {
                     let cv = S::splat(*cp.add(c_row[r] + kk * ops.c_col));
