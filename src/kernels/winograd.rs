@@ -506,7 +506,9 @@ pub(super) fn block_rows(g: &ConvGeometry, t: &Tiling) -> usize {
 /// one column left over; six images to a block, the MNIST network's 32 → 64 layer at 14 × 14
 /// (batch 64; Intel Xeon VM, alternated, min of 6–10) runs its forward in 4.07–4.24 ms where
 /// it took 4.73–4.93 on one image at a time (and 4.45–4.71 on im2col), 2.08 against 2.58 on 2
-/// threads; a 64 → 64 layer there 6.60 against 7.93.
+/// threads; a 64 → 64 layer there 6.60 against 7.93. (Whole images that fit in
+/// [`MIN_BLOCK_TILES`] now give it five, 245 tiles, a tie with six in one process: 1 thread
+/// 3.40–3.50 ms against 3.40–3.44; 2 threads 3.04 and 1.73 against 3.21 and 1.69, two runs.)
 ///
 /// Layers with fewer channels than [`UNCAPPED_BLOCK_CHANNELS`] also keep a block's V and
 /// products within [`BLOCK_FLOATS`]: they move (M + N) / (M·N) floats of them per

@@ -334,9 +334,9 @@ crate::simd_dispatch!(fn channel_kernels => channel_kernels_kernel(
 
 /// Output channel `n`'s kernels `gwn` (`[m][tap]`): Σ_ξ ∂U[ξ]/∂g[tap] · Σ_tasks dU[ξ][n][m].
 /// A vector of kernels at a time where a kernel's taps fit a vector (the forward's filter
-/// transform run backwards): each ξ's tasks' sums added in registers, times the matrix's
-/// non-zero terms into one vector per tap, the taps transposed in registers into each
-/// kernel's row and stored under a mask. The rest (the last kernels short of a vector, or
+/// transform run backwards): each ξ's tasks' sums added in registers, times each tap's
+/// coefficient (the dense matrix, zeros included) into one vector per tap, the taps
+/// transposed in registers into each kernel's row and stored under a mask. The rest (the last kernels short of a vector, or
 /// 3 × 3 kernels with 8-lane vectors) a row of M at a time in `buf` (`(taps + 1)·M` floats),
 /// with plain loops the compiler vectorizes. Through `buf` for every kernel, its final
 /// transposition element by element, this pass was 13% of reference layer D's grad-weight
