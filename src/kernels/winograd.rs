@@ -517,10 +517,11 @@ pub(super) fn block_rows(g: &ConvGeometry, t: &Tiling) -> usize {
 /// U[ξ] (N × M) are what a block must amortize: each product reads its U[ξ] once (faer packs
 /// it) however few its columns, and one image's block is past L2 anyway (reference layer D:
 /// 3.2 MB). Intel Xeon VM, 2 threads, batch 8, harness switching the images per block in one
-/// process (min of 8–10; forward, one image → the rule's): D (512 → 512 at 14², 49 tiles)
-/// 28.8 → 23.0 ms, 256 → 256 at 14² 11.0 → 7.5, 128 → 128 at 14² 2.98 → 2.19, D's 3 × 1 and
-/// 1 × 3 halves (F(4, 3), 56 tiles) 6.65 → 5.95 and 6.60 → 5.93 (grad-input alike, in a slow
-/// phase of the VM). Whole images past [`MIN_BLOCK_TILES`] lose: 256 → 256 at 28², 3 × 1
+/// process (min of 8–10; forward, one image → each thread's four, the rule's, in two
+/// settings that both give four): D (512 → 512 at 14², 49 tiles) 28.8 → 23.0–24.4 ms,
+/// 256 → 256 at 14² 11.0 → 7.4–7.5, 128 → 128 at 14² 2.98 → 2.19–2.20, D's 3 × 1 and 1 × 3
+/// halves (F(4, 3), 56 tiles) 6.65 → 5.95–6.12 and 6.60 → 5.93–5.94 (grad-input alike, in a
+/// slow phase of the VM). Whole images past [`MIN_BLOCK_TILES`] lose: 256 → 256 at 28², 3 × 1
 /// (196 tiles), 5.2–6.0 ms on one image, 5.8–6.5 on two.
 pub(super) fn images_per_block(g: &ConvGeometry, t: &Tiling) -> usize {
     let tiles = (t.tiles_h * t.tiles_w).max(1);
