@@ -461,8 +461,9 @@ fn winograd_cases_cover_every_transform() {
 /// The Winograd shapes' grad-weight runs on Winograd too: on one thread all but the 8-channel
 /// 70 × 66 image (the shifted kernel's); on two all but the one-, three- and five-image
 /// batches of fewer than 128 tiles per image (81, 36, 100 and 64), which the threads would
-/// split inside the images. Each count reaches every transform, and so do, on two threads, the one- and
-/// three-image batches (split inside the images: transforms by channels, products by ξ).
+/// split inside the images. Each count reaches every transform, and so do, on two threads,
+/// the one- and three-image batches (split inside the images: transforms by channels,
+/// products by ξ).
 #[test]
 fn winograd_cases_take_the_winograd_grad_weight() {
     use sepconv::kernels::winograd::Transform;

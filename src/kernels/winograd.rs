@@ -392,6 +392,18 @@ impl FilterMatrix {
     pub(super) fn terms(&self, xi: usize) -> &[(usize, f32)] {
         &self.terms[self.starts[xi]..self.starts[xi + 1]]
     }
+
+    /// Every coefficient as `[ξ][tap]`, zeros included (rows past `xis` zero): for loops that
+    /// want a fixed number of taps unrolled rather than the sparse terms.
+    pub(super) fn dense(&self) -> [[f32; 9]; 36] {
+        let mut dense = [[0f32; 9]; 36];
+        for (xi, row) in dense.iter_mut().enumerate().take(self.xis) {
+            for &(tap, c) in self.terms(xi) {
+                row[tap] = c;
+            }
+        }
+        dense
+    }
 }
 
 /// Kernels transformed per step of [`channel_filters`]: their taps, transposed, fill

@@ -290,12 +290,8 @@ fn kernels_from_sums(
 ) {
     let (m_in, taps) = (g.in_channels, g.kernel_h * g.kernel_w);
     let matrix = FilterMatrix::of(t.transform, taps);
-    let mut dense = [[0f32; 9]; 36];
-    for (xi, row) in dense.iter_mut().enumerate().take(matrix.xis) {
-        for &(tap, c) in matrix.terms(xi) {
-            row[tap] = c;
-        }
-    }
+    // Once per call, not per output channel.
+    let dense = matrix.dense();
     let sums = KernelSums {
         sums,
         per_task,
@@ -324,7 +320,7 @@ struct KernelSums<'a> {
     m_in: usize,
     /// The filter transform, whose adjoint takes dU to the kernels' gradients.
     matrix: FilterMatrix,
-    /// Its coefficients ∂U[ξ]/∂g[tap] as `[ξ][tap]`, zeros included, for the vector path.
+    /// `matrix.dense()`: its coefficients ∂U[ξ]/∂g[tap], zeros included, for the vector path.
     dense: [[f32; 9]; 36],
 }
 
@@ -336,11 +332,11 @@ crate::simd_dispatch!(fn channel_kernels => channel_kernels_kernel(
 /// A vector of kernels at a time where a kernel's taps fit a vector (the forward's filter
 /// transform run backwards): each ξ's tasks' sums added in registers, times each tap's
 /// coefficient (the dense matrix, zeros included) into one vector per tap, the taps
-/// transposed in registers into each kernel's row and stored under a mask. The rest (the last kernels short of a vector, or
-/// 3 × 3 kernels with 8-lane vectors) a row of M at a time in `buf` (`(taps + 1)·M` floats),
-/// with plain loops the compiler vectorizes. Through `buf` for every kernel, its final
-/// transposition element by element, this pass was 13% of reference layer D's grad-weight
-/// (perf; on the baseline target, before the plain loops, 17%).
+/// transposed in registers into each kernel's row and stored under a mask. The rest (the last
+/// kernels short of a vector, or 3 × 3 kernels with 8-lane vectors) a row of M at a time in
+/// `buf` (`(taps + 1)·M` floats), with plain loops the compiler vectorizes. Through `buf` for
+/// every kernel, its final transposition element by element, this pass was 13% of reference
+/// layer D's grad-weight (perf; on the baseline target, before the plain loops, 17%).
 #[inline(always)]
 unsafe fn channel_kernels_kernel<S: SimdF32>(
     d: &KernelSums<'_>,
