@@ -498,6 +498,40 @@ fn winograd_cases_take_the_winograd_grad_weight() {
     }
 }
 
+/// Winograd's per-task blocks of whole images are sized by the images a task runs, not by the
+/// block the layer would like: 128 → 128 at 14 × 14 (49 tiles, F(2×2, 3×3)) wants five images
+/// to a block, but at batch 8 on two threads each task has four, so the forward's workspace is
+/// exactly two images' V and products (16 ξ × 256 channels × 49 tiles each) smaller than at
+/// batch 10 (five a task); the grad-weight's too. They were the same size before.
+#[test]
+fn winograd_blocks_hold_only_a_tasks_images() {
+    let bytes = |batch: usize, grad_weight: bool| {
+        let g = ConvGeometry::new(
+            [batch, 128, 14, 14],
+            [128, 128, 3, 3],
+            &Conv2dParams::with_padding(Padding::Same),
+        )
+        .unwrap();
+        let mut rng = Rng::new(7);
+        let x = rng.vec(g.input_len());
+        let w = rng.vec(g.weight_len());
+        let mut y = vec![0.0; g.output_len()];
+        let mut ws = Workspace::new();
+        kernels::conv2d_forward(exec(2), &g, &x, &w, None, &mut y, &mut ws).unwrap();
+        if grad_weight {
+            let mut ws = Workspace::new();
+            let mut gw = vec![0.0; g.weight_len()];
+            kernels::conv2d_grad_weight(exec(2), &g, &x, &y, &mut gw, &mut ws).unwrap();
+            return ws.bytes();
+        }
+        ws.bytes()
+    };
+    let two_images = 2 * 16 * (128 + 128) * 49 * 4;
+    for grad_weight in [false, true] {
+        assert_eq!(bytes(10, grad_weight) - bytes(8, grad_weight), two_images);
+    }
+}
+
 /// A shape: input NCHW, weight OIHW, parameters.
 type Case = ([usize; 4], [usize; 4], Conv2dParams);
 

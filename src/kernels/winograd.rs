@@ -512,8 +512,9 @@ pub(super) fn block_rows(g: &ConvGeometry, t: &Tiling) -> usize {
 }
 
 /// Whole images per block where an image has fewer tiles than a block should
-/// ([`MIN_BLOCK_TILES`]): as many as fit in that many tiles (at least one), their tiles side by
-/// side in V and the products, so that each product has several images' columns. One image's
+/// ([`MIN_BLOCK_TILES`]): as many as fit in that many tiles (at least one, at most the
+/// `task_images` a task runs), their tiles side by side in V and the products, so that each
+/// product has several images' columns. One image's
 /// 49 tiles (14 × 14, F(2×2, 3×3)) made each of the 16 products a 48-column register block and
 /// one column left over; six images to a block, the MNIST network's 32 → 64 layer at 14 × 14
 /// (batch 64; Intel Xeon VM, alternated, min of 6–10) runs its forward in 4.07–4.24 ms where
@@ -535,9 +536,9 @@ pub(super) fn block_rows(g: &ConvGeometry, t: &Tiling) -> usize {
 /// halves (F(4, 3), 56 tiles) 6.65 → 5.95–6.12 and 6.60 → 5.93–5.94 (grad-input alike, in a
 /// slow phase of the VM). Whole images past [`MIN_BLOCK_TILES`] lose: 256 → 256 at 28², 3 × 1
 /// (196 tiles), 5.2–6.0 ms on one image, 5.8–6.5 on two.
-pub(super) fn images_per_block(g: &ConvGeometry, t: &Tiling) -> usize {
+pub(super) fn images_per_block(g: &ConvGeometry, t: &Tiling, task_images: usize) -> usize {
     let tiles = (t.tiles_h * t.tiles_w).max(1);
-    let wanted = (MIN_BLOCK_TILES / tiles).clamp(1, g.batch.max(1));
+    let wanted = (MIN_BLOCK_TILES / tiles).clamp(1, task_images.max(1));
     if harmonic_channels_at_least(g, UNCAPPED_BLOCK_CHANNELS) {
         return wanted;
     }
@@ -549,16 +550,21 @@ pub(super) fn images_per_block(g: &ConvGeometry, t: &Tiling) -> usize {
 /// to [`MIN_BLOCK_TILES`] whatever their size.
 const UNCAPPED_BLOCK_CHANNELS: usize = 128;
 
-/// Floats of one block's transformed input and products: a block of tile rows, or of
-/// [`images_per_block`] whole images.
-pub(super) fn block_len(g: &ConvGeometry, t: &Tiling) -> usize {
-    let tiles = (block_rows(g, t) * t.tiles_w).max(images_per_block(g, t) * t.tiles_h * t.tiles_w);
-    t.xis() * (g.in_channels + g.out_channels) * tiles
+/// Floats of one block's transformed input and products for a task of `task_images` images:
+/// a block of tile rows, or of [`images_per_block`] whole images. Sized by the task's images,
+/// not the batch's: reference layer D at batch 8 on two threads gives each task four images,
+/// where blocks of five were allotted before (3.2 MB more per thread).
+pub(super) fn block_len(g: &ConvGeometry, t: &Tiling, task_images: usize) -> usize {
+    let tiles = t.tiles_h * t.tiles_w;
+    let block_tiles =
+        (block_rows(g, t) * t.tiles_w).max(images_per_block(g, t, task_images) * tiles);
+    t.xis() * (g.in_channels + g.out_channels) * block_tiles
 }
 
-/// Floats of scratch per task: the image's phase planes, then a block's transforms.
-fn per_task_len(g: &ConvGeometry, t: &Tiling) -> usize {
-    g.in_channels * t.layout.len + block_len(g, t)
+/// Floats of scratch per task of `task_images` images: the image's phase planes, then a
+/// block's transforms.
+fn per_task_len(g: &ConvGeometry, t: &Tiling, task_images: usize) -> usize {
+    g.in_channels * t.layout.len + block_len(g, t, task_images)
 }
 
 /// Whether [`forward_by_tile_rows`] splits an image: every thread gets tile rows of at least
@@ -583,13 +589,19 @@ pub fn forward(
     let threads = exec.threads();
     let within_images = splits_inside_images(threads, g.batch);
     let by_tiles = within_images && splits_by_tile_rows(threads, &t);
-    let per_task = per_task_len(g, &t);
     let tasks = threads.min(g.batch);
+    // Each task's images (for_each_task's split), one where the images are split inside.
+    let task_images = if within_images {
+        1
+    } else {
+        g.batch.div_ceil(tasks.max(1))
+    };
+    let per_task = per_task_len(g, &t, task_images);
     // The transformed weights, then the phase planes and transforms: each task's, or one
     // image's planes and the threads' transforms (split by tile rows), or one image's planes
     // and transforms (split by channels).
     let scratch_len = if by_tiles {
-        m_in * t.layout.len + threads * block_len(g, &t)
+        m_in * t.layout.len + threads * block_len(g, &t, 1)
     } else if within_images {
         per_task
     } else {
@@ -615,7 +627,7 @@ pub fn forward(
         per_task,
         |images, yc, buf| {
             let (phases, rest) = buf.split_at_mut(m_in * t.layout.len);
-            let batch = images_per_block(g, &t);
+            let batch = images_per_block(g, &t, task_images);
             if batch > 1 {
                 let (img_in, img_out) = (m_in * g.in_pixels(), n_out * g.out_pixels());
                 let xs = &x[images.start * img_in..images.end * img_in];
@@ -762,7 +774,7 @@ fn forward_by_tile_rows(
         let phases = &*phases;
         ColumnWindow::split(yn, ohw, &bounds)
             .into_par_iter()
-            .zip(blocks.par_chunks_mut(block_len(g, t)))
+            .zip(blocks.par_chunks_mut(block_len(g, t, 1)))
             .enumerate()
             .for_each(|(i, (mut yw, buf))| {
                 tile_rows(isa, g, t, u, phases, share(i), bias, buf, &mut yw)

@@ -102,9 +102,15 @@ pub fn grad_weight(
     } else {
         exec.threads().min(g.batch)
     };
+    // Each task's images (for_each_image_task's split), one where the images are split inside.
+    let task_images = if within_images {
+        1
+    } else {
+        g.batch.div_ceil(tasks)
+    };
     // Per task: its dU, its phase planes, a block's V and Z; then each thread's rows for the
     // final transform.
-    let per_task = du_len + m_in * t.layout.len + block_len(g, &t);
+    let per_task = du_len + m_in * t.layout.len + block_len(g, &t, task_images);
     let scratch = ws.take(per_task * tasks + exec.threads() * (taps + 1) * m_in)?;
     let (sums, rows) = scratch.split_at_mut(per_task * tasks);
     if within_images {
@@ -141,7 +147,7 @@ fn sum_images(
     let (m_in, n_out, xis) = (g.in_channels, g.out_channels, t.xis());
     let (img_in, img_out) = (m_in * g.in_pixels(), n_out * g.out_pixels());
     let tiles = t.tiles_h * t.tiles_w;
-    let batch = images_per_block(g, t);
+    let batch = images_per_block(g, t, images.len());
     let mut first_fill = true;
     // The first block's products replace dU (no pass clearing it first).
     let mut accumulate = false;
