@@ -360,7 +360,7 @@ fn pointwise_cases_with_few_images_split_inside_them() {
 /// 20 × 10 F(2×2) tiles, whose grad-weight two threads split inside it; and 128 channels on
 /// 64-tile images, enough channels for blocks past the cache's size (four images to a block:
 /// one thread's five images in blocks of four and one, two threads' three and two).
-fn winograd_cases() -> [Case; 14] {
+fn winograd_cases() -> [Case; 16] {
     let same = Conv2dParams::with_padding(Padding::Same);
     [
         ([2, 8, 37, 29], [16, 8, 3, 3], same),
@@ -384,6 +384,10 @@ fn winograd_cases() -> [Case; 14] {
         // One image of 20 × 10 tiles: on two threads, its grad-weight split inside it.
         ([1, 16, 40, 19], [16, 16, 3, 3], same),
         ([5, 128, 16, 16], [128, 128, 3, 3], same),
+        // Blocks of whole images shared by two threads in the grad-weight: seven 36-tile
+        // images and one (F(2×2, 3×3)), two 25-tile images (F(4×4, 3×3)).
+        ([8, 256, 12, 12], [256, 256, 3, 3], same),
+        ([2, 256, 20, 20], [256, 256, 3, 3], same),
     ]
 }
 
@@ -451,8 +455,8 @@ fn winograd_cases_cover_every_transform() {
         |(input, weight, p): Case| Transform::of(&ConvGeometry::new(input, weight, &p).unwrap());
     let count = |cases: &[Option<Transform>], t| cases.iter().filter(|&&c| c == Some(t)).count();
     let square: Vec<_> = winograd_cases().into_iter().map(of).collect();
-    assert_eq!(count(&square, Transform::F2x2), 8);
-    assert_eq!(count(&square, Transform::F4x4), 6);
+    assert_eq!(count(&square, Transform::F2x2), 9);
+    assert_eq!(count(&square, Transform::F4x4), 7);
     let axis: Vec<_> = winograd_f4_cases().into_iter().map(of).collect();
     assert_eq!(count(&axis, Transform::F4Down), 5);
     assert_eq!(count(&axis, Transform::F4Across), 5);
@@ -478,7 +482,7 @@ fn winograd_cases_take_the_winograd_grad_weight() {
         Transform::F4Down,
         Transform::F4Across,
     ];
-    for (threads, want) in [(1, 23), (2, 20)] {
+    for (threads, want) in [(1, 25), (2, 22)] {
         let on_winograd: Vec<&ConvGeometry> = cases
             .iter()
             .filter(|g| GradWeightKernel::choose(exec(threads), g) == GradWeightKernel::Winograd)
@@ -529,6 +533,19 @@ fn winograd_blocks_hold_only_a_tasks_images() {
     let two_images = 2 * 16 * (128 + 128) * 49 * 4;
     for grad_weight in [false, true] {
         assert_eq!(bytes(10, grad_weight) - bytes(8, grad_weight), two_images);
+    }
+}
+
+/// On two threads the grad-weight of the Winograd cases with 256 channels shares blocks of
+/// their images (one dU for both threads), and no other case's does; on one thread none.
+#[test]
+fn many_channel_winograd_cases_share_image_blocks() {
+    use sepconv::kernels::winograd_grad_weight::shares_image_blocks;
+    for (input, weight, p) in winograd_cases().into_iter().chain(winograd_f4_cases()) {
+        let g = ConvGeometry::new(input, weight, &p).unwrap();
+        assert!(!shares_image_blocks(exec(1), &g), "{input:?}");
+        let many = input[1] == 256;
+        assert_eq!(shares_image_blocks(exec(2), &g), many, "{input:?}");
     }
 }
 

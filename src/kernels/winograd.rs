@@ -854,7 +854,7 @@ fn image_batch(
 }
 
 /// The phase planes of one image's input channels, split over the threads by channels.
-fn fill_phases_by_channels(
+pub(super) fn fill_phases_by_channels(
     exec: Exec,
     g: &ConvGeometry,
     t: &Tiling,

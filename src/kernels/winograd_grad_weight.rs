@@ -15,14 +15,16 @@
 //! output-gradient values read from the planes (zero past the last row and column), `A y` on
 //! the columns and rows. Each task sums its images into its own dU; the tasks' sums are added
 //! and transformed back by the filter transform's adjoint at the end. With too few images for
-//! the threads, each image's transforms are split by channels and its products by ξ.
+//! the threads, each image's transforms are split by channels and its products by ξ; so are
+//! blocks of small images with many channels, shared by the threads, whose one dU saves a
+//! copy per thread ([`shares_image_blocks`]).
 
 use super::gemm::{MatView, gemm};
 use super::simd::SimdF32;
 use super::winograd::{
     self, FilterMatrix, Tiling, Transform, block_len, block_rows, column, deinterleave4,
-    fill_all_phases, for_each_block_within_images, images_per_block, store_lanes, transform_input,
-    transform_input_by_channels,
+    fill_all_phases, fill_phases_by_channels, for_each_block_within_images, images_per_block,
+    store_lanes, transform_input, transform_input_by_channels,
 };
 use super::{Exec, Isa, Workspace, for_each_image_task, shifted_grad_weight, splits_inside_images};
 use crate::error::Result;
@@ -97,30 +99,40 @@ pub fn grad_weight(
     let (m_in, taps) = (g.in_channels, g.kernel_h * g.kernel_w);
     let du_len = t.xis() * g.out_channels * m_in;
     let within_images = splits_inside_images(exec.threads(), g.batch);
-    let tasks = if within_images {
+    let shared = shares_image_blocks(exec, g);
+    // Tasks with a dU of their own: one where the threads split each image or share blocks of
+    // images, else one per thread's run of images (for_each_image_task's split).
+    let tasks = if within_images || shared {
         1
     } else {
         exec.threads().min(g.batch)
     };
-    // Each task's images (for_each_image_task's split), one where the images are split inside.
-    let task_images = if within_images {
-        1
+    // The images a task's blocks are drawn from, and those whose phase planes it holds at once.
+    let (task_images, plane_images) = if within_images {
+        (1, 1)
+    } else if shared {
+        (g.batch, images_per_block(g, &t, g.batch))
     } else {
-        g.batch.div_ceil(tasks)
+        (g.batch.div_ceil(tasks), 1)
     };
+    let planes_len = plane_images * m_in * t.layout.len;
     // Per task: its dU, its phase planes, a block's V and Z; then each thread's rows for the
     // final transform.
-    let per_task = du_len + m_in * t.layout.len + block_len(g, &t, task_images);
+    let per_task = du_len + planes_len + block_len(g, &t, task_images);
     let scratch = ws.take(per_task * tasks + exec.threads() * (taps + 1) * m_in)?;
     let (sums, rows) = scratch.split_at_mut(per_task * tasks);
-    if within_images {
+    if within_images || shared {
         let (du, rest) = sums.split_at_mut(du_len);
-        let (phases, buf) = rest.split_at_mut(m_in * t.layout.len);
-        sum_within_images(exec, g, &t, x, gy, phases, buf, du);
+        let (phases, buf) = rest.split_at_mut(planes_len);
+        if shared {
+            sum_image_blocks(exec, g, &t, x, gy, phases, buf, du);
+        } else {
+            sum_within_images(exec, g, &t, x, gy, phases, buf, du);
+        }
     } else {
         for_each_image_task(g.batch, sums, per_task, |images, s| {
             let (du, rest) = s.split_at_mut(du_len);
-            let (phases, buf) = rest.split_at_mut(m_in * t.layout.len);
+            let (phases, buf) = rest.split_at_mut(planes_len);
             sum_images(exec.isa(), g, &t, x, gy, images, phases, buf, du);
         });
     }
@@ -165,7 +177,7 @@ fn sum_images(
                 let gyn = &gy[n * img_out..][..img_out];
                 transform_grad_output(isa, g, t, gyn, all, &mut z[k * tiles..], tb);
             }
-            add_products(g, t, z, v, tb, du, accumulate);
+            add_products(1, g, t, z, v, tb, du, accumulate);
             accumulate = true;
         }
     } else {
@@ -181,7 +193,7 @@ fn sum_images(
                 let z = &mut rest[..xis * n_out * tb];
                 transform_input(isa, t, phases, ty.clone(), v, tb);
                 transform_grad_output(isa, g, t, gyn, ty, z, tb);
-                add_products(g, t, z, v, tb, du, accumulate);
+                add_products(1, g, t, z, v, tb, du, accumulate);
                 accumulate = true;
             }
         }
@@ -210,7 +222,6 @@ fn sum_within_images(
     let (m_in, n_out, xis) = (g.in_channels, g.out_channels, t.xis());
     let ohw = g.out_pixels();
     let outs = n_out.div_ceil(exec.threads());
-    let xis_per_thread = xis.div_ceil(exec.threads());
     // The first block's products replace dU (every image has blocks).
     let mut accumulate = false;
     for_each_block_within_images(exec, g, t, x, phases, |n, ty, tb, phases| {
@@ -227,22 +238,105 @@ fn sum_within_images(
                     })
             },
         );
-        let (v, z) = (&*v, &*z);
-        du.par_chunks_mut(xis_per_thread * n_out * m_in)
-            .enumerate()
-            .for_each(|(i, dc)| {
-                for (k, d) in dc.chunks_exact_mut(n_out * m_in).enumerate() {
-                    add_product(g, t, i * xis_per_thread + k, z, v, tb, d, accumulate);
-                }
-            });
+        add_products(exec.threads(), g, t, z, v, tb, du, accumulate);
         accumulate = true;
     });
 }
 
+/// Whether [`grad_weight`] has the threads share blocks of whole images
+/// ([`sum_image_blocks`]) instead of each summing its own images into its own dU: 3 × 3
+/// kernels on images small enough for several to a block, with at least
+/// [`SHARED_BLOCK_CHANNELS`] channels (harmonic mean), where each task's dU (N·M per ξ) is
+/// large against the images' transforms; and a batch the threads can share image by image
+/// (else each image is split over them).
+pub fn shares_image_blocks(exec: Exec, g: &ConvGeometry) -> bool {
+    exec.threads() > 1
+        && !splits_inside_images(exec.threads(), g.batch)
+        && matches!(Transform::of(g), Some(Transform::F2x2 | Transform::F4x4))
+        && winograd::harmonic_channels_at_least(g, SHARED_BLOCK_CHANNELS)
+        && Tiling::new(g).is_ok_and(|t| images_per_block(g, &t, g.batch) > 1)
+}
+
+/// Channels (harmonic mean of input and output) from which [`shares_image_blocks`]: one dU
+/// instead of one per thread, written by the products and read back by the filter
+/// transform's adjoint once. Intel Xeon VM (harness, batch 8, 2 threads, min of 18, each way
+/// switched in one process, two runs in a slow phase): reference layer D (512 → 512 at 14²)
+/// 25.1 → 23.2 and 24.3 → 23.7 ms, its workspace 60.7 → 36.4 MB; 256 → 256 at 14² a tie
+/// (6.65 → 6.50, 6.80 → 6.83; 22.0 → 14.0 MB). Not taken: 128 → 128 at 14² (1.97 → 2.16),
+/// the MNIST network's 32 → 64 at 14², batch 64 (2.70 → 4.19: many small blocks, three waits
+/// each), D's 1 × 3 half (9.48 → 9.73, 9.46 → 9.89; its 3 × 1 a tie).
+const SHARED_BLOCK_CHANNELS: usize = 256;
+
+/// [`sum_images`] over the whole batch with the threads sharing each block of whole images
+/// ([`images_per_block`] of them): the block's phase planes (`planes`, one image's each) filled
+/// and its transforms computed by channels, then its products split by ξ, each thread adding
+/// into its own ξs' rows of the one `du` (nothing to sum after). `buf` holds a block's V and Z.
+#[allow(clippy::too_many_arguments)]
+fn sum_image_blocks(
+    exec: Exec,
+    g: &ConvGeometry,
+    t: &Tiling,
+    x: &[f32],
+    gy: &[f32],
+    planes: &mut [f32],
+    buf: &mut [f32],
+    du: &mut [f32],
+) {
+    let (m_in, n_out, xis, isa) = (g.in_channels, g.out_channels, t.xis(), exec.isa());
+    let (ohw, img_in) = (g.out_pixels(), m_in * g.in_pixels());
+    let img_out = n_out * ohw;
+    let tiles = t.tiles_h * t.tiles_w;
+    let per_block = images_per_block(g, t, g.batch);
+    let (plane_len, lay) = (m_in * t.layout.len, t.layout.len);
+    let ins = m_in.div_ceil(exec.threads());
+    let outs = n_out.div_ceil(exec.threads());
+    let mut accumulate = false;
+    for (b, first) in (0..g.batch).step_by(per_block).enumerate() {
+        let block = first..(first + per_block).min(g.batch);
+        let tb = block.len() * tiles;
+        for (k, n) in block.clone().enumerate() {
+            let ph = &mut planes[k * plane_len..(k + 1) * plane_len];
+            fill_phases_by_channels(exec, g, t, &x[n * img_in..][..img_in], ph, b == 0);
+        }
+        let planes = &*planes;
+        let (v, rest) = buf.split_at_mut(xis * m_in * tb);
+        let z = &mut rest[..xis * n_out * tb];
+        rayon::join(
+            || {
+                v.par_chunks_mut(ins * xis * tb)
+                    .enumerate()
+                    .for_each(|(i, vc)| {
+                        let chans = vc.len() / (xis * tb);
+                        for k in 0..block.len() {
+                            let ph = &planes[k * plane_len + i * ins * lay..][..chans * lay];
+                            transform_input(isa, t, ph, 0..t.tiles_h, &mut vc[k * tiles..], tb);
+                        }
+                    })
+            },
+            || {
+                z.par_chunks_mut(outs * xis * tb)
+                    .enumerate()
+                    .for_each(|(i, zc)| {
+                        let chans = zc.len() / (xis * tb);
+                        for (k, n) in block.clone().enumerate() {
+                            let gc = &gy[n * img_out + i * outs * ohw..][..chans * ohw];
+                            let all = 0..t.tiles_h;
+                            transform_grad_output(isa, g, t, gc, all, &mut zc[k * tiles..], tb);
+                        }
+                    })
+            },
+        );
+        add_products(exec.threads(), g, t, z, v, tb, du, accumulate);
+        accumulate = true;
+    }
+}
+
 /// `dU[ξ] += Z[ξ] · V[ξ]ᵀ` (`=` unless `accumulate`) for every ξ: Z holds `[n][ξ][tile]` and
-/// V `[m][ξ][tile]`, `tb` tiles each, and dU `[ξ][n][m]`.
+/// V `[m][ξ][tile]`, `tb` tiles each, and dU `[ξ][n][m]`. The ξs are split into `splits` runs
+/// that run in parallel, each adding into its own ξs' rows of dU (one run inside a task).
 #[allow(clippy::too_many_arguments)]
 fn add_products(
+    splits: usize,
     g: &ConvGeometry,
     t: &Tiling,
     z: &[f32],
@@ -251,12 +345,15 @@ fn add_products(
     du: &mut [f32],
     accumulate: bool,
 ) {
-    for (xi, d) in du
-        .chunks_exact_mut(g.out_channels * g.in_channels)
+    let per_xi = g.out_channels * g.in_channels;
+    let xis_per_run = t.xis().div_ceil(splits.max(1));
+    du.par_chunks_mut(xis_per_run * per_xi)
         .enumerate()
-    {
-        add_product(g, t, xi, z, v, tb, d, accumulate);
-    }
+        .for_each(|(i, dc)| {
+            for (k, d) in dc.chunks_exact_mut(per_xi).enumerate() {
+                add_product(g, t, i * xis_per_run + k, z, v, tb, d, accumulate);
+            }
+        });
 }
 
 /// `du_xi (N × M) += Z[ξ] · V[ξ]ᵀ` for the one ξ `xi` ([`add_products`]).
