@@ -287,8 +287,7 @@ fn sum_image_blocks(
     let img_out = n_out * ohw;
     let tiles = t.tiles_h * t.tiles_w;
     let per_block = images_per_block(g, t, g.batch);
-    let (plane_len, lay) = (m_in * t.layout.len, t.layout.len);
-    let ins = m_in.div_ceil(exec.threads());
+    let plane_len = m_in * t.layout.len;
     let outs = n_out.div_ceil(exec.threads());
     let mut accumulate = false;
     for (b, first) in (0..g.batch).step_by(per_block).enumerate() {
@@ -303,15 +302,12 @@ fn sum_image_blocks(
         let z = &mut rest[..xis * n_out * tb];
         rayon::join(
             || {
-                v.par_chunks_mut(ins * xis * tb)
-                    .enumerate()
-                    .for_each(|(i, vc)| {
-                        let chans = vc.len() / (xis * tb);
-                        for k in 0..block.len() {
-                            let ph = &planes[k * plane_len + i * ins * lay..][..chans * lay];
-                            transform_input(isa, t, ph, 0..t.tiles_h, &mut vc[k * tiles..], tb);
-                        }
-                    })
+                // Image k's tiles are columns k·tiles .. of every row of V.
+                for k in 0..block.len() {
+                    let ph = &planes[k * plane_len..(k + 1) * plane_len];
+                    let vk = &mut v[k * tiles..];
+                    transform_input_by_channels(exec, t, ph, 0..t.tiles_h, vk, tb);
+                }
             },
             || {
                 z.par_chunks_mut(outs * xis * tb)
