@@ -104,6 +104,10 @@ fn bad_options_are_one_line_errors_with_status_2() {
             vec!["bench", "--compare-torch", "--python", "/no/such/python"],
             "/no/such/python",
         ),
+        (
+            vec!["bench", "--markdown", "t.md", "--markdown-section", "a b"],
+            "--markdown-section 'a b'",
+        ),
     ] {
         let o = run(&args);
         assert_eq!(o.status.code(), Some(2), "{args:?}");
@@ -136,6 +140,62 @@ fn markdown_replaces_only_its_batch_between_the_markers() {
     assert!(!after.contains("\nold\n"), "{after}");
     assert!(after.contains("`sepconv bench --batch 2`"), "{after}");
     assert!(after.contains("| A | dw | forward | 9126 |"), "{after}");
+}
+
+/// An existing file without the section's markers is not overwritten: the run stops before
+/// benchmarking anything, with a one-line error naming the file and the markers it needs.
+#[test]
+fn markdown_into_a_file_without_its_markers_is_refused_before_the_runs() {
+    let md = temp_path("no-markers.md");
+    let before =
+        "# Notes\nkeep this\n<!-- bench-batch-2:start -->\nx\n<!-- bench-batch-2:end -->\n";
+    std::fs::write(&md, before).unwrap();
+    let path = md.to_string_lossy().into_owned();
+    let mut args = QUICK.to_vec();
+    args.extend(["--layers", "A", "--variants", "dw", "--passes", "forward"]);
+    args.extend(["--markdown", &path]);
+    let o = run(&args);
+    let after = std::fs::read_to_string(&md).unwrap();
+    let _ = std::fs::remove_file(&md);
+    assert_eq!(o.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(
+        err.contains(&path) && err.contains("<!-- bench:start -->"),
+        "{err}"
+    );
+    assert!(
+        o.stdout.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&o.stdout)
+    );
+    assert_eq!(after, before);
+}
+
+/// A new file gets the table between its section's markers (named by --markdown-section), so
+/// a second run replaces that table and leaves another section of the file as it was.
+#[test]
+fn markdown_sections_are_named_and_a_new_file_gets_markers() {
+    let md = temp_path("sections.md");
+    let _ = std::fs::remove_file(&md);
+    let path = md.to_string_lossy().into_owned();
+    let mut args = QUICK.to_vec();
+    args.extend(["--layers", "A", "--variants", "dw", "--passes", "forward"]);
+    args.extend(["--markdown", &path, "--markdown-section", "other_machine-2"]);
+    let o = run(&args);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let first = std::fs::read_to_string(&md).unwrap();
+    assert!(first.starts_with("<!-- other_machine-2:start -->\nMeasured by `sepconv bench"));
+    assert!(first.ends_with("<!-- other_machine-2:end -->\n"), "{first}");
+    let kept = "\n<!-- bench:start -->\nthis machine's table\n<!-- bench:end -->\n";
+    std::fs::write(&md, format!("{first}{kept}")).unwrap();
+    let o = run(&args);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let second = std::fs::read_to_string(&md).unwrap();
+    let _ = std::fs::remove_file(&md);
+    assert!(second.ends_with(kept), "{second}");
+    assert_eq!(second.matches("| layer | variant |").count(), 1, "{second}");
+    assert!(second.contains("| A | dw | forward |"), "{second}");
 }
 
 /// The depthwise-separable rows say whether they ran fused and, where they did, the same pass's

@@ -67,12 +67,85 @@ pub struct Args {
     /// (which must exist).
     #[arg(long, default_value = "python3", value_name = "PATH")]
     python: String,
-    /// Write the results as a Markdown table (with the machine they were measured on). If FILE
-    /// has `<!-- bench:start -->` and `<!-- bench:end -->` markers (with --batch N:
-    /// `bench-batch-N:start` and `:end`), only the text between them is replaced (this is how
-    /// the README's tables are regenerated).
+    /// Write the results as a Markdown table (with the machine they were measured on) between
+    /// the section's markers, `<!-- bench:start -->` and `<!-- bench:end -->` (with --batch N:
+    /// `bench-batch-N:start` and `:end`; see --markdown-section): an existing FILE keeps
+    /// everything outside them (this is how the README's tables are regenerated) and must have
+    /// them, checked before anything runs; a new FILE is the table between the markers.
     #[arg(long, value_name = "FILE")]
     markdown: Option<PathBuf>,
+    /// The name in the markers --markdown writes between (`<!-- NAME:start -->`, `<!--
+    /// NAME:end -->`), so one file can hold tables from several machines; letters, digits, `-`
+    /// and `_`. Default: `bench`, or `bench-batch-N` with --batch N.
+    #[arg(long, value_name = "NAME", requires = "markdown")]
+    markdown_section: Option<String>,
+}
+
+/// The start and end markers of the Markdown section named `name`.
+fn section_markers(name: &str) -> (String, String) {
+    (
+        format!("<!-- {name}:start -->"),
+        format!("<!-- {name}:end -->"),
+    )
+}
+
+/// The Markdown section's name: --markdown-section, else by the batch (the reference batches'
+/// table and each other batch's have their own).
+fn section_name(a: &Args) -> Result<String> {
+    match &a.markdown_section {
+        Some(name) => {
+            let ok = !name.is_empty()
+                && name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+            if ok {
+                Ok(name.clone())
+            } else {
+                Err(Error::invalid(format!(
+                    "--markdown-section '{name}': use letters, digits, '-' and '_'"
+                )))
+            }
+        }
+        None => Ok(a
+            .batch
+            .map_or("bench".to_string(), |n| format!("bench-batch-{n}"))),
+    }
+}
+
+/// `old` with the text between the section's markers replaced by `table`, or `None` when `old`
+/// lacks them (start before end).
+fn replace_section(old: &str, name: &str, table: &str) -> Option<String> {
+    let (start, end) = section_markers(name);
+    let i = old.find(&start)?;
+    let j = i + old[i..].find(&end)?;
+    Some(format!("{}{start}\n{table}{}", &old[..i], &old[j..]))
+}
+
+/// Checks, before minutes of benchmarking, that --markdown can be written as asked: a file that
+/// exists must be readable text with the section's markers (its other text is kept; without
+/// them there is nowhere to put the table but over it).
+fn check_markdown_target(path: &std::path::Path, name: &str) -> Result<()> {
+    let old = match std::fs::read_to_string(path) {
+        Ok(old) => old,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => {
+            return Err(Error::invalid(format!(
+                "--markdown {}: cannot read it ({e})",
+                path.display()
+            )));
+        }
+    };
+    match replace_section(&old, name, "") {
+        Some(_) => Ok(()),
+        None => {
+            let (start, end) = section_markers(name);
+            Err(Error::invalid(format!(
+                "--markdown {}: the file has no {start} ... {end} markers to put the table \
+                 between (add them, or name a new file)",
+                path.display()
+            )))
+        }
+    }
 }
 
 #[derive(Serialize)]
@@ -128,6 +201,10 @@ pub fn run(exec: Exec, a: Args) -> Result<()> {
             "--python {}: no such file",
             a.python
         )));
+    }
+    let section = section_name(&a)?;
+    if let Some(path) = &a.markdown {
+        check_markdown_target(path, &section)?;
     }
     let layers: Vec<ReferenceLayer> = a
         .layers
@@ -362,7 +439,7 @@ pub fn run(exec: Exec, a: Args) -> Result<()> {
             round_trips,
             torch: torch_version.as_deref(),
         };
-        write_markdown(path, &rows, &measured)?;
+        write_markdown(path, &section, &rows, &measured)?;
         println!("wrote {}", path.display());
     }
     if let Some(path) = &a.json {
@@ -690,7 +767,12 @@ struct Measured<'a> {
     torch: Option<&'a str>,
 }
 
-fn write_markdown(path: &std::path::Path, rows: &[Row], m: &Measured<'_>) -> Result<()> {
+fn write_markdown(
+    path: &std::path::Path,
+    section: &str,
+    rows: &[Row],
+    m: &Measured<'_>,
+) -> Result<()> {
     use std::fmt::Write;
     let Measured {
         exec,
@@ -789,18 +871,20 @@ fn write_markdown(path: &std::path::Path, rows: &[Row], m: &Measured<'_>) -> Res
             gains.join("; ")
         );
     }
-    // The reference batches' table between `bench` markers, another batch's between its own.
-    let name = batch.map_or("bench".to_string(), |n| format!("bench-batch-{n}"));
-    let (start, end) = (
-        format!("<!-- {name}:start -->"),
-        format!("<!-- {name}:end -->"),
-    );
+    // Between the section's markers: in the file as it is now (checked before the runs, but
+    // it may have changed since), or in a new file.
     let text = match std::fs::read_to_string(path) {
-        Ok(old) => match (old.find(&start), old.find(&end)) {
-            (Some(i), Some(j)) if i < j => format!("{}{start}\n{t}{}", &old[..i], &old[j..]),
-            _ => t,
-        },
-        Err(_) => t,
+        Ok(old) => replace_section(&old, section, &t).ok_or_else(|| {
+            Error::invalid(format!(
+                "--markdown {}: its {section} markers were removed during the run; the table \
+                 was not written",
+                path.display()
+            ))
+        })?,
+        Err(_) => {
+            let (start, end) = section_markers(section);
+            format!("{start}\n{t}{end}\n")
+        }
     };
     sepconv::io::write_atomic(path, text.as_bytes())
 }
