@@ -43,6 +43,21 @@
 //! forward and grad-input): F(2×2, 3×3) 8e-7–9e-7 (512 → 512 at 14²); F(4, 3) 2e-6–3e-6 (128
 //! → 128 at 56²); F(4×4, 3×3) 5e-6–8e-6 (32 → 64 at 112²), 8e-6–1.0e-5 (128 → 128 at 56²),
 //! 1.5e-5–1.6e-5 (512 → 512 at 28²). The tests hold all to 1e-4.
+//!
+//! Not for strided layers, where it was tried and lost. A 3 × 3 kernel at stride 2 is four
+//! stride-1 convolutions over the input's stride phase planes, with 2 × 2, 2 × 1, 1 × 2 and
+//! 1 × 1 kernels. Two prototypes (outside the crate) ran reference layer E's forward, 8 × 128 →
+//! 256 at 56², against the implicit GEMM in one process on the Intel Xeon VM, with relative
+//! errors of 6e-6:
+//! - F(4×4, 2×2) over all four phases as 4M channels (points 0, ±1, 2, ∞): 1.44× fewer
+//!   multiplications, 0.87–1.03× the implicit GEMM's time with blocks of 2–4 images, and
+//!   1.3× with one image per block. Its U is 25 × 256 × 512 floats (13 MB, 11× the
+//!   weights), read again from L3 for every block of images.
+//! - Each phase its own transform (F(4×4, 2×2), F(4, 2) along one axis, or none): 81 products
+//!   of K = 128, 1.78× fewer multiplications. It was slower: 35.8 ms against 32.0 on one
+//!   thread, at best, with 32 output channels at a time. The transformed products are 81/16 ≈
+//!   5× the output and the transformed input 1.27× the phase planes, and the K = 128 products
+//!   over about 200 tiles ran at 26–49 GMAC/s where the implicit GEMM ran at 60.
 
 use super::depthwise::{PhaseLayout, fill_phases};
 use super::elementwise;
