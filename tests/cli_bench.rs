@@ -108,6 +108,10 @@ fn bad_options_are_one_line_errors_with_status_2() {
             vec!["bench", "--markdown", "t.md", "--markdown-section", "a b"],
             "--markdown-section 'a b'",
         ),
+        (
+            vec!["bench", "--markdown", "/no/such/folder/t.md"],
+            "no such folder /no/such/folder",
+        ),
     ] {
         let o = run(&args);
         assert_eq!(o.status.code(), Some(2), "{args:?}");

@@ -127,7 +127,19 @@ fn replace_section(old: &str, name: &str, table: &str) -> Option<String> {
 fn check_markdown_target(path: &std::path::Path, name: &str) -> Result<()> {
     let old = match std::fs::read_to_string(path) {
         Ok(old) => old,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        // A new file: its folder must exist for the write at the end.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return match path.parent() {
+                Some(dir) if !dir.as_os_str().is_empty() && !dir.is_dir() => {
+                    Err(Error::invalid(format!(
+                        "--markdown {}: no such folder {}",
+                        path.display(),
+                        dir.display()
+                    )))
+                }
+                _ => Ok(()),
+            };
+        }
         Err(e) => {
             return Err(Error::invalid(format!(
                 "--markdown {}: cannot read it ({e})",
