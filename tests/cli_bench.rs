@@ -110,7 +110,11 @@ fn bad_options_are_one_line_errors_with_status_2() {
         ),
         (
             vec!["bench", "--markdown", "/no/such/folder/t.md"],
-            "no such folder /no/such/folder",
+            "--markdown /no/such/folder/t.md: no such folder /no/such/folder",
+        ),
+        (
+            vec!["bench", "--json", "/no/such/folder/t.json"],
+            "--json /no/such/folder/t.json: no such folder /no/such/folder",
         ),
     ] {
         let o = run(&args);

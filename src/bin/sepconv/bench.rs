@@ -121,24 +121,27 @@ fn replace_section(old: &str, name: &str, table: &str) -> Option<String> {
     Some(format!("{}{start}\n{table}{}", &old[..i], &old[j..]))
 }
 
+/// Checks that the folder `path` is to be written in exists (named by `flag` if not), before
+/// minutes of benchmarking rather than at the write after them.
+fn check_folder_exists(flag: &str, path: &std::path::Path) -> Result<()> {
+    match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() && !dir.is_dir() => Err(Error::invalid(format!(
+            "{flag} {}: no such folder {}",
+            path.display(),
+            dir.display()
+        ))),
+        _ => Ok(()),
+    }
+}
+
 /// Checks, before minutes of benchmarking, that --markdown can be written as asked: a file that
 /// exists must be readable text with the section's markers (its other text is kept; without
 /// them there is nowhere to put the table but over it).
 fn check_markdown_target(path: &std::path::Path, name: &str) -> Result<()> {
     let old = match std::fs::read_to_string(path) {
         Ok(old) => old,
-        // A new file: its folder must exist for the write at the end.
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return match path.parent() {
-                Some(dir) if !dir.as_os_str().is_empty() && !dir.is_dir() => {
-                    Err(Error::invalid(format!(
-                        "--markdown {}: no such folder {}",
-                        path.display(),
-                        dir.display()
-                    )))
-                }
-                _ => Ok(()),
-            };
+            return check_folder_exists("--markdown", path);
         }
         Err(e) => {
             return Err(Error::invalid(format!(
@@ -217,6 +220,9 @@ pub fn run(exec: Exec, a: Args) -> Result<()> {
     let section = section_name(&a)?;
     if let Some(path) = &a.markdown {
         check_markdown_target(path, &section)?;
+    }
+    if let Some(path) = &a.json {
+        check_folder_exists("--json", path)?;
     }
     let layers: Vec<ReferenceLayer> = a
         .layers
