@@ -221,7 +221,6 @@ fn sum_within_images(
 ) {
     let (m_in, n_out, xis) = (g.in_channels, g.out_channels, t.xis());
     let ohw = g.out_pixels();
-    let outs = n_out.div_ceil(exec.threads());
     // The first block's products replace dU (every image has blocks).
     let mut accumulate = false;
     for_each_block_within_images(exec, g, t, x, phases, |n, ty, tb, phases| {
@@ -230,13 +229,7 @@ fn sum_within_images(
         let z = &mut rest[..xis * n_out * tb];
         rayon::join(
             || transform_input_by_channels(exec, t, phases, ty.clone(), v, tb),
-            || {
-                z.par_chunks_mut(outs * xis * tb)
-                    .zip(gyn.par_chunks(outs * ohw))
-                    .for_each(|(zc, gc)| {
-                        transform_grad_output(exec.isa(), g, t, gc, ty.clone(), zc, tb)
-                    })
-            },
+            || transform_grad_output_by_channels(exec, g, t, gyn, ty.clone(), z, tb),
         );
         add_products(exec.threads(), g, t, z, v, tb, du, accumulate);
         accumulate = true;
@@ -282,13 +275,11 @@ fn sum_image_blocks(
     buf: &mut [f32],
     du: &mut [f32],
 ) {
-    let (m_in, n_out, xis, isa) = (g.in_channels, g.out_channels, t.xis(), exec.isa());
-    let (ohw, img_in) = (g.out_pixels(), m_in * g.in_pixels());
-    let img_out = n_out * ohw;
+    let (m_in, n_out, xis) = (g.in_channels, g.out_channels, t.xis());
+    let (img_in, img_out) = (m_in * g.in_pixels(), n_out * g.out_pixels());
     let tiles = t.tiles_h * t.tiles_w;
     let per_block = images_per_block(g, t, g.batch);
     let plane_len = m_in * t.layout.len;
-    let outs = n_out.div_ceil(exec.threads());
     let mut accumulate = false;
     for (b, first) in (0..g.batch).step_by(per_block).enumerate() {
         let block = first..(first + per_block).min(g.batch);
@@ -310,16 +301,12 @@ fn sum_image_blocks(
                 }
             },
             || {
-                z.par_chunks_mut(outs * xis * tb)
-                    .enumerate()
-                    .for_each(|(i, zc)| {
-                        let chans = zc.len() / (xis * tb);
-                        for (k, n) in block.clone().enumerate() {
-                            let gc = &gy[n * img_out + i * outs * ohw..][..chans * ohw];
-                            let all = 0..t.tiles_h;
-                            transform_grad_output(isa, g, t, gc, all, &mut zc[k * tiles..], tb);
-                        }
-                    })
+                // Likewise image k's tiles in Z.
+                for (k, n) in block.clone().enumerate() {
+                    let gyn = &gy[n * img_out..][..img_out];
+                    let zk = &mut z[k * tiles..];
+                    transform_grad_output_by_channels(exec, g, t, gyn, 0..t.tiles_h, zk, tb);
+                }
             },
         );
         add_products(exec.threads(), g, t, z, v, tb, du, accumulate);
@@ -521,6 +508,23 @@ unsafe fn kernels_by_vectors<S: SimdF32, const T: usize>(
             }
         }
     }
+}
+
+/// [`transform_grad_output`] of one image's output-gradient planes `gyn` split over the threads
+/// by output channels, each thread writing its channels' rows of Z (`ld` floats apart).
+fn transform_grad_output_by_channels(
+    exec: Exec,
+    g: &ConvGeometry,
+    t: &Tiling,
+    gyn: &[f32],
+    ty: Range<usize>,
+    z: &mut [f32],
+    ld: usize,
+) {
+    let (outs, ohw) = (g.out_channels.div_ceil(exec.threads()), g.out_pixels());
+    z.par_chunks_mut(outs * t.xis() * ld)
+        .zip(gyn.par_chunks(outs * ohw))
+        .for_each(|(zc, gc)| transform_grad_output(exec.isa(), g, t, gc, ty.clone(), zc, ld));
 }
 
 /// Z[n][ξ][tile] = (A dY Aᵀ)[ξ] (3 × 3) or (A dY)[ξ] (3 × 1, 1 × 3) for the output-gradient

@@ -112,12 +112,19 @@ fn section_name(a: &Args) -> Result<String> {
     }
 }
 
-/// `old` with the text between the section's markers replaced by `table`, or `None` when `old`
-/// lacks them (start before end).
-fn replace_section(old: &str, name: &str, table: &str) -> Option<String> {
+/// Where the section's start marker and, after it, its end marker begin in `text`; `None`
+/// when `text` lacks them.
+fn section_span(text: &str, name: &str) -> Option<(usize, usize)> {
     let (start, end) = section_markers(name);
-    let i = old.find(&start)?;
-    let j = i + old[i..].find(&end)?;
+    let i = text.find(&start)?;
+    Some((i, i + text[i..].find(&end)?))
+}
+
+/// `old` with the text between the section's markers replaced by `table`, or `None` when `old`
+/// lacks them.
+fn replace_section(old: &str, name: &str, table: &str) -> Option<String> {
+    let (i, j) = section_span(old, name)?;
+    let (start, _) = section_markers(name);
     Some(format!("{}{start}\n{table}{}", &old[..i], &old[j..]))
 }
 
@@ -150,7 +157,7 @@ fn check_markdown_target(path: &std::path::Path, name: &str) -> Result<()> {
             )));
         }
     };
-    match replace_section(&old, name, "") {
+    match section_span(&old, name) {
         Some(_) => Ok(()),
         None => {
             let (start, end) = section_markers(name);
