@@ -549,6 +549,7 @@ unsafe fn blocks<S: SimdF32, const ROWS: usize, const VECS: usize, const AHEAD: 
     let pack = S::REGISTERS >= 32 && packs(ops, block);
     let mut panel = std::mem::MaybeUninit::<Panel>::uninit();
     let panel_ptr = panel.as_mut_ptr().cast::<f32>();
+    let prefetching = prefetching_row_blocks(ops.k, ops.n / ROWS);
     let mut p0 = 0;
     while p0 < p_end {
         let width = if p0 == 0 && lead > 0 {
@@ -588,9 +589,9 @@ unsafe fn blocks<S: SimdF32, const ROWS: usize, const VECS: usize, const AHEAD: 
                     block_p0,
                     width,
                     store,
-                    // Unpacked, the row blocks share the prefetches of the next column block
-                    // of D's rows; packing prefetches it itself.
-                    (!packed).then_some((n0 / ROWS, ops.n / ROWS)),
+                    // Unpacked, the first row blocks share the prefetches of the next column
+                    // block of D's rows; packing prefetches it itself.
+                    (!packed && n0 / ROWS < prefetching).then_some((n0 / ROWS, prefetching)),
                     &mut prefetcher,
                 )
             };
@@ -700,10 +701,33 @@ unsafe fn pack_panel<S: SimdF32, const VECS: usize>(ops: Operands<'_>, p0: usize
     }
 }
 
+/// The most D rows whose next column block one row block prefetches alone.
+const PREFETCH_ROWS_PER_BLOCK: usize = 32;
+
+/// How many of a column block's `row_blocks` full row blocks share the prefetches of the next
+/// column block of the K rows of D: the first alone where K ≤ [`PREFETCH_ROWS_PER_BLOCK`]
+/// (at most 96 lines, issued early in the column block), every row block on deeper products.
+/// Every row block sharing them is the Intel VM's choice (C's K = 128 2–9% faster than the
+/// first block issuing all 384 at once, B's grad-input at K = 64 7–8%), but at K = 32 it
+/// leaves the last rows' lines to arrive just as the next column block reads them: on the
+/// Zen 4 VM reference layer B's fused depthwise-separable forward (K = 32, the band's
+/// intermediate 0.8 MB against a 1 MB L2) took 2.80–2.82 ms against 2.63–2.68 with the first
+/// row block issuing them (harness, the two ways switched in one process, min of 12 × 5,
+/// twice), B's unfused pointwise forward a tie (1.92–1.95 against 1.91–1.94). On the Zen 4
+/// VM too, C's K = 128 spread over only four of its 16 row blocks lost 1.5–3%.
+fn prefetching_row_blocks(k: usize, row_blocks: usize) -> usize {
+    if k <= PREFETCH_ROWS_PER_BLOCK {
+        1
+    } else {
+        row_blocks.max(1)
+    }
+}
+
 /// One block: R rows of Y, `width` ≤ VECS·LANES columns (partial vectors masked).
-/// `prefetch_next` = `Some((b, blocks))` (row block b of the column block's `blocks` full ones)
-/// prefetches the next column block of the D rows k ≡ b (mod blocks): D's K rows are K
-/// separate streams, more than the hardware prefetcher follows. Reference layer B's pointwise
+/// `prefetch_next` = `Some((b, blocks))` (row block b of the first `blocks` row blocks of the
+/// column block, [`prefetching_row_blocks`]) prefetches the next column block of the D rows
+/// k ≡ b (mod blocks): D's K rows are K separate streams, more than the hardware prefetcher
+/// follows. Reference layer B's pointwise
 /// layer (K = 32 forward, 64 grad-input; harness, min of 40–60, alternated 3×), with the first
 /// row block prefetching every row: forward 2.20–2.59 → 2.00–2.27 ms, grad-input 2.77–3.02 →
 /// 2.41–2.58; C's (K = 128) and D's (K = 512) unchanged within noise. Shared out over the row
@@ -711,8 +735,8 @@ unsafe fn pack_panel<S: SimdF32, const VECS: usize>(ops: Operands<'_>, p0: usize
 /// Intel Xeon VM, the two ways switched in one process (min of 15–30):
 /// C's pointwise forward 6.19–6.34 → 5.61–5.67 ms on 1 thread, 2.73–2.77 → 2.68–2.72 on 2;
 /// B's grad-input 4.12–4.22 → 3.79–3.83 and 2.10–2.11 → 1.95–1.97; E's (K = 256) and a
-/// 64 → 128 layer at 14 × 14 (batch 64) 1–3%. With `AHEAD`, a full block also takes its steps
-/// of `prefetcher`.
+/// 64 → 128 layer at 14 × 14 (batch 64) 1–3%; but not at K ≤ 32 ([`prefetching_row_blocks`]).
+/// With `AHEAD`, a full block also takes its steps of `prefetcher`.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 unsafe fn tile<S: SimdF32, const R: usize, const VECS: usize, const AHEAD: bool>(
