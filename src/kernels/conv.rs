@@ -1200,8 +1200,9 @@ pub(super) enum TransposedWeight<'a> {
 /// there. AVX2 on this machine (harness, min of 10, alternated 2×): the pointwise grad-input
 /// of reference layer D 6.16–6.48 → 4.81–5.48 ms, C 4.75–4.83 → 4.30, E 2.36 → 2.03–2.10,
 /// B a tie; D's three gradients 10.1–10.3 → 9.0. With AVX-512's 8 × 3 blocks the copy pays
-/// only from K = 512 (`wants_row_major_c`, where D's packed panels compete in L2). It had measured
-/// slower on D (3.99–4.07 → 4.25–4.46 ms) before `small_k_gemm` packed deep panels of D.
+/// only from K = 512 (`wants_row_major_c`, where D's packed panels compete in L2), and only on
+/// the cores where `small_k_gemm` packs them (`Cores::copies_deep_transposed_weights`): on
+/// Zen 4 it measured slower on D (3.99–4.07 → 4.25–4.46 ms) before the packing and still does.
 pub(super) fn with_transposed_weight<R>(
     exec: Exec,
     g: &ConvGeometry,

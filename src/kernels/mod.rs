@@ -39,6 +39,7 @@
 
 pub mod channels_last_grad_weight;
 pub mod conv;
+pub mod cores;
 pub mod dense;
 pub mod depthwise;
 pub mod depthwise_blocked;

@@ -7,9 +7,9 @@
 //! there). Here C is never packed: each 8 × 3-vector block of Y keeps 24 accumulators in
 //! registers while k runs over all of K, reading 3 vectors of a D row and broadcasting 8
 //! scalars of C per step (24 FMAs per 11 loads). Column blocks are the outer loop so the
-//! K × 48 slice of D they read stays in L1 across all row blocks; slices whose rows start on
-//! more than 128 cache lines, which do not, are first copied into one aligned panel (see
-//! `packs`).
+//! K × 48 slice of D they read stays in L1 across all row blocks; on Intel's cores, slices
+//! whose rows start on more than 128 cache lines, which do not, are first copied into one
+//! aligned panel (see `packs` and `Cores::packs_deep_panels`).
 //!
 //! Eight rows rather than six (with 4 vectors): channel counts are multiples of 8, so no
 //! short remainder block, and the narrower D slice fits L1 at K = 128. Harness, 2 threads,
@@ -21,6 +21,7 @@
 use std::marker::PhantomData;
 use std::ops::Range;
 
+use super::cores::Cores;
 use super::simd::{Isa, SimdF32};
 
 /// Rows and vectors of Y per register block with 32 vector registers (AVX-512).
@@ -33,9 +34,11 @@ const NARROW_BLOCK: (usize, usize) = (6, 2);
 
 /// Whether `small_k_gemm` reads a C of depth `k` faster row-major than column-wise on `isa`:
 /// with 16 vector registers, where it runs narrow blocks (see `conv::with_transposed_weight`),
-/// and from [`COLUMN_READ_MAX_K`] on.
+/// and from [`COLUMN_READ_MAX_K`] on, on the cores where that measured faster
+/// ([`Cores::copies_deep_transposed_weights`]).
 pub fn wants_row_major_c(isa: Isa, k: usize) -> bool {
-    isa.registers() < 32 || k >= COLUMN_READ_MAX_K
+    isa.registers() < 32
+        || (k >= COLUMN_READ_MAX_K && Cores::detect().copies_deep_transposed_weights())
 }
 
 /// Depth from which a column-wise C costs more than a row-major copy even with AVX-512's 8 × 3
@@ -313,7 +316,8 @@ pub fn small_k_gemm_ahead(
         ld: ldy,
         _y: PhantomData,
     };
-    gemm_in_depth_slices(isa, ops, out, store, ahead)
+    let pack_panels = Cores::detect().packs_deep_panels();
+    gemm_in_depth_slices(isa, ops, out, store, ahead, pack_panels)
 }
 
 /// Where [`small_k_gemm`]'s kernels write Y: its first element and row stride, for the N × P
@@ -415,7 +419,8 @@ impl<'a> ColumnWindow<'a> {
             ld: self.ld,
             _y: PhantomData,
         };
-        gemm_in_depth_slices(isa, ops, out, store, Ahead::NONE)
+        let pack_panels = Cores::detect().packs_deep_panels();
+        gemm_in_depth_slices(isa, ops, out, store, Ahead::NONE, pack_panels)
     }
 }
 
@@ -439,9 +444,16 @@ const SLICE_DEPTH: usize = 192;
 /// products lost or tied: C's 3 × 1 (K = 384) 20.7 → 21.2–22.4, D's pointwise and Winograd
 /// products (K = 512) unchanged, hence the threshold. Slicing drops streamed stores (a slice
 /// reads back what the one before wrote), which the gains above include.
-fn gemm_in_depth_slices(isa: Isa, ops: Operands<'_>, out: Out<'_>, store: Store, ahead: Ahead) {
+fn gemm_in_depth_slices(
+    isa: Isa,
+    ops: Operands<'_>,
+    out: Out<'_>,
+    store: Store,
+    ahead: Ahead,
+    pack_panels: bool,
+) {
     if ops.k <= SLICE_ABOVE {
-        return gemm_dispatch(isa, ops, out, store, ahead);
+        return gemm_dispatch(isa, ops, out, store, ahead, pack_panels);
     }
     let slices = ops.k.div_ceil(SLICE_DEPTH);
     let mut k0 = 0;
@@ -468,17 +480,23 @@ fn gemm_in_depth_slices(isa: Isa, ops: Operands<'_>, out: Out<'_>, store: Store,
         };
         // The prefetches of what follows the product go with its last slice.
         let ahead = if k1 == ops.k { ahead } else { Ahead::NONE };
-        gemm_dispatch(isa, slice, out, store, ahead);
+        gemm_dispatch(isa, slice, out, store, ahead, pack_panels);
         k0 = k1;
     }
 }
 
 crate::simd_dispatch!(fn gemm_dispatch => gemm_kernel(
-    ops: Operands<'_>, y: Out<'_>, store: Store, ahead: Ahead
+    ops: Operands<'_>, y: Out<'_>, store: Store, ahead: Ahead, pack_panels: bool
 ));
 
 #[inline(always)]
-unsafe fn gemm_kernel<S: SimdF32>(ops: Operands<'_>, y: Out<'_>, store: Store, ahead: Ahead) {
+unsafe fn gemm_kernel<S: SimdF32>(
+    ops: Operands<'_>,
+    y: Out<'_>,
+    store: Store,
+    ahead: Ahead,
+    pack_panels: bool,
+) {
     let (y, ldy) = (y.ptr, y.ld);
     const W: (usize, usize) = WIDE_BLOCK;
     const N: (usize, usize) = NARROW_BLOCK;
@@ -489,16 +507,26 @@ unsafe fn gemm_kernel<S: SimdF32>(ops: Operands<'_>, y: Out<'_>, store: Store, a
     let prefetch = ahead.lines() > 0;
     unsafe {
         match (S::REGISTERS >= 32, prefetch) {
-            (true, false) => blocks::<S, { W.0 }, { W.1 }, false>(ops, y, ldy, store, ahead),
-            (true, true) => blocks::<S, { W.0 }, { W.1 }, true>(ops, y, ldy, store, ahead),
-            (false, false) => blocks::<S, { N.0 }, { N.1 }, false>(ops, y, ldy, store, ahead),
-            (false, true) => blocks::<S, { N.0 }, { N.1 }, true>(ops, y, ldy, store, ahead),
+            (true, false) => {
+                blocks::<S, { W.0 }, { W.1 }, false>(ops, y, ldy, store, ahead, pack_panels)
+            }
+            (true, true) => {
+                blocks::<S, { W.0 }, { W.1 }, true>(ops, y, ldy, store, ahead, pack_panels)
+            }
+            (false, false) => {
+                blocks::<S, { N.0 }, { N.1 }, false>(ops, y, ldy, store, ahead, pack_panels)
+            }
+            (false, true) => {
+                blocks::<S, { N.0 }, { N.1 }, true>(ops, y, ldy, store, ahead, pack_panels)
+            }
         }
     }
 }
 
 /// The product in `ROWS × VECS`-vector register blocks: column blocks outside, row blocks
 /// inside, the last rows in a shorter block. With `AHEAD`, the full blocks prefetch `ahead`.
+/// With `pack_panels` ([`Cores::packs_deep_panels`]), the column blocks that [`packs`] picks
+/// are copied into an aligned panel first.
 #[inline(always)]
 unsafe fn blocks<S: SimdF32, const ROWS: usize, const VECS: usize, const AHEAD: bool>(
     ops: Operands<'_>,
@@ -506,6 +534,7 @@ unsafe fn blocks<S: SimdF32, const ROWS: usize, const VECS: usize, const AHEAD: 
     ldy: usize,
     store: Store,
     ahead: Ahead,
+    pack_panels: bool,
 ) {
     let accumulate = store == Store::Accumulate;
     let l = S::LANES;
@@ -546,7 +575,7 @@ unsafe fn blocks<S: SimdF32, const ROWS: usize, const VECS: usize, const AHEAD: 
     let p_end = ops.p - row_tail - dot_tail;
     let full_blocks = (p_end - lead) / block * (ops.n / ROWS);
     let mut prefetcher = Prefetcher::new(ahead, full_blocks * ops.k);
-    let pack = S::REGISTERS >= 32 && packs(ops, block);
+    let pack = pack_panels && S::REGISTERS >= 32 && packs(ops, block);
     let mut panel = std::mem::MaybeUninit::<Panel>::uninit();
     let panel_ptr = panel.as_mut_ptr().cast::<f32>();
     let prefetching = prefetching_row_blocks(ops.k, ops.n / ROWS);
@@ -656,6 +685,8 @@ const PACK_FROM_ROWS: usize = 64;
 /// two builds alternated: C's 3 × 1 forward 19.8 → 18.1 (1 thread), 16.5 → 14.0 (2); D's
 /// pointwise 5.64 → 5.31; E's 3 × 3 stride 2 and D's 3 × 1 2–3% faster; 5 × 5 kernels on 32
 /// and 64 channels, packed by depth alone, 3–7% slower (a slice's rows start on about 40 lines).
+/// AMD's Zen 4 cores gained nothing from it, and lost 2–6% on E's products
+/// ([`Cores::packs_deep_panels`]).
 fn packs(ops: Operands<'_>, block: usize) -> bool {
     ops.n >= PACK_FROM_ROWS
         && ops.k * block <= PANEL_FLOATS
@@ -1303,7 +1334,8 @@ mod tests {
     }
 
     /// Every ISA, store, C layout (row-major, transposed) and D layout (strided, a permuting
-    /// table) of an `n × k × p` product with D rows `ldd` apart, against the naive sums. The
+    /// table) of an `n × k × p` product with D rows `ldd` apart, with and without packed
+    /// panels (whichever cores run the test), against the naive sums. The
     /// values are small multiples of 1/4, so every sum is exact in any order.
     fn assert_exact_against_naive_product(n: usize, k: usize, p: usize, ldd: usize) {
         let c: Vec<f32> = (0..n * k).map(|i| ((i * 37) % 11) as f32 - 5.0).collect();
@@ -1331,19 +1363,28 @@ mod tests {
                             Rows::Strided(ldd)
                         },
                     };
-                    let mut y = vec![2.0f32; n * p];
-                    small_k_gemm(isa, ops, &mut y, p, store);
-                    for i in 0..n {
-                        for j in 0..p {
-                            let row = |kk: usize| if from_table { table[kk] } else { kk * ldd };
-                            let product: f32 =
-                                (0..k).map(|kk| c[i * k + kk] * d[row(kk) + j]).sum();
-                            let before = if store == Store::Accumulate { 2.0 } else { 0.0 };
-                            assert_eq!(
-                                y[i * p + j],
-                                before + product + bias[i],
-                                "{isa} {store:?} transposed C {transposed_c}, table {from_table} [{i},{j}]"
-                            );
+                    for pack_panels in [false, true] {
+                        let mut y = vec![2.0f32; n * p];
+                        let out = Out {
+                            ptr: y.as_mut_ptr(),
+                            ld: p,
+                            _y: PhantomData,
+                        };
+                        ops.check();
+                        gemm_in_depth_slices(isa, ops, out, store, Ahead::NONE, pack_panels);
+                        for i in 0..n {
+                            for j in 0..p {
+                                let row = |kk: usize| if from_table { table[kk] } else { kk * ldd };
+                                let product: f32 =
+                                    (0..k).map(|kk| c[i * k + kk] * d[row(kk) + j]).sum();
+                                let before = if store == Store::Accumulate { 2.0 } else { 0.0 };
+                                assert_eq!(
+                                    y[i * p + j],
+                                    before + product + bias[i],
+                                    "{isa} {store:?} transposed C {transposed_c}, table {from_table}, \
+                                 panels {pack_panels} [{i},{j}]"
+                                );
+                            }
                         }
                     }
                 }
