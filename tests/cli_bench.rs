@@ -206,6 +206,42 @@ fn markdown_sections_are_named_and_a_new_file_gets_markers() {
     assert!(second.contains("| A | dw | forward |"), "{second}");
 }
 
+/// The markers count only on lines of their own: a file whose prose quotes them before the
+/// section (as the README's command table does) keeps that prose, and the table goes between
+/// the marker lines.
+#[test]
+fn markdown_markers_quoted_in_prose_are_not_the_section() {
+    let md = temp_path("quoted.md");
+    let path = md.to_string_lossy().into_owned();
+    let prose = "Writes between `<!-- bench:start -->` and `<!-- bench:end -->`.\n";
+    let before = format!("{prose}\n<!-- bench:start -->\nold table\n<!-- bench:end -->\nafter\n");
+    std::fs::write(&md, &before).unwrap();
+    let mut args = QUICK.to_vec();
+    args.extend(["--layers", "A", "--variants", "dw", "--passes", "forward"]);
+    args.extend(["--markdown", &path]);
+    let o = run(&args);
+    let after = std::fs::read_to_string(&md).unwrap();
+    let _ = std::fs::remove_file(&md);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        after.starts_with(&format!("{prose}\n<!-- bench:start -->\nMeasured by")),
+        "{after}"
+    );
+    assert!(after.ends_with("\n<!-- bench:end -->\nafter\n"), "{after}");
+    assert!(
+        !after.contains("old table") && after.contains("| A | dw | forward |"),
+        "{after}"
+    );
+
+    // Quoted markers alone are no section: refused before the run, the file untouched.
+    std::fs::write(&md, prose).unwrap();
+    let o = run(&args);
+    let kept = std::fs::read_to_string(&md).unwrap();
+    let _ = std::fs::remove_file(&md);
+    assert_eq!(o.status.code(), Some(2));
+    assert_eq!(kept, prose);
+}
+
 /// The depthwise-separable rows say whether they ran fused and, where they did, the same pass's
 /// time as two layers (the fusion's gain, printed and in the Markdown); the other variants
 /// carry neither.

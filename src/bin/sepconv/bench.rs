@@ -112,12 +112,23 @@ fn section_name(a: &Args) -> Result<String> {
     }
 }
 
-/// Where the section's start marker and, after it, its end marker begin in `text`; `None`
-/// when `text` lacks them.
+/// Where the lines of the section's start marker and, after it, its end marker begin in
+/// `text`; `None` when `text` lacks them. A marker counts only on a line of its own: a file
+/// that mentions the markers in its prose (this project's README does, in backticks) keeps
+/// that prose, where a plain search had put the table inside it.
 fn section_span(text: &str, name: &str) -> Option<(usize, usize)> {
     let (start, end) = section_markers(name);
-    let i = text.find(&start)?;
-    Some((i, i + text[i..].find(&end)?))
+    let mut begin = None;
+    let mut offset = 0;
+    for line in text.split_inclusive('\n') {
+        match begin {
+            None if line.trim() == start => begin = Some(offset),
+            Some(i) if line.trim() == end => return Some((i, offset)),
+            _ => {}
+        }
+        offset += line.len();
+    }
+    None
 }
 
 /// `old` with the text between the section's markers replaced by `table`, or `None` when `old`
