@@ -41,11 +41,13 @@ impl Cores {
     /// Whether a pointwise grad-input with AVX-512 reads a row-major copy of its weight from
     /// K = 512 output channels instead of the weight in place, column-wise
     /// (`pointwise::wants_row_major_c`). On Intel's cores the column-wise read cost more (D's
-    /// grad-input 3.46–3.95 → 2.94–3.00 ms with the copy); on Zen 4, where the deep products
-    /// do not pack their panels, it is the copy that costs: the harness above at batch 1
-    /// reference layer D's pointwise training step 1.53–1.55 ms with the copy against
-    /// 1.42–1.44 without, its depthwise-separable one 1.65–1.69 against 1.53–1.56; at batch 8
-    /// 11.9–12.2 against 11.8–12.4 and 12.7–13.5 against 12.4–12.9.
+    /// grad-input 3.46–3.95 → 2.94–3.00 ms with the copy); on Zen 4 it is the copy that costs,
+    /// with the panels packed or not (before packing existed there, D's grad-input measured
+    /// 3.99–4.07 ms reading the weight in place, 4.25–4.46 with the copy). The harness above,
+    /// the panels still packed: at batch 1 reference layer D's pointwise training step
+    /// 1.53–1.55 ms with the copy against 1.42–1.44 without, its depthwise-separable one
+    /// 1.65–1.69 against 1.53–1.56; at batch 8 11.9–12.2 against 11.8–12.4 and 12.7–13.5
+    /// against 12.4–12.9.
     pub fn copies_deep_transposed_weights(self) -> bool {
         self == Cores::Intel
     }

@@ -756,18 +756,17 @@ fn prefetching_row_blocks(k: usize, row_blocks: usize) -> usize {
 
 /// One block: R rows of Y, `width` ≤ VECS·LANES columns (partial vectors masked).
 /// `prefetch_next` = `Some((b, blocks))` (row block b of the first `blocks` row blocks of the
-/// column block, [`prefetching_row_blocks`]) prefetches the next column block of the D rows
-/// k ≡ b (mod blocks): D's K rows are K separate streams, more than the hardware prefetcher
-/// follows. Reference layer B's pointwise
-/// layer (K = 32 forward, 64 grad-input; harness, min of 40–60, alternated 3×), with the first
-/// row block prefetching every row: forward 2.20–2.59 → 2.00–2.27 ms, grad-input 2.77–3.02 →
-/// 2.41–2.58; C's (K = 128) and D's (K = 512) unchanged within noise. Shared out over the row
-/// blocks (likely: the first block's 3·K prefetches at once had queued behind each other),
-/// Intel Xeon VM, the two ways switched in one process (min of 15–30):
-/// C's pointwise forward 6.19–6.34 → 5.61–5.67 ms on 1 thread, 2.73–2.77 → 2.68–2.72 on 2;
-/// B's grad-input 4.12–4.22 → 3.79–3.83 and 2.10–2.11 → 1.95–1.97; E's (K = 256) and a
-/// 64 → 128 layer at 14 × 14 (batch 64) 1–3%; but not at K ≤ 32 ([`prefetching_row_blocks`]).
-/// With `AHEAD`, a full block also takes its steps of `prefetcher`.
+/// column block, [`prefetching_row_blocks`]) prefetches the next column block of the D rows k ≡ b
+/// (mod blocks): D's K rows are K separate streams, more than the hardware prefetcher follows.
+/// Reference layer B's pointwise layer (K = 32 forward, 64 grad-input; harness, min of 40–60,
+/// alternated 3×), with the first row block prefetching every row: forward 2.20–2.59 → 2.00–2.27
+/// ms, grad-input 2.77–3.02 → 2.41–2.58; C's (K = 128) and D's (K = 512) unchanged within noise.
+/// Shared out over the row blocks (likely: the first block's 3·K prefetches at once had queued
+/// behind each other), Intel Xeon VM, the two ways switched in one process (min of 15–30): C's
+/// pointwise forward 6.19–6.34 → 5.61–5.67 ms on 1 thread, 2.73–2.77 → 2.68–2.72 on 2; B's
+/// grad-input 4.12–4.22 → 3.79–3.83 and 2.10–2.11 → 1.95–1.97; E's (K = 256) and a 64 → 128 layer
+/// at 14 × 14 (batch 64) 1–3%; but not at K ≤ 32 ([`prefetching_row_blocks`]). With `AHEAD`, a full
+/// block also takes its steps of `prefetcher`.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 unsafe fn tile<S: SimdF32, const R: usize, const VECS: usize, const AHEAD: bool>(
@@ -1335,8 +1334,8 @@ mod tests {
 
     /// Every ISA, store, C layout (row-major, transposed) and D layout (strided, a permuting
     /// table) of an `n × k × p` product with D rows `ldd` apart, with and without packed
-    /// panels (whichever cores run the test), against the naive sums. The
-    /// values are small multiples of 1/4, so every sum is exact in any order.
+    /// panels (whichever cores run the test), against the naive sums. The values are small
+    /// multiples of 1/4, so every sum is exact in any order.
     fn assert_exact_against_naive_product(n: usize, k: usize, p: usize, ldd: usize) {
         let c: Vec<f32> = (0..n * k).map(|i| ((i * 37) % 11) as f32 - 5.0).collect();
         let ct: Vec<f32> = (0..k * n).map(|i| c[(i % n) * k + i / n]).collect();
