@@ -150,13 +150,10 @@ fn markdown_replaces_only_its_batch_between_the_markers() {
     assert!(after.contains("| A | dw | forward | 9126 |"), "{after}");
 }
 
-/// An existing file without the section's markers is not overwritten: the run stops before
-/// benchmarking anything, with a one-line error naming the file and the markers it needs.
-#[test]
-fn markdown_into_a_file_without_its_markers_is_refused_before_the_runs() {
-    let md = temp_path("no-markers.md");
-    let before =
-        "# Notes\nkeep this\n<!-- bench-batch-2:start -->\nx\n<!-- bench-batch-2:end -->\n";
+/// A quick one-row run with `--markdown` into a temporary file `name` that holds `before`:
+/// the run's output, the file's path and its text afterwards (the file removed).
+fn markdown_run_on(name: &str, before: &str) -> (std::process::Output, String, String) {
+    let md = temp_path(name);
     std::fs::write(&md, before).unwrap();
     let path = md.to_string_lossy().into_owned();
     let mut args = QUICK.to_vec();
@@ -165,6 +162,16 @@ fn markdown_into_a_file_without_its_markers_is_refused_before_the_runs() {
     let o = run(&args);
     let after = std::fs::read_to_string(&md).unwrap();
     let _ = std::fs::remove_file(&md);
+    (o, path, after)
+}
+
+/// An existing file without the section's markers is not overwritten: the run stops before
+/// benchmarking anything, with a one-line error naming the file and the markers it needs.
+#[test]
+fn markdown_into_a_file_without_its_markers_is_refused_before_the_runs() {
+    let before =
+        "# Notes\nkeep this\n<!-- bench-batch-2:start -->\nx\n<!-- bench-batch-2:end -->\n";
+    let (o, path, after) = markdown_run_on("no-markers.md", before);
     assert_eq!(o.status.code(), Some(2));
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(err.trim().lines().count(), 1, "{err}");
@@ -211,17 +218,9 @@ fn markdown_sections_are_named_and_a_new_file_gets_markers() {
 /// the marker lines.
 #[test]
 fn markdown_markers_quoted_in_prose_are_not_the_section() {
-    let md = temp_path("quoted.md");
-    let path = md.to_string_lossy().into_owned();
     let prose = "Writes between `<!-- bench:start -->` and `<!-- bench:end -->`.\n";
     let before = format!("{prose}\n<!-- bench:start -->\nold table\n<!-- bench:end -->\nafter\n");
-    std::fs::write(&md, &before).unwrap();
-    let mut args = QUICK.to_vec();
-    args.extend(["--layers", "A", "--variants", "dw", "--passes", "forward"]);
-    args.extend(["--markdown", &path]);
-    let o = run(&args);
-    let after = std::fs::read_to_string(&md).unwrap();
-    let _ = std::fs::remove_file(&md);
+    let (o, _, after) = markdown_run_on("quoted.md", &before);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(
         after.starts_with(&format!("{prose}\n<!-- bench:start -->\nMeasured by")),
@@ -234,10 +233,7 @@ fn markdown_markers_quoted_in_prose_are_not_the_section() {
     );
 
     // Quoted markers alone are no section: refused before the run, the file untouched.
-    std::fs::write(&md, prose).unwrap();
-    let o = run(&args);
-    let kept = std::fs::read_to_string(&md).unwrap();
-    let _ = std::fs::remove_file(&md);
+    let (o, _, kept) = markdown_run_on("quoted.md", prose);
     assert_eq!(o.status.code(), Some(2));
     assert_eq!(kept, prose);
 }
