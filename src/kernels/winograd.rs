@@ -692,7 +692,8 @@ fn forward_within_images(
     let xis = t.xis();
     let (v_all, prod_all) = rest.split_at_mut(xis * m_in * block_rows(g, t) * t.tiles_w);
     let outs = n_out.div_ceil(exec.threads());
-    for_each_block_within_images(exec, g, t, x, phases, |n, ty, tb, phases| {
+    let rows = block_rows(g, t);
+    for_each_block_within_images(exec, g, t, x, phases, rows, |n, ty, tb, phases| {
         let v = &mut v_all[..xis * m_in * tb];
         transform_input_by_channels(exec, t, phases, ty.clone(), v, tb);
         let v = &*v;
@@ -712,18 +713,18 @@ fn forward_within_images(
 }
 
 /// For each image `n` of `x` in turn, its phase planes filled by channels
-/// ([`fill_phases_by_channels`]), then `f(n, ty, tb, phases)` for each block of
-/// [`block_rows`] tile rows `ty` (`tb` tiles): the walk of the kernels that split each image
-/// over the threads.
+/// ([`fill_phases_by_channels`]), then `f(n, ty, tb, phases)` for each block of `rows` tile
+/// rows `ty` (`tb` tiles; the forward's [`block_rows`], or more where the scratch holds them):
+/// the walk of the kernels that split each image over the threads.
 pub(super) fn for_each_block_within_images(
     exec: Exec,
     g: &ConvGeometry,
     t: &Tiling,
     x: &[f32],
     phases: &mut [f32],
+    rows: usize,
     mut f: impl FnMut(usize, Range<usize>, usize, &[f32]),
 ) {
-    let rows = block_rows(g, t);
     for (n, xn) in x.chunks_exact(g.in_channels * g.in_pixels()).enumerate() {
         fill_phases_by_channels(exec, g, t, xn, phases, n == 0);
         for ty0 in (0..t.tiles_h).step_by(rows) {

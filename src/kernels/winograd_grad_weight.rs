@@ -223,7 +223,8 @@ fn sum_within_images(
     let ohw = g.out_pixels();
     // The first block's products replace dU (every image has blocks).
     let mut accumulate = false;
-    for_each_block_within_images(exec, g, t, x, phases, |n, ty, tb, phases| {
+    let rows = within_image_block_rows(g, t);
+    for_each_block_within_images(exec, g, t, x, phases, rows, |n, ty, tb, phases| {
         let gyn = &gy[n * n_out * ohw..][..n_out * ohw];
         let (v, rest) = buf.split_at_mut(xis * m_in * tb);
         let z = &mut rest[..xis * n_out * tb];
@@ -234,6 +235,27 @@ fn sum_within_images(
         add_products(exec.threads(), g, t, z, v, tb, du, accumulate);
         accumulate = true;
     });
+}
+
+/// Tile rows per block of [`sum_within_images`]: the forward's ([`block_rows`]: its V and Z
+/// within 2 MiB), except for F(4, 3) (3 × 1 and 1 × 3 kernels), whose blocks take the whole
+/// image. A block costs three parallel regions (the two transforms, then the products), and
+/// F(4, 3) has only 6 transformed positions to share out per block, each an N × M product over
+/// the block's tiles, so four blocks' waits cost more than a whole image's V and Z from L3;
+/// the workspace already holds an image's (`block_len`). Zen 4 VM (harness, 2 threads, min of
+/// 20 per round, 4 rounds, the two ways switched in one process): one image, reference layer
+/// B's 1 × 3 half (32 → 64 at 112², 4 blocks) 0.83–0.99 → 0.62–0.70 ms, C's 3 × 1 and 1 × 3
+/// (128 → 128 at 56²) 1.00–1.02 → 0.89–0.94 and 1.00–1.03 → 0.90–0.98; three images (odd, so
+/// split too) 3.01–3.08 → 2.26–2.38, 3.60–3.84 → 2.90–3.29, 3.50–3.73 → 2.99–3.17. The 3 × 3
+/// layers (36 positions) tied (C 1.43–1.53 against 1.42–1.46 ms; B 1.19–1.47 against
+/// 1.36–1.58, and at three images 3.87–4.29 against 3.69–3.95) and keep the forward's blocks.
+/// Where each thread sums its own images ([`sum_images`]) whole-image blocks lost (B's 1 × 3 at
+/// two images 1.16–1.26 → 1.38–1.51 ms, at eight 5.65–5.72 → 5.84–5.98).
+fn within_image_block_rows(g: &ConvGeometry, t: &Tiling) -> usize {
+    match Transform::of(g) {
+        Some(Transform::F4Down | Transform::F4Across) => t.tiles_h,
+        _ => block_rows(g, t),
+    }
 }
 
 /// Whether [`grad_weight`] has the threads share blocks of whole images
