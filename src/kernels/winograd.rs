@@ -690,9 +690,9 @@ fn forward_within_images(
     let ohw = g.out_pixels();
     let (phases, rest) = scratch.split_at_mut(m_in * t.layout.len);
     let xis = t.xis();
-    let (v_all, prod_all) = rest.split_at_mut(xis * m_in * block_rows(g, t) * t.tiles_w);
-    let outs = n_out.div_ceil(exec.threads());
     let rows = block_rows(g, t);
+    let (v_all, prod_all) = rest.split_at_mut(xis * m_in * rows * t.tiles_w);
+    let outs = n_out.div_ceil(exec.threads());
     for_each_block_within_images(exec, g, t, x, phases, rows, |n, ty, tb, phases| {
         let v = &mut v_all[..xis * m_in * tb];
         transform_input_by_channels(exec, t, phases, ty.clone(), v, tb);

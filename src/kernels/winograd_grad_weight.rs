@@ -252,8 +252,8 @@ fn sum_within_images(
 /// Where each thread sums its own images ([`sum_images`]) whole-image blocks lost (B's 1 × 3 at
 /// two images 1.16–1.26 → 1.38–1.51 ms, at eight 5.65–5.72 → 5.84–5.98).
 fn within_image_block_rows(g: &ConvGeometry, t: &Tiling) -> usize {
-    match Transform::of(g) {
-        Some(Transform::F4Down | Transform::F4Across) => t.tiles_h,
+    match t.transform {
+        Transform::F4Down | Transform::F4Across => t.tiles_h,
         _ => block_rows(g, t),
     }
 }
