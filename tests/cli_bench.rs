@@ -385,3 +385,52 @@ fn targets_say_whether_pytorch_or_the_peak_set_them() {
     assert!(stdout.contains("85% of peak"), "{stdout}");
     assert!(stdout.contains("of 2 targets met"), "{stdout}");
 }
+
+/// PyTorch's time for a row is the faster of its two memory formats, in both passes: its
+/// channels_last depthwise and pointwise layers run many times faster than NCHW, and the
+/// targets are against its best layout.
+#[cfg(unix)]
+#[test]
+fn pytorch_time_is_its_faster_memory_format_in_both_passes() {
+    let python = fake_python(
+        "python-layouts",
+        r#"[{"config": "D", "variant": "dw", "mode": "fwd", "min_ms": 1000.0},
+            {"config": "D", "variant": "dw", "mode": "fwd_cl", "min_ms": 500.0},
+            {"config": "D", "variant": "dw", "mode": "train", "min_ms": 3000.0},
+            {"config": "D", "variant": "dw", "mode": "train_cl", "min_ms": 40.0}]"#,
+    );
+    let json = temp_path("layouts.json");
+    let o = run(&[
+        "bench",
+        "--reps",
+        "1",
+        "--warmup",
+        "0",
+        "--threads",
+        "2",
+        "--no-peak",
+        "--layers",
+        "D",
+        "--variants",
+        "dw",
+        "--compare-torch",
+        "--python",
+        &python.to_string_lossy(),
+        "--json",
+        &json.to_string_lossy(),
+    ]);
+    let _ = std::fs::remove_file(&python);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let rows: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let _ = std::fs::remove_file(&json);
+    let torch = |pass: &str| {
+        rows.as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["layer"] == "D" && r["pass"] == pass)
+            .and_then(|r| r["torch_min_ms"].as_f64())
+    };
+    assert_eq!(torch("forward"), Some(500.0), "{rows}");
+    assert_eq!(torch("train"), Some(40.0), "{rows}");
+}

@@ -696,7 +696,7 @@ fn run_torch(
         };
         let pass = match m {
             "fwd" | "fwd_cl" => Pass::Forward,
-            "train" => Pass::Train,
+            "train" | "train_cl" => Pass::Train,
             _ => continue,
         };
         best.keep_best((c.to_string(), v.to_string(), pass), ms);
