@@ -1210,10 +1210,13 @@ fn same_width_layers_take_the_tap_gemm_grad_weight() {
 /// gathers per residue class), a 5 × 3 at stride 1 dilated across with asymmetric padding (the
 /// fused backward's general tap loops), a 3 × 3 at stride 2 "same" on odd and even sizes (as
 /// reference layer E), a 3 × 1 strided down only, a 2 × 2 at stride 3 (a third of the input
-/// rows get no tap), a 5 × 5 at stride 2 (classes of up to nine taps) and a 3 × 3 at stride 2
+/// rows get no tap), a 5 × 5 at stride 2 (classes of up to nine taps), a 3 × 3 at stride 2
 /// without padding whose output rows are whole vectors on every instruction set (16 columns:
-/// the last input column is read only by the last output's third tap).
-fn blocked_depthwise_cases() -> [Case; 9] {
+/// the last input column is read only by the last output's third tap), and a 5 × 5 at stride
+/// 1 with asymmetric padding (eight output pixels at a time sharing row loads, then the 5 of
+/// each 21-pixel row left; the row kernel takes it with AVX-512, this one with the others), and
+/// one on more than 2^20 floats with rows wider than 32 columns (this kernel with AVX-512 too).
+fn blocked_depthwise_cases() -> [Case; 11] {
     [
         (
             [2, 16, 13, 21],
@@ -1264,6 +1267,16 @@ fn blocked_depthwise_cases() -> [Case; 9] {
             [16, 1, 3, 3],
             Conv2dParams::default().groups(16).stride(2, 2),
         ),
+        (
+            [2, 16, 13, 20],
+            [16, 1, 5, 5],
+            explicit(1, 3, 3, 2).groups(16),
+        ),
+        (
+            [1, 32, 190, 180],
+            [32, 1, 5, 5],
+            Conv2dParams::with_padding(Padding::Same).groups(32),
+        ),
     ]
 }
 
@@ -1281,8 +1294,9 @@ fn blocked_depthwise_cases() -> [Case; 9] {
 /// columns (the last input column read only by the last output's third tap); padding wider
 /// than the kernel reaches; an even number of rows without padding (the last input row read
 /// by no output); five planes (split 3 + 2 over two threads). At stride 2 with depth
-/// multiplier 1 their gradients run on it too.
-fn row_depthwise_cases() -> [Case; 16] {
+/// multiplier 1 their gradients run on it too. Last, an input of more than 2^20 floats with
+/// rows of 111 columns (six whole vectors and a partial one), walked rows first.
+fn row_depthwise_cases() -> [Case; 17] {
     let same = Conv2dParams::with_padding(Padding::Same);
     [
         ([2, 16, 14, 14], [16, 1, 3, 3], same.groups(16)),
@@ -1337,6 +1351,7 @@ fn row_depthwise_cases() -> [Case; 16] {
             Conv2dParams::default().groups(4).stride(2, 2),
         ),
         ([1, 5, 9, 12], [5, 1, 3, 3], same.groups(5).stride(2, 2)),
+        ([2, 8, 600, 111], [8, 1, 3, 3], same.groups(8)),
     ]
 }
 

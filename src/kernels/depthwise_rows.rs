@@ -89,16 +89,34 @@ const MAX_WIDE_INPUT_FLOATS: usize = 1 << 20;
 
 /// Whether `g` runs on this kernel with instruction set `isa`: depthwise (any depth
 /// multiplier), a 3 × 3 or 5 × 5 kernel, any padding, AVX-512, and either stride 1 (any
-/// dilation) with output rows of at most 32 columns (`MAX_OUTPUT_WIDTH`) or an input of at
-/// most 2²⁰ floats (`MAX_WIDE_INPUT_FLOATS`), or stride 2 on both axes (dilation 1), where it
-/// won at every size: reference layer E at batch 8 (12.8 MB of input; harness, alternated
+/// dilation) with output rows of at most 32 columns (`MAX_OUTPUT_WIDTH`), an input of at
+/// most 2²⁰ floats (`MAX_WIDE_INPUT_FLOATS`), or a 3 × 3 on larger inputs with rows of up to
+/// 128 columns, walked a group of rows at a time ([`walks_rows_first`]); or stride 2 on both
+/// axes (dilation 1).
+///
+/// The larger 3 × 3 inputs went to the blocked kernel until the rows-first walk: its
+/// transposes in and out cost more than the row kernel's masked loads once the row kernel
+/// stopped fetching the planes again per column block. Reference layers B and C at batch 8 (12.8
+/// MB of input each; harness on the benchmark's buffers, the two ways switched in one process,
+/// 8 rounds of min of 40): B's depthwise forward 0.64–0.87 → 0.57–0.84 ms (faster in 7 of 8
+/// rounds), its depthwise training step 2.50–3.14 → 2.29–2.66 (8 of 8); C's 0.69–0.91 →
+/// 0.60–0.68 and 2.27–2.52 → 2.14–2.35 (8 of 8); their depthwise-separable steps (fused
+/// kernels) a tie. 5 × 5 kernels there stay on the blocked kernel, now faster
+/// (`depthwise_blocked`'s `compute_rows`: 0.82–0.85 ms on 8 × 96 × 56², where the row kernel
+/// took 1.54).
+///
+/// At stride 2 it won at every size: reference layer E at batch 8 (12.8 MB of input; harness, alternated
 /// 3–6×) forward 0.319–0.328 → 0.272–0.281 ms, both gradients 1.53–1.63 → 0.95–1.34, its
 /// depthwise training step 1.24–1.29 → 1.17–1.22 (min of 200), its depthwise-separable step a
 /// tie (medians 7.58–7.87 → 7.45–7.65 in five of six).
 pub fn applies(isa: Isa, g: &ConvGeometry) -> bool {
     g.is_depthwise()
         && match (g.stride_h, g.stride_w, g.dilation_h, g.dilation_w) {
-            (1, 1, _, _) => g.out_w <= MAX_OUTPUT_WIDTH || g.input_len() <= MAX_WIDE_INPUT_FLOATS,
+            (1, 1, _, _) => {
+                g.out_w <= MAX_OUTPUT_WIDTH
+                    || g.input_len() <= MAX_WIDE_INPUT_FLOATS
+                    || (walks_rows_first(g) && (g.kernel_h, g.kernel_w) == (3, 3))
+            }
             (2, 2, 1, 1) => true,
             _ => false,
         }
@@ -293,36 +311,98 @@ unsafe fn forward_plane<
     let wv: [[S; KW]; KH] =
         std::array::from_fn(|i| std::array::from_fn(|j| unsafe { S::splat(w[i * KW + j]) }));
     let bv = unsafe { S::splat(bias) };
-    let (pad_top, in_h, in_w) = (g.pad_top, g.in_h, g.in_w);
+    let blocks = ow.div_ceil(lanes);
+    if STRIDE == 1 && walks_rows_first(g) && blocks <= MAX_ROW_MAJOR_BLOCKS {
+        // Every column block's starts and masks, worked out once per plane.
+        let columns: [Columns<S, KW, STRIDE>; MAX_ROW_MAJOR_BLOCKS] = std::array::from_fn(|b| {
+            let c0 = (b * lanes).min((blocks - 1) * lanes);
+            unsafe { Columns::new(g, xp, c0, lanes.min(ow - c0)) }
+        });
+        let mut r0 = 0;
+        while r0 < oh {
+            for (b, columns) in columns[..blocks].iter().enumerate() {
+                let c0 = b * lanes;
+                unsafe {
+                    row_group::<S, KH, KW, STRIDE, R>(g, columns, &wv, bv, r0, 1, c0, yp);
+                }
+            }
+            r0 += R;
+        }
+        return;
+    }
     for c0 in (0..ow).step_by(lanes) {
         let n = lanes.min(ow - c0);
         let columns = unsafe { Columns::<S, KW, STRIDE>::new(g, xp, c0, n) };
-        // Padded row r as seen by each tap column, zeros outside the plane.
-        let row = |r: usize| unsafe { padded_row(&columns, r, pad_top, in_h, in_w) };
         for phase in 0..step.min(oh) {
             let mut r0 = phase;
             while r0 < oh {
-                let mut acc = [bv; R];
-                for k in 0..(R - 1) * STRIDE + KH {
-                    let v = row(r0 * STRIDE + k * step);
-                    // Output row o of the group reads this row through tap row k − o·STRIDE.
-                    for (o, a) in acc.iter_mut().enumerate() {
-                        let i = k.wrapping_sub(o * STRIDE);
-                        if i < KH {
-                            for (&wt, &vj) in wv[i].iter().zip(&v) {
-                                *a = unsafe { S::mul_add(wt, vj, *a) };
-                            }
-                        }
-                    }
-                }
-                let rows = (oh - r0).div_ceil(step);
-                for (o, a) in acc.iter().enumerate().take(rows) {
-                    let dst = yp.as_mut_ptr().wrapping_add((r0 + o * step) * ow + c0);
-                    unsafe { a.store_partial(dst, n) }
+                unsafe {
+                    row_group::<S, KH, KW, STRIDE, R>(g, &columns, &wv, bv, r0, step, c0, yp);
                 }
                 r0 += R * step;
             }
         }
+    }
+}
+
+/// Whether [`forward_plane`] walks `g`'s planes a group of rows at a time across every column
+/// block, instead of a block at a time down every row: at stride 1 and dilation 1, on inputs
+/// larger than [`MAX_WIDE_INPUT_FLOATS`] with rows of 2 to [`MAX_ROW_MAJOR_BLOCKS`] vectors.
+/// A group's input rows are then read from L1 by each block and the output is written row by
+/// row, where a column block walked down a plane that L1 does not hold fetched it again.
+fn walks_rows_first(g: &ConvGeometry) -> bool {
+    (g.stride_h, g.stride_w, g.dilation_h, g.dilation_w) == (1, 1, 1, 1)
+        && g.input_len() > MAX_WIDE_INPUT_FLOATS
+        && (2..=MAX_ROW_MAJOR_BLOCKS).contains(&g.out_w.div_ceil(16))
+}
+
+/// Column blocks of 16 up to which [`walks_rows_first`] holds (rows of up to 128 columns).
+const MAX_ROW_MAJOR_BLOCKS: usize = 8;
+
+/// One group of [`forward_plane`]: `R` output rows from `r0`, `step` apart, of the column
+/// block from `c0` that `columns` reads.
+///
+/// # Safety
+/// As [`forward_plane`]; `columns` is the block's from `c0` of `g`'s input plane.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+unsafe fn row_group<
+    S: SimdF32,
+    const KH: usize,
+    const KW: usize,
+    const STRIDE: usize,
+    const R: usize,
+>(
+    g: &ConvGeometry,
+    columns: &Columns<S, KW, STRIDE>,
+    wv: &[[S; KW]; KH],
+    bv: S,
+    r0: usize,
+    step: usize,
+    c0: usize,
+    yp: &mut [f32],
+) {
+    let (oh, ow) = (g.out_h, g.out_w);
+    let n = S::LANES.min(ow - c0);
+    let (pad_top, in_h, in_w) = (g.pad_top, g.in_h, g.in_w);
+    let mut acc = [bv; R];
+    for k in 0..(R - 1) * STRIDE + KH {
+        // Padded row r as seen by each tap column, zeros outside the plane.
+        let v = unsafe { padded_row(columns, r0 * STRIDE + k * step, pad_top, in_h, in_w) };
+        // Output row o of the group reads this row through tap row k − o·STRIDE.
+        for (o, a) in acc.iter_mut().enumerate() {
+            let i = k.wrapping_sub(o * STRIDE);
+            if i < KH {
+                for (&wt, &vj) in wv[i].iter().zip(&v) {
+                    *a = unsafe { S::mul_add(wt, vj, *a) };
+                }
+            }
+        }
+    }
+    let rows = (oh - r0).div_ceil(step);
+    for (o, a) in acc.iter().enumerate().take(rows) {
+        let dst = yp.as_mut_ptr().wrapping_add((r0 + o * step) * ow + c0);
+        unsafe { a.store_partial(dst, n) }
     }
 }
 
