@@ -385,24 +385,98 @@ unsafe fn row_group<
     let (oh, ow) = (g.out_h, g.out_w);
     let n = S::LANES.min(ow - c0);
     let (pad_top, in_h, in_w) = (g.pad_top, g.in_h, g.in_w);
+    let span = (R - 1) * STRIDE + KH;
+    let inside = r0 * STRIDE >= pad_top
+        && r0 * STRIDE + (span - 1) * step < in_h + pad_top
+        && r0 + (R - 1) * step < oh;
+    if inside {
+        // Most groups: no row tests, no partial groups. B's depthwise forward at batch 8 (2
+        // threads, 8 rounds in one process) 0.615 → 0.484 ms, C's 0.603 → 0.544, a 5 × 5 on
+        // 96 planes of 56 × 56 at batch 1 0.185 → 0.117; narrow planes (D) and batch 1 a tie.
+        // SAFETY: every row the group reads lies inside the plane, every row it writes too.
+        let ir0 = r0 * STRIDE - pad_top;
+        unsafe {
+            row_group_inside::<S, KH, KW, STRIDE, R>(g, columns, wv, bv, ir0, step, r0, c0, yp)
+        };
+        return;
+    }
     let mut acc = [bv; R];
-    for k in 0..(R - 1) * STRIDE + KH {
+    for k in 0..span {
         // Padded row r as seen by each tap column, zeros outside the plane.
         let v = unsafe { padded_row(columns, r0 * STRIDE + k * step, pad_top, in_h, in_w) };
-        // Output row o of the group reads this row through tap row k − o·STRIDE.
-        for (o, a) in acc.iter_mut().enumerate() {
-            let i = k.wrapping_sub(o * STRIDE);
-            if i < KH {
-                for (&wt, &vj) in wv[i].iter().zip(&v) {
-                    *a = unsafe { S::mul_add(wt, vj, *a) };
-                }
-            }
-        }
+        // SAFETY: the caller's ISA.
+        unsafe { add_row::<S, KH, KW, STRIDE, R>(&mut acc, k, &v, wv) };
     }
     let rows = (oh - r0).div_ceil(step);
     for (o, a) in acc.iter().enumerate().take(rows) {
         let dst = yp.as_mut_ptr().wrapping_add((r0 + o * step) * ow + c0);
         unsafe { a.store_partial(dst, n) }
+    }
+}
+
+/// Adds row `k` of a group (`v`, as seen by each tap column) into the group's output rows:
+/// output row `o` reads it through tap row `k − o·STRIDE`.
+///
+/// # Safety
+/// The CPU must support `S`.
+#[inline(always)]
+unsafe fn add_row<
+    S: SimdF32,
+    const KH: usize,
+    const KW: usize,
+    const STRIDE: usize,
+    const R: usize,
+>(
+    acc: &mut [S; R],
+    k: usize,
+    v: &[S; KW],
+    wv: &[[S; KW]; KH],
+) {
+    for (o, a) in acc.iter_mut().enumerate() {
+        let i = k.wrapping_sub(o * STRIDE);
+        if i < KH {
+            for (&wt, &vj) in wv[i].iter().zip(v) {
+                *a = unsafe { S::mul_add(wt, vj, *a) };
+            }
+        }
+    }
+}
+
+/// [`row_group`] for a group whose input rows (from `ir0`, `step` apart) all lie inside the
+/// plane and whose `R` output rows all lie inside the output: no row tests, every row stored.
+///
+/// # Safety
+/// As [`row_group`], with those rows inside.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+unsafe fn row_group_inside<
+    S: SimdF32,
+    const KH: usize,
+    const KW: usize,
+    const STRIDE: usize,
+    const R: usize,
+>(
+    g: &ConvGeometry,
+    columns: &Columns<S, KW, STRIDE>,
+    wv: &[[S; KW]; KH],
+    bv: S,
+    ir0: usize,
+    step: usize,
+    r0: usize,
+    c0: usize,
+    yp: &mut [f32],
+) {
+    let (ow, in_w) = (g.out_w, g.in_w);
+    let n = S::LANES.min(ow - c0);
+    let mut acc = [bv; R];
+    for k in 0..(R - 1) * STRIDE + KH {
+        // SAFETY: the row lies inside the plane (the caller's contract).
+        let v = unsafe { columns.row(ir0 + k * step, in_w) };
+        unsafe { add_row::<S, KH, KW, STRIDE, R>(&mut acc, k, &v, wv) };
+    }
+    let dst = yp.as_mut_ptr().wrapping_add(r0 * ow + c0);
+    for (o, a) in acc.iter().enumerate() {
+        unsafe { a.store_partial(dst.wrapping_add(o * step * ow), n) }
     }
 }
 
