@@ -173,6 +173,7 @@ unsafe fn forward_planes_kernel<S: SimdF32>(
     let multiplier = g.depth_multiplier();
     // Output plane p is channel co of image n; it reads input channel co / multiplier.
     let (mut n, mut co) = (planes.start / g.out_channels, planes.start % g.out_channels);
+    let rows_first = walks_rows_first(g) && g.out_w.div_ceil(S::LANES) <= MAX_ROW_MAJOR_BLOCKS;
     for yp in y.chunks_exact_mut(ohw).take(planes.len()) {
         let input = n * g.in_channels + co / multiplier;
         let xp = &x[input * hw..(input + 1) * hw];
@@ -182,6 +183,8 @@ unsafe fn forward_planes_kernel<S: SimdF32>(
         // 3 × 3 or 5 × 5 (`applies`).
         unsafe {
             match (g.kernel_h, g.stride_h) {
+                (3, 1) if rows_first => forward_plane_rows_first::<S, 3, 3, ROWS>(g, xp, wp, b, yp),
+                (5, 1) if rows_first => forward_plane_rows_first::<S, 5, 5, ROWS>(g, xp, wp, b, yp),
                 (3, 1) => forward_plane::<S, 3, 3, 1, ROWS>(g, xp, wp, b, yp),
                 (3, _) => forward_plane::<S, 3, 3, 2, ROWS_3X3_STRIDE_2>(g, xp, wp, b, yp),
                 (_, 1) => forward_plane::<S, 5, 5, 1, ROWS>(g, xp, wp, b, yp),
@@ -197,6 +200,7 @@ unsafe fn forward_planes_kernel<S: SimdF32>(
 
 /// Where one output column block's input rows are read: the loads of each padded row
 /// ([`Columns::row`]) at the addresses and lane masks worked out once per block.
+#[derive(Clone, Copy)]
 struct Columns<S: SimdF32, const KW: usize, const STRIDE: usize> {
     /// The address of lane 0 in input row 0 (before the row where it falls in the left
     /// padding, so only ever the base of a masked load): of each tap column `j`'s load at
@@ -218,7 +222,11 @@ impl<S: SimdF32, const KW: usize, const STRIDE: usize> Columns<S, KW, STRIDE> {
         // many elements it reads.
         let offset = |j: usize| (c0 * STRIDE + j * g.dilation_w) as isize - g.pad_left as isize;
         let len = if STRIDE == 1 { n } else { 2 * n + KW - 2 } as isize;
-        let starts = std::array::from_fn(|j| xp.as_ptr().wrapping_offset(offset(j)));
+        // Loops, not `array::from_fn` (see `kernel_vectors`).
+        let mut starts = [xp.as_ptr(); KW];
+        for (j, p) in starts.iter_mut().enumerate() {
+            *p = xp.as_ptr().wrapping_offset(offset(j));
+        }
         // The lanes of the vector `base` elements into tap column j's that lie inside the row.
         let mask = |j: usize, base: isize| {
             let lo = (-offset(j)).clamp(0, len);
@@ -226,11 +234,14 @@ impl<S: SimdF32, const KW: usize, const STRIDE: usize> Columns<S, KW, STRIDE> {
             let (vlo, vhi) = ((lo - base).clamp(0, lanes), (hi - base).clamp(0, lanes));
             unsafe { S::lanes(vlo as usize, vhi.max(vlo) as usize) }
         };
-        let masks = std::array::from_fn(|k| match (STRIDE, k) {
-            (1, j) if j < KW => mask(j, 0),
-            (2, v) if v < 3 => mask(0, v as isize * lanes),
-            _ => unsafe { S::lanes(0, 0) },
-        });
+        let mut masks = [unsafe { S::lanes(0, 0) }; 5];
+        for (k, m) in masks.iter_mut().enumerate() {
+            match (STRIDE, k) {
+                (1, j) if j < KW => *m = mask(j, 0),
+                (2, v) if v < 3 => *m = mask(0, v as isize * lanes),
+                _ => {}
+            }
+        }
         Columns { starts, masks }
     }
 
@@ -240,9 +251,11 @@ impl<S: SimdF32, const KW: usize, const STRIDE: usize> Columns<S, KW, STRIDE> {
         let lanes = S::LANES;
         unsafe {
             if STRIDE == 1 {
-                return std::array::from_fn(|j| {
-                    S::load_masked(self.starts[j].wrapping_add(ir * in_w), self.masks[j])
-                });
+                let mut v = [S::zero(); KW];
+                for (j, v) in v.iter_mut().enumerate() {
+                    *v = S::load_masked(self.starts[j].wrapping_add(ir * in_w), self.masks[j]);
+                }
+                return v;
             }
             // No intrinsics inside closures below: a closure `from_fn` does not inline is
             // compiled without the caller's target features, and every intrinsic in it
@@ -266,7 +279,9 @@ impl<S: SimdF32, const KW: usize, const STRIDE: usize> Columns<S, KW, STRIDE> {
                 S::shift_lanes::<1>(odd, odd2),
                 S::shift_lanes::<2>(even, even2),
             ];
-            std::array::from_fn(|j| taps[j])
+            let mut v = [S::zero(); KW];
+            v.copy_from_slice(&taps[..KW]);
+            v
         }
     }
 }
@@ -308,56 +323,114 @@ unsafe fn forward_plane<
     let step = g.dilation_h;
     // SAFETY (all blocks): input loads read the lanes `Columns` found inside a row below
     // `in_h`; stores write `n ≤ lanes` columns of rows below `oh`.
-    let wv: [[S; KW]; KH] =
-        std::array::from_fn(|i| std::array::from_fn(|j| unsafe { S::splat(w[i * KW + j]) }));
+    let wv = unsafe { kernel_vectors::<S, KH, KW>(w) };
     let bv = unsafe { S::splat(bias) };
-    let blocks = ow.div_ceil(lanes);
-    if STRIDE == 1 && walks_rows_first(g) && blocks <= MAX_ROW_MAJOR_BLOCKS {
-        // Every column block's starts and masks, worked out once per plane.
-        let columns: [Columns<S, KW, STRIDE>; MAX_ROW_MAJOR_BLOCKS] = std::array::from_fn(|b| {
-            let c0 = (b * lanes).min((blocks - 1) * lanes);
-            unsafe { Columns::new(g, xp, c0, lanes.min(ow - c0)) }
-        });
-        // Rows of whole vectors only: on rows of 56 columns (reference layer C), every other
-        // row starting half a cache line in, the carried loads split lines anyway and it
-        // measured slower (0.469–0.480 → 0.489–0.499 ms).
-        let carries =
-            KH == 3 && KW == 3 && R == 4 && g.pad_left == 1 && g.in_w.is_multiple_of(lanes);
-        // The 3 × 3 kernel's vectors as such (the same as `wv` where `carries`).
-        let w3: [[S; 3]; 3] =
-            std::array::from_fn(|i| std::array::from_fn(|j| wv[i.min(KH - 1)][j.min(KW - 1)]));
-        let mut r0 = 0;
-        while r0 < oh {
-            let ir_end = r0 + (R - 1) + KH;
-            if carries && r0 >= g.pad_top && ir_end <= g.in_h + g.pad_top && r0 + R <= oh {
-                // SAFETY: the group's rows lie inside the plane and the output (tested).
-                unsafe { row_group_3x3_carried::<S>(g, xp, &w3, bv, r0 - g.pad_top, r0, yp) };
-                r0 += R;
-                continue;
-            }
-            for (b, columns) in columns[..blocks].iter().enumerate() {
-                let c0 = b * lanes;
-                unsafe {
-                    row_group::<S, KH, KW, STRIDE, R>(g, columns, &wv, bv, r0, 1, c0, yp);
-                }
-            }
-            r0 += R;
-        }
-        return;
-    }
+    let (pad_top, in_h, in_w) = (g.pad_top, g.in_h, g.in_w);
     for c0 in (0..ow).step_by(lanes) {
         let n = lanes.min(ow - c0);
         let columns = unsafe { Columns::<S, KW, STRIDE>::new(g, xp, c0, n) };
+        // Padded row r as seen by each tap column, zeros outside the plane.
+        let row = |r: usize| unsafe { padded_row(&columns, r, pad_top, in_h, in_w) };
         for phase in 0..step.min(oh) {
             let mut r0 = phase;
             while r0 < oh {
-                unsafe {
-                    row_group::<S, KH, KW, STRIDE, R>(g, &columns, &wv, bv, r0, step, c0, yp);
+                let mut acc = [bv; R];
+                for k in 0..(R - 1) * STRIDE + KH {
+                    let v = row(r0 * STRIDE + k * step);
+                    // SAFETY: the caller's ISA.
+                    unsafe { add_row::<S, KH, KW, STRIDE, R>(&mut acc, k, &v, &wv) };
+                }
+                let rows = (oh - r0).div_ceil(step);
+                for (o, a) in acc.iter().enumerate().take(rows) {
+                    let dst = yp.as_mut_ptr().wrapping_add((r0 + o * step) * ow + c0);
+                    unsafe { a.store_partial(dst, n) }
                 }
                 r0 += R * step;
             }
         }
     }
+}
+
+/// [`forward_plane`] at stride 1 where [`walks_rows_first`]: each group of `R` output rows
+/// across every column block before the next group (see there), a 3 × 3 with one column of
+/// left padding on rows of whole vectors carrying each input row's vectors across the blocks
+/// ([`row_group_3x3_carried`]). A function of its own, apart from the column walk: inside
+/// [`forward_plane`] it made the compiler keep the column walk's per-block starts and masks
+/// out of registers, and reference layer D's 14 × 14 planes (one block, a group's work small
+/// against its scalar setup) measured 0.12 → 0.15–0.17 ms forward (builds alternated).
+///
+/// # Safety
+/// As [`forward_plane`], at stride 1 and dilation 1 with at most [`MAX_ROW_MAJOR_BLOCKS`]
+/// column blocks.
+#[inline(always)]
+unsafe fn forward_plane_rows_first<S: SimdF32, const KH: usize, const KW: usize, const R: usize>(
+    g: &ConvGeometry,
+    xp: &[f32],
+    w: &[f32],
+    bias: f32,
+    yp: &mut [f32],
+) {
+    const STRIDE: usize = 1;
+    let lanes = S::LANES;
+    let (oh, ow) = (g.out_h, g.out_w);
+    let wv = unsafe { kernel_vectors::<S, KH, KW>(w) };
+    let bv = unsafe { S::splat(bias) };
+    let blocks = ow.div_ceil(lanes);
+    assert!((1..=MAX_ROW_MAJOR_BLOCKS).contains(&blocks));
+    // Every column block's starts and masks, worked out once per plane.
+    let mut columns =
+        [unsafe { Columns::<S, KW, STRIDE>::new(g, xp, 0, lanes) }; MAX_ROW_MAJOR_BLOCKS];
+    for (b, c) in columns[..blocks].iter_mut().enumerate() {
+        let c0 = b * lanes;
+        *c = unsafe { Columns::new(g, xp, c0, lanes.min(ow - c0)) };
+    }
+    // Rows of whole vectors only: on rows of 56 columns (reference layer C), every other
+    // row starting half a cache line in, the carried loads split lines anyway and it
+    // measured slower (0.469–0.480 → 0.489–0.499 ms).
+    let carries = KH == 3 && KW == 3 && R == 4 && g.pad_left == 1 && g.in_w.is_multiple_of(lanes);
+    // The 3 × 3 kernel's vectors as such (the same as `wv` where `carries`).
+    let mut w3 = [[unsafe { S::zero() }; 3]; 3];
+    for (i, row) in w3.iter_mut().enumerate() {
+        for (j, v) in row.iter_mut().enumerate() {
+            *v = wv[i.min(KH - 1)][j.min(KW - 1)];
+        }
+    }
+    let mut r0 = 0;
+    while r0 < oh {
+        let ir_end = r0 + (R - 1) + KH;
+        if carries && r0 >= g.pad_top && ir_end <= g.in_h + g.pad_top && r0 + R <= oh {
+            // SAFETY: the group's rows lie inside the plane and the output (tested).
+            unsafe { row_group_3x3_carried::<S>(g, xp, &w3, bv, r0 - g.pad_top, r0, yp) };
+            r0 += R;
+            continue;
+        }
+        for (b, columns) in columns[..blocks].iter().enumerate() {
+            let c0 = b * lanes;
+            unsafe {
+                row_group::<S, KH, KW, STRIDE, R>(g, columns, &wv, bv, r0, 1, c0, yp);
+            }
+        }
+        r0 += R;
+    }
+}
+
+/// The `KH × KW` taps `w` each splat into a vector. Loops, not `array::from_fn`: a closure
+/// the compiler does not inline is compiled without the caller's target features, and each
+/// intrinsic in it becomes a call (with the rows-first walk added beside it, the forward's
+/// `from_fn` stopped being inlined: 13% of reference layer D's depthwise forward in
+/// `try_from_fn`, 0.123 → 0.160 ms).
+///
+/// # Safety
+/// The CPU must support `S`; `w` holds at least `KH·KW` taps.
+#[inline(always)]
+unsafe fn kernel_vectors<S: SimdF32, const KH: usize, const KW: usize>(w: &[f32]) -> [[S; KW]; KH] {
+    let mut wv = [[unsafe { S::zero() }; KW]; KH];
+    for (i, row) in wv.iter_mut().enumerate() {
+        for (j, v) in row.iter_mut().enumerate() {
+            *v = unsafe { S::splat(w[i * KW + j]) };
+        }
+    }
+    wv
 }
 
 /// Whether [`forward_plane`] walks `g`'s planes a group of rows at a time across every column
@@ -406,8 +479,7 @@ unsafe fn row_group<
         && r0 + (R - 1) * step < oh;
     if inside {
         // Most groups: no row tests, no partial groups. B's depthwise forward at batch 8 (2
-        // threads, 8 rounds in one process) 0.615 → 0.484 ms, C's 0.603 → 0.544, a 5 × 5 on
-        // 96 planes of 56 × 56 at batch 1 0.185 → 0.117; narrow planes (D) and batch 1 a tie.
+        // threads, 8 rounds in one process) 0.615 → 0.484 ms, C's 0.603 → 0.544.
         // SAFETY: every row the group reads lies inside the plane, every row it writes too.
         let ir0 = r0 * STRIDE - pad_top;
         unsafe {
