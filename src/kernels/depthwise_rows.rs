@@ -363,10 +363,9 @@ unsafe fn forward_plane<
 /// [`forward_plane`] at stride 1 where [`walks_rows_first`]: each group of `R` output rows
 /// across every column block before the next group (see there), a 3 × 3 with one column of
 /// left padding on rows of whole vectors carrying each input row's vectors across the blocks
-/// ([`row_group_3x3_carried`]). A function of its own, apart from the column walk: inside
-/// [`forward_plane`] it made the compiler keep the column walk's per-block starts and masks
-/// out of registers, and reference layer D's 14 × 14 planes (one block, a group's work small
-/// against its scalar setup) measured 0.12 → 0.15–0.17 ms forward (builds alternated).
+/// ([`row_group_3x3_carried`]). A function of its own, so that the column walk's code stays
+/// as it was measured (see [`kernel_vectors`] for what adding this walk beside it did to
+/// reference layer D's forward).
 ///
 /// # Safety
 /// As [`forward_plane`], at stride 1 and dilation 1 with at most [`MAX_ROW_MAJOR_BLOCKS`]
@@ -456,8 +455,8 @@ fn walks_rows_first(g: &ConvGeometry) -> bool {
 /// Column blocks of 16 up to which [`walks_rows_first`] holds (rows of up to 128 columns).
 const MAX_ROW_MAJOR_BLOCKS: usize = 8;
 
-/// One group of [`forward_plane`]: `R` output rows from `r0`, `step` apart, of the column
-/// block from `c0` that `columns` reads.
+/// One group of [`forward_plane_rows_first`]: `R` output rows from `r0`, `step` apart, of the
+/// column block from `c0` that `columns` reads.
 ///
 /// # Safety
 /// As [`forward_plane`]; `columns` is the block's from `c0` of `g`'s input plane.
