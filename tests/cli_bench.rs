@@ -308,19 +308,19 @@ fn fake_python(name: &str, results: &str) -> std::path::PathBuf {
     path
 }
 
-/// Each row's target is max(f × PyTorch, MACs at 85% of the measured peak), and the report says
-/// which of the two set it: a slow peer leaves the factor (0.9 forward for dw), a peer faster
-/// than the machine could be leaves the floor.
+/// Runs `sepconv bench` (one rep, no warmup, 2 threads, the dw variant, then `extra`) against
+/// a fake peer script that reports `results`; returns its stdout and its `--json` rows, both
+/// files removed. The run must succeed.
 #[cfg(unix)]
-#[test]
-fn targets_say_whether_pytorch_or_the_peak_set_them() {
-    let python = fake_python(
-        "python",
-        r#"[{"config": "D", "variant": "dw", "mode": "fwd", "min_ms": 1000.0},
-            {"config": "A", "variant": "dw", "mode": "fwd_cl", "min_ms": 0.000001}]"#,
-    );
-    let json = temp_path("targets.json");
-    let o = run(&[
+fn bench_against_fake_torch(
+    name: &str,
+    results: &str,
+    extra: &[&str],
+) -> (String, serde_json::Value) {
+    let python = fake_python(&format!("python-{name}"), results);
+    let json = temp_path(&format!("{name}.json"));
+    let (python_arg, json_arg) = (python.to_string_lossy(), json.to_string_lossy());
+    let mut args = vec![
         "bench",
         "--reps",
         "1",
@@ -328,24 +328,35 @@ fn targets_say_whether_pytorch_or_the_peak_set_them() {
         "0",
         "--threads",
         "2",
-        "--layers",
-        "A,D",
         "--variants",
         "dw",
-        "--passes",
-        "forward",
         "--compare-torch",
         "--python",
-        &python.to_string_lossy(),
+        &python_arg,
         "--json",
-        &json.to_string_lossy(),
-    ]);
+        &json_arg,
+    ];
+    args.extend_from_slice(extra);
+    let o = run(&args);
     let _ = std::fs::remove_file(&python);
-    let stdout = String::from_utf8_lossy(&o.stdout);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let rows: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let rows = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     let _ = std::fs::remove_file(&json);
+    (String::from_utf8_lossy(&o.stdout).into_owned(), rows)
+}
+
+/// Each row's target is max(f × PyTorch, MACs at 85% of the measured peak), and the report says
+/// which of the two set it: a slow peer leaves the factor (0.9 forward for dw), a peer faster
+/// than the machine could be leaves the floor.
+#[cfg(unix)]
+#[test]
+fn targets_say_whether_pytorch_or_the_peak_set_them() {
+    let (stdout, rows) = bench_against_fake_torch(
+        "targets",
+        r#"[{"config": "D", "variant": "dw", "mode": "fwd", "min_ms": 1000.0},
+            {"config": "A", "variant": "dw", "mode": "fwd_cl", "min_ms": 0.000001}]"#,
+        &["--layers", "A,D", "--passes", "forward"],
+    );
     let row = |layer: &str| {
         rows.as_array()
             .unwrap()
@@ -392,38 +403,14 @@ fn targets_say_whether_pytorch_or_the_peak_set_them() {
 #[cfg(unix)]
 #[test]
 fn pytorch_time_is_its_faster_memory_format_in_both_passes() {
-    let python = fake_python(
-        "python-layouts",
+    let (_, rows) = bench_against_fake_torch(
+        "layouts",
         r#"[{"config": "D", "variant": "dw", "mode": "fwd", "min_ms": 1000.0},
             {"config": "D", "variant": "dw", "mode": "fwd_cl", "min_ms": 500.0},
             {"config": "D", "variant": "dw", "mode": "train", "min_ms": 3000.0},
             {"config": "D", "variant": "dw", "mode": "train_cl", "min_ms": 40.0}]"#,
+        &["--layers", "D", "--no-peak"],
     );
-    let json = temp_path("layouts.json");
-    let o = run(&[
-        "bench",
-        "--reps",
-        "1",
-        "--warmup",
-        "0",
-        "--threads",
-        "2",
-        "--no-peak",
-        "--layers",
-        "D",
-        "--variants",
-        "dw",
-        "--compare-torch",
-        "--python",
-        &python.to_string_lossy(),
-        "--json",
-        &json.to_string_lossy(),
-    ]);
-    let _ = std::fs::remove_file(&python);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let rows: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
-    let _ = std::fs::remove_file(&json);
     let torch = |pass: &str| {
         rows.as_array()
             .unwrap()

@@ -378,7 +378,6 @@ unsafe fn forward_plane_rows_first<S: SimdF32, const KH: usize, const KW: usize,
     bias: f32,
     yp: &mut [f32],
 ) {
-    const STRIDE: usize = 1;
     let lanes = S::LANES;
     let (oh, ow) = (g.out_h, g.out_w);
     let wv = unsafe { kernel_vectors::<S, KH, KW>(w) };
@@ -386,8 +385,7 @@ unsafe fn forward_plane_rows_first<S: SimdF32, const KH: usize, const KW: usize,
     let blocks = ow.div_ceil(lanes);
     assert!((1..=MAX_ROW_MAJOR_BLOCKS).contains(&blocks));
     // Every column block's starts and masks, worked out once per plane.
-    let mut columns =
-        [unsafe { Columns::<S, KW, STRIDE>::new(g, xp, 0, lanes) }; MAX_ROW_MAJOR_BLOCKS];
+    let mut columns = [unsafe { Columns::<S, KW, 1>::new(g, xp, 0, lanes) }; MAX_ROW_MAJOR_BLOCKS];
     for (b, c) in columns[..blocks].iter_mut().enumerate() {
         let c0 = b * lanes;
         *c = unsafe { Columns::new(g, xp, c0, lanes.min(ow - c0)) };
@@ -405,17 +403,24 @@ unsafe fn forward_plane_rows_first<S: SimdF32, const KH: usize, const KW: usize,
     }
     let mut r0 = 0;
     while r0 < oh {
-        let ir_end = r0 + (R - 1) + KH;
-        if carries && r0 >= g.pad_top && ir_end <= g.in_h + g.pad_top && r0 + R <= oh {
+        // Most groups read input rows inside the plane only and write R whole output rows:
+        // no row tests, no partial groups (B's depthwise forward at batch 8, 2 threads, 8
+        // rounds in one process: 0.615 → 0.484 ms, C's 0.603 → 0.544).
+        let inside = r0 >= g.pad_top && r0 + R - 1 + KH <= g.in_h + g.pad_top && r0 + R <= oh;
+        if inside && carries {
             // SAFETY: the group's rows lie inside the plane and the output (tested).
             unsafe { row_group_3x3_carried::<S>(g, xp, &w3, bv, r0 - g.pad_top, r0, yp) };
-            r0 += R;
-            continue;
-        }
-        for (b, columns) in columns[..blocks].iter().enumerate() {
-            let c0 = b * lanes;
-            unsafe {
-                row_group::<S, KH, KW, STRIDE, R>(g, columns, &wv, bv, r0, 1, c0, yp);
+        } else {
+            for (b, columns) in columns[..blocks].iter().enumerate() {
+                let c0 = b * lanes;
+                // SAFETY: as above where `inside`; `row_group_at_edges` tests each row.
+                unsafe {
+                    if inside {
+                        row_group_inside::<S, KH, KW, R>(g, columns, &wv, bv, r0, c0, yp);
+                    } else {
+                        row_group_at_edges::<S, KH, KW, R>(g, columns, &wv, bv, r0, c0, yp);
+                    }
+                }
             }
         }
         r0 += R;
@@ -455,56 +460,33 @@ fn walks_rows_first(g: &ConvGeometry) -> bool {
 /// Column blocks of 16 up to which [`walks_rows_first`] holds (rows of up to 128 columns).
 const MAX_ROW_MAJOR_BLOCKS: usize = 8;
 
-/// One group of [`forward_plane_rows_first`]: `R` output rows from `r0`, `step` apart, of the
-/// column block from `c0` that `columns` reads.
+/// One group of [`forward_plane_rows_first`] that reaches the padding or the output's last
+/// rows: `R` output rows from `r0` of the column block from `c0` that `columns` reads, each
+/// input row tested (zeros outside the plane) and only the output rows that exist stored.
 ///
 /// # Safety
 /// As [`forward_plane`]; `columns` is the block's from `c0` of `g`'s input plane.
-#[allow(clippy::too_many_arguments)]
 #[inline(always)]
-unsafe fn row_group<
-    S: SimdF32,
-    const KH: usize,
-    const KW: usize,
-    const STRIDE: usize,
-    const R: usize,
->(
+unsafe fn row_group_at_edges<S: SimdF32, const KH: usize, const KW: usize, const R: usize>(
     g: &ConvGeometry,
-    columns: &Columns<S, KW, STRIDE>,
+    columns: &Columns<S, KW, 1>,
     wv: &[[S; KW]; KH],
     bv: S,
     r0: usize,
-    step: usize,
     c0: usize,
     yp: &mut [f32],
 ) {
     let (oh, ow) = (g.out_h, g.out_w);
     let n = S::LANES.min(ow - c0);
-    let (pad_top, in_h, in_w) = (g.pad_top, g.in_h, g.in_w);
-    let span = (R - 1) * STRIDE + KH;
-    let inside = r0 * STRIDE >= pad_top
-        && r0 * STRIDE + (span - 1) * step < in_h + pad_top
-        && r0 + (R - 1) * step < oh;
-    if inside {
-        // Most groups: no row tests, no partial groups. B's depthwise forward at batch 8 (2
-        // threads, 8 rounds in one process) 0.615 → 0.484 ms, C's 0.603 → 0.544.
-        // SAFETY: every row the group reads lies inside the plane, every row it writes too.
-        let ir0 = r0 * STRIDE - pad_top;
-        unsafe {
-            row_group_inside::<S, KH, KW, STRIDE, R>(g, columns, wv, bv, ir0, step, r0, c0, yp)
-        };
-        return;
-    }
     let mut acc = [bv; R];
-    for k in 0..span {
-        // Padded row r as seen by each tap column, zeros outside the plane.
-        let v = unsafe { padded_row(columns, r0 * STRIDE + k * step, pad_top, in_h, in_w) };
+    for k in 0..R - 1 + KH {
+        // Padded row r0 + k as seen by each tap column, zeros outside the plane.
+        let v = unsafe { padded_row(columns, r0 + k, g.pad_top, g.in_h, g.in_w) };
         // SAFETY: the caller's ISA.
-        unsafe { add_row::<S, KH, KW, STRIDE, R>(&mut acc, k, &v, wv) };
+        unsafe { add_row::<S, KH, KW, 1, R>(&mut acc, k, &v, wv) };
     }
-    let rows = (oh - r0).div_ceil(step);
-    for (o, a) in acc.iter().enumerate().take(rows) {
-        let dst = yp.as_mut_ptr().wrapping_add((r0 + o * step) * ow + c0);
+    for (o, a) in acc.iter().enumerate().take(oh - r0) {
+        let dst = yp.as_mut_ptr().wrapping_add((r0 + o) * ow + c0);
         unsafe { a.store_partial(dst, n) }
     }
 }
@@ -512,7 +494,7 @@ unsafe fn row_group<
 /// A group of four output rows of a 3 × 3 at stride 1 with one column of left padding, every
 /// input row inside the plane, walked across the column blocks with each input row's vectors
 /// carried from block to block: per row and block one aligned load (the next block's), the
-/// shifted vectors by `valignd`, where [`row_group`] loads three shifted vectors (two of them
+/// shifted vectors by `valignd`, where [`row_group_inside`] loads three shifted vectors (two of them
 /// split across cache lines). Reference layer B's depthwise forward at batch 8 (rows of 112
 /// columns; 2 threads, the two ways switched in one process, 8 rounds): 0.485–0.514 → 0.400–0.444
 /// ms on plain buffers, 0.391 → 0.381 on the benchmark's, its training step 2.19 → 2.07.
@@ -594,41 +576,34 @@ unsafe fn add_row<
     }
 }
 
-/// [`row_group`] for a group whose input rows (from `ir0`, `step` apart) all lie inside the
-/// plane and whose `R` output rows all lie inside the output: no row tests, every row stored.
+/// [`row_group_at_edges`] for a group whose input rows all lie inside the plane and whose `R`
+/// output rows all lie inside the output: no row tests, every row stored.
 ///
 /// # Safety
-/// As [`row_group`], with those rows inside.
-#[allow(clippy::too_many_arguments)]
+/// As [`row_group_at_edges`], with input rows `r0 − pad_top ..` and output rows `r0 .. r0 + R`
+/// inside.
 #[inline(always)]
-unsafe fn row_group_inside<
-    S: SimdF32,
-    const KH: usize,
-    const KW: usize,
-    const STRIDE: usize,
-    const R: usize,
->(
+unsafe fn row_group_inside<S: SimdF32, const KH: usize, const KW: usize, const R: usize>(
     g: &ConvGeometry,
-    columns: &Columns<S, KW, STRIDE>,
+    columns: &Columns<S, KW, 1>,
     wv: &[[S; KW]; KH],
     bv: S,
-    ir0: usize,
-    step: usize,
     r0: usize,
     c0: usize,
     yp: &mut [f32],
 ) {
     let (ow, in_w) = (g.out_w, g.in_w);
     let n = S::LANES.min(ow - c0);
+    let ir0 = r0 - g.pad_top;
     let mut acc = [bv; R];
-    for k in 0..(R - 1) * STRIDE + KH {
+    for k in 0..R - 1 + KH {
         // SAFETY: the row lies inside the plane (the caller's contract).
-        let v = unsafe { columns.row(ir0 + k * step, in_w) };
-        unsafe { add_row::<S, KH, KW, STRIDE, R>(&mut acc, k, &v, wv) };
+        let v = unsafe { columns.row(ir0 + k, in_w) };
+        unsafe { add_row::<S, KH, KW, 1, R>(&mut acc, k, &v, wv) };
     }
     let dst = yp.as_mut_ptr().wrapping_add(r0 * ow + c0);
     for (o, a) in acc.iter().enumerate() {
-        unsafe { a.store_partial(dst.wrapping_add(o * step * ow), n) }
+        unsafe { a.store_partial(dst.wrapping_add(o * ow), n) }
     }
 }
 
@@ -751,8 +726,7 @@ unsafe fn grad_input_plane<S: SimdF32, const KH: usize, const KW: usize>(
     let (pt, pl) = (g.pad_top, g.pad_left);
     // SAFETY (all blocks): loads read the lanes inside an output row below `oh`, stores write
     // the lanes inside an input row below `in_h`.
-    let wv: [[S; KW]; KH] =
-        std::array::from_fn(|i| std::array::from_fn(|j| unsafe { S::splat(w[i * KW + j]) }));
+    let wv = unsafe { kernel_vectors::<S, KH, KW>(w) };
     let zero = unsafe { S::zero() };
     for p0 in (0..pl + in_w).step_by(2 * S::LANES) {
         let c0 = (p0 / 2) as isize;
