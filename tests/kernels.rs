@@ -255,6 +255,7 @@ fn fast_equals_reference_on_larger_shapes() {
         .chain(strided_implicit_cases())
         .chain(implicit_grad_weight_cases())
         .chain(blocked_depthwise_cases())
+        .chain(wide_depthwise_cases())
         .chain(shifted_grad_weight_cases())
         .chain(shifted_within_images_cases())
         .chain(in_place_cases())
@@ -1278,6 +1279,46 @@ fn blocked_depthwise_cases() -> [Case; 11] {
             Conv2dParams::with_padding(Padding::Same).groups(32),
         ),
     ]
+}
+
+/// Depthwise layers with more than 25 taps, whose forward (and grad-input at stride 1, the
+/// adjoint forward) runs on the blocked kernel and whose grad-weight does not. 7 × 7 at stride
+/// 1 (ConvNeXt's), in groups of eight output pixels and then one group of the rest: rows of
+/// 7 ("same" on a 7 × 7 plane: the rest only), 21 (8 + 8 + 5), 19 with asymmetric padding
+/// (8 + 8 + 3), and 9, 10, 12 and 14 (a rest of 1, 2, 4 and 6). Then the general tap loop: a
+/// 7 × 7 at stride 2 and a 6 × 6 dilated across with asymmetric padding.
+fn wide_depthwise_cases() -> [Case; 9] {
+    let same = Conv2dParams::with_padding(Padding::Same);
+    [
+        ([2, 16, 7, 7], [16, 1, 7, 7], same.groups(16)),
+        ([2, 32, 14, 21], [32, 1, 7, 7], same.groups(32)),
+        (
+            [2, 16, 12, 19],
+            [16, 1, 7, 7],
+            explicit(3, 1, 2, 4).groups(16),
+        ),
+        ([1, 16, 9, 9], [16, 1, 7, 7], same.groups(16)),
+        ([1, 16, 8, 10], [16, 1, 7, 7], same.groups(16)),
+        ([1, 16, 6, 12], [16, 1, 7, 7], same.groups(16)),
+        ([1, 16, 5, 14], [16, 1, 7, 7], same.groups(16)),
+        ([2, 16, 15, 16], [16, 1, 7, 7], same.groups(16).stride(2, 2)),
+        (
+            [2, 16, 13, 17],
+            [16, 1, 6, 6],
+            explicit(2, 3, 5, 5).groups(16).dilation(1, 2),
+        ),
+    ]
+}
+
+#[test]
+fn wide_depthwise_kernels_take_the_blocked_forward_only() {
+    use sepconv::kernels::{Isa, depthwise_rows};
+    assert_for_every_case(wide_depthwise_cases(), |_, g| {
+        sepconv::kernels::depthwise_blocked::applies(g)
+            && !sepconv::kernels::depthwise_blocked::grad_weight_applies(g)
+            && !sepconv::kernels::backward_is_fused(g)
+            && !depthwise_rows::applies(Isa::Avx512, g)
+    });
 }
 
 /// Depthwise layers for the row kernel (`depthwise_rows`, AVX-512). Stride 1: reference layer

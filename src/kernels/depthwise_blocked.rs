@@ -8,8 +8,9 @@
 //! zero-padded pixel-major buffer (16 × 16 register transposes), every tap of every output
 //! pixel is one aligned vector load and one FMA with the block's weight vector for that tap
 //! (a 3 × 3 at stride 1 shares each row's loads across four output pixels), and the output
-//! block is transposed back. Kernels up to 5 × 5, any stride and dilation; depth multiplier 1;
-//! channels a multiple of 16 (so a block never straddles images for any instruction set).
+//! block is transposed back. Forward kernels up to 49 taps (7 × 7), grad-weight up to 25 (5 × 5),
+//! any stride and dilation; depth multiplier 1; channels a multiple of 16 (so a block never
+//! straddles images for any instruction set).
 //!
 //! Grad-input of a stride-1 depthwise layer is a depthwise forward of the output gradient with
 //! the flipped kernel (see `kernels::conv2d_grad_input`), so it runs here too; grad-weight has
@@ -55,18 +56,29 @@ const PACK_AHEAD: usize = 128;
 /// too far ahead (E's backward 1.48–1.50 → 1.71–1.84 ms).
 const PREFETCH_NEXT_BLOCK_FLOATS: usize = 4096;
 
-/// Taps kept in registers at most (a 5 × 5 kernel).
-const MAX_TAPS: usize = 25;
+/// Taps of the forward at most (a 7 × 7 kernel, ConvNeXt's): the forward keeps one weight
+/// vector per tap in the block's buffer and loads it per use.
+const MAX_FORWARD_TAPS: usize = 49;
 
-/// Whether `g` runs on the channel-blocked kernel: depthwise with multiplier 1, channels a
-/// multiple of 16, at most 25 taps, planes up to 256 × 256 padded pixels.
+/// Taps whose gradient sums stay in registers at most (a 5 × 5 kernel): grad-weight keeps one
+/// accumulator per tap.
+const MAX_SUM_TAPS: usize = 25;
+
+/// Whether `g`'s forward runs on the channel-blocked kernel: depthwise with multiplier 1,
+/// channels a multiple of 16, at most 49 taps, planes up to 256 × 256 padded pixels.
 pub fn applies(g: &ConvGeometry) -> bool {
     g.is_depthwise()
         && g.depth_multiplier() == 1
         && g.in_channels.is_multiple_of(CHANNEL_MULTIPLE)
-        && g.kernel_h * g.kernel_w <= MAX_TAPS
+        && g.kernel_h * g.kernel_w <= MAX_FORWARD_TAPS
         && (g.in_h + g.pad_top + g.pad_bottom) * (g.in_w + g.pad_left + g.pad_right)
             <= MAX_PADDED_PIXELS
+}
+
+/// Whether [`grad_weight`] computes `g`'s weight gradient: where [`applies`], with at most 25
+/// taps.
+pub fn grad_weight_applies(g: &ConvGeometry) -> bool {
+    applies(g) && g.kernel_h * g.kernel_w <= MAX_SUM_TAPS
 }
 
 /// The padded pixel-major input block: `hp × wp` pixels of `LANES` floats.
@@ -99,8 +111,8 @@ impl Layout {
 /// Tap (i, j) of output pixel (oh, ow) is pixel (oh·sh + i·dh, ow·sw + j·dw) of the padded
 /// block: a fixed offset (in floats) per tap from the output pixel's base. Returns the offsets
 /// and their count (no allocation: this runs per block).
-fn tap_offsets(g: &ConvGeometry, l: &Layout, lanes: usize) -> ([usize; MAX_TAPS], usize) {
-    let mut off = [0; MAX_TAPS];
+fn tap_offsets(g: &ConvGeometry, l: &Layout, lanes: usize) -> ([usize; MAX_FORWARD_TAPS], usize) {
+    let mut off = [0; MAX_FORWARD_TAPS];
     let mut count = 0;
     for i in 0..g.kernel_h {
         for j in 0..g.kernel_w {
@@ -247,12 +259,12 @@ pub(crate) unsafe fn forward_block<S: SimdF32>(
         xb[..g.pad_top * row].fill(0.0);
         xb[(g.pad_top + g.in_h) * row..].fill(0.0);
     }
-    tap_vectors(w, taps, lanes, wb);
     for (lane, b) in bb[..lanes].iter_mut().enumerate() {
         *b = bias.map_or(0.0, |b| b[lane]);
     }
     // SAFETY: x holds `lanes` planes at plane_stride; xb, ob, wb, bb have the layout's sizes.
     unsafe {
+        tap_vectors::<S>(w, taps, wb);
         pack::<S>(PackShape::input(g, l, plane_stride), x, xb);
         compute_in_bands::<S>(g, l, xb, wb, bb, ob, y);
     }
@@ -284,6 +296,7 @@ unsafe fn compute_in_bands<S: SimdF32>(
                 Some(1) => compute_3x3::<S, 1>(g, l, xb, wb, bb, rows, ob),
                 Some(2) => compute_3x3::<S, 2>(g, l, xb, wb, bb, rows, ob),
                 _ if is_unit_stride(g, 5) => compute_rows::<S, 5>(g, l, xb, wb, bb, rows, ob),
+                _ if is_unit_stride(g, 7) => compute_rows::<S, 7>(g, l, xb, wb, bb, rows, ob),
                 _ => compute::<S>(g, l, &offsets[..count], xb, wb, bb, rows, ob),
             }
             unpack::<S>(pixels, g.out_pixels(), ob, y);
@@ -291,14 +304,18 @@ unsafe fn compute_in_bands<S: SimdF32>(
     }
 }
 
-/// The kernels of `lanes` channels (`w`: channel-major, `taps` each) as one vector of channels
-/// per tap in `wb` (`[tap][lane]`), the blocked kernels' weight layout.
-fn tap_vectors(w: &[f32], taps: usize, lanes: usize, wb: &mut [f32]) {
-    for (lane, kernel) in w[..lanes * taps].chunks_exact(taps).enumerate() {
-        for (t, &v) in kernel.iter().enumerate() {
-            wb[t * lanes + lane] = v;
-        }
-    }
+/// The kernels of `LANES` channels (`w`: channel-major, `taps` each) as one vector of channels
+/// per tap in `wb` (`[tap][lane]`), the blocked kernels' weight layout: the kernels are
+/// `LANES` planes of `taps` pixels, transposed by [`pack`]. The scalar copy this replaces was
+/// compiled to a scatter per lane; on 8 × 768 planes of 7 × 7 under a 7 × 7 kernel it took a
+/// fifth of the forward's time.
+///
+/// # Safety
+/// The CPU must support `S`.
+#[inline(always)]
+unsafe fn tap_vectors<S: SimdF32>(w: &[f32], taps: usize, wb: &mut [f32]) {
+    // SAFETY: pack checks the sizes.
+    unsafe { pack::<S>(PackShape::run(taps), w, wb) }
 }
 
 /// Where [`pack`] puts `LANES` planes of `h × w` pixels: at row `top`, column `left` of a
@@ -346,7 +363,11 @@ impl PackShape {
 
     /// The output planes of `g` as one unpadded run of pixels.
     fn output(g: &ConvGeometry) -> Self {
-        let p = g.out_pixels();
+        Self::run(g.out_pixels())
+    }
+
+    /// Planes of `p` pixels, `p` floats apart, as one unpadded run of pixels.
+    fn run(p: usize) -> Self {
         PackShape {
             h: 1,
             w: p,
@@ -427,7 +448,7 @@ unsafe fn compute<S: SimdF32>(
 ) {
     let lanes = S::LANES;
     let taps = offsets.len();
-    assert!(taps <= MAX_TAPS && wb.len() >= taps * lanes);
+    assert!(taps <= MAX_FORWARD_TAPS && wb.len() >= taps * lanes);
     assert!(rows.end <= g.out_h && ob.len() >= rows.len() * g.out_w * lanes);
     let (xp, wp, op) = (xb.as_ptr(), wb.as_ptr(), ob.as_mut_ptr());
     let step = g.stride_w * lanes;
@@ -544,6 +565,13 @@ unsafe fn compute_3x3<S: SimdF32, const STRIDE: usize>(
 /// training step, whose grad-input is the adjoint forward, 5.27–5.38 → 3.96–4.02), 32 planes of
 /// 112 × 112 1.97–2.12 → 1.27–1.31 (7.46–7.56 → 5.51–5.82). PyTorch's channels-last 5 × 5 on
 /// the first: 0.64 ms.
+///
+/// A 7 × 7 (ConvNeXt's) ran on the plane-at-a-time kernel before; here, batch 8, "same", 2
+/// threads (sweep harness, min; PyTorch's best layout in the same session): 96 planes of
+/// 56 × 56 2.61 → 1.37–1.40 ms (PyTorch 1.34), 192 of 28 × 28 1.26 → 0.70–0.73 (0.69), 384 of
+/// 14 × 14 0.87 → 0.42–0.45 (0.39), 768 of 7 × 7 0.74 → 0.31–0.36 (0.23). The narrow planes
+/// owe half of it to the rest of a row running as one group (14 × 14 0.64 → 0.42 against
+/// single pixels).
 #[inline(always)]
 unsafe fn compute_rows<S: SimdF32, const K: usize>(
     g: &ConvGeometry,
@@ -554,53 +582,70 @@ unsafe fn compute_rows<S: SimdF32, const K: usize>(
     rows: Range<usize>,
     ob: &mut [f32],
 ) {
-    const OUT: usize = 8;
     let lanes = S::LANES;
     assert!(is_unit_stride(g, K));
     assert!(wb.len() >= K * K * lanes && xb.len() >= l.hp * l.wp * lanes);
     assert!(rows.end <= g.out_h && ob.len() >= rows.len() * g.out_w * lanes);
     assert!(g.out_h - 1 + K <= l.hp && g.out_w - 1 + K <= l.wp);
-    let (xp, wp, op) = (xb.as_ptr(), wb.as_ptr(), ob.as_mut_ptr());
-    // SAFETY: output pixel (oh, ow) reads padded pixels (oh + i, ow + j), i, j < K, inside the
-    // block (asserted), the K·K weight vectors of wb, and writes pixel (oh, ow) of ob.
+    // SAFETY: every group's pixels lie in row oh of the output (ow + OUT ≤ out_w), so its reads
+    // lie in the block and its writes in ob (asserted above).
     unsafe {
         let b = S::load(bb.as_ptr());
         for oh in rows.clone() {
-            let out = op.add((oh - rows.start) * g.out_w * lanes);
+            let out = ob.as_mut_ptr().add((oh - rows.start) * g.out_w * lanes);
             let mut ow = 0;
-            while ow + OUT <= g.out_w {
-                let mut acc = [b; OUT];
-                for i in 0..K {
-                    let row = xp.add(((oh + i) * l.wp + ow) * lanes);
-                    // OUT + K − 1 pixels; sized for the largest K this runs (7).
-                    let mut v = [S::zero(); OUT + 6];
-                    for (q, x) in v[..OUT + K - 1].iter_mut().enumerate() {
-                        *x = S::load(row.add(q * lanes));
-                    }
-                    for j in 0..K {
-                        let wv = S::load(wp.add((i * K + j) * lanes));
-                        for (q, a) in acc.iter_mut().enumerate() {
-                            *a = S::mul_add(wv, v[q + j], *a);
-                        }
-                    }
-                }
-                for (q, a) in acc.iter().enumerate() {
-                    a.store(out.add((ow + q) * lanes));
-                }
-                ow += OUT;
+            while ow + 8 <= g.out_w {
+                row_group::<S, K, 8>((l, xb, wb, b, oh, ow, out));
+                ow += 8;
             }
-            while ow < g.out_w {
-                let mut a = b;
-                for i in 0..K {
-                    let row = xp.add(((oh + i) * l.wp + ow) * lanes);
-                    for j in 0..K {
-                        let wv = S::load(wp.add((i * K + j) * lanes));
-                        a = S::mul_add(wv, S::load(row.add(j * lanes)), a);
-                    }
-                }
-                a.store(out.add(ow * lanes));
-                ow += 1;
+            // The rest in one group: a narrow plane's rows (7 pixels on a 7 × 7 plane) are
+            // mostly rest, and one group loads each weight vector once for all of it.
+            let args = (l, xb, wb, b, oh, ow, out);
+            match g.out_w - ow {
+                0 => {}
+                1 => row_group::<S, K, 1>(args),
+                2 => row_group::<S, K, 2>(args),
+                3 => row_group::<S, K, 3>(args),
+                4 => row_group::<S, K, 4>(args),
+                5 => row_group::<S, K, 5>(args),
+                6 => row_group::<S, K, 6>(args),
+                _ => row_group::<S, K, 7>(args),
             }
+        }
+    }
+}
+
+/// `OUT` adjacent output pixels (oh, ow ..) of [`compute_rows`]' `K × K` kernel into `out`
+/// (output row oh of the band): per kernel row, the `OUT + K − 1` input pixels are loaded once
+/// and each weight vector once.
+///
+/// # Safety
+/// The CPU must support `S`; the pixels must lie in the plane (see [`compute_rows`]).
+#[inline(always)]
+unsafe fn row_group<S: SimdF32, const K: usize, const OUT: usize>(
+    (l, xb, wb, b, oh, ow, out): (&Layout, &[f32], &[f32], S, usize, usize, *mut f32),
+) {
+    let lanes = S::LANES;
+    let (xp, wp) = (xb.as_ptr(), wb.as_ptr());
+    // SAFETY: the caller's contract.
+    unsafe {
+        let mut acc = [b; OUT];
+        for i in 0..K {
+            let row = xp.add(((oh + i) * l.wp + ow) * lanes);
+            // OUT + K − 1 pixels; sized for the largest group and kernel this runs (8, 7).
+            let mut v = [S::zero(); 8 + 6];
+            for (q, x) in v[..OUT + K - 1].iter_mut().enumerate() {
+                *x = S::load(row.add(q * lanes));
+            }
+            for j in 0..K {
+                let wv = S::load(wp.add((i * K + j) * lanes));
+                for (q, a) in acc.iter_mut().enumerate() {
+                    *a = S::mul_add(wv, v[q + j], *a);
+                }
+            }
+        }
+        for (q, a) in acc.iter().enumerate() {
+            a.store(out.add((ow + q) * lanes));
         }
     }
 }
@@ -658,8 +703,8 @@ pub fn grad_weight(
     ws: &mut Workspace,
 ) -> Result<()> {
     assert!(
-        applies(g),
-        "channel-blocked depthwise kernel: unsupported geometry"
+        grad_weight_applies(g),
+        "channel-blocked depthwise grad-weight: unsupported geometry"
     );
     let lanes = exec.isa().lanes();
     let l = Layout::new(g);
@@ -708,7 +753,7 @@ unsafe fn grad_weight_blocks_kernel<S: SimdF32>(
         acc64.fill(0.0);
         for n in 0..g.batch {
             let first = n * g.in_channels + cb * lanes;
-            let mut sums = [0f32; MAX_TAPS * 16];
+            let mut sums = [0f32; MAX_SUM_TAPS * 16];
             // SAFETY: x and gy hold planes first .. first + lanes; xb and gb have the sizes of
             // the layout; sums has room for every tap's vector.
             unsafe {
@@ -747,7 +792,7 @@ unsafe fn grad_weight_blocks_kernel<S: SimdF32>(
 /// Whether [`backward`] computes both gradients of `g`, whose grad-input is the depthwise
 /// forward `adj` (stride 1: see `kernels::conv2d_grad_input`): both on the blocked kernel.
 pub fn backward_applies(g: &ConvGeometry, adj: &ConvGeometry) -> bool {
-    applies(g) && applies(adj) && g.stride_h == 1 && g.stride_w == 1
+    grad_weight_applies(g) && applies(adj) && g.stride_h == 1 && g.stride_w == 1
 }
 
 /// Grad-input and grad-weight of a stride-1 depthwise layer in one pass over the output
@@ -965,8 +1010,9 @@ unsafe fn backward_items_kernel<S: SimdF32>(
     for (local, item) in items.enumerate() {
         let c0 = item % blocks * lanes;
         let first = item / blocks * g.in_channels + c0;
-        tap_vectors(&plan.weights()[c0 * taps..], taps, lanes, wb);
-        let mut sums = [0f32; MAX_TAPS * 16];
+        // SAFETY: the weights hold the block's lanes · taps floats.
+        unsafe { tap_vectors::<S>(&plan.weights()[c0 * taps..], taps, wb) };
+        let mut sums = [0f32; MAX_SUM_TAPS * 16];
         let gy_block = &gy[first * ohw..(first + lanes) * ohw];
         // SAFETY: x, gy hold planes first .. first + lanes; gx the item's planes; the block
         // buffers have their layouts' sizes (`GradInput::blocks`); every class read of the
@@ -1003,7 +1049,7 @@ unsafe fn backward_items_kernel<S: SimdF32>(
 /// Whether [`grad_input`] computes `g`'s grad-input: strided layers where [`applies`] (at
 /// stride 1 grad-input is the adjoint forward, on [`forward`]).
 pub fn grad_input_applies(g: &ConvGeometry) -> bool {
-    applies(g) && (g.stride_h > 1 || g.stride_w > 1) && {
+    grad_weight_applies(g) && (g.stride_h > 1 || g.stride_w > 1) && {
         let b = GradientBlock::new(g);
         b.rows * b.cols <= MAX_PADDED_PIXELS
     }
@@ -1141,7 +1187,8 @@ unsafe fn grad_input_blocks_kernel<S: SimdF32>(
     for (local, item) in items.enumerate() {
         let first = item * lanes;
         let c0 = first % g.in_channels;
-        tap_vectors(&w[c0 * taps..], taps, lanes, wb);
+        // SAFETY: w holds the block's lanes · taps floats.
+        unsafe { tap_vectors::<S>(&w[c0 * taps..], taps, wb) };
         // SAFETY: gy holds planes first .. first + lanes, gx the item's planes; the blocks
         // have the sizes computed in grad_input; every class read lands in the padded block
         // (StridedGradInput's margins).
@@ -1386,10 +1433,12 @@ unsafe fn tap_sums<S: SimdF32>(
         match offsets.len() {
             3 => tap_sums_up_to::<S, 3, true>(g, l, offsets, xb, gb, gpix, sums),
             9 => tap_sums_up_to::<S, 9, true>(g, l, offsets, xb, gb, gpix, sums),
-            MAX_TAPS => tap_sums_up_to::<S, MAX_TAPS, true>(g, l, offsets, xb, gb, gpix, sums),
+            MAX_SUM_TAPS => {
+                tap_sums_up_to::<S, MAX_SUM_TAPS, true>(g, l, offsets, xb, gb, gpix, sums)
+            }
             0..3 => tap_sums_up_to::<S, 3, false>(g, l, offsets, xb, gb, gpix, sums),
             4..9 => tap_sums_up_to::<S, 9, false>(g, l, offsets, xb, gb, gpix, sums),
-            _ => tap_sums_up_to::<S, MAX_TAPS, false>(g, l, offsets, xb, gb, gpix, sums),
+            _ => tap_sums_up_to::<S, MAX_SUM_TAPS, false>(g, l, offsets, xb, gb, gpix, sums),
         }
     }
 }

@@ -649,7 +649,9 @@ impl GradWeightKernel {
             ConvAlgorithm::Depthwise if depthwise_rows::backward_applies(exec.isa(), g) => {
                 Self::DepthwiseRows
             }
-            ConvAlgorithm::Depthwise if depthwise_blocked::applies(g) => Self::DepthwiseBlocked,
+            ConvAlgorithm::Depthwise if depthwise_blocked::grad_weight_applies(g) => {
+                Self::DepthwiseBlocked
+            }
             ConvAlgorithm::Depthwise => Self::Depthwise,
             _ if winograd_grad_weight::applies(exec, g) => Self::Winograd,
             _ if channels_last_grad_weight::applies(exec, g) => Self::ChannelsLast,
