@@ -932,8 +932,9 @@ fn small_column_kernel_cases() -> [Case; 2] {
 /// D's half of the spatially separable layer; a grouped, dilated 1 × 5 strided across with
 /// asymmetric padding (planes of 9 × 40, transposed phases of unequal length); and planes
 /// taller and wider than one 16 × 16 register block with partial blocks on both edges, no
-/// padding on the right.
-fn transposed_cases() -> [Case; 3] {
+/// padding on the right. Then a 1 × 7 "same" on 17 × 17 (Inception's; 289 pixels, but 6 of
+/// 17 columns padding), on a batch that splits over the threads and on one image split inside.
+fn transposed_cases() -> [Case; 5] {
     [
         (
             [2, 6, 14, 14],
@@ -946,14 +947,26 @@ fn transposed_cases() -> [Case; 3] {
             explicit(0, 0, 3, 1).groups(2).dilation(1, 2).stride(1, 2),
         ),
         ([2, 5, 18, 13], [9, 5, 1, 2], explicit(0, 0, 1, 0)),
+        (
+            [2, 12, 17, 17],
+            [11, 12, 1, 7],
+            Conv2dParams::with_padding(Padding::Same),
+        ),
+        (
+            [1, 9, 17, 17],
+            [6, 9, 1, 7],
+            Conv2dParams::with_padding(Padding::Same),
+        ),
     ]
 }
 
 #[test]
 fn small_row_kernels_take_the_transposed_implicit_gemm() {
+    use sepconv::kernels::implicit;
     assert_for_every_case(transposed_cases(), |exec, g| {
-        ConvAlgorithm::choose(exec, g) == ConvAlgorithm::Implicit
-            && sepconv::kernels::implicit::runs_transposed(g)
+        (ConvAlgorithm::choose(exec, g) == ConvAlgorithm::Implicit
+            || implicit::forward_within_images_applies(exec, g))
+            && implicit::runs_transposed(g)
     });
 }
 

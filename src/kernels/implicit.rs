@@ -501,14 +501,26 @@ pub fn forward(
 /// network's 1 × 3 of 32 → 64 at 14 × 14, batch 64, 1.07 → 0.88 ms. Not on larger images:
 /// reference layer C's 1 × 3 (56 × 56, read in place) 12.3–13.8 against 14.1 ms transposed, and
 /// E's strided 1 × 3 half (28 × 56, stride 2 across, padded phase planes) a tie (6.2–6.3 ms
-/// both).
+/// both). Also on larger images whose width padding is more than an eighth of the output's
+/// columns ([`MAX_RECOMPUTED_COLUMNS_PER_8`]).
 pub fn runs_transposed(g: &ConvGeometry) -> bool {
     g.kernel_h == 1
         && g.kernel_w > 1
         && g.stride_h == 1
         && g.pad_top + g.pad_bottom == 0
-        && g.out_pixels() < MIN_PIXELS
+        && (g.out_pixels() < MIN_PIXELS
+            || 8 * (g.pad_left + g.pad_right) > MAX_RECOMPUTED_COLUMNS_PER_8 * g.out_w)
 }
+
+/// Columns of padding per 8 output columns above which a 1 × k kernel runs transposed on any
+/// image: reading in place recomputes every padding column's output apart (a wide kernel on
+/// a narrow image: 6 of Inception's 17 columns under its 1 × 7). Forward and training step,
+/// batch 8, "same" (sweep harness, 2 threads, min, the two rules alternated 2× in one build):
+/// 128 → 128 1 × 7 on 17 × 17 3.48–3.52 → 2.49–2.57 ms and 10.2–10.5 → 8.1–8.6 (PyTorch 2.15
+/// and 7.26), 64 → 64 1 × 7 on 35 × 35 3.13–3.15 → 2.64–2.65, a 1 × 5 on 28 × 28 1.43–1.45 →
+/// 1.25–1.26; 1 × 3 kernels on 20, 28 and 56 columns (one or two padding columns per 8, the
+/// last reference layer C's half) a tie either way.
+const MAX_RECOMPUTED_COLUMNS_PER_8: usize = 1;
 
 /// `g` with rows and columns swapped: the convolution of the transposed planes by the
 /// transposed kernels, whose output is the transposed output. A 1 × k kernel's weights are
