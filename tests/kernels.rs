@@ -360,8 +360,9 @@ fn pointwise_cases_with_few_images_split_inside_them() {
 /// on one thread in blocks of six and four, five or three per thread on two); and one image of
 /// 20 × 10 F(2×2) tiles, whose grad-weight two threads split inside it; and 128 channels on
 /// 64-tile images, enough channels for blocks past the cache's size (four images to a block:
-/// one thread's five images in blocks of four and one, two threads' three and two).
-fn winograd_cases() -> [Case; 16] {
+/// one thread's five images in blocks of four and one, two threads' three and two); and four
+/// 7 × 7 images (16 tiles each, Winograd only with a batch of four or more).
+fn winograd_cases() -> [Case; 17] {
     let same = Conv2dParams::with_padding(Padding::Same);
     [
         ([2, 8, 37, 29], [16, 8, 3, 3], same),
@@ -389,6 +390,7 @@ fn winograd_cases() -> [Case; 16] {
         // images and one (F(2×2, 3×3)), two 25-tile images (F(4×4, 3×3)).
         ([8, 256, 12, 12], [256, 256, 3, 3], same),
         ([2, 256, 20, 20], [256, 256, 3, 3], same),
+        ([4, 9, 7, 7], [10, 9, 3, 3], same),
     ]
 }
 
@@ -445,6 +447,17 @@ fn winograd_cases_take_the_winograd_path() {
     assert_for_every_case(cases, |exec, g| {
         ConvAlgorithm::choose(exec, g) == ConvAlgorithm::Winograd
     });
+    // 7 × 7 images (16 tiles) only from four images up; 6 × 6 ones (9 tiles) never.
+    let same = Conv2dParams::with_padding(Padding::Same);
+    for (input, winograd) in [
+        ([4, 16, 7, 7], true),
+        ([3, 16, 7, 7], false),
+        ([64, 16, 6, 6], false),
+    ] {
+        let g = ConvGeometry::new(input, [16, 16, 3, 3], &same).unwrap();
+        let chosen = ConvAlgorithm::choose(exec(1), &g) == ConvAlgorithm::Winograd;
+        assert_eq!(chosen, winograd, "{input:?}");
+    }
 }
 
 /// The Winograd cases reach every transform: F(2×2, 3×3) and F(4×4, 3×3) among the 3 × 3
@@ -456,7 +469,7 @@ fn winograd_cases_cover_every_transform() {
         |(input, weight, p): Case| Transform::of(&ConvGeometry::new(input, weight, &p).unwrap());
     let count = |cases: &[Option<Transform>], t| cases.iter().filter(|&&c| c == Some(t)).count();
     let square: Vec<_> = winograd_cases().into_iter().map(of).collect();
-    assert_eq!(count(&square, Transform::F2x2), 9);
+    assert_eq!(count(&square, Transform::F2x2), 10);
     assert_eq!(count(&square, Transform::F4x4), 7);
     let axis: Vec<_> = winograd_f4_cases().into_iter().map(of).collect();
     assert_eq!(count(&axis, Transform::F4Down), 5);
@@ -483,7 +496,7 @@ fn winograd_cases_take_the_winograd_grad_weight() {
         Transform::F4Down,
         Transform::F4Across,
     ];
-    for (threads, want) in [(1, 25), (2, 22)] {
+    for (threads, want) in [(1, 26), (2, 23)] {
         let on_winograd: Vec<&ConvGeometry> = cases
             .iter()
             .filter(|g| GradWeightKernel::choose(exec(threads), g) == GradWeightKernel::Winograd)

@@ -162,7 +162,7 @@ pub(super) fn tiles_pay(g: &ConvGeometry) -> bool {
         && g.groups == 1
         && g.in_channels >= 8
         && g.out_channels >= 8
-        && tiles_h * th * tiles_w * tw >= MIN_TILED_PIXELS
+        && tiled_pixels_pay(g.batch, tiles_h * th * tiles_w * tw)
         // F(2×2, 3×3)'s output transform stages a tile row's outputs.
         && (tr != Transform::F2x2 || tiles_w <= STAGING - 16)
 }
@@ -202,14 +202,35 @@ pub(super) fn harmonic_channels_at_least(g: &ConvGeometry, channels: usize) -> b
 /// See [`f4_has_channels_for_it`].
 const F4_MIN_CHANNELS: usize = 96;
 
-/// Output pixels per image, counted in whole tiles, below which im2col wins (32 tiles of
-/// F(2×2, 3×3) or F(4, 3)): a 7×7 image's tile rows are 4 tiles, which the transforms
-/// (vectorized along tile rows) compute in a quarter of a vector. Even with several images to
-/// a block ([`images_per_block`]), the MNIST network's 64 → 128 layer at 7 × 7 (batch 64) ran
-/// slower on F(2×2, 3×3) than on im2col (Intel Xeon VM, alternated, min of 8: forward 4.79
-/// against 4.55 ms on 1 thread, 3.87 against 2.97 on 2). Before the images shared blocks, each
-/// image's 16 products had a handful of columns.
+/// Output pixels per image, counted in whole tiles, from which Winograd pays on any batch (32
+/// tiles of F(2×2, 3×3) or F(4, 3)).
 const MIN_TILED_PIXELS: usize = 128;
+
+/// Output pixels per image, counted in whole tiles, from which Winograd pays on a batch of
+/// [`MIN_BATCH_TILED_PIXELS`]: a 7 × 7 image's 16 tiles of F(2×2, 3×3). Its tile rows are 4
+/// tiles, a quarter of the transforms' vectors, and each call transforms all M·N kernels
+/// (16 MB for 512 → 512) for few tiles, so it needs images to share blocks and the kernels'
+/// transform. AMD EPYC Zen 4 VM (sweep harness, 2 threads, forward / training step, min,
+/// im2col against Winograd alternated 2–3×): 512 → 512 at batch 8 11.0–11.1 → 7.4–7.6 ms and
+/// 34–37 → 24; 256 → 256, batch 8, 2.78–2.85 → 2.28–2.36; 128 → 128 at batch 64 5.27–5.35 →
+/// 3.95–4.70 and 16.0–16.4 → 11.9–14.2; the MNIST network's 64 → 128 (batch 64) 2.48–2.58 →
+/// 2.15–2.36 and 7.6–7.9 → 6.1–6.7, its 64 → 64 1.41–1.43 → 1.30–1.33; 512 → 512 at batch
+/// 4 5.42–5.52 → 4.26–4.46 (one run in three slower, 8.6). At batch 2 and 1 it lost (512 →
+/// 512 2.72 against 2.74–7.5, batch 1 1.42 against 1.69–1.93). (On the Intel Xeon VM of the
+/// older tables, before the images shared blocks and the kernels' transform, the MNIST layer
+/// had lost: 3.87 against 2.97 ms.)
+const MIN_SMALL_TILED_PIXELS: usize = 64;
+
+/// Tiled output pixels over the batch from which images of [`MIN_SMALL_TILED_PIXELS`] run
+/// Winograd: four 7 × 7 images.
+const MIN_BATCH_TILED_PIXELS: usize = 256;
+
+/// Whether `tiled` output pixels per image (whole tiles) on a batch of `batch` pay for the
+/// transforms.
+fn tiled_pixels_pay(batch: usize, tiled: usize) -> bool {
+    tiled >= MIN_TILED_PIXELS
+        || (tiled >= MIN_SMALL_TILED_PIXELS && batch * tiled >= MIN_BATCH_TILED_PIXELS)
+}
 
 /// Width of the output staging rows (tiles per tile row, plus a vector of slack).
 const STAGING: usize = 256;
