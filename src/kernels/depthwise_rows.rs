@@ -53,7 +53,7 @@
 use std::ops::Range;
 
 use super::simd::{Isa, SimdF32};
-use super::{Exec, for_each_task};
+use super::{Exec, depthwise_blocked, for_each_task};
 use crate::error::Result;
 use crate::geometry::ConvGeometry;
 use rayon::prelude::*;
@@ -105,6 +105,14 @@ const MAX_WIDE_INPUT_FLOATS: usize = 1 << 20;
 /// (`depthwise_blocked`'s `compute_rows`: 0.82–0.85 ms on 8 × 96 × 56², where the row kernel
 /// took 1.54).
 ///
+/// A 5 × 5 at stride 1 without dilation goes to the blocked kernel wherever that applies,
+/// since its `compute_rows` shares row and weight loads over eight pixels: on every size
+/// measured it won (2 threads, forward / training step, min, the two ways alternated 2× in one
+/// build): 96 planes of 56 × 56 at batch 1 0.178–0.183 → 0.106–0.119 ms and 0.49 → 0.41–0.46,
+/// at batch 2 0.35–0.37 → 0.20–0.22 and 0.92 → 0.69; 32 of 112 × 112 at batch 1 0.214 → 0.144
+/// and 0.63 → 0.55; 8 × 96 of 28 × 28 0.354 → 0.201 and 0.92 → 0.70; 8 × 192 of 14 × 14
+/// 0.200 → 0.118 and 0.49 → 0.45 (PyTorch's best layout: 0.117, 0.189, 0.141, 0.194, 0.134).
+///
 /// At stride 2 it won at every size: reference layer E at batch 8 (12.8 MB of input; harness, alternated
 /// 3–6×) forward 0.319–0.328 → 0.272–0.281 ms, both gradients 1.53–1.63 → 0.95–1.34, its
 /// depthwise training step 1.24–1.29 → 1.17–1.22 (min of 200), its depthwise-separable step a
@@ -112,6 +120,9 @@ const MAX_WIDE_INPUT_FLOATS: usize = 1 << 20;
 pub fn applies(isa: Isa, g: &ConvGeometry) -> bool {
     g.is_depthwise()
         && match (g.stride_h, g.stride_w, g.dilation_h, g.dilation_w) {
+            (1, 1, 1, 1) if (g.kernel_h, g.kernel_w) == (5, 5) && depthwise_blocked::applies(g) => {
+                false
+            }
             (1, 1, _, _) => {
                 g.out_w <= MAX_OUTPUT_WIDTH
                     || g.input_len() <= MAX_WIDE_INPUT_FLOATS
