@@ -741,19 +741,22 @@ unsafe fn grad_input_plane<S: SimdF32, const KH: usize, const KW: usize>(
     let zero = unsafe { S::zero() };
     for p0 in (0..pl + in_w).step_by(2 * S::LANES) {
         let c0 = (p0 / 2) as isize;
-        // Output columns c0 − s + l inside the row, for shifts s = 0, 1, 2.
-        let gy_masks: [S::Lanes; 3] = std::array::from_fn(|s| {
+        // Output columns c0 − s + l inside the row, for shifts s = 0, 1, 2. (Loops, not
+        // `array::from_fn`: see `kernel_vectors`.)
+        let mut gy_masks = [unsafe { S::lanes(0, 0) }; 3];
+        for (s, mask) in gy_masks.iter_mut().enumerate() {
             let lo = (s as isize - c0).clamp(0, lanes);
             let hi = (ow as isize + s as isize - c0).clamp(lo, lanes);
-            unsafe { S::lanes(lo as usize, hi as usize) }
-        });
+            *mask = unsafe { S::lanes(lo as usize, hi as usize) };
+        }
         // Padded columns p0 + v·lanes + l, input columns inside the row.
-        let gx_masks: [S::Lanes; 2] = std::array::from_fn(|v| {
+        let mut gx_masks = [unsafe { S::lanes(0, 0) }; 2];
+        for (v, mask) in gx_masks.iter_mut().enumerate() {
             let base = (p0 + v * S::LANES) as isize;
             let lo = (pl as isize - base).clamp(0, lanes);
             let hi = ((pl + in_w) as isize - base).clamp(lo, lanes);
-            unsafe { S::lanes(lo as usize, hi as usize) }
-        });
+            *mask = unsafe { S::lanes(lo as usize, hi as usize) };
+        }
         let out = gxp.as_mut_ptr().wrapping_add(p0).wrapping_sub(pl);
         // Stores padded row t (even and odd columns) where it is an input row.
         let store = |t: usize, (even, odd): (S, S)| {
@@ -878,7 +881,8 @@ unsafe fn grad_weight_plane<S: SimdF32, const KH: usize, const KW: usize>(
     acc: &mut [f64],
 ) {
     let (oh, ow, in_h, in_w, pt) = (g.out_h, g.out_w, g.in_h, g.in_w, g.pad_top);
-    let mut sums = [[unsafe { S::zero() }; KW]; KH];
+    let zero = unsafe { S::zero() };
+    let mut sums = [[zero; KW]; KH];
     for c0 in (0..ow).step_by(S::LANES) {
         let n = S::LANES.min(ow - c0);
         // SAFETY (all blocks): loads read the lanes inside rows below `in_h` and `oh`.
@@ -886,13 +890,14 @@ unsafe fn grad_weight_plane<S: SimdF32, const KH: usize, const KW: usize>(
         let inside = unsafe { S::lanes(0, n) };
         for r0 in (0..oh).step_by(ROWS) {
             // The group's output-gradient rows, zeros past the plane.
-            let gv: [S; ROWS] = std::array::from_fn(|o| unsafe {
+            let mut gv = [zero; ROWS];
+            for (o, v) in gv.iter_mut().enumerate() {
                 if r0 + o < oh {
-                    S::load_masked(gyp.as_ptr().wrapping_add((r0 + o) * ow + c0), inside)
-                } else {
-                    S::zero()
+                    *v = unsafe {
+                        S::load_masked(gyp.as_ptr().wrapping_add((r0 + o) * ow + c0), inside)
+                    };
                 }
-            });
+            }
             for k in 0..2 * (ROWS - 1) + KH {
                 // Zeros outside the plane rather than a branch around the FMAs: the loop
                 // unrolls, and the accumulators stay in registers.
