@@ -1447,10 +1447,17 @@ fn row_depthwise_cases_take_the_row_kernel_with_avx512() {
                 backward,
                 "{input:?} {isa}"
             );
+            // Grad-weight alone also for a 3 × 3 at stride 1 without dilation on rows of up
+            // to 32 columns.
+            let unit_3x3 = g.stride_h == 1
+                && (g.kernel_h, g.dilation_h, g.dilation_w) == (3, 1, 1)
+                && g.depth_multiplier() == 1
+                && g.out_w <= 32;
+            let grad_weight = backward || (isa == Isa::Avx512 && unit_3x3);
             let exec = exec(2).with_isa(isa).unwrap();
             assert_eq!(
                 GradWeightKernel::choose(exec, &g) == GradWeightKernel::DepthwiseRows,
-                backward,
+                grad_weight,
                 "{input:?} {isa}"
             );
         }

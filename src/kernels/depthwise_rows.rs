@@ -624,10 +624,38 @@ pub fn backward_applies(isa: Isa, g: &ConvGeometry) -> bool {
     applies(isa, g) && g.stride_h == 2 && g.depth_multiplier() == 1
 }
 
+/// Whether [`strided_backward`] computes `g`'s weight gradient alone with `isa`: where
+/// [`backward_applies`], and for a 3 × 3 at stride 1 without dilation (depth multiplier 1)
+/// that [`applies`], whose grad-input is the adjoint forward on this kernel too. The planes
+/// are read in place, as at stride 2, where the blocked kernel's one-pass backward transposed
+/// the input and output-gradient planes in and the grad-input out: on reference layer D's 14 ×
+/// 14 planes those transposes were half its time (perf: `pack` 40%, `unpack` 10%).
+pub fn grad_weight_applies(isa: Isa, g: &ConvGeometry) -> bool {
+    backward_applies(isa, g)
+        || (applies(isa, g)
+            && g.depth_multiplier() == 1
+            && (g.kernel_h, g.kernel_w, g.stride_h, g.stride_w) == (3, 3, 1, 1)
+            && (g.dilation_h, g.dilation_w) == (1, 1)
+            && g.out_w <= MAX_GRAD_WEIGHT_WIDTH)
+}
+
+/// Output columns up to which a stride-1 grad-weight runs here ([`grad_weight_applies`]), and
+/// a stride-1 backward as two passes on this kernel instead of the blocked kernel's one pass.
+/// Against the build before (`sepconv bench`, 2 threads, min, alternated 3×): reference layer
+/// D (14 columns) depthwise training step 0.419–0.448 → 0.384–0.412 ms, its depthwise-separable
+/// step 12.57–12.64 → 11.62–11.74 (2×). Wider planes lost: the grad-weight walks each column
+/// block down the plane, so a plane that L1 does not hold has every row's lines read again
+/// per block (B's 112 columns: grad-weight 0.96–1.14 ms against the blocked kernel's
+/// 0.64–0.71), and C's 56 columns gained on its depthwise step (1.71–1.80 → 1.57–1.67) but
+/// lost on its depthwise-separable step (14.15–14.22 → 14.50–14.58, 3×), where the output
+/// gradient comes from the pointwise half and the two passes read it twice.
+const MAX_GRAD_WEIGHT_WIDTH: usize = 32;
+
 /// Gradients of a stride-2 depthwise layer (`g` must satisfy [`backward_applies`] for `exec`'s
 /// instruction set) reading the NCHW planes in place, in one pass over the output gradient
 /// `gy`: the input gradient when `grad_input` = `(w, gx)` is given, the weight gradient when
-/// `grad_weight` = `(x, gw)` is. Planes are split over the threads in runs (each plane's
+/// `grad_weight` = `(x, gw)` is. The weight gradient alone also at stride 1
+/// ([`grad_weight_applies`]). Planes are split over the threads in runs (each plane's
 /// grad-input depends on its own output gradient alone); each thread sums its planes' weight
 /// gradients in f64 (per plane in f32 lanes, as the blocked kernels do), and the threads' sums
 /// are added in order.
@@ -639,7 +667,8 @@ pub fn strided_backward(
     grad_weight: Option<(&[f32], &mut [f32])>,
 ) -> Result<()> {
     assert!(
-        backward_applies(exec.isa(), g),
+        backward_applies(exec.isa(), g)
+            || (grad_input.is_none() && grad_weight_applies(exec.isa(), g)),
         "row depthwise backward: unsupported geometry"
     );
     let planes = g.batch * g.in_channels;
@@ -704,7 +733,8 @@ unsafe fn backward_planes_kernel<S: SimdF32>(
                 let xp = &x[p * hw..(p + 1) * hw];
                 let out = &mut acc[c * taps..(c + 1) * taps];
                 match g.kernel_h {
-                    3 => grad_weight_plane_3x3::<S>(g, xp, gyp, out),
+                    3 if g.stride_h == 1 => grad_weight_plane_3x3::<S, 1>(g, xp, gyp, out),
+                    3 => grad_weight_plane_3x3::<S, 2>(g, xp, gyp, out),
                     _ => grad_weight_plane::<S, 5, 5>(g, xp, gyp, out),
                 }
             }
@@ -833,7 +863,7 @@ unsafe fn padded_row<S: SimdF32, const KW: usize, const STRIDE: usize>(
 /// # Safety
 /// As [`grad_weight_plane`], with a 3 × 3 kernel.
 #[inline(always)]
-unsafe fn grad_weight_plane_3x3<S: SimdF32>(
+unsafe fn grad_weight_plane_3x3<S: SimdF32, const STRIDE: usize>(
     g: &ConvGeometry,
     xp: &[f32],
     gyp: &[f32],
@@ -844,19 +874,29 @@ unsafe fn grad_weight_plane_3x3<S: SimdF32>(
     for c0 in (0..ow).step_by(S::LANES) {
         let n = S::LANES.min(ow - c0);
         // SAFETY (all blocks): loads read the lanes inside rows below `in_h` and `oh`.
-        let columns = unsafe { Columns::<S, 3, 2>::new(g, xp, c0, n) };
+        let columns = unsafe { Columns::<S, 3, STRIDE>::new(g, xp, c0, n) };
         let inside = unsafe { S::lanes(0, n) };
         let mut top = unsafe { padded_row(&columns, 0, pt, in_h, in_w) };
+        // At stride 1 the middle row is the next output row's first, carried too.
+        let mut carried = unsafe { padded_row(&columns, 1, pt, in_h, in_w) };
         for r in 0..oh {
             let gv = unsafe { S::load_masked(gyp.as_ptr().wrapping_add(r * ow + c0), inside) };
-            let middle = unsafe { padded_row(&columns, 2 * r + 1, pt, in_h, in_w) };
-            let bottom = unsafe { padded_row(&columns, 2 * r + 2, pt, in_h, in_w) };
+            let middle = if STRIDE == 1 {
+                carried
+            } else {
+                unsafe { padded_row(&columns, STRIDE * r + 1, pt, in_h, in_w) }
+            };
+            let bottom = unsafe { padded_row(&columns, STRIDE * r + 2, pt, in_h, in_w) };
             for (i, v) in [top, middle, bottom].iter().enumerate() {
                 for (s, &vj) in sums[i].iter_mut().zip(v) {
                     *s = unsafe { S::mul_add(gv, vj, *s) };
                 }
             }
-            top = bottom;
+            if STRIDE == 1 {
+                (top, carried) = (middle, bottom);
+            } else {
+                top = bottom;
+            }
         }
     }
     for (a, s) in acc.iter_mut().zip(sums.iter().flatten()) {

@@ -646,7 +646,7 @@ impl GradWeightKernel {
     /// The kernel [`conv2d_grad_weight`] runs for `g`, in order of preference.
     pub fn choose(exec: Exec, g: &ConvGeometry) -> Self {
         match ConvAlgorithm::choose(exec, g) {
-            ConvAlgorithm::Depthwise if depthwise_rows::backward_applies(exec.isa(), g) => {
+            ConvAlgorithm::Depthwise if depthwise_rows::grad_weight_applies(exec.isa(), g) => {
                 Self::DepthwiseRows
             }
             ConvAlgorithm::Depthwise if depthwise_blocked::grad_weight_applies(g) => {
@@ -691,7 +691,9 @@ pub fn conv2d_grad_weight(
 /// pass computes several: depthwise layers on the channel-blocked kernel, whose weight and
 /// input gradients come from one pass over the output gradient ([`depthwise_blocked::backward`]
 /// at stride 1, [`depthwise_blocked::strided_backward`] strided, or at stride 2 on the row
-/// kernel [`depthwise_rows::strided_backward`]), pointwise layers split by
+/// kernel [`depthwise_rows::strided_backward`]; a stride-1 3 × 3 whose grad-weight the row
+/// kernel takes runs two passes there, see [`depthwise_rows::grad_weight_applies`]),
+/// pointwise layers split by
 /// images, whose three gradients are computed image by image ([`conv::pointwise_backward`]),
 /// and layers whose grad-weight runs on the shifted kernel or the per-tap GEMMs, which sum
 /// grad-bias image by image as they go ([`shifted_grad_weight::grad_weight`],
@@ -726,6 +728,10 @@ pub fn conv2d_backward(
     };
     let one_pass = if depthwise_rows::backward_applies(exec.isa(), g) {
         Some(FusedBackward::Rows)
+    } else if depthwise_rows::grad_weight_applies(exec.isa(), g) {
+        // Stride 1 on the row kernel: grad-weight, then grad-input as the adjoint forward,
+        // both reading the NCHW planes in place.
+        None
     } else {
         fused_backward(g)
     };
