@@ -595,21 +595,20 @@ unsafe fn compute_rows<S: SimdF32, const K: usize>(
             let out = ob.as_mut_ptr().add((oh - rows.start) * g.out_w * lanes);
             let mut ow = 0;
             while ow + 8 <= g.out_w {
-                row_group::<S, K, 8>((l, xb, wb, b, oh, ow, out));
+                row_group::<S, K, 8>(l, xb, wb, b, oh, ow, out);
                 ow += 8;
             }
             // The rest in one group: a narrow plane's rows (7 pixels on a 7 × 7 plane) are
             // mostly rest, and one group loads each weight vector once for all of it.
-            let args = (l, xb, wb, b, oh, ow, out);
             match g.out_w - ow {
                 0 => {}
-                1 => row_group::<S, K, 1>(args),
-                2 => row_group::<S, K, 2>(args),
-                3 => row_group::<S, K, 3>(args),
-                4 => row_group::<S, K, 4>(args),
-                5 => row_group::<S, K, 5>(args),
-                6 => row_group::<S, K, 6>(args),
-                _ => row_group::<S, K, 7>(args),
+                1 => row_group::<S, K, 1>(l, xb, wb, b, oh, ow, out),
+                2 => row_group::<S, K, 2>(l, xb, wb, b, oh, ow, out),
+                3 => row_group::<S, K, 3>(l, xb, wb, b, oh, ow, out),
+                4 => row_group::<S, K, 4>(l, xb, wb, b, oh, ow, out),
+                5 => row_group::<S, K, 5>(l, xb, wb, b, oh, ow, out),
+                6 => row_group::<S, K, 6>(l, xb, wb, b, oh, ow, out),
+                _ => row_group::<S, K, 7>(l, xb, wb, b, oh, ow, out),
             }
         }
     }
@@ -621,9 +620,16 @@ unsafe fn compute_rows<S: SimdF32, const K: usize>(
 ///
 /// # Safety
 /// The CPU must support `S`; the pixels must lie in the plane (see [`compute_rows`]).
+#[allow(clippy::too_many_arguments)]
 #[inline(always)]
 unsafe fn row_group<S: SimdF32, const K: usize, const OUT: usize>(
-    (l, xb, wb, b, oh, ow, out): (&Layout, &[f32], &[f32], S, usize, usize, *mut f32),
+    l: &Layout,
+    xb: &[f32],
+    wb: &[f32],
+    b: S,
+    oh: usize,
+    ow: usize,
+    out: *mut f32,
 ) {
     let lanes = S::LANES;
     let (xp, wp) = (xb.as_ptr(), wb.as_ptr());

@@ -424,12 +424,12 @@ unsafe fn forward_plane_rows_first<S: SimdF32, const KH: usize, const KW: usize,
         } else {
             for (b, columns) in columns[..blocks].iter().enumerate() {
                 let c0 = b * lanes;
-                // SAFETY: as above where `inside`; `row_group_at_edges` tests each row.
+                // SAFETY: as above where `inside`; `row_group` tests each row at the edges.
                 unsafe {
                     if inside {
-                        row_group_inside::<S, KH, KW, R>(g, columns, &wv, bv, r0, c0, yp);
+                        row_group::<S, KH, KW, R, true>(g, columns, &wv, bv, r0, c0, yp);
                     } else {
-                        row_group_at_edges::<S, KH, KW, R>(g, columns, &wv, bv, r0, c0, yp);
+                        row_group::<S, KH, KW, R, false>(g, columns, &wv, bv, r0, c0, yp);
                     }
                 }
             }
@@ -471,14 +471,24 @@ fn walks_rows_first(g: &ConvGeometry) -> bool {
 /// Column blocks of 16 up to which [`walks_rows_first`] holds (rows of up to 128 columns).
 const MAX_ROW_MAJOR_BLOCKS: usize = 8;
 
-/// One group of [`forward_plane_rows_first`] that reaches the padding or the output's last
-/// rows: `R` output rows from `r0` of the column block from `c0` that `columns` reads, each
-/// input row tested (zeros outside the plane) and only the output rows that exist stored.
+/// One group of [`forward_plane_rows_first`]: `R` output rows from `r0` of the column block
+/// from `c0` that `columns` reads. A group that reaches the padding or the output's last rows
+/// (`INSIDE` false) tests each input row (zeros outside the plane) and stores only the output
+/// rows that exist; one whose input rows all lie inside the plane and whose `R` output rows all
+/// lie inside the output (`INSIDE`) loads every row and stores every output row, no tests.
 ///
 /// # Safety
-/// As [`forward_plane`]; `columns` is the block's from `c0` of `g`'s input plane.
+/// As [`forward_plane`]; `columns` is the block's from `c0` of `g`'s input plane; where
+/// `INSIDE`, input rows `r0 − pad_top ..` and output rows `r0 .. r0 + R` lie inside.
+#[allow(clippy::too_many_arguments)]
 #[inline(always)]
-unsafe fn row_group_at_edges<S: SimdF32, const KH: usize, const KW: usize, const R: usize>(
+unsafe fn row_group<
+    S: SimdF32,
+    const KH: usize,
+    const KW: usize,
+    const R: usize,
+    const INSIDE: bool,
+>(
     g: &ConvGeometry,
     columns: &Columns<S, KW, 1>,
     wv: &[[S; KW]; KH],
@@ -491,12 +501,18 @@ unsafe fn row_group_at_edges<S: SimdF32, const KH: usize, const KW: usize, const
     let n = S::LANES.min(ow - c0);
     let mut acc = [bv; R];
     for k in 0..R - 1 + KH {
-        // Padded row r0 + k as seen by each tap column, zeros outside the plane.
-        let v = unsafe { padded_row(columns, r0 + k, g.pad_top, g.in_h, g.in_w) };
+        let v = if INSIDE {
+            // SAFETY: the row lies inside the plane (the caller's contract).
+            unsafe { columns.row(r0 + k - g.pad_top, g.in_w) }
+        } else {
+            // Padded row r0 + k as seen by each tap column, zeros outside the plane.
+            unsafe { padded_row(columns, r0 + k, g.pad_top, g.in_h, g.in_w) }
+        };
         // SAFETY: the caller's ISA.
         unsafe { add_row::<S, KH, KW, 1, R>(&mut acc, k, &v, wv) };
     }
-    for (o, a) in acc.iter().enumerate().take(oh - r0) {
+    let stored = if INSIDE { R } else { R.min(oh - r0) };
+    for (o, a) in acc.iter().enumerate().take(stored) {
         let dst = yp.as_mut_ptr().wrapping_add((r0 + o) * ow + c0);
         unsafe { a.store_partial(dst, n) }
     }
@@ -505,7 +521,7 @@ unsafe fn row_group_at_edges<S: SimdF32, const KH: usize, const KW: usize, const
 /// A group of four output rows of a 3 × 3 at stride 1 with one column of left padding, every
 /// input row inside the plane, walked across the column blocks with each input row's vectors
 /// carried from block to block: per row and block one aligned load (the next block's), the
-/// shifted vectors by `valignd`, where [`row_group_inside`] loads three shifted vectors (two of them
+/// shifted vectors by `valignd`, where [`row_group`] loads three shifted vectors (two of them
 /// split across cache lines). Reference layer B's depthwise forward at batch 8 (rows of 112
 /// columns; 2 threads, the two ways switched in one process, 8 rounds): 0.485–0.514 → 0.400–0.444
 /// ms on plain buffers, 0.391 → 0.381 on the benchmark's, its training step 2.19 → 2.07.
@@ -584,37 +600,6 @@ unsafe fn add_row<
                 *a = unsafe { S::mul_add(wt, vj, *a) };
             }
         }
-    }
-}
-
-/// [`row_group_at_edges`] for a group whose input rows all lie inside the plane and whose `R`
-/// output rows all lie inside the output: no row tests, every row stored.
-///
-/// # Safety
-/// As [`row_group_at_edges`], with input rows `r0 − pad_top ..` and output rows `r0 .. r0 + R`
-/// inside.
-#[inline(always)]
-unsafe fn row_group_inside<S: SimdF32, const KH: usize, const KW: usize, const R: usize>(
-    g: &ConvGeometry,
-    columns: &Columns<S, KW, 1>,
-    wv: &[[S; KW]; KH],
-    bv: S,
-    r0: usize,
-    c0: usize,
-    yp: &mut [f32],
-) {
-    let (ow, in_w) = (g.out_w, g.in_w);
-    let n = S::LANES.min(ow - c0);
-    let ir0 = r0 - g.pad_top;
-    let mut acc = [bv; R];
-    for k in 0..R - 1 + KH {
-        // SAFETY: the row lies inside the plane (the caller's contract).
-        let v = unsafe { columns.row(ir0 + k, in_w) };
-        unsafe { add_row::<S, KH, KW, 1, R>(&mut acc, k, &v, wv) };
-    }
-    let dst = yp.as_mut_ptr().wrapping_add(r0 * ow + c0);
-    for (o, a) in acc.iter().enumerate() {
-        unsafe { a.store_partial(dst.wrapping_add(o * ow), n) }
     }
 }
 

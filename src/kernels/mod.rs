@@ -726,16 +726,7 @@ pub fn conv2d_backward(
     let Some(gx) = gx else {
         return grad_weight_and_bias(exec, g, x, gy, gw, gb, ws);
     };
-    let one_pass = if depthwise_rows::backward_applies(exec.isa(), g) {
-        Some(FusedBackward::Rows)
-    } else if depthwise_rows::grad_weight_applies(exec.isa(), g) {
-        // Stride 1 on the row kernel: grad-weight, then grad-input as the adjoint forward,
-        // both reading the NCHW planes in place.
-        None
-    } else {
-        fused_backward(g)
-    };
-    let Some(one_pass) = one_pass else {
+    let Some(one_pass) = one_pass_backward(exec.isa(), g) else {
         grad_weight_and_bias(exec, g, x, gy, gw, gb, ws)?;
         return conv2d_grad_input(exec, g, gy, w, gx, ws);
     };
@@ -810,11 +801,27 @@ fn grad_weight_and_bias(
     }
 }
 
-/// Whether [`conv2d_backward`] computes a depthwise layer's weight and input gradients in one
-/// pass over the output gradient (pointwise layers: [`conv::pointwise_backward_applies`]): at
-/// stride 1 with the adjoint forward, strided with the gather per residue class.
+/// Whether the channel-blocked kernel computes a depthwise layer's weight and input gradients
+/// in one pass over the output gradient (pointwise layers: [`conv::pointwise_backward_applies`]):
+/// at stride 1 with the adjoint forward, strided with the gather per residue class. With
+/// AVX-512, [`conv2d_backward`] takes the row kernel first where it applies (see
+/// `one_pass_backward`).
 pub fn backward_is_fused(g: &ConvGeometry) -> bool {
     fused_backward(g).is_some()
+}
+
+/// How [`conv2d_backward`] computes both gradients of the depthwise layer `g` with `isa` in
+/// one pass, if it does: on the row kernel at stride 2; not at all where the row kernel takes
+/// a stride-1 grad-weight (its grad-input, the adjoint forward, runs there too, a second pass:
+/// see [`depthwise_rows::grad_weight_applies`]); else on the channel-blocked kernel.
+fn one_pass_backward(isa: Isa, g: &ConvGeometry) -> Option<FusedBackward> {
+    if depthwise_rows::backward_applies(isa, g) {
+        Some(FusedBackward::Rows)
+    } else if depthwise_rows::grad_weight_applies(isa, g) {
+        None
+    } else {
+        fused_backward(g)
+    }
 }
 
 /// How [`conv2d_backward`] computes both gradients of a depthwise layer in one pass.
