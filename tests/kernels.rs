@@ -1365,9 +1365,11 @@ fn wide_depthwise_kernels_take_the_blocked_forward_only() {
 /// rows of 111 columns (six whole vectors and a partial one), walked rows first, the same on
 /// rows of 128 columns (whole vectors: each row's vectors carried across the blocks), a 5 × 5
 /// walked rows first (rows of 30 columns; 24 channels, since on multiples of 16 5 × 5 kernels
-/// go to the blocked kernel), and a 3 × 3 dilated by 2 on planes tall enough for
-/// groups whose rows all lie inside (two row phases).
-fn row_depthwise_cases() -> [Case; 20] {
+/// go to the blocked kernel), a 3 × 3 dilated by 2 on planes tall enough for
+/// groups whose rows all lie inside (two row phases), and two stride-1 3 × 3s whose
+/// grad-weight walks bands of rows: 21 output rows (bands of 8, 8 and 5) on 56 columns, and
+/// 35 rows with all the vertical padding on top (a band's first rows read the padding).
+fn row_depthwise_cases() -> [Case; 22] {
     let same = Conv2dParams::with_padding(Padding::Same);
     [
         ([2, 16, 14, 14], [16, 1, 3, 3], same.groups(16)),
@@ -1426,6 +1428,8 @@ fn row_depthwise_cases() -> [Case; 20] {
         ([1, 8, 1025, 128], [8, 1, 3, 3], same.groups(8)),
         ([3, 24, 600, 30], [24, 1, 5, 5], same.groups(24)),
         ([1, 4, 30, 20], [4, 1, 3, 3], same.groups(4).dilation(2, 2)),
+        ([2, 4, 21, 56], [4, 1, 3, 3], same.groups(4)),
+        ([1, 3, 35, 40], [3, 1, 3, 3], explicit(2, 0, 1, 1).groups(3)),
     ]
 }
 
@@ -1448,11 +1452,11 @@ fn row_depthwise_cases_take_the_row_kernel_with_avx512() {
                 "{input:?} {isa}"
             );
             // Grad-weight alone also for a 3 × 3 at stride 1 without dilation on rows of up
-            // to 32 columns.
+            // to 64 columns.
             let unit_3x3 = g.stride_h == 1
                 && (g.kernel_h, g.dilation_h, g.dilation_w) == (3, 1, 1)
                 && g.depth_multiplier() == 1
-                && g.out_w <= 32;
+                && g.out_w <= 64;
             let grad_weight = backward || (isa == Isa::Avx512 && unit_3x3);
             let exec = exec(2).with_isa(isa).unwrap();
             assert_eq!(
@@ -1462,7 +1466,7 @@ fn row_depthwise_cases_take_the_row_kernel_with_avx512() {
             );
         }
     }
-    // Strided on one axis only, at stride 2 dilated, at stride 3, wider than 32 output columns
+    // Strided on one axis only, at stride 2 dilated, at stride 3, wider than 64 output columns
     // at stride 1 on an input of more than 2^20 floats, or a 3 × 1 kernel: other kernels.
     let same = Conv2dParams::with_padding(Padding::Same);
     for (input, weight, p) in [

@@ -624,17 +624,32 @@ pub fn grad_weight_applies(isa: Isa, g: &ConvGeometry) -> bool {
             && g.out_w <= MAX_GRAD_WEIGHT_WIDTH)
 }
 
+/// Output rows the stride-1 3 × 3 grad-weight walks down one column block before the next
+/// block ([`grad_weight_plane_3x3`]), on planes of more than twice as many rows. Walked down the
+/// whole plane, a block reads each row's lines of input and output gradient once more per
+/// block on a plane that L1 does not hold with the rest; in a band of 8 rows they stay there
+/// from one block to the next, for 2 input rows loaded again per band. `sepconv bench
+/// --layers C,D,E --variants dw,ds --no-peak`, bands switched in one build, alternated 2×:
+/// reference layer C's depthwise training step 1.46–1.72 → 1.40–1.42 ms (bands of 4: 1.46–1.49,
+/// of 16: 1.41–1.62), its depthwise-separable step 13.86–14.11 → 13.57–13.66; D's 14 rows
+/// stay one band (two bands: 0.39 → 0.40). At stride 2, E's 28 rows measured a tie in bands
+/// (against the build before, alternated 4×), and walk the whole plane.
+const GRAD_WEIGHT_BAND_ROWS: usize = 8;
+
 /// Output columns up to which a stride-1 grad-weight runs here ([`grad_weight_applies`]), and
 /// a stride-1 backward as two passes on this kernel instead of the blocked kernel's one pass.
 /// Against the build before (`sepconv bench`, 2 threads, min, alternated 3×): reference layer
 /// D (14 columns) depthwise training step 0.419–0.448 → 0.384–0.412 ms, its depthwise-separable
-/// step 12.57–12.64 → 11.62–11.74 (2×). Wider planes lost: the grad-weight walks each column
-/// block down the plane, so a plane that L1 does not hold has every row's lines read again
-/// per block (B's 112 columns: grad-weight 0.96–1.14 ms against the blocked kernel's
-/// 0.64–0.71), and C's 56 columns gained on its depthwise step (1.71–1.80 → 1.57–1.67) but
-/// lost on its depthwise-separable step (14.15–14.22 → 14.50–14.58, 3×), where the output
-/// gradient comes from the pointwise half and the two passes read it twice.
-const MAX_GRAD_WEIGHT_WIDTH: usize = 32;
+/// step 12.57–12.64 → 11.62–11.74 (2×). With the grad-weight walked down the whole plane, C's
+/// 56 columns gained on the depthwise step but lost 2.5% on the depthwise-separable one (the
+/// output gradient comes from the pointwise half, and the two passes read it twice); walked
+/// in bands ([`GRAD_WEIGHT_BAND_ROWS`]) C gains on both against the blocked kernel (`sepconv
+/// bench --layers C --variants dw,ds --no-peak`, min, against the build before, alternated
+/// 3×): depthwise step 1.67–1.70 → 1.35–1.40 ms, depthwise-separable step 13.70–13.96 →
+/// 13.47–13.50. B's 112 columns still lose in bands
+/// (depthwise step 1.78–1.89 → 1.90–1.92, depthwise-separable step 8.72–8.95 → 9.05–9.11),
+/// so they stay on the blocked kernel.
+const MAX_GRAD_WEIGHT_WIDTH: usize = 64;
 
 /// Gradients of a stride-2 depthwise layer (`g` must satisfy [`backward_applies`] for `exec`'s
 /// instruction set) reading the NCHW planes in place, in one pass over the output gradient
@@ -839,11 +854,13 @@ unsafe fn padded_row<S: SimdF32, const KW: usize, const STRIDE: usize>(
 /// [`grad_weight_plane`] for a 3 × 3 kernel, one output row at a time: output row `r` reads
 /// padded rows `2·r`, `2·r + 1` and `2·r + 2`, and the last is the next row's first, so it is
 /// carried over and each input row is loaded once (two per output row, where groups of four
-/// output rows load nine). Every tap's lanes add the output rows in the same order as the
-/// grouped kernel's, so the sums are the same. The grouped kernel's nine rows of three vectors
-/// did not fit the registers (the compiler spilled them to the stack): reference layer E's
-/// image (128 × 56², one thread, min of 3000, in cache; the build before alternated 3×)
-/// 0.0485–0.0488 → 0.0409–0.0410 ms.
+/// output rows load nine). The grouped kernel's nine rows of three vectors did not fit the
+/// registers (the compiler spilled them to the stack): reference layer E's image (128 × 56²,
+/// one thread, min of 3000, in cache; the build before alternated 3×) 0.0485–0.0488 →
+/// 0.0409–0.0410 ms. At stride 1 the middle row is carried too.
+///
+/// At stride 1, planes of more than twice [`GRAD_WEIGHT_BAND_ROWS`] output rows are walked in
+/// bands of that many rows, every column block of a band before the next band (see there).
 ///
 /// # Safety
 /// As [`grad_weight_plane`], with a 3 × 3 kernel.
@@ -856,31 +873,39 @@ unsafe fn grad_weight_plane_3x3<S: SimdF32, const STRIDE: usize>(
 ) {
     let (oh, ow, in_h, in_w, pt) = (g.out_h, g.out_w, g.in_h, g.in_w, g.pad_top);
     let mut sums = [[unsafe { S::zero() }; 3]; 3];
-    for c0 in (0..ow).step_by(S::LANES) {
-        let n = S::LANES.min(ow - c0);
-        // SAFETY (all blocks): loads read the lanes inside rows below `in_h` and `oh`.
-        let columns = unsafe { Columns::<S, 3, STRIDE>::new(g, xp, c0, n) };
-        let inside = unsafe { S::lanes(0, n) };
-        let mut top = unsafe { padded_row(&columns, 0, pt, in_h, in_w) };
-        // At stride 1 the middle row is the next output row's first, carried too.
-        let mut carried = unsafe { padded_row(&columns, 1, pt, in_h, in_w) };
-        for r in 0..oh {
-            let gv = unsafe { S::load_masked(gyp.as_ptr().wrapping_add(r * ow + c0), inside) };
-            let middle = if STRIDE == 1 {
-                carried
-            } else {
-                unsafe { padded_row(&columns, STRIDE * r + 1, pt, in_h, in_w) }
-            };
-            let bottom = unsafe { padded_row(&columns, STRIDE * r + 2, pt, in_h, in_w) };
-            for (i, v) in [top, middle, bottom].iter().enumerate() {
-                for (s, &vj) in sums[i].iter_mut().zip(v) {
-                    *s = unsafe { S::mul_add(gv, vj, *s) };
+    let band = if STRIDE == 1 && oh > 2 * GRAD_WEIGHT_BAND_ROWS {
+        GRAD_WEIGHT_BAND_ROWS
+    } else {
+        oh
+    };
+    for r0 in (0..oh).step_by(band) {
+        let rows = r0..(r0 + band).min(oh);
+        for c0 in (0..ow).step_by(S::LANES) {
+            let n = S::LANES.min(ow - c0);
+            // SAFETY (all blocks): loads read the lanes inside rows below `in_h` and `oh`.
+            let columns = unsafe { Columns::<S, 3, STRIDE>::new(g, xp, c0, n) };
+            let inside = unsafe { S::lanes(0, n) };
+            let mut top = unsafe { padded_row(&columns, STRIDE * r0, pt, in_h, in_w) };
+            // At stride 1 the middle row is the next output row's first, carried too.
+            let mut carried = unsafe { padded_row(&columns, STRIDE * r0 + 1, pt, in_h, in_w) };
+            for r in rows.clone() {
+                let gv = unsafe { S::load_masked(gyp.as_ptr().wrapping_add(r * ow + c0), inside) };
+                let middle = if STRIDE == 1 {
+                    carried
+                } else {
+                    unsafe { padded_row(&columns, STRIDE * r + 1, pt, in_h, in_w) }
+                };
+                let bottom = unsafe { padded_row(&columns, STRIDE * r + 2, pt, in_h, in_w) };
+                for (i, v) in [top, middle, bottom].iter().enumerate() {
+                    for (s, &vj) in sums[i].iter_mut().zip(v) {
+                        *s = unsafe { S::mul_add(gv, vj, *s) };
+                    }
                 }
-            }
-            if STRIDE == 1 {
-                (top, carried) = (middle, bottom);
-            } else {
-                top = bottom;
+                if STRIDE == 1 {
+                    (top, carried) = (middle, bottom);
+                } else {
+                    top = bottom;
+                }
             }
         }
     }
