@@ -646,9 +646,8 @@ const GRAD_WEIGHT_BAND_ROWS: usize = 8;
 /// in bands ([`GRAD_WEIGHT_BAND_ROWS`]) C gains on both against the blocked kernel (`sepconv
 /// bench --layers C --variants dw,ds --no-peak`, min, against the build before, alternated
 /// 3×): depthwise step 1.67–1.70 → 1.35–1.40 ms, depthwise-separable step 13.70–13.96 →
-/// 13.47–13.50. B's 112 columns still lose in bands
-/// (depthwise step 1.78–1.89 → 1.90–1.92, depthwise-separable step 8.72–8.95 → 9.05–9.11),
-/// so they stay on the blocked kernel.
+/// 13.47–13.50. B's 112 columns still lose in bands (depthwise step 1.78–1.89 → 1.90–1.92,
+/// depthwise-separable step 8.72–8.95 → 9.05–9.11), so they stay on the blocked kernel.
 const MAX_GRAD_WEIGHT_WIDTH: usize = 64;
 
 /// Gradients of a stride-2 depthwise layer (`g` must satisfy [`backward_applies`] for `exec`'s
