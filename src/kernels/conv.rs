@@ -1140,15 +1140,44 @@ impl<'a> PointwiseImages<'a> {
             let gy_rows = MatView::dense(gyg, s.cog, s.p);
             gemm(gwg, s.k, gy_rows, xt, true, 1);
             if let Some((tw, gx)) = grad_input.as_mut() {
-                small_k_gemm(
+                let ahead = if grp + 1 == g.groups {
+                    self.next_image(n)
+                } else {
+                    Ahead::NONE
+                };
+                small_k_gemm_ahead(
                     self.isa,
                     transposed_weight_times(*tw, s, grp, gyg),
                     &mut gx[grp * s.in_group..][..s.in_group],
                     s.p,
                     Store::Stream,
+                    ahead,
                 );
             }
         }
+    }
+
+    /// The output gradient and input of the image after `n` in its task's run, which its
+    /// grad-bias sums and grad-weight product read first: prefetched during image `n`'s
+    /// grad-input product, which runs near the FMA peak and leaves the memory system idle
+    /// (nothing after a run's last image). The grad-bias sums were the first to touch an
+    /// image's output gradient (3.2 MB on reference layer B), a pass that waited on memory.
+    /// `sepconv bench --layers B,C --variants pw,ds --no-peak`, the prefetch switched in one
+    /// build, alternated 4×: the depthwise-separable training steps B 8.98–9.34 → 8.73–9.05 ms
+    /// and C 13.28–13.61 → 13.17–13.22 (B faster in 3 pairs of 4 and a tie, C in 4 of 4; in
+    /// an earlier 6× run each in 5 of 6); the pointwise steps C 11.36–11.64 → 11.37–11.45, B a
+    /// tie (6.18–6.42 against 6.09–6.46).
+    fn next_image(&self, n: usize) -> Ahead {
+        let next = n + 1;
+        if next.is_multiple_of(self.runs.per_task) || next >= self.g.batch {
+            return Ahead::NONE;
+        }
+        let (img_y, img_x) = (self.g.output_len(), self.g.input_len());
+        let (img_y, img_x) = (img_y / self.g.batch, img_x / self.g.batch);
+        Ahead::of(
+            &self.gy[next * img_y..][..img_y],
+            &self.x[next * img_x..][..img_x],
+        )
     }
 
     /// Rows `rows` of image `n`'s input gradient (an ungrouped layer's input channels) into
