@@ -1169,11 +1169,14 @@ impl<'a> PointwiseImages<'a> {
     /// tie (6.18–6.42 against 6.09–6.46).
     fn next_image(&self, n: usize) -> Ahead {
         let next = n + 1;
-        if next.is_multiple_of(self.runs.per_task) || next >= self.g.batch {
+        if !self.runs.run(n / self.runs.per_task).contains(&next) {
             return Ahead::NONE;
         }
-        let (img_y, img_x) = (self.g.output_len(), self.g.input_len());
-        let (img_y, img_x) = (img_y / self.g.batch, img_x / self.g.batch);
+        // A pointwise layer's input and output planes have the same pixels.
+        let (img_y, img_x) = (
+            self.g.out_channels * self.s.p,
+            self.g.in_channels * self.s.p,
+        );
         Ahead::of(
             &self.gy[next * img_y..][..img_y],
             &self.x[next * img_x..][..img_x],

@@ -17,7 +17,7 @@
 //! 0.030–0.032 ms, on one thread 0.078–0.102 → 0.048–0.063; a 5 × 5 there on one thread
 //! 0.181–0.186 → 0.096–0.123.
 //!
-//! Both gradients of such a layer (depth multiplier 1) run here too ([`strided_backward`]),
+//! Both gradients of such a layer (depth multiplier 1) run here too ([`backward`]),
 //! for the same reason: the grad-weight reads the input rows as the forward does, the
 //! grad-input adds each output-gradient row, loaded once, into the even and odd columns of the
 //! input rows it reaches and interleaves each row once complete. On E's image (alternated 3×)
@@ -45,10 +45,11 @@
 //! 0.023 → 0.015, of 32 × 112² 0.082 → 0.053; 5 × 5 on D 0.556 → 0.508, on 8 × 128 × 56² 2.19 →
 //! 1.95. Inside training steps it lost on wide planes with large inputs (see [`applies`]),
 //! which stay on the blocked kernel. With AVX2 it is 1.3–8× slower than the blocked kernel
-//! (AVX2's masked loads are slow on this machine), so only AVX-512 takes it. Its grad-weight
-//! counterpart (one accumulator vector per tap) beat the blocked grad-weight only on 14² and
-//! 28² planes and lost on 7² and 56², so grad-weight and the one-pass stride-1 backward stay on
-//! the blocked kernel.
+//! (AVX2's masked loads are slow on this machine), so only AVX-512 takes it. A first
+//! grad-weight counterpart (one accumulator vector per tap) beat the blocked grad-weight only
+//! on 14² and 28² planes and lost on 7² and 56²; the stride-1 3 × 3 grad-weight now here
+//! carries its rows and walks bands of rows, and takes rows of up to 64 columns
+//! ([`grad_weight_applies`]); wider planes keep the blocked kernel's one-pass backward.
 
 use std::ops::Range;
 
@@ -603,13 +604,13 @@ unsafe fn add_row<
     }
 }
 
-/// Whether [`strided_backward`] computes `g`'s gradients with `isa`: a depthwise layer of depth
+/// Whether [`backward`] computes `g`'s gradients with `isa`: a depthwise layer of depth
 /// multiplier 1 that [`applies`] at stride 2.
 pub fn backward_applies(isa: Isa, g: &ConvGeometry) -> bool {
     applies(isa, g) && g.stride_h == 2 && g.depth_multiplier() == 1
 }
 
-/// Whether [`strided_backward`] computes `g`'s weight gradient alone with `isa`: where
+/// Whether [`backward`] computes `g`'s weight gradient alone with `isa`: where
 /// [`backward_applies`], and for a 3 × 3 at stride 1 without dilation (depth multiplier 1)
 /// that [`applies`], whose grad-input is the adjoint forward on this kernel too. The planes
 /// are read in place, as at stride 2, where the blocked kernel's one-pass backward transposed
@@ -658,7 +659,7 @@ const MAX_GRAD_WEIGHT_WIDTH: usize = 64;
 /// grad-input depends on its own output gradient alone); each thread sums its planes' weight
 /// gradients in f64 (per plane in f32 lanes, as the blocked kernels do), and the threads' sums
 /// are added in order.
-pub fn strided_backward(
+pub fn backward(
     exec: Exec,
     g: &ConvGeometry,
     gy: &[f32],
@@ -700,7 +701,7 @@ crate::simd_dispatch!(pub(super) fn backward_planes => backward_planes_kernel(
     grad_input: Option<(&[f32], &mut [f32])>, acc: &mut [f64]
 ));
 
-/// [`strided_backward`] for planes `planes` (image-major): their grad-input planes when
+/// [`backward`] for planes `planes` (image-major): their grad-input planes when
 /// `grad_input` = `(w, gx)` is given, and their weight gradients added to `acc`
 /// (`[channel][tap]`) when `x` is.
 #[inline(always)]

@@ -502,7 +502,7 @@ pub fn forward(
 /// reference layer C's 1 × 3 (56 × 56, read in place) 12.3–13.8 against 14.1 ms transposed, and
 /// E's strided 1 × 3 half (28 × 56, stride 2 across, padded phase planes) a tie (6.2–6.3 ms
 /// both). Also on larger images whose width padding is more than an eighth of the output's
-/// columns ([`MAX_RECOMPUTED_COLUMNS_PER_8`]).
+/// columns (`MAX_RECOMPUTED_COLUMNS_PER_8`).
 pub fn runs_transposed(g: &ConvGeometry) -> bool {
     g.kernel_h == 1
         && g.kernel_w > 1

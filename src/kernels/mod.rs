@@ -443,7 +443,7 @@ pub fn conv2d_grad_input(
             conv2d_forward(exec, &adj, gy, wt, None, gx, ws)
         }),
         (ConvAlgorithm::Depthwise, _) if depthwise_rows::backward_applies(exec.isa(), g) => {
-            depthwise_rows::strided_backward(exec, g, gy, Some((w, gx)), None)
+            depthwise_rows::backward(exec, g, gy, Some((w, gx)), None)
         }
         (ConvAlgorithm::Depthwise, _) if depthwise_blocked::grad_input_applies(g) => {
             depthwise_blocked::grad_input(exec, g, gy, w, gx, ws)
@@ -691,7 +691,7 @@ pub fn conv2d_grad_weight(
 /// pass computes several: depthwise layers on the channel-blocked kernel, whose weight and
 /// input gradients come from one pass over the output gradient ([`depthwise_blocked::backward`]
 /// at stride 1, [`depthwise_blocked::strided_backward`] strided, or at stride 2 on the row
-/// kernel [`depthwise_rows::strided_backward`]; a stride-1 3 × 3 whose grad-weight the row
+/// kernel [`depthwise_rows::backward`]; a stride-1 3 × 3 whose grad-weight the row
 /// kernel takes runs two passes there, see [`depthwise_rows::grad_weight_applies`]),
 /// pointwise layers split by
 /// images, whose three gradients are computed image by image ([`conv::pointwise_backward`]),
@@ -740,9 +740,7 @@ pub fn conv2d_backward(
         FusedBackward::Strided => {
             depthwise_blocked::strided_backward(exec, g, x, gy, w, gx, gw, ws)
         }
-        FusedBackward::Rows => {
-            depthwise_rows::strided_backward(exec, g, gy, Some((w, gx)), Some((x, gw)))
-        }
+        FusedBackward::Rows => depthwise_rows::backward(exec, g, gy, Some((w, gx)), Some((x, gw))),
     }
 }
 
@@ -778,7 +776,7 @@ fn grad_weight_and_bias(
     };
     match kernel {
         GradWeightKernel::DepthwiseRows => {
-            depthwise_rows::strided_backward(exec, g, gy, None, Some((x, gw)))
+            depthwise_rows::backward(exec, g, gy, None, Some((x, gw)))
         }
         GradWeightKernel::DepthwiseBlocked => {
             depthwise_blocked::grad_weight(exec, g, x, gy, gw, ws)
@@ -830,7 +828,7 @@ enum FusedBackward {
     Adjoint(ConvGeometry),
     /// Strided: the grad-input gathers per residue class.
     Strided,
-    /// Stride 2 on the row kernel ([`depthwise_rows::strided_backward`]), chosen before the
+    /// Stride 2 on the row kernel ([`depthwise_rows::backward`]), chosen before the
     /// other two where it applies to the instruction set.
     Rows,
 }
